@@ -1,0 +1,136 @@
+"""Peewee models: the schema of Postbox and nothing else.
+
+The database is bound late through ``db`` (a DatabaseProxy) so that tests and
+production choose the backend: see ``server.store.open_database``. Times are
+integer milliseconds since the epoch (UTC): compact, fast to compare, the
+same on SQLite and PostgreSQL.
+"""
+from peewee import (BigIntegerField, BooleanField, CharField,
+                    DatabaseProxy, ForeignKeyField, IntegerField, Model,
+                    TextField)
+
+db = DatabaseProxy()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class User(BaseModel):
+    username = CharField(max_length=32, unique=True)  # folded to lower case
+    display_name = CharField(max_length=64)
+    password_hash = CharField(max_length=256, null=True)  # null for bots
+    is_bot = BooleanField(default=False)
+    owner = ForeignKeyField('self', null=True, backref='bots',
+                            on_delete='CASCADE')
+    created_at = BigIntegerField()
+    # Tokens issued before this time (ms) are revoked: bumped by logout-all
+    # and password changes.
+    tokens_valid_after = BigIntegerField(default=0)
+    last_seen_at = BigIntegerField(null=True)
+
+
+class Room(BaseModel):
+    kind = CharField(max_length=8)  # 'dm' | 'group'
+    name = CharField(max_length=100, null=True)
+    # 'lowid:highid' for a dm, null for a group: the unique index makes the
+    # database refuse a second dm room for the same pair.
+    dm_key = CharField(max_length=48, null=True, unique=True)
+    created_by = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    created_at = BigIntegerField()
+    # Highest seq taken in this room; the writer increments it in the same
+    # transaction that inserts the event, so seqs have no gaps.
+    last_seq = BigIntegerField(default=0)
+    last_message_id = BigIntegerField(null=True)
+    last_activity_at = BigIntegerField()
+
+
+class Membership(BaseModel):
+    room = ForeignKeyField(Room, backref='memberships', on_delete='CASCADE')
+    user = ForeignKeyField(User, backref='memberships', on_delete='CASCADE')
+    last_read_seq = BigIntegerField(default=0)
+    joined_at = BigIntegerField()
+
+    class Meta:
+        indexes = ((('room', 'user'), True), (('user', 'room'), False))
+
+
+class Message(BaseModel):
+    room = ForeignKeyField(Room, backref='messages', on_delete='CASCADE')
+    seq = BigIntegerField()  # the seq of the message's creation
+    sender = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    body = TextField()
+    client_msg_id = CharField(max_length=64)
+    reply_to = BigIntegerField(null=True)
+    created_at = BigIntegerField()
+    edited_at = BigIntegerField(null=True)
+    deleted = BooleanField(default=False)
+    # The seq of the latest change (edit, delete, reaction); = seq if none.
+    update_seq = BigIntegerField()
+
+    class Meta:
+        indexes = (
+            (('room', 'seq'), True),
+            # Idempotent sends: the database refuses a second message with the
+            # same client_msg_id from the same sender.
+            (('sender', 'client_msg_id'), True),
+        )
+
+
+class Event(BaseModel):
+    """The room event log: one row per seq. ``kind`` is 'message' for a new
+    message, 'message_updated' for an edit, delete or reaction change."""
+    room = ForeignKeyField(Room, backref='+', on_delete='CASCADE')
+    seq = BigIntegerField()
+    kind = CharField(max_length=16)
+    message = ForeignKeyField(Message, backref='+', on_delete='CASCADE')
+
+    class Meta:
+        # Primary lookup of sync: everything after seq S in room R.
+        indexes = ((('room', 'seq'), True),)
+
+
+class Reaction(BaseModel):
+    message = ForeignKeyField(Message, backref='reactions',
+                              on_delete='CASCADE')
+    user = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    emoji = CharField(max_length=32)
+    created_at = BigIntegerField()
+
+    class Meta:
+        indexes = ((('message', 'user', 'emoji'), True),)
+
+
+class Block(BaseModel):
+    blocker = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    blocked = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    created_at = BigIntegerField()
+
+    class Meta:
+        indexes = ((('blocker', 'blocked'), True),)
+
+
+class Attachment(BaseModel):
+    uploader = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    message = ForeignKeyField(Message, backref='attachments', null=True,
+                              on_delete='SET NULL')
+    filename = CharField(max_length=255)  # display only, never a path
+    content_type = CharField(max_length=128)
+    size = BigIntegerField()
+    storage_key = CharField(max_length=128, unique=True)
+    width = IntegerField(null=True)
+    height = IntegerField(null=True)
+    thumbnail_key = CharField(max_length=128, null=True)
+    created_at = BigIntegerField()
+
+    class Meta:
+        indexes = ((('uploader', 'message'), False),)
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+
+
+ALL_MODELS = [User, Room, Membership, Message, Event, Reaction, Block,
+              Attachment, SchemaVersion]

@@ -1,0 +1,41 @@
+"""Schema creation and upgrades.
+
+``migrate(database)`` creates missing tables and runs every migration newer
+than the stored schema version, each in its own transaction, so an upgrade
+never needs a wipe. Add a migration by appending a function to MIGRATIONS
+that uses ``playhouse.migrate`` operations.
+"""
+import logging
+
+from playhouse.migrate import SchemaMigrator, migrate as run_ops  # noqa: F401
+
+from . import ALL_MODELS, SchemaVersion
+
+log = logging.getLogger(__name__)
+
+# Version 1 is the schema created by create_tables. Later versions append
+# functions taking (database, migrator), e.g.:
+#   def _v2_add_user_bio(database, migrator):
+#       run_ops(migrator.add_column('user', 'bio', TextField(default='')))
+MIGRATIONS = []
+CURRENT_VERSION = 1 + len(MIGRATIONS)
+
+
+def migrate(database):
+    """Bring ``database`` to CURRENT_VERSION. Safe to run from several
+    processes at once: table creation is IF NOT EXISTS and each migration
+    re-checks the version inside its transaction."""
+    with database.atomic():
+        database.create_tables(ALL_MODELS, safe=True)
+        if not SchemaVersion.select().exists():
+            SchemaVersion.create(version=CURRENT_VERSION)
+            return
+    migrator = SchemaMigrator.from_database(database)
+    for number, step in enumerate(MIGRATIONS, start=2):
+        with database.atomic():
+            row = SchemaVersion.select().first()
+            if row.version >= number:
+                continue
+            log.info('migrating schema to version %s', number)
+            step(database, migrator)
+            SchemaVersion.update(version=number).execute()

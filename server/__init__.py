@@ -1,0 +1,1 @@
+"""Postbox: a real-time direct-messaging server."""

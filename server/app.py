@@ -1,0 +1,166 @@
+"""The Postbox application.
+
+``create_app(config) -> web.Application`` builds everything and runs
+nothing; ``main()`` parses the command line, loads the config and serves.
+"""
+import argparse
+import asyncio
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import engineio.async_drivers.aiohttp as eio_aiohttp
+import socketio
+from aiohttp import web
+
+from server import fastjson
+from server.config import ConfigError, ensure_secret, load_config
+from server.services import rooms
+from server.services.context import Context
+from server.services.live import Presence, Typing
+from server.store import Store, open_database
+from server.transport import http, socket as socket_transport
+from server.transport.realtime import Realtime
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / 'client_demo'
+SIO = web.AppKey('sio', socketio.AsyncServer)
+SOCKETS = web.AppKey('sockets', object)
+CONFIG = web.AppKey('config', object)
+
+# How long shutdown waits for in-flight events to be committed and acked.
+DRAIN_SECONDS = 20
+
+
+def _websocket_compression(enabled: bool):
+    """Engine.IO's aiohttp driver builds ``WebSocketResponse`` with aiohttp's
+    default, which negotiates per-message deflate and compresses every
+    frame: for chat-sized frames that costs more CPU than it saves. The
+    driver has no option for it, so set the class it builds."""
+    eio_aiohttp.WebSocketResponse = functools.partial(
+        web.WebSocketResponse, compress=enabled)
+
+
+def create_app(config) -> web.Application:
+    """Build the aiohttp app with Socket.IO attached. The database, writer
+    and background tasks start with the app (``cleanup_ctx``) and stop
+    with it."""
+    _websocket_compression(config.websocket_compression)
+    app = web.Application(middlewares=[http.errors_middleware],
+                          client_max_size=config.max_payload_bytes)
+    database = open_database(config.effective_database_url, config)
+    store = Store(database, batch_max=config.write_batch_max,
+                  reader_threads=config.reader_threads)
+    ctx = Context(store, config, ensure_secret(config))
+    ctx.typing = Typing(config.typing_throttle_seconds)
+
+    sio = socketio.AsyncServer(
+        async_mode='aiohttp', json=fastjson,
+        cors_allowed_origins=list(config.cors_allowed_origins) or None,
+        max_http_buffer_size=config.max_payload_bytes,
+        ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
+        logger=False, engineio_logger=False)
+    sio.attach(app)
+    realtime = Realtime(sio)
+
+    async def presence_changed(user_id, online, last_seen):
+        user = ctx.users.get(user_id)
+        if user is None:
+            return
+        contacts = await rooms.contacts(ctx, user_id)
+        await realtime.presence(user, online, last_seen, contacts)
+
+    ctx.presence = Presence(store, config.presence_grace_seconds,
+                            presence_changed)
+
+    app[CONFIG] = config
+    app[http.CTX] = ctx
+    app[http.REALTIME] = realtime
+    app[SIO] = sio
+    app[SOCKETS] = socket_transport.register(sio, ctx, realtime)
+    app[http.READY_CHECKS] = [
+        ('database', lambda: store.read(store.ping)),
+    ]
+    http.add_routes(app)
+    _add_demo(app)
+
+    async def storage(app):
+        store.start()
+        yield
+        await ctx.presence.close()
+        await store.close()
+
+    app.cleanup_ctx.append(storage)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+def _add_demo(app):
+    index = DEMO_DIR / 'index.html'
+
+    async def demo(request):
+        return web.FileResponse(index, headers={'Cache-Control': 'no-cache'})
+
+    app.router.add_get('/', demo)
+    static = DEMO_DIR / 'static'
+    if static.is_dir():
+        app.router.add_static('/static/', static)
+
+
+async def _drain(app):
+    """SIGTERM: refuse new events, let the ones in flight commit and ack,
+    then close every socket."""
+    sockets = app[SOCKETS]
+    sockets.draining = True
+    ctx = app[http.CTX]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_SECONDS
+    while (sockets.in_flight or ctx.store.pending) and \
+            loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    sio = app[SIO]
+    for sid in list(sockets.users):
+        try:
+            await sio.disconnect(sid)
+        except Exception:  # the socket may be closing already
+            log.debug('disconnect %s failed', sid, exc_info=True)
+    log.info('drained: %s events in flight left', sockets.in_flight)
+
+
+def setup_logging(config):
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format='%(asctime)s %(levelname)s %(name)s: %(message)s',
+        stream=sys.stderr)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='postbox', description='Postbox real-time DM server')
+    parser.add_argument('--config', help='YAML config file (see config.yaml)')
+    parser.add_argument('--host', help='listen address (POSTBOX_HOST)')
+    parser.add_argument('--port', type=int, help='port (POSTBOX_PORT)')
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (('host', args.host), ('port', args.port))
+                 if v is not None}
+    try:
+        config = load_config(args.config, **overrides)
+    except (ConfigError, OSError) as exc:
+        parser.error(str(exc))
+    setup_logging(config)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    app = create_app(config)
+    log.info('postbox serving on http://%s:%s', config.host, config.port)
+    web.run_app(app, host=config.host, port=config.port, print=None,
+                shutdown_timeout=DRAIN_SECONDS + 5, access_log=None)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

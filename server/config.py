@@ -1,0 +1,178 @@
+"""Configuration: embedded defaults, an optional YAML file, then ``POSTBOX_*``
+environment variables (which win).
+
+``load_config(path=None, env=os.environ) -> Config`` validates everything once;
+the rest of the code reads typed attributes and never looks at the
+environment itself.
+"""
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Network.
+    host: str = '127.0.0.1'
+    port: int = 8080
+    # Where SQLite, attachments and the generated secret live by default.
+    data_dir: str = './data'
+    # sqlite:///relative.db, sqlite:////absolute.db or postgresql://...
+    # Empty means sqlite under data_dir.
+    database_url: str = ''
+    # redis://, rediss:// or redis+sentinel://; empty means a single process.
+    redis_url: str = ''
+    # JWT signing key (HS256). Empty: generated once and kept in data_dir.
+    secret: str = ''
+    # Tokens live a week: long enough for mobile clients that reconnect for
+    # days, short enough that a leaked token stops working.
+    token_ttl_seconds: int = 7 * 24 * 3600
+    # Origins allowed to open Socket.IO connections from a browser; empty
+    # list means same origin only.
+    cors_allowed_origins: tuple = ()
+
+    # Message rules.
+    body_max_chars: int = 4000
+    group_max_members: int = 256
+    # Token bucket per user for sends: a human never sustains 10 msg/s, a
+    # burst of 30 covers pasting a list or a bot catching up.
+    send_rate_per_second: float = 10.0
+    send_burst: int = 30
+    history_default_limit: int = 50
+    sync_page_size: int = 500
+
+    # Typing: forward a typing:true at most once per this many seconds per
+    # user and room; receivers expire it after 8 s (the contract).
+    typing_throttle_seconds: float = 2.0
+    # Presence: a user goes offline this long after the last socket closes.
+    presence_grace_seconds: float = 10.0
+
+    # Storage. One writer thread commits up to this many operations in one
+    # transaction (group commit): bigger batches amortise the fsync, and the
+    # batch is whatever queued while the previous commit ran, so an idle
+    # server still commits a lone message at once.
+    write_batch_max: int = 512
+    # Reads run in a small thread pool so the event loop never waits on the
+    # database; SQLite in WAL mode lets them run beside the writer.
+    reader_threads: int = 4
+    # FULL makes an acked message survive power loss, not just a crash;
+    # group commit keeps the fsync cost per batch, not per message.
+    sqlite_synchronous: str = 'FULL'
+    # PostgreSQL connections per process (readers + the writer).
+    pg_max_connections: int = 8
+
+    # Attachments.
+    attachment_max_bytes: int = 25 * 1024 * 1024
+    attachments_per_message: int = 10
+    # Uploads never sent are deleted after this long.
+    attachment_orphan_seconds: int = 24 * 3600
+
+    # Socket.IO / websocket.
+    # Per-message deflate costs more CPU than it saves for chat-sized frames.
+    websocket_compression: bool = False
+    max_payload_bytes: int = 1_000_000
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+
+    log_level: str = 'INFO'
+    log_json: bool = False
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return 'sqlite:///' + str(self.data_path / 'postbox.db')
+
+    @property
+    def attachments_path(self) -> Path:
+        return self.data_path / 'attachments'
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has the wrong type."""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name, value):
+    default = FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ('1', 'true', 'yes', 'on'):
+                    return True
+                if value.lower() in ('0', 'false', 'no', 'off', ''):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(',') if v.strip()]
+            return tuple(str(v) for v in value or ())
+        return '' if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'setting {name!r}: bad value {value!r}') from None
+
+
+def load_config(path=None, env=None, **overrides) -> Config:
+    """Build a Config from defaults, the YAML file at ``path`` (optional),
+    ``POSTBOX_<NAME>`` environment variables and keyword overrides, in
+    increasing order of precedence. Raises ConfigError on bad input."""
+    env = os.environ if env is None else env
+    values = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f'{path}: expected a mapping')
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f'{path}: unknown setting {key!r}')
+            values[key] = _coerce(key, value)
+    for name in FIELDS:
+        key = 'POSTBOX_' + name.upper()
+        if key in env:
+            values[name] = _coerce(name, env[key])
+    for name, value in overrides.items():
+        if name not in FIELDS:
+            raise ConfigError(f'unknown setting {name!r}')
+        values[name] = _coerce(name, value)
+    config = Config(**values)
+    if config.sqlite_synchronous.upper() not in ('OFF', 'NORMAL', 'FULL',
+                                                 'EXTRA'):
+        raise ConfigError('sqlite_synchronous: OFF, NORMAL, FULL or EXTRA')
+    return config
+
+
+def ensure_secret(config: Config) -> str:
+    """Return the JWT secret: the configured one, or one generated once and
+    kept in ``data_dir/secret`` so tokens survive restarts."""
+    if config.secret:
+        return config.secret
+    path = config.data_path / 'secret'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    value = secrets.token_urlsafe(48)
+    # O_EXCL so two processes starting together agree on one secret.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, 'w') as f:
+        f.write(value)
+    return value

@@ -1,0 +1,61 @@
+"""Errors with a contract code. Services raise these; the transport turns
+them into ``{ok: false, error: {code, message}}`` or a JSON HTTP error."""
+
+
+class PostboxError(Exception):
+    code = 'internal'
+    status = 500
+
+    def __init__(self, message=None, **extra):
+        super().__init__(message or self.code.replace('_', ' '))
+        self.message = message or self.code.replace('_', ' ')
+        self.extra = extra
+
+    def to_dict(self):
+        return {'code': self.code, 'message': self.message, **self.extra}
+
+
+class Invalid(PostboxError):
+    code, status = 'invalid', 400
+
+
+class Unauthorized(PostboxError):
+    code, status = 'unauthorized', 401
+
+
+class Forbidden(PostboxError):
+    code, status = 'forbidden', 403
+
+
+class NotFound(PostboxError):
+    code, status = 'not_found', 404
+
+
+class Conflict(PostboxError):
+    code, status = 'conflict', 409
+
+
+class TooLarge(PostboxError):
+    code, status = 'too_large', 413
+
+
+class UnsupportedType(PostboxError):
+    # Only uploads raise it: the contract's code list has no own code for a
+    # refused file type, so it is 'invalid' with HTTP status 415.
+    code, status = 'invalid', 415
+
+
+class RateLimited(PostboxError):
+    code, status = 'rate_limited', 429
+
+    def __init__(self, retry_after, message='too many requests'):
+        super().__init__(message, retry_after=round(retry_after, 3))
+        self.retry_after = retry_after
+
+
+class Unavailable(PostboxError):
+    code, status = 'unavailable', 503
+
+
+class Internal(PostboxError):
+    code, status = 'internal', 500

@@ -1,0 +1,340 @@
+"""Messages and the room event log: send, edit, delete, react, history,
+read markers and catch-up (``sync``).
+
+Every change in a room takes the room's next seq in the same transaction
+that stores it (``_next_seq``), so seqs have no gaps and no repeats, across
+processes too: SQLite's write lock or PostgreSQL's row lock on the room
+serialises writers.
+"""
+import dataclasses
+
+import peewee
+
+from models import Attachment, Event, Membership, Message, Reaction, Room
+from server.errors import Forbidden, Invalid, NotFound, TooLarge
+from server.services import rooms as rooms_service
+from server.services.context import now_ms
+from server.services.serialize import message_dict, message_dicts
+
+EMOJI_MAX = 32
+
+
+@dataclasses.dataclass
+class Sent:
+    """Outcome of send_message: the message, whether this call created it
+    (False for an idempotent retry), the members to deliver it to, and the
+    dm room if this call opened it."""
+    message: dict
+    created: bool
+    member_ids: tuple
+    new_room: dict | None = None
+
+
+def check_body(ctx, body, allow_empty=False) -> str:
+    if not isinstance(body, str):
+        raise Invalid('body must be a string')
+    if len(body) > ctx.config.body_max_chars:
+        raise TooLarge(f'body: at most {ctx.config.body_max_chars} characters')
+    if not body.strip() and not allow_empty:
+        raise Invalid('body must not be empty')
+    return body
+
+
+def check_client_msg_id(value) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 64:
+        raise Invalid('client_msg_id: a string of 1 to 64 characters')
+    return value
+
+
+def check_int(value, name, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f'{name} must be an integer')
+    if value < minimum:
+        raise Invalid(f'{name} must be >= {minimum}')
+    return value
+
+
+def _next_seq(room_id, now, activity=False):
+    fields = {Room.last_seq: Room.last_seq + 1}
+    if activity:
+        fields[Room.last_activity_at] = now
+    Room.update(fields).where(Room.id == room_id).execute()
+    return Room.select(Room.last_seq).where(Room.id == room_id).scalar()
+
+
+def _insert_message(ctx, info, sender_id, body, client_msg_id,
+                    attachment_ids, reply_to):
+    existing = Message.get_or_none(Message.sender == sender_id,
+                                   Message.client_msg_id == client_msg_id)
+    if existing is not None:
+        return message_dict(ctx, existing), False
+    if info.kind == 'dm' and rooms_service.is_blocked(
+            info.other_member(sender_id), sender_id):
+        raise Forbidden('this user does not accept your messages')
+    if reply_to is not None and not Message.select().where(
+            Message.id == reply_to, Message.room == info.id).exists():
+        raise Invalid('reply_to: no such message in this room')
+    if attachment_ids:
+        usable = (Attachment.select().where(
+            Attachment.id.in_(attachment_ids),
+            Attachment.uploader == sender_id,
+            Attachment.message.is_null()).count())
+        if usable != len(attachment_ids):
+            raise Invalid('attachments: only your own uploads, not yet sent')
+    now = now_ms()
+    seq = _next_seq(info.id, now, activity=True)
+    message = Message.create(room=info.id, seq=seq, sender=sender_id,
+                             body=body, client_msg_id=client_msg_id,
+                             reply_to=reply_to, created_at=now,
+                             update_seq=seq)
+    Event.insert(room=info.id, seq=seq, kind='message',
+                 message=message.id).execute()
+    if attachment_ids:
+        (Attachment.update(message=message.id)
+         .where(Attachment.id.in_(attachment_ids)).execute())
+    return message_dict(ctx, message), True
+
+
+async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
+                       to=None, attachments=None, reply_to=None) -> Sent:
+    """Store a message (after the commit) and say who must get it.
+
+    Exactly one of ``room_id`` or ``to`` (a username: the dm with that user,
+    opened if needed). Idempotent on (sender, client_msg_id): a retry
+    returns the first message with ``created`` False. Raises Invalid,
+    TooLarge, NotFound, Forbidden (not a member, or blocked), RateLimited.
+    """
+    attachments = [] if attachments is None else attachments
+    if not isinstance(attachments, list) or not all(
+            isinstance(a, int) and not isinstance(a, bool)
+            for a in attachments):
+        raise Invalid('attachments must be a list of attachment ids')
+    attachments = list(dict.fromkeys(attachments))
+    if len(attachments) > ctx.config.attachments_per_message:
+        raise Invalid(f'at most {ctx.config.attachments_per_message} '
+                      f'attachments')
+    body = check_body(ctx, body, allow_empty=bool(attachments))
+    client_msg_id = check_client_msg_id(client_msg_id)
+    if reply_to is not None:
+        check_int(reply_to, 'reply_to', 1)
+    if (room_id is None) == (to is None):
+        raise Invalid('give either room_id or to')
+    ctx.send_limiter.take(sender_id)
+    new_room = None
+    if to is not None:
+        room, created = await rooms_service.open_dm(ctx, sender_id, to)
+        room_id = room['id']
+        new_room = room if created else None
+    info = await rooms_service.member_room(ctx, sender_id, room_id)
+    message, created = await ctx.store.write(
+        _insert_message, ctx, info, sender_id, body, client_msg_id,
+        attachments, reply_to)
+    return Sent(message, created, info.member_ids, new_room)
+
+
+def _member_message(user_id, message_id):
+    message = Message.get_or_none(Message.id == message_id)
+    if message is None or not Membership.select().where(
+            Membership.room == message.room_id,
+            Membership.user == user_id).exists():
+        # Same answer for "no such message" and "not yours to see".
+        raise NotFound('no such message')
+    return message
+
+
+def _change(ctx, user_id, message_id, change):
+    """Apply ``change(message, now)`` to a message the user can see; if it
+    returns True the change takes the room's next seq. Returns the message
+    dict and whether it changed."""
+    message = _member_message(user_id, message_id)
+    now = now_ms()
+    if not change(message, now):
+        return message_dict(ctx, message), False
+    seq = _next_seq(message.room_id, now)
+    message.update_seq = seq
+    message.save()
+    Event.insert(room=message.room_id, seq=seq, kind='message_updated',
+                 message=message.id).execute()
+    return message_dict(ctx, message), True
+
+
+def _edit(user_id, body):
+    def change(message, now):
+        if message.sender_id != user_id:
+            raise Forbidden('only the sender can edit a message')
+        if message.deleted:
+            raise Invalid('the message was deleted')
+        if message.body == body:
+            return False
+        message.body, message.edited_at = body, now
+        return True
+    return change
+
+
+def _delete(user_id):
+    def change(message, now):
+        if message.sender_id != user_id:
+            raise Forbidden('only the sender can delete a message')
+        if message.deleted:
+            return False
+        message.deleted, message.body = True, ''
+        Reaction.delete().where(Reaction.message == message.id).execute()
+        return True
+    return change
+
+
+def _react(user_id, emoji, on):
+    def change(message, now):
+        if message.deleted:
+            raise Invalid('the message was deleted')
+        if on:
+            if Reaction.select().where(
+                    Reaction.message == message.id, Reaction.user == user_id,
+                    Reaction.emoji == emoji).exists():
+                return False
+            Reaction.create(message=message.id, user=user_id, emoji=emoji,
+                            created_at=now)
+            return True
+        return bool(Reaction.delete().where(
+            Reaction.message == message.id, Reaction.user == user_id,
+            Reaction.emoji == emoji).execute())
+    return change
+
+
+async def _apply(ctx, user_id, message_id, change):
+    check_int(message_id, 'message_id', 1)
+    message, changed = await ctx.store.write(_change, ctx, user_id,
+                                             message_id, change)
+    info = await rooms_service.room_info(ctx, message['room_id'])
+    return message, changed, info.member_ids
+
+
+async def edit_message(ctx, user_id, message_id, body):
+    """Change a message's body (sender only). Returns (message, changed,
+    member ids); a change takes the room's next seq."""
+    body = check_body(ctx, body)
+    return await _apply(ctx, user_id, message_id, _edit(user_id, body))
+
+
+async def delete_message(ctx, user_id, message_id):
+    """Tombstone a message (sender only): body "" and no attachments, id
+    and seq kept. Returns (message, changed, member ids)."""
+    result = await _apply(ctx, user_id, message_id, _delete(user_id))
+    return result
+
+
+async def react(ctx, user_id, message_id, emoji, on):
+    """Add or remove the user's ``emoji`` reaction on a message of a room
+    they are in. Returns (message, changed, member ids)."""
+    if not isinstance(emoji, str) or not 1 <= len(emoji) <= EMOJI_MAX or \
+            any(c.isspace() for c in emoji):
+        raise Invalid(f'emoji: 1 to {EMOJI_MAX} characters, no spaces')
+    if not isinstance(on, bool):
+        raise Invalid('on must be true or false')
+    return await _apply(ctx, user_id, message_id, _react(user_id, emoji, on))
+
+
+def _history(ctx, room_id, before, after, limit):
+    query = Message.select().where(Message.room == room_id)
+    if after is not None:
+        query = query.where(Message.seq > after).order_by(Message.seq)
+    else:
+        if before is not None:
+            query = query.where(Message.seq < before)
+        query = query.order_by(Message.seq.desc())
+    rows = list(query.limit(limit + 1))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if after is None:
+        rows.reverse()
+    return {'messages': message_dicts(ctx, rows), 'has_more': has_more}
+
+
+async def history(ctx, user_id, room_id, before=None, after=None,
+                  limit=None) -> dict:
+    """Messages of a room in ascending seq: the latest ones, those before
+    seq ``before`` or those after seq ``after``. ``has_more`` says whether
+    more remain in the direction of travel."""
+    limit = ctx.config.history_default_limit if limit is None else limit
+    check_int(limit, 'limit', 1)
+    if limit > 100:
+        raise Invalid('limit: 1 to 100')
+    if before is not None:
+        check_int(before, 'before')
+    if after is not None:
+        check_int(after, 'after')
+    if before is not None and after is not None:
+        raise Invalid('give before or after, not both')
+    await rooms_service.member_room(ctx, user_id, room_id)
+    return await ctx.store.read(_history, ctx, room_id, before, after, limit)
+
+
+def _mark_read(room_id, user_id, seq):
+    last_seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
+    seq = min(seq, last_seq)
+    moved = (Membership.update(last_read_seq=seq)
+             .where(Membership.room == room_id, Membership.user == user_id,
+                    Membership.last_read_seq < seq).execute())
+    marker = (Membership.select(Membership.last_read_seq)
+              .where(Membership.room == room_id, Membership.user == user_id)
+              .scalar())
+    unread = (Message.select().where(
+        Message.room == room_id, Message.seq > marker,
+        Message.sender != user_id, Message.deleted == False)  # noqa: E712
+        .count())
+    return marker, unread, bool(moved)
+
+
+async def mark_read(ctx, user_id, room_id, seq):
+    """Move the user's read marker forward to ``seq`` (never back, never
+    past the room's last seq). Returns (marker, unread, moved)."""
+    check_int(seq, 'seq')
+    await rooms_service.member_room(ctx, user_id, room_id)
+    return await ctx.store.write(_mark_read, room_id, user_id, seq)
+
+
+def _my_rooms(user_id):
+    return [r for (r,) in Membership.select(Membership.room)
+            .where(Membership.user == user_id).order_by(Membership.room)
+            .tuples()]
+
+
+def _sync(ctx, user_id, known, page):
+    events = []
+    for room_id in _my_rooms(user_id):
+        # One more than a page tells whether there is more.
+        remaining = page + 1 - len(events)
+        if remaining <= 0:
+            break
+        after = known.get(room_id, 0)
+        rows = (Event.select(Event.seq, Event.kind, Event.message)
+                .where(Event.room == room_id, Event.seq > after)
+                .order_by(Event.seq).limit(remaining).tuples())
+        events.extend((room_id, seq, kind, mid) for seq, kind, mid in rows)
+    has_more = len(events) > page
+    events = events[:page]
+    messages = {m['id']: m for m in message_dicts(
+        ctx, Message.select().where(
+            Message.id.in_({e[3] for e in events})))} if events else {}
+    return {'events': [{'type': kind, 'room_id': room_id, 'seq': seq,
+                        'message': messages[mid]}
+                       for room_id, seq, kind, mid in events],
+            'has_more': has_more}
+
+
+async def sync(ctx, user_id, known) -> dict:
+    """Every event after the given seq in each of the user's rooms (rooms
+    missing from ``known`` from seq 0), ascending per room, at most
+    ``sync_page_size``; ``has_more`` when the client should call again with
+    the seqs it now has. Each event carries the message's current state."""
+    if not isinstance(known, dict):
+        raise Invalid('rooms must be an object of room_id: last_seq')
+    parsed = {}
+    for key, value in known.items():
+        try:
+            room_id = int(key)
+        except (TypeError, ValueError):
+            raise Invalid('rooms: keys must be room ids') from None
+        parsed[room_id] = check_int(value, 'rooms[...]')
+    return await ctx.store.read(_sync, ctx, user_id, parsed,
+                                ctx.config.sync_page_size)

@@ -1,0 +1,80 @@
+"""Turning rows into the contract's objects (plain dicts)."""
+import datetime
+
+from models import Attachment, Message, Reaction, User
+
+
+def iso(ms):
+    """Milliseconds since the epoch -> '2026-11-24T14:03:07.123Z'."""
+    if ms is None:
+        return None
+    dt = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return dt.strftime('%Y-%m-%dT%H:%M:%S.') + f'{ms % 1000:03d}Z'
+
+
+def user_dict(user) -> dict:
+    return {'id': user.id, 'username': user.username,
+            'display_name': user.display_name, 'is_bot': bool(user.is_bot)}
+
+
+def load_users(ctx, ids):
+    """Return {id: user dict} for ``ids``, from the cache where possible.
+    Runs on a database thread."""
+    missing = [i for i in set(ids) if i not in ctx.users]
+    if missing:
+        for user in User.select().where(User.id.in_(missing)):
+            ctx.users[user.id] = user_dict(user)
+    return {i: ctx.users[i] for i in ids if i in ctx.users}
+
+
+def attachment_dict(att) -> dict:
+    data = {'id': att.id, 'filename': att.filename,
+            'content_type': att.content_type, 'size': att.size,
+            'url': f'/api/attachments/{att.id}'}
+    if att.width:
+        data['width'] = att.width
+        data['height'] = att.height
+    if att.thumbnail_key:
+        data['thumbnail_url'] = f'/api/attachments/{att.id}/thumbnail'
+    return data
+
+
+def message_dicts(ctx, messages):
+    """Serialise Message rows (with their reactions and attachments, each
+    fetched in one query). Runs on a database thread."""
+    messages = list(messages)
+    if not messages:
+        return []
+    ids = [m.id for m in messages]
+    reactions = {}
+    for r in (Reaction.select(Reaction.message, Reaction.user, Reaction.emoji)
+              .where(Reaction.message.in_(ids))
+              .order_by(Reaction.created_at, Reaction.id).tuples()):
+        reactions.setdefault(r[0], {}).setdefault(r[2], []).append(r[1])
+    attachments = {}
+    for att in (Attachment.select().where(Attachment.message.in_(ids))
+                .order_by(Attachment.id)):
+        attachments.setdefault(att.message_id, []).append(
+            attachment_dict(att))
+    users = load_users(ctx, [m.sender_id for m in messages])
+    return [_message_dict(m, users[m.sender_id],
+                          reactions.get(m.id, {}),
+                          attachments.get(m.id, []))
+            for m in messages]
+
+
+def message_dict(ctx, message) -> dict:
+    return message_dicts(ctx, [message])[0]
+
+
+def _message_dict(m: Message, sender, reactions, attachments) -> dict:
+    deleted = bool(m.deleted)
+    return {
+        'id': m.id, 'room_id': m.room_id, 'seq': m.seq, 'sender': sender,
+        'body': '' if deleted else m.body,
+        'attachments': [] if deleted else attachments,
+        'reply_to': m.reply_to, 'client_msg_id': m.client_msg_id,
+        'created_at': iso(m.created_at), 'edited_at': iso(m.edited_at),
+        'deleted': deleted, 'reactions': reactions,
+        'update_seq': m.update_seq,
+    }

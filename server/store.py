@@ -1,0 +1,202 @@
+"""Storage off the event loop.
+
+``open_database(url, config)`` builds the Peewee database for a URL.
+``Store`` owns it while the app runs:
+
+- ``await store.write(fn, *args)`` queues ``fn(*args)`` for the single writer
+  thread, which runs whatever is queued as one transaction (group commit),
+  each operation inside its own savepoint so one failure does not spoil the
+  batch. The future resolves only after COMMIT returned: an acked message is
+  a committed message.
+- ``await store.read(fn, *args)`` runs ``fn(*args)`` in a small reader pool.
+
+Operations are plain functions that use the models; they never touch the
+event loop.
+"""
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import peewee
+from playhouse.db_url import parse as parse_db_url
+
+import models
+from models.migrations import migrate
+from server.errors import Conflict, PostboxError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# A batch whose transaction fails for a transient reason (a PostgreSQL
+# deadlock between processes, SQLite busy past its timeout) is retried whole:
+# the operations are plain functions of the database state, so re-running
+# them after a rollback is safe.
+BATCH_ATTEMPTS = 5
+
+
+def open_database(url: str, config) -> peewee.Database:
+    """Return an unconnected Peewee database for ``url``: ``sqlite:///rel``,
+    ``sqlite:////abs`` or ``postgresql://user:pw@host:port/db``."""
+    scheme = urlparse(url).scheme
+    if scheme == 'sqlite':
+        path = url[len('sqlite:///'):]
+        if path != ':memory:':
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return peewee.SqliteDatabase(path, timeout=30, pragmas={
+            'journal_mode': 'wal',
+            'synchronous': config.sqlite_synchronous.upper(),
+            'foreign_keys': 1,
+            'cache_size': -32 * 1024,  # 32 MiB page cache per connection
+            'busy_timeout': 30000,
+        })
+    if scheme in ('postgres', 'postgresql'):
+        params = parse_db_url(url)
+        name = params.pop('database')
+        return peewee.PostgresqlDatabase(name, autorollback=True, **params)
+    raise ValueError(f'unsupported database URL scheme {scheme!r}')
+
+
+def is_sqlite(database) -> bool:
+    return isinstance(database, peewee.SqliteDatabase)
+
+
+class Store:
+    """The database plus its writer thread and reader pool."""
+
+    def __init__(self, database, *, batch_max=512, reader_threads=4,
+                 on_batch=None):
+        self.database = database
+        self.batch_max = batch_max
+        self._on_batch = on_batch  # called (size, seconds) after each commit
+        self._queue = queue.SimpleQueue()
+        self._readers = ThreadPoolExecutor(reader_threads,
+                                           thread_name_prefix='pb-read')
+        self._writer = None
+        self._loop = None
+        self._begin = ({'lock_type': 'IMMEDIATE'} if is_sqlite(database)
+                       else {})
+        self.pending = 0
+
+    def start(self):
+        """Bind the models, create or upgrade the schema, start the writer.
+        Call from the event loop thread."""
+        models.db.initialize(self.database)
+        self.database.connect(reuse_if_open=True)
+        migrate(self.database)
+        self.database.close()
+        self._loop = asyncio.get_running_loop()
+        self._writer = threading.Thread(target=self._write_loop,
+                                        name='pb-writer', daemon=True)
+        self._writer.start()
+
+    async def close(self):
+        """Commit everything queued, then stop the writer and readers."""
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+
+    async def read(self, fn, *args):
+        """Run ``fn(*args)`` on a reader thread and return its result."""
+        return await self._loop.run_in_executor(self._readers, fn, *args)
+
+    def write(self, fn, *args) -> asyncio.Future:
+        """Queue ``fn(*args)`` for the writer. The returned future gets its
+        result after the transaction that ran it has committed, or its
+        exception (``PostboxError`` from ``fn``, ``Unavailable`` if the
+        database failed)."""
+        future = self._loop.create_future()
+        self.pending += 1
+        self._queue.put((fn, args, future))
+        return future
+
+    async def flush(self):
+        """Wait until everything queued so far is committed."""
+        await self.write(lambda: None)
+
+    def ping(self) -> bool:
+        """True if the database answers (runs on a reader thread)."""
+        self.database.execute_sql('SELECT 1')
+        return True
+
+    # -- writer thread -------------------------------------------------
+
+    def _write_loop(self):
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            # Everything that queued while the last commit ran goes into
+            # this one: the batch grows with the load on its own.
+            while len(batch) < self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            started = time.perf_counter()
+            results = self._commit(batch)
+            if self._on_batch:
+                self._on_batch(len(batch), time.perf_counter() - started)
+            self._loop.call_soon_threadsafe(self._resolve, results)
+        self.database.close()
+
+    def _commit(self, batch):
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            try:
+                return self._run_batch(batch)
+            except peewee.DatabaseError as exc:
+                log.warning('write batch of %s failed (attempt %s): %s',
+                            len(batch), attempt, exc)
+                try:
+                    self.database.close()
+                except peewee.DatabaseError:
+                    pass
+                time.sleep(0.05 * attempt)
+        error = Unavailable('storage is unavailable, try again')
+        return [(future, None, error) for _, _, future in batch]
+
+    def _run_batch(self, batch):
+        results = []
+        self.database.connect(reuse_if_open=True)
+        with self.database.atomic(**self._begin):
+            for fn, args, future in batch:
+                try:
+                    with self.database.atomic():
+                        result = fn(*args)
+                except PostboxError as exc:
+                    # The savepoint rolled back this operation only.
+                    results.append((future, None, exc))
+                except peewee.IntegrityError:
+                    # Another process made the same change at the same time.
+                    results.append((future, None, Conflict(
+                        'a concurrent change conflicted, try again')))
+                except peewee.DatabaseError:
+                    raise  # the transaction is unusable: retry the batch
+                except Exception as exc:  # a bug in fn: fail it alone
+                    log.exception('write operation %s failed', fn)
+                    results.append((future, None, exc))
+                else:
+                    results.append((future, result, None))
+        return results
+
+    def _resolve(self, results):
+        self.pending -= len(results)
+        for future, result, error in results:
+            if future.done():  # the waiter went away
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)

@@ -1,0 +1,1 @@
+"""Socket.IO and HTTP: unpack, call one service, answer, emit."""

@@ -1,0 +1,167 @@
+"""HTTP API views: the same services as Socket.IO, for bots, mobile and
+scripts. Errors are JSON ``{error: {code, message}}`` with their status."""
+import logging
+
+from aiohttp import web
+
+from server.errors import Invalid, NotFound, PostboxError, Unauthorized
+from server.services import auth, messages, rooms
+
+log = logging.getLogger(__name__)
+
+CTX = web.AppKey('ctx', object)
+REALTIME = web.AppKey('realtime', object)
+READY_CHECKS = web.AppKey('ready_checks', list)
+
+
+def error_response(error: PostboxError) -> web.Response:
+    headers = {}
+    if getattr(error, 'retry_after', None) is not None:
+        headers['Retry-After'] = str(max(1, round(error.retry_after)))
+    return web.json_response({'error': error.to_dict()},
+                             status=error.status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request, handler):
+    """The one error path of HTTP: PostboxError -> its status and JSON,
+    aiohttp's own HTTP errors -> JSON, anything else -> logged, 500."""
+    try:
+        return await handler(request)
+    except PostboxError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {401: 'unauthorized', 403: 'forbidden', 404: 'not_found',
+                409: 'conflict', 413: 'too_large', 429: 'rate_limited',
+                503: 'unavailable'}.get(exc.status, 'invalid')
+        return web.json_response(
+            {'error': {'code': code, 'message': exc.reason}},
+            status=exc.status)
+    except Exception:
+        log.exception('HTTP %s %s failed', request.method, request.path)
+        return web.json_response(
+            {'error': {'code': 'internal', 'message': 'internal error'}},
+            status=500)
+
+
+async def json_body(request) -> dict:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise Invalid('body must be JSON') from None
+    if not isinstance(data, dict):
+        raise Invalid('body must be a JSON object')
+    return data
+
+
+async def current_user(request) -> dict:
+    """The login check of every authenticated view."""
+    header = request.headers.get('Authorization', '')
+    scheme, _, token = header.partition(' ')
+    if scheme.lower() != 'bearer' or not token:
+        raise Unauthorized('missing bearer token')
+    return await auth.authenticate(request.app[CTX], token.strip())
+
+
+def query_int(request, name):
+    value = request.query.get(name)
+    if value is None or value == '':
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise Invalid(f'{name} must be an integer') from None
+
+
+def path_int(request, name):
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        raise NotFound('not found') from None
+
+
+async def register(request):
+    data = await json_body(request)
+    result = await auth.register(request.app[CTX], data.get('username'),
+                                 data.get('password'),
+                                 data.get('display_name'))
+    return web.json_response(result, status=201)
+
+
+async def login(request):
+    data = await json_body(request)
+    result = await auth.login(request.app[CTX], data.get('username'),
+                              data.get('password'))
+    return web.json_response(result)
+
+
+async def me(request):
+    return web.json_response({'user': await current_user(request)})
+
+
+async def create_bot(request):
+    user = await current_user(request)
+    data = await json_body(request)
+    result = await auth.create_bot(request.app[CTX], user['id'],
+                                   data.get('username'),
+                                   data.get('display_name'))
+    return web.json_response(result, status=201)
+
+
+async def list_rooms(request):
+    user = await current_user(request)
+    return web.json_response(
+        {'rooms': await rooms.inbox(request.app[CTX], user['id'])})
+
+
+async def list_messages(request):
+    user = await current_user(request)
+    result = await messages.history(
+        request.app[CTX], user['id'], path_int(request, 'room_id'),
+        before=query_int(request, 'before'), after=query_int(request, 'after'),
+        limit=query_int(request, 'limit'))
+    return web.json_response(result)
+
+
+async def post_message(request):
+    user = await current_user(request)
+    data = await json_body(request)
+    sent = await messages.send_message(
+        request.app[CTX], user['id'], data.get('body'),
+        data.get('client_msg_id'), room_id=path_int(request, 'room_id'),
+        attachments=data.get('attachments'), reply_to=data.get('reply_to'))
+    await request.app[REALTIME].deliver_sent(sent)
+    return web.json_response({'message': sent.message},
+                             status=201 if sent.created else 200)
+
+
+async def healthz(request):
+    return web.json_response({'ok': True})
+
+
+async def readyz(request):
+    """Ready when every dependency (database, Redis) answers."""
+    checks = {}
+    for name, check in request.app[READY_CHECKS]:
+        try:
+            checks[name] = bool(await check())
+        except Exception as exc:  # any failure means not ready
+            log.warning('readiness check %s failed: %s', name, exc)
+            checks[name] = False
+    ok = all(checks.values())
+    return web.json_response({'ok': ok, 'checks': checks},
+                             status=200 if ok else 503)
+
+
+def add_routes(app: web.Application):
+    app.router.add_post('/api/register', register)
+    app.router.add_post('/api/login', login)
+    app.router.add_get('/api/me', me)
+    app.router.add_post('/api/bots', create_bot)
+    app.router.add_get('/api/rooms', list_rooms)
+    app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
+    app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)
+    app.router.add_get('/healthz', healthz)
+    app.router.add_get('/readyz', readyz)

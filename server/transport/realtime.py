@@ -1,0 +1,53 @@
+"""Server -> client events. The only place that names Socket.IO rooms:
+``user:<id>`` holds every socket of a user (so messages reach all their tabs
+and devices without any join), ``room:<id>`` the sockets that joined a room
+(for typing and read events)."""
+from server.services.serialize import iso
+
+
+def user_room(user_id) -> str:
+    return f'user:{user_id}'
+
+
+def room_room(room_id) -> str:
+    return f'room:{room_id}'
+
+
+class Realtime:
+    def __init__(self, sio):
+        self.sio = sio
+
+    async def message(self, message, member_ids):
+        await self.sio.emit('message', message,
+                            to=[user_room(m) for m in member_ids])
+
+    async def message_updated(self, message, member_ids):
+        await self.sio.emit('message_updated', message,
+                            to=[user_room(m) for m in member_ids])
+
+    async def room(self, room):
+        await self.sio.emit('room', room,
+                            to=[user_room(m['id']) for m in room['members']])
+
+    async def typing(self, room_id, user, typing, skip_sids=None):
+        await self.sio.emit('typing', {'room_id': room_id, 'user': user,
+                                       'typing': typing},
+                            to=room_room(room_id), skip_sid=skip_sids)
+
+    async def read(self, room_id, user_id, seq):
+        await self.sio.emit('read', {'room_id': room_id, 'user_id': user_id,
+                                     'seq': seq}, to=room_room(room_id))
+
+    async def presence(self, user, online, last_seen_ms, contact_ids):
+        await self.sio.emit('presence', {'user': user, 'online': online,
+                                         'last_seen': iso(last_seen_ms)},
+                            to=[user_room(u) for u in contact_ids])
+
+    async def deliver_sent(self, sent):
+        """Emit what a send_message outcome calls for: the new dm room
+        first (so clients know the room before its first message), then the
+        message, unless this was an idempotent retry."""
+        if sent.new_room is not None:
+            await self.room(sent.new_room)
+        if sent.created:
+            await self.message(sent.message, sent.member_ids)

@@ -1,0 +1,226 @@
+"""Socket.IO event handlers. Each unpacks its payload, calls one service,
+returns the ack and emits; ``on_event`` is the single error path."""
+import functools
+import logging
+
+import socketio
+
+from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
+from server.services import auth, messages, presence, rooms
+from server.transport.realtime import room_room, user_room
+
+log = logging.getLogger(__name__)
+
+
+class Sockets:
+    """Connected sockets of this process: sid -> user dict."""
+
+    def __init__(self):
+        self.users = {}
+        self.by_user = {}  # user id -> set of sids
+        self.in_flight = 0
+        self.draining = False
+
+    def add(self, sid, user):
+        self.users[sid] = user
+        self.by_user.setdefault(user['id'], set()).add(sid)
+
+    def remove(self, sid):
+        user = self.users.pop(sid, None)
+        if user is not None:
+            sids = self.by_user.get(user['id'], set())
+            sids.discard(sid)
+            if not sids:
+                self.by_user.pop(user['id'], None)
+        return user
+
+
+def error_ack(error: PostboxError) -> dict:
+    return {'ok': False, 'error': error.to_dict()}
+
+
+def register(sio: socketio.AsyncServer, ctx, realtime):
+    """Attach every handler to ``sio``. Returns the Sockets registry."""
+    sockets = Sockets()
+
+    def on_event(name):
+        """Register ``fn(sid, user, data) -> dict`` as the handler of
+        ``name``: the payload must be an object, the answer is
+        ``{ok: true, ...}``, any PostboxError becomes ``{ok: false, error}``
+        and anything else is logged and answered ``internal``."""
+        def decorator(fn):
+            @functools.wraps(fn)
+            async def handler(sid, *args):
+                sockets.in_flight += 1
+                try:
+                    if sockets.draining:
+                        raise Unavailable('server is shutting down, retry')
+                    user = sockets.users.get(sid)
+                    if user is None:
+                        raise Unauthorized('not connected')
+                    data = args[0] if args else None
+                    if not isinstance(data, dict):
+                        raise Invalid('payload must be an object')
+                    result = await fn(sid, user, data)
+                    return {'ok': True, **(result or {})}
+                except PostboxError as exc:
+                    return error_ack(exc)
+                except Exception:
+                    log.exception('event %s failed', name)
+                    return {'ok': False, 'error': {
+                        'code': 'internal', 'message': 'internal error'}}
+                finally:
+                    sockets.in_flight -= 1
+            sio.on(name, handler)
+            return fn
+        return decorator
+
+    @sio.on('connect')
+    async def connect(sid, environ, auth_data=None):
+        token = auth_data.get('token') if isinstance(auth_data, dict) else None
+        try:
+            user = await auth.authenticate(ctx, token)
+        except Unauthorized:
+            raise socketio.exceptions.ConnectionRefusedError(
+                'unauthorized', {'code': 'unauthorized'})
+        if sockets.draining:
+            raise socketio.exceptions.ConnectionRefusedError(
+                'unavailable', {'code': 'unavailable'})
+        sockets.add(sid, user)
+        await sio.enter_room(sid, user_room(user['id']))
+        await ctx.presence.connected(user['id'])
+
+    @sio.on('disconnect')
+    async def disconnect(sid, reason=None):
+        user = sockets.remove(sid)
+        if user is None:
+            return
+        for room_id, user_id in ctx.typing.drop_socket(sid):
+            await realtime.typing(room_id, user, False)
+        await ctx.presence.disconnected(user['id'])
+
+    @sio.on('*')
+    async def unknown(event, sid, *args):
+        return error_ack(Invalid(f'unknown event {event!r}'))
+
+    @on_event('ping')
+    async def ping(sid, user, data):
+        return {}
+
+    @on_event('open_dm')
+    async def open_dm(sid, user, data):
+        room, created = await rooms.open_dm(ctx, user['id'],
+                                            data.get('username'))
+        if created:
+            await realtime.room(room)
+        return {'room': room}
+
+    @on_event('create_group')
+    async def create_group(sid, user, data):
+        room = await rooms.create_group(ctx, user['id'], data.get('name'),
+                                        data.get('members'))
+        await realtime.room(room)
+        return {'room': room}
+
+    @on_event('join_room')
+    async def join_room(sid, user, data):
+        info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
+        # Enter first so nothing sent after the history query is missed.
+        await sio.enter_room(sid, room_room(info.id))
+        recent = await messages.history(ctx, user['id'], info.id)
+        room = await rooms.room_payload(ctx, info)
+        read = await rooms.read_markers(ctx, info.id)
+        return {'room': room, 'messages': recent['messages'],
+                'has_more': recent['has_more'], 'read': read}
+
+    @on_event('leave_room')
+    async def leave_room(sid, user, data):
+        info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
+        await sio.leave_room(sid, room_room(info.id))
+        return {}
+
+    @on_event('send_dm')
+    async def send_dm(sid, user, data):
+        sent = await messages.send_message(
+            ctx, user['id'], data.get('body'), data.get('client_msg_id'),
+            room_id=data.get('room_id'), to=data.get('to'),
+            attachments=data.get('attachments'),
+            reply_to=data.get('reply_to'))
+        await realtime.deliver_sent(sent)
+        if sent.created and ctx.typing.stop(sent.message['room_id'],
+                                            user['id']):
+            await realtime.typing(sent.message['room_id'], user, False,
+                                  list(sockets.by_user.get(user['id'], ())))
+        return {'message': sent.message}
+
+    @on_event('typing')
+    async def typing(sid, user, data):
+        room_id = data.get('room_id')
+        typing = data.get('typing')
+        if await presence.set_typing(ctx, user['id'], room_id, typing, sid):
+            await realtime.typing(room_id, user, typing,
+                                  list(sockets.by_user.get(user['id'], ())))
+        return {}
+
+    @on_event('mark_read')
+    async def mark_read(sid, user, data):
+        room_id = data.get('room_id')
+        marker, unread, moved = await messages.mark_read(
+            ctx, user['id'], room_id, data.get('seq'))
+        if moved:
+            await realtime.read(room_id, user['id'], marker)
+        return {'unread': unread, 'seq': marker}
+
+    @on_event('history')
+    async def history(sid, user, data):
+        return await messages.history(
+            ctx, user['id'], data.get('room_id'), before=data.get('before'),
+            after=data.get('after'), limit=data.get('limit'))
+
+    @on_event('rooms')
+    async def rooms_(sid, user, data):
+        return {'rooms': await rooms.inbox(ctx, user['id'])}
+
+    @on_event('sync')
+    async def sync(sid, user, data):
+        known = data.get('rooms', {})
+        return await messages.sync(ctx, user['id'], known)
+
+    async def updated(result):
+        message, changed, member_ids = result
+        if changed:
+            await realtime.message_updated(message, member_ids)
+        return {'message': message}
+
+    @on_event('edit_message')
+    async def edit_message(sid, user, data):
+        return await updated(await messages.edit_message(
+            ctx, user['id'], data.get('message_id'), data.get('body')))
+
+    @on_event('delete_message')
+    async def delete_message(sid, user, data):
+        return await updated(await messages.delete_message(
+            ctx, user['id'], data.get('message_id')))
+
+    @on_event('react')
+    async def react(sid, user, data):
+        return await updated(await messages.react(
+            ctx, user['id'], data.get('message_id'), data.get('emoji'),
+            data.get('on')))
+
+    @on_event('block')
+    async def block(sid, user, data):
+        await rooms.set_block(ctx, user['id'], data.get('username'), True)
+        return {}
+
+    @on_event('unblock')
+    async def unblock(sid, user, data):
+        await rooms.set_block(ctx, user['id'], data.get('username'), False)
+        return {}
+
+    @on_event('presence')
+    async def presence_(sid, user, data):
+        return {'presence': await presence.query(ctx,
+                                                 data.get('usernames'))}
+
+    return sockets
