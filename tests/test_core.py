@@ -1,0 +1,528 @@
+"""The core DM server over real sockets: auth, rooms, messages, typing,
+read markers, history, inbox, HTTP API and bad input."""
+import asyncio
+import time
+
+import jwt
+import pytest
+import socketio
+
+from tests.helpers import Client, connect, http, register, unique_name
+
+
+async def pair(base):
+    """Two connected users with a dm room between them."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = await connect(base, tb)
+    ack = await a.call('open_dm', {'username': bob['username']})
+    assert ack['ok'], ack
+    return alice, bob, a, b, ack['room']
+
+
+# -- accounts ------------------------------------------------------------
+
+async def test_register_login_me(base):
+    name = unique_name('Case')
+    status, data = await http(base, 'POST', '/api/register', json={
+        'username': name, 'password': 'hunter22!', 'display_name': 'Ada'})
+    assert status == 201
+    assert data['user']['username'] == name.lower()  # folded
+    assert data['user']['display_name'] == 'Ada'
+    assert data['user']['is_bot'] is False
+    status, again = await http(base, 'POST', '/api/register', json={
+        'username': name.upper(), 'password': 'hunter22!'})
+    assert status == 409 and again['error']['code'] == 'conflict'
+    status, login = await http(base, 'POST', '/api/login', json={
+        'username': name.upper(), 'password': 'hunter22!'})
+    assert status == 200 and login['user']['id'] == data['user']['id']
+    status, me = await http(base, 'GET', '/api/me', token=login['token'])
+    assert status == 200 and me['user'] == data['user']
+    claims = jwt.decode(login['token'], options={'verify_signature': False})
+    assert claims['sub'] == str(data['user']['id']) and 'exp' in claims
+
+
+@pytest.mark.parametrize('body', [
+    {'username': 'ab', 'password': 'password1'},
+    {'username': 'bad name!', 'password': 'password1'},
+    {'username': 'x' * 33, 'password': 'password1'},
+    {'username': 'okname', 'password': 'short'},
+    {'username': 'okname', 'password': 'p' * 257},
+    {'username': 5, 'password': 'password1'},
+    {'password': 'password1'},
+])
+async def test_register_invalid(base, body):
+    status, data = await http(base, 'POST', '/api/register', json=body)
+    assert status == 400 and data['error']['code'] == 'invalid'
+
+
+async def test_register_not_json(base):
+    status, data = await http(base, 'POST', '/api/register', data=b'{nope',
+                              headers={'Content-Type': 'application/json'})
+    assert status == 400 and data['error']['code'] == 'invalid'
+
+
+async def test_login_wrong_password_and_unknown_user(base):
+    user, _ = await register(base)
+    for name, pw in ((user['username'], 'wrong password'),
+                     (unique_name(), 'whatever1')):
+        status, data = await http(base, 'POST', '/api/login',
+                                  json={'username': name, 'password': pw})
+        assert status == 401 and data['error']['code'] == 'unauthorized'
+
+
+async def test_bots(base):
+    owner, token = await register(base)
+    name = unique_name('bot')
+    status, data = await http(base, 'POST', '/api/bots', token=token,
+                              json={'username': name})
+    assert status == 201 and data['user']['is_bot'] is True
+    bot = await connect(base, data['token'])
+    ack = await bot.call('open_dm', {'username': owner['username']})
+    assert ack['ok'] and ack['room']['kind'] == 'dm'
+    status, _ = await http(base, 'POST', '/api/bots', json={'username': 'x1x'})
+    assert status == 401
+    await bot.close()
+
+
+@pytest.mark.parametrize('token', [None, '', 'garbage', 'a.b.c'])
+async def test_connect_refused_without_valid_token(base, token):
+    assert await refused(base, token) == {
+        'message': 'unauthorized', 'data': {'code': 'unauthorized'}}
+
+
+async def refused(base, token):
+    """Connect with ``token`` and return what ``connect_error`` said."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors = []
+    sio.on('connect_error', lambda data: errors.append(data))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(base, auth={'token': token} if token is not None
+                          else None, transports=['websocket'],
+                          wait_timeout=5)
+    return errors[0]
+
+
+async def test_connect_refused_with_expired_or_forged_token(base, server):
+    user, _ = await register(base)
+    now = int(time.time())
+    expired = jwt.encode({'sub': str(user['id']), 'iat': now - 100,
+                          'exp': now - 10}, server.env['POSTBOX_SECRET'],
+                         algorithm='HS256')
+    forged = jwt.encode({'sub': str(user['id']), 'iat': now,
+                         'exp': now + 100}, 'another secret' * 3,
+                        algorithm='HS256')
+    for token in (expired, forged):
+        assert (await refused(base, token))['message'] == 'unauthorized'
+        status, data = await http(base, 'GET', '/api/me', token=token)
+        assert status == 401 and data['error']['code'] == 'unauthorized'
+
+
+# -- rooms -----------------------------------------------------------------
+
+async def test_same_dm_room_from_both_sides(base):
+    alice, bob, a, b, room = await pair(base)
+    assert room['kind'] == 'dm' and room['name'] is None
+    assert {m['id'] for m in room['members']} == {alice['id'], bob['id']}
+    again = await b.call('open_dm', {'username': alice['username']})
+    assert again['room']['id'] == room['id']
+    # Both members got the `room` event once, when it was created.
+    assert (await a.next('room'))['id'] == room['id']
+    assert (await b.next('room'))['id'] == room['id']
+    await b.nothing('room', 0.3)
+    await a.close()
+    await b.close()
+
+
+async def test_open_dm_errors(base):
+    alice, ta = await register(base)
+    a = await connect(base, ta)
+    ack = await a.call('open_dm', {'username': alice['username']})
+    assert ack['error']['code'] == 'invalid'
+    ack = await a.call('open_dm', {'username': unique_name()})
+    assert ack['error']['code'] == 'not_found'
+    ack = await a.call('open_dm', {})
+    assert ack['error']['code'] == 'invalid'
+    await a.close()
+
+
+async def test_group_room(base):
+    users = [await register(base) for _ in range(3)]
+    clients = [await connect(base, t) for _, t in users]
+    ack = await clients[0].call('create_group', {
+        'name': 'Trip', 'members': [u['username'] for u, _ in users[1:]]})
+    assert ack['ok'] and ack['room']['kind'] == 'group'
+    room = ack['room']
+    assert room['name'] == 'Trip' and len(room['members']) == 3
+    for c in clients:
+        assert (await c.next('room'))['id'] == room['id']
+    ack = await clients[1].call('send_dm', {
+        'room_id': room['id'], 'body': 'hello all', 'client_msg_id': 'g1'})
+    assert ack['ok']
+    for c in clients:
+        assert (await c.next('message'))['body'] == 'hello all'
+    bad = await clients[0].call('create_group', {
+        'name': 'X', 'members': [unique_name()]})
+    assert bad['error']['code'] == 'not_found'
+    bad = await clients[0].call('create_group', {'name': '', 'members': []})
+    assert bad['error']['code'] == 'invalid'
+    for c in clients:
+        await c.close()
+
+
+# -- messages --------------------------------------------------------------
+
+async def test_message_shape_and_delivery_to_all_sockets(base):
+    alice, bob, a, b, room = await pair(base)
+    _, ta = await register(base)  # unrelated user gets nothing
+    a2 = await connect(base, a.token)  # alice's second tab
+    stranger = await connect(base, ta)
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'hi bob',
+                                   'client_msg_id': 'm-1'})
+    assert ack['ok']
+    msg = ack['message']
+    assert msg['seq'] == 1 and msg['room_id'] == room['id']
+    assert msg['sender']['id'] == alice['id']
+    assert msg['body'] == 'hi bob' and msg['client_msg_id'] == 'm-1'
+    assert msg['attachments'] == [] and msg['reply_to'] is None
+    assert msg['deleted'] is False and msg['reactions'] == {}
+    assert msg['edited_at'] is None
+    assert msg['created_at'].endswith('Z') and len(msg['created_at']) == 24
+    for c in (a, a2, b):  # sender's sockets included
+        got = await c.next('message')
+        assert got['id'] == msg['id'] and got['body'] == 'hi bob'
+    await stranger.nothing('message', 0.3)
+    for c in (a, a2, b, stranger):
+        await c.close()
+
+
+async def test_send_to_username_opens_dm(base):
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = await connect(base, tb)
+    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'yo',
+                                   'client_msg_id': 'x'})
+    assert ack['ok']
+    room = await b.next('room')  # reaches bob without any join
+    msg = await b.next('message')
+    assert msg['room_id'] == room['id'] == ack['message']['room_id']
+    await a.close()
+    await b.close()
+
+
+async def test_seq_has_no_gaps_under_concurrent_sends(loaded):
+    base = loaded.url
+    alice, bob, a, b, room = await pair(base)
+    acks = await asyncio.gather(*[
+        (a if i % 2 else b).call('send_dm', {
+            'room_id': room['id'], 'body': f'm{i}', 'client_msg_id': f'c{i}'})
+        for i in range(50)])
+    assert all(x['ok'] for x in acks), acks
+    assert sorted(x['message']['seq'] for x in acks) == list(range(1, 51))
+    hist = await a.call('history', {'room_id': room['id'], 'limit': 100})
+    assert [m['seq'] for m in hist['messages']] == list(range(1, 51))
+    await a.close()
+    await b.close()
+
+
+async def test_body_limits(base):
+    alice, bob, a, b, room = await pair(base)
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'x' * 4001,
+                                   'client_msg_id': 'big'})
+    assert ack['error']['code'] == 'too_large'
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'x' * 4000,
+                                   'client_msg_id': 'max'})
+    assert ack['ok']
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': '',
+                                   'client_msg_id': 'empty'})
+    assert ack['error']['code'] == 'invalid'
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'x',
+                                   'client_msg_id': 'c' * 65})
+    assert ack['error']['code'] == 'invalid'
+    await a.close()
+    await b.close()
+
+
+async def test_non_members_refused(base):
+    alice, bob, a, b, room = await pair(base)
+    _, tc = await register(base)
+    c = await connect(base, tc)
+    sent = await a.call('send_dm', {'room_id': room['id'], 'body': 'secret',
+                                    'client_msg_id': 's'})
+    for event, data in [
+            ('send_dm', {'room_id': room['id'], 'body': 'x',
+                         'client_msg_id': 'y'}),
+            ('join_room', {'room_id': room['id']}),
+            ('history', {'room_id': room['id']}),
+            ('typing', {'room_id': room['id'], 'typing': True}),
+            ('mark_read', {'room_id': room['id'], 'seq': 1}),
+            ('edit_message', {'message_id': sent['message']['id'],
+                              'body': 'hacked'}),
+            ('react', {'message_id': sent['message']['id'], 'emoji': '👍',
+                       'on': True})]:
+        ack = await c.call(event, data)
+        assert ack['ok'] is False, (event, ack)
+        assert ack['error']['code'] in ('forbidden', 'not_found'), ack
+        assert 'secret' not in str(ack)
+    ack = await c.call('sync', {'rooms': {}})
+    assert ack['ok'] and ack['events'] == []
+    ack = await c.call('join_room', {'room_id': 10 ** 9})
+    assert ack['error']['code'] == 'not_found'
+    status, data = await http(base, 'GET',
+                              f'/api/rooms/{room["id"]}/messages',
+                              token=tc)
+    assert status in (403, 404) and 'secret' not in str(data)
+    for x in (a, b, c):
+        await x.close()
+
+
+BAD_PAYLOADS = [
+    ('send_dm', None), ('send_dm', 'text'), ('send_dm', [1, 2]),
+    ('send_dm', {}), ('send_dm', {'room_id': 'one', 'body': 'x',
+                                  'client_msg_id': 'a'}),
+    ('send_dm', {'room_id': True, 'body': 'x', 'client_msg_id': 'a'}),
+    ('send_dm', {'room_id': 1, 'body': 5, 'client_msg_id': 'a'}),
+    ('send_dm', {'room_id': 1, 'body': 'x'}),
+    ('send_dm', {'room_id': 1, 'to': 'bob', 'body': 'x',
+                 'client_msg_id': 'a'}),
+    ('send_dm', {'room_id': 1, 'body': 'x', 'client_msg_id': 'a',
+                 'attachments': 'nope'}),
+    ('open_dm', {'username': None}), ('open_dm', 42),
+    ('create_group', {'name': 'x', 'members': 'bob'}),
+    ('join_room', {'room_id': None}), ('join_room', {'room_id': 1.5}),
+    ('leave_room', {}), ('typing', {'room_id': 1}),
+    ('mark_read', {'room_id': 1, 'seq': -1}),
+    ('mark_read', {'room_id': 1, 'seq': 'x'}),
+    ('history', {'room_id': 1, 'limit': 0}),
+    ('history', {'room_id': 1, 'limit': 101}),
+    ('history', {'room_id': 1, 'before': 'x'}),
+    ('sync', {'rooms': [1, 2]}), ('sync', {'rooms': {'abc': 1}}),
+    ('sync', {'rooms': {'1': 'x'}}),
+    ('edit_message', {'message_id': 'x', 'body': 'y'}),
+    ('delete_message', {}), ('react', {'message_id': 1, 'emoji': 5}),
+    ('block', {'username': 7}), ('presence', {'usernames': 'bob'}),
+    ('no_such_event', {}),
+]
+
+
+async def test_bad_payloads_get_error_acks_and_socket_survives(base):
+    alice, bob, a, b, room = await pair(base)
+    for event, data in BAD_PAYLOADS:
+        ack = await a.call(event, data) if data is not None else \
+            await a.sio.call(event, timeout=5)
+        assert ack['ok'] is False, (event, data, ack)
+        assert ack['error']['code'] in ('invalid', 'not_found', 'forbidden',
+                                        'too_large'), (event, data, ack)
+        assert ack['error']['message']
+    # The connection still works.
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'still here',
+                                   'client_msg_id': 'after-bad'})
+    assert ack['ok'] and a.sio.connected
+    assert (await b.next('message'))['body'] == 'still here'
+    await a.close()
+    await b.close()
+
+
+async def test_rate_limited_sends(base):
+    alice, bob, a, b, room = await pair(base)
+    acks = await asyncio.gather(*[a.call('send_dm', {
+        'room_id': room['id'], 'body': 'spam', 'client_msg_id': f'r{i}'})
+        for i in range(60)])
+    limited = [x for x in acks if not x['ok']]
+    assert limited, 'the default burst is 30: some of 60 must be refused'
+    assert all(x['error']['code'] == 'rate_limited' for x in limited)
+    assert all(x['error']['retry_after'] > 0 for x in limited)
+    assert sum(x['ok'] for x in acks) >= 30
+    await a.close()
+    await b.close()
+
+
+# -- typing, reading, history, inbox ----------------------------------------
+
+async def test_typing_reaches_joined_sockets_not_the_typist(base):
+    alice, bob, a, b, room = await pair(base)
+    a2 = await connect(base, a.token)
+    b_unjoined = await connect(base, b.token)
+    for c in (a, a2, b):
+        assert (await c.call('join_room', {'room_id': room['id']}))['ok']
+    assert (await a.call('typing', {'room_id': room['id'],
+                                    'typing': True}))['ok']
+    got = await b.next('typing')
+    assert got == {'room_id': room['id'], 'user': alice, 'typing': True}
+    await a2.nothing('typing', 0.3)
+    await b_unjoined.nothing('typing', 0.1)
+    # Sending a message ends the typing.
+    await a.call('send_dm', {'room_id': room['id'], 'body': 'done',
+                             'client_msg_id': 't1'})
+    got = await b.next('typing')
+    assert got['typing'] is False and got['user']['id'] == alice['id']
+    # Typing again, then disconnecting, also ends it.
+    await a.call('typing', {'room_id': room['id'], 'typing': True})
+    assert (await b.next('typing'))['typing'] is True
+    await a.close()
+    got = await b.next('typing')
+    assert got['typing'] is False
+    # After leave_room, no more typing events.
+    await b.call('leave_room', {'room_id': room['id']})
+    await a2.call('typing', {'room_id': room['id'], 'typing': True})
+    await b.nothing('typing', 0.3)
+    for c in (a2, b, b_unjoined):
+        await c.close()
+
+
+async def test_unread_and_mark_read(base):
+    alice, bob, a, b, room = await pair(base)
+    for i in range(3):
+        await a.call('send_dm', {'room_id': room['id'], 'body': f'm{i}',
+                                 'client_msg_id': f'u{i}'})
+    await b.call('send_dm', {'room_id': room['id'], 'body': 'mine',
+                             'client_msg_id': 'own'})
+    inbox = (await b.call('rooms', {}))['rooms']
+    entry = next(r for r in inbox if r['room']['id'] == room['id'])
+    assert entry['unread'] == 3 and entry['last_read_seq'] == 0
+    assert entry['last_message']['body'] == 'mine'
+    assert entry['room']['last_seq'] == 4
+    await a.call('join_room', {'room_id': room['id']})
+    ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 2})
+    assert ack['ok'] and ack['unread'] == 1
+    read = await a.next('read')
+    assert read == {'room_id': room['id'], 'user_id': bob['id'], 'seq': 2}
+    ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 1})
+    assert ack['unread'] == 1  # never moves back
+    ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 999})
+    assert ack['unread'] == 0
+    joined = await a.call('join_room', {'room_id': room['id']})
+    assert joined['read'][str(bob['id'])] == 4
+    # Alice's own three messages are never unread to her: only bob's one.
+    inbox = (await a.call('rooms', {}))['rooms']
+    assert next(r for r in inbox if r['room']['id'] == room['id'])[
+        'unread'] == 1
+    await a.close()
+    await b.close()
+
+
+async def test_history_paging(loaded):
+    base = loaded.url
+    alice, bob, a, b, room = await pair(base)
+    for i in range(1, 121):
+        assert (await a.call('send_dm', {
+            'room_id': room['id'], 'body': f'n{i}',
+            'client_msg_id': f'h{i}'}))['ok']
+    joined = await b.call('join_room', {'room_id': room['id']})
+    assert [m['seq'] for m in joined['messages']] == list(range(71, 121))
+    assert joined['room']['last_seq'] == 120
+    page = await b.call('history', {'room_id': room['id'], 'before': 71})
+    assert [m['seq'] for m in page['messages']] == list(range(21, 71))
+    assert page['has_more'] is True
+    page = await b.call('history', {'room_id': room['id'], 'before': 21})
+    assert [m['seq'] for m in page['messages']] == list(range(1, 21))
+    assert page['has_more'] is False
+    page = await b.call('history', {'room_id': room['id'], 'after': 100,
+                                    'limit': 10})
+    assert [m['seq'] for m in page['messages']] == list(range(101, 111))
+    assert page['has_more'] is True
+    page = await b.call('history', {'room_id': room['id'], 'after': 110})
+    assert page['has_more'] is False and len(page['messages']) == 10
+    await a.close()
+    await b.close()
+
+
+async def test_inbox_orders_by_latest_activity(base):
+    me, tm = await register(base)
+    others = [await register(base) for _ in range(3)]
+    c = await connect(base, tm)
+    rooms = []
+    for other, _ in others:
+        rooms.append((await c.call('open_dm', {
+            'username': other['username']}))['room'])
+    await c.call('send_dm', {'room_id': rooms[1]['id'], 'body': 'latest',
+                             'client_msg_id': 'i1'})
+    inbox = (await c.call('rooms', {}))['rooms']
+    assert [r['room']['id'] for r in inbox][0] == rooms[1]['id']
+    assert len(inbox) == 3
+    await c.close()
+
+
+# -- HTTP API ------------------------------------------------------------
+
+async def test_http_api(base):
+    alice, bob, a, b, room = await pair(base)
+    status, data = await http(base, 'POST',
+                              f'/api/rooms/{room["id"]}/messages',
+                              token=a.token, json={'body': 'from a script',
+                                                   'client_msg_id': 'h-1'})
+    assert status == 201 and data['message']['seq'] == 1
+    live = await b.next('message')  # delivered live
+    assert live['body'] == 'from a script'
+    status, again = await http(base, 'POST',
+                               f'/api/rooms/{room["id"]}/messages',
+                               token=a.token, json={'body': 'from a script',
+                                                    'client_msg_id': 'h-1'})
+    assert again['message']['id'] == data['message']['id']
+    await b.nothing('message', 0.3)
+    status, data = await http(base, 'GET', '/api/rooms', token=b.token)
+    assert status == 200 and data['rooms'][0]['room']['id'] == room['id']
+    status, data = await http(base, 'GET',
+                              f'/api/rooms/{room["id"]}/messages?limit=5',
+                              token=b.token)
+    assert status == 200 and data['messages'][0]['body'] == 'from a script'
+    assert data['has_more'] is False
+    status, data = await http(base, 'GET',
+                              f'/api/rooms/{room["id"]}/messages?limit=x',
+                              token=b.token)
+    assert status == 400 and data['error']['code'] == 'invalid'
+    status, data = await http(base, 'POST',
+                              f'/api/rooms/{room["id"]}/messages',
+                              token=b.token, json={'body': 'x' * 5000,
+                                                   'client_msg_id': 'big'})
+    assert status == 413 and data['error']['code'] == 'too_large'
+    status, data = await http(base, 'GET', '/api/rooms')
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+    status, data = await http(base, 'GET', '/api/nothing/here')
+    assert status == 404 and data['error']['code'] == 'not_found'
+    await a.close()
+    await b.close()
+
+
+async def test_health_and_ready(base):
+    assert (await http(base, 'GET', '/healthz'))[0] == 200
+    status, data = await http(base, 'GET', '/readyz')
+    assert status == 200 and data['checks']['database'] is True
+
+
+async def test_polling_transport(base):
+    alice, bob, a, b, room = await pair(base)
+    p = await connect(base, b.token, transports=['polling'])
+    await a.call('send_dm', {'room_id': room['id'], 'body': 'poll me',
+                             'client_msg_id': 'p1'})
+    assert (await p.next('message'))['body'] == 'poll me'
+    ack = await p.call('send_dm', {'room_id': room['id'], 'body': 'back',
+                                   'client_msg_id': 'p2'})
+    assert ack['ok']
+    assert (await a.next('message', where=lambda m: m['body'] == 'back'))
+    for c in (a, b, p):
+        await c.close()
+
+
+async def test_event_loop_not_blocked_by_storage(loaded):
+    """While 1,000 messages are being stored, pings keep being answered:
+    they complete before the stores do, instead of queueing behind them."""
+    base = loaded.url
+    alice, bob, a, b, room = await pair(base)
+    pinger = await connect(base, a.token)
+    sends = [asyncio.ensure_future(a.call('send_dm', {
+        'room_id': room['id'], 'body': f'load {i} ' + 'x' * 200,
+        'client_msg_id': f'l{i}'}, timeout=60)) for i in range(1000)]
+    answered_while_storing = 0
+    while not all(s.done() for s in sends):
+        ack = await pinger.call('ping', {})
+        assert ack['ok']
+        if not all(s.done() for s in sends):
+            answered_while_storing += 1
+    acks = await asyncio.gather(*sends)
+    assert all(x['ok'] for x in acks)
+    assert answered_while_storing >= 3
+    for c in (a, b, pinger):
+        await c.close()
