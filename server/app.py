@@ -16,11 +16,15 @@ from aiohttp import web
 
 from server import fastjson
 from server.config import ConfigError, ensure_secret, load_config
+from server.logs import setup_logging
+from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
 from server.services import rooms
 from server.services.context import Context
+from server.services.limits import Limits
 from server.services.live import Presence, Typing
 from server.store import Store, open_database
 from server.transport import http, socket as socket_transport
+from server.transport.backpressure import bound_send_queues
 from server.transport.realtime import Realtime
 
 log = logging.getLogger(__name__)
@@ -48,13 +52,19 @@ def create_app(config) -> web.Application:
     and background tasks start with the app (``cleanup_ctx``) and stop
     with it."""
     _websocket_compression(config.websocket_compression)
-    app = web.Application(middlewares=[http.errors_middleware],
+    metrics = Metrics()
+    app = web.Application(middlewares=[http.metrics_middleware,
+                                       http.errors_middleware],
                           client_max_size=config.max_payload_bytes)
+    app.on_response_prepare.append(http.security_headers)
     database = open_database(config.effective_database_url, config)
     store = Store(database, batch_max=config.write_batch_max,
-                  reader_threads=config.reader_threads)
+                  reader_threads=config.reader_threads,
+                  on_batch=metrics.observe_batch)
     ctx = Context(store, config, ensure_secret(config))
     ctx.typing = Typing(config.typing_throttle_seconds)
+    ctx.metrics = metrics
+    ctx.limits = Limits(config)
 
     sio = socketio.AsyncServer(
         async_mode='aiohttp', json=fastjson,
@@ -63,7 +73,11 @@ def create_app(config) -> web.Application:
         ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
         logger=False, engineio_logger=False)
     sio.attach(app)
+    bound_send_queues(sio, config.socket_send_queue_max,
+                      on_cut=lambda sid: metrics.slow_clients.inc())
+    metrics.manager = sio.manager
     realtime = Realtime(sio)
+    instrument_fanout(realtime, metrics)
 
     async def presence_changed(user_id, online, last_seen):
         user = ctx.users.get(user_id)
@@ -79,11 +93,21 @@ def create_app(config) -> web.Application:
     app[http.CTX] = ctx
     app[http.REALTIME] = realtime
     app[SIO] = sio
-    app[SOCKETS] = socket_transport.register(sio, ctx, realtime)
+    app[SOCKETS] = sockets = socket_transport.register(sio, ctx, realtime)
+    app[METRICS] = metrics
+
+    async def disconnect_user(user_id):
+        # This process's sockets; with Redis, other processes' sockets
+        # still need a broadcast (seam: the manager's pub/sub).
+        for sid in list(sockets.by_user.get(user_id, ())):
+            await sio.disconnect(sid)
+
+    app[http.DISCONNECT_USER] = disconnect_user
     app[http.READY_CHECKS] = [
         ('database', lambda: store.read(store.ping)),
     ]
     http.add_routes(app)
+    app.router.add_get('/metrics', metrics_view)
     _add_demo(app)
 
     async def storage(app):
@@ -127,13 +151,6 @@ async def _drain(app):
         except Exception:  # the socket may be closing already
             log.debug('disconnect %s failed', sid, exc_info=True)
     log.info('drained: %s events in flight left', sockets.in_flight)
-
-
-def setup_logging(config):
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format='%(asctime)s %(levelname)s %(name)s: %(message)s',
-        stream=sys.stderr)
 
 
 def main(argv=None):

@@ -77,7 +77,35 @@ class Config:
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
 
+    # Abuse limits.
+    # Sockets per user: a person has a few tabs and devices; a bot or a
+    # leaked token opening hundreds would eat file descriptors.
+    max_connections_per_user: int = 20
+    # Sockets per client address: generous because a whole office can sit
+    # behind one NAT address, small enough that one host cannot take the fds.
+    max_connections_per_ip: int = 200
+    # Token bucket per user over every Socket.IO event (reads included):
+    # a busy client does a few events a second; 60 saved up covers a
+    # reconnect that syncs, lists rooms and joins a few at once.
+    event_rate_per_second: float = 20.0
+    event_burst: int = 60
+    # Rooms a user may be in when opening a dm or creating a group: far
+    # above what a person uses, low enough that a script cannot make the
+    # inbox query (one row per room) arbitrarily slow.
+    rooms_per_user_max: int = 1000
+    # Packets queued for one socket that is not reading (a slow or stalled
+    # client): past this it is disconnected instead of growing the server's
+    # memory. A healthy client drains a burst of this size in milliseconds.
+    socket_send_queue_max: int = 1000
+    # Failed logins before a username (or a client address) must wait:
+    # a user mistypes a few times; guessing needs thousands of tries.
+    # The allowance refills at this many per minute.
+    login_failures_per_username: int = 10
+    login_failures_per_ip: int = 50
+    login_refill_per_minute: float = 2.0
+
     log_level: str = 'INFO'
+    # One JSON object per log line, for log shippers.
     log_json: bool = False
 
     @property

@@ -49,9 +49,11 @@ def check_display_name(display_name, default) -> str:
 
 def issue_token(ctx, user_id: int) -> str:
     """A signed HS256 JWT: ``sub`` is the user id, ``exp`` the expiry."""
-    now = int(time.time())
-    payload = {'sub': str(user_id), 'iat': now,
-               'exp': now + ctx.config.token_ttl_seconds}
+    now = time.time()
+    # ``iat`` keeps milliseconds so that a revocation (tokens_valid_after,
+    # in ms) separates tokens issued in the same second before and after it.
+    payload = {'sub': str(user_id), 'iat': round(now, 3),
+               'exp': int(now) + ctx.config.token_ttl_seconds}
     return jwt.encode(payload, ctx.secret, algorithm='HS256')
 
 
@@ -101,17 +103,63 @@ def _find_login(username):
             .first())
 
 
-async def login(ctx, username, password) -> dict:
+async def login(ctx, username, password, ip=None) -> dict:
     """Check a username and password. Returns ``{user, token}``; raises
-    Unauthorized for any mismatch (without saying which part was wrong)."""
+    Unauthorized for any mismatch (without saying which part was wrong),
+    RateLimited after too many failures for the username or from ``ip``."""
     if not isinstance(username, str) or not isinstance(password, str):
         raise Invalid('username and password must be strings')
-    user = await ctx.store.read(_find_login, username.strip().lower())
+    username = username.strip().lower()[:64]
+    throttle = ctx.limits.logins if hasattr(ctx, 'limits') else None
+    if throttle is not None:
+        throttle.check(username, ip)
+    user = await ctx.store.read(_find_login, username)
     ok = await _verify(user.password_hash if user else _DUMMY_HASH,
                        password[:256])
     if not user or not ok:
+        if throttle is not None:
+            throttle.failed(username, ip)
         raise Unauthorized('wrong username or password')
     return {'user': user_dict(user), 'token': issue_token(ctx, user.id)}
+
+
+def _revoke(user_id, password_hash=None):
+    changes = {User.tokens_valid_after: now_ms()}
+    if password_hash is not None:
+        changes[User.password_hash] = password_hash
+    User.update(changes).where(User.id == user_id).execute()
+
+
+async def revoke_tokens(ctx, user_id):
+    """Logout everywhere: every token issued so far stops working (the
+    transport also closes the user's live sockets)."""
+    await ctx.store.write(_revoke, user_id)
+
+
+def _password_hash(user_id):
+    return User.select(User.password_hash).where(User.id == user_id).scalar()
+
+
+async def change_password(ctx, user_id, old_password, new_password) -> dict:
+    """Set a new password after checking the old one; every token issued
+    before stops working. Returns ``{user, token}`` with a fresh token.
+    Raises Invalid, Forbidden (a bot has no password) or Unauthorized."""
+    if not isinstance(old_password, str):
+        raise Invalid('old_password must be a string')
+    new_password = check_password(new_password)
+    current = await ctx.store.read(_password_hash, user_id)
+    if current is None:
+        raise Forbidden('this account has no password')
+    if not await _verify(current, old_password[:256]):
+        raise Unauthorized('wrong password')
+    await ctx.store.write(_revoke, user_id, await _hash(new_password))
+    return {'user': await get_user(ctx, user_id),
+            'token': issue_token(ctx, user_id)}
+
+
+async def refresh_token(ctx, user_id) -> dict:
+    """A new token with a full lifetime for an authenticated user."""
+    return {'token': issue_token(ctx, user_id)}
 
 
 async def create_bot(ctx, owner_id, username, display_name=None) -> dict:
@@ -145,7 +193,10 @@ async def authenticate(ctx, token) -> dict:
     except (jwt.PyJWTError, ValueError, TypeError):
         raise Unauthorized('invalid or expired token') from None
     user = await ctx.store.read(_load_auth, user_id)
-    if user is None or claims['iat'] * 1000 < user.tokens_valid_after:
+    # Revocation wins a tie: a token from the very millisecond of a logout
+    # is refused (the new token of that logout is issued after its commit).
+    if user is None or \
+            round(float(claims['iat']) * 1000) <= user.tokens_valid_after:
         raise Unauthorized('invalid or expired token')
     data = user_dict(user)
     ctx.users[user.id] = data

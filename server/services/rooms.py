@@ -9,6 +9,7 @@ from models import Block, Membership, Message, Room, User
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.auth import check_username
 from server.services.context import now_ms
+from server.services.limits import check_room_quota
 from server.services.serialize import iso, load_users, message_dicts
 
 
@@ -103,6 +104,7 @@ def _open_dm(ctx, user_id, other_id):
     room = Room.get_or_none(Room.dm_key == key)
     created = False
     if room is None:
+        check_room_quota(ctx, user_id)
         now = now_ms()
         try:
             with Room._meta.database.atomic():
@@ -132,6 +134,7 @@ async def open_dm(ctx, user_id, username):
 
 
 def _create_group(ctx, user_id, name, member_ids):
+    check_room_quota(ctx, user_id)
     now = now_ms()
     room = Room.create(kind='group', name=name, created_by=user_id,
                        created_at=now, last_activity_at=now)

@@ -5,6 +5,8 @@ import logging
 from aiohttp import web
 
 from server.errors import Invalid, NotFound, PostboxError, Unauthorized
+from server.logs import new_request_id, request_id
+from server.metrics import METRICS, route_name
 from server.services import auth, messages, rooms
 
 log = logging.getLogger(__name__)
@@ -12,6 +14,33 @@ log = logging.getLogger(__name__)
 CTX = web.AppKey('ctx', object)
 REALTIME = web.AppKey('realtime', object)
 READY_CHECKS = web.AppKey('ready_checks', list)
+# ``async disconnect_user(user_id)``: closes the user's live sockets (after
+# a logout or password change revoked their tokens).
+DISCONNECT_USER = web.AppKey('disconnect_user', object)
+
+# The demo page loads only its own scripts and styles; it talks to this
+# server over Socket.IO (ws:/wss:) and shows uploaded images as blobs.
+DEMO_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' "
+            "'unsafe-inline'; connect-src 'self' ws: wss:; "
+            "img-src 'self' blob: data:; object-src 'none'; "
+            "base-uri 'none'; frame-ancestors 'none'")
+# API answers are data, never a page to render or frame.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+async def security_headers(request, response):
+    """``on_response_prepare`` hook: headers that stop browsers from
+    sniffing types, framing our pages or leaking URLs, on every response
+    (errors, files and websocket handshakes included)."""
+    headers = response.headers
+    headers.setdefault('X-Content-Type-Options', 'nosniff')
+    headers.setdefault('X-Frame-Options', 'DENY')
+    headers.setdefault('Referrer-Policy', 'no-referrer')
+    is_page = request.path == '/' or request.path.startswith('/static/')
+    headers.setdefault('Content-Security-Policy',
+                       DEMO_CSP if is_page else API_CSP)
+    if request_id.get():
+        headers.setdefault('X-Request-Id', request_id.get())
 
 
 def error_response(error: PostboxError) -> web.Response:
@@ -23,12 +52,33 @@ def error_response(error: PostboxError) -> web.Response:
 
 
 @web.middleware
+async def metrics_middleware(request, handler):
+    """Give the request an id (``X-Request-Id``, for the logs) and count
+    it by route and status."""
+    new_request_id()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[METRICS].http.labels(
+            request.method, route_name(request), status).inc()
+
+
+@web.middleware
 async def errors_middleware(request, handler):
     """The one error path of HTTP: PostboxError -> its status and JSON,
     aiohttp's own HTTP errors -> JSON, anything else -> logged, 500."""
     try:
         return await handler(request)
     except PostboxError as exc:
+        if exc.code == 'rate_limited':
+            request.app[METRICS].rate_limited.labels(
+                route_name(request)).inc()
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -40,7 +90,7 @@ async def errors_middleware(request, handler):
             {'error': {'code': code, 'message': exc.reason}},
             status=exc.status)
     except Exception:
-        log.exception('HTTP %s %s failed', request.method, request.path)
+        log.exception('HTTP %s %s failed', request.method, route_name(request))
         return web.json_response(
             {'error': {'code': 'internal', 'message': 'internal error'}},
             status=500)
@@ -93,7 +143,41 @@ async def register(request):
 async def login(request):
     data = await json_body(request)
     result = await auth.login(request.app[CTX], data.get('username'),
-                              data.get('password'))
+                              data.get('password'), ip=request.remote)
+    return web.json_response(result)
+
+
+async def logout(request):
+    """``{all: true}`` revokes every token of the user and closes their
+    live sockets; without it there is nothing to forget server-side (tokens
+    are stateless), so the client just drops its token."""
+    user = await current_user(request)
+    data = await json_body(request) if request.can_read_body else {}
+    revoke = data.get('all', False)
+    if not isinstance(revoke, bool):
+        raise Invalid('all must be a boolean')
+    if not revoke:
+        return web.json_response({'ok': True})
+    await auth.revoke_tokens(request.app[CTX], user['id'])
+    await request.app[DISCONNECT_USER](user['id'])
+    return web.json_response({'ok': True})
+
+
+async def refresh_token(request):
+    user = await current_user(request)
+    return web.json_response(
+        await auth.refresh_token(request.app[CTX], user['id']))
+
+
+async def change_password(request):
+    """``{old_password, new_password}`` -> ``{user, token}``: older tokens
+    and the sockets opened with them stop working."""
+    user = await current_user(request)
+    data = await json_body(request)
+    result = await auth.change_password(
+        request.app[CTX], user['id'], data.get('old_password'),
+        data.get('new_password'))
+    await request.app[DISCONNECT_USER](user['id'])
     return web.json_response(result)
 
 
@@ -159,6 +243,9 @@ def add_routes(app: web.Application):
     app.router.add_post('/api/register', register)
     app.router.add_post('/api/login', login)
     app.router.add_get('/api/me', me)
+    app.router.add_post('/api/logout', logout)
+    app.router.add_post('/api/token/refresh', refresh_token)
+    app.router.add_post('/api/password', change_password)
     app.router.add_post('/api/bots', create_bot)
     app.router.add_get('/api/rooms', list_rooms)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)

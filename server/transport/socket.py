@@ -2,11 +2,13 @@
 returns the ack and emits; ``on_event`` is the single error path."""
 import functools
 import logging
+import time
 
 import socketio
 
 from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
-from server.services import auth, messages, presence, rooms
+from server.logs import new_request_id
+from server.services import auth, limits, messages, presence, rooms
 from server.transport.realtime import room_room, user_room
 
 log = logging.getLogger(__name__)
@@ -18,6 +20,7 @@ class Sockets:
     def __init__(self):
         self.users = {}
         self.by_user = {}  # user id -> set of sids
+        self.ips = {}  # sid -> client address, for the connection limits
         self.in_flight = 0
         self.draining = False
 
@@ -52,41 +55,79 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             @functools.wraps(fn)
             async def handler(sid, *args):
                 sockets.in_flight += 1
+                new_request_id()
+                started = time.perf_counter()
+                outcome = 'ok'
+                user = sockets.users.get(sid)
                 try:
                     if sockets.draining:
                         raise Unavailable('server is shutting down, retry')
-                    user = sockets.users.get(sid)
                     if user is None:
                         raise Unauthorized('not connected')
+                    # Every event costs a token, reads included: a client
+                    # looping on `rooms` or `sync` is as costly as spam.
+                    ctx.limits.events.take(user['id'])
                     data = args[0] if args else None
                     if not isinstance(data, dict):
                         raise Invalid('payload must be an object')
                     result = await fn(sid, user, data)
                     return {'ok': True, **(result or {})}
                 except PostboxError as exc:
+                    outcome = exc.code
+                    if exc.code == 'rate_limited':
+                        ctx.metrics.rate_limited.labels(name).inc()
+                    log.info('event %s refused: %s', name, exc.code, extra={
+                        'user_id': user and user['id'], 'sid': sid})
                     return error_ack(exc)
                 except Exception:
-                    log.exception('event %s failed', name)
+                    outcome = 'internal'
+                    log.exception('event %s failed', name, extra={
+                        'user_id': user and user['id'], 'sid': sid})
                     return {'ok': False, 'error': {
                         'code': 'internal', 'message': 'internal error'}}
                 finally:
                     sockets.in_flight -= 1
+                    ctx.metrics.events.labels(name, outcome).inc()
+                    ctx.metrics.event_seconds.labels(name).observe(
+                        time.perf_counter() - started)
             sio.on(name, handler)
             return fn
         return decorator
 
+    def refuse(code, message=None):
+        ctx.metrics.connections.labels(code).inc()
+        data = {'code': code}
+        if message:
+            data['message'] = message
+        return socketio.exceptions.ConnectionRefusedError(code, data)
+
     @sio.on('connect')
     async def connect(sid, environ, auth_data=None):
+        new_request_id()
+        request = environ.get('aiohttp.request')
+        ip = request.remote if request is not None else None
         token = auth_data.get('token') if isinstance(auth_data, dict) else None
         try:
             user = await auth.authenticate(ctx, token)
         except Unauthorized:
-            raise socketio.exceptions.ConnectionRefusedError(
-                'unauthorized', {'code': 'unauthorized'})
+            log.info('connection refused: unauthorized',
+                     extra={'sid': sid, 'ip': ip})
+            raise refuse('unauthorized')
         if sockets.draining:
-            raise socketio.exceptions.ConnectionRefusedError(
-                'unavailable', {'code': 'unavailable'})
+            raise refuse('unavailable')
+        try:
+            ctx.limits.connections.acquire(user['id'], ip)
+        except limits.TooManyConnections as exc:
+            ctx.metrics.rate_limited.labels('connections').inc()
+            log.info('connection refused: %s', exc,
+                     extra={'user_id': user['id'], 'sid': sid, 'ip': ip})
+            raise refuse('rate_limited', str(exc))
+        sockets.ips[sid] = ip
         sockets.add(sid, user)
+        ctx.metrics.connections.labels('ok').inc()
+        ctx.metrics.sockets.inc()
+        log.info('connect', extra={'user_id': user['id'], 'sid': sid,
+                                   'ip': ip})
         await sio.enter_room(sid, user_room(user['id']))
         await ctx.presence.connected(user['id'])
 
@@ -95,6 +136,11 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         user = sockets.remove(sid)
         if user is None:
             return
+        ip = sockets.ips.pop(sid, None)
+        ctx.limits.connections.release(user['id'], ip)
+        ctx.metrics.sockets.dec()
+        log.info('disconnect', extra={'user_id': user['id'], 'sid': sid,
+                                      'ip': ip, 'reason': str(reason)})
         for room_id, user_id in ctx.typing.drop_socket(sid):
             await realtime.typing(room_id, user, False)
         await ctx.presence.disconnected(user['id'])

@@ -1,0 +1,81 @@
+"""Logging setup: plain lines for a terminal, one JSON object per line when
+``config.log_json`` is set (for log shippers), and a request id that ties
+the lines of one HTTP request or Socket.IO event together.
+
+What goes into a record is chosen by the caller through ``extra``: user id,
+sid, client address, event name, error code. Never passwords, tokens or
+message bodies.
+"""
+import contextvars
+import json
+import logging
+import secrets
+import sys
+import time
+
+request_id = contextvars.ContextVar('request_id', default=None)
+
+# Attributes every LogRecord has; anything else came in through ``extra``.
+_STANDARD = set(vars(logging.LogRecord('', 0, '', 0, '', (), None))) | {
+    'message', 'asctime', 'taskName'}
+
+
+def new_request_id() -> str:
+    """A short random id, set for the current task and returned."""
+    value = secrets.token_hex(6)
+    request_id.set(value)
+    return value
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record):
+        if not hasattr(record, 'request_id'):
+            record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message", ...extra, "exc"?}``."""
+
+    def format(self, record):
+        data = {
+            'time': time.strftime('%Y-%m-%dT%H:%M:%S',
+                                  time.gmtime(record.created))
+            + '.%03dZ' % record.msecs,
+            'level': record.levelname,
+            'logger': record.name,
+            'message': record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and value is not None:
+                data[key] = value
+        if record.exc_info:
+            data['exc'] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with the ``extra`` fields appended as key=value."""
+
+    def format(self, record):
+        line = super().format(record)
+        fields = [f'{k}={v}' for k, v in vars(record).items()
+                  if k not in _STANDARD and v is not None]
+        if fields:
+            head, sep, tail = line.partition('\n')
+            line = head + ' ' + ' '.join(fields) + sep + tail
+        return line
+
+
+def setup_logging(config):
+    """Configure the root logger from ``log_level`` and ``log_json``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if config.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter(
+            '%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))

@@ -1,0 +1,115 @@
+"""Prometheus metrics of one process, served at ``GET /metrics``.
+
+Each app gets its own ``CollectorRegistry`` (so several apps in one process,
+as in tests, do not collide). Metric objects are thread-safe: the store's
+writer thread reports its batches directly.
+"""
+from aiohttp import web
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry,
+                               Counter, Gauge, Histogram, generate_latest)
+from prometheus_client.core import CounterMetricFamily
+
+SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The metrics Postbox exports; one instance per app."""
+
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.sockets = Gauge('postbox_connected_sockets',
+                             'Socket.IO connections open on this process',
+                             registry=registry)
+        self.connections = Counter(
+            'postbox_connections', 'Socket.IO connection attempts by outcome',
+            ['outcome'], registry=registry)
+        self.events = Counter(
+            'postbox_events', 'Socket.IO events by name and outcome '
+            '(ok or the error code)', ['event', 'outcome'], registry=registry)
+        self.event_seconds = Histogram(
+            'postbox_event_seconds', 'Time from receiving an event to its ack',
+            ['event'], buckets=SECONDS, registry=registry)
+        self.batch_size = Histogram(
+            'postbox_store_batch_size', 'Operations per write transaction',
+            buckets=SIZES, registry=registry)
+        self.batch_seconds = Histogram(
+            'postbox_store_batch_seconds', 'Time to run and commit one write '
+            'transaction', buckets=SECONDS, registry=registry)
+        self.fanout = Histogram(
+            'postbox_message_recipients', 'Users a new message is delivered '
+            'to (delivery fan-out)', buckets=SIZES, registry=registry)
+        self.rate_limited = Counter(
+            'postbox_rate_limited', 'Requests refused by a rate or '
+            'connection limit', ['limit'], registry=registry)
+        self.slow_clients = Counter(
+            'postbox_slow_client_disconnects', 'Sockets cut off because '
+            'their send queue was full (the client stopped reading)',
+            registry=registry)
+        self.http = Counter(
+            'postbox_http_requests', 'HTTP requests by route and status',
+            ['method', 'route', 'status'], registry=registry)
+        self.manager = None
+        registry.register(_ManagerCollector(self))
+
+    def observe_batch(self, size, seconds):
+        """The store's ``on_batch`` callback (runs on the writer thread)."""
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ManagerCollector:
+    """Redis publish/listen failures, read from the Socket.IO client
+    manager when it counts them (``publish_failures``, ``listen_failures``
+    attributes): a single process has none to report."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        manager = self.metrics.manager
+        for attr, help_text in (
+                ('publish_failures', 'Failed publishes to Redis'),
+                ('listen_failures', 'Lost or failed Redis subscriptions')):
+            value = getattr(manager, attr, None)
+            if isinstance(value, (int, float)):
+                family = CounterMetricFamily('postbox_redis_' + attr,
+                                             help_text)
+                family.add_metric([], value)
+                yield family
+
+
+def instrument_fanout(realtime, metrics):
+    """Count the recipients of each new message: wraps
+    ``realtime.message`` so the send path itself stays unchanged."""
+    deliver = realtime.message
+
+    async def message(message, member_ids):
+        metrics.fanout.observe(len(member_ids))
+        await deliver(message, member_ids)
+
+    realtime.message = message
+
+
+METRICS = web.AppKey('metrics', Metrics)
+
+
+async def metrics_view(request):
+    """``GET /metrics``: Prometheus text format, no token (bind it to a
+    private network or filter it at the proxy)."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={'Content-Type':
+                                            CONTENT_TYPE_LATEST})
+
+
+def route_name(request) -> str:
+    """A low-cardinality label for a request: the route pattern, not the
+    path (``/api/rooms/{room_id}/messages``)."""
+    route = request.match_info.route
+    resource = getattr(route, 'resource', None)
+    if resource is None:
+        return 'unmatched'
+    return resource.canonical

@@ -1,0 +1,126 @@
+"""Abuse limits that are not message rules: connections per user and per
+client address, a token bucket per user over every event, failed-login
+throttling and the number of rooms a user may be in.
+
+They count in this process. ``Connections`` is the seam for counting across
+processes: a Redis-backed class with the same ``acquire``/``release`` can
+replace it when Redis is configured.
+"""
+import logging
+import time
+
+from models import Membership
+from server.errors import Forbidden, RateLimited
+from server.services.ratelimit import Limiter
+
+log = logging.getLogger(__name__)
+
+
+class TooManyConnections(Exception):
+    """A connection over the per-user or per-address limit."""
+
+
+class Connections:
+    """Open sockets per user id and per client address."""
+
+    def __init__(self, per_user: int, per_ip: int):
+        self.per_user = per_user
+        self.per_ip = per_ip
+        self._users = {}
+        self._ips = {}
+
+    def acquire(self, user_id, ip):
+        """Count a new socket; raises TooManyConnections (and counts
+        nothing) when either limit is reached."""
+        if self._users.get(user_id, 0) >= self.per_user:
+            raise TooManyConnections('too many connections for this user')
+        if self._ips.get(ip, 0) >= self.per_ip:
+            raise TooManyConnections('too many connections from this address')
+        self._users[user_id] = self._users.get(user_id, 0) + 1
+        self._ips[ip] = self._ips.get(ip, 0) + 1
+
+    def release(self, user_id, ip):
+        for counts, key in ((self._users, user_id), (self._ips, ip)):
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+
+class Failures:
+    """A token bucket per key that only failures spend: ``wait(key)`` is
+    0 while a try is allowed, else the seconds until one is."""
+
+    def __init__(self, allowed: int, refill_per_second: float):
+        self.allowed = float(allowed)
+        self.rate = refill_per_second
+        self._buckets = {}  # key -> (tokens, monotonic time)
+
+    def _tokens(self, key, now):
+        tokens, last = self._buckets.get(key, (self.allowed, now))
+        return min(self.allowed, tokens + (now - last) * self.rate)
+
+    def wait(self, key) -> float:
+        tokens = self._tokens(key, time.monotonic())
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def spend(self, key):
+        now = time.monotonic()
+        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
+        if len(self._buckets) > 100_000:
+            # Keys that refilled completely carry no information.
+            for k in [k for k in self._buckets
+                      if self._tokens(k, now) >= self.allowed]:
+                del self._buckets[k]
+
+
+class LoginThrottle:
+    """Failed logins per username and per client address: ``check`` before
+    verifying a password (raises RateLimited while either is used up),
+    ``failed`` after a miss. A wrong guess costs the guesser, and a user
+    locked out by someone else's guesses waits minutes, not forever."""
+
+    def __init__(self, per_username: int, per_ip: int, refill_per_minute):
+        rate = refill_per_minute / 60.0
+        self.usernames = Failures(per_username, rate)
+        # The address allowance refills proportionally faster, so both
+        # empty over the same time.
+        self.ips = Failures(per_ip, rate * per_ip / max(per_username, 1))
+
+    def check(self, username, ip):
+        wait = max(self.usernames.wait(username),
+                   self.ips.wait(ip) if ip else 0.0)
+        if wait > 0:
+            raise RateLimited(wait, 'too many failed logins, try later')
+
+    def failed(self, username, ip):
+        self.usernames.spend(username)
+        if ip:
+            self.ips.spend(ip)
+
+
+def _room_count(user_id):
+    return Membership.select().where(Membership.user == user_id).count()
+
+
+def check_room_quota(ctx, user_id):
+    """Raises Forbidden when ``user_id`` is already in ``rooms_per_user_max``
+    rooms. Called inside the write transaction that adds a room, so the
+    count and the new room are one step."""
+    limit = ctx.config.rooms_per_user_max
+    if _room_count(user_id) >= limit:
+        raise Forbidden(f'you are in {limit} rooms, the most allowed')
+
+
+class Limits:
+    """Every abuse limit of one process, built from the config."""
+
+    def __init__(self, config):
+        self.connections = Connections(config.max_connections_per_user,
+                                       config.max_connections_per_ip)
+        self.events = Limiter(config.event_rate_per_second,
+                              config.event_burst)
+        self.logins = LoginThrottle(config.login_failures_per_username,
+                                    config.login_failures_per_ip,
+                                    config.login_refill_per_minute)

@@ -1,0 +1,70 @@
+"""Bounded send queues: a client that stops reading must not grow the
+server's memory without bound.
+
+Engine.IO queues every outgoing packet per socket (``socket.queue``) and a
+writer task drains it into the websocket (or the next poll). When the
+client stops reading, the TCP buffers fill, the writer waits forever and
+the queue grows with every message sent to that user. ``bound_send_queues``
+wraps the Engine.IO server's ``send_packet``: once a socket has
+``max_packets`` waiting, further packets are dropped and the socket is cut
+off (its TCP connection aborted, so the blocked writer wakes up too). The
+client reconnects and catches up with ``sync``; nothing acked is lost.
+"""
+import asyncio
+import logging
+
+import engineio.async_drivers.aiohttp as eio_aiohttp
+
+log = logging.getLogger(__name__)
+
+
+class _TrackedWebSocket(eio_aiohttp.WebSocket):
+    """Remembers the TCP transport on the Engine.IO socket it serves, so a
+    stalled connection can be aborted."""
+
+    async def __call__(self, environ):
+        eio_socket = getattr(self.handler, '__self__', None)
+        if eio_socket is not None:
+            eio_socket.tcp_transport = environ['aiohttp.request'].transport
+        return await super().__call__(environ)
+
+
+def bound_send_queues(sio, max_packets: int, on_cut=None):
+    """Limit every socket of ``sio`` to ``max_packets`` queued packets;
+    ``on_cut(eio_sid)`` is called once for each socket cut off."""
+    eio = sio.eio
+    eio._async = dict(eio._async, websocket=_TrackedWebSocket)
+    send_packet = eio.send_packet
+
+    async def bounded_send_packet(eio_sid, pkt):
+        eio_socket = eio.sockets.get(eio_sid)
+        if eio_socket is not None and \
+                eio_socket.queue.qsize() >= max_packets:
+            if not getattr(eio_socket, 'cut_off', False):
+                eio_socket.cut_off = True
+                # Not awaited here: this runs inside an emit that is
+                # iterating over a room, and closing changes the rooms.
+                asyncio.ensure_future(_cut(eio_socket))
+                if on_cut is not None:
+                    on_cut(eio_sid)
+            return
+        await send_packet(eio_sid, pkt)
+
+    eio.send_packet = bounded_send_packet
+
+
+async def _cut(eio_socket):
+    log.warning('socket %s stopped reading (%s packets queued): '
+                'disconnecting', eio_socket.sid, eio_socket.queue.qsize())
+    transport = getattr(eio_socket, 'tcp_transport', None)
+    if transport is not None:
+        transport.abort()
+    try:
+        await eio_socket.close(wait=False, abort=True)
+    except Exception:  # already closing
+        log.debug('close of %s failed', eio_socket.sid, exc_info=True)
+    # Free the queued packets now rather than when the socket is reaped.
+    while not eio_socket.queue.empty():
+        eio_socket.queue.get_nowait()
+        eio_socket.queue.task_done()
+    eio_socket.queue.put_nowait(None)  # wakes a writer or poll to exit
