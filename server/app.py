@@ -22,10 +22,12 @@ from server.services import rooms
 from server.services.context import Context
 from server.services.limits import Limits
 from server.services.live import Presence, Typing
+from server.services.presence_redis import RedisPresence
 from server.store import Store, open_database
 from server.transport import http, socket as socket_transport
 from server.transport.backpressure import bound_send_queues
 from server.transport.realtime import Realtime
+from server.transport.redis_manager import RedisManager
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +35,30 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / 'client_demo'
 SIO = web.AppKey('sio', socketio.AsyncServer)
 SOCKETS = web.AppKey('sockets', object)
 CONFIG = web.AppKey('config', object)
+REDIS = web.AppKey('redis', object)
 
+# How long a closing websocket waits for the client's close frame.
+WS_CLOSE_SECONDS = 2.0
 # How long shutdown waits for in-flight events to be committed and acked.
 DRAIN_SECONDS = 20
 
 
-def _websocket_compression(enabled: bool):
+def _websocket_options(compress: bool):
     """Engine.IO's aiohttp driver builds ``WebSocketResponse`` with aiohttp's
-    default, which negotiates per-message deflate and compresses every
-    frame: for chat-sized frames that costs more CPU than it saves. The
-    driver has no option for it, so set the class it builds."""
+    defaults, which negotiate per-message deflate and compress every frame
+    (for chat-sized frames that costs more CPU than it saves) and wait 10 s
+    for a client to answer a close (which holds up a clean shutdown when a
+    client has gone silent). The driver has no options for these, so set
+    the class it builds."""
     eio_aiohttp.WebSocketResponse = functools.partial(
-        web.WebSocketResponse, compress=enabled)
+        web.WebSocketResponse, compress=compress, timeout=WS_CLOSE_SECONDS)
 
 
 def create_app(config) -> web.Application:
     """Build the aiohttp app with Socket.IO attached. The database, writer
     and background tasks start with the app (``cleanup_ctx``) and stop
     with it."""
-    _websocket_compression(config.websocket_compression)
+    _websocket_options(config.websocket_compression)
     metrics = Metrics()
     app = web.Application(middlewares=[http.metrics_middleware,
                                        http.errors_middleware],
@@ -66,8 +73,9 @@ def create_app(config) -> web.Application:
     ctx.metrics = metrics
     ctx.limits = Limits(config)
 
+    manager = _client_manager(config)
     sio = socketio.AsyncServer(
-        async_mode='aiohttp', json=fastjson,
+        async_mode='aiohttp', json=fastjson, client_manager=manager,
         cors_allowed_origins=list(config.cors_allowed_origins) or None,
         max_http_buffer_size=config.max_payload_bytes,
         ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
@@ -86,8 +94,12 @@ def create_app(config) -> web.Application:
         contacts = await rooms.contacts(ctx, user_id)
         await realtime.presence(user, online, last_seen, contacts)
 
-    ctx.presence = Presence(store, config.presence_grace_seconds,
-                            presence_changed)
+    if manager is None:
+        ctx.presence = Presence(store, config.presence_grace_seconds,
+                                presence_changed)
+    else:
+        ctx.presence = RedisPresence(store, config.presence_grace_seconds,
+                                     presence_changed, manager)
 
     app[CONFIG] = config
     app[http.CTX] = ctx
@@ -106,6 +118,9 @@ def create_app(config) -> web.Application:
     app[http.READY_CHECKS] = [
         ('database', lambda: store.read(store.ping)),
     ]
+    if manager is not None:
+        app[REDIS] = manager
+        app[http.READY_CHECKS].append(('redis', manager.ready))
     http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)
     _add_demo(app)
@@ -117,8 +132,31 @@ def create_app(config) -> web.Application:
         await store.close()
 
     app.cleanup_ctx.append(storage)
+    if manager is not None:
+        async def redis_fanout(app):
+            await manager.start()
+            ctx.presence.start()
+            yield
+            await ctx.presence.close()  # before Redis goes: its timers use it
+            await manager.close()
+
+        app.cleanup_ctx.append(redis_fanout)
     app.on_shutdown.append(_drain)
     return app
+
+
+def _client_manager(config):
+    """The Socket.IO client manager: in-process without Redis, our Redis
+    fan-out manager with it."""
+    if not config.redis_url:
+        return None
+    return RedisManager(
+        config.redis_url, config.redis_channel,
+        max_connections=config.redis_max_connections,
+        queue_max=config.redis_publish_queue_max,
+        heartbeat=config.redis_heartbeat_seconds,
+        socket_timeout=config.redis_timeout_seconds,
+        retry_max=config.redis_retry_max_seconds)
 
 
 def _add_demo(app):

@@ -25,6 +25,27 @@ class Config:
     database_url: str = ''
     # redis://, rediss:// or redis+sentinel://; empty means a single process.
     redis_url: str = ''
+    # Prefix of every Redis key and channel: processes that share it form
+    # one service, so two services can share one Redis.
+    redis_channel: str = 'postbox'
+    # Connections per process for publishing and bookkeeping: one sender
+    # pipelines every publish, so a few suffice; an unbounded pool is what
+    # opens thousands of connections under load.
+    redis_max_connections: int = 4
+    # Messages waiting for Redis beyond this are dropped and counted, not
+    # buffered without bound while Redis is slow or down; clients that
+    # follow `sync` still get every stored message.
+    redis_publish_queue_max: int = 10000
+    # Liveness heartbeat; a process is dead after 3 missed beats, so a
+    # crashed process's users go offline within about 15 s.
+    redis_heartbeat_seconds: float = 5.0
+    # Cap of the listener's reconnect backoff: short, so cross-process
+    # delivery resumes within seconds of Redis coming back.
+    redis_retry_max_seconds: float = 2.0
+    # Redis connect/command timeout: a hung Redis must not hold up sends.
+    redis_timeout_seconds: float = 5.0
+    # Processes serving one port (SO_REUSEPORT); more than one needs Redis.
+    workers: int = 1
     # JWT signing key (HS256). Empty: generated once and kept in data_dir.
     secret: str = ''
     # Tokens live a week: long enough for mobile clients that reconnect for

@@ -1,13 +1,31 @@
+import os
+
 import pytest
 
-from tests.helpers import ServerProcess
+from tests.helpers import NO_RATE_LIMITS, ServerProcess
 
 
 @pytest.fixture(scope='session')
-def server(tmp_path_factory):
-    """One real Postbox process (SQLite) shared by the tests of a session;
-    tests keep apart by registering users of their own."""
-    proc = ServerProcess(tmp_path_factory.mktemp('postbox'))
+def database_env():
+    """Returns a function giving the env of a fresh database: SQLite in
+    the data dir by default, a database in a throwaway PostgreSQL cluster
+    with POSTBOX_TEST_DB=postgres (tests/run.sh runs the core suite both
+    ways)."""
+    if os.environ.get('POSTBOX_TEST_DB') != 'postgres':
+        yield dict
+        return
+    from tests.pg import PostgresCluster
+    cluster = PostgresCluster().start()
+    yield lambda: {'POSTBOX_DATABASE_URL': cluster.create_database()}
+    cluster.stop()
+
+
+@pytest.fixture(scope='session')
+def server(tmp_path_factory, database_env):
+    """One real Postbox process shared by the tests of a session; tests
+    keep apart by registering users of their own."""
+    proc = ServerProcess(tmp_path_factory.mktemp('postbox'),
+                         env=database_env())
     proc.start()
     yield proc
     assert proc.stop() == 0, proc.read_log()
@@ -19,12 +37,11 @@ def base(server):
 
 
 @pytest.fixture(scope='session')
-def loaded(tmp_path_factory):
-    """A server without the per-user send rate limit, for load-shaped
-    tests (many sends from one user)."""
-    proc = ServerProcess(tmp_path_factory.mktemp('postbox-loaded'), env={
-        'POSTBOX_SEND_RATE_PER_SECOND': '100000',
-        'POSTBOX_SEND_BURST': '100000'})
+def loaded(tmp_path_factory, database_env):
+    """A server without per-user rate limits, for load-shaped tests (many
+    events from one user)."""
+    proc = ServerProcess(tmp_path_factory.mktemp('postbox-loaded'),
+                         env={**NO_RATE_LIMITS, **database_env()})
     proc.start()
     yield proc
     assert proc.stop() == 0, proc.read_log()

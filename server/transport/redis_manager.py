@@ -1,0 +1,364 @@
+"""Socket.IO client manager that spreads emits across processes through
+Redis, publishing only to the processes that hold a recipient.
+
+python-socketio's stock ``AsyncRedisManager`` publishes every emit on one
+channel that every process decodes, opens a new pooled connection whenever
+one is busy (thousands under load), and awaits each publish inline with no
+bound on what piles up while Redis is slow. This manager instead:
+
+- delivers to local sockets at once, then hands the message to a single
+  sender task through a bounded queue; the sender pipelines whatever is
+  queued over one connection (a full queue drops and counts: clients that
+  follow ``sync`` still get every stored message);
+- keeps, for every Socket.IO room entered on this process (``user:<id>``,
+  ``room:<id>``), this process's id in a Redis set ``<channel>:room:<ns>:<room>``;
+  a Lua script looks up the target rooms' sets and publishes to the channels
+  of the live processes in them only, so a message whose recipients are all
+  local reaches no other process;
+- proves each process alive with a key that expires (``<channel>:alive:<id>``)
+  refreshed by a heartbeat, so a crashed process is dropped from the sets by
+  itself and nobody publishes to it for long;
+- reconnects its listener by itself and re-registers its rooms whenever it
+  (re)connects or finds its liveness key gone (Redis restarted empty).
+
+URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://``
+with the same syntax python-socketio accepts.
+"""
+import asyncio
+import logging
+import time
+from urllib.parse import urlparse
+
+from redis import asyncio as aioredis
+from socketio.async_pubsub_manager import AsyncPubSubManager
+from socketio.async_manager import AsyncManager
+from socketio.packet import Packet
+from socketio.redis_manager import parse_redis_sentinel_url
+
+log = logging.getLogger(__name__)
+
+# KEYS: the room sets of the targets. ARGV: own id, host channel prefix,
+# liveness key prefix, payload. Publishes once per live process found in
+# any set (never to ourselves) and removes dead processes from the sets.
+PUBLISH_SCRIPT = """
+local me, chan, alive_prefix, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local alive = {}
+local n = 0
+for _, key in ipairs(KEYS) do
+  for _, host in ipairs(redis.call('SMEMBERS', key)) do
+    if host ~= me then
+      local live = alive[host]
+      if live == nil then
+        live = redis.call('EXISTS', alive_prefix .. host) == 1
+        alive[host] = live
+        if live then
+          redis.call('PUBLISH', chan .. host, payload)
+          n = n + 1
+        end
+      end
+      if not live then
+        redis.call('SREM', key, host)
+      end
+    end
+  end
+end
+return n
+"""
+
+
+class RedisManager(AsyncPubSubManager):
+    """Client manager for ``socketio.AsyncServer(client_manager=...)``.
+
+    Counters for metrics: ``published`` (messages handed to Redis),
+    ``publish_failures`` (messages dropped: Redis down or queue full),
+    ``listen_failures`` (listener connections lost). ``listening`` is True
+    while the pub/sub listener is subscribed."""
+
+    name = 'postbox-redis'
+
+    def __init__(self, url, channel='postbox', *, max_connections=4,
+                 queue_max=10000, heartbeat=5.0, socket_timeout=5.0,
+                 retry_max=2.0):
+        super().__init__(channel=channel)
+        self.url = url
+        self.heartbeat = heartbeat
+        self.retry_max = retry_max
+        self.queue_max = queue_max
+        self.host_channel_prefix = f'{channel}:host:'
+        self.alive_prefix = f'{channel}:alive:'
+        self.host_channel = self.host_channel_prefix + self.host_id
+        self.alive_key = self.alive_prefix + self.host_id
+        options = dict(socket_connect_timeout=socket_timeout,
+                       socket_keepalive=True)
+        # Commands (publish, room sets, heartbeat) share a small bounded
+        # pool: the sender task needs one connection, the rest is for the
+        # occasional room change. The listener gets its own client without
+        # a read timeout, since a quiet channel is not an error.
+        self.redis = _client(url, channel, max_connections=max_connections,
+                             socket_timeout=socket_timeout, **options)
+        self._sub_redis = _client(url, channel, max_connections=2, **options)
+        self._script = self.redis.register_script(PUBLISH_SCRIPT)
+        self._queue = asyncio.Queue(queue_max)
+        self._register_lock = asyncio.Lock()
+        self._tasks = []
+        self._down_since = None
+        self._last_log = 0.0
+        self.on_register = []  # async callables run after a re-registration
+        self.listening = False
+        self.published = 0
+        self.publish_failures = 0
+        self.listen_failures = 0
+
+    # -- life cycle ----------------------------------------------------
+
+    def initialize(self):
+        """Called by the server before its first request. The background
+        tasks are started by ``start()`` instead, with the app, so that
+        readiness does not wait for a first client."""
+        AsyncManager.initialize(self)
+
+    async def start(self):
+        """Start the listener, the sender and the heartbeat."""
+        self.thread = asyncio.create_task(self._thread())
+        self._tasks = [self.thread,
+                       asyncio.create_task(self._send_loop()),
+                       asyncio.create_task(self._heartbeat_loop())]
+
+    async def close(self):
+        """Stop the tasks and withdraw this process from Redis, so other
+        processes stop publishing to it at once."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for key in self._room_keys():
+                    pipe.srem(key, self.host_id)
+                pipe.delete(self.alive_key)
+                await pipe.execute()
+        except Exception as exc:
+            log.info('could not withdraw from redis: %s', exc)
+        for client in (self.redis, self._sub_redis):
+            try:
+                await client.aclose()
+            except Exception:
+                pass
+
+    async def ready(self) -> bool:
+        """True if Redis answers and the listener is subscribed."""
+        async with asyncio.timeout(2):
+            await self.redis.ping()
+        return self.listening
+
+    # -- emitting ------------------------------------------------------
+
+    async def emit(self, event, data, namespace=None, room=None,
+                   skip_sid=None, callback=None, to=None, **kwargs):
+        """Deliver to this process's sockets now; queue the message for
+        the processes that hold the other recipients."""
+        room = to or room
+        namespace = namespace or '/'
+        if kwargs.get('ignore_queue') or callback is not None or \
+                Packet.data_is_binary([data]):
+            # Rare paths (acks across processes, binary payloads): the
+            # stock broadcast handling, published through our queue.
+            return await super().emit(event, data, namespace=namespace,
+                                      room=room, skip_sid=skip_sid,
+                                      callback=callback, **kwargs)
+        await AsyncManager.emit(self, event, data, namespace, room=room,
+                                skip_sid=skip_sid)
+        if room is None:
+            keys = None  # everyone: every process
+        else:
+            rooms = room if isinstance(room, list) else [room]
+            # A sid of this process is a room no other process has.
+            keys = [self._room_key(namespace, r) for r in rooms
+                    if not self.is_sid_room(namespace, r)]
+            if not keys:
+                return
+        message = {'method': 'emit', 'event': event,
+                   'data': list(data) if isinstance(data, tuple) else [data],
+                   'binary': False, 'namespace': namespace, 'room': room,
+                   'skip_sid': skip_sid, 'callback': None,
+                   'host_id': self.host_id}
+        self._enqueue(keys, message)
+
+    async def _publish(self, data):
+        """Used by the base class for disconnects, callbacks and binary
+        emits: every process gets them."""
+        self._enqueue(None, data)
+
+    def _enqueue(self, keys, message):
+        try:
+            self._queue.put_nowait((keys, self.json.dumps(message)))
+        except asyncio.QueueFull:
+            self.publish_failures += 1
+            self._trouble('publish queue full (%s): dropping', self.queue_max)
+
+    async def _send_loop(self):
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 512:
+                batch.append(self._queue.get_nowait())
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for keys, payload in batch:
+                    if keys is None:
+                        pipe.publish(self.channel, payload)
+                    else:
+                        await self._script(keys=keys, args=[
+                            self.host_id, self.host_channel_prefix,
+                            self.alive_prefix, payload], client=pipe)
+                await pipe.execute()
+                self.published += len(batch)
+                self._recovered()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.publish_failures += len(batch)
+                self._trouble('redis publish failed, %s messages not sent '
+                              'to other processes: %s', len(batch), exc)
+
+    # -- rooms ---------------------------------------------------------
+
+    def _room_key(self, namespace, room):
+        return f'{self.channel}:room:{namespace}:{room}'
+
+    def _local_rooms(self):
+        for namespace, rooms in list(self.rooms.items()):
+            for room in list(rooms):
+                if room is not None and \
+                        not self.is_sid_room(namespace, room):
+                    yield namespace, room
+
+    def _room_keys(self):
+        return [self._room_key(ns, r) for ns, r in self._local_rooms()]
+
+    async def enter_room(self, sid, namespace, room, eio_sid=None):
+        """Enter locally; the first local member registers this process
+        in the room's set before the caller goes on, so a message sent
+        right after reaches it."""
+        namespace = namespace or '/'
+        new = room not in self.rooms.get(namespace, {})
+        await super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+        if new and room != sid and room in self.rooms.get(namespace, {}):
+            await self._sync_room(namespace, room)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        if room is not None and room != sid and \
+                room not in self.rooms.get(namespace, {}):
+            asyncio.get_running_loop().create_task(
+                self._sync_room(namespace, room))
+
+    async def _sync_room(self, namespace, room):
+        """Make Redis agree with the local state of one room. Decided
+        under the lock, at the time the command goes out, so a leave and
+        a re-enter racing each other end in the right state."""
+        async with self._register_lock:
+            key = self._room_key(namespace, room)
+            try:
+                if room in self.rooms.get(namespace, {}):
+                    await self.redis.sadd(key, self.host_id)
+                else:
+                    await self.redis.srem(key, self.host_id)
+            except Exception as exc:
+                # The heartbeat re-registers everything once Redis is back.
+                self._trouble('redis room update failed: %s', exc)
+
+    async def _register_all(self):
+        """Announce this process alive and in every room it holds."""
+        async with self._register_lock:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self.alive_key, 1, ex=self._ttl)
+            for key in self._room_keys():
+                pipe.sadd(key, self.host_id)
+            await pipe.execute()
+        for hook in self.on_register:
+            await hook()
+
+    @property
+    def _ttl(self):
+        return max(1, int(self.heartbeat * 3))
+
+    async def _heartbeat_loop(self):
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            try:
+                # NX: the key is missing only if Redis lost it (restart,
+                # or we were away past the TTL): then register everything.
+                if await self.redis.set(self.alive_key, 1, ex=self._ttl,
+                                        nx=True):
+                    log.info('redis lost our registration: registering again')
+                    await self._register_all()
+                else:
+                    await self.redis.expire(self.alive_key, self._ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._trouble('redis heartbeat failed: %s', exc)
+
+    # -- listening -----------------------------------------------------
+
+    async def _listen(self):
+        """Yield messages from the broadcast and host channels forever,
+        reconnecting with a capped backoff."""
+        delay = 0.1
+        while True:
+            pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel, self.host_channel)
+                await self._register_all()
+                self.listening = True
+                delay = 0.1
+                self._recovered()
+                async for message in pubsub.listen():
+                    if message.get('type') == 'message':
+                        yield message['data']
+                raise ConnectionError('subscription ended')
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.listen_failures += 1
+                self._trouble('redis listener lost (%s), reconnecting in '
+                              '%.1fs', exc, delay)
+            finally:
+                self.listening = False
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max)
+
+    # -- trouble reporting ---------------------------------------------
+
+    def _trouble(self, msg, *args):
+        # One warning when trouble starts, then at most one every 10 s, so
+        # an outage does not flood the log at the message rate.
+        now = time.monotonic()
+        if self._down_since is None or now - self._last_log >= 10:
+            log.warning(msg, *args)
+            self._last_log = now
+        if self._down_since is None:
+            self._down_since = now
+
+    def _recovered(self):
+        if self._down_since is not None:
+            log.warning('redis is back after %.1fs',
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+
+def _client(url, channel, **options):
+    """A redis.asyncio client for ``url``; Sentinel URLs go through
+    python-socketio's own parser so they mean the same thing."""
+    if urlparse(url).scheme in ('redis+sentinel', 'valkey+sentinel'):
+        sentinels, service, kwargs = parse_redis_sentinel_url(url)
+        options.pop('max_connections', None)
+        sentinel = aioredis.sentinel.Sentinel(sentinels, **kwargs, **options)
+        return sentinel.master_for(service or channel)
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=10,
+                                                    **options)
+    return aioredis.Redis(connection_pool=pool)

@@ -1,0 +1,257 @@
+"""Several Postbox processes joined by a real redis-server, sharing one
+SQLite file: users on different processes talk as if there were one."""
+import asyncio
+import signal
+
+import pytest
+
+from tests.helpers import connect, http, register
+from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
+                             stop_servers)
+
+
+@pytest.fixture(scope='module')
+def redis(tmp_path_factory):
+    proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory, redis):
+    """Three processes, one SQLite file, one Redis."""
+    servers = start_servers(tmp_path_factory.mktemp('cluster'), 3, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV})
+    yield servers
+    assert stop_servers(servers) == [0, 0, 0], \
+        [s.read_log() for s in servers]
+
+
+async def wait_ready(server, ready=True, timeout=20):
+    """Poll /readyz until it says ``ready``; returns its body."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status, body = await http(server.url, 'GET', '/readyz')
+        if (status == 200) == ready:
+            return body
+        assert loop.time() < deadline, (status, body)
+        await asyncio.sleep(0.1)
+
+
+async def test_ready_reports_redis(cluster):
+    for server in cluster:
+        body = await wait_ready(server)
+        assert body['checks']['redis'] is True
+
+
+async def test_dm_between_processes(cluster):
+    p1, p2, _ = cluster
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p2.url)
+    a = await connect(p1.url, ta)
+    b = await connect(p2.url, tb)
+    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'hi bob',
+                                   'client_msg_id': 'c1'})
+    assert ack['ok'], ack
+    room = await b.next('room')
+    assert room['id'] == ack['message']['room_id']
+    got = await b.next('message')
+    assert got['body'] == 'hi bob' and got['sender']['id'] == alice['id']
+    reply = await b.call('send_dm', {'room_id': room['id'], 'body': 'hey',
+                                     'client_msg_id': 'c2'})
+    assert reply['ok']
+    got = await a.next('message', where=lambda m: m['body'] == 'hey')
+    assert got['seq'] == 2
+    # Each message arrives once, not once per process.
+    await a.nothing('message', 0.3, where=lambda m: m['body'] == 'hey')
+    await b.nothing('message', 0.3, where=lambda m: m['body'] == 'hi bob')
+    await a.close()
+    await b.close()
+
+
+async def test_user_on_two_processes_gets_every_message_on_both(cluster):
+    p1, p2, p3 = cluster
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p1.url)
+    a = await connect(p1.url, ta)
+    b_here = await connect(p2.url, tb)
+    b_there = await connect(p3.url, tb)
+    a_other = await connect(p3.url, ta)
+    for i in range(5):
+        ack = await a.call('send_dm', {'to': bob['username'], 'body': f'm{i}',
+                                       'client_msg_id': f'k{i}'})
+        assert ack['ok']
+    for client in (b_here, b_there, a_other):
+        bodies = [(await client.next('message'))['body'] for _ in range(5)]
+        assert bodies == [f'm{i}' for i in range(5)]
+        await client.nothing('message', 0.2)
+    for client in (a, b_here, b_there, a_other):
+        await client.close()
+
+
+async def test_group_typing_and_read_markers_between_processes(cluster):
+    p1, p2, p3 = cluster
+    (alice, ta), (bob, tb), (carol, tc) = [await register(p1.url)
+                                           for _ in range(3)]
+    a = await connect(p1.url, ta)
+    b = await connect(p2.url, tb)
+    c = await connect(p3.url, tc)
+    ack = await a.call('create_group', {
+        'name': 'trio', 'members': [bob['username'], carol['username']]})
+    assert ack['ok'], ack
+    room = ack['room']
+    assert (await b.next('room'))['id'] == room['id']
+    assert (await c.next('room'))['id'] == room['id']
+    for client in (a, b, c):
+        assert (await client.call('join_room', {'room_id': room['id']}))['ok']
+    await a.call('typing', {'room_id': room['id'], 'typing': True})
+    for client in (b, c):
+        got = await client.next('typing')
+        assert got == {'room_id': room['id'], 'user': alice,
+                       'typing': True}
+    sent = await a.call('send_dm', {'room_id': room['id'], 'body': 'all',
+                                    'client_msg_id': 'g1'})
+    for client in (b, c):
+        assert (await client.next('message'))['id'] == sent['message']['id']
+        assert (await client.next('typing'))['typing'] is False
+    ack = await c.call('mark_read', {'room_id': room['id'], 'seq': 1})
+    assert ack['ok'] and ack['unread'] == 0
+    for client in (a, b):
+        got = await client.next('read')
+        assert got == {'room_id': room['id'], 'user_id': carol['id'],
+                       'seq': 1}
+    # After leave_room, bob's process stops getting the room's typing.
+    await b.call('leave_room', {'room_id': room['id']})
+    await c.call('typing', {'room_id': room['id'], 'typing': True})
+    assert (await a.next('typing'))['user']['id'] == carol['id']
+    await b.nothing('typing', 0.3)
+    for client in (a, b, c):
+        await client.close()
+
+
+async def test_presence_between_processes(cluster):
+    p1, p2, p3 = cluster
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p1.url)
+    a = await connect(p1.url, ta)
+    ack = await a.call('open_dm', {'username': bob['username']})
+    assert ack['ok']
+    b = await connect(p2.url, tb)
+    got = await a.next('presence', where=lambda p: p['user']['id'] == bob['id'])
+    assert got['online'] is True
+    ask = await a.call('presence', {'usernames': [bob['username']]})
+    assert ask['presence'][bob['username']]['online'] is True
+    # A second socket on another process, then the first one goes: still
+    # online, no flap.
+    b2 = await connect(p3.url, tb)
+    await b.close()
+    await a.nothing('presence', 1.5,
+                    where=lambda p: p['user']['id'] == bob['id'])
+    ask = await p_presence(p3, ta, bob)
+    assert ask['online'] is True
+    # The last socket goes: offline after the grace period, seen everywhere.
+    await b2.close()
+    got = await a.next('presence', 10,
+                       where=lambda p: p['user']['id'] == bob['id'])
+    assert got['online'] is False and got['last_seen']
+    for server in cluster:
+        status = await p_presence(server, ta, bob)
+        assert status == {'online': False, 'last_seen': got['last_seen']}
+    await a.close()
+
+
+async def p_presence(server, token, user):
+    client = await connect(server.url, token)
+    ack = await client.call('presence', {'usernames': [user['username']]})
+    await client.close()
+    assert ack['ok'], ack
+    return ack['presence'][user['username']]
+
+
+async def test_crashed_process_users_go_offline(tmp_path, redis, cluster):
+    p1 = cluster[0]
+    [doomed] = start_servers(tmp_path, 1, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_DATABASE_URL': p1.env.get(
+            'POSTBOX_DATABASE_URL',
+            'sqlite:///' + str(p1.data_dir / 'postbox.db'))})
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p1.url)
+    a = await connect(p1.url, ta)
+    await a.call('open_dm', {'username': bob['username']})
+    b = await connect(doomed.url, tb)
+    assert (await a.next('presence'))['online'] is True
+    doomed.stop(signal.SIGKILL)
+    got = await a.next('presence', 15,
+                       where=lambda p: p['user']['id'] == bob['id'])
+    assert got['online'] is False
+    assert (await p_presence(p1, ta, bob))['online'] is False
+    await b.sio.disconnect()
+    await a.close()
+
+
+async def test_redis_outage_loses_nothing_and_recovers(tmp_path_factory):
+    redis = RedisProcess(tmp_path_factory.mktemp('redis-outage')).start()
+    p1, p2 = start_servers(tmp_path_factory.mktemp('outage'), 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_SEND_RATE_PER_SECOND': '100000',
+        'POSTBOX_SEND_BURST': '100000'})
+    try:
+        alice, ta = await register(p1.url)
+        bob, tb = await register(p2.url)
+        a = await connect(p1.url, ta)
+        a_local = await connect(p1.url, ta)
+        b = await connect(p2.url, tb)
+        first = await a.call('send_dm', {'to': bob['username'], 'body': 'm0',
+                                         'client_msg_id': 'o0'})
+        room_id = first['message']['room_id']
+        assert (await b.next('message'))['body'] == 'm0'
+
+        # Traffic runs while Redis stops.
+        async def traffic(start, count):
+            acks = []
+            for i in range(start, start + count):
+                acks.append(await a.call('send_dm', {
+                    'room_id': room_id, 'body': f'm{i}',
+                    'client_msg_id': f'o{i}'}))
+            return acks
+
+        sending = asyncio.create_task(traffic(1, 30))
+        redis.stop()
+        acks = await sending
+        acks += await traffic(31, 10)  # surely while Redis is down
+        assert [ack for ack in acks if not ack['ok']] == []
+        for server in (p1, p2):
+            body = await wait_ready(server, ready=False)
+            assert body['checks'] == {**body['checks'], 'redis': False,
+                                      'database': True}
+        # Local delivery goes on: alice's other socket on p1 got them all.
+        bodies = [(await a_local.next('message'))['body'] for _ in range(41)]
+        assert bodies == [f'm{i}' for i in range(41)]
+
+        redis.start()
+        for server in (p1, p2):
+            await wait_ready(server)
+        # Bob, following sync, has every acked message.
+        synced = await b.call('sync', {'rooms': {str(room_id): 0}})
+        assert synced['ok'] and not synced['has_more']
+        seqs = [e['seq'] for e in synced['events']
+                if e['room_id'] == room_id]
+        assert seqs == list(range(1, 42))
+        # Cross-process delivery is back without any restart.
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': 'back',
+                                       'client_msg_id': 'o-back'})
+        got = await b.next('message', where=lambda m: m['body'] == 'back')
+        assert got['seq'] == ack['message']['seq'] == 42
+        reply = await b.call('send_dm', {'room_id': room_id, 'body': 'yes',
+                                         'client_msg_id': 'o-yes'})
+        assert reply['ok']
+        assert (await a.next('message',
+                             where=lambda m: m['body'] == 'yes'))['seq'] == 43
+        for client in (a, a_local, b):
+            await client.close()
+    finally:
+        codes = stop_servers([p1, p2])
+        redis.stop()
+    assert codes == [0, 0]
