@@ -16,6 +16,11 @@ import socketio
 
 ROOT = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
+# Server settings for load-shaped tests: many events from one user.
+NO_RATE_LIMITS = {'POSTBOX_SEND_RATE_PER_SECOND': '1000000',
+                  'POSTBOX_SEND_BURST': '1000000',
+                  'POSTBOX_EVENT_RATE_PER_SECOND': '1000000',
+                  'POSTBOX_EVENT_BURST': '1000000'}
 
 
 def free_port() -> int:
@@ -88,6 +93,12 @@ class ServerProcess:
 
     def kill(self) -> int:
         return self.stop(signal.SIGKILL)
+
+    async def astop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        """``stop`` without blocking the event loop, so that clients in the
+        same loop can answer the server's goodbye."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.stop, sig, timeout)
 
 
 async def http(base, method, path, token=None, json=None, **kwargs):
