@@ -1,0 +1,318 @@
+"""The bot SDK and the example bots against a real server: a bot account made
+with POST /api/bots, the echo and remind bots answering a real user's dms,
+catching up exactly once after a stop or a dropped connection, resuming from
+the state file, and the webhook script posting over HTTP."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from client_demo.bot import Bot, BotError, LoginFailed
+from client_demo.bot import echo_bot, remind_bot
+from tests.helpers import ROOT, connect, http, register, unique_name
+
+
+async def make_bot(base, owner_token):
+    """A bot account owned by a fresh user; returns (bot user, token)."""
+    status, data = await http(base, 'POST', '/api/bots', owner_token,
+                              json={'username': unique_name('bot')})
+    assert status == 201, data
+    assert data['user']['is_bot'] is True
+    return data['user'], data['token']
+
+
+async def dm(client, body, to=None, room_id=None):
+    """Send a dm from a test client; returns the stored message."""
+    target = {'to': to} if to else {'room_id': room_id}
+    ack = await client.call('send_dm', {**target, 'body': body,
+                                        'client_msg_id': str(uuid.uuid4())})
+    assert ack['ok'], ack
+    return ack['message']
+
+
+def from_user(user_id):
+    return lambda m: m['sender']['id'] == user_id
+
+
+class Recorder:
+    """Attach to a Bot: every message handled, in order, on a queue."""
+
+    def __init__(self, bot):
+        self.seen = []
+        self.queue = asyncio.Queue()
+
+        @bot.on_message
+        async def record(message):
+            self.seen.append(message['id'])
+            self.queue.put_nowait(message)
+
+    async def until(self, message_id, timeout=10):
+        """Wait until the message ``message_id`` has been handled."""
+        while True:
+            message = await asyncio.wait_for(self.queue.get(), timeout)
+            if message['id'] == message_id:
+                return
+
+
+async def test_echo_bot_answers_a_dm(base):
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    bot = echo_bot.setup(Bot(base, token))
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        sent = await dm(client, 'hello echo', to=bot_user['username'])
+        echo = await client.next('message', where=from_user(bot_user['id']))
+        assert echo['body'] == 'hello echo'
+        assert echo['reply_to'] == sent['id']
+        assert echo['sender']['is_bot'] is True
+        # The bot ignores its own echo: the next thing it says answers the
+        # next message, not its own previous one.
+        second = await dm(client, 'second', room_id=sent['room_id'])
+        echo2 = await client.next('message', where=from_user(bot_user['id']))
+        assert (echo2['body'], echo2['reply_to']) == ('second', second['id'])
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_remind_bot_replies_later(base):
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    bot = remind_bot.setup(Bot(base, token))
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        ask = await dm(client, 'remind me in 2 seconds ping',
+                       to=bot_user['username'])
+        ok = await client.next('message', where=from_user(bot_user['id']))
+        assert ok['body'] == 'OK, I will remind you in 2 seconds.'
+        # While that reminder waits the bot keeps answering.
+        await dm(client, 'what can you do', room_id=ask['room_id'])
+        help_ = await client.next('message', where=from_user(bot_user['id']))
+        assert help_['body'] == remind_bot.HELP
+        reminder = await client.next('message', timeout=15,
+                                     where=from_user(bot_user['id']))
+        assert reminder['body'] == 'Reminder: ping'
+        assert reminder['reply_to'] == ask['id']
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_restarted_bot_handles_each_missed_message_once(base, tmp_path):
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    state = tmp_path / 'bot-state.json'
+    bot = Bot(base, token, state_path=state)
+    first = Recorder(bot)
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        before = await dm(client, 'before the stop', to=bot_user['username'])
+        await first.until(before['id'])
+        await bot.stop()
+        saved = json.loads(state.read_text())
+        assert saved['seqs'][str(before['room_id'])] == before['seq']
+
+        missed = [await dm(client, f'missed {i}', room_id=before['room_id'])
+                  for i in range(7)]
+        edited = await client.call('edit_message', {
+            'message_id': missed[2]['id'], 'body': 'missed 2, edited'})
+        assert edited['ok'], edited
+
+        # A new process would build a new Bot from the same state file.
+        bot = Bot(base, token, state_path=state)
+        second = Recorder(bot)
+        updates = []
+        bot.on('message_updated')(updates.append)
+        await bot.start(timeout=10)
+        after = await dm(client, 'after the restart', room_id=before['room_id'])
+        await second.until(after['id'])
+        # Every missed message exactly once, in order, then the live one;
+        # nothing from before the stop again.
+        assert second.seen == [m['id'] for m in missed] + [after['id']]
+        assert [(u['id'], u['body']) for u in updates] == [
+            (missed[2]['id'], 'missed 2, edited')]
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_dropped_connection_catches_up_exactly_once(base):
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    bot = Bot(base, token, backoff=0.5)
+    seen = Recorder(bot)
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        first = await dm(client, 'first', to=bot_user['username'])
+        await seen.until(first['id'])
+        # Drop the bot's socket; the SDK reconnects by itself and catches up
+        # whatever was sent in between.
+        await bot.sio.disconnect()
+        missed = [await dm(client, f'while away {i}', room_id=first['room_id'])
+                  for i in range(5)]
+        last = await dm(client, 'last', room_id=first['room_id'])
+        await seen.until(last['id'], timeout=20)
+        assert seen.seen == [first['id']] + [m['id'] for m in missed] + [
+            last['id']]
+        assert bot.connects == 2
+        # Sending still works on the new connection, and is idempotent.
+        reply = await bot.send(room_id=first['room_id'], body='back',
+                               client_msg_id='bot-back-1')
+        again = await bot.send(room_id=first['room_id'], body='back',
+                               client_msg_id='bot-back-1')
+        assert again['id'] == reply['id']
+        got = await client.next('message', where=from_user(bot_user['id']))
+        assert got['id'] == reply['id']
+        await client.nothing('message', where=from_user(bot_user['id']))
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_login_with_password_and_errors(base):
+    user, _ = await register(base, password='bot password 1')
+    bot = Bot(base, username=user['username'], password='bot password 1')
+    await bot.start(timeout=10)
+    try:
+        assert bot.user['id'] == user['id']
+        with pytest.raises(BotError) as refused:
+            await bot.send(to='nobody_' + uuid.uuid4().hex[:8], body='hi')
+        assert refused.value.code == 'not_found'
+    finally:
+        await bot.stop()
+
+    wrong = Bot(base, username=user['username'], password='not the password')
+    with pytest.raises(LoginFailed):
+        await wrong.start(timeout=10)
+    bad_token = Bot(base, 'not-a-token')
+    with pytest.raises(BotError) as refused:
+        await bad_token.start(timeout=10)
+    assert refused.value.code == 'unauthorized'
+
+
+def run_script(module, *args, env=None, input=None):
+    return subprocess.run(
+        [sys.executable, '-m', module, *args], cwd=ROOT, input=input,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, **(env or {})})
+
+
+async def test_webhook_post_is_delivered_live(base):
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        hello = await dm(client, 'notify me here', to=bot_user['username'])
+        done = await asyncio.to_thread(
+            run_script, 'client_demo.bot.webhook_post', '--url', base,
+            '--room', str(hello['room_id']), '--body', 'build 841 passed',
+            env={'POSTBOX_TOKEN': token})
+        assert done.returncode == 0, done.stderr
+        posted = json.loads(done.stdout)
+        got = await client.next('message', where=from_user(bot_user['id']))
+        assert got['id'] == posted['id']
+        assert got['body'] == 'build 841 passed'
+
+        # --to finds the dm, the body comes from stdin, and a retry with the
+        # same client_msg_id posts nothing twice.
+        for _ in range(2):
+            done = await asyncio.to_thread(
+                run_script, 'client_demo.bot.webhook_post', '--to',
+                alice['username'], '--client-msg-id', 'deploy-17',
+                env={'POSTBOX_URL': base, 'POSTBOX_TOKEN': token},
+                input='deploy done\n')
+            assert done.returncode == 0, done.stderr
+        got = await client.next('message', where=from_user(bot_user['id']))
+        assert got['body'] == 'deploy done'
+        await client.nothing('message', where=from_user(bot_user['id']))
+
+        done = await asyncio.to_thread(
+            run_script, 'client_demo.bot.webhook_post', '--url', base,
+            '--token', 'bad', '--room', str(hello['room_id']), '--body', 'x')
+        assert done.returncode == 1
+        assert 'unauthorized' in done.stderr
+    finally:
+        await client.close()
+
+
+class ScriptBot:
+    """An example bot run as ``python -m ...`` with ``-v``; its log lines
+    are collected so a test can wait for "caught up"."""
+
+    def __init__(self, module, env):
+        self.module = module
+        self.env = env
+        self.lines = []
+        self.caught_up = asyncio.Queue()
+
+    async def start(self):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, '-m', self.module, '-v', cwd=ROOT, env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            line = line.decode(errors='replace')
+            self.lines.append(line)
+            if 'caught up' in line:
+                self.caught_up.put_nowait(line)
+
+    async def ready(self, timeout=20):
+        await asyncio.wait_for(self.caught_up.get(), timeout)
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        await self.reader
+        return code
+
+    def output(self) -> str:
+        return ''.join(self.lines)
+
+
+async def test_echo_bot_runs_as_a_script(base, tmp_path):
+    """``python -m client_demo.bot.echo_bot`` configured by environment
+    answers a dm, stops cleanly on SIGTERM, and once restarted answers what
+    came in while it was down."""
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    env = {**os.environ, 'POSTBOX_URL': base, 'POSTBOX_TOKEN': token,
+           'POSTBOX_STATE': str(tmp_path / 'echo.json')}
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    script = await ScriptBot('client_demo.bot.echo_bot', env).start()
+    try:
+        # A bot's first start begins at the present (skip_history).
+        await script.ready()
+        sent = await dm(client, 'ping script', to=bot_user['username'])
+        echo = await client.next('message', timeout=20,
+                                 where=from_user(bot_user['id']))
+        assert (echo['body'], echo['reply_to']) == ('ping script', sent['id'])
+        assert await script.stop() == 0, script.output()
+
+        while_down = await dm(client, 'while down', room_id=sent['room_id'])
+        script = await ScriptBot('client_demo.bot.echo_bot', env).start()
+        echo = await client.next('message', timeout=20,
+                                 where=from_user(bot_user['id']))
+        assert (echo['body'], echo['reply_to']) == ('while down',
+                                                    while_down['id'])
+    finally:
+        await client.close()
+        code = await script.stop()
+    assert code == 0, script.output()
