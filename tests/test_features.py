@@ -1,0 +1,157 @@
+"""Edits, deletes, reactions, replies, blocking and presence."""
+from tests.helpers import connect, register, unique_name
+from tests.test_core import pair
+
+
+async def send(client, room, body, cmid=None, **extra):
+    ack = await client.call('send_dm', {'room_id': room['id'], 'body': body,
+                                        'client_msg_id': cmid or unique_name(
+                                            'c'), **extra})
+    assert ack['ok'], ack
+    return ack['message']
+
+
+async def test_edit_delete_and_their_seqs(base):
+    alice, bob, a, b, room = await pair(base)
+    first = await send(a, room, 'helo')
+    await b.next('message')
+    ack = await a.call('edit_message', {'message_id': first['id'],
+                                        'body': 'hello'})
+    assert ack['ok']
+    edited = ack['message']
+    assert edited['body'] == 'hello' and edited['edited_at']
+    assert edited['seq'] == 1 and edited['update_seq'] == 2
+    for c in (a, b):
+        got = await c.next('message_updated')
+        assert got['id'] == first['id'] and got['body'] == 'hello'
+        assert got['update_seq'] == 2
+    ack = await b.call('edit_message', {'message_id': first['id'],
+                                        'body': 'not yours'})
+    assert ack['error']['code'] == 'forbidden'
+    ack = await b.call('delete_message', {'message_id': first['id']})
+    assert ack['error']['code'] == 'forbidden'
+    ack = await a.call('delete_message', {'message_id': first['id']})
+    gone = ack['message']
+    assert gone['deleted'] is True and gone['body'] == ''
+    assert gone['attachments'] == [] and gone['seq'] == 1
+    assert gone['update_seq'] == 3
+    assert (await b.next('message_updated'))['deleted'] is True
+    # History shows the tombstone in place; last_seq counts every change.
+    joined = await b.call('join_room', {'room_id': room['id']})
+    assert joined['messages'][0]['deleted'] is True
+    assert joined['room']['last_seq'] == 3
+    ack = await a.call('edit_message', {'message_id': first['id'],
+                                        'body': 'revive'})
+    assert ack['error']['code'] == 'invalid'
+    ack = await a.call('edit_message', {'message_id': 10 ** 9, 'body': 'x'})
+    assert ack['error']['code'] == 'not_found'
+    # Edits and deletes do not count as unread.
+    inbox = (await b.call('rooms', {}))['rooms']
+    assert inbox[0]['unread'] == 0
+    await a.close()
+    await b.close()
+
+
+async def test_reactions(base):
+    alice, bob, a, b, room = await pair(base)
+    msg = await send(a, room, 'react to me')
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['message']['reactions'] == {'👍': [bob['id']]}
+    ack = await a.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['message']['reactions'] == {'👍': [bob['id'], alice['id']]}
+    updates = [await a.next('message_updated') for _ in range(2)]
+    assert [u['update_seq'] for u in updates] == [2, 3]
+    # Reacting twice changes nothing and takes no seq.
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['message']['update_seq'] == 3
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': False})
+    assert ack['message']['reactions'] == {'👍': [alice['id']]}
+    assert ack['message']['update_seq'] == 4
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': 'a b',
+                                 'on': True})
+    assert ack['error']['code'] == 'invalid'
+    await a.close()
+    await b.close()
+
+
+async def test_reply_to(base):
+    alice, bob, a, b, room = await pair(base)
+    first = await send(a, room, 'question?')
+    answer = await send(b, room, 'answer', reply_to=first['id'])
+    assert answer['reply_to'] == first['id']
+    other = await pair(base)
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'x',
+                                   'client_msg_id': 'r-bad',
+                                   'reply_to': 10 ** 9})
+    assert ack['error']['code'] == 'invalid'
+    for c in (a, b, other[2], other[3]):
+        await c.close()
+
+
+async def test_block_and_unblock(base):
+    alice, bob, a, b, room = await pair(base)
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    ack = await b.call('send_dm', {'room_id': room['id'], 'body': 'hey',
+                                   'client_msg_id': 'blocked-1'})
+    assert ack['error']['code'] == 'forbidden'
+    ack = await b.call('send_dm', {'to': alice['username'], 'body': 'hey',
+                                   'client_msg_id': 'blocked-2'})
+    assert ack['error']['code'] == 'forbidden'
+    ack = await b.call('open_dm', {'username': alice['username']})
+    assert ack['error']['code'] == 'forbidden'
+    await a.nothing('message', 0.3)
+    # The blocker can still write; groups are unaffected.
+    assert (await a.call('send_dm', {'room_id': room['id'], 'body': 'bye',
+                                     'client_msg_id': 'from-a'}))['ok']
+    group = (await b.call('create_group', {
+        'name': 'g', 'members': [alice['username']]}))['room']
+    assert (await b.call('send_dm', {'room_id': group['id'], 'body': 'in g',
+                                     'client_msg_id': 'g-1'}))['ok']
+    assert (await a.next('message', where=lambda m: m['body'] == 'in g'))
+    assert (await a.call('unblock', {'username': bob['username']}))['ok']
+    ack = await b.call('send_dm', {'room_id': room['id'], 'body': 'again',
+                                   'client_msg_id': 'after-unblock'})
+    assert ack['ok']
+    await a.close()
+    await b.close()
+
+
+async def test_presence(server):
+    base = server.url
+    alice, bob, a, b, room = await pair(base)
+    ack = await a.call('presence', {'usernames': [bob['username'],
+                                                  'nobody_' + 'x' * 5]})
+    assert ack['presence'][bob['username']]['online'] is True
+    assert 'nobody_xxxxx' not in ack['presence']
+    # Alice's other socket is told when bob goes offline (after the grace
+    # period) and when he comes back.
+    await b.close()
+    gone = await a.next('presence', timeout=20,
+                        where=lambda p: p['user']['id'] == bob['id']
+                        and not p['online'])
+    assert gone['online'] is False and gone['last_seen'].endswith('Z')
+    ack = await a.call('presence', {'usernames': [bob['username']]})
+    assert ack['presence'][bob['username']] == {
+        'online': False, 'last_seen': gone['last_seen']}
+    b = await connect(base, b.token)
+    back = await a.next('presence', timeout=10,
+                        where=lambda p: p['user']['id'] == bob['id']
+                        and p['online'])
+    assert back['online'] is True
+    # A quick reconnect (a page reload) does not flap.
+    await b.close()
+    b = await connect(base, b.token)
+    await a.nothing('presence', 1.0,
+                    where=lambda p: p['user']['id'] == bob['id'])
+    # Someone who shares no room hears nothing.
+    _, tc = await register(base)
+    c = await connect(base, tc)
+    await b.close()
+    await c.nothing('presence', 1.0,
+                    where=lambda p: p['user']['id'] == bob['id'])
+    await a.close()
+    await c.close()
