@@ -23,6 +23,7 @@ from server.services.context import Context
 from server.services.limits import Limits
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
+from server.services.serialize import load_users
 from server.store import Store, open_database
 from server.transport import http, socket as socket_transport
 from server.transport.backpressure import bound_send_queues
@@ -37,6 +38,10 @@ SOCKETS = web.AppKey('sockets', object)
 CONFIG = web.AppKey('config', object)
 REDIS = web.AppKey('redis', object)
 
+# After the drain has acked everything in flight, how long aiohttp lets
+# connection handlers finish before cancelling them: nothing of value is
+# left by then, so a client that stopped answering must not hold the exit.
+SHUTDOWN_GRACE_SECONDS = 3.0
 # How long a closing websocket waits for the client's close frame.
 WS_CLOSE_SECONDS = 2.0
 # How long shutdown waits for in-flight events to be committed and acked.
@@ -88,7 +93,9 @@ def create_app(config) -> web.Application:
     instrument_fanout(realtime, metrics)
 
     async def presence_changed(user_id, online, last_seen):
-        user = ctx.users.get(user_id)
+        # With Redis the user may have been seen only by another process.
+        users = await ctx.store.read(load_users, ctx, [user_id])
+        user = users.get(user_id)
         if user is None:
             return
         contacts = await rooms.contacts(ctx, user_id)
@@ -213,7 +220,7 @@ def main(argv=None):
     app = create_app(config)
     log.info('postbox serving on http://%s:%s', config.host, config.port)
     web.run_app(app, host=config.host, port=config.port, print=None,
-                shutdown_timeout=DRAIN_SECONDS + 5, access_log=None)
+                shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None)
     return 0
 
 
