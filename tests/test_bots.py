@@ -13,7 +13,8 @@ import pytest
 
 from client_demo.bot import Bot, BotError, LoginFailed
 from client_demo.bot import echo_bot, remind_bot
-from tests.helpers import ROOT, connect, http, register, unique_name
+from tests.helpers import (ROOT, ServerProcess, connect, http, register,
+                           unique_name)
 
 
 async def make_bot(base, owner_token):
@@ -176,6 +177,75 @@ async def test_dropped_connection_catches_up_exactly_once(base):
         got = await client.next('message', where=from_user(bot_user['id']))
         assert got['id'] == reply['id']
         await client.nothing('message', where=from_user(bot_user['id']))
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_bot_survives_a_server_restart(tmp_path):
+    """The server goes away and comes back: the bot retries with backoff,
+    reconnects by itself and handles what was sent meanwhile exactly once."""
+    # stop() and start() block, so they run in a thread: the bot's event
+    # loop must keep running to answer the server's clean shutdown.
+    server = await asyncio.to_thread(ServerProcess(tmp_path / 'server').start)
+    base = server.url
+    bot = None
+    try:
+        owner, owner_token = await register(base)
+        bot_user, token = await make_bot(base, owner_token)
+        bot = Bot(base, token, backoff=0.2, backoff_max=1.0)
+        seen = Recorder(bot)
+        await bot.start(timeout=10)
+        alice, alice_token = await register(base)
+        client = await connect(base, alice_token)
+        first = await dm(client, 'before restart', to=bot_user['username'])
+        await seen.until(first['id'])
+        await client.close()
+
+        assert await asyncio.to_thread(server.stop) == 0, server.read_log()
+        await asyncio.to_thread(server.start)
+        # Sent over HTTP while the bot may still be reconnecting.
+        posted = []
+        for i in range(4):
+            status, data = await http(
+                base, 'POST', f'/api/rooms/{first["room_id"]}/messages',
+                alice_token, json={'body': f'after restart {i}',
+                                   'client_msg_id': str(uuid.uuid4())})
+            assert status == 201, data
+            posted.append(data['message']['id'])
+        await seen.until(posted[-1], timeout=30)
+        assert seen.seen == [first['id']] + posted
+        assert bot.connects >= 2
+    finally:
+        if bot is not None:
+            await bot.stop()
+        assert await asyncio.to_thread(server.stop) == 0, server.read_log()
+
+
+async def test_password_bot_logs_in_again_after_logout_everywhere(base):
+    """A bot run with a username and password whose tokens are revoked
+    (logout everywhere closes its socket) logs in again and carries on."""
+    user, _ = await register(base, password='bot password 2')
+    bot = Bot(base, username=user['username'], password='bot password 2',
+              backoff=0.2)
+    seen = Recorder(bot)
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        first = await dm(client, 'one', to=user['username'])
+        await seen.until(first['id'])
+        old_token = bot.token
+        status, data = await http(base, 'POST', '/api/logout', old_token,
+                                  json={'all': True})
+        assert status == 200, data
+        second = await dm(client, 'two', room_id=first['room_id'])
+        await seen.until(second['id'], timeout=20)
+        assert bot.token != old_token
+        assert seen.seen == [first['id'], second['id']]
+        reply = await bot.send(room_id=first['room_id'], body='still here')
+        got = await client.next('message', where=from_user(user['id']))
+        assert got['id'] == reply['id']
     finally:
         await client.close()
         await bot.stop()

@@ -108,6 +108,7 @@ class Bot:
         self._state_user_id = None
         self._dispatcher = None
         self._runner = None
+        self._http = None           # aiohttp session while running
         self._load_state()
 
     # Handlers.
@@ -185,6 +186,7 @@ class Bot:
         BotError if the credentials are refused for good."""
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
         failures = 0
+        self._session()
         try:
             while not self._stopping.is_set():
                 try:
@@ -222,6 +224,9 @@ class Bot:
             self.ready.clear()
             if self.sio is not None and self.sio.connected:
                 await self.sio.disconnect()
+            session, self._http = self._http, None
+            if session is not None:
+                await session.close()
 
     async def stop(self):
         """Let the handler that is running finish, then disconnect. Events
@@ -239,6 +244,9 @@ class Bot:
             except BotError:
                 pass
             self._runner = None
+        session, self._http = self._http, None
+        if session is not None:
+            await session.close()
 
     async def _finish_dispatcher(self):
         # Called by both stop() and run(): each waits for the same task.
@@ -271,7 +279,11 @@ class Bot:
         if self.user is None:
             self.user = (await self.http('GET', '/api/me'))[1]['user']
             self._check_state_owner()
-        sio = socketio.AsyncClient(reconnection=False)
+        # Reconnection is this class's own loop (it logs in again when the
+        # token is refused); the shared session is closed by run(), and
+        # SIGINT is left to the application (see run_forever).
+        sio = socketio.AsyncClient(reconnection=False, handle_sigint=False,
+                                   http_session=self._session())
         refused = {}
 
         async def connect_error(data=None):
@@ -457,19 +469,26 @@ class Bot:
         if authenticated:
             headers['Authorization'] = f'Bearer {self.token}'
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.request(method, self.url + path, json=json,
-                                       headers=headers) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except ValueError:
-                    data = None  # e.g. a proxy's HTML error page
-                if resp.status >= 400:
-                    error = (data or {}).get('error') or {}
-                    raise BotError(error.get('code', str(resp.status)),
-                                   error.get('message', ''),
-                                   error.get('retry_after'))
-                return resp.status, data
+        async with self._session().request(
+                method, self.url + path, json=json, headers=headers,
+                timeout=timeout) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = None  # e.g. a proxy's HTML error page
+            if resp.status >= 400:
+                error = (data or {}).get('error') or {}
+                raise BotError(error.get('code', str(resp.status)),
+                               error.get('message', ''),
+                               error.get('retry_after'))
+            return resp.status, data
+
+    def _session(self) -> aiohttp.ClientSession:
+        # One session for the HTTP API and Engine.IO, made on first use and
+        # closed when run() ends or by stop().
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
 
     # State.
 
