@@ -19,7 +19,10 @@ timeouts.
     asyncio.run(bot.run())
 
 Handlers run one at a time, in event order, so a slow handler delays the
-next event: start a task for long work (see remind_bot.py).
+next event: start a task for long work (see remind_bot.py). The seq is saved
+after the handler returns: a bot killed mid-handler (not stopped) sees that
+one event again on restart, so handlers that send should derive their
+``client_msg_id`` from the event (see echo_bot.py) to stay idempotent.
 """
 import argparse
 import asyncio
@@ -125,7 +128,7 @@ class Bot:
 
     def on_message(self, fn=None, *, include_own=False):
         """Decorator: call ``fn(message)`` for every new message, once.
-        The bot's own messages and deleted ones are skipped unless
+        Deleted messages are skipped, and so are the bot's own unless
         ``include_own`` is set. Use bare (``@bot.on_message``) or called
         (``@bot.on_message(include_own=True)``)."""
         def decorator(fn):
