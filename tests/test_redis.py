@@ -181,7 +181,8 @@ async def test_crashed_process_users_go_offline(tmp_path, redis, cluster):
     a = await connect(p1.url, ta)
     await a.call('open_dm', {'username': bob['username']})
     b = await connect(doomed.url, tb)
-    assert (await a.next('presence'))['online'] is True
+    got = await a.next('presence', where=lambda p: p['user']['id'] == bob['id'])
+    assert got['online'] is True
     doomed.stop(signal.SIGKILL)
     got = await a.next('presence', 15,
                        where=lambda p: p['user']['id'] == bob['id'])
