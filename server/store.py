@@ -173,8 +173,7 @@ class Store:
         with self.database.atomic(**self._begin):
             for fn, args, future in batch:
                 try:
-                    with self.database.atomic():
-                        result = fn(*args)
+                    result = self._run_one(fn, args)
                 except PostboxError as exc:
                     # The savepoint rolled back this operation only.
                     results.append((future, None, exc))
@@ -190,6 +189,19 @@ class Store:
                 else:
                     results.append((future, result, None))
         return results
+
+    def _run_one(self, fn, args):
+        """Run one operation in its own savepoint. An IntegrityError means
+        another process committed the same change first (PostgreSQL: a
+        concurrent retry with the same client_msg_id waited on the unique
+        index): run it once more, now that the change is visible, so it
+        finds and returns the first result instead of failing."""
+        try:
+            with self.database.atomic():
+                return fn(*args)
+        except peewee.IntegrityError:
+            with self.database.atomic():
+                return fn(*args)
 
     def _resolve(self, results):
         self.pending -= len(results)

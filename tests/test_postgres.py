@@ -1,0 +1,107 @@
+"""Two processes writing to one room at once, on a real PostgreSQL (a
+throwaway cluster the tests start) and on one shared SQLite file, joined by
+a real Redis: seq stays 1..N without gaps and retries stay idempotent."""
+import asyncio
+
+import pytest
+
+from tests.helpers import connect, register
+from tests.pg import PostgresCluster
+from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
+                             stop_servers)
+
+
+@pytest.fixture(scope='module')
+def redis(tmp_path_factory):
+    proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope='module')
+def postgres():
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope='module', params=['postgres', 'sqlite'])
+def pair_of_processes(request, tmp_path_factory, redis):
+    env = {'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+           'POSTBOX_REDIS_CHANNEL': 'pb-' + request.param,
+           'POSTBOX_SEND_RATE_PER_SECOND': '100000',
+           'POSTBOX_SEND_BURST': '100000',
+           'POSTBOX_EVENT_RATE_PER_SECOND': '100000',
+           'POSTBOX_EVENT_BURST': '100000'}
+    if request.param == 'postgres':
+        env['POSTBOX_DATABASE_URL'] = \
+            request.getfixturevalue('postgres').create_database()
+    servers = start_servers(tmp_path_factory.mktemp(request.param), 2, env)
+    yield servers
+    assert stop_servers(servers) == [0, 0], [s.read_log() for s in servers]
+
+
+async def test_seq_without_gaps_with_two_writers(pair_of_processes):
+    p1, p2 = pair_of_processes
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p2.url)
+    senders = [await connect(p1.url, ta), await connect(p2.url, ta),
+               await connect(p1.url, tb), await connect(p2.url, tb)]
+    watcher = await connect(p2.url, tb)
+    ack = await senders[0].call('open_dm', {'username': bob['username']})
+    room_id = ack['room']['id']
+    count = 120
+    acks = await asyncio.gather(*[
+        senders[i % 4].call('send_dm', {
+            'room_id': room_id, 'body': f'm{i}', 'client_msg_id': f'c{i}'})
+        for i in range(count)])
+    assert [a for a in acks if not a['ok']] == []
+    assert sorted(a['message']['seq'] for a in acks) == \
+        list(range(1, count + 1))
+    for server, token in ((p1, ta), (p2, tb)):
+        reader = await connect(server.url, token)
+        hist = await reader.call('history', {'room_id': room_id,
+                                             'after': 0, 'limit': 100})
+        more = await reader.call('history', {'room_id': room_id,
+                                             'after': 100, 'limit': 100})
+        await reader.close()
+        seqs = [m['seq'] for m in hist['messages'] + more['messages']]
+        assert seqs == list(range(1, count + 1))
+    # A socket on one process saw every message live, once.
+    seen = sorted([(await watcher.next('message'))['seq']
+                   for _ in range(count)])
+    assert seen == list(range(1, count + 1))
+    await watcher.nothing('message', 0.3)
+    for client in senders + [watcher]:
+        await client.close()
+
+
+async def test_concurrent_retries_on_two_processes_make_one_message(
+        pair_of_processes):
+    p1, p2 = pair_of_processes
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p2.url)
+    a1 = await connect(p1.url, ta)
+    a2 = await connect(p2.url, ta)
+    b = await connect(p2.url, tb)
+    ack = await a1.call('open_dm', {'username': bob['username']})
+    room_id = ack['room']['id']
+    count = 30
+    for i in range(count):
+        # The same send, retried from a socket on each process at once.
+        first, second = await asyncio.gather(*[
+            client.call('send_dm', {'room_id': room_id, 'body': f'r{i}',
+                                    'client_msg_id': f'same-{i}'})
+            for client in (a1, a2)])
+        assert first['ok'] and second['ok'], (first, second)
+        assert first['message']['id'] == second['message']['id']
+        assert first['message']['seq'] == i + 1
+    hist = await b.call('history', {'room_id': room_id, 'limit': 100})
+    assert [m['body'] for m in hist['messages']] == \
+        [f'r{i}' for i in range(count)]
+    # Bob got each message once.
+    bodies = [(await b.next('message'))['body'] for _ in range(count)]
+    assert bodies == [f'r{i}' for i in range(count)]
+    await b.nothing('message', 0.3)
+    for client in (a1, a2, b):
+        await client.close()
