@@ -60,6 +60,23 @@ def open_database(url: str, config) -> peewee.Database:
     raise ValueError(f'unsupported database URL scheme {scheme!r}')
 
 
+_SQL_CACHE = {}
+
+
+def execute(sql, params=()):
+    """Run plain SQL written with ``?`` placeholders on the bound database
+    (inside the caller's transaction) and return the cursor. For the few
+    hot statements where Peewee's query builder costs more than the query.
+    Identifiers must be double-quoted, which both SQLite and PostgreSQL
+    accept."""
+    database = models.db.obj
+    key = (sql, database.param)
+    text = _SQL_CACHE.get(key)
+    if text is None:
+        text = _SQL_CACHE[key] = sql.replace('?', database.param)
+    return database.execute_sql(text, params)
+
+
 def is_sqlite(database) -> bool:
     return isinstance(database, peewee.SqliteDatabase)
 

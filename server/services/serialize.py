@@ -78,3 +78,16 @@ def _message_dict(m: Message, sender, reactions, attachments) -> dict:
         'deleted': deleted, 'reactions': reactions,
         'update_seq': m.update_seq,
     }
+
+
+def new_message_dict(message_id, room_id, seq, sender, body, client_msg_id,
+                     reply_to, created_at, attachments) -> dict:
+    """The dict of a message just created: no reactions, no edits, and no
+    need to read back what was just written."""
+    return {
+        'id': message_id, 'room_id': room_id, 'seq': seq, 'sender': sender,
+        'body': body, 'attachments': attachments, 'reply_to': reply_to,
+        'client_msg_id': client_msg_id, 'created_at': iso(created_at),
+        'edited_at': None, 'deleted': False, 'reactions': {},
+        'update_seq': seq,
+    }
