@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -204,23 +205,44 @@ def main(argv=None):
     parser.add_argument('--config', help='YAML config file (see config.yaml)')
     parser.add_argument('--host', help='listen address (POSTBOX_HOST)')
     parser.add_argument('--port', type=int, help='port (POSTBOX_PORT)')
+    parser.add_argument('--workers', type=int,
+                        help='processes sharing the port (POSTBOX_WORKERS); '
+                             'more than 1 needs POSTBOX_REDIS_URL')
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (('host', args.host), ('port', args.port))
+    overrides = {k: v for k, v in (('host', args.host), ('port', args.port),
+                                   ('workers', args.workers))
                  if v is not None}
     try:
         config = load_config(args.config, **overrides)
     except (ConfigError, OSError) as exc:
         parser.error(str(exc))
+    if config.workers < 1:
+        parser.error('--workers must be at least 1')
+    if config.workers > 1 and not config.redis_url:
+        parser.error('--workers above 1 needs Redis (POSTBOX_REDIS_URL): '
+                     'without it a message reaches only the sockets of the '
+                     'process that stored it')
     setup_logging(config)
+    if config.workers > 1:
+        from server.workers import run_workers
+        return run_workers(config, config.workers, serve)
+    return serve(config)
+
+
+def serve(config, reuse_port=False) -> int:
+    """Build the app and serve it until SIGTERM; returns the exit code.
+    ``reuse_port`` lets several processes listen on one port."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     app = create_app(config)
-    log.info('postbox serving on http://%s:%s', config.host, config.port)
+    log.info('postbox serving on http://%s:%s (pid %s)', config.host,
+             config.port, os.getpid())
     web.run_app(app, host=config.host, port=config.port, print=None,
-                shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None)
+                shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None,
+                reuse_port=reuse_port or None)
     return 0
 
 

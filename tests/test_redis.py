@@ -1,11 +1,14 @@
 """Several Postbox processes joined by a real redis-server, sharing one
 SQLite file: users on different processes talk as if there were one."""
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import connect, http, register
+from tests.helpers import ROOT, ServerProcess, connect, http, register
 from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
                              stop_servers)
 
@@ -256,3 +259,64 @@ async def test_redis_outage_loses_nothing_and_recovers(tmp_path_factory):
         codes = stop_servers([p1, p2])
         redis.stop()
     assert codes == [0, 0]
+
+
+def children_of(pid):
+    """Pids of the live child processes of ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != 'Z':
+            found.append(int(entry))
+    return found
+
+
+async def test_workers_serve_one_port_and_stop_cleanly(tmp_path, redis):
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_REDIS_CHANNEL': 'pb-workers', 'POSTBOX_WORKERS': '2'})
+    server.start()
+    try:
+        assert len(children_of(server.proc.pid)) == 2
+        alice, ta = await register(server.url)
+        a = await connect(server.url, ta)
+        # Enough users that the kernel puts some on each worker.
+        others = [await register(server.url) for _ in range(8)]
+        clients = [await connect(server.url, token) for _, token in others]
+        for (user, _), client in zip(others, clients):
+            ack = await a.call('send_dm', {'to': user['username'],
+                                           'body': 'hello',
+                                           'client_msg_id': user['username']})
+            assert ack['ok'], ack
+            got = await client.next('message')
+            assert got['sender']['id'] == alice['id']
+            reply = await client.call('send_dm', {
+                'room_id': got['room_id'], 'body': 'back',
+                'client_msg_id': 'r'})
+            assert reply['ok']
+            back = await a.next('message', where=lambda m: m['body'] == 'back')
+            assert back['room_id'] == got['room_id']
+        assert len(children_of(server.proc.pid)) == 2
+        for client in clients + [a]:
+            await client.close()
+    finally:
+        pid = server.proc.pid
+        code = server.stop()
+    assert code == 0, server.read_log()
+    assert children_of(pid) == []
+
+
+def test_workers_without_redis_are_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'server', '--workers', '2'], cwd=ROOT,
+        env={**os.environ, 'POSTBOX_DATA_DIR': str(tmp_path),
+             'POSTBOX_REDIS_URL': ''},
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert 'needs Redis' in result.stderr
