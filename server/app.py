@@ -28,6 +28,8 @@ from server.services.serialize import load_users
 from server.store import Store, open_database
 from server.transport import http, socket as socket_transport
 from server.transport.backpressure import bound_send_queues
+from server.transport.manager import LocalManager
+from server.transport.packets import JsonPacket
 from server.transport.realtime import Realtime
 from server.transport.redis_manager import RedisManager
 
@@ -81,7 +83,8 @@ def create_app(config) -> web.Application:
 
     manager = _client_manager(config)
     sio = socketio.AsyncServer(
-        async_mode='aiohttp', json=fastjson, client_manager=manager,
+        async_mode='aiohttp', json=fastjson, serializer=JsonPacket,
+        client_manager=manager or LocalManager(),
         cors_allowed_origins=list(config.cors_allowed_origins) or None,
         max_http_buffer_size=config.max_payload_bytes,
         ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,

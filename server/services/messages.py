@@ -8,7 +8,6 @@ serialises writers.
 """
 import dataclasses
 
-import peewee
 
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.errors import Forbidden, Invalid, NotFound, TooLarge

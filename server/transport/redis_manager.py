@@ -32,8 +32,9 @@ from urllib.parse import urlparse
 from redis import asyncio as aioredis
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from socketio.async_manager import AsyncManager
-from socketio.packet import Packet
 from socketio.redis_manager import parse_redis_sentinel_url
+
+from server.transport.manager import local_emit
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +161,13 @@ class RedisManager(AsyncPubSubManager):
         room = to or room
         namespace = namespace or '/'
         if kwargs.get('ignore_queue') or callback is not None or \
-                Packet.data_is_binary([data]):
+                self.server.packet_class.data_is_binary([data]):
             # Rare paths (acks across processes, binary payloads): the
             # stock broadcast handling, published through our queue.
             return await super().emit(event, data, namespace=namespace,
                                       room=room, skip_sid=skip_sid,
                                       callback=callback, **kwargs)
-        await AsyncManager.emit(self, event, data, namespace, room=room,
-                                skip_sid=skip_sid)
+        await local_emit(self, event, data, namespace, room, skip_sid)
         if room is None:
             keys = None  # everyone: every process
         else:

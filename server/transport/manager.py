@@ -1,0 +1,58 @@
+"""Local delivery of emits, without a task per recipient.
+
+The stock ``AsyncManager.emit`` wraps every recipient's send in its own
+task and then waits for all of them. Each send only appends to the
+socket's Engine.IO queue (its writer task does the I/O), so the tasks buy
+nothing and cost the event loop a task creation and a scheduling round per
+recipient. ``local_emit`` sends in a plain loop instead; ``LocalManager``
+is the manager of a single process.
+"""
+import logging
+
+import socketio
+from engineio import packet as eio_packet
+from socketio import packet
+
+log = logging.getLogger(__name__)
+
+
+async def local_emit(manager, event, data, namespace, room=None,
+                     skip_sid=None):
+    """Send ``event`` to this process's sockets in ``room`` (a room name,
+    a list of them, or None for everyone), except ``skip_sid`` (a sid or
+    a list of them). The packet is encoded once for all recipients."""
+    if namespace not in manager.rooms:
+        return
+    if isinstance(data, tuple):
+        data = list(data)
+    elif data is not None:
+        data = [data]
+    else:
+        data = []
+    if not isinstance(skip_sid, list):
+        skip_sid = [skip_sid]
+    encoded = manager.server.packet_class(
+        packet.EVENT, namespace=namespace, data=[event] + data).encode()
+    if not isinstance(encoded, list):
+        encoded = [encoded]
+    eio_packets = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in encoded]
+    for sid, eio_sid in manager.get_participants(namespace, room):
+        if sid in skip_sid:
+            continue
+        for pkt in eio_packets:
+            try:
+                await manager.server._send_eio_packet(eio_sid, pkt)
+            except Exception:  # that socket is closing; the others go on
+                log.debug('send to %s failed', sid, exc_info=True)
+
+
+class LocalManager(socketio.AsyncManager):
+    """The single-process client manager, with ``local_emit``."""
+
+    async def emit(self, event, data, namespace, room=None, skip_sid=None,
+                   callback=None, to=None, **kwargs):
+        if callback is not None:
+            return await super().emit(event, data, namespace, room=room,
+                                      skip_sid=skip_sid, callback=callback,
+                                      to=to, **kwargs)
+        await local_emit(self, event, data, namespace, to or room, skip_sid)
