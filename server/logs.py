@@ -7,6 +7,7 @@ sid, client address, event name, error code. Never passwords, tokens or
 message bodies.
 """
 import contextvars
+import itertools
 import json
 import logging
 import secrets
@@ -20,9 +21,16 @@ _STANDARD = set(vars(logging.LogRecord('', 0, '', 0, '', (), None))) | {
     'message', 'asctime', 'taskName'}
 
 
+# A random prefix per process and a counter: unique across processes and
+# restarts, and without a urandom syscall per event (which showed up in
+# profiles under load).
+_PREFIX = secrets.token_hex(3)
+_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """A short random id, set for the current task and returned."""
-    value = secrets.token_hex(6)
+    """A short unique id, set for the current task and returned."""
+    value = f'{_PREFIX}{next(_counter):x}'
     request_id.set(value)
     return value
 
