@@ -19,14 +19,16 @@ from server import fastjson
 from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
-from server.services import rooms
+from server.services import attachments, rooms
 from server.services.context import Context
 from server.services.limits import Limits
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
+from server.storage import LocalStorage
 from server.store import Store, open_database
-from server.transport import http, socket as socket_transport
+from server.transport import attachments_http, http
+from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
 from server.transport.manager import LocalManager
 from server.transport.packets import JsonPacket
@@ -80,6 +82,7 @@ def create_app(config) -> web.Application:
     ctx.typing = Typing(config.typing_throttle_seconds)
     ctx.metrics = metrics
     ctx.limits = Limits(config)
+    ctx.storage = LocalStorage(config.attachments_path)
 
     manager = _client_manager(config)
     sio = socketio.AsyncServer(
@@ -133,6 +136,7 @@ def create_app(config) -> web.Application:
         app[REDIS] = manager
         app[http.READY_CHECKS].append(('redis', manager.ready))
     http.add_routes(app)
+    attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)
     _add_demo(app)
 
@@ -143,6 +147,14 @@ def create_app(config) -> web.Application:
         await store.close()
 
     app.cleanup_ctx.append(storage)
+
+    async def attachment_cleanup(app):
+        task = asyncio.create_task(attachments.cleanup_forever(ctx))
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(attachment_cleanup)
     if manager is not None:
         async def redis_fanout(app):
             await manager.start()

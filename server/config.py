@@ -90,6 +90,36 @@ class Config:
     attachments_per_message: int = 10
     # Uploads never sent are deleted after this long.
     attachment_orphan_seconds: int = 24 * 3600
+    # How often each process looks for them: cheap (one indexed query),
+    # and an hour of lateness on a day's grace does not matter.
+    attachment_cleanup_interval_seconds: float = 600.0
+    # Types accepted, as sniffed from the bytes (never the name or the
+    # client's Content-Type): pictures, documents, archives, common audio
+    # and video. Left out on purpose: anything a browser would render or
+    # run (HTML, SVG, XML, scripts) and executables.
+    attachment_types: tuple = (
+        'image/png', 'image/jpeg', 'image/gif', 'image/webp',
+        'application/pdf', 'text/plain', 'application/zip',
+        'application/gzip', 'application/x-7z-compressed',
+        'application/msword', 'application/vnd.ms-excel',
+        'application/vnd.ms-powerpoint',
+        'application/vnd.openxmlformats-officedocument.wordprocessingml'
+        '.document',
+        'application/vnd.openxmlformats-officedocument.spreadsheetml.sheet',
+        'application/vnd.openxmlformats-officedocument.presentationml'
+        '.presentation',
+        'application/vnd.oasis.opendocument.text',
+        'application/vnd.oasis.opendocument.spreadsheet',
+        'application/vnd.oasis.opendocument.presentation',
+        'audio/mpeg', 'audio/mp4', 'audio/ogg', 'audio/aac', 'audio/x-wav',
+        'audio/x-flac', 'video/mp4', 'video/webm', 'video/quicktime')
+    # Thumbnails fit in this many pixels a side: a chat bubble's width on
+    # a high-density phone screen.
+    attachment_thumbnail_px: int = 320
+    # Images with more pixels get no thumbnail: decoding costs about 4
+    # bytes a pixel, and a small PNG can claim a huge canvas (a
+    # decompression bomb). 50 MP covers every phone camera.
+    attachment_thumbnail_max_pixels: int = 50_000_000
 
     # Socket.IO / websocket.
     # Per-message deflate costs more CPU than it saves for chat-sized frames.

@@ -11,6 +11,7 @@ import dataclasses
 
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.errors import Forbidden, Invalid, NotFound, TooLarge
+from server.services import attachments as attachments_service
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
 from server.services.serialize import (attachment_dict, load_users,
@@ -191,7 +192,7 @@ def _edit(user_id, body):
     return change
 
 
-def _delete(user_id):
+def _delete(user_id, removed_keys):
     def change(message, now):
         if message.sender_id != user_id:
             raise Forbidden('only the sender can delete a message')
@@ -199,6 +200,9 @@ def _delete(user_id):
             return False
         message.deleted, message.body = True, ''
         Reaction.delete().where(Reaction.message == message.id).execute()
+        # Assigned, not appended: a batch retried after a rollback runs
+        # this again.
+        removed_keys[:] = attachments_service.detach_message(message.id)
         return True
     return change
 
@@ -239,7 +243,11 @@ async def edit_message(ctx, user_id, message_id, body):
 async def delete_message(ctx, user_id, message_id):
     """Tombstone a message (sender only): body "" and no attachments, id
     and seq kept. Returns (message, changed, member ids)."""
-    result = await _apply(ctx, user_id, message_id, _delete(user_id))
+    removed_keys = []
+    result = await _apply(ctx, user_id, message_id,
+                          _delete(user_id, removed_keys))
+    # The rows are gone (committed): now the files.
+    await attachments_service.remove_files(ctx, removed_keys)
     return result
 
 

@@ -1,0 +1,130 @@
+"""HTTP views of attachments: upload (multipart, streamed), download and
+thumbnail. The rules are in server/services/attachments.py."""
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+
+from server.errors import Invalid, NotFound, TooLarge
+from server.services import attachments
+from server.transport.http import CTX, current_user, path_int
+
+log = logging.getLogger(__name__)
+
+# Bytes read per step of an upload: big enough to keep system calls few,
+# small enough that a thousand uploads at once hold only 64 MiB.
+CHUNK_BYTES = 64 * 1024
+# Room for the multipart boundaries and part headers around the file.
+MULTIPART_SLACK = 64 * 1024
+# Parts looked at before the one named ``file`` must have come.
+MAX_PARTS = 8
+# Whatever the file holds, the page that shows it may run nothing, load
+# nothing and is its own origin.
+FILE_CSP = "default-src 'none'; sandbox"
+
+
+async def _file_part(request):
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError):
+        raise Invalid('send multipart/form-data with a "file" field') \
+            from None
+    for _ in range(MAX_PARTS):
+        part = await reader.next()
+        if part is None:
+            break
+        if part.name == 'file' and getattr(part, 'filename', None) \
+                is not None:
+            encoding = part.headers.get('Content-Transfer-Encoding', '')
+            if encoding.lower() not in ('', 'binary', '8bit', '7bit'):
+                raise Invalid('Content-Transfer-Encoding is not supported')
+            return part
+        await part.release()
+    raise Invalid('send multipart/form-data with a "file" field')
+
+
+async def _chunks(part):
+    while True:
+        chunk = await part.read_chunk(CHUNK_BYTES)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def upload(request):
+    """``POST /api/attachments`` (field ``file``) -> ``201 {attachment}``."""
+    user = await current_user(request)
+    ctx = request.app[CTX]
+    limit = ctx.config.attachment_max_bytes
+    # A declared length already over the limit is refused before a byte
+    # of it is read; a chunked body is counted as it streams.
+    if (request.content_length or 0) > limit + MULTIPART_SLACK:
+        raise TooLarge(f'attachments: at most {limit} bytes')
+    part = await _file_part(request)
+    attachment = await attachments.upload(ctx, user['id'], part.filename,
+                                          _chunks(part))
+    return web.json_response({'attachment': attachment}, status=201)
+
+
+def content_disposition(kind: str, filename: str) -> str:
+    """RFC 6266: an ASCII fallback name plus the exact one in
+    ``filename*`` (RFC 5987 percent-encoding)."""
+    fallback = ''.join(c if 32 <= ord(c) < 127 and c not in '"\\%;'
+                       else '_' for c in filename) or 'file'
+    return (f'{kind}; filename="{fallback}"; '
+            f"filename*=UTF-8''{quote(filename, safe='')}")
+
+
+def _file_response(ctx, key, content_type, disposition):
+    path = ctx.storage.local_path(key)
+    if path is None or not path.is_file():
+        raise NotFound('no such attachment')
+    if content_type == 'text/plain':
+        content_type = 'text/plain; charset=utf-8'
+    return web.FileResponse(path, headers={
+        'Content-Type': content_type,
+        'Content-Disposition': disposition,
+        'X-Content-Type-Options': 'nosniff',
+        'Content-Security-Policy': FILE_CSP,
+        # Embedding from other sites gets nothing.
+        'Cross-Origin-Resource-Policy': 'same-origin',
+        # Private: never in a shared cache. no-cache: the browser asks
+        # again (a cheap 304) so a revoked access is noticed.
+        'Cache-Control': 'private, no-cache',
+    })
+
+
+async def download(request):
+    """``GET /api/attachments/{id}``: the bytes, for the uploader and the
+    members of a room where it was sent; 404 for everyone else. Images are
+    shown inline, everything else is a download. Range requests work."""
+    user = await current_user(request)
+    ctx = request.app[CTX]
+    att = await attachments.readable(ctx, user['id'],
+                                     path_int(request, 'attachment_id'))
+    kind = 'inline' if attachments.is_inline(att['content_type']) \
+        else 'attachment'
+    return _file_response(ctx, att['storage_key'], att['content_type'],
+                          content_disposition(kind, att['filename']))
+
+
+async def thumbnail(request):
+    """``GET /api/attachments/{id}/thumbnail``: a small WebP of an image,
+    same access as the file."""
+    user = await current_user(request)
+    ctx = request.app[CTX]
+    att = await attachments.readable(ctx, user['id'],
+                                     path_int(request, 'attachment_id'))
+    if not att['thumbnail_key']:
+        raise NotFound('this attachment has no thumbnail')
+    name = att['filename'].rsplit('.', 1)[0] + '.thumb.webp'
+    return _file_response(ctx, att['thumbnail_key'],
+                          attachments.THUMBNAIL_TYPE,
+                          content_disposition('inline', name))
+
+
+def add_routes(app: web.Application):
+    app.router.add_post('/api/attachments', upload)
+    app.router.add_get('/api/attachments/{attachment_id}', download)
+    app.router.add_get('/api/attachments/{attachment_id}/thumbnail',
+                       thumbnail)
