@@ -1,7 +1,7 @@
 """HTTP views of attachments: upload (multipart, streamed), download and
 thumbnail. The rules are in server/services/attachments.py."""
 import logging
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 
@@ -61,7 +61,11 @@ async def upload(request):
     if (request.content_length or 0) > limit + MULTIPART_SLACK:
         raise TooLarge(f'attachments: at most {limit} bytes')
     part = await _file_part(request)
-    attachment = await attachments.upload(ctx, user['id'], part.filename,
+    # Browsers send the name raw with only '"', CR and LF percent-encoded;
+    # some clients (aiohttp's) percent-encode everything. Either way it is
+    # a display name, cleaned by the service.
+    filename = unquote(part.filename, errors='replace')
+    attachment = await attachments.upload(ctx, user['id'], filename,
                                           _chunks(part))
     return web.json_response({'attachment': attachment}, status=201)
 
