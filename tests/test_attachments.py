@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import io
 import os
+import struct
 import uuid
+import zlib
 
 import aiohttp
 from PIL import Image
@@ -48,6 +50,18 @@ def stored_files(server) -> list:
 
 def stored_with(server, data) -> list:
     return [p for p in stored_files(server) if p.read_bytes() == data]
+
+
+def png_claiming(width, height) -> bytes:
+    """A PNG header claiming a huge canvas: a decompression bomb's
+    signature, without the bomb."""
+    def chunk(kind, data):
+        return (struct.pack('>I', len(data)) + kind + data +
+                struct.pack('>I', zlib.crc32(kind + data)))
+    return (b'\x89PNG\r\n\x1a\n' +
+            chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0,
+                                       0, 0)) +
+            chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
 
 
 def png(width, height) -> bytes:
@@ -212,10 +226,14 @@ async def test_active_and_executable_content_refused(server):
         assert body['error']['code'] == 'invalid'
     status, body = await upload(base, token, b'', 'empty.txt')
     assert status == 400 and body['error']['code'] == 'invalid'
-    # A broken image (right magic, garbage after it) is refused too.
-    status, body = await upload(base, token, png(10, 10)[:40] + bytes(200),
-                                'broken.png')
-    assert status == 415
+    # A broken image (right magic, garbage after it) is refused too, and
+    # so is a decompression bomb (it would be shown inline).
+    for data, message in (
+            (png(10, 10)[:40] + bytes(200), 'the image could not be read'),
+            (png_claiming(10 ** 5, 10 ** 5), 'the image has too many pixels')):
+        status, body = await upload(base, token, data, 'image.png')
+        assert status == 415 and body['error'] == {
+            'code': 'invalid', 'message': message}
     assert set(stored_files(server)) == before
 
 
@@ -295,6 +313,34 @@ async def _post_stream(base, token, total, filename='big.txt'):
             return resp.status, await resp.json()
 
 
+async def wait_until(predicate, timeout=10, what='condition'):
+    """Poll ``predicate`` (no event to wait on: it looks at the disk)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def _abandon_upload(server, token, size):
+    """Start a chunked upload over a raw socket, send ``size`` bytes of the
+    file, wait until the server is writing it, then hang up."""
+    reader, writer = await asyncio.open_connection('127.0.0.1', server.port)
+    part = (b'--xyz\r\nContent-Disposition: form-data; name="file"; '
+            b'filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n' +
+            b'a' * size)
+    writer.write(
+        b'POST /api/attachments HTTP/1.1\r\nHost: localhost\r\n'
+        b'Authorization: Bearer ' + token.encode() + b'\r\n'
+        b'Content-Type: multipart/form-data; boundary=xyz\r\n'
+        b'Transfer-Encoding: chunked\r\n\r\n' +
+        b'%x\r\n' % len(part) + part + b'\r\n')
+    await writer.drain()
+    await wait_until(lambda: any(p.name.endswith('.part')
+                                 for p in stored_files(server)),
+                     what='the server never started writing the upload')
+    writer.close()
+
+
 async def test_oversize_upload_413_and_nothing_left(tmp_path):
     server = ServerProcess(tmp_path, env={
         'POSTBOX_ATTACHMENT_MAX_BYTES': str(MIB)}).start()
@@ -308,6 +354,10 @@ async def test_oversize_upload_413_and_nothing_left(tmp_path):
                                     'big.txt')
         assert status == 413 and body['error']['code'] == 'too_large'
         assert stored_files(server) == []
+        # A client that hangs up mid-way leaves nothing either.
+        await _abandon_upload(server, token, MIB // 2)
+        await wait_until(lambda: stored_files(server) == [],
+                         what='the partial upload was left on disk')
         # Just under the limit is fine.
         status, body = await _post_stream(server.url, token, MIB)
         assert status == 201 and body['attachment']['size'] == MIB

@@ -182,8 +182,12 @@ def _thumbnail(path, box, max_pixels):
             out = io.BytesIO()
             image.save(out, 'WEBP', quality=80)
             return width, height, out.getvalue()
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError:
+        # Refused rather than kept without a thumbnail: it would be served
+        # inline, and the bomb would go off in the recipients' browsers.
+        raise UnsupportedType('the image has too many pixels') from None
+    except (UnidentifiedImageError, OSError, ValueError,
+            SyntaxError) as exc:
         log.info('refused an image that does not decode: %s', exc)
         raise UnsupportedType('the image could not be read') from None
 
