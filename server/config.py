@@ -113,6 +113,10 @@ class Config:
         'application/vnd.oasis.opendocument.presentation',
         'audio/mpeg', 'audio/mp4', 'audio/ogg', 'audio/aac', 'audio/x-wav',
         'audio/x-flac', 'video/mp4', 'video/webm', 'video/quicktime')
+    # Uploads a user may hold that are not sent yet: a person attaches a
+    # handful at a time; without a cap one account could fill the disk
+    # with files nobody sees until the cleanup.
+    attachment_unsent_max: int = 50
     # Thumbnails fit in this many pixels a side: a chat bubble's width on
     # a high-density phone screen.
     attachment_thumbnail_px: int = 320

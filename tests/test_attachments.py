@@ -341,9 +341,10 @@ async def _abandon_upload(server, token, size):
     writer.close()
 
 
-async def test_oversize_upload_413_and_nothing_left(tmp_path):
+async def test_oversize_and_abandoned_uploads_leave_nothing(tmp_path):
     server = ServerProcess(tmp_path, env={
-        'POSTBOX_ATTACHMENT_MAX_BYTES': str(MIB)}).start()
+        'POSTBOX_ATTACHMENT_MAX_BYTES': str(MIB),
+        'POSTBOX_ATTACHMENT_UNSENT_MAX': '2'}).start()
     try:
         _, token = await register(server.url)
         # Streamed (chunked, no length): refused while it streams.
@@ -362,6 +363,12 @@ async def test_oversize_upload_413_and_nothing_left(tmp_path):
         status, body = await _post_stream(server.url, token, MIB)
         assert status == 201 and body['attachment']['size'] == MIB
         assert len(stored_files(server)) == 1
+        # At most two unsent uploads per user here.
+        status, body = await upload(server.url, token, b'two', 'b.txt')
+        assert status == 201
+        status, body = await upload(server.url, token, b'three', 'c.txt')
+        assert status == 429 and body['error']['code'] == 'rate_limited'
+        assert len(stored_files(server)) == 2
     finally:
         assert server.stop() == 0, server.read_log()
 

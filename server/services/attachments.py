@@ -18,7 +18,8 @@ import filetype
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models import Attachment, Membership, Message
-from server.errors import Invalid, NotFound, TooLarge, UnsupportedType
+from server.errors import (Invalid, NotFound, RateLimited, TooLarge,
+                           UnsupportedType)
 from server.services.context import now_ms
 from server.services.serialize import attachment_dict
 
@@ -89,9 +90,13 @@ async def upload(ctx, user_id, filename, chunks) -> dict:
     return its attachment object. Streams to storage: at most a chunk and
     the sniffed head are in memory. Raises TooLarge as soon as the size
     limit is passed, UnsupportedType for a type not allowed, Invalid for an
-    empty file; nothing is left in storage then."""
+    empty file, RateLimited while the user holds ``attachment_unsent_max``
+    unsent uploads; nothing is left in storage then."""
     config = ctx.config
     limit = config.attachment_max_bytes
+    if await ctx.store.read(_unsent_count, user_id) >= \
+            config.attachment_unsent_max:
+        raise RateLimited(60, 'too many unsent uploads: send or wait')
     writer = await ctx.storage.writer()
     committed = False
     try:
@@ -146,6 +151,12 @@ async def upload(ctx, user_id, filename, chunks) -> dict:
     except BaseException:
         await ctx.storage.delete([key, thumbnail_key])
         raise
+
+
+def _unsent_count(user_id):
+    return (Attachment.select().where(Attachment.uploader == user_id,
+                                      Attachment.message.is_null())
+            .count())
 
 
 def _check_text(decoder, chunk, final=False):
