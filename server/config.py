@@ -90,8 +90,8 @@ class Config:
     attachments_per_message: int = 10
     # Uploads never sent are deleted after this long.
     attachment_orphan_seconds: int = 24 * 3600
-    # How often each process looks for them: one indexed query, and ten
-    # minutes late on a day's grace does not matter.
+    # How often each process looks for them: one query on a reader
+    # thread, and ten minutes late on a day's grace does not matter.
     attachment_cleanup_interval_seconds: float = 600.0
     # Types accepted, as sniffed from the bytes (never the name or the
     # client's Content-Type): pictures, documents, archives, common audio

@@ -263,20 +263,23 @@ async def remove_files(ctx, keys):
         log.exception('removing %s stored files failed', len(keys))
 
 
-def _delete_orphans(cutoff_ms, limit):
-    rows = list(Attachment.select(Attachment.id, Attachment.storage_key,
+def _orphans(cutoff_ms, limit):
+    return list(Attachment.select(Attachment.id, Attachment.storage_key,
                                   Attachment.thumbnail_key)
                 .where(Attachment.message.is_null(),
                        Attachment.created_at < cutoff_ms)
-                .limit(limit).tuples())
+                .order_by(Attachment.id).limit(limit).tuples())
+
+
+def _delete_unsent(rows):
     keys = []
     for att_id, key, thumb in rows:
-        # Re-checked in the DELETE: a send may have taken it meanwhile
-        # (another process, on PostgreSQL).
+        # Re-checked in the DELETE: a send may have taken it since it was
+        # found (the search runs on a reader, outside this transaction).
         if Attachment.delete().where(Attachment.id == att_id,
                                      Attachment.message.is_null()).execute():
             keys.extend(k for k in (key, thumb) if k)
-    return keys, len(rows) == limit
+    return keys
 
 
 async def cleanup(ctx) -> int:
@@ -285,12 +288,17 @@ async def cleanup(ctx) -> int:
     files went."""
     seconds = ctx.config.attachment_orphan_seconds
     removed = 0
-    more = True
-    while more:
-        keys, more = await ctx.store.write(
-            _delete_orphans, now_ms() - seconds * 1000, CLEANUP_BATCH)
-        await remove_files(ctx, keys)
-        removed += len(keys)
+    while True:
+        # The search scans the table: on a reader, so the writer (and
+        # every send behind it) never waits on it.
+        rows = await ctx.store.read(_orphans, now_ms() - seconds * 1000,
+                                    CLEANUP_BATCH)
+        if rows:
+            keys = await ctx.store.write(_delete_unsent, rows)
+            await remove_files(ctx, keys)
+            removed += len(keys)
+        if len(rows) < CLEANUP_BATCH:
+            break
     # Partial files that old belong to an upload whose process died.
     removed += await ctx.storage.remove_stale_parts(max(seconds, 3600))
     if removed:
