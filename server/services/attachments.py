@@ -99,6 +99,7 @@ async def upload(ctx, user_id, filename, chunks) -> dict:
         raise RateLimited(60, 'too many unsent uploads: send or wait')
     writer = await ctx.storage.writer()
     committed = False
+    thumbnail_key = None
     try:
         head = bytearray()
         mime = None
@@ -130,7 +131,7 @@ async def upload(ctx, user_id, filename, chunks) -> dict:
             await writer.write(chunk)
         if text is not None:
             _check_text(text, b'', final=True)
-        width = height = thumbnail_key = None
+        width = height = None
         if mime in INLINE_TYPES:
             await writer.flush()
             width, height, thumbnail = await _run_image(
@@ -144,6 +145,8 @@ async def upload(ctx, user_id, filename, chunks) -> dict:
     finally:
         if not committed:
             writer.abort()
+            if thumbnail_key:
+                await remove_files(ctx, [thumbnail_key])
     try:
         return await ctx.store.write(
             _insert, user_id, clean_filename(filename), mime, size, key,
