@@ -173,7 +173,15 @@ async def test_text_file_is_a_download_and_path_names_are_harmless(server):
     assert att['filename'] == 'x.txt'
     assert att['content_type'] == 'text/plain'
     assert 'width' not in att and 'thumbnail_url' not in att
-    await send(a, room, [att['id']])
+    # Sent over HTTP this time (the bots' way); delivered live.
+    status, body = await http(
+        base, 'POST', f'/api/rooms/{room["id"]}/messages', token=ta,
+        json={'body': '', 'client_msg_id': uuid.uuid4().hex,
+              'attachments': [att['id']]})
+    assert status == 201 and body['message']['attachments'] == [att]
+    got = await b.next('message',
+                       where=lambda m: m['id'] == body['message']['id'])
+    assert got['attachments'] == [att]
     status, headers, content = await fetch(base, att['url'], tb)
     assert status == 200 and content == data
     assert headers['Content-Type'] == 'text/plain; charset=utf-8'
