@@ -26,4 +26,18 @@ if [ -f tests/js/package.json ]; then
     (cd tests/js && npm install --no-audit --no-fund --silent)
 fi
 
-exec python3 -m pytest "$@"
+# Every test, then the core suite again against a throwaway PostgreSQL
+# cluster (tests/pg.py), so both storage backends are held to the contract.
+# Arguments go to both runs; the second is left out when the arguments
+# pick tests (anything but options such as -q or -x).
+pg_pass=1
+for arg in "$@"; do
+    case "$arg" in -*) ;; *) pg_pass=0 ;; esac
+done
+status=0
+python3 -m pytest "$@" || status=$?
+if [ $pg_pass -eq 1 ]; then
+    POSTBOX_TEST_DB=postgres python3 -m pytest "$@" tests/test_core.py \
+        tests/test_features.py || status=$?
+fi
+exit $status

@@ -2,6 +2,7 @@
 SQLite file: users on different processes talk as if there were one."""
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,14 @@ async def test_redis_outage_loses_nothing_and_recovers(tmp_path_factory):
         # Local delivery goes on: alice's other socket on p1 got them all.
         bodies = [(await a_local.next('message'))['body'] for _ in range(41)]
         assert bodies == [f'm{i}' for i in range(41)]
+
+        # The outage is counted where operators look.
+        status, text = await http(p1.url, 'GET', '/metrics')
+        assert status == 200
+        for name in ('publish_failures', 'listen_failures'):
+            found = re.search(rf'^postbox_redis_{name}_total (\S+)$', text,
+                              re.M)
+            assert found and float(found.group(1)) > 0, name
 
         redis.start()
         for server in (p1, p2):
