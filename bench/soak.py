@@ -51,14 +51,17 @@ class User:
         self.sio = None
         self.seq = 0
 
-    async def connect(self, base):
+    async def connect(self, base, polling_share=0.0):
         for attempt in range(50):
             sio = socketio.AsyncClient(reconnection=False)
+            # Some reconnects use long-polling (as behind a proxy that
+            # refuses websockets); note the client's disconnect then waits
+            # for the pending poll.
+            transport = ('polling' if random.random() < polling_share
+                         else 'websocket')
             try:
                 await sio.connect(base, auth={'token': self.token},
-                                  transports=[random.choice(
-                                      ['websocket', 'websocket', 'polling'])],
-                                  wait_timeout=10)
+                                  transports=[transport], wait_timeout=10)
                 self.sio = sio
                 return
             except socketio.exceptions.ConnectionError:
@@ -92,7 +95,7 @@ async def user_loop(user, base, rooms, others, deadline, stats):
         if time.monotonic() > next_drop:
             await user.close()
             stats['reconnects'] += 1
-            await user.connect(base)
+            await user.connect(base, polling_share=0.2)
             next_drop = time.monotonic() + random.uniform(5, 30)
         room_id = random.choice(rooms)
         roll = random.random()

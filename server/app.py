@@ -94,6 +94,7 @@ def create_app(config) -> web.Application:
         logger=False, engineio_logger=False)
     sio.attach(app)
     bound_send_queues(sio, config.socket_send_queue_max,
+                      config.socket_send_stall_seconds,
                       on_cut=lambda sid: metrics.slow_clients.inc())
     metrics.manager = sio.manager
     realtime = Realtime(sio)

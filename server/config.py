@@ -152,6 +152,10 @@ class Config:
     # client): past this it is disconnected instead of growing the server's
     # memory. A healthy client drains a burst of this size in milliseconds.
     socket_send_queue_max: int = 1000
+    # How long a socket's queue may stay over that before it is cut off: a
+    # burst (one group commit acks hundreds of messages at once) drains in
+    # milliseconds, a stalled client never drains.
+    socket_send_stall_seconds: float = 2.0
     # Failed logins before a username (or a client address) must wait:
     # a user mistypes a few times; guessing needs thousands of tries.
     # The allowance refills at this many per minute.

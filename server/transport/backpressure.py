@@ -6,9 +6,10 @@ writer task drains it into the websocket (or the next poll). When the
 client stops reading, the TCP buffers fill, the writer waits forever and
 the queue grows with every message sent to that user. ``bound_send_queues``
 wraps the Engine.IO server's ``send_packet``: once a socket has
-``max_packets`` waiting, further packets are dropped and the socket is cut
-off (its TCP connection aborted, so the blocked writer wakes up too). The
-client reconnects and catches up with ``sync``; nothing acked is lost.
+``max_packets`` waiting for longer than a moment, the socket is cut off
+(its TCP connection aborted, so the blocked writer wakes up too) and what
+it had queued is dropped. The client reconnects and catches up with
+``sync``; nothing acked is lost.
 """
 import asyncio
 import logging
@@ -29,25 +30,50 @@ class _TrackedWebSocket(eio_aiohttp.WebSocket):
         return await super().__call__(environ)
 
 
-def bound_send_queues(sio, max_packets: int, on_cut=None):
-    """Limit every socket of ``sio`` to ``max_packets`` queued packets;
-    ``on_cut(eio_sid)`` is called once for each socket cut off."""
+def bound_send_queues(sio, max_packets: int, stall_seconds: float,
+                      on_cut=None):
+    """Limit what ``sio`` queues for a socket that does not read.
+
+    A healthy client can briefly have many packets queued (one group
+    commit acks hundreds of messages at once, and the writer task runs
+    only after them), so reaching ``max_packets`` starts a watch: if the
+    queue is still that long ``stall_seconds`` later, the socket is cut
+    off. Past four times ``max_packets`` it is cut off at once, which
+    bounds the memory a stalled socket can hold. ``on_cut(eio_sid)`` is
+    called once for each socket cut off."""
     eio = sio.eio
     eio._async = dict(eio._async, websocket=_TrackedWebSocket)
     send_packet = eio.send_packet
+    hard_limit = 4 * max_packets
+
+    def cut(eio_socket):
+        if not getattr(eio_socket, 'cut_off', False):
+            eio_socket.cut_off = True
+            # Not awaited here: this runs inside an emit that is iterating
+            # over a room, and closing the socket changes the rooms.
+            asyncio.ensure_future(_cut(eio_socket))
+            if on_cut is not None:
+                on_cut(eio_socket.sid)
+
+    async def watch(eio_socket):
+        await asyncio.sleep(stall_seconds)
+        eio_socket.watched = False
+        if eio_socket.queue.qsize() >= max_packets and not eio_socket.closed:
+            cut(eio_socket)
 
     async def bounded_send_packet(eio_sid, pkt):
         eio_socket = eio.sockets.get(eio_sid)
-        if eio_socket is not None and \
-                eio_socket.queue.qsize() >= max_packets:
-            if not getattr(eio_socket, 'cut_off', False):
-                eio_socket.cut_off = True
-                # Not awaited here: this runs inside an emit that is
-                # iterating over a room, and closing changes the rooms.
-                asyncio.ensure_future(_cut(eio_socket))
-                if on_cut is not None:
-                    on_cut(eio_sid)
-            return
+        if eio_socket is not None:
+            if getattr(eio_socket, 'cut_off', False):
+                return
+            queued = eio_socket.queue.qsize()
+            if queued >= hard_limit:
+                cut(eio_socket)
+                return
+            if queued >= max_packets and \
+                    not getattr(eio_socket, 'watched', False):
+                eio_socket.watched = True
+                asyncio.ensure_future(watch(eio_socket))
         await send_packet(eio_sid, pkt)
 
     eio.send_packet = bounded_send_packet
