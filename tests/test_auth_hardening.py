@@ -1,0 +1,193 @@
+"""Auth hardening seen from clients: token refresh, logout everywhere and
+password changes reaching live sockets, login throttling, CORS."""
+import asyncio
+
+import aiohttp
+import pytest
+import socketio
+
+from tests.helpers import ServerProcess, connect, http, register
+
+
+async def refused(base, token):
+    sio = socketio.AsyncClient(reconnection=False)
+    errors = []
+    sio.on('connect_error', lambda data: errors.append(data))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(base, auth={'token': token},
+                          transports=['websocket'], wait_timeout=5)
+    return errors[0]
+
+
+def on_disconnect(client) -> asyncio.Event:
+    event = asyncio.Event()
+    client.sio.on('disconnect', lambda *args: event.set())
+    return event
+
+
+async def test_refresh_gives_a_working_token(base):
+    user, token = await register(base)
+    status, data = await http(base, 'POST', '/api/token/refresh', token=token)
+    assert status == 200 and data['token']
+    status, me = await http(base, 'GET', '/api/me', token=data['token'])
+    assert status == 200 and me['user']['id'] == user['id']
+    status, data = await http(base, 'POST', '/api/token/refresh')
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+
+
+async def test_logout_all_revokes_tokens_and_closes_live_sockets(base):
+    user, token = await register(base)
+    peer, peer_token = await register(base)
+    status, login = await http(base, 'POST', '/api/login', json={
+        'username': user['username'], 'password': 'correct horse'})
+    other_token = login['token']
+    phone = await connect(base, token)
+    laptop = await connect(base, other_token)
+    bystander = await connect(base, peer_token)
+    phone_gone, laptop_gone = on_disconnect(phone), on_disconnect(laptop)
+    bystander_gone = on_disconnect(bystander)
+
+    # A plain logout forgets nothing server-side.
+    status, _ = await http(base, 'POST', '/api/logout', token=token, json={})
+    assert status == 200
+    assert (await http(base, 'GET', '/api/me', token=token))[0] == 200
+
+    status, _ = await http(base, 'POST', '/api/logout', token=token,
+                           json={'all': True})
+    assert status == 200
+    await asyncio.wait_for(phone_gone.wait(), 10)
+    await asyncio.wait_for(laptop_gone.wait(), 10)
+    for old in (token, other_token):
+        status, data = await http(base, 'GET', '/api/me', token=old)
+        assert status == 401 and data['error']['code'] == 'unauthorized'
+        assert (await refused(base, old))['data'] == {'code': 'unauthorized'}
+    # Another user's socket is untouched.
+    assert not bystander_gone.is_set()
+    assert (await bystander.call('rooms', {}))['ok']
+    # Logging in again works.
+    status, login = await http(base, 'POST', '/api/login', json={
+        'username': user['username'], 'password': 'correct horse'})
+    assert status == 200
+    again = await connect(base, login['token'])
+    assert (await again.call('rooms', {}))['ok']
+    await again.close()
+    await bystander.close()
+
+
+async def test_password_change_revokes_older_tokens_and_sockets(base):
+    user, token = await register(base, password='old password 1')
+    live = await connect(base, token)
+    gone = on_disconnect(live)
+    status, data = await http(base, 'POST', '/api/password', token=token,
+                              json={'old_password': 'not it at all',
+                                    'new_password': 'new password 2'})
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+    status, data = await http(base, 'POST', '/api/password', token=token,
+                              json={'old_password': 'old password 1',
+                                    'new_password': 'short'})
+    assert status == 400 and data['error']['code'] == 'invalid'
+    assert not gone.is_set()
+
+    status, data = await http(base, 'POST', '/api/password', token=token,
+                              json={'old_password': 'old password 1',
+                                    'new_password': 'new password 2'})
+    assert status == 200 and data['user']['id'] == user['id']
+    new_token = data['token']
+    await asyncio.wait_for(gone.wait(), 10)
+    assert (await http(base, 'GET', '/api/me', token=token))[0] == 401
+    assert (await http(base, 'GET', '/api/me', token=new_token))[0] == 200
+    status, _ = await http(base, 'POST', '/api/login', json={
+        'username': user['username'], 'password': 'old password 1'})
+    assert status == 401
+    status, _ = await http(base, 'POST', '/api/login', json={
+        'username': user['username'], 'password': 'new password 2'})
+    assert status == 200
+
+
+async def test_login_throttling_per_username_and_address(tmp_path):
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_LOGIN_FAILURES_PER_USERNAME': '3',
+        'POSTBOX_LOGIN_FAILURES_PER_IP': '6',
+        'POSTBOX_LOGIN_REFILL_PER_MINUTE': '0.5'})
+    server.start()
+    base = server.url
+    try:
+        names = [(await register(base))[0]['username'] for _ in range(3)]
+
+        async def login(name, password):
+            async with aiohttp.ClientSession() as session:
+                async with session.post(base + '/api/login', json={
+                        'username': name, 'password': password}) as resp:
+                    return resp.status, resp.headers, await resp.json()
+
+        for _ in range(3):
+            assert (await login(names[0], 'wrong guess'))[0] == 401
+        # Even the right password waits now, and says how long.
+        status, headers, data = await login(names[0], 'correct horse')
+        assert status == 429 and data['error']['code'] == 'rate_limited'
+        assert int(headers['Retry-After']) >= 1
+        assert data['error']['retry_after'] > 0
+        # Another account from the same address still logs in...
+        assert (await login(names[1], 'correct horse'))[0] == 200
+        for _ in range(3):
+            assert (await login(names[1], 'wrong guess'))[0] == 401
+        # ...until the address has used up its failures too.
+        status, _, data = await login(names[2], 'correct horse')
+        assert status == 429 and data['error']['code'] == 'rate_limited'
+        # Guessing unknown usernames counts the same.
+        status, _, _ = await login('nobody_here', 'x' * 8)
+        assert status == 429
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def polling_handshake(base, origin):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + '/socket.io/?EIO=4&transport=polling',
+                               headers={'Origin': origin}) as resp:
+            return resp.status, resp.headers
+
+
+async def websocket_accepted(base, origin) -> bool:
+    async with aiohttp.ClientSession() as session:
+        try:
+            ws = await session.ws_connect(
+                base + '/socket.io/?EIO=4&transport=websocket',
+                headers={'Origin': origin})
+        except aiohttp.WSServerHandshakeError:
+            return False
+        try:
+            msg = await ws.receive(timeout=5)
+            return msg.type == aiohttp.WSMsgType.TEXT and \
+                msg.data.startswith('0')
+        finally:
+            await ws.close()
+
+
+async def test_cors_default_is_same_origin_only(base):
+    status, _ = await polling_handshake(base, 'https://evil.example')
+    assert status == 400
+    assert not await websocket_accepted(base, 'https://evil.example')
+    status, _ = await polling_handshake(base, base)
+    assert status == 200
+    assert await websocket_accepted(base, base)
+
+
+async def test_cors_allowed_origins_from_config(tmp_path):
+    good = 'https://chat.example.com'
+    server = ServerProcess(tmp_path,
+                           env={'POSTBOX_CORS_ALLOWED_ORIGINS': good})
+    server.start()
+    try:
+        status, headers = await polling_handshake(server.url, good)
+        assert status == 200
+        assert headers['Access-Control-Allow-Origin'] == good
+        assert await websocket_accepted(server.url, good)
+        status, headers = await polling_handshake(server.url,
+                                                  'https://evil.example')
+        assert status == 400
+        assert 'Access-Control-Allow-Origin' not in headers
+        assert not await websocket_accepted(server.url,
+                                            'https://evil.example')
+    finally:
+        assert server.stop() == 0, server.read_log()
