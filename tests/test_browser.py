@@ -1,0 +1,258 @@
+"""The demo page in a real Chromium (driven by Playwright) against a real
+server: two browser contexts are two people messaging each other."""
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+from tests.helpers import NO_RATE_LIMITS, ServerProcess, unique_name
+
+ARTIFACTS = Path(__file__).resolve().parent / 'artifacts'
+DOCS = Path(__file__).resolve().parent.parent / 'docs'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic',
+                 '--no-first-run', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync']
+WAIT_MS = 15000
+PASSWORD = 'correct horse battery'
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    # No per-user rate limits: the history test sends many messages fast.
+    proc = ServerProcess(tmp_path_factory.mktemp('browser'),
+                         env=NO_RATE_LIMITS)
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.read_log()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    executable = shutil.which('chromium')
+    assert executable, 'chromium is installed by tests/run.sh'
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable,
+                                    args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def people(browser, server):
+    """Returns a function making a new person: their own browser context
+    (own storage) with the page open at the server."""
+    contexts = []
+
+    def person():
+        context = browser.new_context(viewport={'width': 1100, 'height': 720})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        errors = []
+        page.on('pageerror', lambda exc: errors.append(str(exc)))
+        page.on('dialog', lambda d: errors.append(f'dialog: {d.message}'))
+        page.errors = errors
+        page.goto(server.url + '/')
+        return page
+
+    yield person
+    for context in contexts:
+        context.close()
+
+
+def sign_up(page, username, display_name):
+    page.click('#tab-register')
+    page.fill('#auth-username', username)
+    page.fill('#auth-display-name', display_name)
+    page.fill('#auth-password', PASSWORD)
+    page.click('#auth-submit')
+    expect(page.locator('#me-name')).to_have_text(display_name)
+    expect(page.locator('#banner')).to_be_hidden()
+
+
+def open_dm(page, username):
+    page.fill('#new-dm-username', username)
+    page.click('#new-dm-submit')
+    expect(page.locator('#room')).to_be_visible()
+
+
+def send(page, text):
+    page.fill('#composer-input', text)
+    page.press('#composer-input', 'Enter')
+
+
+def bubbles(page):
+    return page.locator('#message-list .msg .body')
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name))
+
+
+def png_bytes(size=(160, 110)):
+    image = Image.new('RGB', size, (58, 91, 240))
+    for x in range(size[0]):
+        for y in range(size[1] // 2, size[1]):
+            image.putpixel((x, y), (255, 200 - y, 80 + x % 120))
+    out = io.BytesIO()
+    image.save(out, 'PNG')
+    return out.getvalue()
+
+
+def pair(people):
+    """Two signed-up people, Alice with the dm to Bob open."""
+    alice, bob = people(), people()
+    a_name, b_name = unique_name('alice'), unique_name('bob')
+    sign_up(alice, a_name, 'Alice Martin')
+    sign_up(bob, b_name, 'Bob Chen')
+    open_dm(alice, b_name)
+    return alice, bob, a_name, b_name
+
+
+def test_live_dm_typing_seen_and_reload(people):
+    alice, bob, a_name, b_name = pair(people)
+    expect(alice.locator('#room-title')).to_have_text('Bob Chen')
+    expect(alice.locator('#room-status')).to_contain_text('Online')
+
+    send(alice, 'Hi Bob! Are we still on for lunch?')
+    # Bob has not opened the conversation: it shows up in his inbox, unread.
+    item = bob.locator('.inbox-item', has_text='Alice Martin')
+    expect(item.locator('.badge')).to_have_text('1')
+    expect(item.locator('.inbox-preview')).to_have_text(
+        'Hi Bob! Are we still on for lunch?')
+    expect(item.locator('.dot')).to_have_class('dot online')
+    shot(bob, 'inbox-unread.png')
+
+    item.click()
+    expect(bubbles(bob)).to_have_text(['Hi Bob! Are we still on for lunch?'])
+    expect(item.locator('.badge')).to_have_count(0)
+    # Bob saw it: Alice gets the read receipt under her message.
+    expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
+
+    # Bob types: Alice sees the indicator, which goes when he sends.
+    bob.locator('#composer-input').press_sequentially('Sure, 12:30')
+    expect(alice.locator('#typing')).to_have_text('Bob Chen is typing…')
+    bob.press('#composer-input', 'Enter')
+    expect(alice.locator('#typing')).to_have_text('')
+    expect(bubbles(alice)).to_have_text(
+        ['Hi Bob! Are we still on for lunch?', 'Sure, 12:30'])
+    # The sender's own copy arrives twice (ack and event): shown once.
+    expect(bubbles(bob)).to_have_text(
+        ['Hi Bob! Are we still on for lunch?', 'Sure, 12:30'])
+
+    # Markup in a message is text, never HTML.
+    evil = '<img src=x onerror=alert(1)> <b>bold?</b>'
+    send(alice, evil)
+    expect(bubbles(bob).last).to_have_text(evil)
+    assert bob.locator('#message-list .body img, #message-list .body b') \
+        .count() == 0
+    send(bob, 'See you there!')
+    expect(bubbles(alice).last).to_have_text('See you there!')
+    expect(bob.locator('.msg.mine .seen')).to_have_text('Seen')
+    shot(alice, 'conversation.png')
+
+    # Reload: the history is still there, the conversation still open.
+    alice.reload()
+    expect(bubbles(alice)).to_have_text(
+        ['Hi Bob! Are we still on for lunch?', 'Sure, 12:30', evil,
+         'See you there!'])
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_edit_and_delete_own_messages(people):
+    alice, bob, a_name, b_name = pair(people)
+    send(alice, 'Meeting at 3')
+    send(alice, 'Bring the slides')
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bubbles(bob)).to_have_text(['Meeting at 3', 'Bring the slides'])
+
+    first = alice.locator('.msg.mine', has_text='Meeting at 3')
+    first.hover()
+    first.locator('button.edit').click()
+    expect(alice.locator('#editing')).to_be_visible()
+    alice.fill('#composer-input', 'Meeting at 4')
+    alice.press('#composer-input', 'Enter')
+    expect(bubbles(bob).first).to_have_text('Meeting at 4')
+    expect(bob.locator('.msg').first.locator('.meta')).to_contain_text(
+        'edited')
+
+    second = alice.locator('.msg.mine', has_text='Bring the slides')
+    second.hover()
+    second.locator('button.delete').click()
+    expect(bubbles(bob).last).to_have_text('This message was deleted')
+    expect(bob.locator('.msg.deleted')).to_have_count(1)
+    # Only one's own messages can be changed.
+    expect(bob.locator('.msg button.edit')).to_have_count(0)
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_picture_and_file_attachments(people, tmp_path):
+    alice, bob, a_name, b_name = pair(people)
+    picture = tmp_path / 'sunset.png'
+    picture.write_bytes(png_bytes())
+    alice.set_input_files('#file-input', str(picture))
+    expect(alice.locator('#pending-files li.ready')).to_have_text('sunset.png×')
+    alice.fill('#composer-input', 'Look at this')
+    alice.press('#composer-input', 'Enter')
+
+    # Bob opens the dm and sees the picture inline (fetched with his token).
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    image = bob.locator('#message-list img.att-image')
+    expect(image).to_have_attribute('src', re.compile(r'^blob:'))
+    bob.wait_for_function(
+        "() => { const i = document.querySelector('#message-list img.att-image');"
+        " return i && i.complete && i.naturalWidth > 0; }", timeout=WAIT_MS)
+    expect(bubbles(bob).last).to_have_text('Look at this')
+
+    # Any other file is a download link.
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('agenda: 1. lunch 2. slides\n')
+    alice.set_input_files('#file-input', str(notes))
+    expect(alice.locator('#pending-files li.ready')).to_have_count(1)
+    alice.click('#send')
+    link = bob.locator('#message-list a.att-file')
+    expect(link.locator('.att-name')).to_have_text('notes.txt')
+    with bob.expect_download() as download:
+        link.click()
+    path = download.value.path()
+    assert Path(path).read_text() == 'agenda: 1. lunch 2. slides\n'
+    assert download.value.suggested_filename == 'notes.txt'
+    shot(bob, 'attachments.png')
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_offline_then_catch_up(people, server):
+    alice, bob, a_name, b_name = pair(people)
+    send(alice, 'before the outage')
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bubbles(bob)).to_have_text(['before the outage'])
+
+    # Bob's network goes away; the server restarts meanwhile, so his old
+    # connection is certainly gone and he can only catch up through sync.
+    bob.context.set_offline(True)
+    server.stop()
+    server.start()
+    expect(bob.locator('#banner')).to_be_visible()
+    expect(bob.locator('#banner')).to_have_text('Offline, reconnecting…')
+    expect(alice.locator('#banner')).to_be_hidden(timeout=30000)
+    send(alice, 'sent while you were away')
+    send(alice, 'and one more')
+    expect(alice.locator('.msg.mine .meta').last).not_to_have_text('Sending…')
+    shot(bob, 'offline.png')
+    assert bob.locator('#banner').is_visible()
+    expect(bubbles(bob)).to_have_text(['before the outage'])
+
+    bob.context.set_offline(False)
+    expect(bob.locator('#banner')).to_be_hidden(timeout=30000)
+    expect(bubbles(bob)).to_have_text(
+        ['before the outage', 'sent while you were away', 'and one more'])
+    # Live again after the catch-up.
+    send(alice, 'welcome back')
+    expect(bubbles(bob).last).to_have_text('welcome back')
+    expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
+    assert bob.errors == []
