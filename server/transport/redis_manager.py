@@ -38,32 +38,52 @@ from server.transport.manager import local_emit
 
 log = logging.getLogger(__name__)
 
-# KEYS: the room sets of the targets. ARGV: own id, host channel prefix,
-# liveness key prefix, payload. Publishes once per live process found in
-# any set (never to ourselves) and removes dead processes from the sets.
+# One call carries a whole batch of messages. KEYS: the room sets of every
+# message's targets, message after message. ARGV: own id, host channel
+# prefix, liveness key prefix, then per message its number of keys and its
+# JSON payload. Each live process found in a message's sets (never
+# ourselves) gets that message once; all messages for one process go out as
+# one JSON list in one PUBLISH, so a busy receiver decodes one pub/sub
+# message per batch, not one per emit. Dead processes are dropped from the
+# sets on the way.
 PUBLISH_SCRIPT = """
-local me, chan, alive_prefix, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
 local alive = {}
-local n = 0
-for _, key in ipairs(KEYS) do
-  for _, host in ipairs(redis.call('SMEMBERS', key)) do
-    if host ~= me then
-      local live = alive[host]
-      if live == nil then
-        live = redis.call('EXISTS', alive_prefix .. host) == 1
-        alive[host] = live
-        if live then
-          redis.call('PUBLISH', chan .. host, payload)
-          n = n + 1
+local out = {}
+local hosts = {}
+local k = 1
+for i = 4, #ARGV, 2 do
+  local nkeys = tonumber(ARGV[i])
+  local payload = ARGV[i + 1]
+  local sent = {}
+  for j = k, k + nkeys - 1 do
+    local key = KEYS[j]
+    for _, host in ipairs(redis.call('SMEMBERS', key)) do
+      if host ~= me then
+        local live = alive[host]
+        if live == nil then
+          live = redis.call('EXISTS', alive_prefix .. host) == 1
+          alive[host] = live
         end
-      end
-      if not live then
-        redis.call('SREM', key, host)
+        if not live then
+          redis.call('SREM', key, host)
+        elseif not sent[host] then
+          sent[host] = true
+          if out[host] == nil then
+            out[host] = {}
+            table.insert(hosts, host)
+          end
+          table.insert(out[host], payload)
+        end
       end
     end
   end
+  k = k + nkeys
 end
-return n
+for _, host in ipairs(hosts) do
+  redis.call('PUBLISH', chan .. host, '[' .. table.concat(out[host], ',') .. ']')
+end
+return #hosts
 """
 
 
@@ -203,13 +223,17 @@ class RedisManager(AsyncPubSubManager):
                 batch.append(self._queue.get_nowait())
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for keys, payload in batch:
-                    if keys is None:
+                keys, args = [], [self.host_id, self.host_channel_prefix,
+                                  self.alive_prefix]
+                for targets, payload in batch:
+                    if targets is None:
                         pipe.publish(self.channel, payload)
                     else:
-                        await self._script(keys=keys, args=[
-                            self.host_id, self.host_channel_prefix,
-                            self.alive_prefix, payload], client=pipe)
+                        keys.extend(targets)
+                        args.append(len(targets))
+                        args.append(payload)
+                if len(args) > 3:
+                    await self._script(keys=keys, args=args, client=pipe)
                 await pipe.execute()
                 self.published += len(batch)
                 self._recovered()
@@ -314,8 +338,14 @@ class RedisManager(AsyncPubSubManager):
                 delay = 0.1
                 self._recovered()
                 async for message in pubsub.listen():
-                    if message.get('type') == 'message':
-                        yield message['data']
+                    if message.get('type') != 'message':
+                        continue
+                    data = message['data']
+                    if data[:1] == b'[':  # a batch on our own channel
+                        for item in self.json.loads(data):
+                            yield item
+                    else:
+                        yield data
                 raise ConnectionError('subscription ended')
             except asyncio.CancelledError:
                 raise
