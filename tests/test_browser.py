@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from playwright.sync_api import expect, sync_playwright
 
 from tests.helpers import NO_RATE_LIMITS, ServerProcess, unique_name
@@ -94,11 +94,20 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / name))
 
 
-def png_bytes(size=(160, 110)):
-    image = Image.new('RGB', size, (58, 91, 240))
-    for x in range(size[0]):
-        for y in range(size[1] // 2, size[1]):
-            image.putpixel((x, y), (255, 200 - y, 80 + x % 120))
+def png_bytes(width=300, height=190):
+    """A small sunset picture."""
+    image = Image.new('RGB', (width, height))
+    draw = ImageDraw.Draw(image)
+    for y in range(height):
+        t = y / height
+        draw.line([(0, y), (width, y)], fill=(int(255 - 60 * t),
+                                               int(150 - 90 * t),
+                                               int(90 + 80 * t)))
+    draw.ellipse([width * .55, height * .35, width * .55 + 70,
+                  height * .35 + 70], fill=(255, 226, 120))
+    draw.polygon([(0, height), (0, height * .7), (width * .3, height * .55),
+                  (width * .6, height * .75), (width, height * .6),
+                  (width, height)], fill=(60, 40, 90))
     out = io.BytesIO()
     image.save(out, 'PNG')
     return out.getvalue()
@@ -247,12 +256,108 @@ def test_offline_then_catch_up(people, server):
     assert bob.locator('#banner').is_visible()
     expect(bubbles(bob)).to_have_text(['before the outage'])
 
+    # Bob writes while offline: queued, sent once he is back.
+    send(bob, 'typed on the train')
+    expect(bob.locator('.msg.pending .meta')).to_have_text('Sending…')
+
     bob.context.set_offline(False)
     expect(bob.locator('#banner')).to_be_hidden(timeout=30000)
     expect(bubbles(bob)).to_have_text(
-        ['before the outage', 'sent while you were away', 'and one more'])
+        ['before the outage', 'sent while you were away', 'and one more',
+         'typed on the train'])
+    expect(bubbles(alice)).to_have_text(
+        ['before the outage', 'sent while you were away', 'and one more',
+         'typed on the train'])
+    expect(bob.locator('.msg.pending')).to_have_count(0)
     # Live again after the catch-up.
     send(alice, 'welcome back')
     expect(bubbles(bob).last).to_have_text('welcome back')
     expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
     assert bob.errors == []
+
+
+def test_history_loads_older_pages_on_scroll_up(people):
+    alice, bob, a_name, b_name = pair(people)
+    room_id = int(alice.evaluate('location.hash').split('=')[1])
+    # 120 messages through the HTTP API, from Alice's page with her token.
+    alice.evaluate("""async (roomId) => {
+        const token = localStorage.getItem('postbox.token');
+        for (let i = 1; i <= 120; i++) {
+            const res = await fetch(`/api/rooms/${roomId}/messages`, {
+                method: 'POST',
+                headers: {'Authorization': `Bearer ${token}`,
+                          'Content-Type': 'application/json'},
+                body: JSON.stringify({body: `message ${i}`,
+                                      client_msg_id: `seed-${i}`})});
+            if (res.status !== 201) throw new Error(await res.text());
+        }
+    }""", room_id)
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    messages = bob.locator('#message-list .msg')
+    expect(messages).to_have_count(50)
+    expect(bubbles(bob).last).to_have_text('message 120')
+    for count in (100, 120):
+        bob.locator('#messages').evaluate('box => { box.scrollTop = 0; }')
+        expect(messages).to_have_count(count)
+    expect(bubbles(bob).first).to_have_text('message 1')
+    expect(bob.locator('#history-status')).to_have_text(
+        'This is the start of the conversation.')
+    texts = bubbles(bob).all_text_contents()
+    assert texts == [f'message {i}' for i in range(1, 121)]
+
+
+def test_group_and_product_screenshot(people, tmp_path):
+    """Three people, a group and two dms; ends with the screenshot used in
+    the README."""
+    alice, bob, carol = people(), people(), people()
+    names = {p: unique_name(n) for p, n in
+             ((alice, 'alice'), (bob, 'bob'), (carol, 'carol'))}
+    sign_up(alice, names[alice], 'Alice Martin')
+    sign_up(bob, names[bob], 'Bob Chen')
+    sign_up(carol, names[carol], 'Carol Diaz')
+
+    alice.click('#new-group-toggle')
+    alice.fill('#new-group-name', 'Weekend trip')
+    alice.fill('#new-group-members', f'{names[bob]}, {names[carol]}')
+    alice.click('#new-group button[type=submit]')
+    expect(alice.locator('#room-title')).to_have_text('Weekend trip')
+    expect(alice.locator('#room-status')).to_contain_text('3 members')
+    send(alice, "Who's in for Saturday?")
+    for person in (bob, carol):
+        person.locator('.inbox-item', has_text='Weekend trip').click()
+        expect(bubbles(person)).to_have_text(["Who's in for Saturday?"])
+    send(bob, 'Count me in!')
+    expect(alice.locator('.msg-sender')).to_have_text(['Bob Chen'])
+    expect(alice.locator('.msg.mine .seen')).to_have_text('Seen by everyone')
+
+    open_dm(carol, names[alice])
+    send(carol, 'Did you book the cabin?')
+    send(carol, 'The one by the lake')
+    carol_item = alice.locator('.inbox-item', has_text='Carol Diaz')
+    expect(carol_item.locator('.badge')).to_have_text('2')
+
+    open_dm(alice, names[bob])
+    send(alice, 'Photos from last weekend')
+    picture = tmp_path / 'lake.png'
+    picture.write_bytes(png_bytes())
+    alice.set_input_files('#file-input', str(picture))
+    expect(alice.locator('#pending-files li.ready')).to_have_count(1)
+    alice.click('#send')
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bob.locator('img.att-image')).to_have_attribute(
+        'src', re.compile(r'^blob:'))
+    send(bob, 'Wow, that sunset!')
+    expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
+    bob.locator('#composer-input').press_sequentially('Send me the rest')
+    expect(alice.locator('#typing')).to_have_text('Bob Chen is typing…')
+    alice.wait_for_function(
+        "() => [...document.querySelectorAll('img.att-image')]"
+        ".every(i => i.complete && i.naturalWidth > 0)")
+    # The inbox: latest activity first, Carol's two messages unread.
+    expect(alice.locator('.inbox-name')).to_have_text(
+        ['Bob Chen', 'Carol Diaz', 'Weekend trip'])
+    shot(alice, 'showcase.png')
+    DOCS.mkdir(exist_ok=True)
+    shutil.copyfile(ARTIFACTS / 'showcase.png', DOCS / 'screenshot.png')
+    for person in (alice, bob, carol):
+        assert person.errors == []

@@ -247,6 +247,10 @@
     socket.on('disconnect', (reason) => {
       $('banner').hidden = false;
       clearAllTyping();
+      // Unknown until the next connect asks again; a stale "Online" lies.
+      state.presence.clear();
+      renderInbox();
+      if (state.current) renderRoomHeader();
       // The server closed us (restart, shutdown): socket.io-client does not
       // come back by itself in that case.
       if (reason === 'io server disconnect') retryConnect(socket);
@@ -690,7 +694,9 @@
       const atts = el('div', 'attachments');
       for (const a of m.attachments || []) atts.append(renderAttachment(a));
       if ((m.attachments || []).some((a) => a.content_type.startsWith('image/'))) bubble.classList.add('has-image');
-      bubble.append(atts, el('div', 'body', m.body));
+      bubble.append(atts);
+      if (m.body) bubble.append(el('div', 'body', m.body));
+      else if ((m.attachments || []).every((a) => a.content_type.startsWith('image/'))) bubble.classList.add('bare');
     }
     row.append(bubble);
     if (mine && !m.deleted && m.id) {
