@@ -49,11 +49,16 @@ def check_client_msg_id(value) -> str:
     return value
 
 
+MAX_INT = 2**63 - 1
+
+
 def check_int(value, name, minimum=0):
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f'{name} must be an integer')
     if value < minimum:
         raise Invalid(f'{name} must be >= {minimum}')
+    if value > MAX_INT:  # the database's integers are 64-bit
+        raise Invalid(f'{name} is too large')
     return value
 
 

@@ -56,6 +56,8 @@ async def member_room(ctx, user_id, room_id) -> RoomInfo:
     exist, Forbidden if the user is not a member."""
     if isinstance(room_id, bool) or not isinstance(room_id, int):
         raise Invalid('room_id must be an integer')
+    if not 0 < room_id < 2**63:  # ids are positive 64-bit integers
+        raise NotFound('no such room')
     info = await room_info(ctx, room_id)
     if user_id not in info.member_ids:
         raise Forbidden('you are not a member of this room')

@@ -127,9 +127,12 @@ def query_int(request, name):
 
 def path_int(request, name):
     try:
-        return int(request.match_info[name])
+        value = int(request.match_info[name])
     except ValueError:
         raise NotFound('not found') from None
+    if not 0 < value < 2**63:  # ids are positive 64-bit integers
+        raise NotFound('not found')
+    return value
 
 
 async def register(request):
