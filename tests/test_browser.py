@@ -56,6 +56,10 @@ def people(browser, server):
         page.on('pageerror', lambda exc: errors.append(str(exc)))
         page.on('dialog', lambda d: errors.append(f'dialog: {d.message}'))
         page.errors = errors
+        # Console errors: a CSP violation or a missing file shows up here.
+        page.console_errors = []
+        page.on('console', lambda msg: page.console_errors.append(msg.text)
+                if msg.type == 'error' else None)
         page.goto(server.url + '/')
         return page
 
@@ -74,10 +78,10 @@ def sign_up(page, username, display_name):
     expect(page.locator('#banner')).to_be_hidden()
 
 
-def open_dm(page, username):
+def open_dm(page, username, title):
     page.fill('#new-dm-username', username)
     page.click('#new-dm-submit')
-    expect(page.locator('#room')).to_be_visible()
+    expect(page.locator('#room-title')).to_have_text(title)
 
 
 def send(page, text):
@@ -119,7 +123,7 @@ def pair(people):
     a_name, b_name = unique_name('alice'), unique_name('bob')
     sign_up(alice, a_name, 'Alice Martin')
     sign_up(bob, b_name, 'Bob Chen')
-    open_dm(alice, b_name)
+    open_dm(alice, b_name, 'Bob Chen')
     return alice, bob, a_name, b_name
 
 
@@ -170,7 +174,8 @@ def test_live_dm_typing_seen_and_reload(people):
     expect(bubbles(alice)).to_have_text(
         ['Hi Bob! Are we still on for lunch?', 'Sure, 12:30', evil,
          'See you there!'])
-    assert alice.errors == [] and bob.errors == []
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
 
 
 def test_edit_and_delete_own_messages(people):
@@ -197,7 +202,8 @@ def test_edit_and_delete_own_messages(people):
     expect(bob.locator('.msg.deleted')).to_have_count(1)
     # Only one's own messages can be changed.
     expect(bob.locator('.msg button.edit')).to_have_count(0)
-    assert alice.errors == [] and bob.errors == []
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
 
 
 def test_picture_and_file_attachments(people, tmp_path):
@@ -232,7 +238,8 @@ def test_picture_and_file_attachments(people, tmp_path):
     assert Path(path).read_text() == 'agenda: 1. lunch 2. slides\n'
     assert download.value.suggested_filename == 'notes.txt'
     shot(bob, 'attachments.png')
-    assert alice.errors == [] and bob.errors == []
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
 
 
 def test_offline_then_catch_up(people, server):
@@ -273,7 +280,10 @@ def test_offline_then_catch_up(people, server):
     send(alice, 'welcome back')
     expect(bubbles(bob).last).to_have_text('welcome back')
     expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
-    assert bob.errors == []
+    # The outage logs failed requests; nothing else may go wrong.
+    assert bob.errors == [] and alice.errors == []
+    for page in (alice, bob):
+        assert not [e for e in page.console_errors if 'Security Policy' in e]
 
 
 def test_history_loads_older_pages_on_scroll_up(people):
@@ -330,13 +340,13 @@ def test_group_and_product_screenshot(people, tmp_path):
     expect(alice.locator('.msg-sender')).to_have_text(['Bob Chen'])
     expect(alice.locator('.msg.mine .seen')).to_have_text('Seen by everyone')
 
-    open_dm(carol, names[alice])
+    open_dm(carol, names[alice], 'Alice Martin')
     send(carol, 'Did you book the cabin?')
     send(carol, 'The one by the lake')
     carol_item = alice.locator('.inbox-item', has_text='Carol Diaz')
     expect(carol_item.locator('.badge')).to_have_text('2')
 
-    open_dm(alice, names[bob])
+    open_dm(alice, names[bob], 'Bob Chen')
     send(alice, 'Photos from last weekend')
     picture = tmp_path / 'lake.png'
     picture.write_bytes(png_bytes())
@@ -359,5 +369,15 @@ def test_group_and_product_screenshot(people, tmp_path):
     shot(alice, 'showcase.png')
     DOCS.mkdir(exist_ok=True)
     shutil.copyfile(ARTIFACTS / 'showcase.png', DOCS / 'screenshot.png')
+
+    # A phone-sized window shows one pane at a time.
+    alice.set_viewport_size({'width': 390, 'height': 760})
+    expect(alice.locator('#back')).to_be_visible()
+    expect(alice.locator('.sidebar')).to_be_hidden()
+    shot(alice, 'mobile-conversation.png')
+    alice.click('#back')
+    expect(alice.locator('.sidebar')).to_be_visible()
+    expect(alice.locator('#room')).to_be_hidden()
+    shot(alice, 'mobile-inbox.png')
     for person in (alice, bob, carol):
-        assert person.errors == []
+        assert person.errors == [] and person.console_errors == []

@@ -589,6 +589,22 @@
     fillViewport();
   }
 
+  // Narrow screens show one pane at a time: back to the inbox.
+  function closeRoom() {
+    if (state.current) {
+      stopTyping();
+      cancelEdit();
+      call('leave_room', {room_id: state.current}).catch(() => {});
+    }
+    state.current = null;
+    state.nodes.clear();
+    history.replaceState(null, '', location.pathname);
+    $('app').classList.remove('in-room');
+    $('room').hidden = true;
+    $('no-room').hidden = false;
+    renderInbox();
+  }
+
   function renderRoomHeader() {
     const entry = state.rooms.get(state.current);
     if (!entry) return;
@@ -780,7 +796,7 @@
   }
 
   async function showImage(a) {
-    const overlay = el('div');
+    const overlay = el('div', 'lightbox');
     overlay.style.cssText = 'position:fixed;inset:0;background:rgba(10,14,30,.82);display:grid;'
       + 'place-items:center;z-index:20;cursor:zoom-out';
     const img = el('img');
@@ -1095,6 +1111,11 @@
       }
     });
     $('edit-cancel').addEventListener('click', cancelEdit);
+    $('back').addEventListener('click', closeRoom);
+    document.addEventListener('keydown', (event) => {
+      const overlay = document.querySelector('.lightbox');
+      if (event.key === 'Escape' && overlay) overlay.remove();
+    });
     $('file-input').addEventListener('change', (event) => {
       addFiles(event.target.files);
       event.target.value = '';
