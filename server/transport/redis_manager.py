@@ -204,6 +204,17 @@ class RedisManager(AsyncPubSubManager):
                    'host_id': self.host_id}
         self._enqueue(keys, message)
 
+    async def _handle_emit(self, message):
+        """An emit from another process: deliver it to our sockets with
+        ``local_emit`` (no task per recipient), like our own emits."""
+        if message.get('callback') is not None or message.get('binary'):
+            return await super()._handle_emit(message)
+        data = message['data']
+        data = data[0] if len(data) == 1 else tuple(data)
+        await local_emit(self, message['event'], data,
+                         message.get('namespace') or '/',
+                         message.get('room'), message.get('skip_sid'))
+
     async def _publish(self, data):
         """Used by the base class for disconnects, callbacks and binary
         emits: every process gets them."""
