@@ -1,5 +1,6 @@
 """What an operator sees: Prometheus metrics at /metrics, security headers on
 every HTTP response, and structured logs without secrets."""
+import asyncio
 import json
 
 import aiohttp
@@ -134,3 +135,43 @@ async def test_json_logs_have_connections_and_errors_but_no_secrets(
     text = server.read_log()
     for secret in (password, a_token, login['token'], body):
         assert secret not in text
+
+
+async def test_redis_publish_and_listen_failures_are_exported(tmp_path):
+    from tests.redisproc import FAST_REDIS_ENV, RedisProcess
+    redis = RedisProcess(tmp_path / 'redis').start()
+    server = ServerProcess(tmp_path / 'server', env={
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV})
+    server.start()
+    base = server.url
+    try:
+        alice, a_token = await register(base)
+        bob, _ = await register(base)
+        a = await connect(base, a_token)
+        samples = await scrape(base)
+        assert ('postbox_redis_publish_failures_total', frozenset()) \
+            in samples
+        assert value(samples, 'postbox_redis_listen_failures_total') == 0
+        redis.stop()
+        # Sends still succeed (they are stored); what could not reach
+        # Redis is counted.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        failures = 0
+        n = 0
+        while failures == 0 and loop.time() < deadline:
+            n += 1
+            ack = await a.call('send_dm', {'to': bob['username'], 'body': 'x',
+                                           'client_msg_id': f'r{n}'})
+            assert ack['ok'], ack
+            samples = await scrape(base)
+            failures = (value(samples, 'postbox_redis_publish_failures_total')
+                        + value(samples,
+                                'postbox_redis_listen_failures_total'))
+            if failures == 0:
+                await asyncio.sleep(0.1)  # poll interval of the counter
+        assert failures > 0
+        await a.close()
+    finally:
+        server.stop()
+        redis.stop()
