@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -220,6 +221,7 @@ async def soak(minutes, users_count):
                 duplicated += count > 1
     finally:
         code = server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     rss = [s[0] for s in samples]
     fds = [s[1] for s in samples]
     print(f'soak: {minutes} min, {users_count} users, '
@@ -227,6 +229,10 @@ async def soak(minutes, users_count):
     print(f'memory (RSS MiB): min {min(rss) / 1024:.1f} '
           f'max {max(rss) / 1024:.1f} last {rss[-1] / 1024:.1f} '
           f'(first {rss[0] / 1024:.1f})')
+    quarters = [rss[min(len(rss) - 1, len(rss) * q // 4)] / 1024
+                for q in (1, 2, 3, 4)]
+    print('memory at 1/4, 1/2, 3/4, end of the run (MiB): '
+          + ', '.join(f'{q:.1f}' for q in quarters))
     print(f'open fds: min {min(fds)} max {max(fds)} last {fds[-1]} '
           f'(first {fds[0]})')
     print(f'events {stats["events"]}, reconnects {stats["reconnects"]}, '
