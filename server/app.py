@@ -21,7 +21,7 @@ from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
 from server.services import attachments, rooms
 from server.services.context import Context
-from server.services.limits import Limits
+from server.services.limits import Limits, SharedConnections
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
@@ -136,6 +136,10 @@ def create_app(config) -> web.Application:
     if manager is not None:
         app[REDIS] = manager
         app[http.READY_CHECKS].append(('redis', manager.ready))
+        # Connections per user hold across processes.
+        ctx.limits.connections = SharedConnections(
+            config.max_connections_per_user, config.max_connections_per_ip,
+            manager, config.redis_channel)
     http.add_routes(app)
     attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)

@@ -56,6 +56,7 @@ async def test_connections_per_user_and_per_address(limited):
     assert error['data']['code'] == 'rate_limited'
     # A closed socket frees its place.
     await a[0].close()
+    await sockets_drop_to(base, 2)
     a[0] = await connect(base, a_token)
     # Per address: 3 + 2 = 5 from 127.0.0.1, the 6th is refused although
     # its user has only 2.
@@ -64,6 +65,7 @@ async def test_connections_per_user_and_per_address(limited):
     assert error['data']['code'] == 'rate_limited'
     for client in a + b:
         await client.close()
+    await sockets_drop_to(base, 0)
     # Everything released: connections work again.
     c = await connect(base, b_token)
     await c.close()
@@ -249,3 +251,41 @@ async def test_half_open_connection_is_reaped_by_ping_timeout(tmp_path):
         assert value(await scrape(base), 'postbox_connected_sockets') == 0
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+async def sockets_drop_to(base, count, timeout=10):
+    """Wait until the server has handled the disconnects (its gauge is
+    lowered after the connection counts are released)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while value(await scrape(base), 'postbox_connected_sockets') > count:
+        assert loop.time() < deadline, 'disconnect not seen by the server'
+        await asyncio.sleep(0.05)  # poll interval of the gauge
+
+
+async def test_connections_per_user_hold_across_processes(tmp_path):
+    from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
+                                 stop_servers)
+    redis = RedisProcess(tmp_path / 'redis').start()
+    servers = start_servers(tmp_path / 'cluster', 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_MAX_CONNECTIONS_PER_USER': '2'})
+    try:
+        one, two = servers[0].url, servers[1].url
+        _, token = await register(one)
+        first = await connect(one, token)
+        second = await connect(two, token)
+        # Each process has one socket of the user; together they are 2.
+        for url in (one, two):
+            error = await refused(url, token)
+            assert error['data']['code'] == 'rate_limited'
+        await first.close()
+        await sockets_drop_to(one, 0)
+        third = await connect(two, token)
+        assert (await third.call('rooms', {}))['ok']
+        await second.close()
+        await third.close()
+    finally:
+        codes = stop_servers(servers)
+        redis.stop()
+    assert codes == [0, 0]

@@ -2,9 +2,9 @@
 client address, a token bucket per user over every event, failed-login
 throttling and the number of rooms a user may be in.
 
-They count in this process. ``Connections`` is the seam for counting across
-processes: a Redis-backed class with the same ``acquire``/``release`` can
-replace it when Redis is configured.
+They count in this process, except connections per user when Redis is
+configured: ``SharedConnections`` keeps that count in Redis so the limit
+holds across processes (a user's sockets land on any of them).
 """
 import logging
 import time
@@ -29,7 +29,7 @@ class Connections:
         self._users = {}
         self._ips = {}
 
-    def acquire(self, user_id, ip):
+    async def acquire(self, user_id, ip):
         """Count a new socket; raises TooManyConnections (and counts
         nothing) when either limit is reached."""
         if self._users.get(user_id, 0) >= self.per_user:
@@ -39,13 +39,78 @@ class Connections:
         self._users[user_id] = self._users.get(user_id, 0) + 1
         self._ips[ip] = self._ips.get(ip, 0) + 1
 
-    def release(self, user_id, ip):
+    async def release(self, user_id, ip):
         for counts, key in ((self._users, user_id), (self._ips, ip)):
             left = counts.get(key, 0) - 1
             if left > 0:
                 counts[key] = left
             else:
                 counts.pop(key, None)
+
+
+# KEYS[1]: the user's hash {process id: sockets}. ARGV: own process id,
+# liveness key prefix, limit. Counts of processes whose liveness key expired
+# (crashed) are dropped, so a crash never locks a user out for long.
+ACQUIRE_SCRIPT = """
+local key, me, alive_prefix = KEYS[1], ARGV[1], ARGV[2]
+local limit = tonumber(ARGV[3])
+local total = 0
+local counts = redis.call('HGETALL', key)
+for i = 1, #counts, 2 do
+  local host, n = counts[i], tonumber(counts[i + 1])
+  if host == me or redis.call('EXISTS', alive_prefix .. host) == 1 then
+    total = total + n
+  else
+    redis.call('HDEL', key, host)
+  end
+end
+if total >= limit then return 0 end
+redis.call('HINCRBY', key, me, 1)
+redis.call('EXPIRE', key, 86400)
+return 1
+"""
+
+
+class SharedConnections(Connections):
+    """Connections per user counted in Redis across every process (per
+    address stays per process: an address is a weaker signal and its limit
+    is generous). ``manager`` is the Redis client manager: its ``redis``
+    client, ``host_id`` and ``alive_prefix``. If Redis is unreachable the
+    local count decides, so an outage does not refuse everyone."""
+
+    def __init__(self, per_user, per_ip, manager, prefix):
+        super().__init__(per_user, per_ip)
+        self.manager = manager
+        self.prefix = prefix
+        self._acquire = manager.redis.register_script(ACQUIRE_SCRIPT)
+
+    def _key(self, user_id):
+        return f'{self.prefix}:conns:{user_id}'
+
+    async def acquire(self, user_id, ip):
+        await super().acquire(user_id, ip)
+        try:
+            allowed = await self._acquire(
+                keys=[self._key(user_id)],
+                args=[self.manager.host_id, self.manager.alive_prefix,
+                      self.per_user])
+        except Exception as exc:  # Redis down: the local count stands
+            log.warning('shared connection count unavailable: %s', exc)
+            return
+        if not allowed:
+            await super().release(user_id, ip)
+            raise TooManyConnections('too many connections for this user')
+
+    async def release(self, user_id, ip):
+        await super().release(user_id, ip)
+        key = self._key(user_id)
+        try:
+            left = await self.manager.redis.hincrby(
+                key, self.manager.host_id, -1)
+            if left <= 0:
+                await self.manager.redis.hdel(key, self.manager.host_id)
+        except Exception as exc:
+            log.warning('shared connection count unavailable: %s', exc)
 
 
 class Failures:

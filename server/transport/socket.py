@@ -116,7 +116,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         if sockets.draining:
             raise refuse('unavailable')
         try:
-            ctx.limits.connections.acquire(user['id'], ip)
+            await ctx.limits.connections.acquire(user['id'], ip)
         except limits.TooManyConnections as exc:
             ctx.metrics.rate_limited.labels('connections').inc()
             log.info('connection refused: %s', exc,
@@ -137,7 +137,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         if user is None:
             return
         ip = sockets.ips.pop(sid, None)
-        ctx.limits.connections.release(user['id'], ip)
+        await ctx.limits.connections.release(user['id'], ip)
         ctx.metrics.sockets.dec()
         log.info('disconnect', extra={'user_id': user['id'], 'sid': sid,
                                       'ip': ip, 'reason': str(reason)})
