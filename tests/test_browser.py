@@ -18,6 +18,8 @@ CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic',
                  '--disable-component-update', '--disable-sync']
 WAIT_MS = 15000
 PASSWORD = 'correct horse battery'
+# The machine may be busy with other tests: be patient, never sleep.
+expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +76,7 @@ def sign_up(page, username, display_name):
     page.fill('#auth-display-name', display_name)
     page.fill('#auth-password', PASSWORD)
     page.click('#auth-submit')
+    expect(page.locator('#app')).to_be_visible()
     expect(page.locator('#me-name')).to_have_text(display_name)
     expect(page.locator('#banner')).to_be_hidden()
 
@@ -381,3 +384,44 @@ def test_group_and_product_screenshot(people, tmp_path):
     shot(alice, 'mobile-inbox.png')
     for person in (alice, bob, carol):
         assert person.errors == [] and person.console_errors == []
+
+
+def test_sign_in_errors_and_ended_session(people):
+    page = people()
+    name = unique_name('dana')
+    sign_up(page, name, 'Dana Fox')
+    page.click('#logout')
+    expect(page.locator('#auth')).to_be_visible()
+
+    page.fill('#auth-username', name)
+    page.fill('#auth-password', 'not the password')
+    page.click('#auth-submit')
+    expect(page.locator('#auth-error')).to_have_text(
+        'Wrong username or password.')
+    page.click('#tab-register')
+    page.fill('#auth-username', name)
+    page.fill('#auth-password', PASSWORD)
+    page.click('#auth-submit')
+    expect(page.locator('#auth-error')).to_have_text(
+        'That username is taken.')
+
+    page.click('#tab-login')
+    page.fill('#auth-username', name.upper())
+    page.fill('#auth-password', PASSWORD)
+    page.click('#auth-submit')
+    expect(page.locator('#app')).to_be_visible()
+    expect(page.locator('#me-name')).to_have_text('Dana Fox')
+    expect(page.locator('#banner')).to_be_hidden()
+
+    # "Sign out everywhere" from elsewhere revokes this page's token: the
+    # server closes the socket, the reconnect is refused, the page asks
+    # to sign in again.
+    page.evaluate("""() => fetch('/api/logout', {method: 'POST',
+        headers: {'Authorization': 'Bearer ' + localStorage.getItem('postbox.token'),
+                  'Content-Type': 'application/json'},
+        body: JSON.stringify({all: true})})""")
+    expect(page.locator('#auth')).to_be_visible()
+    expect(page.locator('#auth-error')).to_have_text(
+        'Your session has ended. Please sign in again.')
+    assert page.evaluate("localStorage.getItem('postbox.token')") is None
+    assert page.errors == []

@@ -238,7 +238,8 @@
   function connect() {
     // Polling first, then the upgrade to WebSocket (the client's default):
     // works behind proxies that do not pass WebSockets.
-    const socket = io({auth: {token: state.token}});
+    // forceNew: a sign-out and sign-in must not reuse the old Manager.
+    const socket = io({auth: {token: state.token}, forceNew: true});
     state.socket = socket;
     socket.on('connect', () => {
       $('banner').hidden = true;
@@ -510,7 +511,9 @@
   function onMessageUpdated(m, fromServerEvent) {
     if (fromServerEvent) bumpSeq(m.room_id, m.update_seq);
     const c = state.convos.get(m.room_id);
-    if (c && c.loaded) store(c, m);
+    // A change to a message older than the loaded pages waits until that
+    // page is loaded (it then comes in its new version).
+    if (c && c.messages.has(m.id)) store(c, m);
     const entry = state.rooms.get(m.room_id);
     if (entry && entry.last_message && entry.last_message.id === m.id) {
       entry.last_message = m;
@@ -751,7 +754,10 @@
         img.width = Math.round(a.width * scale);
         img.height = Math.round(a.height * scale);
       }
-      blobUrl(a.thumbnail_url || a.url).then((url) => {
+      // The original when it is small enough (sharp on dense screens, and
+      // a GIF keeps moving); the server's thumbnail for big pictures.
+      const small = a.size <= 2 * 1024 * 1024 || a.content_type === 'image/gif';
+      blobUrl(small || !a.thumbnail_url ? a.url : a.thumbnail_url).then((url) => {
         const box = $('messages');
         const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
         img.addEventListener('load', () => { if (atBottom) box.scrollTop = box.scrollHeight; }, {once: true});
