@@ -21,7 +21,7 @@ class RedisProcess:
 
     def start(self, timeout=10):
         binary = shutil.which('redis-server')
-        assert binary, 'redis-server is not installed (tests/run.sh installs it)'
+        assert binary, 'no redis-server (tests/run.sh installs it)'
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.dir / 'redis.log', 'ab')
         self.proc = subprocess.Popen(

@@ -76,12 +76,15 @@ class Nginx:
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError('nginx exited: ' + self.log())
             try:
                 with socket.create_connection(('127.0.0.1', self.port), 0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError('nginx did not start: ' + self.log())
 
     def log(self):
@@ -103,11 +106,20 @@ def stack(tmp_path_factory):
     # A short ping interval: python-engineio answers a client's close of a
     # long-polling session only when the pending poll times out, which is
     # bounded by ping interval + ping timeout (45 s by default).
-    servers = start_servers(tmp_path_factory.mktemp('behind-nginx'), 2, {
-        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
-        'POSTBOX_PING_INTERVAL': '3', 'POSTBOX_PING_TIMEOUT': '3'})
-    nginx = Nginx(tmp_path_factory.mktemp('nginx'),
-                  [s.port for s in servers]).start()
+    try:
+        servers = start_servers(tmp_path_factory.mktemp('behind-nginx'), 2, {
+            'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+            'POSTBOX_PING_INTERVAL': '3', 'POSTBOX_PING_TIMEOUT': '3'})
+    except Exception:
+        redis.stop()
+        raise
+    try:
+        nginx = Nginx(tmp_path_factory.mktemp('nginx'),
+                      [s.port for s in servers]).start()
+    except Exception:
+        stop_servers(servers)
+        redis.stop()
+        raise
     yield nginx, servers
     nginx.stop()
     codes = stop_servers(servers)

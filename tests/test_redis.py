@@ -142,7 +142,8 @@ async def test_presence_between_processes(cluster):
     ack = await a.call('open_dm', {'username': bob['username']})
     assert ack['ok']
     b = await connect(p2.url, tb)
-    got = await a.next('presence', where=lambda p: p['user']['id'] == bob['id'])
+    got = await a.next('presence',
+                       where=lambda p: p['user']['id'] == bob['id'])
     assert got['online'] is True
     ask = await a.call('presence', {'usernames': [bob['username']]})
     assert ask['presence'][bob['username']]['online'] is True
@@ -180,28 +181,36 @@ async def test_crashed_process_users_go_offline(tmp_path, redis, cluster):
         'POSTBOX_DATABASE_URL': p1.env.get(
             'POSTBOX_DATABASE_URL',
             'sqlite:///' + str(p1.data_dir / 'postbox.db'))})
-    alice, ta = await register(p1.url)
-    bob, tb = await register(p1.url)
-    a = await connect(p1.url, ta)
-    await a.call('open_dm', {'username': bob['username']})
-    b = await connect(doomed.url, tb)
-    got = await a.next('presence', where=lambda p: p['user']['id'] == bob['id'])
-    assert got['online'] is True
-    doomed.stop(signal.SIGKILL)
-    got = await a.next('presence', 15,
-                       where=lambda p: p['user']['id'] == bob['id'])
-    assert got['online'] is False
-    assert (await p_presence(p1, ta, bob))['online'] is False
-    await b.sio.disconnect()
-    await a.close()
+    try:
+        alice, ta = await register(p1.url)
+        bob, tb = await register(p1.url)
+        a = await connect(p1.url, ta)
+        await a.call('open_dm', {'username': bob['username']})
+        b = await connect(doomed.url, tb)
+        got = await a.next('presence',
+                           where=lambda p: p['user']['id'] == bob['id'])
+        assert got['online'] is True
+        doomed.stop(signal.SIGKILL)
+        got = await a.next('presence', 15,
+                           where=lambda p: p['user']['id'] == bob['id'])
+        assert got['online'] is False
+        assert (await p_presence(p1, ta, bob))['online'] is False
+        await b.sio.disconnect()
+        await a.close()
+    finally:
+        doomed.stop(signal.SIGKILL)
 
 
 async def test_redis_outage_loses_nothing_and_recovers(tmp_path_factory):
     redis = RedisProcess(tmp_path_factory.mktemp('redis-outage')).start()
-    p1, p2 = start_servers(tmp_path_factory.mktemp('outage'), 2, {
-        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
-        'POSTBOX_SEND_RATE_PER_SECOND': '100000',
-        'POSTBOX_SEND_BURST': '100000'})
+    try:
+        p1, p2 = start_servers(tmp_path_factory.mktemp('outage'), 2, {
+            'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+            'POSTBOX_SEND_RATE_PER_SECOND': '100000',
+            'POSTBOX_SEND_BURST': '100000'})
+    except Exception:
+        redis.stop()
+        raise
     try:
         alice, ta = await register(p1.url)
         bob, tb = await register(p2.url)

@@ -11,7 +11,8 @@ bound on what piles up while Redis is slow. This manager instead:
   queued over one connection (a full queue drops and counts: clients that
   follow ``sync`` still get every stored message);
 - keeps, for every Socket.IO room entered on this process (``user:<id>``,
-  ``room:<id>``), this process's id in a Redis set ``<channel>:room:<ns>:<room>``;
+  ``room:<id>``), this process's id in a Redis set
+  ``<channel>:room:<namespace>:<room>``;
   a Lua script looks up the target rooms' sets and publishes to the channels
   of the live processes in them only, so a message whose recipients are all
   local reaches no other process;
@@ -81,7 +82,8 @@ for i = 4, #ARGV, 2 do
   k = k + nkeys
 end
 for _, host in ipairs(hosts) do
-  redis.call('PUBLISH', chan .. host, '[' .. table.concat(out[host], ',') .. ']')
+  local batch = '[' .. table.concat(out[host], ',') .. ']'
+  redis.call('PUBLISH', chan .. host, batch)
 end
 return #hosts
 """
