@@ -161,6 +161,13 @@ def test_live_dm_typing_seen_and_reload(people):
     expect(bubbles(bob)).to_have_text(
         ['Hi Bob! Are we still on for lunch?', 'Sure, 12:30'])
 
+    # Typing stops when Bob leaves the box without sending.
+    bob.locator('#composer-input').press_sequentially('hmm')
+    expect(alice.locator('#typing')).to_have_text('Bob Chen is typing…')
+    bob.locator('#composer-input').blur()
+    expect(alice.locator('#typing')).to_have_text('')
+    bob.fill('#composer-input', '')
+
     # Markup in a message is text, never HTML.
     evil = '<img src=x onerror=alert(1)> <b>bold?</b>'
     send(alice, evil)
@@ -207,6 +214,13 @@ def test_edit_and_delete_own_messages(people):
     expect(bob.locator('.msg button.edit')).to_have_count(0)
     for page in (alice, bob):
         assert page.errors == [] and page.console_errors == []
+
+    # Bob closes his browser: within the grace period Alice sees him go.
+    expect(alice.locator('#room-dot')).to_have_class('dot online')
+    bob.context.close()
+    expect(alice.locator('#room-dot')).to_have_class('dot', timeout=30000)
+    expect(alice.locator('#room-status')).to_contain_text('Last seen')
+    expect(alice.locator('.inbox-item .dot')).to_have_class('dot')
 
 
 def test_picture_and_file_attachments(people, tmp_path):
