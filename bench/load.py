@@ -458,7 +458,6 @@ async def _dm_worker(conn, spec):
             users.append({'name': a, 'token': ta})
             users.append({'name': b, 'token': tb})
         stats = None
-        loop = asyncio.get_running_loop()
 
         def on_event(client, event, payload):
             if event != 'message':
