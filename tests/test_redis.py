@@ -99,6 +99,7 @@ async def test_group_typing_and_read_markers_between_processes(cluster):
     (alice, ta), (bob, tb), (carol, tc) = [await register(p1.url)
                                            for _ in range(3)]
     a = await connect(p1.url, ta)
+    a_elsewhere = await connect(p2.url, ta)  # alice's other device
     b = await connect(p2.url, tb)
     c = await connect(p3.url, tc)
     ack = await a.call('create_group', {
@@ -107,13 +108,15 @@ async def test_group_typing_and_read_markers_between_processes(cluster):
     room = ack['room']
     assert (await b.next('room'))['id'] == room['id']
     assert (await c.next('room'))['id'] == room['id']
-    for client in (a, b, c):
+    for client in (a, a_elsewhere, b, c):
         assert (await client.call('join_room', {'room_id': room['id']}))['ok']
     await a.call('typing', {'room_id': room['id'], 'typing': True})
     for client in (b, c):
         got = await client.next('typing')
         assert got == {'room_id': room['id'], 'user': alice,
                        'typing': True}
+    # The typist's own sockets, on any process, do not hear themselves.
+    await a_elsewhere.nothing('typing', 0.3)
     sent = await a.call('send_dm', {'room_id': room['id'], 'body': 'all',
                                     'client_msg_id': 'g1'})
     for client in (b, c):
@@ -130,7 +133,7 @@ async def test_group_typing_and_read_markers_between_processes(cluster):
     await c.call('typing', {'room_id': room['id'], 'typing': True})
     assert (await a.next('typing'))['user']['id'] == carol['id']
     await b.nothing('typing', 0.3)
-    for client in (a, b, c):
+    for client in (a, a_elsewhere, b, c):
         await client.close()
 
 

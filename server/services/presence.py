@@ -7,12 +7,14 @@ from models import User
 
 
 async def set_typing(ctx, user_id, room_id, typing, sid):
-    """Record that ``user_id`` is (not) typing in ``room_id``. Returns True
-    if the change should be broadcast to the room."""
+    """Record that ``user_id`` is (not) typing in ``room_id``. Returns the
+    room's member ids if the change should be broadcast, else None."""
     if not isinstance(typing, bool):
         raise Invalid('typing must be true or false')
-    await rooms_service.member_room(ctx, user_id, room_id)
-    return ctx.typing.update(room_id, user_id, sid, typing)
+    info = await rooms_service.member_room(ctx, user_id, room_id)
+    if ctx.typing.update(room_id, user_id, sid, typing):
+        return info.member_ids
+    return None
 
 
 def _ids_by_username(usernames):

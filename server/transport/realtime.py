@@ -1,7 +1,9 @@
 """Server -> client events. The only place that names Socket.IO rooms:
 ``user:<id>`` holds every socket of a user (so messages reach all their tabs
-and devices without any join), ``room:<id>`` the sockets that joined a room
-(for typing and read events)."""
+and devices without any join); ``room:<id>:<user_id>`` the sockets of one
+member that joined a room (for typing and read events). Joined sockets are
+kept per member so that a typing event can go to every member but the
+typist, on every process, without knowing the typist's socket ids there."""
 from server.services.serialize import iso
 
 
@@ -9,8 +11,8 @@ def user_room(user_id) -> str:
     return f'user:{user_id}'
 
 
-def room_room(room_id) -> str:
-    return f'room:{room_id}'
+def room_room(room_id, user_id) -> str:
+    return f'room:{room_id}:{user_id}'
 
 
 class Realtime:
@@ -29,14 +31,17 @@ class Realtime:
         await self.sio.emit('room', room,
                             to=[user_room(m['id']) for m in room['members']])
 
-    async def typing(self, room_id, user, typing, skip_sids=None):
+    async def typing(self, room_id, user, typing, member_ids):
+        """To the joined sockets of every member but the typist."""
         await self.sio.emit('typing', {'room_id': room_id, 'user': user,
                                        'typing': typing},
-                            to=room_room(room_id), skip_sid=skip_sids)
+                            to=[room_room(room_id, m) for m in member_ids
+                                if m != user['id']])
 
-    async def read(self, room_id, user_id, seq):
+    async def read(self, room_id, user_id, seq, member_ids):
         await self.sio.emit('read', {'room_id': room_id, 'user_id': user_id,
-                                     'seq': seq}, to=room_room(room_id))
+                                     'seq': seq},
+                            to=[room_room(room_id, m) for m in member_ids])
 
     async def presence(self, user, online, last_seen_ms, contact_ids):
         await self.sio.emit('presence', {'user': user, 'online': online,

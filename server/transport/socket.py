@@ -142,7 +142,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         log.info('disconnect', extra={'user_id': user['id'], 'sid': sid,
                                       'ip': ip, 'reason': str(reason)})
         for room_id, user_id in ctx.typing.drop_socket(sid):
-            await realtime.typing(room_id, user, False)
+            info = await rooms.room_info(ctx, room_id)
+            await realtime.typing(room_id, user, False, info.member_ids)
         await ctx.presence.disconnected(user['id'])
 
     @sio.on('*')
@@ -172,7 +173,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     async def join_room(sid, user, data):
         info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
         # Enter first so nothing sent after the history query is missed.
-        await sio.enter_room(sid, room_room(info.id))
+        await sio.enter_room(sid, room_room(info.id, user['id']))
         recent = await messages.history(ctx, user['id'], info.id)
         room = await rooms.room_payload(ctx, info)
         read = await rooms.read_markers(ctx, info.id)
@@ -182,7 +183,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     @on_event('leave_room')
     async def leave_room(sid, user, data):
         info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
-        await sio.leave_room(sid, room_room(info.id))
+        await sio.leave_room(sid, room_room(info.id, user['id']))
         return {}
 
     @on_event('send_dm')
@@ -196,16 +197,17 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         if sent.created and ctx.typing.stop(sent.message['room_id'],
                                             user['id']):
             await realtime.typing(sent.message['room_id'], user, False,
-                                  list(sockets.by_user.get(user['id'], ())))
+                                  sent.member_ids)
         return {'message': sent.message}
 
     @on_event('typing')
     async def typing(sid, user, data):
         room_id = data.get('room_id')
         typing = data.get('typing')
-        if await presence.set_typing(ctx, user['id'], room_id, typing, sid):
-            await realtime.typing(room_id, user, typing,
-                                  list(sockets.by_user.get(user['id'], ())))
+        member_ids = await presence.set_typing(ctx, user['id'], room_id,
+                                               typing, sid)
+        if member_ids:
+            await realtime.typing(room_id, user, typing, member_ids)
         return {}
 
     @on_event('mark_read')
@@ -214,7 +216,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         marker, unread, moved = await messages.mark_read(
             ctx, user['id'], room_id, data.get('seq'))
         if moved:
-            await realtime.read(room_id, user['id'], marker)
+            info = await rooms.room_info(ctx, room_id)
+            await realtime.read(room_id, user['id'], marker, info.member_ids)
         return {'unread': unread, 'seq': marker}
 
     @on_event('history')
