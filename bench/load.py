@@ -60,6 +60,17 @@ def proc_cpu_seconds(pid) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def main_thread_cpu_seconds(pid) -> float:
+    """utime + stime of the process's main thread (the event loop for
+    Postbox and the python relay), from /proc/<pid>/task/<pid>/stat."""
+    try:
+        with open(f'/proc/{pid}/task/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_rss_bytes(pid) -> int:
     with open(f'/proc/{pid}/status') as f:
         for line in f:
@@ -768,12 +779,15 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
         start, end = t0 + warmup, t0 + warmup + duration
         time.sleep(max(0.0, start - time.monotonic()))
         cpu0 = proc_cpu_seconds(server_pid)
+        main0 = main_thread_cpu_seconds(server_pid)
         time.sleep(max(0.0, end - time.monotonic()))
         cpu1 = proc_cpu_seconds(server_pid)
+        main1 = main_thread_cpu_seconds(server_pid)
         results = pool.recv_all(timeout=duration + warmup + 60)
     finally:
         pool.join()
     delivered = sum(r['delivered'] for r in results)
+    main_cpu = main1 - main0
     latencies = [x for r in results for x in r['latencies']]
     cpu = cpu1 - cpu0
     out = {
@@ -790,6 +804,10 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
         'server_cpu_util': cpu / duration,
         'cpu_s_per_1000': 1000 * cpu / delivered if delivered else None,
         'cpu_us_per_msg': 1e6 * cpu / delivered if delivered else None,
+        # The event loop's thread alone; the rest is the other threads
+        # (Postbox: the writer, the readers, the executor).
+        'main_thread_us_per_msg': 1e6 * main_cpu / delivered if delivered
+        else None,
         # Cores' worth of CPU the generator processes used while sending
         # (1.0 = one core busy): near the core count, the load is the limit.
         'gen_cpu_util': sum(r['gen_cpu'] for r in results) /
