@@ -45,3 +45,12 @@ def loaded(tmp_path_factory, database_env):
     proc.start()
     yield proc
     assert proc.stop() == 0, proc.read_log()
+
+
+@pytest.fixture(scope='module')
+def redis(tmp_path_factory):
+    """A real redis-server on a free port, for the tests of one module."""
+    from tests.redisproc import RedisProcess
+    proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
+    yield proc
+    proc.stop()

@@ -7,15 +7,8 @@ import pytest
 
 from tests.helpers import connect, register
 from tests.pg import PostgresCluster
-from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
+from tests.redisproc import (FAST_REDIS_ENV, start_servers,
                              stop_servers)
-
-
-@pytest.fixture(scope='module')
-def redis(tmp_path_factory):
-    proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope='module')

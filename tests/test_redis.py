@@ -15,13 +15,6 @@ from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
 
 
 @pytest.fixture(scope='module')
-def redis(tmp_path_factory):
-    proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope='module')
 def cluster(tmp_path_factory, redis):
     """Three processes, one SQLite file, one Redis."""
     servers = start_servers(tmp_path_factory.mktemp('cluster'), 3, {

@@ -93,9 +93,13 @@ class Presence:
                 result[user_id] = (False, self._last_seen[user_id])
             else:
                 unknown.append(user_id)
-        if unknown:
-            stored = await self.store.read(_load_last_seen, unknown)
-            for user_id in unknown:
+        return await self._add_stored(result, unknown)
+
+    async def _add_stored(self, result, user_ids) -> dict:
+        """Add (offline, stored last seen) for users nobody has seen."""
+        if user_ids:
+            stored = await self.store.read(_load_last_seen, user_ids)
+            for user_id in user_ids:
                 result[user_id] = (False, stored.get(user_id))
         return result
 

@@ -20,7 +20,7 @@ import asyncio
 import logging
 
 from server.services.context import now_ms
-from server.services.live import Presence, _load_last_seen, _save_last_seen
+from server.services.live import Presence, _save_last_seen
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +199,7 @@ class RedisPresence(Presence):
                 result[user_id] = (False, int(ms))
             else:
                 unknown.append(user_id)
-        if unknown:
-            stored = await self.store.read(_load_last_seen, unknown)
-            for user_id in unknown:
-                result[user_id] = (False, stored.get(user_id))
-        return result
+        return await self._add_stored(result, unknown)
 
     async def _register_all(self):
         """Redis came back (possibly empty): hold our users again."""
