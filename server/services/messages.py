@@ -14,9 +14,10 @@ from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
-from server.services.serialize import (attachment_dict, load_users,
-                                       message_dict, message_dicts,
-                                       new_message_dict)
+from server.services.serialize import (attachment_dict, fetch_messages,
+                                       load_users, message_dict,
+                                       message_dicts, new_message_dict,
+                                       placeholders)
 from server.store import execute
 
 EMOJI_MAX = 32
@@ -268,14 +269,17 @@ async def react(ctx, user_id, message_id, emoji, on):
 
 
 def _history(ctx, room_id, before, after, limit):
-    query = Message.select().where(Message.room == room_id)
+    where, params = '"room_id" = ?', [room_id]
     if after is not None:
-        query = query.where(Message.seq > after).order_by(Message.seq)
+        where += ' AND "seq" > ?'
+        params.append(after)
+        order = 'ORDER BY "seq"'
     else:
         if before is not None:
-            query = query.where(Message.seq < before)
-        query = query.order_by(Message.seq.desc())
-    rows = list(query.limit(limit + 1))
+            where += ' AND "seq" < ?'
+            params.append(before)
+        order = 'ORDER BY "seq" DESC'
+    rows = fetch_messages(where, params + [limit + 1], order + ' LIMIT ?')
     has_more = len(rows) > limit
     rows = rows[:limit]
     if after is None:
@@ -340,15 +344,15 @@ def _sync(ctx, user_id, known, page):
         if remaining <= 0:
             break
         after = known.get(room_id, 0)
-        rows = (Event.select(Event.seq, Event.kind, Event.message)
-                .where(Event.room == room_id, Event.seq > after)
-                .order_by(Event.seq).limit(remaining).tuples())
+        rows = execute('SELECT "seq", "kind", "message_id" FROM "event" '
+                       'WHERE "room_id" = ? AND "seq" > ? ORDER BY "seq" '
+                       'LIMIT ?', (room_id, after, remaining)).fetchall()
         events.extend((room_id, seq, kind, mid) for seq, kind, mid in rows)
     has_more = len(events) > page
     events = events[:page]
-    messages = {m['id']: m for m in message_dicts(
-        ctx, Message.select().where(
-            Message.id.in_({e[3] for e in events})))} if events else {}
+    ids = list({e[3] for e in events})
+    messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
+        f'"id" IN ({placeholders(ids)})', ids))} if ids else {}
     return {'events': [{'type': kind, 'room_id': room_id, 'seq': seq,
                         'message': messages[mid]}
                        for room_id, seq, kind, mid in events],

@@ -1,7 +1,9 @@
 """Turning rows into the contract's objects (plain dicts)."""
 import datetime
+from typing import NamedTuple
 
-from models import Attachment, Message, Reaction, User
+from models import Message, User
+from server.store import execute
 
 
 def iso(ms):
@@ -39,21 +41,70 @@ def attachment_dict(att) -> dict:
     return data
 
 
+class MessageRow(NamedTuple):
+    """A message row read with plain SQL (same attributes as the model)."""
+    id: int
+    room_id: int
+    seq: int
+    sender_id: int
+    body: str
+    client_msg_id: str
+    reply_to: int | None
+    created_at: int
+    edited_at: int | None
+    deleted: bool
+    update_seq: int
+
+
+class AttachmentRow(NamedTuple):
+    id: int
+    message_id: int
+    filename: str
+    content_type: str
+    size: int
+    width: int | None
+    height: int | None
+    thumbnail_key: str | None
+
+
+MESSAGE_COLUMNS = ', '.join(f'"{f}"' for f in MessageRow._fields)
+ATTACHMENT_COLUMNS = ', '.join(f'"{f}"' for f in AttachmentRow._fields)
+
+
+def placeholders(values) -> str:
+    return ', '.join('?' * len(values))
+
+
+def fetch_messages(where: str, params=(), tail: str = '') -> list:
+    """Message rows ``WHERE <where> <tail>`` (plain SQL with ``?``). Paging
+    through history and sync reads hundreds of rows a call: building the
+    query and model objects with Peewee cost more than the query itself."""
+    cursor = execute(f'SELECT {MESSAGE_COLUMNS} FROM "message" '
+                     f'WHERE {where} {tail}', params)
+    return [MessageRow(*row) for row in cursor.fetchall()]
+
+
 def message_dicts(ctx, messages):
-    """Serialise Message rows (with their reactions and attachments, each
-    fetched in one query). Runs on a database thread."""
+    """Serialise messages (model objects or MessageRows) with their
+    reactions and attachments, each fetched in one query. Runs on a
+    database thread."""
     messages = list(messages)
     if not messages:
         return []
     ids = [m.id for m in messages]
+    marks = placeholders(ids)
     reactions = {}
-    for r in (Reaction.select(Reaction.message, Reaction.user, Reaction.emoji)
-              .where(Reaction.message.in_(ids))
-              .order_by(Reaction.created_at, Reaction.id).tuples()):
-        reactions.setdefault(r[0], {}).setdefault(r[2], []).append(r[1])
+    for message_id, user_id, emoji in execute(
+            'SELECT "message_id", "user_id", "emoji" FROM "reaction" '
+            f'WHERE "message_id" IN ({marks}) ORDER BY "created_at", "id"',
+            ids).fetchall():
+        reactions.setdefault(message_id, {}).setdefault(emoji, []).append(
+            user_id)
     attachments = {}
-    for att in (Attachment.select().where(Attachment.message.in_(ids))
-                .order_by(Attachment.id)):
+    for row in execute(f'SELECT {ATTACHMENT_COLUMNS} FROM "attachment" '
+                       f'WHERE "message_id" IN ({marks}) ORDER BY "id"',
+                       ids).fetchall():
+        att = AttachmentRow(*row)
         attachments.setdefault(att.message_id, []).append(
             attachment_dict(att))
     users = load_users(ctx, [m.sender_id for m in messages])
