@@ -147,11 +147,16 @@ async def test_presence(server):
     b = await connect(base, b.token)
     await a.nothing('presence', 1.0,
                     where=lambda p: p['user']['id'] == bob['id'])
-    # Someone who shares no room hears nothing.
+    # Someone who shares no room hears nothing, and their own coming and
+    # going is announced to nobody.
     _, tc = await register(base)
     c = await connect(base, tc)
+    loner, tl = await register(base)
+    lone = await connect(base, tl)
     await b.close()
-    await c.nothing('presence', 1.0,
-                    where=lambda p: p['user']['id'] == bob['id'])
+    await c.nothing('presence', 1.0)
+    await a.nothing('presence', 0.1,
+                    where=lambda p: p['user']['id'] == loner['id'])
+    await lone.close()
     await a.close()
     await c.close()

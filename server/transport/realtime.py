@@ -19,34 +19,41 @@ class Realtime:
     def __init__(self, sio):
         self.sio = sio
 
+    async def _emit(self, event, data, rooms: list):
+        """Emit to the sockets in ``rooms``; nothing at all for an empty
+        list: python-socketio reads ``to=[]`` as "no recipient given" and
+        would broadcast to every socket."""
+        if rooms:
+            await self.sio.emit(event, data, to=rooms)
+
     async def message(self, message, member_ids):
-        await self.sio.emit('message', message,
-                            to=[user_room(m) for m in member_ids])
+        await self._emit('message', message,
+                         [user_room(m) for m in member_ids])
 
     async def message_updated(self, message, member_ids):
-        await self.sio.emit('message_updated', message,
-                            to=[user_room(m) for m in member_ids])
+        await self._emit('message_updated', message,
+                         [user_room(m) for m in member_ids])
 
     async def room(self, room):
-        await self.sio.emit('room', room,
-                            to=[user_room(m['id']) for m in room['members']])
+        await self._emit('room', room,
+                         [user_room(m['id']) for m in room['members']])
 
     async def typing(self, room_id, user, typing, member_ids):
         """To the joined sockets of every member but the typist."""
-        await self.sio.emit('typing', {'room_id': room_id, 'user': user,
-                                       'typing': typing},
-                            to=[room_room(room_id, m) for m in member_ids
-                                if m != user['id']])
+        await self._emit('typing', {'room_id': room_id, 'user': user,
+                                    'typing': typing},
+                         [room_room(room_id, m) for m in member_ids
+                          if m != user['id']])
 
     async def read(self, room_id, user_id, seq, member_ids):
-        await self.sio.emit('read', {'room_id': room_id, 'user_id': user_id,
-                                     'seq': seq},
-                            to=[room_room(room_id, m) for m in member_ids])
+        await self._emit('read', {'room_id': room_id, 'user_id': user_id,
+                                  'seq': seq},
+                         [room_room(room_id, m) for m in member_ids])
 
     async def presence(self, user, online, last_seen_ms, contact_ids):
-        await self.sio.emit('presence', {'user': user, 'online': online,
-                                         'last_seen': iso(last_seen_ms)},
-                            to=[user_room(u) for u in contact_ids])
+        await self._emit('presence', {'user': user, 'online': online,
+                                      'last_seen': iso(last_seen_ms)},
+                         [user_room(u) for u in contact_ids])
 
     async def deliver_sent(self, sent):
         """Emit what a send_message outcome calls for: the new dm room
