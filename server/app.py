@@ -32,7 +32,7 @@ from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
 from server.transport.manager import LocalManager
 from server.transport.packets import JsonPacket
-from server.transport.realtime import Realtime
+from server.transport.realtime import Realtime, user_room
 from server.transport.redis_manager import RedisManager
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,11 @@ def create_app(config) -> web.Application:
     app[METRICS] = metrics
 
     async def disconnect_user(user_id):
-        # This process's sockets; with Redis, other processes' sockets
-        # still need a broadcast (seam: the manager's pub/sub).
+        """Close every socket of the user (revoked tokens): with Redis on
+        every process, else this process's."""
+        if manager is not None:
+            await manager.disconnect_room(user_room(user_id))
+            return
         for sid in list(sockets.by_user.get(user_id, ())):
             await sio.disconnect(sid)
 

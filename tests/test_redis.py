@@ -334,3 +334,21 @@ def test_workers_without_redis_are_refused(tmp_path):
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert 'needs Redis' in result.stderr
+
+
+async def test_logout_everywhere_closes_sockets_on_every_process(cluster):
+    p1, p2, p3 = cluster
+    user, token = await register(p1.url)
+    here = await connect(p1.url, token)
+    there = await connect(p2.url, token)
+    assert there.sio.connected
+    disconnected = asyncio.Event()
+    there.sio.on('disconnect', lambda *args: disconnected.set())
+    status, data = await http(p3.url, 'POST', '/api/logout', token=token,
+                              json={'all': True})
+    assert status == 200, data
+    await asyncio.wait_for(disconnected.wait(), 10)
+    assert not there.sio.connected
+    await here.sio.disconnect()
+    status, _ = await http(p2.url, 'GET', '/api/me', token=token)
+    assert status == 401

@@ -39,6 +39,9 @@ from server.transport.manager import local_emit
 
 log = logging.getLogger(__name__)
 
+# Not a client event: a published "disconnect these sockets" order.
+DISCONNECT_EVENT = '__postbox_disconnect_room'
+
 # One call carries a whole batch of messages. KEYS: the room sets of every
 # message's targets, message after message. ARGV: own id, host channel
 # prefix, liveness key prefix, then per message its number of keys and its
@@ -206,9 +209,27 @@ class RedisManager(AsyncPubSubManager):
                    'host_id': self.host_id}
         self._enqueue(keys, message)
 
+    async def disconnect_room(self, room, namespace='/'):
+        """Disconnect every socket in ``room`` on every process (a user's
+        sockets after logout-everywhere). Travels as an emit of an internal
+        event that ``_handle_emit`` turns into disconnects."""
+        await self._disconnect_local(room, namespace)
+        self._enqueue(None, {
+            'method': 'emit', 'event': DISCONNECT_EVENT, 'data': [None],
+            'binary': False, 'namespace': namespace, 'room': room,
+            'skip_sid': None, 'callback': None, 'host_id': self.host_id})
+
+    async def _disconnect_local(self, room, namespace):
+        for sid, _ in list(self.get_participants(namespace, room)):
+            await self.server.disconnect(sid, namespace=namespace,
+                                         ignore_queue=True)
+
     async def _handle_emit(self, message):
         """An emit from another process: deliver it to our sockets with
         ``local_emit`` (no task per recipient), like our own emits."""
+        if message.get('event') == DISCONNECT_EVENT:
+            return await self._disconnect_local(
+                message['room'], message.get('namespace') or '/')
         if message.get('callback') is not None or message.get('binary'):
             return await super()._handle_emit(message)
         data = message['data']
