@@ -82,6 +82,10 @@ class Config:
     # FULL makes an acked message survive power loss, not just a crash;
     # group commit keeps the fsync cost per batch, not per message.
     sqlite_synchronous: str = 'FULL'
+    # SQLite page cache per connection (the writer and each reader): 32 MiB
+    # keeps a busy inbox and recent history in memory; the process's memory
+    # grows towards connections x this as the database grows.
+    sqlite_cache_mib: int = 32
     # PostgreSQL connections per process (readers + the writer).
     pg_max_connections: int = 8
 

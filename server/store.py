@@ -50,7 +50,7 @@ def open_database(url: str, config) -> peewee.Database:
             'journal_mode': 'wal',
             'synchronous': config.sqlite_synchronous.upper(),
             'foreign_keys': 1,
-            'cache_size': -32 * 1024,  # 32 MiB page cache per connection
+            'cache_size': -1024 * config.sqlite_cache_mib,  # KiB when < 0
             'busy_timeout': 30000,
         })
     if scheme in ('postgres', 'postgresql'):
