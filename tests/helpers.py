@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import pytest
 import socketio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,3 +185,28 @@ class Client:
 
 async def connect(base, token, **kwargs) -> Client:
     return await Client(base, token, **kwargs).connect()
+
+
+async def pair(base):
+    """Two connected users with a dm room between them:
+    (alice, bob, alice's Client, bob's Client, room)."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = await connect(base, tb)
+    ack = await a.call('open_dm', {'username': bob['username']})
+    assert ack['ok'], ack
+    return alice, bob, a, b, ack['room']
+
+
+async def refused(base, token):
+    """Connect with ``token`` (None: no auth at all), expect a refusal, and
+    return what ``connect_error`` said."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors = []
+    sio.on('connect_error', lambda data: errors.append(data))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(base, auth={'token': token} if token is not None
+                          else None, transports=['websocket'],
+                          wait_timeout=5)
+    return errors[0]

@@ -13,7 +13,7 @@ import zlib
 import aiohttp
 from PIL import Image
 
-from tests.helpers import ServerProcess, connect, http, register
+from tests.helpers import ServerProcess, http, pair, register
 
 MIB = 1024 * 1024
 
@@ -71,14 +71,9 @@ def png(width, height) -> bytes:
 
 
 async def dm_pair(base):
-    """Two connected users with a dm room."""
-    alice, ta = await register(base)
-    bob, tb = await register(base)
-    a = await connect(base, ta)
-    b = await connect(base, tb)
-    ack = await a.call('open_dm', {'username': bob['username']})
-    assert ack['ok'], ack
-    return (alice, ta, a), (bob, tb, b), ack['room']
+    """``pair`` shaped as (user, token, client) per person, plus the room."""
+    alice, bob, a, b, room = await pair(base)
+    return (alice, a.token, a), (bob, b.token, b), room
 
 
 async def send(client, room, attachment_ids, body=''):

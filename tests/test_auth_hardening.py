@@ -3,20 +3,9 @@ password changes reaching live sockets, login throttling, CORS."""
 import asyncio
 
 import aiohttp
-import pytest
-import socketio
 
-from tests.helpers import ServerProcess, connect, http, register
+from tests.helpers import ServerProcess, connect, http, refused, register
 
-
-async def refused(base, token):
-    sio = socketio.AsyncClient(reconnection=False)
-    errors = []
-    sio.on('connect_error', lambda data: errors.append(data))
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(base, auth={'token': token},
-                          transports=['websocket'], wait_timeout=5)
-    return errors[0]
 
 
 def on_disconnect(client) -> asyncio.Event:

@@ -5,20 +5,10 @@ import time
 
 import jwt
 import pytest
-import socketio
 
-from tests.helpers import Client, connect, http, register, unique_name
+from tests.helpers import (connect, http, pair, refused, register,
+                           unique_name)
 
-
-async def pair(base):
-    """Two connected users with a dm room between them."""
-    alice, ta = await register(base)
-    bob, tb = await register(base)
-    a = await connect(base, ta)
-    b = await connect(base, tb)
-    ack = await a.call('open_dm', {'username': bob['username']})
-    assert ack['ok'], ack
-    return alice, bob, a, b, ack['room']
 
 
 # -- accounts ------------------------------------------------------------
@@ -91,17 +81,6 @@ async def test_connect_refused_without_valid_token(base, token):
     assert await refused(base, token) == {
         'message': 'unauthorized', 'data': {'code': 'unauthorized'}}
 
-
-async def refused(base, token):
-    """Connect with ``token`` and return what ``connect_error`` said."""
-    sio = socketio.AsyncClient(reconnection=False)
-    errors = []
-    sio.on('connect_error', lambda data: errors.append(data))
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(base, auth={'token': token} if token is not None
-                          else None, transports=['websocket'],
-                          wait_timeout=5)
-    return errors[0]
 
 
 async def test_connect_refused_with_expired_or_forged_token(base, server):

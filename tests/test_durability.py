@@ -3,7 +3,6 @@ idempotent sends, clean shutdown."""
 import asyncio
 import signal
 
-import pytest
 
 from tests.helpers import (NO_RATE_LIMITS as FAST, ServerProcess, connect,
                            http, register)

@@ -1,6 +1,5 @@
 """Edits, deletes, reactions, replies, blocking and presence."""
-from tests.helpers import connect, register, unique_name
-from tests.test_core import pair
+from tests.helpers import connect, pair, register, unique_name
 
 
 async def send(client, room, body, cmid=None, **extra):

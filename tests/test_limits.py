@@ -9,7 +9,7 @@ import pytest
 import socketio
 
 from tests.helpers import NO_RATE_LIMITS, ServerProcess, connect, http, \
-    register
+    refused, register
 from tests.test_metrics import scrape, value
 
 
@@ -29,16 +29,6 @@ def limited(tmp_path_factory):
     yield proc
     assert proc.stop() == 0, proc.read_log()
 
-
-async def refused(base, token):
-    """Try to connect; return what ``connect_error`` said."""
-    sio = socketio.AsyncClient(reconnection=False)
-    errors = []
-    sio.on('connect_error', lambda data: errors.append(data))
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(base, auth={'token': token},
-                          transports=['websocket'], wait_timeout=5)
-    return errors[0]
 
 
 async def disconnected(client) -> asyncio.Event:
