@@ -6,7 +6,8 @@
 - ``await store.write(fn, *args)`` queues ``fn(*args)`` for the single writer
   thread, which runs whatever is queued as one transaction (group commit),
   each operation inside its own savepoint so one failure does not spoil the
-  batch. The future resolves only after COMMIT returned: an acked message is
+  batch. An operation with a batched form (``fn.many``, the send path)
+  runs all its queued calls at once, in one savepoint. The future resolves only after COMMIT returned: an acked message is
   a committed message.
 - ``await store.read(fn, *args)`` runs ``fn(*args)`` in a small reader pool.
 
@@ -75,6 +76,19 @@ def execute(sql, params=()):
     if text is None:
         text = _SQL_CACHE[key] = sql.replace('?', database.param)
     return database.execute_sql(text, params)
+
+
+def _runs(batch):
+    """Split a batch into runs of consecutive calls: (fn, [(args, future)]).
+    Calls of an operation with a batched form (``fn.many``) share a run;
+    any other call is a run of its own."""
+    runs = []
+    for fn, args, future in batch:
+        if runs and runs[-1][0] is fn and hasattr(fn, 'many'):
+            runs[-1][1].append((args, future))
+        else:
+            runs.append((fn, [(args, future)]))
+    return runs
 
 
 def is_sqlite(database) -> bool:
@@ -188,24 +202,43 @@ class Store:
         results = []
         self.database.connect(reuse_if_open=True)
         with self.database.atomic(**self._begin):
-            for fn, args, future in batch:
-                try:
-                    result = self._run_one(fn, args)
-                except PostboxError as exc:
-                    # The savepoint rolled back this operation only.
-                    results.append((future, None, exc))
-                except peewee.IntegrityError:
-                    # Another process made the same change at the same time.
-                    results.append((future, None, Conflict(
-                        'a concurrent change conflicted, try again')))
-                except peewee.DatabaseError:
-                    raise  # the transaction is unusable: retry the batch
-                except Exception as exc:  # a bug in fn: fail it alone
-                    log.exception('write operation %s failed', fn)
-                    results.append((future, None, exc))
+            for fn, items in _runs(batch):
+                if len(items) > 1:
+                    results.extend(self._run_many(fn, items))
                 else:
-                    results.append((future, result, None))
+                    results.append(self._outcome(fn, *items[0]))
         return results
+
+    def _outcome(self, fn, args, future):
+        """Run one operation: (future, result, error)."""
+        try:
+            return future, self._run_one(fn, args), None
+        except PostboxError as exc:
+            # The savepoint rolled back this operation only.
+            return future, None, exc
+        except peewee.IntegrityError:
+            # Another process made the same change at the same time.
+            return future, None, Conflict(
+                'a concurrent change conflicted, try again')
+        except peewee.DatabaseError:
+            raise  # the transaction is unusable: retry the batch
+        except Exception as exc:  # a bug in fn: fail it alone
+            log.exception('write operation %s failed', fn)
+            return future, None, exc
+
+    def _run_many(self, fn, items):
+        """Run consecutive calls of an operation that has a batched form
+        (``fn.many(list of args) -> list of result or PostboxError``) in
+        one savepoint. If that hits an IntegrityError (another process
+        stored the same thing meanwhile), run them one by one instead."""
+        try:
+            with self.database.atomic():
+                outcomes = fn.many([args for args, _ in items])
+        except peewee.IntegrityError:
+            return [self._outcome(fn, *item) for item in items]
+        return [(future, None, outcome) if isinstance(outcome, Exception)
+                else (future, outcome, None)
+                for (_, future), outcome in zip(items, outcomes)]
 
     def _run_one(self, fn, args):
         """Run one operation in its own savepoint. An IntegrityError means

@@ -125,6 +125,20 @@ async def register(base, username=None, password='correct horse'):
     return data['user'], data['token']
 
 
+async def upload(base, token, data, filename, content_type='text/plain'):
+    """POST /api/attachments with ``data`` as the ``file`` field, the
+    file name sent as a browser does (raw UTF-8, only '"', CR and LF
+    percent-encoded)."""
+    form = aiohttp.MultipartWriter('form-data')
+    name = (filename.replace('"', '%22').replace('\r', '%0D')
+            .replace('\n', '%0A'))
+    form.append(data, {'Content-Type': content_type,
+                       'Content-Disposition':
+                       f'form-data; name="file"; filename="{name}"'})
+    return await http(base, 'POST', '/api/attachments', token=token,
+                      data=form)
+
+
 class Client:
     """A real ``socketio.AsyncClient`` that queues every server event, so a
     test can wait for one with a timeout instead of sleeping."""

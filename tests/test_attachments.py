@@ -13,23 +13,10 @@ import zlib
 import aiohttp
 from PIL import Image
 
-from tests.helpers import ServerProcess, http, pair, register
+from tests.helpers import (ServerProcess, http, pair, register,
+                           upload)
 
 MIB = 1024 * 1024
-
-
-async def upload(base, token, data, filename, content_type='text/plain'):
-    """POST /api/attachments with ``data`` as the ``file`` field, the
-    file name sent as a browser does (raw UTF-8, only '"', CR and LF
-    percent-encoded)."""
-    form = aiohttp.MultipartWriter('form-data')
-    name = (filename.replace('"', '%22').replace('\r', '%0D')
-            .replace('\n', '%0A'))
-    form.append(data, {'Content-Type': content_type,
-                       'Content-Disposition':
-                       f'form-data; name="file"; filename="{name}"'})
-    return await http(base, 'POST', '/api/attachments', token=token,
-                      data=form)
 
 
 async def fetch(base, path, token, headers=None):

@@ -5,7 +5,7 @@ import signal
 
 
 from tests.helpers import (NO_RATE_LIMITS as FAST, ServerProcess, connect,
-                           http, register)
+                           http, pair, register, upload)
 
 
 async def all_events(client, known=None):
@@ -141,6 +141,67 @@ async def test_concurrent_retries_store_and_deliver_once(loaded):
     await b.nothing('message', 0.3)
     for c in (a1, a2, b):
         await c.close()
+
+
+async def test_burst_of_mixed_sends_each_get_their_own_answer(loaded):
+    """Sends that arrive together are stored by the writer in one batch:
+    each still gets the answer it would get alone, and one socket's
+    pipelined sends keep their order."""
+    base = loaded.url
+    alice, bob, a, b, room = await pair(base)
+    carol, tc = await register(base)
+    c = await connect(base, tc)
+    blocked_room = (await a.call('open_dm', {
+        'username': carol['username']}))['room']
+    assert (await c.call('block', {'username': alice['username']}))['ok']
+    first = await a.call('send_dm', {'room_id': room['id'], 'body': 'first',
+                                     'client_msg_id': 'first'})
+    assert (await b.next('message'))['id'] == first['message']['id']
+    status, body = await upload(base, a.token, b'notes', 'notes.txt')
+    assert status == 201, body
+    plain = [{'room_id': room['id'], 'body': f'p{i}',
+              'client_msg_id': f'p{i}'} for i in range(30)]
+    burst = plain[:10] + [
+        {'room_id': room['id'], 'body': 'again', 'client_msg_id': 'first'},
+        {'room_id': room['id'], 'body': 'p3 retried', 'client_msg_id': 'p3'},
+        {'room_id': blocked_room['id'], 'body': 'hi carol',
+         'client_msg_id': 'to-carol'},
+        {'room_id': room['id'], 'body': 'a reply', 'client_msg_id': 'reply',
+         'reply_to': first['message']['id']},
+        {'room_id': room['id'], 'body': 'bad reply',
+         'client_msg_id': 'bad-reply', 'reply_to': 2**40},
+        {'room_id': room['id'], 'body': 'with file', 'client_msg_id': 'file',
+         'attachments': [body['attachment']['id']]},
+    ] + plain[10:]
+    acks = await asyncio.gather(*[a.call('send_dm', data) for data in burst])
+    by_cmid = {}
+    for data, ack in zip(burst, acks):
+        by_cmid.setdefault(data['client_msg_id'], []).append(ack)
+    assert by_cmid['first'] == [first]  # the stored one, body unchanged
+    p3, p3_retry = by_cmid['p3']
+    assert p3_retry == p3 and p3['message']['body'] == 'p3'
+    assert by_cmid['to-carol'][0]['error']['code'] == 'forbidden'
+    assert by_cmid['bad-reply'][0]['error']['code'] == 'invalid'
+    reply = by_cmid['reply'][0]['message']
+    assert reply['reply_to'] == first['message']['id']
+    assert by_cmid['file'][0]['message']['attachments'] == [
+        body['attachment']]
+    stored = [ack['message'] for ack in acks if ack['ok']]
+    new = {m['id']: m for m in stored if m['client_msg_id'] != 'first'}
+    assert sorted(m['seq'] for m in new.values()) == list(range(2, 34))
+    order = [m['client_msg_id'] for m in sorted(new.values(),
+                                                key=lambda m: m['seq'])]
+    assert order == [d['client_msg_id'] for d in burst
+                     if d['client_msg_id'] in {m['client_msg_id']
+                                               for m in new.values()}
+                     and d['body'] != 'p3 retried']
+    # Bob got each new message once; carol got nothing.
+    got = [await b.next('message') for _ in range(len(new))]
+    assert sorted(m['id'] for m in got) == sorted(new)
+    assert await b.nothing('message')
+    assert await c.nothing('message', timeout=0.1)
+    for client in (a, b, c):
+        await client.close()
 
 
 async def test_sync_after_disconnect_replays_everything_once(loaded):

@@ -76,50 +76,168 @@ def _next_seq(room_id, now, activity=False):
     return row[0]
 
 
-def _insert_message(ctx, info, sender_id, body, client_msg_id,
-                    attachment_ids, reply_to):
-    # The hot path of Postbox: plain SQL, because building these few
-    # statements with Peewee's query builder costs more CPU than running
-    # them.
-    existing = execute('SELECT "id" FROM "message" WHERE "sender_id" = ? '
-                       'AND "client_msg_id" = ?',
-                       (sender_id, client_msg_id)).fetchone()
-    if existing is not None:
-        return message_dict(ctx, Message.get_by_id(existing[0])), False
-    if info.kind == 'dm' and execute(
-            'SELECT 1 FROM "block" WHERE "blocker_id" = ? AND '
-            '"blocked_id" = ?', (info.other_member(sender_id),
-                                 sender_id)).fetchone():
-        raise Forbidden('this user does not accept your messages')
+def _insert_message(*args):
+    """Store one message: the single form of ``_insert_messages``, which
+    the writer falls back to when a batch hits a concurrent duplicate."""
+    (outcome,) = _insert_messages([args])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _insert_messages(calls):
+    """Store many sends in a few statements: the writer thread calls this
+    with every send that queued while its last commit ran (``calls`` are
+    the argument tuples of ``_insert_message``). Returns, per call, either
+    ``(message dict, created)`` or the PostboxError that refuses it.
+
+    The hot path of Postbox. Every check comes before any write, so a
+    refused send writes nothing and needs no savepoint; then each room
+    takes its block of seqs in one UPDATE (rooms in id order, so two
+    processes lock them in the same order), and the messages and their
+    events are inserted a chunk of rows per statement. A retry of a
+    message stored earlier, or of one earlier in the same batch, returns
+    that message with ``created`` False."""
+    ctx = calls[0][0]
+    outcomes = [None] * len(calls)
+    stored = _stored_ids({(c[2], c[4]) for c in calls})
+    blocked = _blocks({c[1].other_member(c[2]) for c in calls
+                       if c[1].kind == 'dm'})
+    accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
+    for i, (_, info, sender_id, _, client_msg_id, attachment_ids,
+            reply_to) in enumerate(calls):
+        key = (sender_id, client_msg_id)
+        if key in stored:
+            outcomes[i] = (message_dict(ctx, Message.get_by_id(stored[key])),
+                           False)
+        elif key in first:
+            outcomes[i] = first[key]  # resolved to its message below
+        else:
+            outcomes[i] = _refusal(info, sender_id, attachment_ids, reply_to,
+                                   blocked)
+            if outcomes[i] is None:
+                first[key] = i
+                accepted.append(i)
+    if accepted:
+        _store_new(ctx, calls, accepted, outcomes)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, int):  # a retry within this batch
+            outcomes[i] = (outcomes[outcome][0], False)
+    return outcomes
+
+
+def _stored_ids(keys) -> dict:
+    """{(sender_id, client_msg_id): message id} of the keys already stored.
+    A join with a VALUES list, since SQLite does not use the unique index
+    for a row-value IN."""
+    keys = list(keys)
+    found = {}
+    for chunk in _chunks(keys):
+        values = ', '.join(['(?, ?)'] * len(chunk))
+        found.update(((s, c), i) for i, s, c in execute(
+            f'WITH "k"("s", "c") AS (VALUES {values}) '
+            'SELECT "m"."id", "m"."sender_id", "m"."client_msg_id" '
+            'FROM "k" JOIN "message" AS "m" ON "m"."sender_id" = "k"."s" '
+            'AND "m"."client_msg_id" = "k"."c"',
+            [v for key in chunk for v in key]).fetchall())
+    return found
+
+
+def _blocks(blocker_ids) -> set:
+    """The (blocker_id, blocked_id) pairs of blocks made by these users."""
+    blocker_ids = list(blocker_ids)
+    pairs = set()
+    for chunk in _chunks(blocker_ids):
+        pairs.update(execute(
+            'SELECT "blocker_id", "blocked_id" FROM "block" WHERE '
+            f'"blocker_id" IN ({placeholders(chunk)})', chunk).fetchall())
+    return pairs
+
+
+def _refusal(info, sender_id, attachment_ids, reply_to, blocked):
+    """The error refusing this send, or None."""
+    if info.kind == 'dm' and (info.other_member(sender_id),
+                              sender_id) in blocked:
+        return Forbidden('this user does not accept your messages')
     if reply_to is not None and not Message.select().where(
             Message.id == reply_to, Message.room == info.id).exists():
-        raise Invalid('reply_to: no such message in this room')
+        return Invalid('reply_to: no such message in this room')
     if attachment_ids:
         usable = (Attachment.select().where(
             Attachment.id.in_(attachment_ids),
             Attachment.uploader == sender_id,
             Attachment.message.is_null()).count())
         if usable != len(attachment_ids):
-            raise Invalid('attachments: only your own uploads, not yet sent')
+            return Invalid('attachments: only your own uploads, not yet sent')
+    return None
+
+
+def _store_new(ctx, calls, accepted, outcomes):
+    """Insert the accepted sends and put their (message, True) outcomes."""
     now = now_ms()
-    seq = _next_seq(info.id, now, activity=True)
-    message_id = execute(
-        'INSERT INTO "message" ("room_id", "seq", "sender_id", "body", '
-        '"client_msg_id", "reply_to", "created_at", "deleted", '
-        '"update_seq") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING "id"',
-        (info.id, seq, sender_id, body, client_msg_id, reply_to, now, False,
-         seq)).fetchone()[0]
-    execute('INSERT INTO "event" ("room_id", "seq", "kind", "message_id") '
-            'VALUES (?, ?, ?, ?)', (info.id, seq, 'message', message_id))
-    attachments = []
-    if attachment_ids:
-        (Attachment.update(message=message_id)
-         .where(Attachment.id.in_(attachment_ids)).execute())
-        attachments = [attachment_dict(a) for a in Attachment.select().where(
-            Attachment.message == message_id).order_by(Attachment.id)]
-    sender = load_users(ctx, [sender_id])[sender_id]
-    return new_message_dict(message_id, info.id, seq, sender, body,
-                            client_msg_id, reply_to, now, attachments), True
+    per_room = {}
+    for i in accepted:
+        per_room.setdefault(calls[i][1].id, []).append(i)
+    seqs = {}
+    for room_id in sorted(per_room):
+        indexes = per_room[room_id]
+        last = execute('UPDATE "room" SET "last_seq" = "last_seq" + ?, '
+                       '"last_activity_at" = ? WHERE "id" = ? '
+                       'RETURNING "last_seq"',
+                       (len(indexes), now, room_id)).fetchone()[0]
+        for offset, i in enumerate(indexes):
+            seqs[i] = last - len(indexes) + 1 + offset
+    rows = [(calls[i][1].id, seqs[i], calls[i][2], calls[i][3], calls[i][4],
+             calls[i][6], now, False, seqs[i]) for i in accepted]
+    ids = {}
+    for chunk in _chunks(rows):
+        ids.update(((room_id, seq), message_id)
+                   for message_id, room_id, seq in execute(
+            'INSERT INTO "message" ("room_id", "seq", "sender_id", "body", '
+            '"client_msg_id", "reply_to", "created_at", "deleted", '
+            '"update_seq") VALUES '
+            + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * len(chunk))
+            + ' RETURNING "id", "room_id", "seq"',
+            [v for row in chunk for v in row]).fetchall())
+    events = [(row[0], row[1], 'message', ids[row[0], row[1]])
+              for row in rows]
+    for chunk in _chunks(events):
+        execute('INSERT INTO "event" ("room_id", "seq", "kind", '
+                '"message_id") VALUES '
+                + ', '.join(['(?, ?, ?, ?)'] * len(chunk)),
+                [v for row in chunk for v in row])
+    senders = load_users(ctx, [calls[i][2] for i in accepted])
+    for i in accepted:
+        _, info, sender_id, body, client_msg_id, attachment_ids, \
+            reply_to = calls[i]
+        message_id = ids[info.id, seqs[i]]
+        attachments = _attach(message_id, attachment_ids)
+        outcomes[i] = (new_message_dict(
+            message_id, info.id, seqs[i], senders[sender_id], body,
+            client_msg_id, reply_to, now, attachments), True)
+
+
+def _attach(message_id, attachment_ids) -> list:
+    """Tie uploads to their message; their dicts."""
+    if not attachment_ids:
+        return []
+    (Attachment.update(message=message_id)
+     .where(Attachment.id.in_(attachment_ids)).execute())
+    return [attachment_dict(a) for a in Attachment.select().where(
+        Attachment.message == message_id).order_by(Attachment.id)]
+
+
+# Rows per multi-row statement: well under SQLite's limit of 32,766 bound
+# parameters at nine per message row.
+CHUNK_ROWS = 200
+
+
+def _chunks(items):
+    for start in range(0, len(items), CHUNK_ROWS):
+        yield items[start:start + CHUNK_ROWS]
+
+
+_insert_message.many = _insert_messages
 
 
 async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,

@@ -1,11 +1,13 @@
 """Turning rows into the contract's objects (plain dicts)."""
 import datetime
+import functools
 from typing import NamedTuple
 
 from models import Message, User
 from server.store import execute
 
 
+@functools.lru_cache(maxsize=4096)  # a batch of new messages shares one ms
 def iso(ms):
     """Milliseconds since the epoch -> '2026-11-24T14:03:07.123Z'."""
     if ms is None:
