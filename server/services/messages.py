@@ -9,6 +9,7 @@ serialises writers.
 import dataclasses
 
 
+import models
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
@@ -18,7 +19,7 @@ from server.services.serialize import (attachment_dict, fetch_messages,
                                        load_users, message_dict,
                                        message_dicts, new_message_dict,
                                        placeholders)
-from server.store import execute
+from server.store import execute, is_sqlite
 
 EMOJI_MAX = 32
 
@@ -178,27 +179,17 @@ def _store_new(ctx, calls, accepted, outcomes):
     per_room = {}
     for i in accepted:
         per_room.setdefault(calls[i][1].id, []).append(i)
+    lasts = _take_seqs({r: len(ix) for r, ix in per_room.items()}, now)
     seqs = {}
-    for room_id in sorted(per_room):
-        indexes = per_room[room_id]
-        last = execute('UPDATE "room" SET "last_seq" = "last_seq" + ?, '
-                       '"last_activity_at" = ? WHERE "id" = ? '
-                       'RETURNING "last_seq"',
-                       (len(indexes), now, room_id)).fetchone()[0]
+    for room_id, indexes in per_room.items():
+        first_seq = lasts[room_id] - len(indexes) + 1
         for offset, i in enumerate(indexes):
-            seqs[i] = last - len(indexes) + 1 + offset
+            seqs[i] = first_seq + offset
     rows = [(calls[i][1].id, seqs[i], calls[i][2], calls[i][3], calls[i][4],
              calls[i][6], now, False, seqs[i]) for i in accepted]
     ids = {}
     for chunk in _chunks(rows):
-        ids.update(((room_id, seq), message_id)
-                   for message_id, room_id, seq in execute(
-            'INSERT INTO "message" ("room_id", "seq", "sender_id", "body", '
-            '"client_msg_id", "reply_to", "created_at", "deleted", '
-            '"update_seq") VALUES '
-            + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * len(chunk))
-            + ' RETURNING "id", "room_id", "seq"',
-            [v for row in chunk for v in row]).fetchall())
+        ids.update(_insert_message_rows(chunk))
     events = [(row[0], row[1], 'message', ids[row[0], row[1]])
               for row in rows]
     for chunk in _chunks(events):
@@ -215,6 +206,55 @@ def _store_new(ctx, calls, accepted, outcomes):
         outcomes[i] = (new_message_dict(
             message_id, info.id, seqs[i], senders[sender_id], body,
             client_msg_id, reply_to, now, attachments), True)
+
+
+# Python's sqlite3 releases the GIL around every step of a statement, once
+# per result row. When the event loop is busy, getting the GIL back after
+# each costs the writer a forced switch, so on SQLite the batched send reads
+# nothing row by row: one UPDATE for every room's seqs, their new values in
+# a single aggregated row, message ids from the last rowid (SQLite numbers
+# the rows of one INSERT consecutively while the writer holds the write
+# lock). PostgreSQL returns whole results at once: RETURNING it is.
+
+
+def _take_seqs(counts, now) -> dict:
+    """Add ``counts[room_id]`` to each room's last_seq; {room_id: new
+    last_seq}."""
+    room_ids = sorted(counts)
+    values = ', '.join(['(?, ?)'] * len(room_ids))
+    params = [v for r in room_ids for v in (r, counts[r])] + [now]
+    update = (f'WITH "v"("id", "k") AS (VALUES {values}) UPDATE "room" SET '
+              '"last_seq" = "last_seq" + "v"."k", "last_activity_at" = ? '
+              'FROM "v" WHERE "room"."id" = "v"."id"')
+    marks = placeholders(room_ids)
+    if is_sqlite(models.db.obj):
+        execute(update, params)
+        text = execute('SELECT group_concat("id" || \':\' || "last_seq") '
+                       f'FROM "room" WHERE "id" IN ({marks})',
+                       room_ids).fetchone()[0]
+        return dict(map(int, pair.split(':')) for pair in text.split(','))
+    # Lock the rooms in id order first, so that two processes sending to
+    # the same rooms cannot deadlock.
+    execute(f'SELECT 1 FROM "room" WHERE "id" IN ({marks}) ORDER BY "id" '
+            'FOR UPDATE', room_ids)
+    return dict(execute(update + ' RETURNING "room"."id", "room"."last_seq"',
+                        params).fetchall())
+
+
+def _insert_message_rows(rows) -> dict:
+    """Insert message rows; {(room_id, seq): message id}."""
+    sql = ('INSERT INTO "message" ("room_id", "seq", "sender_id", "body", '
+           '"client_msg_id", "reply_to", "created_at", "deleted", '
+           '"update_seq") VALUES '
+           + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * len(rows)))
+    params = [v for row in rows for v in row]
+    if is_sqlite(models.db.obj):
+        last_id = execute(sql, params).lastrowid
+        return {(row[0], row[1]): last_id - len(rows) + 1 + n
+                for n, row in enumerate(rows)}
+    return {(room_id, seq): message_id for message_id, room_id, seq in
+            execute(sql + ' RETURNING "id", "room_id", "seq"',
+                    params).fetchall()}
 
 
 def _attach(message_id, attachment_ids) -> list:
