@@ -52,6 +52,10 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         ``{ok: true, ...}``, any PostboxError becomes ``{ok: false, error}``
         and anything else is logged and answered ``internal``."""
         def decorator(fn):
+            # Labelled metric children looked up once, not per event.
+            seconds = ctx.metrics.event_seconds.labels(name)
+            outcomes = {}
+
             @functools.wraps(fn)
             async def handler(sid, *args):
                 sockets.in_flight += 1
@@ -87,9 +91,12 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                         'code': 'internal', 'message': 'internal error'}}
                 finally:
                     sockets.in_flight -= 1
-                    ctx.metrics.events.labels(name, outcome).inc()
-                    ctx.metrics.event_seconds.labels(name).observe(
-                        time.perf_counter() - started)
+                    count = outcomes.get(outcome)
+                    if count is None:
+                        count = outcomes[outcome] = ctx.metrics.events.labels(
+                            name, outcome)
+                    count.inc()
+                    seconds.observe(time.perf_counter() - started)
             sio.on(name, handler)
             return fn
         return decorator
