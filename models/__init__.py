@@ -57,9 +57,14 @@ class Membership(BaseModel):
 
 
 class Message(BaseModel):
-    room = ForeignKeyField(Room, backref='messages', on_delete='CASCADE')
+    # No single-column indexes on room and sender: the unique indexes below
+    # start with them, and every index is one more B-tree page to write
+    # per stored message.
+    room = ForeignKeyField(Room, backref='messages', on_delete='CASCADE',
+                           index=False)
     seq = BigIntegerField()  # the seq of the message's creation
-    sender = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    sender = ForeignKeyField(User, backref='+', on_delete='CASCADE',
+                             index=False)
     body = TextField()
     client_msg_id = CharField(max_length=64)
     reply_to = BigIntegerField(null=True)
@@ -81,7 +86,8 @@ class Message(BaseModel):
 class Event(BaseModel):
     """The room event log: one row per seq. ``kind`` is 'message' for a new
     message, 'message_updated' for an edit, delete or reaction change."""
-    room = ForeignKeyField(Room, backref='+', on_delete='CASCADE')
+    room = ForeignKeyField(Room, backref='+', on_delete='CASCADE',
+                           index=False)  # (room, seq) below serves it
     seq = BigIntegerField()
     kind = CharField(max_length=16)
     message = ForeignKeyField(Message, backref='+', on_delete='CASCADE')

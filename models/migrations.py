@@ -17,7 +17,18 @@ log = logging.getLogger(__name__)
 # functions taking (database, migrator), e.g.:
 #   def _v2_add_user_bio(database, migrator):
 #       run_ops(migrator.add_column('user', 'bio', TextField(default='')))
-MIGRATIONS = []
+
+
+def _v2_drop_redundant_indexes(database, migrator):
+    """Version 1 also indexed message.room, message.sender and event.room
+    on their own, which the unique (room, seq) and (sender,
+    client_msg_id) indexes already cover: dropping them leaves less to
+    write per message."""
+    for name in ('message_room_id', 'message_sender_id', 'event_room_id'):
+        database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+MIGRATIONS = [_v2_drop_redundant_indexes]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 
