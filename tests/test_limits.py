@@ -85,6 +85,20 @@ async def test_every_event_is_rate_limited_per_user(limited):
     await other.close()
 
 
+async def test_unknown_events_use_up_the_same_budget(limited):
+    base = limited.url
+    _, token = await register(base)
+    client = await connect(base, token)
+    for _ in range(8):
+        ack = await client.call('no_such_event', {})
+        assert ack['error']['code'] == 'invalid'
+    ack = await client.call('no_such_event', {})
+    assert ack['error']['code'] == 'rate_limited'
+    assert (await client.call('rooms', {}))['error']['code'] == 'rate_limited'
+    assert client.sio.connected
+    await client.close()
+
+
 async def test_rooms_per_user(limited):
     base = limited.url
     _, token = await register(base)

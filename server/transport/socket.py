@@ -155,6 +155,14 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @sio.on('*')
     async def unknown(event, sid, *args):
+        # Junk costs a token too: otherwise it is a free way to load us.
+        user = sockets.users.get(sid)
+        try:
+            if user is not None:
+                ctx.limits.events.take(user['id'])
+        except PostboxError as exc:
+            ctx.metrics.rate_limited.labels('unknown').inc()
+            return error_ack(exc)
         return error_ack(Invalid(f'unknown event {event!r}'))
 
     @on_event('ping')
