@@ -236,6 +236,11 @@ class Store:
                 outcomes = fn.many([args for args, _ in items])
         except peewee.IntegrityError:
             return [self._outcome(fn, *item) for item in items]
+        except peewee.DatabaseError:
+            raise  # the transaction is unusable: retry the batch
+        except Exception:  # a bug: each call gets its own answer
+            log.exception('batched %s failed, running it call by call', fn)
+            return [self._outcome(fn, *item) for item in items]
         return [(future, None, outcome) if isinstance(outcome, Exception)
                 else (future, outcome, None)
                 for (_, future), outcome in zip(items, outcomes)]
