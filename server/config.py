@@ -6,6 +6,7 @@ the rest of the code reads typed attributes and never looks at the
 environment itself.
 """
 import dataclasses
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -54,6 +55,11 @@ class Config:
     # Origins allowed to open Socket.IO connections from a browser; empty
     # list means same origin only.
     cors_allowed_origins: tuple = ()
+    # Reverse proxies (addresses or networks, e.g. 127.0.0.1 or
+    # 10.0.0.0/8) whose X-Forwarded-For names the client: the per-address
+    # limits then apply per client instead of to the proxy. Empty: the
+    # header is ignored (a client could write anything in it).
+    trusted_proxies: tuple = ()
 
     # Message rules.
     body_max_chars: int = 4000
@@ -241,6 +247,11 @@ def load_config(path=None, env=None, **overrides) -> Config:
             raise ConfigError(f'unknown setting {name!r}')
         values[name] = _coerce(name, value)
     config = Config(**values)
+    try:
+        for value in config.trusted_proxies:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f'trusted_proxies: {exc}') from None
     if config.sqlite_synchronous.upper() not in ('OFF', 'NORMAL', 'FULL',
                                                  'EXTRA'):
         raise ConfigError('sqlite_synchronous: OFF, NORMAL, FULL or EXTRA')

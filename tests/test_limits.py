@@ -85,6 +85,61 @@ async def test_every_event_is_rate_limited_per_user(limited):
     await other.close()
 
 
+async def connect_from(base, token, forwarded_for):
+    """Connect sending ``X-Forwarded-For``; returns the client, or the
+    connect_error data if refused."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors = []
+    sio.on('connect_error', lambda data: errors.append(data))
+    try:
+        await sio.connect(base, auth={'token': token},
+                          headers={'X-Forwarded-For': forwarded_for},
+                          transports=['websocket'], wait_timeout=5)
+    except socketio.exceptions.ConnectionError:
+        return errors[0]['data']
+    return sio
+
+
+@pytest.mark.parametrize('trusted', [True, False])
+async def test_per_address_limits_behind_a_trusted_proxy(tmp_path, trusted):
+    """With the proxy trusted, each forwarded client has its own
+    allowance; without, X-Forwarded-For is ignored (all count as the
+    peer), so a client cannot dodge the limit by writing the header."""
+    env = {'POSTBOX_MAX_CONNECTIONS_PER_IP': '2',
+           'POSTBOX_LOGIN_FAILURES_PER_IP': '2'}
+    if trusted:
+        env['POSTBOX_TRUSTED_PROXIES'] = '127.0.0.0/8, ::1'
+    server = ServerProcess(tmp_path, env=env).start()
+    base = server.url
+    tokens = [(await register(base))[1] for _ in range(4)]
+    # Two connections from "client 1", a client writing its own hop first.
+    held = [await connect_from(base, tokens[0], '203.0.113.1'),
+            await connect_from(base, tokens[1], '198.51.100.9, 203.0.113.1')]
+    assert all(isinstance(s, socketio.AsyncClient) for s in held), held
+    third = await connect_from(base, tokens[2], '203.0.113.1')
+    assert third == {'code': 'rate_limited',
+                     'message': 'too many connections from this address'}
+    other = await connect_from(base, tokens[3], '203.0.113.2')
+    if trusted:
+        assert isinstance(other, socketio.AsyncClient), other
+        held.append(other)
+    else:
+        assert other['code'] == 'rate_limited'
+    # Failed logins: the same per-address allowance logic.
+    for _ in range(2):
+        status, _ = await http(base, 'POST', '/api/login', json={
+            'username': 'nobody1', 'password': 'wrong pass'},
+            headers={'X-Forwarded-For': '203.0.113.1'})
+        assert status == 401
+    status, data = await http(base, 'POST', '/api/login', json={
+        'username': 'nobody2', 'password': 'wrong pass'},
+        headers={'X-Forwarded-For': '203.0.113.2'})
+    assert status == (401 if trusted else 429), data
+    for sio in held:
+        await sio.disconnect()
+    assert await server.astop() == 0
+
+
 async def test_unknown_events_use_up_the_same_budget(limited):
     base = limited.url
     _, token = await register(base)

@@ -8,6 +8,7 @@ from server.errors import Invalid, NotFound, PostboxError, Unauthorized
 from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
 from server.services import auth, messages, rooms
+from server.transport.addresses import client_address
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,10 @@ async def register(request):
 async def login(request):
     data = await json_body(request)
     result = await auth.login(request.app[CTX], data.get('username'),
-                              data.get('password'), ip=request.remote)
+                              data.get('password'),
+                              ip=client_address(
+                                  request,
+                                  request.app[CTX].config.trusted_proxies))
     return web.json_response(result)
 
 

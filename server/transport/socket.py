@@ -9,6 +9,7 @@ import socketio
 from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
 from server.logs import new_request_id
 from server.services import auth, limits, messages, presence, rooms
+from server.transport.addresses import client_address
 from server.transport.realtime import room_room, user_room
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     async def connect(sid, environ, auth_data=None):
         new_request_id()
         request = environ.get('aiohttp.request')
-        ip = request.remote if request is not None else None
+        ip = (client_address(request, ctx.config.trusted_proxies)
+              if request is not None else None)
         token = auth_data.get('token') if isinstance(auth_data, dict) else None
         try:
             user = await auth.authenticate(ctx, token)
