@@ -5,13 +5,11 @@ nothing; ``main()`` parses the command line, loads the config and serves.
 """
 import argparse
 import asyncio
-import functools
 import logging
 import os
 import sys
 from pathlib import Path
 
-import engineio.async_drivers.aiohttp as eio_aiohttp
 import socketio
 from aiohttp import web
 
@@ -30,6 +28,7 @@ from server.store import Store, open_database
 from server.transport import attachments_http, http
 from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
+from server.transport.engine import Server
 from server.transport.manager import LocalManager
 from server.transport.packets import JsonPacket
 from server.transport.realtime import Realtime, user_room
@@ -53,22 +52,10 @@ WS_CLOSE_SECONDS = 2.0
 DRAIN_SECONDS = 20
 
 
-def _websocket_options(compress: bool):
-    """Engine.IO's aiohttp driver builds ``WebSocketResponse`` with aiohttp's
-    defaults, which negotiate per-message deflate and compress every frame
-    (for chat-sized frames that costs more CPU than it saves) and wait 10 s
-    for a client to answer a close (which holds up a clean shutdown when a
-    client has gone silent). The driver has no options for these, so set
-    the class it builds."""
-    eio_aiohttp.WebSocketResponse = functools.partial(
-        web.WebSocketResponse, compress=compress, timeout=WS_CLOSE_SECONDS)
-
-
 def create_app(config) -> web.Application:
     """Build the aiohttp app with Socket.IO attached. The database, writer
     and background tasks start with the app (``cleanup_ctx``) and stop
     with it."""
-    _websocket_options(config.websocket_compression)
     metrics = Metrics()
     app = web.Application(middlewares=[http.metrics_middleware,
                                        http.errors_middleware],
@@ -85,12 +72,17 @@ def create_app(config) -> web.Application:
     ctx.storage = LocalStorage(config.attachments_path)
 
     manager = _client_manager(config)
-    sio = socketio.AsyncServer(
+    # Per-message deflate off unless configured: for chat-sized frames it
+    # costs more CPU than it saves. A short close timeout: a client that
+    # has gone silent must not hold up a clean shutdown.
+    sio = Server(
         async_mode='aiohttp', json=fastjson, serializer=JsonPacket,
         client_manager=manager or LocalManager(),
         cors_allowed_origins=list(config.cors_allowed_origins) or None,
         max_http_buffer_size=config.max_payload_bytes,
         ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
+        websocket_compress=config.websocket_compression,
+        websocket_close_timeout=WS_CLOSE_SECONDS,
         logger=False, engineio_logger=False)
     sio.attach(app)
     bound_send_queues(sio, config.socket_send_queue_max,

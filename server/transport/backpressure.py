@@ -14,20 +14,7 @@ it had queued is dropped. The client reconnects and catches up with
 import asyncio
 import logging
 
-import engineio.async_drivers.aiohttp as eio_aiohttp
-
 log = logging.getLogger(__name__)
-
-
-class _TrackedWebSocket(eio_aiohttp.WebSocket):
-    """Remembers the TCP transport on the Engine.IO socket it serves, so a
-    stalled connection can be aborted."""
-
-    async def __call__(self, environ):
-        eio_socket = getattr(self.handler, '__self__', None)
-        if eio_socket is not None:
-            eio_socket.tcp_transport = environ['aiohttp.request'].transport
-        return await super().__call__(environ)
 
 
 def bound_send_queues(sio, max_packets: int, stall_seconds: float,
@@ -40,9 +27,10 @@ def bound_send_queues(sio, max_packets: int, stall_seconds: float,
     queue is still that long ``stall_seconds`` later, the socket is cut
     off. Past four times ``max_packets`` it is cut off at once, which
     bounds the memory a stalled socket can hold. ``on_cut(eio_sid)`` is
-    called once for each socket cut off."""
+    called once for each socket cut off. The sockets are
+    ``server.transport.engine.Socket``: a websocket one knows its TCP
+    transport (``tcp_transport``), which is aborted to cut it off."""
     eio = sio.eio
-    eio._async = dict(eio._async, websocket=_TrackedWebSocket)
     send_packet = eio.send_packet
     hard_limit = 4 * max_packets
 

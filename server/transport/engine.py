@@ -1,0 +1,471 @@
+"""The Engine.IO server under Postbox's Socket.IO: python-engineio's, with
+less held per connection.
+
+With the stock server an idle websocket cost about 36 KB of server memory,
+most of it asyncio machinery rather than data (measured with tracemalloc
+and object counts, 2,000 idle sockets): besides aiohttp's two tasks per
+connection, python-engineio runs four more per websocket (a writer waiting
+on its queue through ``asyncio.wait_for``, which wraps the wait in a task
+of its own; the reader's ``wait_for`` around a read task; a task asleep
+until the next ping), each with its coroutine frames, timer and context;
+an ``asyncio.Queue`` per socket (four deques, about 3 KB while empty); and
+a WSGI ``environ`` dict that copies every request header and is kept for
+the life of the socket. Here the protocol stays and the machinery goes:
+
+- the websocket is read in a plain loop by the request's own task; a
+  writer task exists only while packets wait to be sent;
+- the next ping is a timer (``loop.call_later``), not a sleeping task; a
+  client that stops answering is still closed by python-engineio's
+  service task, and its websocket is then closed here;
+- the send queue (``SendQueue``) holds no buffer while empty;
+- ``environ`` is a read-only view of the aiohttp request that works the
+  WSGI keys out when they are read (``RequestEnviron``).
+
+What stays python-engineio's: the handshake checks, long-polling, the
+upgrade protocol, the service task and every event it triggers. The
+methods overridden here are private ones of python-engineio 4.x; the test
+``tests/test_engine.py`` fails when their upstream code changes, so an
+upgrade gets this module re-read against it.
+"""
+import asyncio
+import collections
+import logging
+import sys
+import time
+import urllib.parse
+from collections.abc import Mapping
+
+import engineio
+import socketio
+from aiohttp import WSMsgType, web
+from engineio import async_socket, exceptions, packet
+
+log = logging.getLogger(__name__)
+
+
+class SendQueue:
+    """The part of ``asyncio.Queue`` that Engine.IO sockets use (unbounded,
+    FIFO, ``task_done``/``join``), holding no deque while empty and no
+    futures while nobody waits: an ``asyncio.Queue`` keeps four deques of
+    about 700 bytes each for its whole life."""
+
+    __slots__ = ('_items', '_getters', '_unfinished', '_joiners')
+
+    def __init__(self):
+        self._items = None  # a deque while anything is queued
+        self._getters = None  # futures of get() callers waiting
+        self._unfinished = 0
+        self._joiners = None  # futures of join() callers waiting
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return False
+
+    def put_nowait(self, item):
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        self._unfinished += 1
+        self._wake_getter()
+
+    async def put(self, item):
+        self.put_nowait(item)
+
+    def get_nowait(self):
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
+
+    async def get(self):
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = collections.deque()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                if self._getters is not None and getter in self._getters:
+                    self._getters.remove(getter)
+                # Woken and cancelled at once: pass the item on.
+                if self._items and not getter.cancelled():
+                    self._wake_getter()
+                raise
+        return self.get_nowait()
+
+    def task_done(self):
+        if self._unfinished <= 0:
+            raise ValueError('task_done() called too many times')
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._joiners is not None:
+            joiners, self._joiners = self._joiners, None
+            for joiner in joiners:
+                if not joiner.done():
+                    joiner.set_result(None)
+
+    async def join(self):
+        if self._unfinished > 0:
+            joiner = asyncio.get_running_loop().create_future()
+            if self._joiners is None:
+                self._joiners = []
+            self._joiners.append(joiner)
+            await joiner
+
+    def _wake_getter(self):
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+        if not getters:
+            self._getters = None
+
+
+def _wsgi_name(header: str) -> str:
+    name = header.upper().replace('-', '_')
+    if name in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
+        return name
+    return 'HTTP_' + name
+
+
+class RequestEnviron(Mapping):
+    """The WSGI environ python-engineio's aiohttp driver builds for a
+    request (``translate_request``), as a view of the request: the same
+    keys and values, worked out when read. The driver's dict copies every
+    header, and python-socketio keeps the environ of each connection for
+    its whole life; the request itself is alive anyway while its websocket
+    is open. Handlers read ``environ['aiohttp.request']``."""
+
+    __slots__ = ('_request',)
+
+    _FIXED = {
+        'wsgi.input': lambda r: r.content,
+        'wsgi.errors': lambda r: sys.stderr,
+        'wsgi.version': lambda r: (1, 0),
+        'wsgi.async': lambda r: True,
+        'wsgi.multithread': lambda r: False,
+        'wsgi.multiprocess': lambda r: False,
+        'wsgi.run_once': lambda r: False,
+        'SERVER_SOFTWARE': lambda r: 'aiohttp',
+        'REQUEST_METHOD': lambda r: r.method,
+        'QUERY_STRING': lambda r: r.query_string or '',
+        'RAW_URI': lambda r: r.path_qs,
+        'SERVER_PROTOCOL': lambda r: f'HTTP/{r.version[0]}.{r.version[1]}',
+        # What the driver puts there: it does not know the peer either.
+        'REMOTE_ADDR': lambda r: '127.0.0.1',
+        'REMOTE_PORT': lambda r: '0',
+        'SERVER_NAME': lambda r: 'aiohttp',
+        'SERVER_PORT': lambda r: '0',
+        'aiohttp.request': lambda r: r,
+        'PATH_INFO': lambda r: r.path,
+        'SCRIPT_NAME': lambda r: '',
+    }
+
+    def __init__(self, request):
+        self._request = request
+
+    def __getitem__(self, key):
+        fixed = self._FIXED.get(key)
+        if fixed is not None:
+            return fixed(self._request)
+        if key == 'wsgi.url_scheme':
+            return self.get('HTTP_X_FORWARDED_PROTO', 'http')
+        values = [value for name, value in self._request.headers.items()
+                  if _wsgi_name(name) == key]
+        if not values:
+            raise KeyError(key)
+        if key in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
+            return values[-1]
+        return ','.join(values)
+
+    def __iter__(self):
+        yield from self._FIXED
+        yield 'wsgi.url_scheme'
+        seen = set()
+        for name in self._request.headers:
+            key = _wsgi_name(name)
+            if key not in seen and key not in self._FIXED:
+                seen.add(key)
+                yield key
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+class Socket(async_socket.AsyncSocket):
+    """An Engine.IO socket that serves its websocket without tasks of its
+    own while idle."""
+
+    # Class defaults, so that an idle socket stores only what it changed.
+    ws = None  # the WebSocketResponse, once the socket is on websocket
+    writer = None  # the task sending queued packets, while there are any
+    ping_timer = None  # the TimerHandle of the next ping
+    tcp_transport = None  # what backpressure aborts to cut a stalled socket
+
+    async def send(self, pkt):
+        """Queue ``pkt``; on a websocket, start a writer if none runs."""
+        if not await self.check_ping_timeout():
+            return
+        self.queue.put_nowait(pkt)
+        self._start_writer()
+
+    def schedule_ping(self):
+        """After the client answered the last ping (and at connect): ping
+        again in ``ping_interval``."""
+        if self.last_ping:
+            self.last_ping = None
+            self.ping_timer = asyncio.get_running_loop().call_later(
+                self.server.ping_interval, self._ping)
+
+    def _ping(self):
+        self.ping_timer = None
+        if not self.closing and not self.closed:
+            self.last_ping = time.time()
+            self.queue.put_nowait(packet.Packet(packet.PING))
+            self._start_writer()
+
+    async def close(self, wait=True, abort=False, reason=None):
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
+        await super().close(wait=wait, abort=abort, reason=reason)
+        if self.closed and self.ws is not None:
+            # Nothing more goes out: the writer sends what is queued (a
+            # CLOSE packet, if any) and closes the websocket, which ends
+            # the read loop. python-engineio would leave it open until the
+            # client closed it or stayed silent for a ping cycle.
+            self.queue.put_nowait(None)
+            self._start_writer()
+
+    async def _upgrade_websocket(self, environ):
+        """Take the request onto a websocket, a new socket's or a polling
+        socket's upgrade (the probe exchange first), and serve it: read
+        packets until it closes, then close the socket. Writing is
+        ``_write``'s, started by ``send`` when needed. Returns the
+        response once the websocket is closed."""
+        if self.upgraded:
+            raise OSError('Socket has been upgraded already')
+        request = environ['aiohttp.request']
+        ws = self.server.websocket_response()
+        await ws.prepare(request)
+        self.tcp_transport = request.transport
+        if self.connected:
+            self.upgrading = True  # sends wait in the queue meanwhile
+            if not await self._expect(ws, packet.PING, 'probe'):
+                self.upgrading = False
+                return ws
+            await ws.send_str(packet.Packet(packet.PONG, data='probe')
+                              .encode())
+            self.queue.put_nowait(packet.Packet(packet.NOOP))  # ends a poll
+            if not await self._expect(ws, packet.UPGRADE):
+                self.upgrading = False
+                return ws
+            self.upgraded = True
+            self.upgrading = False
+        else:
+            self.connected = True
+            self.upgraded = True
+        self.ws = ws
+        self._start_writer()  # what was queued before (the OPEN packet)
+        # Every await here is a frame held for the life of the connection:
+        # the loop reads with ``receive`` rather than ``async for``.
+        while True:
+            msg = await ws.receive()
+            # PING/PONG frames are answered inside aiohttp; an ERROR (a
+            # frame over max_msg_size, a broken frame) has closed the
+            # websocket already.
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break
+            try:
+                await self.receive(packet.Packet(encoded_packet=msg.data))
+            except exceptions.UnknownPacketError:
+                pass
+            except exceptions.SocketIsClosedError:
+                break
+            except Exception:
+                log.exception('%s: receive failed', self.sid)
+        self.ws = None
+        writer = self.writer
+        if writer is not None:
+            self.queue.put_nowait(None)
+            await writer
+        else:
+            await ws.close()
+        await self.close(wait=False, abort=True,
+                         reason=self.server.reason.TRANSPORT_CLOSE)
+        return ws
+
+    async def _expect(self, ws, packet_type, data=None) -> bool:
+        msg = await ws.receive()
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return False
+        pkt = packet.Packet(encoded_packet=msg.data)
+        if pkt.packet_type != packet_type or \
+                (data is not None and pkt.data != data):
+            log.info('%s: failed websocket upgrade, got %r', self.sid,
+                     msg.data)
+            return False
+        return True
+
+    def _start_writer(self):
+        if self.ws is not None and self.writer is None and \
+                not self.queue.empty():
+            self.writer = asyncio.ensure_future(self._write(self.ws))
+
+    async def _write(self, ws):
+        """Send queued packets until the queue is empty, then end. A None
+        in the queue means the socket is done: close the websocket."""
+        queue = self.queue
+        try:
+            while not queue.empty():
+                pkt = queue.get_nowait()
+                queue.task_done()
+                if pkt is None:
+                    break
+                data = pkt.encode()
+                if isinstance(data, bytes):
+                    await ws.send_bytes(data)
+                else:
+                    await ws.send_str(data)
+            else:
+                self.writer = None  # the next send starts another
+                return
+        except Exception:  # the connection is gone
+            log.debug('%s: send failed', self.sid, exc_info=True)
+        # Closing: ``writer`` stays set so that no other one starts, and
+        # what is left is dropped so that no ``join`` waits for it.
+        while not queue.empty():
+            queue.get_nowait()
+            queue.task_done()
+        try:
+            await ws.close()
+        except Exception:  # already broken; aiohttp has let go of it
+            log.debug('%s: close failed', self.sid, exc_info=True)
+
+
+class Engine(engineio.AsyncServer):
+    """python-engineio's asyncio server with ``Socket`` sockets, a lean
+    send queue and environ, and websocket options of our own:
+    ``websocket_compress`` (per-message deflate, off by default: it costs
+    more CPU than it saves on chat-sized frames) and
+    ``websocket_close_timeout`` (how long a closing websocket waits for
+    the client's close frame)."""
+
+    def __init__(self, *args, websocket_compress=False,
+                 websocket_close_timeout=10.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.websocket_compress = websocket_compress
+        self.websocket_close_timeout = websocket_close_timeout
+        self._async = dict(self._async, translate_request=RequestEnviron)
+
+    def create_queue(self, *args, **kwargs):
+        return SendQueue()
+
+    def websocket_response(self) -> web.WebSocketResponse:
+        return web.WebSocketResponse(
+            max_msg_size=self.max_http_buffer_size,
+            compress=self.websocket_compress,
+            timeout=self.websocket_close_timeout)
+
+    async def handle_request(self, request):
+        """The aiohttp handler of the Engine.IO endpoint. A new websocket
+        connection is served from here, so that the coroutines it holds
+        for its whole life are few (python-engineio's path would hold four
+        more); everything else, refusals included, takes python-engineio's
+        path."""
+        if self._is_websocket_connect(request):
+            environ = RequestEnviron(request)
+            response = await self._handle_connect(environ, 'websocket')
+            if isinstance(response, dict):  # the connect handler refused
+                return await self._make_response(response, environ)
+            return response
+        return await super().handle_request(request)
+
+    def _is_websocket_connect(self, request) -> bool:
+        """Whether python-engineio would take ``request`` as a valid new
+        websocket connection (its ``handle_request``, the ``sid is None``
+        and ``transport == 'websocket'`` branch)."""
+        if request.method != 'GET' or 'websocket' not in self.transports or \
+                request.headers.get('Upgrade', '').lower() != 'websocket':
+            return False
+        query = urllib.parse.parse_qs(request.query_string)
+        if query.get('transport') != ['websocket'] or \
+                query.get('EIO') != ['4'] or 'sid' in query or 'j' in query:
+            return False
+        origin = request.headers.get('Origin')
+        if self.cors_allowed_origins != [] and origin:
+            allowed = self._cors_allowed_origins(RequestEnviron(request))
+            if allowed is not None and origin not in allowed:
+                return False
+        return True
+
+    async def _handle_connect(self, environ, transport, jsonp_index=None):
+        """python-engineio 4.x's ``_handle_connect``, building a ``Socket``
+        where it builds an ``AsyncSocket``, and going straight to the
+        websocket (its ``handle_get_request`` only checks the headers the
+        handshake checks again)."""
+        if self.start_service_task:
+            # the service task closes sockets whose client stopped answering
+            self.start_service_task = False
+            self.service_task_handle = self.start_background_task(
+                self._service_task)
+
+        sid = self.generate_id()
+        s = Socket(self, sid)
+        self.sockets[sid] = s
+        await s.send(packet.Packet(packet.OPEN, {
+            'sid': sid,
+            'upgrades': self._upgrades(sid, transport),
+            'pingTimeout': int(self.ping_timeout * 1000),
+            'pingInterval': int(
+                self.ping_interval + self.ping_interval_grace_period) * 1000,
+            'maxPayload': self.max_http_buffer_size,
+        }))
+
+        ret = await self._trigger_event('connect', sid, environ,
+                                        run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            self.logger.warning('Application rejected connection')
+            return self._unauthorized(ret or None)
+
+        s.schedule_ping()
+
+        if transport == 'websocket':
+            ret = await s._upgrade_websocket(environ)
+            if s.closed and sid in self.sockets:
+                # websocket connection ended, so we are done
+                del self.sockets[sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = self.cookie if isinstance(self.cookie, dict) else {
+                'name': self.cookie, 'path': '/', 'SameSite': 'Lax'}
+            headers = [('Set-Cookie',
+                        self._generate_sid_cookie(sid, cookie))]
+        try:
+            return self._ok(await s.poll(), headers=headers,
+                            jsonp_index=jsonp_index)
+        except exceptions.QueueEmpty:
+            return self._bad_request()
+
+
+class Server(socketio.AsyncServer):
+    """python-socketio's asyncio server on ``Engine``. Takes
+    ``websocket_compress`` and ``websocket_close_timeout`` besides
+    python-socketio's own arguments."""
+
+    def _engineio_server_class(self):
+        return Engine

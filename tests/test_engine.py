@@ -1,0 +1,132 @@
+"""The Engine.IO protocol as clients see it on the lean sockets of
+server/transport/engine.py (pings, upgrades from polling, server-side
+closes), and the python-engineio code that module is written against."""
+import asyncio
+import hashlib
+import inspect
+import json
+
+import aiohttp
+import engineio
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from engineio import async_socket, base_socket
+from engineio.async_drivers import aiohttp as engineio_aiohttp
+
+from server.transport.engine import RequestEnviron
+from tests.helpers import ServerProcess, connect, pair, register
+from tests.test_limits import raw_socket
+
+# The python-engineio code server/transport/engine.py copies, overrides or
+# relies on, by hash of its source. When an upgrade changes one of them,
+# re-read engine.py against the new code (the copied ``_handle_connect``,
+# the websocket-connect checks mirrored from ``handle_request``, the socket
+# methods replaced, the environ mirrored from ``translate_request``), then
+# update the hash here.
+UPSTREAM = {
+    'engineio.AsyncServer.handle_request':
+        (engineio.AsyncServer.handle_request, '1a8c878e35166cfe'),
+    'engineio.AsyncServer._handle_connect':
+        (engineio.AsyncServer._handle_connect, '5bd7edc1d1ae115a'),
+    'engineio.AsyncServer.create_queue':
+        (engineio.AsyncServer.create_queue, '5ff5673a0c017681'),
+    'engineio.async_socket.AsyncSocket':
+        (async_socket.AsyncSocket, 'af72dafc541d46e6'),
+    'engineio.base_socket.BaseSocket':
+        (base_socket.BaseSocket, 'd787ee3666d08b7a'),
+    'engineio.async_drivers.aiohttp.translate_request':
+        (engineio_aiohttp.translate_request, '20aa782740060790'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(UPSTREAM))
+def test_python_engineio_code_is_what_engine_py_was_written_against(name):
+    obj, expected = UPSTREAM[name]
+    digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    assert digest[:16] == expected, (
+        f'{name} changed in python-engineio {engineio.__version__}: '
+        'check server/transport/engine.py against it')
+
+
+def test_environ_view_reads_as_the_engineio_driver_environ():
+    request = make_mocked_request(
+        'GET', '/socket.io/?EIO=4&transport=websocket', headers={
+            'Host': 'chat.example.com', 'Origin': 'https://chat.example.com',
+            'Upgrade': 'websocket', 'Connection': 'Upgrade',
+            'Content-Type': 'text/plain', 'X-Forwarded-Proto': 'https',
+            'Accept-Language': 'en'})
+    expected = engineio_aiohttp.translate_request(request)
+    view = RequestEnviron(request)
+    assert dict(view) == expected
+    assert view['aiohttp.request'] is request
+    assert view.get('HTTP_COOKIE') is None and 'HTTP_COOKIE' not in view
+
+
+@pytest.fixture(scope='module')
+def fast_pings(tmp_path_factory):
+    proc = ServerProcess(tmp_path_factory.mktemp('fast-pings'), env={
+        'POSTBOX_PING_INTERVAL': '0.5', 'POSTBOX_PING_TIMEOUT': '2'})
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.read_log()
+
+
+async def test_pings_keep_an_idle_websocket_open(fast_pings):
+    base = fast_pings.url
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(base, token, session)
+        # Several ping intervals, answering each ping: the server keeps
+        # pinging and never closes.
+        for _ in range(4):
+            assert await ws.receive_str(timeout=5) == '2'
+            await ws.send_str('3')
+        await ws.send_str('421' + json.dumps(['ping', {}]))
+        while True:
+            text = await ws.receive_str(timeout=5)
+            if text == '2':
+                await ws.send_str('3')
+                continue
+            assert text.startswith('431')
+            assert json.loads(text[3:]) == [{'ok': True}]
+            break
+        await ws.close()
+
+
+async def test_polling_client_upgrades_to_websocket(base):
+    alice, bob, a, b, room = await pair(base)
+    await b.close()
+    b = await connect(base, b.token, transports=['polling', 'websocket'])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while b.sio.transport() != 'websocket':
+        assert loop.time() < deadline, 'the client never upgraded'
+        await asyncio.sleep(0.05)  # the client upgrades in the background
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'up',
+                                   'client_msg_id': 'up1'})
+    assert ack['ok']
+    assert (await b.next('message'))['body'] == 'up'
+    assert (await b.call('send_dm', {'room_id': room['id'], 'body': 'back',
+                                     'client_msg_id': 'up2'}))['ok']
+    assert (await a.next('message', where=lambda m: m['body'] == 'back'))
+    for client in (a, b):
+        await client.close()
+
+
+async def test_engineio_close_packet_ends_the_connection(base):
+    """A client that says goodbye at the Engine.IO level (packet ``1``)
+    is disconnected and has its websocket closed by the server."""
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(base, token, session)
+        await ws.send_str('1')
+        while True:
+            msg = await ws.receive(timeout=5)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    # The server let go of it: the user can connect again at once and the
+    # new socket works.
+    again = await connect(base, token)
+    assert (await again.call('rooms', {}))['ok']
+    await again.close()
