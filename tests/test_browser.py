@@ -96,6 +96,36 @@ def bubbles(page):
     return page.locator('#message-list .msg .body')
 
 
+def message(page, text):
+    """The message whose own body is ``text`` (not a reply quoting it)."""
+    return page.locator('#message-list .msg').filter(
+        has=page.locator('.body', has_text=re.compile(f'^{re.escape(text)}$')))
+
+
+def message_action(page, text, action):
+    """Hovers the message and clicks one of its actions (react-open, reply,
+    edit, delete)."""
+    msg = message(page, text)
+    msg.hover()
+    msg.locator(f'.actions button.{action}').click()
+    return msg
+
+
+def seed(page, room_id, texts):
+    """Sends messages through the HTTP API from the page, with its token."""
+    page.evaluate("""async ([roomId, texts]) => {
+        const token = localStorage.getItem('postbox.token');
+        for (const [i, body] of texts.entries()) {
+            const res = await fetch(`/api/rooms/${roomId}/messages`, {
+                method: 'POST',
+                headers: {'Authorization': `Bearer ${token}`,
+                          'Content-Type': 'application/json'},
+                body: JSON.stringify({body, client_msg_id: `seed-${roomId}-${i}`})});
+            if (res.status !== 201) throw new Error(await res.text());
+        }
+    }""", [room_id, texts])
+
+
 def shot(page, name):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name))
@@ -373,7 +403,19 @@ def test_group_and_product_screenshot(people, tmp_path):
     bob.locator('.inbox-item', has_text='Alice Martin').click()
     expect(bob.locator('img.att-image')).to_have_attribute(
         'src', re.compile(r'^blob:'))
+    # Bob loves the photo and answers it.
+    photo = bob.locator('#message-list .msg').filter(
+        has=bob.locator('img.att-image'))
+    photo.hover()
+    photo.locator('button.react-open').click()
+    photo.get_by_role('button', name='React with ❤️').click()
+    photo.hover()
+    photo.locator('button.reply').click()
     send(bob, 'Wow, that sunset!')
+    expect(alice.locator('.msg.mine .reaction')).to_have_text(['❤️ 1'])
+    reply = message(alice, 'Wow, that sunset!')
+    expect(reply.locator('.quote-sender')).to_have_text('You')
+    expect(reply.locator('.quote-text')).to_have_text('Photo')
     expect(alice.locator('.msg.mine .seen')).to_have_text('Seen')
     bob.locator('#composer-input').press_sequentially('Send me the rest')
     expect(alice.locator('#typing')).to_have_text('Bob Chen is typing…')
@@ -439,3 +481,171 @@ def test_sign_in_errors_and_ended_session(people):
         'Your session has ended. Please sign in again.')
     assert page.evaluate("localStorage.getItem('postbox.token')") is None
     assert page.errors == []
+
+
+def test_reactions_show_live_and_toggle(people):
+    alice, bob, a_name, b_name = pair(people)
+    send(alice, 'Lunch at 12:30?')
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bubbles(bob)).to_have_text(['Lunch at 12:30?'])
+    send(bob, 'Yes, the usual place')
+
+    # Alice picks 👍 from the picker under Bob's message.
+    mine = message_action(alice, 'Yes, the usual place', 'react-open')
+    picker = mine.locator('.picker')
+    expect(picker.locator('button.pick')).to_have_count(5)
+    picker.get_by_role('button', name='React with 👍').click()
+    expect(picker).to_have_count(0)
+    expect(mine.locator('.reaction')).to_have_text(['👍 1'])
+    expect(mine.locator('.reaction')).to_have_class('reaction mine')
+    # Bob sees it live, not highlighted: it is not his.
+    theirs = message(bob, 'Yes, the usual place').locator('.reaction')
+    expect(theirs).to_have_text(['👍 1'])
+    expect(theirs).to_have_class('reaction')
+    expect(theirs).to_have_attribute('aria-pressed', 'false')
+
+    # Bob clicks the chip to add his own: two, highlighted for him.
+    theirs.click()
+    expect(theirs).to_have_text(['👍 2'])
+    expect(theirs).to_have_class('reaction mine')
+    expect(mine.locator('.reaction')).to_have_text(['👍 2'])
+    # A second emoji from Bob's picker, on Alice's message this time.
+    bobs_view = message_action(bob, 'Lunch at 12:30?', 'react-open')
+    bobs_view.get_by_role('button', name='React with 😂').click()
+    expect(message(alice, 'Lunch at 12:30?').locator('.reaction')) \
+        .to_have_text(['😂 1'])
+    shot(bob, 'reactions.png')
+
+    # Alice takes hers back; Bob's count follows.
+    mine.locator('.reaction').click()
+    expect(theirs).to_have_text(['👍 1'])
+    expect(mine.locator('.reaction')).to_have_class('reaction')
+    # Stored: a reload shows the same.
+    bob.reload()
+    expect(message(bob, 'Yes, the usual place').locator('.reaction.mine')) \
+        .to_have_text('👍 1')
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
+
+
+def test_reply_quotes_the_original(people):
+    alice, bob, a_name, b_name = pair(people)
+    room_id = int(alice.evaluate('location.hash').split('=')[1])
+    send(alice, 'Can you send me the slides?')
+    expect(alice.locator('.msg.mine .meta').last).not_to_have_text('Sending…')
+    # Enough messages after it that the first page (50) leaves it out.
+    seed(alice, room_id, [f'note {i}' for i in range(1, 56)])
+    expect(bubbles(alice).last).to_have_text('note 55')
+
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bubbles(bob).last).to_have_text('note 55')
+    bob.locator('#messages').evaluate('box => { box.scrollTop = 0; }')
+    expect(bubbles(bob).first).to_have_text('Can you send me the slides?')
+
+    # Reply, cancel, reply again.
+    message_action(bob, 'Can you send me the slides?', 'reply')
+    expect(bob.locator('#replying')).to_be_visible()
+    expect(bob.locator('#replying-to')).to_have_text('Replying to Alice Martin')
+    expect(bob.locator('#replying-snippet')).to_have_text(
+        'Can you send me the slides?')
+    bob.click('#reply-cancel')
+    expect(bob.locator('#replying')).to_be_hidden()
+    message_action(bob, 'Can you send me the slides?', 'reply')
+    expect(bob.locator('#replying')).to_be_visible()
+    send(bob, 'Sent them by email')
+    expect(bob.locator('#replying')).to_be_hidden()
+    mine = message(bob, 'Sent them by email')
+    expect(mine.locator('.quote-sender')).to_have_text('Alice Martin')
+
+    # Alice sees the quote; clicking it brings the original into view.
+    reply = message(alice, 'Sent them by email')
+    expect(reply.locator('.quote-sender')).to_have_text('You')
+    expect(reply.locator('.quote-text')).to_have_text(
+        'Can you send me the slides?')
+    original = bubbles(alice).filter(has_text='Can you send me the slides?')
+    expect(original).not_to_be_in_viewport()
+    reply.locator('button.quote').click()
+    expect(original).to_be_in_viewport()
+    shot(alice, 'reply.png')
+
+    # After a reload only the latest page is loaded: the quote says so,
+    # until the older page comes in.
+    alice.reload()
+    reply = message(alice, 'Sent them by email')
+    expect(reply.locator('.quote')).to_have_text('Reply to an earlier message')
+    alice.locator('#messages').evaluate('box => { box.scrollTop = 0; }')
+    expect(reply.locator('.quote-text')).to_have_text(
+        'Can you send me the slides?')
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
+
+
+def test_block_refuses_messages_until_unblocked(people):
+    alice, bob, a_name, b_name = pair(people)
+    send(alice, 'Hey, got a minute?')
+    bob.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(bubbles(bob)).to_have_text(['Hey, got a minute?'])
+    expect(bob.locator('#block-toggle')).to_have_text('Block')
+    expect(bob.locator('#block-notice')).to_be_hidden()
+
+    bob.click('#block-toggle')
+    expect(bob.locator('#block-toggle')).to_have_text('Unblock')
+    expect(bob.locator('#block-notice')).to_contain_text(
+        'You blocked Alice Martin.')
+    # Alice's next message is refused, and she is told why.
+    send(alice, 'Hello?')
+    refused = alice.locator('.msg.failed')
+    expect(refused.locator('.retry')).to_have_text(
+        "Not sent: Bob Chen isn't accepting messages from you. Retry")
+    shot(alice, 'blocked.png')
+    # The blocker can still write; the state survives a reload.
+    send(bob, 'Busy, later')
+    expect(bubbles(alice).filter(has_text='Busy, later')).to_have_count(1)
+    bob.reload()
+    expect(bob.locator('#block-toggle')).to_have_text('Unblock')
+    expect(bubbles(bob)).to_have_text(['Hey, got a minute?', 'Busy, later'])
+
+    # Unblocked, Alice's retry goes through.
+    bob.click('#block-notice-undo')
+    expect(bob.locator('#block-notice')).to_be_hidden()
+    expect(bob.locator('#block-toggle')).to_have_text('Block')
+    refused.locator('.retry').click()
+    expect(bubbles(bob)).to_have_text(
+        ['Hey, got a minute?', 'Busy, later', 'Hello?'])
+    expect(alice.locator('.msg.failed')).to_have_count(0)
+    for page in (alice, bob):
+        assert page.errors == [] and page.console_errors == []
+
+
+def test_sign_out_everywhere_ends_other_sessions(people):
+    laptop, phone = people(), people()
+    phone.set_viewport_size({'width': 390, 'height': 760})
+    name = unique_name('erin')
+    sign_up(laptop, name, 'Erin Park')
+    phone.fill('#auth-username', name)
+    phone.fill('#auth-password', PASSWORD)
+    phone.click('#auth-submit')
+    expect(phone.locator('#me-name')).to_have_text('Erin Park')
+    expect(phone.locator('#banner')).to_be_hidden()
+    expect(phone.locator('#logout-all')).to_be_visible()
+    token = laptop.evaluate("localStorage.getItem('postbox.token')")
+
+    laptop.click('#logout-all')
+    expect(laptop.locator('#auth')).to_be_visible()
+    expect(laptop.locator('#auth-error')).to_have_text(
+        'You were signed out everywhere.')
+    # The other device is signed out too, and told why.
+    expect(phone.locator('#auth')).to_be_visible()
+    expect(phone.locator('#auth-error')).to_have_text(
+        'Your session has ended. Please sign in again.')
+    for page in (laptop, phone):
+        assert page.evaluate("localStorage.getItem('postbox.token')") is None
+    # The old token is dead; the password still signs in.
+    assert laptop.evaluate("""t => fetch('/api/me', {headers:
+        {Authorization: 'Bearer ' + t}}).then(r => r.status)""", token) == 401
+    laptop.fill('#auth-username', name)
+    laptop.fill('#auth-password', PASSWORD)
+    laptop.click('#auth-submit')
+    expect(laptop.locator('#me-name')).to_have_text('Erin Park')
+    for page in (laptop, phone):
+        assert page.errors == []

@@ -13,6 +13,9 @@
   const TYPING_REFRESH_MS = 3000;
   const TYPING_EXPIRE_MS = 8000;
   const PAGE_SIZE = 50;
+  // The quick reactions offered by the picker (any emoji works on the wire).
+  const REACTIONS = ['👍', '❤️', '😂', '😮', '😢'];
+  const SNIPPET_CHARS = 90;
 
   const state = {
     token: localStorage.getItem('postbox.token'),
@@ -28,6 +31,9 @@
     blobs: new Map(),       // attachment url -> Promise of a blob: URL
     files: [],              // attachments being prepared in the composer
     editing: null,          // id of the message being edited
+    replyTo: null,          // message the composer replies to
+    picker: null,           // id of the message whose reaction picker is open
+    blocked: new Set(),     // usernames I blocked (remembered by this browser)
     typingSentAt: 0,
     nodes: new Map(),       // message key -> rendered <li> (reused while unchanged)
   };
@@ -195,8 +201,12 @@
     for (const p of state.blobs.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
     Object.assign(state, {
       token: null, me: null, seeded: false, current: null, editing: null, files: [],
+      replyTo: null, picker: null,
     });
-    for (const key of ['rooms', 'lastSeq', 'convos', 'presence', 'typing', 'blobs', 'nodes']) {
+    $('replying').hidden = true;
+    $('editing').hidden = true;
+    for (const key of ['rooms', 'lastSeq', 'convos', 'presence', 'typing', 'blobs', 'nodes',
+      'blocked']) {
       state[key].clear();
     }
     history.replaceState(null, '', location.pathname);
@@ -421,7 +431,8 @@
       onRoom(ack.room);
       openRoom(ack.room.id);
     } catch (err) {
-      showError('sidebar-error', err.code === 'not_found' ? `No user named “${username}”.` : err.message);
+      showError('sidebar-error', err.code === 'not_found' ? `No user named “${username}”.`
+        : err.code === 'forbidden' ? `@${username} isn't accepting messages from you.` : err.message);
     }
   }
 
@@ -555,6 +566,8 @@
         call('leave_room', {room_id: state.current}).catch(() => {});
       }
       cancelEdit();
+      cancelReply();
+      state.picker = null;
       state.current = roomId;
       state.nodes.clear();
       history.replaceState(null, '', `#room=${roomId}`);
@@ -597,9 +610,11 @@
     if (state.current) {
       stopTyping();
       cancelEdit();
+      cancelReply();
       call('leave_room', {room_id: state.current}).catch(() => {});
     }
     state.current = null;
+    state.picker = null;
     state.nodes.clear();
     history.replaceState(null, '', location.pathname);
     $('app').classList.remove('in-room');
@@ -625,6 +640,66 @@
       dot.hidden = true;
       $('room-status').textContent = `${room.members.length} members: ${room.members.map(userName).join(', ')}`;
     }
+    renderBlock(other);
+  }
+
+  // ---------- blocking (dm rooms) ----------
+
+  // The server answers block/unblock but offers no list of one's blocks, so
+  // this browser remembers whom its user blocked.
+  function blockedKey() {
+    return `postbox.blocked.${state.me.id}`;
+  }
+
+  function loadBlocked() {
+    state.blocked.clear();
+    try {
+      for (const name of JSON.parse(localStorage.getItem(blockedKey()) || '[]')) state.blocked.add(name);
+    } catch (err) { /* a damaged entry: start afresh */ }
+  }
+
+  function saveBlocked() {
+    localStorage.setItem(blockedKey(), JSON.stringify([...state.blocked]));
+  }
+
+  function renderBlock(other) {
+    const button = $('block-toggle');
+    const blocked = !!other && state.blocked.has(other.username);
+    button.hidden = !other;
+    button.textContent = blocked ? 'Unblock' : 'Block';
+    button.classList.toggle('on', blocked);
+    button.title = other ? `${blocked ? 'Unblock' : 'Block'} @${other.username}` : '';
+    $('block-notice').hidden = !blocked;
+    $('block-notice-text').textContent = blocked
+      ? `You blocked ${userName(other)}. They can't message you; you can still write to them.` : '';
+  }
+
+  async function toggleBlock() {
+    const entry = state.rooms.get(state.current);
+    const other = entry && entry.room.kind === 'dm' ? otherMember(entry.room) : null;
+    if (!other) return;
+    const on = !state.blocked.has(other.username);
+    $('block-toggle').disabled = true;
+    $('block-notice-undo').disabled = true;
+    try {
+      await call(on ? 'block' : 'unblock', {username: other.username});
+      if (on) state.blocked.add(other.username);
+      else state.blocked.delete(other.username);
+      saveBlocked();
+    } catch (err) {
+      alertInline(err.message);
+    }
+    $('block-toggle').disabled = false;
+    $('block-notice-undo').disabled = false;
+    if (state.current) renderRoomHeader();
+  }
+
+  // What a refused send says: in a dm, the other user has blocked us.
+  function refusalText(roomId) {
+    const entry = state.rooms.get(roomId);
+    const other = entry && entry.room.kind === 'dm' ? otherMember(entry.room) : null;
+    return other ? `${userName(other)} isn't accepting messages from you`
+      : "you can't send messages here";
   }
 
   // Messages in order: stored ones by seq, then the ones still sending.
@@ -658,7 +733,9 @@
     const heightBefore = box.scrollHeight;
     const topBefore = box.scrollTop;
     const items = timeline(c);
-    const myLast = [...items].reverse().find((m) => m.sender.id === state.me.id && !m.deleted);
+    // Receipts go under my last message that the server has (not one still
+    // sending or refused).
+    const myLast = [...items].reverse().find((m) => m.sender.id === state.me.id && !m.deleted && m.id);
     const seen = seenLabel(c, entry.room, myLast);
     const nodes = [];
     let prev = null;
@@ -674,11 +751,14 @@
         || !sameDay(new Date(prev.created_at), date);
       const key = m.id ? `m${m.id}` : `p${m.client_msg_id}`;
       const showSeen = m === myLast ? seen : '';
-      const version = [m.update_seq, m.edited_at, m.deleted, m.status, first, showSeen,
-        entry.room.kind].join('|');
+      // The quoted original, when it is loaded (its changes show in the quote).
+      const orig = m.reply_to ? c.messages.get(m.reply_to) || null : null;
+      const version = [m.update_seq, m.edited_at, m.deleted, m.status, m.error, first, showSeen,
+        entry.room.kind, JSON.stringify(m.reactions || {}), state.picker === m.id,
+        orig ? `${orig.update_seq || orig.seq}` : ''].join('|');
       let node = state.nodes.get(key);
       if (!node || node.dataset.version !== version) {
-        node = renderMessage(m, first, showSeen, entry.room);
+        node = renderMessage(m, first, showSeen, entry.room, orig);
         node.dataset.version = version;
         state.nodes.set(key, node);
       }
@@ -693,7 +773,7 @@
     else if (scroll === 'older') box.scrollTop = topBefore + (box.scrollHeight - heightBefore);
   }
 
-  function renderMessage(m, first, seen, room) {
+  function renderMessage(m, first, seen, room, orig) {
     const mine = m.sender.id === state.me.id;
     const li = el('li', 'msg');
     li.classList.toggle('mine', mine);
@@ -710,26 +790,36 @@
     if (m.deleted) {
       bubble.append(el('div', 'body', 'This message was deleted'));
     } else {
+      if (m.reply_to) bubble.append(renderQuote(orig));
       const atts = el('div', 'attachments');
       for (const a of m.attachments || []) atts.append(renderAttachment(a));
       if ((m.attachments || []).some((a) => a.content_type.startsWith('image/'))) bubble.classList.add('has-image');
       bubble.append(atts);
       if (m.body) bubble.append(el('div', 'body', m.body));
-      else if ((m.attachments || []).every((a) => a.content_type.startsWith('image/'))) bubble.classList.add('bare');
+      else if (!m.reply_to && (m.attachments || []).every((a) => a.content_type.startsWith('image/'))) {
+        bubble.classList.add('bare');
+      }
     }
     row.append(bubble);
-    if (mine && !m.deleted && m.id) {
+    if (!m.deleted && m.id) {
       const actions = el('div', 'actions');
-      const edit = el('button', 'edit', 'Edit');
-      edit.type = 'button';
-      edit.addEventListener('click', () => startEdit(m));
-      const del = el('button', 'delete', 'Delete');
-      del.type = 'button';
-      del.addEventListener('click', () => deleteMessage(m));
-      actions.append(edit, del);
+      const reactBtn = actionButton('react-open', '☺', `React to ${mine ? 'your' : 'this'} message`,
+        () => togglePicker(m.id));
+      reactBtn.setAttribute('aria-expanded', String(state.picker === m.id));
+      const reply = actionButton('reply', 'Reply', 'Reply to this message', () => startReply(m));
+      actions.append(reactBtn, reply);
+      if (mine) {
+        actions.append(actionButton('edit', 'Edit', 'Edit this message', () => startEdit(m)),
+          actionButton('delete', 'Delete', 'Delete this message', () => deleteMessage(m)));
+      }
       row.append(actions);
     }
     li.append(row);
+    if (!m.deleted && m.id) {
+      const reactions = renderReactions(m, room);
+      if (reactions) li.append(reactions);
+      if (state.picker === m.id) li.append(renderPicker(m));
+    }
 
     let meta = clock(new Date(m.created_at));
     if (m.edited_at && !m.deleted) meta += ' · edited';
@@ -743,6 +833,118 @@
     }
     if (seen) li.append(el('div', 'seen', seen));
     return li;
+  }
+
+  function actionButton(cls, label, title, onClick) {
+    const button = el('button', cls, label);
+    button.type = 'button';
+    button.title = title;
+    if (label.length <= 2) button.setAttribute('aria-label', title);
+    button.addEventListener('click', onClick);
+    return button;
+  }
+
+  // One line of text standing for a message (quotes, the reply bar).
+  function snippet(m) {
+    if (m.deleted) return 'Deleted message';
+    if (m.body) {
+      const text = m.body.replace(/\s+/g, ' ').trim();
+      return text.length > SNIPPET_CHARS ? `${text.slice(0, SNIPPET_CHARS - 1)}…` : text;
+    }
+    const a = (m.attachments || [])[0];
+    if (a) return a.content_type.startsWith('image/') ? 'Photo' : a.filename;
+    return '';
+  }
+
+  // The quote on top of a reply: the original when loaded (a button that
+  // scrolls to it), otherwise a plain "earlier message".
+  function renderQuote(orig) {
+    const quote = el(orig ? 'button' : 'div', 'quote');
+    if (orig) {
+      quote.type = 'button';
+      quote.title = 'Show the original message';
+      quote.addEventListener('click', () => scrollToMessage(orig.id));
+      quote.append(el('span', 'quote-sender', orig.sender.id === state.me.id ? 'You' : userName(orig.sender)),
+        el('span', 'quote-text', snippet(orig)));
+    } else {
+      quote.classList.add('missing');
+      quote.append(el('span', 'quote-text', 'Reply to an earlier message'));
+    }
+    return quote;
+  }
+
+  function scrollToMessage(id) {
+    const node = document.querySelector(`#message-list .msg[data-id="${Number(id)}"]`);
+    if (!node) return;
+    node.scrollIntoView({block: 'center', behavior: 'smooth'});
+    node.classList.remove('flash');
+    void node.offsetWidth;  // restart the highlight animation
+    node.classList.add('flash');
+  }
+
+  // Reactions under a message: emoji and count, pressed when one is mine;
+  // a click toggles mine.
+  function renderReactions(m, room) {
+    const entries = Object.entries(m.reactions || {}).filter(([, users]) => users && users.length);
+    if (!entries.length) return null;
+    const box = el('div', 'reactions');
+    for (const [emoji, users] of entries) {
+      const mine = users.includes(state.me.id);
+      const chip = el('button', 'reaction');
+      chip.type = 'button';
+      chip.classList.toggle('mine', mine);
+      chip.setAttribute('aria-pressed', String(mine));
+      chip.append(el('span', 'reaction-emoji', emoji), ' ', el('span', 'reaction-count', String(users.length)));
+      const names = users.map((id) => (id === state.me.id ? 'You'
+        : userName(room.members.find((u) => u.id === id))));
+      chip.title = `${names.join(', ')} reacted with ${emoji}`
+        + (mine ? ' (click to remove yours)' : ' (click to add yours)');
+      chip.addEventListener('click', () => toggleReaction(m, emoji));
+      box.append(chip);
+    }
+    return box;
+  }
+
+  function renderPicker(m) {
+    const picker = el('div', 'picker');
+    picker.setAttribute('role', 'group');
+    picker.setAttribute('aria-label', 'Reactions');
+    for (const emoji of REACTIONS) {
+      const mine = ((m.reactions || {})[emoji] || []).includes(state.me.id);
+      const button = actionButton('pick', emoji, `React with ${emoji}`, () => toggleReaction(m, emoji));
+      button.classList.toggle('mine', mine);
+      button.setAttribute('aria-pressed', String(mine));
+      picker.append(button);
+    }
+    return picker;
+  }
+
+  function togglePicker(id) {
+    state.picker = state.picker === id ? null : id;
+    renderMessages('keep');
+    const first = document.querySelector('#message-list .picker .pick');
+    if (first) first.focus();
+  }
+
+  function closePicker() {
+    if (state.picker === null) return;
+    state.picker = null;
+    if (state.current) renderMessages('keep');
+  }
+
+  // Adds my `emoji` to the message, or takes it back if it is there: decided
+  // on the newest version of the message, not the one rendered.
+  async function toggleReaction(m, emoji) {
+    const c = state.convos.get(m.room_id);
+    const current = (c && c.messages.get(m.id)) || m;
+    const on = !((current.reactions || {})[emoji] || []).includes(state.me.id);
+    closePicker();
+    try {
+      const ack = await call('react', {message_id: m.id, emoji, on});
+      onMessageUpdated(ack.message, false);
+    } catch (err) {
+      alertInline(err.message);
+    }
   }
 
   function renderAttachment(a) {
@@ -931,8 +1133,10 @@
     const m = {
       id: null, seq: 0, room_id: roomId, client_msg_id: newId(), sender: state.me,
       body: body.trim() ? body : '', attachments, created_at: new Date().toISOString(),
-      edited_at: null, deleted: false, status: 'sending',
+      edited_at: null, deleted: false, status: 'sending', reactions: {},
+      reply_to: state.replyTo ? state.replyTo.id : null,
     };
+    cancelReply();
     convo(roomId).pending.set(m.client_msg_id, m);
     $('composer-input').value = '';
     state.files = [];
@@ -950,15 +1154,17 @@
     m.status = 'sending';
     if (m.room_id === state.current) renderMessages('keep');
     try {
-      const ack = await call('send_dm', {
+      const payload = {
         room_id: m.room_id, body: m.body, client_msg_id: m.client_msg_id,
         attachments: m.attachments.map((a) => a.id),
-      });
+      };
+      if (m.reply_to) payload.reply_to = m.reply_to;
+      const ack = await call('send_dm', payload);
       onMessage(ack.message, false);
     } catch (err) {
       if (err.code === 'offline') return;  // resent after the reconnect
       m.status = 'failed';
-      m.error = err.message;
+      m.error = err.code === 'forbidden' ? refusalText(m.room_id) : err.message;
       if (m.room_id === state.current) renderMessages('keep');
     }
   }
@@ -970,6 +1176,7 @@
   }
 
   function startEdit(m) {
+    cancelReply();
     state.editing = m.id;
     $('editing').hidden = false;
     const input = $('composer-input');
@@ -986,6 +1193,20 @@
     $('composer-input').value = '';
     autoGrow();
     updateSendButton();
+  }
+
+  function startReply(m) {
+    cancelEdit();
+    state.replyTo = m;
+    $('replying').hidden = false;
+    $('replying-to').textContent = `Replying to ${m.sender.id === state.me.id ? 'yourself' : userName(m.sender)}`;
+    $('replying-snippet').textContent = snippet(m);
+    $('composer-input').focus();
+  }
+
+  function cancelReply() {
+    state.replyTo = null;
+    $('replying').hidden = true;
   }
 
   async function saveEdit() {
@@ -1069,6 +1290,20 @@
     $('pending-files').replaceChildren(...items);
   }
 
+  // Revokes every token of the account: this page and every other session
+  // (other tabs, devices) end; the others see "Your session has ended".
+  async function signOutEverywhere() {
+    $('logout-all').disabled = true;
+    try {
+      await api('POST', '/api/logout', {all: true});
+      signOut('You were signed out everywhere.');
+    } catch (err) {
+      showError('sidebar-error', `Could not sign out everywhere: ${err.message}`);
+    } finally {
+      $('logout-all').disabled = false;
+    }
+  }
+
   // ---------- start ----------
 
   async function startApp() {
@@ -1077,6 +1312,7 @@
     paintAvatar($('me-avatar'), userName(state.me), state.me.username);
     $('me-name').textContent = userName(state.me);
     $('me-username').textContent = `@${state.me.username}`;
+    loadBlocked();
     renderInbox();
     connect();
   }
@@ -1088,6 +1324,13 @@
     $('logout').addEventListener('click', () => {
       api('POST', '/api/logout', {}).catch(() => {});
       signOut();
+    });
+    $('logout-all').addEventListener('click', signOutEverywhere);
+    $('block-toggle').addEventListener('click', toggleBlock);
+    $('block-notice-undo').addEventListener('click', toggleBlock);
+    $('reply-cancel').addEventListener('click', () => {
+      cancelReply();
+      $('composer-input').focus();
     });
     $('new-dm').addEventListener('submit', startDm);
     $('new-group-toggle').addEventListener('click', () => {
@@ -1104,7 +1347,8 @@
         event.preventDefault();
         $('composer').requestSubmit();
       } else if (event.key === 'Escape') {
-        cancelEdit();
+        if (state.editing) cancelEdit();
+        else cancelReply();
       } else if (event.key === 'ArrowUp' && !input.value && !state.editing) {
         if (editLastOwn()) event.preventDefault();
       }
@@ -1121,6 +1365,10 @@
     document.addEventListener('keydown', (event) => {
       const overlay = document.querySelector('.lightbox');
       if (event.key === 'Escape' && overlay) overlay.remove();
+      else if (event.key === 'Escape') closePicker();
+    });
+    document.addEventListener('click', (event) => {
+      if (state.picker !== null && !event.target.closest('.picker, .react-open')) closePicker();
     });
     $('file-input').addEventListener('change', (event) => {
       addFiles(event.target.files);
