@@ -19,7 +19,8 @@ from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
 from server.services import attachments, rooms
 from server.services.context import Context
-from server.services.limits import Limits, SharedConnections
+from server.services.limits import (Limits, SharedConnections,
+                                    SharedLoginThrottle)
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
@@ -131,10 +132,13 @@ def create_app(config) -> web.Application:
     if manager is not None:
         app[REDIS] = manager
         app[http.READY_CHECKS].append(('redis', manager.ready))
-        # Connections per user hold across processes.
+        # Connections per user and failed logins count across processes.
         ctx.limits.connections = SharedConnections(
             config.max_connections_per_user, config.max_connections_per_ip,
             manager, config.redis_channel)
+        ctx.limits.logins = SharedLoginThrottle(
+            config.login_failures_per_username, config.login_failures_per_ip,
+            config.login_refill_per_minute, manager, config.redis_channel)
     http.add_routes(app)
     attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)

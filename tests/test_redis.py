@@ -352,3 +352,22 @@ async def test_logout_everywhere_closes_sockets_on_every_process(cluster):
     await here.sio.disconnect()
     status, _ = await http(p2.url, 'GET', '/api/me', token=token)
     assert status == 401
+
+
+async def test_failed_logins_count_across_processes(cluster):
+    """A guesser spreading tries over the processes gets the allowance of
+    one (login_failures_per_username, 10 by default), not one each."""
+    user, _ = await register(cluster[0].url)
+    statuses = []
+    for attempt in range(10):
+        status, _ = await http(cluster[attempt % 3].url, 'POST', '/api/login',
+                               json={'username': user['username'],
+                                     'password': f'guess {attempt}'})
+        statuses.append(status)
+    assert statuses == [401] * 10
+    for server in cluster:
+        status, body = await http(server.url, 'POST', '/api/login', json={
+            'username': user['username'], 'password': 'correct horse'})
+        assert status == 429, body
+        assert body['error']['code'] == 'rate_limited'
+        assert body['error']['retry_after'] > 0

@@ -112,13 +112,13 @@ async def login(ctx, username, password, ip=None) -> dict:
     username = username.strip().lower()[:64]
     throttle = ctx.limits.logins if hasattr(ctx, 'limits') else None
     if throttle is not None:
-        throttle.check(username, ip)
+        await throttle.check(username, ip)
     user = await ctx.store.read(_find_login, username)
     ok = await _verify(user.password_hash if user else _DUMMY_HASH,
                        password[:256])
     if not user or not ok:
         if throttle is not None:
-            throttle.failed(username, ip)
+            await throttle.failed(username, ip)
         raise Unauthorized('wrong username or password')
     return {'user': user_dict(user), 'token': issue_token(ctx, user.id)}
 

@@ -2,9 +2,10 @@
 client address, a token bucket per user over every event, failed-login
 throttling and the number of rooms a user may be in.
 
-They count in this process, except connections per user when Redis is
-configured: ``SharedConnections`` keeps that count in Redis so the limit
-holds across processes (a user's sockets land on any of them).
+They count in this process, except, when Redis is configured, connections
+per user (``SharedConnections``) and failed logins (``SharedLoginThrottle``):
+those counts live in Redis so the limits hold across processes (a user's
+sockets, and a guesser's tries, land on any of them).
 """
 import logging
 import time
@@ -153,16 +154,78 @@ class LoginThrottle:
         # empty over the same time.
         self.ips = Failures(per_ip, rate * per_ip / max(per_username, 1))
 
-    def check(self, username, ip):
+    async def check(self, username, ip):
         wait = max(self.usernames.wait(username),
                    self.ips.wait(ip) if ip else 0.0)
         if wait > 0:
             raise RateLimited(wait, 'too many failed logins, try later')
 
-    def failed(self, username, ip):
+    async def failed(self, username, ip):
         self.usernames.spend(username)
         if ip:
             self.ips.spend(ip)
+
+
+# The Failures bucket in Redis. KEYS[1]: the bucket. ARGV: allowed, refill
+# per second, 1 to spend a try (0 to look). Returns the seconds to wait, as
+# a string (Lua numbers become integers on the way out).
+FAILURES_SCRIPT = """
+local allowed, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1]) or allowed
+local at = tonumber(b[2]) or now
+tokens = math.min(allowed, tokens + (now - at) * rate)
+if ARGV[3] == '1' then
+  tokens = math.max(0, tokens - 1)
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[1], math.ceil(allowed / rate) + 60)
+end
+if tokens >= 1 then return '0' end
+return tostring((1 - tokens) / rate)
+"""
+
+
+class SharedLoginThrottle(LoginThrottle):
+    """``LoginThrottle`` with its buckets in Redis, shared by every
+    process: with N processes a guesser would otherwise get N times the
+    tries. If Redis is unreachable this process's own buckets decide."""
+
+    def __init__(self, per_username, per_ip, refill_per_minute, manager,
+                 prefix):
+        super().__init__(per_username, per_ip, refill_per_minute)
+        self.prefix = prefix
+        self._script = manager.redis.register_script(FAILURES_SCRIPT)
+
+    def _buckets(self, username, ip):
+        yield f'{self.prefix}:login:user:{username}', self.usernames
+        if ip:
+            yield f'{self.prefix}:login:ip:{ip}', self.ips
+
+    async def _run(self, username, ip, spend) -> float:
+        wait = 0.0
+        for key, failures in self._buckets(username, ip):
+            wait = max(wait, float(await self._script(
+                keys=[key], args=[failures.allowed, failures.rate,
+                                  1 if spend else 0])))
+        return wait
+
+    async def check(self, username, ip):
+        try:
+            wait = await self._run(username, ip, spend=False)
+        except Exception as exc:  # Redis down: the local buckets decide
+            log.warning('shared login throttle unavailable: %s', exc)
+            return await super().check(username, ip)
+        if wait > 0:
+            raise RateLimited(wait, 'too many failed logins, try later')
+
+    async def failed(self, username, ip):
+        await super().failed(username, ip)  # kept for a Redis outage
+        try:
+            await self._run(username, ip, spend=True)
+        except Exception as exc:
+            log.warning('shared login throttle unavailable: %s', exc)
 
 
 def _room_count(user_id):
