@@ -14,9 +14,10 @@ the life of the socket. Here the protocol stays and the machinery goes:
 
 - the websocket is read in a plain loop by the request's own task; a
   writer task exists only while packets wait to be sent;
-- the next ping is a timer (``loop.call_later``), not a sleeping task; a
-  client that stops answering is still closed by python-engineio's
-  service task, and its websocket is then closed here;
+- pings are sent from one schedule for all sockets (``PingSchedule``),
+  not by a sleeping task per socket; a client that stops answering is
+  still closed by python-engineio's service task, and its websocket is
+  then closed here;
 - the send queue (``SendQueue``) holds no buffer while empty;
 - ``environ`` is a read-only view of the aiohttp request that works the
   WSGI keys out when they are read (``RequestEnviron``).
@@ -30,6 +31,7 @@ upgrade gets this module re-read against it.
 import asyncio
 import collections
 import logging
+import math
 import sys
 import time
 import urllib.parse
@@ -203,6 +205,45 @@ class RequestEnviron(Mapping):
         return sum(1 for _ in self)
 
 
+class PingSchedule:
+    """When each socket is next pinged. Sockets wait in one list per tick
+    (a quarter of the ping interval, at most a second) and one loop timer
+    serves them all: a timer per socket costs about 400 bytes. A ping goes
+    out up to a tick late, well inside the client's allowance (ping
+    interval plus ping timeout)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.tick = min(1.0, interval / 4)
+        self.due = {}  # tick number -> sockets to ping then
+        self.timer = None
+
+    def add(self, socket):
+        """Ping ``socket`` in ``interval`` seconds."""
+        loop = asyncio.get_running_loop()
+        tick = math.ceil((loop.time() + self.interval) / self.tick)
+        self.due.setdefault(tick, []).append(socket)
+        if self.timer is None:
+            self.timer = loop.call_at(tick * self.tick, self._run)
+
+    def _run(self):
+        loop = asyncio.get_running_loop()
+        # Timers may fire a hair early; a tick this close is due.
+        now = loop.time() + self.tick / 100
+        for tick in sorted(t for t in self.due if t * self.tick <= now):
+            for socket in self.due.pop(tick):
+                socket.ping()
+        self.timer = None
+        if self.due:
+            self.timer = loop.call_at(min(self.due) * self.tick, self._run)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.due.clear()
+
+
 class Socket(async_socket.AsyncSocket):
     """An Engine.IO socket that serves its websocket without tasks of its
     own while idle."""
@@ -210,7 +251,6 @@ class Socket(async_socket.AsyncSocket):
     # Class defaults, so that an idle socket stores only what it changed.
     ws = None  # the WebSocketResponse, once the socket is on websocket
     writer = None  # the task sending queued packets, while there are any
-    ping_timer = None  # the TimerHandle of the next ping
     tcp_transport = None  # what backpressure aborts to cut a stalled socket
 
     async def send(self, pkt):
@@ -225,20 +265,17 @@ class Socket(async_socket.AsyncSocket):
         again in ``ping_interval``."""
         if self.last_ping:
             self.last_ping = None
-            self.ping_timer = asyncio.get_running_loop().call_later(
-                self.server.ping_interval, self._ping)
+            self.server.pings.add(self)
 
-    def _ping(self):
-        self.ping_timer = None
+    def ping(self):
+        """Send a ping now, unless the socket is closing. The client must
+        answer within ``ping_timeout`` (the service task checks)."""
         if not self.closing and not self.closed:
             self.last_ping = time.time()
             self.queue.put_nowait(packet.Packet(packet.PING))
             self._start_writer()
 
     async def close(self, wait=True, abort=False, reason=None):
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
         await super().close(wait=wait, abort=abort, reason=reason)
         if self.closed and self.ws is not None:
             # Nothing more goes out: the writer sends what is queued (a
@@ -367,6 +404,7 @@ class Engine(engineio.AsyncServer):
         super().__init__(*args, **kwargs)
         self.websocket_compress = websocket_compress
         self.websocket_close_timeout = websocket_close_timeout
+        self.pings = PingSchedule(self.ping_interval)
         self._async = dict(self._async, translate_request=RequestEnviron)
 
     def create_queue(self, *args, **kwargs):
@@ -384,13 +422,16 @@ class Engine(engineio.AsyncServer):
         for its whole life are few (python-engineio's path would hold four
         more); everything else, refusals included, takes python-engineio's
         path."""
-        if self._is_websocket_connect(request):
-            environ = RequestEnviron(request)
-            response = await self._handle_connect(environ, 'websocket')
-            if isinstance(response, dict):  # the connect handler refused
-                return await self._make_response(response, environ)
-            return response
-        return await super().handle_request(request)
+        if not self._is_websocket_connect(request):
+            return await super().handle_request(request)
+        environ = RequestEnviron(request)
+        s = await self._open_socket(environ, 'websocket')
+        if isinstance(s, dict):  # the connect handler refused
+            return await self._make_response(s, environ)
+        response = await s._upgrade_websocket(environ)
+        if s.closed:
+            self.sockets.pop(s.sid, None)
+        return response
 
     def _is_websocket_connect(self, request) -> bool:
         """Whether python-engineio would take ``request`` as a valid new
@@ -411,10 +452,36 @@ class Engine(engineio.AsyncServer):
         return True
 
     async def _handle_connect(self, environ, transport, jsonp_index=None):
-        """python-engineio 4.x's ``_handle_connect``, building a ``Socket``
-        where it builds an ``AsyncSocket``, and going straight to the
-        websocket (its ``handle_get_request`` only checks the headers the
-        handshake checks again)."""
+        """python-engineio 4.x's ``_handle_connect``, with the socket
+        opened by ``_open_socket``."""
+        s = await self._open_socket(environ, transport)
+        if isinstance(s, dict):
+            return s
+        if transport == 'websocket':
+            # python-engineio goes through handle_get_request, which only
+            # checks headers the websocket handshake checks again
+            ret = await s._upgrade_websocket(environ)
+            if s.closed and s.sid in self.sockets:
+                # websocket connection ended, so we are done
+                del self.sockets[s.sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = self.cookie if isinstance(self.cookie, dict) else {
+                'name': self.cookie, 'path': '/', 'SameSite': 'Lax'}
+            headers = [('Set-Cookie',
+                        self._generate_sid_cookie(s.sid, cookie))]
+        try:
+            return self._ok(await s.poll(), headers=headers,
+                            jsonp_index=jsonp_index)
+        except exceptions.QueueEmpty:
+            return self._bad_request()
+
+    async def _open_socket(self, environ, transport):
+        """The first half of python-engineio's ``_handle_connect``: a new
+        ``Socket`` with its OPEN packet queued and the connect event run.
+        Returns the socket, or the response dict of a refusal."""
         if self.start_service_task:
             # the service task closes sockets whose client stopped answering
             self.start_service_task = False
@@ -441,25 +508,11 @@ class Engine(engineio.AsyncServer):
             return self._unauthorized(ret or None)
 
         s.schedule_ping()
+        return s
 
-        if transport == 'websocket':
-            ret = await s._upgrade_websocket(environ)
-            if s.closed and sid in self.sockets:
-                # websocket connection ended, so we are done
-                del self.sockets[sid]
-            return ret
-        s.connected = True
-        headers = None
-        if self.cookie:
-            cookie = self.cookie if isinstance(self.cookie, dict) else {
-                'name': self.cookie, 'path': '/', 'SameSite': 'Lax'}
-            headers = [('Set-Cookie',
-                        self._generate_sid_cookie(sid, cookie))]
-        try:
-            return self._ok(await s.poll(), headers=headers,
-                            jsonp_index=jsonp_index)
-        except exceptions.QueueEmpty:
-            return self._bad_request()
+    async def shutdown(self):
+        self.pings.stop()
+        await super().shutdown()
 
 
 class Server(socketio.AsyncServer):
