@@ -58,9 +58,10 @@ def create_app(config) -> web.Application:
     and background tasks start with the app (``cleanup_ctx``) and stop
     with it."""
     metrics = Metrics()
-    app = web.Application(middlewares=[http.metrics_middleware,
-                                       http.errors_middleware],
-                          client_max_size=config.max_payload_bytes)
+    app = web.Application(
+        middlewares=[http.websockets_pass(http.metrics_middleware),
+                     http.websockets_pass(http.errors_middleware)],
+        client_max_size=config.max_payload_bytes)
     app.on_response_prepare.append(http.security_headers)
     database = open_database(config.effective_database_url, config)
     store = Store(database, batch_max=config.write_batch_max,
