@@ -42,6 +42,8 @@ import socketio
 from aiohttp import WSMsgType, web
 from engineio import async_socket, exceptions, packet
 
+from server.transport.websocket import CoalescingWebSocketResponse
+
 log = logging.getLogger(__name__)
 
 
@@ -411,7 +413,7 @@ class Engine(engineio.AsyncServer):
         return SendQueue()
 
     def websocket_response(self) -> web.WebSocketResponse:
-        return web.WebSocketResponse(
+        return CoalescingWebSocketResponse(
             max_msg_size=self.max_http_buffer_size,
             compress=self.websocket_compress,
             timeout=self.websocket_close_timeout)
