@@ -130,3 +130,25 @@ async def test_engineio_close_packet_ends_the_connection(base):
     again = await connect(base, token)
     assert (await again.call('rooms', {}))['ok']
     await again.close()
+
+
+async def test_websocket_handshake_carries_the_security_headers(base):
+    """The handshake's response headers are dropped by the server once
+    sent, not before: the client gets them."""
+    handshakes = []
+
+    async def on_request_end(session, context, params):
+        handshakes.append(params.response.headers)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        ws = await session.ws_connect(
+            base + '/socket.io/?EIO=4&transport=websocket')
+        assert (await ws.receive_str(timeout=5)).startswith('0')
+        await ws.close()
+    headers, = handshakes
+    assert headers['Upgrade'].lower() == 'websocket'
+    assert headers['X-Content-Type-Options'] == 'nosniff'
+    assert headers['X-Frame-Options'] == 'DENY'
+    assert "frame-ancestors 'none'" in headers['Content-Security-Policy']

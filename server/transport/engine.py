@@ -20,7 +20,8 @@ the life of the socket. Here the protocol stays and the machinery goes:
   then closed here;
 - the send queue (``SendQueue``) holds no buffer while empty;
 - ``environ`` is a read-only view of the aiohttp request that works the
-  WSGI keys out when they are read (``RequestEnviron``).
+  WSGI keys out when they are read (``RequestEnviron``);
+- the handshake's response headers are dropped once sent.
 
 What stays python-engineio's: the handshake checks, long-polling, the
 upgrade protocol, the service task and every event it triggers. The
@@ -298,6 +299,10 @@ class Socket(async_socket.AsyncSocket):
         request = environ['aiohttp.request']
         ws = self.server.websocket_response()
         await ws.prepare(request)
+        # The handshake's response headers are on the wire; aiohttp would
+        # keep them (and their serialised form, about 1 KB with our
+        # security headers) for as long as the websocket is open.
+        ws.headers.clear()
         self.tcp_transport = request.transport
         if self.connected:
             self.upgrading = True  # sends wait in the queue meanwhile
