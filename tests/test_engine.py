@@ -152,3 +152,18 @@ async def test_websocket_handshake_carries_the_security_headers(base):
     assert headers['X-Content-Type-Options'] == 'nosniff'
     assert headers['X-Frame-Options'] == 'DENY'
     assert "frame-ancestors 'none'" in headers['Content-Security-Policy']
+
+
+async def test_invalid_websocket_handshake_is_refused(base):
+    """An upgrade request that is not a valid websocket handshake (no
+    Sec-WebSocket-Key) gets a 400; the endpoint goes on serving."""
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+                base + '/socket.io/?EIO=4&transport=websocket',
+                headers={'Upgrade': 'websocket', 'Connection': 'Upgrade',
+                         'Sec-WebSocket-Version': '13'}) as resp:
+            assert resp.status == 400
+    client = await connect(base, token)
+    assert (await client.call('rooms', {}))['ok']
+    await client.close()

@@ -279,7 +279,12 @@ class Socket(async_socket.AsyncSocket):
             self._start_writer()
 
     async def close(self, wait=True, abort=False, reason=None):
-        await super().close(wait=wait, abort=abort, reason=reason)
+        # ``wait`` waits for the queue to be taken. On a websocket whose
+        # writer has met a broken connection nothing would take it, and
+        # the CLOSE packet is queued before the end of the websocket
+        # anyway: never wait there.
+        await super().close(wait=wait and not self.upgraded, abort=abort,
+                            reason=reason)
         if self.closed and self.ws is not None:
             # Nothing more goes out: the writer sends what is queued (a
             # CLOSE packet, if any) and closes the websocket, which ends
@@ -298,7 +303,13 @@ class Socket(async_socket.AsyncSocket):
             raise OSError('Socket has been upgraded already')
         request = environ['aiohttp.request']
         ws = self.server.websocket_response()
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except Exception:  # not a valid handshake
+            if not self.connected:  # a new socket: it will never be used
+                await self.close(wait=False, abort=True,
+                                 reason=self.server.reason.TRANSPORT_ERROR)
+            raise
         # The handshake's response headers are on the wire; aiohttp would
         # keep them (and their serialised form, about 1 KB with our
         # security headers) for as long as the websocket is open.
@@ -435,10 +446,11 @@ class Engine(engineio.AsyncServer):
         s = await self._open_socket(environ, 'websocket')
         if isinstance(s, dict):  # the connect handler refused
             return await self._make_response(s, environ)
-        response = await s._upgrade_websocket(environ)
-        if s.closed:
-            self.sockets.pop(s.sid, None)
-        return response
+        try:
+            return await s._upgrade_websocket(environ)
+        finally:
+            if s.closed:
+                self.sockets.pop(s.sid, None)
 
     def _is_websocket_connect(self, request) -> bool:
         """Whether python-engineio would take ``request`` as a valid new

@@ -53,18 +53,20 @@ def error_response(error: PostboxError) -> web.Response:
                              status=error.status, headers=headers)
 
 
-def websockets_pass(middleware):
-    """``middleware`` for every request but websocket handshakes, which go
-    straight on to their handler. A websocket's handler runs for as long
-    as the socket is open, and a middleware awaiting it keeps a suspended
-    coroutine per open socket (about 300 bytes, of an idle socket's 20 KB);
-    Socket.IO sockets have metrics and an error path of their own. The
-    wrapper is a plain function returning what aiohttp then awaits, so it
-    holds no coroutine itself."""
+def websockets_pass(middleware, path='/socket.io/'):
+    """``middleware`` for every request but websocket handshakes to
+    ``path`` (the Socket.IO endpoint), which go straight on to their
+    handler. A websocket's handler runs for as long as the socket is open,
+    and a middleware awaiting it keeps a suspended coroutine per open
+    socket (about 300 bytes, of an idle socket's 20 KB); Socket.IO sockets
+    have metrics and an error path of their own. The wrapper is a plain
+    function returning what aiohttp then awaits, so it holds no coroutine
+    itself."""
     @web.middleware
     @functools.wraps(middleware)
     def wrapper(request, handler):
-        if request.headers.get('Upgrade', '').lower() == 'websocket':
+        if request.path == path and request.method == 'GET' and \
+                request.headers.get('Upgrade', '').lower() == 'websocket':
             return handler(request)
         return middleware(request, handler)
     return wrapper
