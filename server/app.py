@@ -5,6 +5,7 @@ nothing; ``main()`` parses the command line, loads the config and serves.
 """
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -51,6 +52,14 @@ SHUTDOWN_GRACE_SECONDS = 3.0
 WS_CLOSE_SECONDS = 2.0
 # How long shutdown waits for in-flight events to be committed and acked.
 DRAIN_SECONDS = 20
+# Cyclic garbage collector thresholds once serving. With Python's default
+# (700, 10, 10) a server delivering 3,700 DMs/s ran a full collection every
+# few seconds that walked the whole heap (modules, models, caches) for
+# 40-60 ms, stalling every socket; the median p99 delivery latency of
+# bench/run.py's open-loop run went from about 50 ms to about 30 ms without
+# them. The heap built at startup is frozen out of collections, and young
+# collections run less often.
+GC_THRESHOLDS = (20_000, 50, 100)
 
 
 def create_app(config) -> web.Application:
@@ -169,8 +178,18 @@ def create_app(config) -> web.Application:
             await manager.close()
 
         app.cleanup_ctx.append(redis_fanout)
+    app.on_startup.append(_settle_gc)
     app.on_shutdown.append(_drain)
     return app
+
+
+async def _settle_gc(app):
+    """Runs after the store and background tasks have started: what
+    exists now lives as long as the process, so the collector stops
+    walking it (``gc.freeze``), and collects less often from here on."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _client_manager(config):
