@@ -87,6 +87,38 @@ async def test_user_on_two_processes_gets_every_message_on_both(cluster):
         await client.close()
 
 
+async def test_burst_to_many_processes_arrives_intact_and_once(cluster):
+    """Sends that leave one process together (one publish batch, several
+    rooms, several target processes, multi-byte bodies) each reach their
+    own recipient, whole and once."""
+    p1, p2, p3 = cluster
+    senders = [await register(p1.url) for _ in range(3)]
+    readers = [await register(p.url) for p in (p2, p3, p2)]
+    out = [await connect(p1.url, token) for _, token in senders]
+    into = [await connect(p.url, token)
+            for p, (_, token) in zip((p2, p3, p2), readers)]
+    bodies = {}
+    calls = []
+    for i, (sock, (user, _)) in enumerate(zip(out, readers)):
+        for n in range(10):
+            body = f'héllo {i}.{n} 🙂 ' + 'ü' * (n * 7)
+            bodies.setdefault(user['id'], []).append(body)
+            calls.append(sock.call('send_dm', {
+                'to': user['username'], 'body': body,
+                'client_msg_id': f'burst-{i}-{n}'}))
+    acks = await asyncio.gather(*calls)
+    assert all(ack['ok'] for ack in acks), acks
+    for i, (sock, (user, _)) in enumerate(zip(into, readers)):
+        mine = sorted((ack['message'] for ack in acks[i * 10:i * 10 + 10]),
+                      key=lambda m: m['seq'])
+        assert sorted(m['body'] for m in mine) == sorted(bodies[user['id']])
+        got = [(await sock.next('message'))['body'] for _ in range(10)]
+        assert got == [m['body'] for m in mine]  # in seq order
+        await sock.nothing('message', 0.3)
+    for sock in out + into:
+        await sock.close()
+
+
 async def test_group_typing_and_read_markers_between_processes(cluster):
     p1, p2, p3 = cluster
     (alice, ta), (bob, tb), (carol, tc) = [await register(p1.url)

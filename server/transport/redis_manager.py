@@ -42,47 +42,63 @@ log = logging.getLogger(__name__)
 # Not a client event: a published "disconnect these sockets" order.
 DISCONNECT_EVENT = '__postbox_disconnect_room'
 
-# One call carries a whole batch of messages. KEYS: the room sets of every
-# message's targets, message after message. ARGV: own id, host channel
-# prefix, liveness key prefix, then per message its number of keys and its
-# JSON payload. Each live process found in a message's sets (never
+# One call carries a whole batch of messages, in few arguments (redis-py
+# encodes each argument in Python: one per message cost about 15 us per
+# message). KEYS: the distinct room sets the batch targets. ARGV: own id,
+# host channel prefix, liveness key prefix, an index with one
+# "<payload bytes>:<key number>,<key number>..." entry per message separated
+# by ";", and every message's JSON payload concatenated. Each room set is
+# read once per batch. Each live process found in a message's sets (never
 # ourselves) gets that message once; all messages for one process go out as
 # one JSON list in one PUBLISH, so a busy receiver decodes one pub/sub
 # message per batch, not one per emit. Dead processes are dropped from the
 # sets on the way.
 PUBLISH_SCRIPT = """
 local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
-local alive = {}
-local out = {}
-local hosts = {}
-local k = 1
-for i = 4, #ARGV, 2 do
-  local nkeys = tonumber(ARGV[i])
-  local payload = ARGV[i + 1]
-  local sent = {}
-  for j = k, k + nkeys - 1 do
-    local key = KEYS[j]
-    for _, host in ipairs(redis.call('SMEMBERS', key)) do
-      if host ~= me then
-        local live = alive[host]
-        if live == nil then
-          live = redis.call('EXISTS', alive_prefix .. host) == 1
-          alive[host] = live
-        end
-        if not live then
-          redis.call('SREM', key, host)
-        elseif not sent[host] then
-          sent[host] = true
-          if out[host] == nil then
-            out[host] = {}
-            table.insert(hosts, host)
-          end
-          table.insert(out[host], payload)
-        end
+local index, blob = ARGV[4], ARGV[5]
+local alive, holders, out, hosts = {}, {}, {}, {}
+local function live_hosts(j)
+  local list = holders[j]
+  if list ~= nil then
+    return list
+  end
+  list = {}
+  local key = KEYS[j]
+  for _, host in ipairs(redis.call('SMEMBERS', key)) do
+    if host ~= me then
+      local live = alive[host]
+      if live == nil then
+        live = redis.call('EXISTS', alive_prefix .. host) == 1
+        alive[host] = live
+      end
+      if live then
+        table.insert(list, host)
+      else
+        redis.call('SREM', key, host)
       end
     end
   end
-  k = k + nkeys
+  holders[j] = list
+  return list
+end
+local pos = 1
+for size, keylist in string.gmatch(index, '(%d+):([%d,]+)') do
+  size = tonumber(size)
+  local payload = string.sub(blob, pos, pos + size - 1)
+  pos = pos + size
+  local sent = {}
+  for j in string.gmatch(keylist, '%d+') do
+    for _, host in ipairs(live_hosts(tonumber(j))) do
+      if not sent[host] then
+        sent[host] = true
+        if out[host] == nil then
+          out[host] = {}
+          table.insert(hosts, host)
+        end
+        table.insert(out[host], payload)
+      end
+    end
+  end
 end
 for _, host in ipairs(hosts) do
   local batch = '[' .. table.concat(out[host], ',') .. ']'
@@ -90,6 +106,23 @@ for _, host in ipairs(hosts) do
 end
 return #hosts
 """
+
+
+def script_arguments(messages):
+    """KEYS and the index and payload ARGV of PUBLISH_SCRIPT for
+    ``messages``, a list of (room set keys, JSON payload)."""
+    keys, numbers, index, payloads = [], {}, [], []
+    for targets, payload in messages:
+        data = payload.encode() if isinstance(payload, str) else payload
+        mine = []
+        for key in targets:
+            if key not in numbers:
+                keys.append(key)
+                numbers[key] = len(keys)
+            mine.append(str(numbers[key]))
+        index.append(f'{len(data)}:{",".join(mine)}')
+        payloads.append(data)
+    return keys, [';'.join(index), b''.join(payloads)]
 
 
 class RedisManager(AsyncPubSubManager):
@@ -257,17 +290,18 @@ class RedisManager(AsyncPubSubManager):
                 batch.append(self._queue.get_nowait())
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                keys, args = [], [self.host_id, self.host_channel_prefix,
-                                  self.alive_prefix]
+                routed = []
                 for targets, payload in batch:
                     if targets is None:
                         pipe.publish(self.channel, payload)
                     else:
-                        keys.extend(targets)
-                        args.append(len(targets))
-                        args.append(payload)
-                if len(args) > 3:
-                    await self._script(keys=keys, args=args, client=pipe)
+                        routed.append((targets, payload))
+                if routed:
+                    keys, args = script_arguments(routed)
+                    await self._script(
+                        keys=keys, client=pipe,
+                        args=[self.host_id, self.host_channel_prefix,
+                              self.alive_prefix, *args])
                 await pipe.execute()
                 self.published += len(batch)
                 self._recovered()
