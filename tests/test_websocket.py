@@ -1,6 +1,7 @@
 """The coalescing websocket response: frames sent together reach the
 client complete, in order, in one write; a close still goes out."""
 import asyncio
+import contextlib
 
 import aiohttp
 from aiohttp import web
@@ -10,15 +11,21 @@ from server.transport.websocket import CoalescingWebSocketResponse
 FRAMES = ['42["message",{"body":"hi"}]', '9' * 200, 'x' * 70_000, '430[{}]']
 
 
-async def serve(handler):
+@contextlib.asynccontextmanager
+async def served(handler):
+    """Serves ``handler`` at /ws on a free local port; yields the URL and
+    cleans the server up on the way out, even when the test fails."""
     app = web.Application()
     app.router.add_get('/ws', handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, '127.0.0.1', 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f'http://127.0.0.1:{port}/ws'
+    try:
+        site = web.TCPSite(runner, '127.0.0.1', 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        yield f'http://127.0.0.1:{port}/ws'
+    finally:
+        await runner.cleanup()
 
 
 async def test_frames_of_one_iteration_go_out_in_one_write():
@@ -38,8 +45,7 @@ async def test_frames_of_one_iteration_go_out_in_one_write():
         await ws.close(code=4000, message=b'bye')
         return ws
 
-    runner, url = await serve(handler)
-    try:
+    async with served(handler) as url:
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(url) as ws:
                 received = [(await ws.receive(timeout=5)).data
@@ -50,8 +56,6 @@ async def test_frames_of_one_iteration_go_out_in_one_write():
                 assert msg.type == aiohttp.WSMsgType.CLOSE
                 assert msg.data == 4000 and msg.extra == 'bye'
         assert await writes == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_close_right_after_sends_delivers_both():
@@ -62,16 +66,13 @@ async def test_close_right_after_sends_delivers_both():
         await ws.close(code=4001)  # same iteration as the send
         return ws
 
-    runner, url = await serve(handler)
-    try:
+    async with served(handler) as url:
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(url) as ws:
                 assert (await ws.receive(timeout=5)).data == 'last words'
                 msg = await ws.receive(timeout=5)
                 assert msg.type == aiohttp.WSMsgType.CLOSE
                 assert msg.data == 4001
-    finally:
-        await runner.cleanup()
 
 
 async def test_client_close_is_answered():
@@ -83,8 +84,7 @@ async def test_client_close_is_answered():
             pass
         return ws
 
-    runner, url = await serve(handler)
-    try:
+    async with served(handler) as url:
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(
                 ws_close=5))
@@ -92,5 +92,3 @@ async def test_client_close_is_answered():
             await ws.close(code=4002)
             # aiohttp answers with 1000; without an answer it would be 1006.
             assert ws.close_code == 1000
-    finally:
-        await runner.cleanup()
