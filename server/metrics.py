@@ -62,9 +62,10 @@ class Metrics:
 
 
 class _ManagerCollector:
-    """Redis publish/listen failures, read from the Socket.IO client
-    manager when it counts them (``publish_failures``, ``listen_failures``
-    attributes): a single process has none to report."""
+    """Redis publishes and publish/listen failures, read from the
+    Socket.IO client manager when it counts them (``published``,
+    ``publish_failures``, ``listen_failures`` attributes): a single
+    process has none to report."""
 
     def __init__(self, metrics):
         self.metrics = metrics
@@ -72,6 +73,8 @@ class _ManagerCollector:
     def collect(self):
         manager = self.metrics.manager
         for attr, help_text in (
+                ('published', 'Messages handed to Redis for other '
+                 'processes (emits whose recipients are all local are not)'),
                 ('publish_failures', 'Failed publishes to Redis'),
                 ('listen_failures', 'Lost or failed Redis subscriptions')):
             value = getattr(manager, attr, None)

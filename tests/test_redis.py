@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, ServerProcess, connect, http, register
+from tests.helpers import (ROOT, ServerProcess, connect, http, pair,
+                           register)
 from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
                              stop_servers)
 
@@ -85,6 +86,101 @@ async def test_user_on_two_processes_gets_every_message_on_both(cluster):
         await client.nothing('message', 0.2)
     for client in (a, b_here, b_there, a_other):
         await client.close()
+
+
+async def published(server) -> float:
+    """How many messages ``server`` has handed to Redis (its metric)."""
+    status, text = await http(server.url, 'GET', '/metrics')
+    assert status == 200
+    found = re.search(r'^postbox_redis_published_total (\S+)$', text, re.M)
+    return float(found.group(1))
+
+
+async def settled_published(server):
+    """``published`` once it stops moving (presence changes of earlier
+    tests' users may still be on their way out)."""
+    last = await published(server)
+    while True:
+        await asyncio.sleep(0.7)
+        now = await published(server)
+        if now == last:
+            return now
+        last = now
+
+
+async def test_local_dms_skip_redis_and_a_new_device_elsewhere_gets_them(
+        cluster):
+    """Messages whose recipients are all on one process never go to
+    Redis; the moment the recipient connects on another process as well,
+    the very next message reaches that socket too, and once it leaves,
+    messages stay local again."""
+    p1, p2, p3 = cluster
+    _, _, a, b, room = await pair(p1.url)
+    room_id = room['id']
+    before = await settled_published(p1)
+    for i in range(5):
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': f'l{i}',
+                                       'client_msg_id': f'l{i + 1}'})
+        assert ack['ok']
+        assert (await b.next('message'))['body'] == f'l{i}'
+    assert await published(p1) == before
+
+    # A new device on another process gets the message sent right after
+    # it is connected: no process may still think bob is only on p1.
+    for n, elsewhere in enumerate((p2, p3, p2, p3)):
+        device = await connect(elsewhere.url, b.token)
+        body = f'new device {n}'
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': body,
+                                       'client_msg_id': f'd{n}'})
+        assert ack['ok']
+        got = await device.next('message')
+        assert got['body'] == body and got['seq'] == ack['message']['seq']
+        assert (await b.next('message'))['body'] == body
+        await device.close()
+
+    # With every other device gone, messages are local again.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    n = 0
+    while True:
+        start = await published(p1)
+        n += 1
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': 'back',
+                                       'client_msg_id': f'b{n}'})
+        assert (await b.next('message'))['body'] == 'back'
+        if await published(p1) == start:
+            break
+        assert loop.time() < deadline, 'p1 still publishes for bob'
+        await asyncio.sleep(0.2)
+    await a.close()
+    await b.close()
+
+
+async def test_connecting_elsewhere_waits_until_the_other_process_knows(
+        cluster):
+    """While a process holding bob does not yet know that bob connected
+    on another one (here: it is frozen), that connection is not reported
+    connected: a message that process sent meanwhile could skip it."""
+    p1, p2, _ = cluster
+    _, _, a, b, room = await pair(p1.url)
+    os.kill(p1.proc.pid, signal.SIGSTOP)
+    try:
+        device = asyncio.create_task(connect(p2.url, b.token))
+        # Well under the processes' 1 s liveness TTL, so p1 counts as
+        # alive, and far more than a connect takes.
+        await asyncio.sleep(0.3)
+        waited = not device.done()
+    finally:
+        os.kill(p1.proc.pid, signal.SIGCONT)
+    device = await device
+    assert waited, 'the connect finished while p1 could not know of it'
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'there?',
+                                   'client_msg_id': 'w1'})
+    assert (await device.next('message'))['body'] == 'there?'
+    assert (await b.next('message'))['body'] == 'there?'
+    assert ack['ok']
+    for sock in (a, b, device):
+        await sock.close()
 
 
 async def test_burst_to_many_processes_arrives_intact_and_once(cluster):

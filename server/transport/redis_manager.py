@@ -14,13 +14,27 @@ bound on what piles up while Redis is slow. This manager instead:
   ``room:<id>``), this process's id in a Redis set
   ``<channel>:room:<namespace>:<room>``;
   a Lua script looks up the target rooms' sets and publishes to the channels
-  of the live processes in them only, so a message whose recipients are all
-  local reaches no other process;
+  of the live processes in them only;
+- remembers, for each room it holds, which other processes hold it too, so
+  a message whose recipients are all local never goes to Redis at all (see
+  "Holders" below);
 - proves each process alive with a key that expires (``<channel>:alive:<id>``)
   refreshed by a heartbeat, so a crashed process is dropped from the sets by
   itself and nobody publishes to it for long;
 - reconnects its listener by itself and re-registers its rooms whenever it
   (re)connects or finds its liveness key gone (Redis restarted empty).
+
+Holders: a process that enters a room for the first time adds itself to the
+room's set and, in the same script, tells every other live process in it
+(a notice on their host channels); each of them adds it to what it knows
+and acks. ``enter_room`` returns only once all have acked (or after
+``join_timeout``), so by the time a client is told it is connected, no
+other process still believes it is alone in that room: a message stored
+after that reaches it live, and one stored before is in the client's
+``sync``. What a process knows counts only while its listener stays
+subscribed: losing it forgets everything, and the re-registration after
+the reconnect learns it afresh. Leaving sends a notice too (no ack needed:
+an outdated "someone else is here" costs a publish, never a message).
 
 URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://``
 with the same syntax python-socketio accepts.
@@ -41,6 +55,35 @@ log = logging.getLogger(__name__)
 
 # Not a client event: a published "disconnect these sockets" order.
 DISCONNECT_EVENT = '__postbox_disconnect_room'
+
+# Pub/sub items between processes about room holders (not client events).
+HOLDER_NOTICE = '__postbox_holder'
+HOLDER_ACK = '__postbox_holder_ack'
+
+# Enter (ARGV[4] = "1") or leave (ARGV[4] = "") one room set (KEYS[1]) and
+# send ARGV[5], a notice, to every other live process in it; dead ones are
+# dropped from the set on the way. Returns those other processes. ARGV[1..3]
+# as in PUBLISH_SCRIPT.
+HOLDER_SCRIPT = """
+local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[4] == '1' then
+  redis.call('SADD', KEYS[1], me)
+else
+  redis.call('SREM', KEYS[1], me)
+end
+local others = {}
+for _, host in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if host ~= me then
+    if redis.call('EXISTS', alive_prefix .. host) == 1 then
+      table.insert(others, host)
+      redis.call('PUBLISH', chan .. host, ARGV[5])
+    else
+      redis.call('SREM', KEYS[1], host)
+    end
+  end
+end
+return others
+"""
 
 # One call carries a whole batch of messages, in few arguments (redis-py
 # encodes each argument in Python: one per message cost about 15 us per
@@ -125,6 +168,30 @@ def script_arguments(messages):
     return keys, [';'.join(index), b''.join(payloads)]
 
 
+class _Acks:
+    """The acks a process waits for after entering a room: one from each
+    other live holder of it."""
+
+    def __init__(self):
+        self.acked = set()
+        self.needed = None  # known once the holder script has answered
+        self.done = asyncio.Event()
+
+    def ack(self, host):
+        self.acked.add(host)
+        self._check()
+
+    def _check(self):
+        if self.needed is not None and self.needed <= self.acked:
+            self.done.set()
+
+    async def wait(self, needed, timeout):
+        self.needed = set(needed)
+        self._check()
+        async with asyncio.timeout(timeout):
+            await self.done.wait()
+
+
 class RedisManager(AsyncPubSubManager):
     """Client manager for ``socketio.AsyncServer(client_manager=...)``.
 
@@ -137,11 +204,12 @@ class RedisManager(AsyncPubSubManager):
 
     def __init__(self, url, channel='postbox', *, max_connections=4,
                  queue_max=10000, heartbeat=5.0, socket_timeout=5.0,
-                 retry_max=2.0):
+                 retry_max=2.0, join_timeout=2.0):
         super().__init__(channel=channel)
         self.url = url
         self.heartbeat = heartbeat
         self.retry_max = retry_max
+        self.join_timeout = join_timeout
         self.queue_max = queue_max
         self.host_channel_prefix = f'{channel}:host:'
         self.alive_prefix = f'{channel}:alive:'
@@ -157,6 +225,17 @@ class RedisManager(AsyncPubSubManager):
                              socket_timeout=socket_timeout, **options)
         self._sub_redis = _client(url, channel, max_connections=2, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
+        self._holder_script = self.redis.register_script(HOLDER_SCRIPT)
+        # (namespace, room) -> the other processes holding it, for rooms
+        # this process holds and has registered since its listener last
+        # subscribed (see "Holders"); notices heard before that
+        # registration answered wait in _noticed.
+        self._holders = {}
+        self._noticed = {}
+        self._acks = {}  # nonce -> _Acks
+        self._nonce = 0
+        self._generation = 0  # bumped whenever the listener (re)subscribes
+        self._subscribed = False  # or loses its subscription
         self._queue = asyncio.Queue(queue_max)
         self._register_lock = asyncio.Lock()
         self._tasks = []
@@ -184,16 +263,19 @@ class RedisManager(AsyncPubSubManager):
                        asyncio.create_task(self._heartbeat_loop())]
 
     async def close(self):
-        """Stop the tasks and withdraw this process from Redis, so other
-        processes stop publishing to it at once."""
+        """Stop the tasks and withdraw this process from Redis (telling
+        the other holders of its rooms), so other processes stop
+        publishing to it at once."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             async with asyncio.timeout(2):
                 pipe = self.redis.pipeline(transaction=False)
-                for key in self._room_keys():
-                    pipe.srem(key, self.host_id)
+                for namespace, room in self._local_rooms():
+                    await self._holder_script(
+                        keys=[self._room_key(namespace, room)], client=pipe,
+                        args=self._holder_args(namespace, room, False))
                 pipe.delete(self.alive_key)
                 await pipe.execute()
         except Exception as exc:
@@ -227,14 +309,15 @@ class RedisManager(AsyncPubSubManager):
                                       callback=callback, **kwargs)
         await local_emit(self, event, data, namespace, room, skip_sid)
         if room is None:
-            keys = None  # everyone: every process
+            keys = self.channel  # everyone: every process
         else:
             rooms = room if isinstance(room, list) else [room]
             # A sid of this process is a room no other process has.
             keys = [self._room_key(namespace, r) for r in rooms
-                    if not self.is_sid_room(namespace, r)]
+                    if not self.is_sid_room(namespace, r)
+                    and not self._only_here(namespace, r)]
             if not keys:
-                return
+                return  # every recipient is local
         message = {'method': 'emit', 'event': event,
                    'data': list(data) if isinstance(data, tuple) else [data],
                    'binary': False, 'namespace': namespace, 'room': room,
@@ -242,12 +325,18 @@ class RedisManager(AsyncPubSubManager):
                    'host_id': self.host_id}
         self._enqueue(keys, message)
 
+    def _only_here(self, namespace, room):
+        """True if this process holds ``room`` and knows that no other
+        process does."""
+        holders = self._holders.get((namespace, room))
+        return holders is not None and not holders
+
     async def disconnect_room(self, room, namespace='/'):
         """Disconnect every socket in ``room`` on every process (a user's
         sockets after logout-everywhere). Travels as an emit of an internal
         event that ``_handle_emit`` turns into disconnects."""
         await self._disconnect_local(room, namespace)
-        self._enqueue(None, {
+        self._enqueue(self.channel, {
             'method': 'emit', 'event': DISCONNECT_EVENT, 'data': [None],
             'binary': False, 'namespace': namespace, 'room': room,
             'skip_sid': None, 'callback': None, 'host_id': self.host_id})
@@ -274,11 +363,13 @@ class RedisManager(AsyncPubSubManager):
     async def _publish(self, data):
         """Used by the base class for disconnects, callbacks and binary
         emits: every process gets them."""
-        self._enqueue(None, data)
+        self._enqueue(self.channel, data)
 
-    def _enqueue(self, keys, message):
+    def _enqueue(self, targets, message):
+        """Queue ``message`` for the sender: ``targets`` is a channel to
+        publish on, or the room set keys for the routing script."""
         try:
-            self._queue.put_nowait((keys, self.json.dumps(message)))
+            self._queue.put_nowait((targets, self.json.dumps(message)))
         except asyncio.QueueFull:
             self.publish_failures += 1
             self._trouble('publish queue full (%s): dropping', self.queue_max)
@@ -292,8 +383,8 @@ class RedisManager(AsyncPubSubManager):
                 pipe = self.redis.pipeline(transaction=False)
                 routed = []
                 for targets, payload in batch:
-                    if targets is None:
-                        pipe.publish(self.channel, payload)
+                    if isinstance(targets, str):
+                        pipe.publish(targets, payload)
                     else:
                         routed.append((targets, payload))
                 if routed:
@@ -324,13 +415,10 @@ class RedisManager(AsyncPubSubManager):
                         not self.is_sid_room(namespace, room):
                     yield namespace, room
 
-    def _room_keys(self):
-        return [self._room_key(ns, r) for ns, r in self._local_rooms()]
-
     async def enter_room(self, sid, namespace, room, eio_sid=None):
         """Enter locally; the first local member registers this process
-        in the room's set before the caller goes on, so a message sent
-        right after reaches it."""
+        in the room's set, and waits for the other holders to know it,
+        before the caller goes on: a message sent right after reaches it."""
         namespace = namespace or '/'
         new = room not in self.rooms.get(namespace, {})
         await super().enter_room(sid, namespace, room, eio_sid=eio_sid)
@@ -341,32 +429,112 @@ class RedisManager(AsyncPubSubManager):
         super().basic_leave_room(sid, namespace, room)
         if room is not None and room != sid and \
                 room not in self.rooms.get(namespace, {}):
+            self._holders.pop((namespace, room), None)
+            self._noticed.pop((namespace, room), None)
             asyncio.get_running_loop().create_task(
                 self._sync_room(namespace, room))
 
     async def _sync_room(self, namespace, room):
         """Make Redis agree with the local state of one room. Decided
         under the lock, at the time the command goes out, so a leave and
-        a re-enter racing each other end in the right state."""
+        a re-enter racing each other end in the right state. After an
+        enter, wait (outside the lock) for the other holders' acks."""
         async with self._register_lock:
-            key = self._room_key(namespace, room)
+            joined = room in self.rooms.get(namespace, {})
+            generation = self._generation if self._subscribed else None
+            nonce, acks = self._expect_acks() if joined else ('', None)
             try:
-                if room in self.rooms.get(namespace, {}):
-                    await self.redis.sadd(key, self.host_id)
-                else:
-                    await self.redis.srem(key, self.host_id)
+                others = await self._holder_script(
+                    keys=[self._room_key(namespace, room)],
+                    args=self._holder_args(namespace, room, joined, nonce))
             except Exception as exc:
                 # The heartbeat re-registers everything once Redis is back.
+                self._acks.pop(nonce, None)
                 self._trouble('redis room update failed: %s', exc)
+                return
+        if not joined:
+            return
+        others = self._learn(namespace, room, others, generation)
+        try:
+            await acks.wait(others, self.join_timeout)
+        except TimeoutError:
+            log.warning('entered %s: no ack from %s of %s processes in %.1fs',
+                        room, len(set(others) - acks.acked), len(others),
+                        self.join_timeout)
+        finally:
+            self._acks.pop(nonce, None)
+
+    def _expect_acks(self):
+        self._nonce += 1
+        nonce = f'{self.host_id}:{self._nonce}'
+        self._acks[nonce] = acks = _Acks()
+        return nonce, acks
+
+    def _holder_args(self, namespace, room, joined, nonce=''):
+        """ARGV of HOLDER_SCRIPT; an empty nonce asks for no ack."""
+        notice = self.json.dumps([{
+            'method': HOLDER_NOTICE, 'namespace': namespace, 'room': room,
+            'joined': joined, 'host': self.host_id, 'nonce': nonce}])
+        return [self.host_id, self.host_channel_prefix, self.alive_prefix,
+                '1' if joined else '', notice]
+
+    def _learn(self, namespace, room, others, generation):
+        """Record what entering ``room`` found: the other live holders
+        (plus any that announced themselves meanwhile), if this process
+        still holds it and its listener has stayed subscribed since the
+        script went out (else a notice could have been missed).
+        Returns the others as strings."""
+        others = [h.decode() if isinstance(h, bytes) else h for h in others]
+        key = (namespace, room)
+        heard = self._noticed.pop(key, set())
+        if generation == self._generation and \
+                room in self.rooms.get(namespace, {}):
+            self._holders[key] = frozenset(others) | heard
+        return others
+
+    def _on_holder_item(self, item) -> bool:
+        """Handle a holder notice or ack from another process; False if
+        ``item`` is neither."""
+        method = item.get('method') if isinstance(item, dict) else None
+        if method == HOLDER_ACK:
+            acks = self._acks.get(item.get('nonce'))
+            if acks is not None:
+                acks.ack(item.get('host'))
+            return True
+        if method != HOLDER_NOTICE:
+            return False
+        key, host = (item['namespace'], item['room']), item['host']
+        known = self._holders.get(key)
+        if item['joined']:
+            if known is not None:
+                self._holders[key] = known | {host}
+            elif item['room'] in self.rooms.get(item['namespace'], {}):
+                self._noticed.setdefault(key, set()).add(host)
+            if item['nonce']:
+                self._enqueue(self.host_channel_prefix + host, [{
+                    'method': HOLDER_ACK, 'nonce': item['nonce'],
+                    'host': self.host_id}])
+        else:
+            if known is not None:
+                self._holders[key] = known - {host}
+            self._noticed.get(key, set()).discard(host)
+        return True
 
     async def _register_all(self):
-        """Announce this process alive and in every room it holds."""
+        """Announce this process alive and in every room it holds, and
+        learn who else holds them."""
         async with self._register_lock:
+            generation = self._generation if self._subscribed else None
+            rooms = list(self._local_rooms())
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(self.alive_key, 1, ex=self._ttl)
-            for key in self._room_keys():
-                pipe.sadd(key, self.host_id)
-            await pipe.execute()
+            for namespace, room in rooms:
+                await self._holder_script(
+                    keys=[self._room_key(namespace, room)], client=pipe,
+                    args=self._holder_args(namespace, room, True))
+            found = (await pipe.execute())[1:]
+            for (namespace, room), others in zip(rooms, found):
+                self._learn(namespace, room, others, generation)
         for hook in self.on_register:
             await hook()
 
@@ -401,6 +569,7 @@ class RedisManager(AsyncPubSubManager):
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel, self.host_channel)
+                self._resubscribed(True)
                 await self._register_all()
                 self.listening = True
                 delay = 0.1
@@ -411,7 +580,8 @@ class RedisManager(AsyncPubSubManager):
                     data = message['data']
                     if data[:1] == b'[':  # a batch on our own channel
                         for item in self.json.loads(data):
-                            yield item
+                            if not self._on_holder_item(item):
+                                yield item
                     else:
                         yield data
                 raise ConnectionError('subscription ended')
@@ -423,12 +593,22 @@ class RedisManager(AsyncPubSubManager):
                               '%.1fs', exc, delay)
             finally:
                 self.listening = False
+                self._resubscribed(False)
                 try:
                     await pubsub.aclose()
                 except Exception:
                     pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)
+
+    def _resubscribed(self, subscribed):
+        """The listener (re)subscribed or lost its subscription: forget
+        what is known of other holders, since notices may have been
+        missed; a registration answered after this learns it again."""
+        self._subscribed = subscribed
+        self._generation += 1
+        self._holders.clear()
+        self._noticed.clear()
 
     # -- trouble reporting ---------------------------------------------
 
