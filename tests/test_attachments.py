@@ -114,6 +114,45 @@ async def test_image_upload_send_receive_download(server):
     await b.close()
 
 
+async def test_one_upload_sent_twice_at_once_goes_with_one_message(loaded):
+    """Two sends naming the same upload, to two rooms, queued together
+    (among other sends, so they share a write batch): one is accepted and
+    keeps the file, the other is refused; nobody is acked a file they
+    cannot then fetch."""
+    (_, ta, a), (bob, _, _), room = await dm_pair(loaded.url)
+    carol, tc = await register(loaded.url)
+    other = (await a.call('open_dm', {'username': carol['username']}))['room']
+    for n in range(5):
+        _, up = await upload(loaded.url, ta, b'only once %d' % n, 'once.txt')
+        attachment_id = up['attachment']['id']
+        noise = [a.call('send_dm', {'room_id': room['id'], 'body': 'x',
+                                    'client_msg_id': uuid.uuid4().hex})
+                 for _ in range(20)]
+        *_, first, second = await asyncio.gather(*noise, *(
+            a.call('send_dm', {'room_id': r['id'], 'body': 'file',
+                               'client_msg_id': uuid.uuid4().hex,
+                               'attachments': [attachment_id]})
+            for r in (room, other)))
+        assert sorted([first['ok'], second['ok']]) == [False, True], \
+            (n, first, second)
+        refused = second if first['ok'] else first
+        assert refused['error']['code'] == 'invalid'
+        kept = first if first['ok'] else second
+        kept_room = room if first['ok'] else other
+        assert [f['id'] for f in kept['message']['attachments']] == \
+            [attachment_id]
+        history = await a.call('history', {'room_id': kept_room['id']})
+        reloaded = [m for m in history['messages']
+                    if m['id'] == kept['message']['id']]
+        assert [f['id'] for f in reloaded[0]['attachments']] == \
+            [attachment_id]
+        reader = tc if kept_room is other else None
+        if reader:
+            status, _, body = await fetch(
+                loaded.url, f'/api/attachments/{attachment_id}', reader)
+            assert (status, body) == (200, b'only once %d' % n)
+
+
 async def test_outsider_and_missing_get_404(server):
     base = server.url
     (alice, ta, a), (bob, tb, b), room = await dm_pair(base)

@@ -2,12 +2,14 @@
 read markers and catch-up (``sync``).
 
 Every change in a room takes the room's next seq in the same transaction
-that stores it (``_next_seq``), so seqs have no gaps and no repeats, across
-processes too: SQLite's write lock or PostgreSQL's row lock on the room
-serialises writers.
+that stores it (``_next_seq`` for an edit, delete or reaction; a block of
+seqs per room for a batch of sends, ``_take_seqs``), so seqs have no gaps
+and no repeats, across processes too: SQLite's write lock or PostgreSQL's
+row lock on the room serialises writers.
 """
 import dataclasses
 
+import peewee
 
 import models
 from models import Attachment, Event, Membership, Message, Reaction, Room
@@ -64,22 +66,17 @@ def check_int(value, name, minimum=0):
     return value
 
 
-def _next_seq(room_id, now, activity=False):
+def _next_seq(room_id):
     """Take the room's next seq (inside the writer's transaction)."""
-    if activity:
-        row = execute('UPDATE "room" SET "last_seq" = "last_seq" + 1, '
-                      '"last_activity_at" = ? WHERE "id" = ? '
-                      'RETURNING "last_seq"', (now, room_id)).fetchone()
-    else:
-        row = execute('UPDATE "room" SET "last_seq" = "last_seq" + 1 '
-                      'WHERE "id" = ? RETURNING "last_seq"',
-                      (room_id,)).fetchone()
-    return row[0]
+    return execute('UPDATE "room" SET "last_seq" = "last_seq" + 1 '
+                   'WHERE "id" = ? RETURNING "last_seq"',
+                   (room_id,)).fetchone()[0]
 
 
 def _insert_message(*args):
     """Store one message: the single form of ``_insert_messages``, which
-    the writer falls back to when a batch hits a concurrent duplicate."""
+    the writer uses for a send that is alone in its run, and for each send
+    of a batch that hit a concurrent duplicate or an error."""
     (outcome,) = _insert_messages([args])
     if isinstance(outcome, Exception):
         raise outcome
@@ -105,6 +102,7 @@ def _insert_messages(calls):
     blocked = _blocks({c[1].other_member(c[2]) for c in calls
                        if c[1].kind == 'dm'})
     accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
+    claimed = set()  # attachments of the sends accepted so far
     for i, (_, info, sender_id, _, client_msg_id, attachment_ids,
             reply_to) in enumerate(calls):
         key = (sender_id, client_msg_id)
@@ -115,8 +113,9 @@ def _insert_messages(calls):
             outcomes[i] = first[key]  # resolved to its message below
         else:
             outcomes[i] = _refusal(info, sender_id, attachment_ids, reply_to,
-                                   blocked)
+                                   blocked, claimed)
             if outcomes[i] is None:
+                claimed.update(attachment_ids)
                 first[key] = i
                 accepted.append(i)
     if accepted:
@@ -155,8 +154,10 @@ def _blocks(blocker_ids) -> set:
     return pairs
 
 
-def _refusal(info, sender_id, attachment_ids, reply_to, blocked):
-    """The error refusing this send, or None."""
+def _refusal(info, sender_id, attachment_ids, reply_to, blocked, claimed):
+    """The error refusing this send, or None. ``claimed``: attachments an
+    earlier send of the same batch takes (the database does not show them
+    taken yet)."""
     if info.kind == 'dm' and (info.other_member(sender_id),
                               sender_id) in blocked:
         return Forbidden('this user does not accept your messages')
@@ -168,7 +169,8 @@ def _refusal(info, sender_id, attachment_ids, reply_to, blocked):
             Attachment.id.in_(attachment_ids),
             Attachment.uploader == sender_id,
             Attachment.message.is_null()).count())
-        if usable != len(attachment_ids):
+        if usable != len(attachment_ids) or claimed.intersection(
+                attachment_ids):
             return Invalid('attachments: only your own uploads, not yet sent')
     return None
 
@@ -233,8 +235,10 @@ def _take_seqs(counts, now) -> dict:
                        f'FROM "room" WHERE "id" IN ({marks})',
                        room_ids).fetchone()[0]
         return dict(map(int, pair.split(':')) for pair in text.split(','))
-    # Lock the rooms in id order first, so that two processes sending to
-    # the same rooms cannot deadlock.
+    # Lock the rooms in id order first, so that two processes' runs of
+    # sends to the same rooms cannot deadlock each other. (A batch that also
+    # edits, locking a room between two runs, still can: PostgreSQL then
+    # aborts one transaction, and the writer retries that batch whole.)
     execute(f'SELECT 1 FROM "room" WHERE "id" IN ({marks}) ORDER BY "id" '
             'FOR UPDATE', room_ids)
     return dict(execute(update + ' RETURNING "room"."id", "room"."last_seq"',
@@ -261,8 +265,14 @@ def _attach(message_id, attachment_ids) -> list:
     """Tie uploads to their message; their dicts."""
     if not attachment_ids:
         return []
-    (Attachment.update(message=message_id)
-     .where(Attachment.id.in_(attachment_ids)).execute())
+    taken = (Attachment.update(message=message_id)
+             .where(Attachment.id.in_(attachment_ids),
+                    Attachment.message.is_null()).execute())
+    if taken != len(attachment_ids):
+        # Another process sent one of them since the check (PostgreSQL):
+        # the writer runs the sends again one by one, and the check then
+        # refuses this one.
+        raise peewee.IntegrityError('attachment already sent')
     return [attachment_dict(a) for a in Attachment.select().where(
         Attachment.message == message_id).order_by(Attachment.id)]
 
@@ -335,7 +345,7 @@ def _change(ctx, user_id, message_id, change):
     now = now_ms()
     if not change(message, now):
         return message_dict(ctx, message), False
-    seq = _next_seq(message.room_id, now)
+    seq = _next_seq(message.room_id)
     message.update_seq = seq
     message.save()
     Event.insert(room=message.room_id, seq=seq, kind='message_updated',
