@@ -167,3 +167,83 @@ async def test_invalid_websocket_handshake_is_refused(base):
     client = await connect(base, token)
     assert (await client.call('rooms', {}))['ok']
     await client.close()
+
+
+# Frames no Engine.IO client sends: not a packet type, empty, a binary
+# packet that is not base64, a digit int() refuses.
+UNDECODABLE = ['x', '', 'bA', '\u00b2']
+
+
+async def test_undecodable_frames_close_the_websocket_quietly(tmp_path):
+    """Frames that are not Engine.IO packets get the websocket closed as a
+    protocol error, with one log line and no traceback; the server goes
+    on serving everyone else."""
+    server = ServerProcess(tmp_path, env={'POSTBOX_LOG_LEVEL': 'INFO'})
+    server.start()
+    try:
+        base = server.url
+        async with aiohttp.ClientSession() as session:
+            for garbage in UNDECODABLE:
+                ws = await session.ws_connect(
+                    base + '/socket.io/?EIO=4&transport=websocket')
+                assert (await ws.receive_str(timeout=5)).startswith('0')
+                for _ in range(100):
+                    await ws.send_str(garbage)
+                msg = await ws.receive(timeout=5)
+                assert msg.type == aiohttp.WSMsgType.CLOSE, (garbage, msg)
+                assert msg.data == aiohttp.WSCloseCode.PROTOCOL_ERROR
+                await ws.close()
+        _, token = await register(base)
+        client = await connect(base, token)
+        assert (await client.call('rooms', {}))['ok']
+        await client.close()
+    finally:
+        assert await server.astop() == 0
+    log = server.read_log()
+    assert 'Traceback' not in log and ' ERROR ' not in log, log
+    assert log.count('undecodable websocket frame') == len(UNDECODABLE), log
+
+
+def _polled(body: str) -> list:
+    """The packets of a polling response."""
+    return body.split('\x1e')
+
+
+async def test_undecodable_upgrade_probe_leaves_polling_working(base):
+    """A websocket upgrade whose probe is not an Engine.IO packet is
+    refused; the client's polling goes on as before (its polls are not
+    answered with NOOPs at once, as while an upgrade is under way)."""
+    _, token = await register(base)
+    endpoint = base + '/socket.io/?EIO=4&transport=polling'
+    async with aiohttp.ClientSession() as session:
+        async with session.get(endpoint) as resp:
+            opening = await resp.text()
+        assert opening.startswith('0'), opening
+        sid = json.loads(opening[1:])['sid']
+        polling = f'{endpoint}&sid={sid}'
+        async with session.post(polling, data='40' + json.dumps(
+                {'token': token})) as resp:
+            assert resp.status == 200
+        async with session.get(polling) as resp:
+            assert any(p.startswith('40') for p in _polled(await resp.text()))
+
+        ws = await session.ws_connect(
+            base + f'/socket.io/?EIO=4&transport=websocket&sid={sid}')
+        await ws.send_str('x')  # not '2probe', not a packet at all
+        msg = await ws.receive(timeout=5)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        await ws.close()
+
+        async with session.post(polling, data='421' + json.dumps(
+                ['rooms', {}])) as resp:
+            assert resp.status == 200
+        answers = []
+        for _ in range(10):
+            async with session.get(polling) as resp:
+                assert resp.status == 200
+                answers += _polled(await resp.text())
+            if any(p.startswith('431') for p in answers):
+                break
+        assert '6' not in answers, answers  # no NOOP: not upgrading
+        ack, = [p for p in answers if p.startswith('431')]
+        assert json.loads(ack[3:])[0]['ok']

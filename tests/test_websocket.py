@@ -1,12 +1,15 @@
 """The coalescing websocket response: frames sent together reach the
-client complete, in order, in one write; a close still goes out."""
+client complete, in order, in one write; a close still goes out; bytes
+written another way keep their place."""
 import asyncio
 import contextlib
+import socket
 
 import aiohttp
 from aiohttp import web
 
-from server.transport.websocket import CoalescingWebSocketResponse
+from server.transport.websocket import (CoalescingWebSocketResponse,
+                                        _CoalescingTransport)
 
 FRAMES = ['42["message",{"body":"hi"}]', '9' * 200, 'x' * 70_000, '430[{}]']
 
@@ -92,3 +95,21 @@ async def test_client_close_is_answered():
             await ws.close(code=4002)
             # aiohttp answers with 1000; without an answer it would be 1006.
             assert ws.close_code == 1000
+
+
+async def test_writelines_and_write_eof_go_after_pending_data():
+    """What goes to the transport another way than ``write`` does not
+    overtake the frames still waiting for the end of the iteration."""
+    left, right = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=left)
+    reader, peer = await asyncio.open_connection(sock=right)
+    try:
+        transport = _CoalescingTransport(writer.transport)
+        transport.write(b'first, ')  # pending until the iteration ends
+        transport.writelines([b'second, ', b'third'])
+        transport.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == \
+            b'first, second, third'
+    finally:
+        writer.close()
+        peer.close()

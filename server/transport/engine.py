@@ -47,7 +47,7 @@ from collections.abc import Mapping
 
 import engineio
 import socketio
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from engineio import async_socket, exceptions, packet
 
 from server.transport.websocket import CoalescingWebSocketResponse
@@ -262,6 +262,7 @@ class Socket(async_socket.AsyncSocket):
     ws = None  # the WebSocketResponse, once the socket is on websocket
     writer = None  # the task sending queued packets, while there are any
     tcp_transport = None  # what backpressure aborts to cut a stalled socket
+    close_code = WSCloseCode.OK  # what the websocket is closed with
 
     async def send(self, pkt):
         """Queue ``pkt``; on a websocket, start a writer if none runs."""
@@ -323,23 +324,29 @@ class Socket(async_socket.AsyncSocket):
         ws.headers.clear()
         self.tcp_transport = request.transport
         if self.connected:
-            self.upgrading = True  # sends wait in the queue meanwhile
-            if not await self._expect(ws, packet.PING, 'probe'):
+            # Sends wait in the queue meanwhile, and polls get a NOOP at
+            # once: however the upgrade ends (refused, or the connection
+            # broken mid-way), polling must work again after it, or the
+            # client polls in a tight loop until the ping timeout.
+            self.upgrading = True
+            try:
+                if not await self._expect(ws, packet.PING, 'probe'):
+                    return ws
+                await ws.send_str(packet.Packet(packet.PONG, data='probe')
+                                  .encode())
+                # ends the poll waiting, so that the client sends UPGRADE
+                self.queue.put_nowait(packet.Packet(packet.NOOP))
+                if not await self._expect(ws, packet.UPGRADE):
+                    return ws
+                self.upgraded = True
+            finally:
                 self.upgrading = False
-                return ws
-            await ws.send_str(packet.Packet(packet.PONG, data='probe')
-                              .encode())
-            self.queue.put_nowait(packet.Packet(packet.NOOP))  # ends a poll
-            if not await self._expect(ws, packet.UPGRADE):
-                self.upgrading = False
-                return ws
-            self.upgraded = True
-            self.upgrading = False
         else:
             self.connected = True
             self.upgraded = True
         self.ws = ws
         self._start_writer()  # what was queued before (the OPEN packet)
+        reason = self.server.reason.TRANSPORT_CLOSE
         # Every await here is a frame held for the life of the connection:
         # the loop reads with ``receive`` rather than ``async for``.
         while True:
@@ -350,7 +357,19 @@ class Socket(async_socket.AsyncSocket):
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
             try:
-                await self.receive(packet.Packet(encoded_packet=msg.data))
+                pkt = packet.Packet(encoded_packet=msg.data)
+            except ValueError:
+                # Engine.IO clients never send a frame that does not
+                # decode, so whatever sent this is not one: one line and
+                # the socket is closed. A traceback per frame, the socket
+                # left open, let anyone fill the log.
+                log.info('%s: undecodable websocket frame %r, closing',
+                         self.sid, msg.data[:40])
+                self.close_code = WSCloseCode.PROTOCOL_ERROR
+                reason = self.server.reason.TRANSPORT_ERROR
+                break
+            try:
+                await self.receive(pkt)
             except exceptions.UnknownPacketError:
                 pass
             except exceptions.SocketIsClosedError:
@@ -363,20 +382,25 @@ class Socket(async_socket.AsyncSocket):
             self.queue.put_nowait(None)
             await writer
         else:
-            await ws.close()
-        await self.close(wait=False, abort=True,
-                         reason=self.server.reason.TRANSPORT_CLOSE)
+            await ws.close(code=self.close_code)
+        await self.close(wait=False, abort=True, reason=reason)
         return ws
 
     async def _expect(self, ws, packet_type, data=None) -> bool:
+        """Whether the next frame on ``ws``, a step of an upgrade, is a
+        ``packet_type`` packet (with ``data``, if given). A frame that
+        does not decode is a refusal like any wrong one."""
         msg = await ws.receive()
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return False
-        pkt = packet.Packet(encoded_packet=msg.data)
-        if pkt.packet_type != packet_type or \
+        try:
+            pkt = packet.Packet(encoded_packet=msg.data)
+        except ValueError:
+            pkt = None
+        if pkt is None or pkt.packet_type != packet_type or \
                 (data is not None and pkt.data != data):
             log.info('%s: failed websocket upgrade, got %r', self.sid,
-                     msg.data)
+                     msg.data[:40])
             return False
         return True
 
@@ -411,7 +435,7 @@ class Socket(async_socket.AsyncSocket):
             queue.get_nowait()
             queue.task_done()
         try:
-            await ws.close()
+            await ws.close(code=self.close_code)
         except Exception:  # already broken; aiohttp has let go of it
             log.debug('%s: close failed', self.sid, exc_info=True)
 

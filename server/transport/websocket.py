@@ -23,7 +23,8 @@ CONTROL_FRAMES = frozenset((0x88, 0x89, 0x8A))
 class _CoalescingTransport:
     """Stands in for the TCP transport of one websocket writer: data
     written during an iteration of the event loop is joined and written
-    once, at the end of it. Everything else goes to the real transport."""
+    once, at the end of it. ``writelines`` and ``write_eof`` go after
+    the data pending; everything else goes to the real transport."""
 
     def __init__(self, transport):
         self._transport = transport
@@ -41,6 +42,16 @@ class _CoalescingTransport:
         else:
             self._pending.append(data)
 
+    def writelines(self, chunks):
+        # The real transport's would overtake what is pending. Chunk by
+        # chunk, so that a control frame among them goes out at once.
+        for chunk in chunks:
+            self.write(chunk)
+
+    def write_eof(self):
+        self.flush()
+        self._transport.write_eof()
+
     def flush(self):
         pending, self._pending = self._pending, None
         if pending:
@@ -57,8 +68,9 @@ class _CoalescingTransport:
 
 
 class CoalescingWebSocketResponse(web.WebSocketResponse):
-    """``web.WebSocketResponse`` whose uncompressed frames are coalesced
-    per event-loop iteration (see the module docstring)."""
+    """``web.WebSocketResponse`` whose data frames, compressed or not, are
+    coalesced per event-loop iteration; control frames go out at once
+    (see the module docstring)."""
 
     async def prepare(self, request):
         payload_writer = await super().prepare(request)
