@@ -1,11 +1,20 @@
 """Auth hardening seen from clients: token refresh, logout everywhere and
 password changes reaching live sockets, login throttling, CORS."""
 import asyncio
+from collections import Counter
 
 import aiohttp
+import pytest
 
 from tests.helpers import ServerProcess, connect, http, refused, register
+from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
 
+# A small login allowance that does not refill during a test (one try per
+# two minutes per username), and an address allowance well above it.
+THROTTLE = {'POSTBOX_LOGIN_FAILURES_PER_USERNAME': '5',
+            'POSTBOX_LOGIN_FAILURES_PER_IP': '20',
+            'POSTBOX_LOGIN_REFILL_PER_MINUTE': '0.5'}
+USERNAME_LIMIT = 5
 
 
 def on_disconnect(client) -> asyncio.Event:
@@ -93,6 +102,16 @@ async def test_password_change_revokes_older_tokens_and_sockets(base):
     assert status == 200
 
 
+async def login(base, name, password, session=None):
+    """POST /api/login; returns (status, headers, parsed JSON)."""
+    if session is None:
+        async with aiohttp.ClientSession() as session:
+            return await login(base, name, password, session)
+    async with session.post(base + '/api/login', json={
+            'username': name, 'password': password}) as resp:
+        return resp.status, resp.headers, await resp.json()
+
+
 async def test_login_throttling_per_username_and_address(tmp_path):
     server = ServerProcess(tmp_path, env={
         'POSTBOX_LOGIN_FAILURES_PER_USERNAME': '3',
@@ -103,31 +122,121 @@ async def test_login_throttling_per_username_and_address(tmp_path):
     try:
         names = [(await register(base))[0]['username'] for _ in range(3)]
 
-        async def login(name, password):
-            async with aiohttp.ClientSession() as session:
-                async with session.post(base + '/api/login', json={
-                        'username': name, 'password': password}) as resp:
-                    return resp.status, resp.headers, await resp.json()
-
         for _ in range(3):
-            assert (await login(names[0], 'wrong guess'))[0] == 401
+            assert (await login(base, names[0], 'wrong guess'))[0] == 401
         # Even the right password waits now, and says how long.
-        status, headers, data = await login(names[0], 'correct horse')
+        status, headers, data = await login(base, names[0], 'correct horse')
         assert status == 429 and data['error']['code'] == 'rate_limited'
         assert int(headers['Retry-After']) >= 1
         assert data['error']['retry_after'] > 0
         # Another account from the same address still logs in...
-        assert (await login(names[1], 'correct horse'))[0] == 200
+        assert (await login(base, names[1], 'correct horse'))[0] == 200
         for _ in range(3):
-            assert (await login(names[1], 'wrong guess'))[0] == 401
+            assert (await login(base, names[1], 'wrong guess'))[0] == 401
         # ...until the address has used up its failures too.
-        status, _, data = await login(names[2], 'correct horse')
+        status, _, data = await login(base, names[2], 'correct horse')
         assert status == 429 and data['error']['code'] == 'rate_limited'
         # Guessing unknown usernames counts the same.
-        status, _, _ = await login('nobody_here', 'x' * 8)
+        status, _, _ = await login(base, 'nobody_here', 'x' * 8)
         assert status == 429
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+@pytest.fixture
+def throttled(tmp_path):
+    """One server with the THROTTLE allowance; a list, like the pair."""
+    server = ServerProcess(tmp_path, env=THROTTLE).start()
+    yield [server]
+    assert server.stop() == 0, server.read_log()
+
+
+@pytest.fixture
+def throttled_pair(tmp_path, redis):
+    """Two servers with the THROTTLE allowance sharing one Redis, under a
+    key prefix of their own: the address bucket (127.0.0.1) is in Redis
+    too, and another test's tries must not count against it."""
+    servers = start_servers(tmp_path, 2, {
+        **FAST_REDIS_ENV, **THROTTLE, 'POSTBOX_REDIS_URL': redis.url,
+        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name})
+    yield servers
+    assert stop_servers(servers) == [0, 0], \
+        [server.read_log() for server in servers]
+
+
+async def concurrent_guesses(servers, name, count):
+    """``count`` wrong-password logins for ``name`` sent all at once,
+    spread over ``servers`` in turn; returns their (status, headers,
+    body) in order."""
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await asyncio.gather(*[
+            login(servers[i % len(servers)].url, name, f'guess number {i}',
+                  session)
+            for i in range(count)])
+
+
+def assert_capped(results):
+    """The allowance, and not one try more, got an answer about the
+    password; every other try was told to wait."""
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses == {401: USERNAME_LIMIT,
+                        429: len(results) - USERNAME_LIMIT}, statuses
+    for status, headers, body in results:
+        if status == 429:
+            assert body['error']['code'] == 'rate_limited'
+            assert body['error']['retry_after'] > 0
+            assert int(headers['Retry-After']) >= 1
+
+
+async def test_concurrent_wrong_logins_get_only_the_allowance(throttled):
+    """Guesses sent together cannot all slip past the limit while the
+    first of them is still being checked."""
+    base = throttled[0].url
+    (user, _), (other, _) = await register(base), await register(base)
+    assert_capped(await concurrent_guesses(throttled, user['username'], 60))
+    # The refused tries did not count against the address either, so
+    # another account from it still logs in (20 allowed, 5 spent).
+    status, _, body = await login(base, other['username'], 'correct horse')
+    assert status == 200, body
+
+
+async def test_concurrent_wrong_logins_across_processes_share_one_allowance(
+        throttled_pair):
+    """Guesses split over two processes at once get one allowance in
+    total, not one each and not one per try in flight."""
+    user, _ = await register(throttled_pair[0].url)
+    results = await concurrent_guesses(throttled_pair, user['username'], 60)
+    assert_capped(results)
+    # Both processes refused some: the cap is shared, not per process.
+    for server in (0, 1):
+        assert 429 in [status for status, _, _ in results[server::2]]
+    for server in throttled_pair:
+        status, _, body = await login(server.url, user['username'],
+                                      'correct horse')
+        assert status == 429, body
+
+
+@pytest.mark.parametrize('servers', ['throttled', 'throttled_pair'])
+async def test_right_password_after_wrong_ones_logs_in(request, servers):
+    """A user who mistyped a few times and then got it right is let in,
+    as often as they log in: a right password spends nothing, and the
+    typos still count as before."""
+    servers = request.getfixturevalue(servers)
+    urls = [server.url for server in servers]
+    user, _ = await register(urls[0])
+    name = user['username']
+    results = await concurrent_guesses(servers, name, USERNAME_LIMIT - 1)
+    assert [status for status, _, _ in results] == [401] * (USERNAME_LIMIT - 1)
+    # More right logins than tries left, from every process.
+    for i in range(3):
+        status, _, body = await login(urls[i % len(urls)], name,
+                                      'correct horse')
+        assert status == 200 and body['user']['id'] == user['id'], body
+    # The typos still count: one more miss, then even the right one waits.
+    assert (await login(urls[-1], name, 'one more typo'))[0] == 401
+    status, _, body = await login(urls[0], name, 'correct horse')
+    assert status == 429 and body['error']['code'] == 'rate_limited', body
 
 
 async def polling_handshake(base, origin):

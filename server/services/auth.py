@@ -111,14 +111,28 @@ async def login(ctx, username, password, ip=None) -> dict:
         raise Invalid('username and password must be strings')
     username = username.strip().lower()[:64]
     throttle = ctx.limits.logins if hasattr(ctx, 'limits') else None
-    if throttle is not None:
-        await throttle.check(username, ip)
+    if throttle is None:
+        return await _check_login(ctx, username, password)
+    # Every try is counted as a miss before the slow check (so concurrent
+    # guesses cannot all slip past the limit) and given back unless it was
+    # one: a right password, or an error of ours, costs nothing.
+    await throttle.take(username, ip)
+    try:
+        result = await _check_login(ctx, username, password)
+    except Unauthorized:
+        raise  # a miss: the try stays spent
+    except BaseException:  # ours, not the guesser's (a cancel included)
+        await throttle.give_back(username, ip)
+        raise
+    await throttle.give_back(username, ip)
+    return result
+
+
+async def _check_login(ctx, username, password) -> dict:
     user = await ctx.store.read(_find_login, username)
     ok = await _verify(user.password_hash if user else _DUMMY_HASH,
                        password[:256])
     if not user or not ok:
-        if throttle is not None:
-            await throttle.failed(username, ip)
         raise Unauthorized('wrong username or password')
     return {'user': user_dict(user), 'token': issue_token(ctx, user.id)}
 

@@ -140,12 +140,27 @@ class Failures:
                       if self._tokens(k, now) >= self.allowed]:
                 del self._buckets[k]
 
+    def give_back(self, key):
+        """Return a try that ``spend`` took (never above ``allowed``)."""
+        now = time.monotonic()
+        tokens = min(self.allowed, self._tokens(key, now) + 1)
+        if tokens >= self.allowed:
+            self._buckets.pop(key, None)
+        else:
+            self._buckets[key] = (tokens, now)
+
 
 class LoginThrottle:
-    """Failed logins per username and per client address: ``check`` before
-    verifying a password (raises RateLimited while either is used up),
-    ``failed`` after a miss. A wrong guess costs the guesser, and a user
-    locked out by someone else's guesses waits minutes, not forever."""
+    """Failed logins per username and per client address. ``take`` before
+    verifying a password spends a try from both buckets, or raises
+    RateLimited (spending nothing) while either is used up; ``give_back``
+    returns the try when it was not a miss (the right password). A wrong
+    guess costs the guesser, and a user locked out by someone else's
+    guesses waits minutes, not forever.
+
+    The try is spent before the password check, not after it: the check
+    takes tens of milliseconds, and a burst of concurrent guesses would all
+    pass a look at the bucket before the first of them had failed."""
 
     def __init__(self, per_username: int, per_ip: int, refill_per_minute):
         rate = refill_per_minute / 60.0
@@ -154,36 +169,55 @@ class LoginThrottle:
         # empty over the same time.
         self.ips = Failures(per_ip, rate * per_ip / max(per_username, 1))
 
-    async def check(self, username, ip):
+    async def take(self, username, ip):
+        # No await between the look and the spend: one step on the loop.
         wait = max(self.usernames.wait(username),
                    self.ips.wait(ip) if ip else 0.0)
         if wait > 0:
             raise RateLimited(wait, 'too many failed logins, try later')
-
-    async def failed(self, username, ip):
         self.usernames.spend(username)
         if ip:
             self.ips.spend(ip)
 
+    async def give_back(self, username, ip):
+        self.usernames.give_back(username)
+        if ip:
+            self.ips.give_back(ip)
 
-# The Failures bucket in Redis. KEYS[1]: the bucket. ARGV: allowed, refill
-# per second, 1 to spend a try (0 to look). Returns the seconds to wait, as
-# a string (Lua numbers become integers on the way out).
+
+# The Failures buckets in Redis, all of one login in one step. KEYS: the
+# buckets. ARGV[1]: 'take' (spend a try from every bucket, or from none and
+# return the seconds to wait while one is below 1) or 'give' (return a
+# try); then allowed and refill per second for each key in turn. Returns
+# the seconds to wait as a string (Lua numbers become integers on the way
+# out), '0' when the try was taken.
 FAILURES_SCRIPT = """
-local allowed, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(b[1]) or allowed
-local at = tonumber(b[2]) or now
-tokens = math.min(allowed, tokens + (now - at) * rate)
-if ARGV[3] == '1' then
-  tokens = math.max(0, tokens - 1)
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[1], math.ceil(allowed / rate) + 60)
+local take = ARGV[1] == 'take'
+local tokens, wait = {}, 0
+for i, key in ipairs(KEYS) do
+  local allowed, rate = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local b = redis.call('HMGET', key, 'tokens', 'at')
+  local n = tonumber(b[1]) or allowed
+  local at = tonumber(b[2]) or now
+  tokens[i] = math.min(allowed, n + (now - at) * rate)
+  if take and tokens[i] < 1 then
+    wait = math.max(wait, (1 - tokens[i]) / rate)
+  end
 end
-if tokens >= 1 then return '0' end
-return tostring((1 - tokens) / rate)
+if wait > 0 then return tostring(wait) end
+for i, key in ipairs(KEYS) do
+  local allowed, rate = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local n = take and tokens[i] - 1 or math.min(allowed, tokens[i] + 1)
+  if n >= allowed then
+    redis.call('DEL', key)  -- a full bucket is the same as none
+  else
+    redis.call('HSET', key, 'tokens', tostring(n), 'at', tostring(now))
+    redis.call('EXPIRE', key, math.ceil(allowed / rate) + 60)
+  end
+end
+return '0'
 """
 
 
@@ -203,27 +237,32 @@ class SharedLoginThrottle(LoginThrottle):
         if ip:
             yield f'{self.prefix}:login:ip:{ip}', self.ips
 
-    async def _run(self, username, ip, spend) -> float:
-        wait = 0.0
+    async def _run(self, op, username, ip) -> float:
+        keys, args = [], [op]
         for key, failures in self._buckets(username, ip):
-            wait = max(wait, float(await self._script(
-                keys=[key], args=[failures.allowed, failures.rate,
-                                  1 if spend else 0])))
-        return wait
+            keys.append(key)
+            args += [failures.allowed, failures.rate]
+        return float(await self._script(keys=keys, args=args))
 
-    async def check(self, username, ip):
+    async def take(self, username, ip):
         try:
-            wait = await self._run(username, ip, spend=False)
+            wait = await self._run('take', username, ip)
         except Exception as exc:  # Redis down: the local buckets decide
             log.warning('shared login throttle unavailable: %s', exc)
-            return await super().check(username, ip)
+            return await super().take(username, ip)
         if wait > 0:
             raise RateLimited(wait, 'too many failed logins, try later')
+        # The local buckets follow too, for a Redis outage.
+        self.usernames.spend(username)
+        if ip:
+            self.ips.spend(ip)
 
-    async def failed(self, username, ip):
-        await super().failed(username, ip)  # kept for a Redis outage
+    async def give_back(self, username, ip):
+        await super().give_back(username, ip)
         try:
-            await self._run(username, ip, spend=True)
+            # If Redis was down at ``take`` this returns a try it never
+            # took: harmless, a bucket never goes above its allowance.
+            await self._run('give', username, ip)
         except Exception as exc:
             log.warning('shared login throttle unavailable: %s', exc)
 
