@@ -100,3 +100,40 @@ async def test_concurrent_retries_on_two_processes_make_one_message(
     await b.nothing('message', 0.3)
     for client in (a1, a2, b):
         await client.close()
+
+
+async def test_bursts_of_the_same_sends_on_two_processes_store_each_once(
+        pair_of_processes):
+    """A burst of sends, retried as a burst on another process at the same
+    moment: each process stores them in one batch, the two batches collide
+    on the unique (sender, client_msg_id) index, and each send still
+    becomes one message, acked with it on both sides."""
+    p1, p2 = pair_of_processes
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p2.url)
+    a1 = await connect(p1.url, ta)
+    a2 = await connect(p2.url, ta)
+    ack = await a1.call('open_dm', {'username': bob['username']})
+    room_id = ack['room']['id']
+    count = 40
+    for burst in range(3):
+        calls = [client.call('send_dm', {
+            'room_id': room_id, 'body': f'{burst}.{i}',
+            'client_msg_id': f'burst-{burst}-{i}'})
+            for i in range(count) for client in (a1, a2)]
+        acks = await asyncio.gather(*calls)
+        assert [a for a in acks if not a['ok']] == []
+        for i in range(count):
+            first, second = acks[2 * i], acks[2 * i + 1]
+            assert first['message']['id'] == second['message']['id']
+            assert first['message']['body'] == f'{burst}.{i}'
+        seqs = sorted({a['message']['seq'] for a in acks})
+        assert seqs == list(range(burst * count + 1, (burst + 1) * count + 1))
+    stored = []
+    for after in (0, 100):
+        page = await a1.call('history', {'room_id': room_id, 'after': after,
+                                         'limit': 100})
+        stored += page['messages']
+    assert [m['seq'] for m in stored] == list(range(1, 3 * count + 1))
+    for client in (a1, a2):
+        await client.close()
