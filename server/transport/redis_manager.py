@@ -455,6 +455,11 @@ class RedisManager(AsyncPubSubManager):
         if not joined:
             return
         others = self._learn(namespace, room, others, generation)
+        if generation is None:
+            # Not subscribed: no ack could reach us (and no live message
+            # from another process either, until the listener is back).
+            self._acks.pop(nonce, None)
+            return
         try:
             await acks.wait(others, self.join_timeout)
         except TimeoutError:
@@ -569,6 +574,7 @@ class RedisManager(AsyncPubSubManager):
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel, self.host_channel)
+                await self._subscription_active()
                 self._resubscribed(True)
                 await self._register_all()
                 self.listening = True
@@ -600,6 +606,15 @@ class RedisManager(AsyncPubSubManager):
                     pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)
+
+    async def _subscription_active(self):
+        """Return once Redis has processed our SUBSCRIBE (redis-py does not
+        wait for it): from then on, nothing published to us is missed."""
+        while True:
+            found = await self.redis.pubsub_numsub(self.host_channel)
+            if found and found[0][1] >= 1:
+                return
+            await asyncio.sleep(0.01)
 
     def _resubscribed(self, subscribed):
         """The listener (re)subscribed or lost its subscription: forget
