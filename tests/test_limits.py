@@ -348,3 +348,73 @@ async def test_connections_per_user_hold_across_processes(tmp_path):
         codes = stop_servers(servers)
         redis.stop()
     assert codes == [0, 0]
+
+
+BY_ADDRESS = {'code': 'rate_limited',
+              'message': 'too many connections from this address'}
+BY_USER = {'code': 'rate_limited',
+           'message': 'too many connections for this user'}
+
+
+def address_cluster(redis, tmp_path, per_user):
+    """Two processes sharing ``redis``, 3 connections per address."""
+    from tests.redisproc import FAST_REDIS_ENV, start_servers
+    return start_servers(tmp_path / 'cluster', 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name,
+        'POSTBOX_MAX_CONNECTIONS_PER_IP': '3',
+        'POSTBOX_MAX_CONNECTIONS_PER_USER': str(per_user)})
+
+
+async def test_connections_per_address_hold_across_processes(redis,
+                                                             tmp_path):
+    from tests.redisproc import stop_servers
+    servers = address_cluster(redis, tmp_path, per_user=100)
+    try:
+        one, two = servers[0].url, servers[1].url
+        tokens = [(await register(one))[1] for _ in range(4)]
+        # Three users from 127.0.0.1: two sockets on one process, one on
+        # the other; together they are the address's 3.
+        held = [await connect(one, tokens[0]), await connect(two, tokens[1]),
+                await connect(one, tokens[2])]
+        for url in (one, two):
+            assert (await refused(url, tokens[3]))['data'] == BY_ADDRESS
+        # A socket closed on one process frees a place on the other.
+        await held.pop(0).close()
+        await sockets_drop_to(one, 1)
+        held.append(await connect(two, tokens[3]))
+        assert (await held[-1].call('rooms', {}))['ok']
+        assert (await refused(one, tokens[0]))['data'] == BY_ADDRESS
+        for client in held:
+            await client.close()
+    finally:
+        codes = stop_servers(servers)
+    assert codes == [0, 0]
+
+
+async def test_connection_refused_for_its_address_costs_its_user_nothing(
+        redis, tmp_path):
+    from tests.redisproc import stop_servers
+    servers = address_cluster(redis, tmp_path, per_user=2)
+    try:
+        one, two = servers[0].url, servers[1].url
+        tokens = [(await register(one))[1] for _ in range(3)]
+        held = [await connect(one, tokens[0]), await connect(two, tokens[1]),
+                await connect(one, tokens[2])]
+        # The address is full: the first user is refused on both processes,
+        # more times than that user has places left.
+        for url in (one, two, one, two):
+            assert (await refused(url, tokens[0]))['data'] == BY_ADDRESS
+        await held.pop(1).close()
+        await sockets_drop_to(two, 0)
+        # The refusals counted nothing: the user's second place is free,
+        # and after it the user's own limit (not the address's) refuses.
+        held.append(await connect(two, tokens[0]))
+        await held.pop(1).close()
+        await sockets_drop_to(one, 1)
+        assert (await refused(two, tokens[0]))['data'] == BY_USER
+        for client in held:
+            await client.close()
+    finally:
+        codes = stop_servers(servers)
+    assert codes == [0, 0]

@@ -3,9 +3,10 @@ client address, a token bucket per user over every event, failed-login
 throttling and the number of rooms a user may be in.
 
 They count in this process, except, when Redis is configured, connections
-per user (``SharedConnections``) and failed logins (``SharedLoginThrottle``):
-those counts live in Redis so the limits hold across processes (a user's
-sockets, and a guesser's tries, land on any of them).
+per user and per address (``SharedConnections``) and failed logins
+(``SharedLoginThrottle``): those counts live in Redis so the limits hold
+across processes (a user's sockets, one address's sockets and a guesser's
+tries land on any of them).
 """
 import logging
 import time
@@ -49,67 +50,97 @@ class Connections:
                 counts.pop(key, None)
 
 
-# KEYS[1]: the user's hash {process id: sockets}. ARGV: own process id,
-# liveness key prefix, limit. Counts of processes whose liveness key expired
-# (crashed) are dropped, so a crash never locks a user out for long.
+# KEYS: hashes {process id: sockets}, the user's then the address's.
+# ARGV: own process id, liveness key prefix, then the limit of each key in
+# turn. Adds one socket of this process to every hash, or, when one of them
+# is at its limit, to none and returns that key's position (1-based); 0 when
+# counted. Counts of processes whose liveness key expired (crashed) are
+# dropped, so a crash never locks a user or an address out for long.
 ACQUIRE_SCRIPT = """
-local key, me, alive_prefix = KEYS[1], ARGV[1], ARGV[2]
-local limit = tonumber(ARGV[3])
-local total = 0
-local counts = redis.call('HGETALL', key)
-for i = 1, #counts, 2 do
-  local host, n = counts[i], tonumber(counts[i + 1])
-  if host == me or redis.call('EXISTS', alive_prefix .. host) == 1 then
-    total = total + n
-  else
-    redis.call('HDEL', key, host)
+local me, alive_prefix = ARGV[1], ARGV[2]
+for i, key in ipairs(KEYS) do
+  local total = 0
+  local counts = redis.call('HGETALL', key)
+  for j = 1, #counts, 2 do
+    local host, n = counts[j], tonumber(counts[j + 1])
+    if host == me or redis.call('EXISTS', alive_prefix .. host) == 1 then
+      total = total + n
+    else
+      redis.call('HDEL', key, host)
+    end
+  end
+  if total >= tonumber(ARGV[2 + i]) then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, me, 1)
+  redis.call('EXPIRE', key, 86400)
+end
+return 0
+"""
+
+# KEYS: the hashes ACQUIRE_SCRIPT counted in. ARGV[1]: own process id.
+# Takes one socket of this process off every hash; in one step, so an
+# acquire elsewhere cannot slip in between the decrement and the HDEL of a
+# count that reached 0.
+RELEASE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('HINCRBY', key, ARGV[1], -1) <= 0 then
+    redis.call('HDEL', key, ARGV[1])
   end
 end
-if total >= limit then return 0 end
-redis.call('HINCRBY', key, me, 1)
-redis.call('EXPIRE', key, 86400)
-return 1
+return 0
 """
 
 
 class SharedConnections(Connections):
-    """Connections per user counted in Redis across every process (per
-    address stays per process: an address is a weaker signal and its limit
-    is generous). ``manager`` is the Redis client manager: its ``redis``
-    client, ``host_id`` and ``alive_prefix``. If Redis is unreachable the
-    local count decides, so an outage does not refuse everyone."""
+    """Connections per user and per client address counted in Redis
+    across every process: with N processes behind one port either would
+    otherwise allow N times its limit. Both are checked and counted in one
+    script call, so a refused connection counts nothing anywhere.
+    ``manager`` is the Redis client manager: its ``redis`` client,
+    ``host_id`` and ``alive_prefix``. This process's own counts are kept
+    too and checked first; if Redis is unreachable they alone decide, so an
+    outage does not refuse everyone."""
+
+    REFUSALS = ('too many connections for this user',
+                'too many connections from this address')
 
     def __init__(self, per_user, per_ip, manager, prefix):
         super().__init__(per_user, per_ip)
         self.manager = manager
         self.prefix = prefix
         self._acquire = manager.redis.register_script(ACQUIRE_SCRIPT)
+        self._release = manager.redis.register_script(RELEASE_SCRIPT)
 
-    def _key(self, user_id):
-        return f'{self.prefix}:conns:{user_id}'
+    def _keys(self, user_id, ip):
+        """The Redis hashes of ``user_id`` and ``ip`` (the user's only when
+        the address is unknown)."""
+        # The user's key is the one used before addresses were shared, so
+        # processes of both versions count a user in the same place.
+        keys = [f'{self.prefix}:conns:{user_id}']
+        if ip is not None:
+            keys.append(f'{self.prefix}:conns:ip:{ip}')
+        return keys
 
     async def acquire(self, user_id, ip):
         await super().acquire(user_id, ip)
         try:
-            allowed = await self._acquire(
-                keys=[self._key(user_id)],
+            refused = await self._acquire(
+                keys=self._keys(user_id, ip),
                 args=[self.manager.host_id, self.manager.alive_prefix,
-                      self.per_user])
+                      self.per_user, self.per_ip])
         except Exception as exc:  # Redis down: the local count stands
             log.warning('shared connection count unavailable: %s', exc)
             return
-        if not allowed:
+        if refused:
             await super().release(user_id, ip)
-            raise TooManyConnections('too many connections for this user')
+            raise TooManyConnections(self.REFUSALS[refused - 1])
 
     async def release(self, user_id, ip):
         await super().release(user_id, ip)
-        key = self._key(user_id)
         try:
-            left = await self.manager.redis.hincrby(
-                key, self.manager.host_id, -1)
-            if left <= 0:
-                await self.manager.redis.hdel(key, self.manager.host_id)
+            await self._release(keys=self._keys(user_id, ip),
+                                args=[self.manager.host_id])
         except Exception as exc:
             log.warning('shared connection count unavailable: %s', exc)
 
