@@ -142,7 +142,8 @@ def create_app(config) -> web.Application:
     if manager is not None:
         app[REDIS] = manager
         app[http.READY_CHECKS].append(('redis', manager.ready))
-        # Connections per user and failed logins count across processes.
+        # Connections per user and per address, and failed logins, count
+        # across processes.
         ctx.limits.connections = SharedConnections(
             config.max_connections_per_user, config.max_connections_per_ip,
             manager, config.redis_channel)
