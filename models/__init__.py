@@ -119,8 +119,10 @@ class Block(BaseModel):
 
 class Attachment(BaseModel):
     uploader = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    # Null until sent. No index of its own: (message, created_at) below
+    # starts with it.
     message = ForeignKeyField(Message, backref='attachments', null=True,
-                              on_delete='SET NULL')
+                              on_delete='SET NULL', index=False)
     filename = CharField(max_length=255)  # display only, never a path
     content_type = CharField(max_length=128)
     size = BigIntegerField()
@@ -131,7 +133,14 @@ class Attachment(BaseModel):
     created_at = BigIntegerField()
 
     class Meta:
-        indexes = ((('uploader', 'message'), False),)
+        indexes = (
+            # Counting a user's unsent uploads.
+            (('uploader', 'message'), False),
+            # A message's attachments, and the cleanup of old unsent
+            # uploads (message null, created_at before a cutoff, oldest
+            # first), which then reads only the rows it removes.
+            (('message', 'created_at'), False),
+        )
 
 
 class SchemaVersion(BaseModel):

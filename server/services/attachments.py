@@ -271,7 +271,12 @@ def _orphans(cutoff_ms, limit):
                                   Attachment.thumbnail_key)
                 .where(Attachment.message.is_null(),
                        Attachment.created_at < cutoff_ms)
-                .order_by(Attachment.id).limit(limit).tuples())
+                # Oldest first: on SQLite the order of the (message,
+                # created_at) index, so no sort and the search stops after
+                # ``limit`` rows. PostgreSQL sorts the expired rows it
+                # finds through that index.
+                .order_by(Attachment.created_at, Attachment.id)
+                .limit(limit).tuples())
 
 
 def _delete_unsent(rows):
@@ -292,8 +297,8 @@ async def cleanup(ctx) -> int:
     seconds = ctx.config.attachment_orphan_seconds
     removed = 0
     while True:
-        # The search scans the table: on a reader, so the writer (and
-        # every send behind it) never waits on it.
+        # The search runs on a reader, so the writer (and every send
+        # behind it) never waits on it.
         rows = await ctx.store.read(_orphans, now_ms() - seconds * 1000,
                                     CLEANUP_BATCH)
         if rows:
