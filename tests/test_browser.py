@@ -612,6 +612,17 @@ def test_block_refuses_messages_until_unblocked(people):
     bob.reload()
     expect(bob.locator('#block-toggle')).to_have_text('Unblock')
     expect(bubbles(bob)).to_have_text(['Hey, got a minute?', 'Busy, later'])
+    # Bob on a second device (a fresh context: nothing in its storage)
+    # sees the block too: the list comes from the server.
+    phone = people()
+    phone.fill('#auth-username', b_name)
+    phone.fill('#auth-password', PASSWORD)
+    phone.click('#auth-submit')
+    expect(phone.locator('#me-name')).to_have_text('Bob Chen')
+    phone.locator('.inbox-item', has_text='Alice Martin').click()
+    expect(phone.locator('#block-toggle')).to_have_text('Unblock')
+    expect(phone.locator('#block-notice')).to_contain_text(
+        'You blocked Alice Martin.')
 
     # Unblocked, Alice's retry goes through.
     bob.click('#block-notice-undo')
@@ -621,7 +632,11 @@ def test_block_refuses_messages_until_unblocked(people):
     expect(bubbles(bob)).to_have_text(
         ['Hey, got a minute?', 'Busy, later', 'Hello?'])
     expect(alice.locator('.msg.failed')).to_have_count(0)
-    for page in (alice, bob):
+    # The second device learns of the unblock when it loads again.
+    phone.reload()
+    expect(phone.locator('#block-toggle')).to_have_text('Block')
+    expect(phone.locator('#block-notice')).to_be_hidden()
+    for page in (alice, bob, phone):
         assert page.errors == [] and page.console_errors == []
 
 

@@ -1,5 +1,5 @@
 """Edits, deletes, reactions, replies, blocking and presence."""
-from tests.helpers import connect, pair, register, unique_name
+from tests.helpers import connect, http, pair, register, unique_name
 
 
 async def send(client, room, body, cmid=None, **extra):
@@ -117,6 +117,42 @@ async def test_block_and_unblock(base):
     assert ack['ok']
     await a.close()
     await b.close()
+
+
+async def test_list_blocks_over_http(base):
+    alice, ta = await register(base)
+    bob, _ = await register(base)
+    carol, tc = await register(base)
+    a = await connect(base, ta)
+    for other in (bob, carol):
+        assert (await a.call('block', {'username': other['username']}))['ok']
+    # Blocking again is idempotent: no second entry.
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    status, data = await http(base, 'GET', '/api/blocks', token=ta)
+    assert status == 200, data
+    blocks = data['blocks']
+    assert [b['user'] for b in blocks] == [
+        {'id': u['id'], 'username': u['username'],
+         'display_name': u['display_name'], 'is_bot': False}
+        for u in (carol, bob)]
+    assert all(b['created_at'].endswith('Z') for b in blocks)
+    assert blocks[0]['created_at'] >= blocks[1]['created_at']
+    assert (await a.call('unblock', {'username': carol['username']}))['ok']
+    status, data = await http(base, 'GET', '/api/blocks', token=ta)
+    assert status == 200 and [b['user']['id'] for b in data['blocks']] == [
+        bob['id']]
+    # Another user's list is their own.
+    c = await connect(base, tc)
+    assert (await c.call('block', {'username': alice['username']}))['ok']
+    status, data = await http(base, 'GET', '/api/blocks', token=tc)
+    assert status == 200 and [b['user']['id'] for b in data['blocks']] == [
+        alice['id']]
+    status, data = await http(base, 'GET', '/api/blocks', token=ta)
+    assert [b['user']['id'] for b in data['blocks']] == [bob['id']]
+    status, data = await http(base, 'GET', '/api/blocks')
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+    await a.close()
+    await c.close()
 
 
 async def test_presence(server):

@@ -33,7 +33,7 @@
     editing: null,          // id of the message being edited
     replyTo: null,          // message the composer replies to
     picker: null,           // id of the message whose reaction picker is open
-    blocked: new Set(),     // usernames I blocked (remembered by this browser)
+    blocked: new Set(),     // usernames I blocked (from GET /api/blocks)
     typingSentAt: 0,
     nodes: new Map(),       // message key -> rendered <li> (reused while unchanged)
   };
@@ -292,6 +292,7 @@
   // After every (re)connect: catch up with `sync`, refresh the inbox,
   // re-join the open room (joins are per socket), resend what was queued.
   async function onConnected() {
+    loadBlocked().catch((err) => console.warn('block list failed', err));
     const first = !state.seeded;
     if (first) {
       await loadInbox();
@@ -645,21 +646,15 @@
 
   // ---------- blocking (dm rooms) ----------
 
-  // The server answers block/unblock but offers no list of one's blocks, so
-  // this browser remembers whom its user blocked.
-  function blockedKey() {
-    return `postbox.blocked.${state.me.id}`;
-  }
-
-  function loadBlocked() {
-    state.blocked.clear();
-    try {
-      for (const name of JSON.parse(localStorage.getItem(blockedKey()) || '[]')) state.blocked.add(name);
-    } catch (err) { /* a damaged entry: start afresh */ }
-  }
-
-  function saveBlocked() {
-    localStorage.setItem(blockedKey(), JSON.stringify([...state.blocked]));
+  // Whom I block comes from the server (GET /api/blocks), so every device
+  // and a fresh browser agree; loaded on each connect, then kept in step
+  // with the acks of block/unblock.
+  async function loadBlocked() {
+    const token = state.token;
+    const data = await api('GET', '/api/blocks');
+    if (state.token !== token) return;  // signed out meanwhile
+    state.blocked = new Set(data.blocks.map((b) => b.user.username));
+    if (state.current) renderRoomHeader();
   }
 
   function renderBlock(other) {
@@ -683,9 +678,9 @@
     $('block-notice-undo').disabled = true;
     try {
       await call(on ? 'block' : 'unblock', {username: other.username});
+      // The ok ack means the change is committed: no need to reload.
       if (on) state.blocked.add(other.username);
       else state.blocked.delete(other.username);
-      saveBlocked();
     } catch (err) {
       alertInline(err.message);
     }
@@ -1312,7 +1307,6 @@
     paintAvatar($('me-avatar'), userName(state.me), state.me.username);
     $('me-name').textContent = userName(state.me);
     $('me-username').textContent = `@${state.me.username}`;
-    loadBlocked();
     renderInbox();
     connect();
   }

@@ -254,3 +254,20 @@ async def set_block(ctx, user_id, username, on: bool):
     if other_id == user_id:
         raise Invalid('you cannot block yourself')
     await ctx.store.write(_block, user_id, other_id, on)
+
+
+def _blocks_of(ctx, user_id):
+    rows = list(Block.select(Block.blocked, Block.created_at)
+                .where(Block.blocker == user_id)
+                .order_by(Block.created_at.desc(), Block.id.desc())
+                .tuples())
+    users = load_users(ctx, [blocked for blocked, _ in rows])
+    return [{'user': users[blocked], 'created_at': iso(created_at)}
+            for blocked, created_at in rows if blocked in users]
+
+
+async def list_blocks(ctx, user_id) -> list:
+    """The users ``user_id`` blocks, newest block first: a list of
+    ``{user, created_at}``. Only the caller's own blocks, so it needs no
+    other check."""
+    return await ctx.store.read(_blocks_of, ctx, user_id)

@@ -248,6 +248,14 @@ async def post_message(request):
                              status=201 if sent.created else 200)
 
 
+async def list_blocks(request):
+    """The caller's blocks, newest first (a Postbox addition to the
+    contract: clients had no other way to learn them)."""
+    user = await current_user(request)
+    return web.json_response(
+        {'blocks': await rooms.list_blocks(request.app[CTX], user['id'])})
+
+
 async def healthz(request):
     return web.json_response({'ok': True})
 
@@ -277,5 +285,6 @@ def add_routes(app: web.Application):
     app.router.add_get('/api/rooms', list_rooms)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
     app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)
+    app.router.add_get('/api/blocks', list_blocks)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', readyz)
