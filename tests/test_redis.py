@@ -2,6 +2,7 @@
 SQLite file: users on different processes talk as if there were one."""
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
@@ -181,6 +182,60 @@ async def test_connecting_elsewhere_waits_until_the_other_process_knows(
     assert ack['ok']
     for sock in (a, b, device):
         await sock.close()
+
+
+async def test_devices_hopping_between_processes_miss_no_live_message(
+        cluster):
+    """Recipients' devices keep connecting to random processes for a few
+    seconds while their partners send: every message sent after a device
+    finished connecting, and acked well before it left, reached that
+    device live (rooms entered and left all the time exercise what each
+    process knows of the others)."""
+    rng = random.Random(7)
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + 6
+    sessions, sent = [], []  # (user, connected, left, bodies); (user, ...)
+
+    async def device(token, user_id):
+        while loop.time() < stop:
+            sock = await connect(rng.choice(cluster).url, token)
+            connected = loop.time()
+            await asyncio.sleep(rng.uniform(0.3, 1.5))
+            left = loop.time()
+            await sock.close()
+            bodies = set()
+            queue = sock._queue('message')
+            while not queue.empty():
+                bodies.add(queue.get_nowait()['body'])
+            sessions.append((user_id, connected, left, bodies))
+
+    async def sender(token, username, user_id):
+        sock = await connect(rng.choice(cluster).url, token)
+        room = (await sock.call('open_dm', {'username': username}))['room']
+        n = 0
+        while loop.time() < stop:
+            n += 1
+            body = f'{user_id}-{n}'
+            issued = loop.time()
+            ack = await sock.call('send_dm', {
+                'room_id': room['id'], 'body': body, 'client_msg_id': body})
+            assert ack['ok'], ack
+            sent.append((user_id, body, issued, loop.time()))
+            await asyncio.sleep(0.1)  # within the default send rate
+        await sock.close()
+
+    tasks = []
+    for _ in range(4):
+        (_, ts), (reader, tr) = (await register(cluster[0].url),
+                                 await register(cluster[0].url))
+        tasks += [sender(ts, reader['username'], reader['id']),
+                  device(tr, reader['id']), device(tr, reader['id'])]
+    await asyncio.gather(*tasks)
+    expected = [(body, bodies) for user_id, connected, left, bodies
+                in sessions for to, body, issued, acked in sent
+                if to == user_id and issued > connected and acked + 0.5 < left]
+    assert len(expected) > 50, 'too little overlap to mean anything'
+    assert [body for body, bodies in expected if body not in bodies] == []
 
 
 async def test_burst_to_many_processes_arrives_intact_and_once(cluster):
