@@ -210,6 +210,7 @@ class RedisManager(AsyncPubSubManager):
         self.heartbeat = heartbeat
         self.retry_max = retry_max
         self.join_timeout = join_timeout
+        self.socket_timeout = socket_timeout
         self.queue_max = queue_max
         self.host_channel_prefix = f'{channel}:host:'
         self.alive_prefix = f'{channel}:alive:'
@@ -609,12 +610,15 @@ class RedisManager(AsyncPubSubManager):
 
     async def _subscription_active(self):
         """Return once Redis has processed our SUBSCRIBE (redis-py does not
-        wait for it): from then on, nothing published to us is missed."""
-        while True:
-            found = await self.redis.pubsub_numsub(self.host_channel)
-            if found and found[0][1] >= 1:
-                return
-            await asyncio.sleep(0.01)
+        wait for it): from then on, nothing published to us is missed.
+        Raises TimeoutError (the listener then reconnects) if that takes
+        longer than a command may."""
+        async with asyncio.timeout(self.socket_timeout):
+            while True:
+                found = await self.redis.pubsub_numsub(self.host_channel)
+                if found and found[0][1] >= 1:
+                    return
+                await asyncio.sleep(0.01)
 
     def _resubscribed(self, subscribed):
         """The listener (re)subscribed or lost its subscription: forget
