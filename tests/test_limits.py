@@ -2,6 +2,7 @@
 address, the per-user event rate, rooms per user, body and group size,
 payload size, and a client that stops reading."""
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -356,21 +357,26 @@ BY_USER = {'code': 'rate_limited',
            'message': 'too many connections for this user'}
 
 
+@contextlib.contextmanager
 def address_cluster(redis, tmp_path, per_user):
-    """Two processes sharing ``redis``, 3 connections per address."""
-    from tests.redisproc import FAST_REDIS_ENV, start_servers
-    return start_servers(tmp_path / 'cluster', 2, {
+    """Two processes sharing ``redis``, 3 connections per address; both
+    must stop cleanly."""
+    from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+    servers = start_servers(tmp_path / 'cluster', 2, {
         'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
         'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name,
         'POSTBOX_MAX_CONNECTIONS_PER_IP': '3',
         'POSTBOX_MAX_CONNECTIONS_PER_USER': str(per_user)})
+    try:
+        yield servers
+    finally:
+        codes = stop_servers(servers)
+    assert codes == [0, 0]
 
 
 async def test_connections_per_address_hold_across_processes(redis,
                                                              tmp_path):
-    from tests.redisproc import stop_servers
-    servers = address_cluster(redis, tmp_path, per_user=100)
-    try:
+    with address_cluster(redis, tmp_path, per_user=100) as servers:
         one, two = servers[0].url, servers[1].url
         tokens = [(await register(one))[1] for _ in range(4)]
         # Three users from 127.0.0.1: two sockets on one process, one on
@@ -387,16 +393,11 @@ async def test_connections_per_address_hold_across_processes(redis,
         assert (await refused(one, tokens[0]))['data'] == BY_ADDRESS
         for client in held:
             await client.close()
-    finally:
-        codes = stop_servers(servers)
-    assert codes == [0, 0]
 
 
 async def test_connection_refused_for_its_address_costs_its_user_nothing(
         redis, tmp_path):
-    from tests.redisproc import stop_servers
-    servers = address_cluster(redis, tmp_path, per_user=2)
-    try:
+    with address_cluster(redis, tmp_path, per_user=2) as servers:
         one, two = servers[0].url, servers[1].url
         tokens = [(await register(one))[1] for _ in range(3)]
         held = [await connect(one, tokens[0]), await connect(two, tokens[1]),
@@ -415,6 +416,3 @@ async def test_connection_refused_for_its_address_costs_its_user_nothing(
         assert (await refused(two, tokens[0]))['data'] == BY_USER
         for client in held:
             await client.close()
-    finally:
-        codes = stop_servers(servers)
-    assert codes == [0, 0]
