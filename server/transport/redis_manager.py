@@ -440,29 +440,30 @@ class RedisManager(AsyncPubSubManager):
         under the lock, at the time the command goes out, so a leave and
         a re-enter racing each other end in the right state. After an
         enter, wait (outside the lock) for the other holders' acks."""
-        async with self._register_lock:
-            joined = room in self.rooms.get(namespace, {})
-            generation = self._generation if self._subscribed else None
-            nonce, acks = self._expect_acks() if joined else ('', None)
-            try:
-                others = await self._holder_script(
-                    keys=[self._room_key(namespace, room)],
-                    args=self._holder_args(namespace, room, joined, nonce))
-            except Exception as exc:
-                # The heartbeat re-registers everything once Redis is back.
-                self._acks.pop(nonce, None)
-                self._trouble('redis room update failed: %s', exc)
+        nonce = ''
+        try:
+            async with self._register_lock:
+                joined = room in self.rooms.get(namespace, {})
+                generation = self._generation if self._subscribed else None
+                if joined:
+                    nonce, acks = self._expect_acks()
+                try:
+                    others = await self._holder_script(
+                        keys=[self._room_key(namespace, room)],
+                        args=self._holder_args(namespace, room, joined,
+                                               nonce))
+                except Exception as exc:
+                    # The heartbeat re-registers everything once Redis is
+                    # back.
+                    self._trouble('redis room update failed: %s', exc)
+                    return
+            if not joined:
                 return
-        if not joined:
-            return
-        others = self._learn(namespace, room, others, generation)
-        if generation is None:
+            others = self._learn(namespace, room, others, generation)
             # Not subscribed: no ack could reach us (and no live message
             # from another process either, until the listener is back).
-            self._acks.pop(nonce, None)
-            return
-        try:
-            await acks.wait(others, self.join_timeout)
+            if generation is not None:
+                await acks.wait(others, self.join_timeout)
         except TimeoutError:
             log.warning('entered %s: no ack from %s of %s processes in %.1fs',
                         room, len(set(others) - acks.acked), len(others),
