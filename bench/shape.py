@@ -1,0 +1,633 @@
+"""The real-world-shape benchmark: every documented path on a big database.
+
+    python bench/shape.py            # seed (cached) + every path, 3 repeats
+    python bench/shape.py --quick    # a small database, 1 repeat
+    python bench/shape.py --only send_room,send_to,rooms_whale
+
+Seeds a SQLite database shaped like a social app a few months in (default:
+100,000 users, 1,000,000 messages, dms and groups of up to 256 members, one
+"whale" user in 5,000 rooms, one "searcher" in 500 rooms), starts Postbox
+on a copy of it (``python -m server``, default durability), and drives each
+documented path with real Socket.IO / HTTP clients on loopback. Prints, per
+path: operations per second, server CPU per operation (utime + stime of the
+server process, all threads), and client-observed latency p50/p99. The read
+paths run one request at a time, so their latency is the server's time plus
+a loopback round trip; the send paths keep ``--inflight`` sends in flight
+(the same for every send path, so their CPU per message compares).
+
+The seeded database is cached under ``bench/.cache/`` (keyed by its shape
+and the schema version), so later runs skip the seeding (about a minute at
+the default shape). Writes ``bench/results/shape.md`` and ``shape.json``.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import jwt
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
+
+import load  # noqa: E402
+from run import POSTBOX_ENV, Server  # noqa: E402
+
+CACHE = BENCH / '.cache'
+RESULTS = BENCH / 'results'
+SECRET = POSTBOX_ENV['POSTBOX_SECRET']
+WHALE = 1      # the user in --whale-rooms rooms
+SEARCHER = 2   # the user in --searcher-rooms rooms
+
+# Words in several scripts, so bodies look like chat in several languages
+# (and give search something real to find).
+WORDS = ('hello thanks tomorrow meeting lunch photo weekend project deadline '
+         'coffee birthday train airport invoice concert holiday running '
+         'Straße Grüße Überraschung Mädchen schön Frühstück Käse '
+         'café naïve résumé façade déjà '
+         '東京 会議 明日 写真 ありがとう 週末 '
+         '안녕하세요 회의 내일 사진 감사합니다 '
+         'ok yes no lol sure great maybe later soon now').split()
+
+
+# --------------------------------------------------------------------------
+# Seeding
+
+def _insert(conn, model, rows, fields):
+    """Bulk insert tuples ``rows`` (columns ``fields``, by field name) with
+    every other column at its Python default."""
+    index = {name: i for i, name in enumerate(fields)}
+    names, getters = [], []
+    for field in model._meta.sorted_fields:
+        if field.name == 'id' and 'id' not in index:
+            continue
+        names.append(field.column_name)
+        if field.name in index:
+            getters.append(('row', index[field.name]))
+        else:
+            default = field.default
+            getters.append(('const',
+                            default() if callable(default) else default))
+    sql = (f'INSERT INTO "{model._meta.table_name}" '
+           f'({", ".join(chr(34) + n + chr(34) for n in names)}) '
+           f'VALUES ({", ".join("?" * len(names))})')
+
+    def shaped():
+        for row in rows:
+            yield tuple(row[v] if kind == 'row' else v for kind, v in getters)
+    conn.executemany(sql, shaped())
+
+
+def _group_size(rng):
+    r = rng.random()
+    if r < 0.70:
+        return rng.randint(3, 10)
+    if r < 0.95:
+        return rng.randint(11, 50)
+    return rng.randint(51, 256)
+
+
+def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
+         groups, seed_value=7):
+    """Create the schema with Postbox's own migrations, then fill it."""
+    import peewee
+
+    import models
+    from models.migrations import migrate
+    rng = random.Random(seed_value)
+    database = peewee.SqliteDatabase(str(path), pragmas={
+        'journal_mode': 'wal', 'synchronous': 'OFF', 'foreign_keys': 0})
+    models.db.initialize(database)
+    database.connect()
+    migrate(database)
+    database.close()
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute('PRAGMA synchronous=OFF')
+    conn.execute('PRAGMA foreign_keys=OFF')
+    conn.execute('BEGIN')
+    t0 = time.time() * 1000 - 90 * 86400 * 1000  # 90 days ago
+
+    _insert(conn, models.User, (
+        (i, f'user{i}', f'User {i}', int(t0)) for i in range(1, users + 1)),
+        ('id', 'username', 'display_name', 'created_at'))
+
+    rooms = []  # (kind, name, member ids, dm_key)
+    seen_pairs = set()
+
+    def add_dm(a, b):
+        key = (min(a, b), max(a, b))
+        if a == b or key in seen_pairs:
+            return False
+        seen_pairs.add(key)
+        rooms.append(('dm', None, key, f'{key[0]}:{key[1]}'))
+        return True
+
+    def add_group(first, size):
+        members = {first}
+        while len(members) < size:
+            members.add(rng.randint(1, users))
+        members.discard(first)
+        rooms.append(('group', f'group {len(rooms)}',
+                      (first, *sorted(members)), None))
+
+    # The whale: 80% dms, 20% groups.
+    whale_groups = whale_rooms // 5
+    other = 3
+    while sum(1 for r in rooms if WHALE in r[2]) < whale_rooms - whale_groups:
+        add_dm(WHALE, other)
+        other += 1
+    for _ in range(whale_groups):
+        add_group(WHALE, _group_size(rng))
+    # The searcher: a dm with the whale, then dms and groups.
+    add_dm(SEARCHER, WHALE)
+    count = 1
+    while count < searcher_rooms * 4 // 5:
+        count += add_dm(SEARCHER, rng.randint(3, users))
+    for _ in range(searcher_rooms - count):
+        add_group(SEARCHER, _group_size(rng))
+    # Everyone else.
+    for _ in range(users * dms_per_user // 2):
+        add_dm(rng.randint(1, users), rng.randint(1, users))
+    for _ in range(groups):
+        add_group(rng.randint(3, users), _group_size(rng))
+
+    # Messages: a heavy-tailed share per room (a few busy rooms, many
+    # quiet ones), every room at least one message.
+    weights = [rng.paretovariate(1.2) for _ in rooms]
+    picks = list(range(len(rooms)))
+    extra = rng.choices(picks, weights=weights, k=max(0, messages - len(rooms)))
+    order = picks + extra
+    rng.shuffle(order)
+    step = (90 * 86400 * 1000) / max(1, len(order))
+    last_seq = [0] * len(rooms)
+    last_msg = [None] * len(rooms)
+    last_at = [int(t0)] * len(rooms)
+
+    def message_rows():
+        for n, r in enumerate(order):
+            last_seq[r] += 1
+            at = int(t0 + n * step)
+            last_msg[r] = n + 1
+            last_at[r] = at
+            members = rooms[r][2]
+            sender = members[rng.randrange(len(members))]
+            body = ' '.join(rng.choices(WORDS, k=rng.randint(2, 14)))
+            yield (n + 1, r + 1, last_seq[r], sender, body,
+                   uuid.UUID(int=rng.getrandbits(128)).hex, at, last_seq[r])
+
+    msgs = list(message_rows())
+    room_rows = ((i + 1, kind, name, key, members[0], int(t0), last_seq[i],
+                  last_msg[i], last_at[i])
+                 for i, (kind, name, members, key) in enumerate(rooms))
+    _insert(conn, models.Room, room_rows,
+            ('id', 'kind', 'name', 'dm_key', 'created_by', 'created_at',
+             'last_seq', 'last_message_id', 'last_activity_at'))
+    if 'owner' in models.Room._meta.fields:
+        conn.execute('UPDATE "room" SET "owner_id" = "created_by_id" '
+                     'WHERE "kind" = \'group\'')
+
+    def membership_rows():
+        for i, (_, _, members, _) in enumerate(rooms):
+            for user in members:
+                read = rng.randint(max(0, last_seq[i] - 5), last_seq[i])
+                yield (i + 1, user, read, int(t0))
+    _insert(conn, models.Membership, membership_rows(),
+            ('room', 'user', 'last_read_seq', 'joined_at'))
+    _insert(conn, models.Message, msgs,
+            ('id', 'room', 'seq', 'sender', 'body', 'client_msg_id',
+             'created_at', 'update_seq'))
+    _insert(conn, models.Event, ((m[2], m[1], 'message', m[0]) for m in msgs),
+            ('seq', 'room', 'kind', 'message'))
+    conn.execute('COMMIT')
+    conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    conn.execute('ANALYZE')
+    conn.close()
+    return {'users': users, 'rooms': len(rooms), 'messages': len(msgs)}
+
+
+def seeded_database(args) -> Path:
+    """The cached seeded database for this shape, made if missing."""
+    from models.migrations import CURRENT_VERSION
+    key = (f'shape-u{args.users}-m{args.messages}-w{args.whale_rooms}'
+           f'-s{args.searcher_rooms}-d{args.dms_per_user}-g{args.groups}'
+           f'-v{CURRENT_VERSION}')
+    path = CACHE / f'{key}.db'
+    if path.exists():
+        return path
+    CACHE.mkdir(exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    for leftover in CACHE.glob(f'{key}.tmp*'):
+        leftover.unlink()
+    started = time.monotonic()
+    print(f'seeding {path.name} ...', flush=True)
+    shape = seed(tmp, args.users, args.messages, args.whale_rooms,
+                 args.searcher_rooms, args.dms_per_user, args.groups)
+    for suffix in ('-wal', '-shm'):
+        Path(str(tmp) + suffix).unlink(missing_ok=True)
+    tmp.rename(path)
+    print(f'seeded {shape} in {time.monotonic() - started:.0f} s '
+          f'({path.stat().st_size / 2**20:.0f} MiB)', flush=True)
+    return path
+
+
+def token(user_id):
+    now = time.time()
+    return jwt.encode({'sub': str(user_id), 'iat': round(now, 3),
+                       'exp': int(now) + 86400}, SECRET, algorithm='HS256')
+
+
+# --------------------------------------------------------------------------
+# The paths
+
+class Bench:
+    """One running server on a copy of the seeded database, with the
+    users and rooms the paths need."""
+
+    def __init__(self, server, db_path, args):
+        self.server = server
+        self.url = server.url
+        self.db_path = db_path
+        self.args = args
+        self.session = None
+        self.rng = random.Random(11)
+
+    def query(self, sql, params=()):
+        conn = sqlite3.connect(f'file:{self.db_path}?mode=ro', uri=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    async def setup(self):
+        self.session = load.new_session()
+        # Senders: users with a dm each (not the whale), one client each.
+        rows = self.query(
+            'SELECT r.id, a.user_id, b.user_id FROM room r '
+            'JOIN membership a ON a.room_id = r.id '
+            'JOIN membership b ON b.room_id = r.id AND b.user_id > a.user_id '
+            "WHERE r.kind = 'dm' AND a.user_id > 2 AND r.id % 97 = 0 "
+            'LIMIT ?', (self.args.senders,))
+        self.pairs = [(room, a, b) for room, a, b in rows]
+        self.groups = [r for (r,) in self.query(
+            "SELECT r.id FROM room r WHERE r.kind = 'group' AND "
+            '(SELECT COUNT(*) FROM membership m WHERE m.room_id = r.id) '
+            '>= 200 LIMIT ?', (self.args.senders,))]
+        self.group_members = {
+            g: [u for (u,) in self.query(
+                'SELECT user_id FROM membership WHERE room_id = ? '
+                'ORDER BY id LIMIT 1', (g,))] for g in self.groups}
+        self.clients = {}
+        for _, a, _ in self.pairs:
+            self.clients[a] = await load.RawClient(
+                self.session, self.url, token(a), deflate=False).connect()
+        for g in self.groups:
+            u = self.group_members[g][0]
+            if u not in self.clients:
+                self.clients[u] = await load.RawClient(
+                    self.session, self.url, token(u), deflate=False).connect()
+        self.whale = await load.RawClient(
+            self.session, self.url, token(WHALE), deflate=False).connect()
+        self.searcher = await load.RawClient(
+            self.session, self.url, token(SEARCHER), deflate=False).connect()
+        self.whale_rooms = [r for (r,) in self.query(
+            'SELECT room_id FROM membership WHERE user_id = ?', (WHALE,))]
+        self.typical = self.pairs[0][1]
+        self.attachments = {}
+
+    async def close(self):
+        for c in [*self.clients.values(), self.whale, self.searcher]:
+            await c.close()
+        await self.session.close()
+
+    # -- sends: one coroutine per sender, --inflight in flight overall --
+
+    def _send_specs(self, path):
+        """(client, payload-maker) per sender for a send path."""
+        specs = []
+        for room, a, b in self.pairs:
+            client = self.clients[a]
+            if path == 'send_room':
+                specs.append((client, lambda i, r=room: {'room_id': r}))
+            elif path == 'send_to':
+                specs.append((client, lambda i, b=b: {'to': f'user{b}'}))
+            elif path == 'send_reply':
+                reply = self.query('SELECT id FROM message WHERE room_id = ? '
+                                   'ORDER BY seq DESC LIMIT 1', (room,))[0][0]
+                specs.append((client, lambda i, r=room, x=reply:
+                              {'room_id': r, 'reply_to': x}))
+            elif path == 'send_attach':
+                ids = self.attachments[a]
+                specs.append((client, lambda i, r=room, ids=ids:
+                              {'room_id': r, 'attachments': [ids[i]]}))
+            elif path == 'send_http':
+                specs.append((a, lambda i, r=room: r))
+        if path == 'send_group':
+            for g in self.groups:
+                client = self.clients[self.group_members[g][0]]
+                specs.append((client, lambda i, g=g: {'room_id': g}))
+        return specs
+
+    async def upload_attachments(self, per_sender):
+        """Uploads done before the measured window of send_attach."""
+        async def upload(user):
+            data = aiohttp.FormData()
+            data.add_field('file', b'meeting notes\n' * 150,
+                           filename='notes.txt', content_type='text/plain')
+            async with self.session.post(
+                    self.url + '/api/attachments', data=data,
+                    headers={'Authorization': 'Bearer ' + token(user)}) as r:
+                body = await r.json()
+                if r.status != 201:
+                    raise RuntimeError(f'upload: {r.status} {body}')
+                return body['attachment']['id']
+        for _, a, _ in self.pairs:
+            self.attachments[a] = [await upload(a) for _ in range(per_sender)]
+
+    async def run_sends(self, path, count):
+        specs = self._send_specs(path)
+        per = max(1, count // len(specs))
+        inflight = max(1, self.args.inflight // len(specs))
+        latencies = []
+        body = 'real-world shape ' * 3
+
+        async def one_socket(client, payload, i):
+            data = {**payload(i), 'body': body,
+                    'client_msg_id': uuid.uuid4().hex}
+            start = time.perf_counter()
+            await client.call('send_dm', data)
+            latencies.append(time.perf_counter() - start)
+
+        async def one_http(user, room, i):
+            start = time.perf_counter()
+            async with self.session.post(
+                    f'{self.url}/api/rooms/{room}/messages',
+                    json={'body': body, 'client_msg_id': uuid.uuid4().hex},
+                    headers={'Authorization': 'Bearer ' + tokens[user]}) as r:
+                await r.read()
+                if r.status != 201:
+                    raise RuntimeError(f'http send: {r.status}')
+            latencies.append(time.perf_counter() - start)
+
+        tokens = {a: token(a) for _, a, _ in self.pairs}
+
+        async def sender(client, payload):
+            sem = asyncio.Semaphore(inflight)
+
+            async def slot(i):
+                async with sem:
+                    if path == 'send_http':
+                        await one_http(client, payload(i), i)
+                    else:
+                        await one_socket(client, payload, i)
+            await asyncio.gather(*(slot(i) for i in range(per)))
+        return await self._measure(
+            lambda: asyncio.gather(*(sender(c, p) for c, p in specs)),
+            per * len(specs), latencies)
+
+    # -- reads: one request at a time ---------------------------------
+
+    async def run_reads(self, path, count):
+        latencies = []
+        whale_rooms = self.whale_rooms
+        known = None
+        if path in ('sync_whale',):
+            # A reconnecting client that is current except for 20 rooms.
+            rows = self.query('SELECT r.id, r.last_seq FROM room r JOIN '
+                              'membership m ON m.room_id = r.id '
+                              'WHERE m.user_id = ?', (WHALE,))
+            known = {str(r): s for r, s in rows}
+            for r in self.rng.sample(list(known), 20):
+                known[r] = max(0, known[r] - 1)
+
+        async def op(i):
+            room = whale_rooms[i % len(whale_rooms)]
+            if path == 'rooms_whale':
+                return await self.whale.call('rooms', {})
+            if path == 'rooms_whale_page':
+                return await self.whale.call('rooms', {'limit': 50})
+            if path == 'rooms_typical':
+                return await self.clients[self.typical].call('rooms', {})
+            if path == 'rooms_http':
+                async with self.session.get(
+                        self.url + '/api/rooms',
+                        headers={'Authorization': 'Bearer ' + whale_token}
+                ) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f'GET /api/rooms: {r.status}')
+                    return
+            if path == 'history':
+                return await self.whale.call('history', {'room_id': room})
+            if path == 'join_room':
+                return await self.whale.call('join_room', {'room_id': room})
+            if path == 'open_dm':
+                other = partners[i % len(partners)]
+                return await self.whale.call('open_dm',
+                                             {'username': f'user{other}'})
+            if path == 'sync_whale':
+                return await self.whale.call('sync', {'rooms': known})
+            if path == 'sync_fresh':
+                return await self.clients[self.typical].call(
+                    'sync', {'rooms': {}})
+            if path == 'search':
+                word = WORDS[i % len(WORDS)]
+                return await self.searcher.call(
+                    'search', {'query': f'{word} {WORDS[(i * 7) % len(WORDS)]}'})
+            raise ValueError(path)
+
+        whale_token = token(WHALE)
+        partners = [u for (u,) in self.query(
+            'SELECT b.user_id FROM membership a JOIN room r ON r.id = '
+            "a.room_id AND r.kind = 'dm' JOIN membership b ON b.room_id = "
+            'r.id AND b.user_id != a.user_id WHERE a.user_id = ? LIMIT ?',
+            (WHALE, count))] if path == 'open_dm' else []
+
+        async def sequential():
+            for i in range(count):
+                start = time.perf_counter()
+                await op(i)
+                latencies.append(time.perf_counter() - start)
+        return await self._measure(sequential, count, latencies)
+
+    async def _measure(self, work, count, latencies):
+        pid = self.server.pid
+        load.wait_idle(pid, timeout=30)
+        cpu0 = load.proc_cpu_seconds(pid)
+        wall0 = time.perf_counter()
+        await work()
+        wall = time.perf_counter() - wall0
+        cpu = load.proc_cpu_seconds(pid) - cpu0
+        return {'ops': count, 'ops_per_s': count / wall,
+                'cpu_us': cpu / count * 1e6,
+                'p50_ms': load.percentile(latencies, 50) * 1000,
+                'p99_ms': load.percentile(latencies, 99) * 1000}
+
+
+SEND_PATHS = ['send_room', 'send_to', 'send_http', 'send_attach',
+              'send_reply', 'send_group']
+READ_PATHS = ['rooms_whale', 'rooms_whale_page', 'rooms_typical',
+              'rooms_http', 'history', 'join_room', 'open_dm', 'sync_whale',
+              'sync_fresh', 'search']
+
+
+async def supports(client, event, data):
+    """False when the server answers that it does not know ``event``."""
+    try:
+        await client.call(event, data)
+        return True
+    except load.CallError as exc:
+        return 'unknown' not in str(exc) and 'not_found' not in str(exc)
+
+
+async def run_once(args, db_path, workdir, paths):
+    copy = Path(workdir) / f'postbox-{uuid.uuid4().hex[:6]}.db'
+    shutil.copyfile(db_path, copy)
+    env = {'POSTBOX_DATABASE_URL': f'sqlite:///{copy}',
+           'POSTBOX_ATTACHMENT_UNSENT_MAX': '100000'}
+    results = {}
+    with Server('postbox', workdir, env=env) as server:
+        bench = Bench(server, copy, args)
+        await bench.setup()
+        try:
+            if 'send_attach' in paths:
+                await bench.upload_attachments(
+                    args.sends // len(bench.pairs) + 1)
+            for path in paths:
+                if path == 'search' and not await supports(
+                        bench.searcher, 'search', {'query': 'hello'}):
+                    print('  search: not supported by this server, skipped',
+                          flush=True)
+                    continue
+                if path == 'rooms_whale_page' and not await supports(
+                        bench.whale, 'rooms', {'limit': 50}):
+                    continue
+                try:
+                    if path in SEND_PATHS:
+                        r = await bench.run_sends(path, args.sends)
+                    else:
+                        r = await bench.run_reads(path, args.reads)
+                except (load.CallError, RuntimeError) as exc:
+                    print(f'  {path:17} FAILED: {str(exc)[:200]}', flush=True)
+                    results[path] = {'error': str(exc)[:200]}
+                    continue
+                results[path] = r
+                print(f'  {path:17} {r["ops_per_s"]:8.0f} ops/s '
+                      f'{r["cpu_us"]:8.0f} us CPU/op  p50 {r["p50_ms"]:6.1f} '
+                      f'ms  p99 {r["p99_ms"]:6.1f} ms', flush=True)
+        finally:
+            await bench.close()
+    copy.unlink(missing_ok=True)
+    return results
+
+
+def median_of(runs, path, key):
+    values = [r[path][key] for r in runs if key in r.get(path, {})]
+    return statistics.median(values) if values else None
+
+
+def report(args, runs, paths, shape_note):
+    lines = ['# Real-world-shape benchmark', '',
+             f'`python bench/shape.py` — {shape_note}; '
+             f'{len(runs)} repeat(s), medians. Server CPU is the whole '
+             'process (event loop, writer and readers). Sends keep '
+             f'{args.inflight} in flight over {args.senders} senders; reads '
+             'run one at a time (latency = server time + loopback).', '',
+             '| path | ops/s | server CPU/op (us) | p50 (ms) | p99 (ms) |',
+             '|---|---:|---:|---:|---:|']
+    for path in paths:
+        errors = [r[path]['error'] for r in runs if 'error' in r.get(path, {})]
+        if errors:
+            lines.append(f'| {path} | fails: {errors[0][:80]} | | | |')
+            continue
+        if median_of(runs, path, 'cpu_us') is None:
+            continue
+        lines.append(
+            f'| {path} | {median_of(runs, path, "ops_per_s"):.0f} | '
+            f'{median_of(runs, path, "cpu_us"):.0f} | '
+            f'{median_of(runs, path, "p50_ms"):.1f} | '
+            f'{median_of(runs, path, "p99_ms"):.1f} |')
+    sends = {p: median_of(runs, p, 'cpu_us') for p in SEND_PATHS
+             if p != 'send_group' and median_of(runs, p, 'cpu_us')}
+    if sends:
+        cheapest = min(sends.values())
+        lines += ['', 'Send paths, CPU per message against the cheapest '
+                  '(target: at most 1.2x; the group send also delivers to '
+                  'the sender\'s own socket only, as its members are not '
+                  'connected):', '']
+        for p, v in sends.items():
+            lines.append(f'- {p}: {v / cheapest:.2f}x')
+    whale = median_of(runs, 'rooms_whale', 'p50_ms')
+    if whale is not None:
+        lines += ['', f'Inbox of the {args.whale_rooms}-room user: p50 '
+                  f'{whale:.1f} ms, p99 '
+                  f'{median_of(runs, "rooms_whale", "p99_ms"):.1f} ms '
+                  '(target: under 50 ms of server time).']
+    return '\n'.join(lines) + '\n'
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--users', type=int, default=100_000)
+    p.add_argument('--messages', type=int, default=1_000_000)
+    p.add_argument('--whale-rooms', type=int, default=5_000)
+    p.add_argument('--searcher-rooms', type=int, default=500)
+    p.add_argument('--dms-per-user', type=int, default=3)
+    p.add_argument('--groups', type=int, default=3_000)
+    p.add_argument('--senders', type=int, default=8)
+    p.add_argument('--inflight', type=int, default=32)
+    p.add_argument('--sends', type=int, default=4000)
+    p.add_argument('--reads', type=int, default=200)
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--only', default='')
+    p.add_argument('--quick', action='store_true',
+                   help='10,000 users, 100,000 messages, 1 repeat')
+    p.add_argument('--no-report', action='store_true')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.users, args.messages, args.groups = 10_000, 100_000, 300
+        args.repeats, args.sends, args.reads = 1, 1000, 50
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    load.raise_nofile()
+    paths = SEND_PATHS + READ_PATHS
+    if args.only:
+        wanted = args.only.split(',')
+        unknown = set(wanted) - set(paths)
+        if unknown:
+            sys.exit(f'unknown paths: {", ".join(sorted(unknown))}')
+        paths = [p for p in paths if p in wanted]
+    db_path = seeded_database(args)
+    shape_note = (f'{args.users:,} users, {args.messages:,} messages, '
+                  f'groups of up to 256, one user in {args.whale_rooms:,} '
+                  f'rooms, SQLite')
+    runs = []
+    with tempfile.TemporaryDirectory(prefix='postbox-shape-') as workdir:
+        for n in range(args.repeats):
+            print(f'run {n + 1}/{args.repeats}', flush=True)
+            runs.append(asyncio.run(run_once(args, db_path, workdir, paths)))
+    text = report(args, runs, paths, shape_note)
+    print()
+    print(text)
+    if not args.no_report:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / 'shape.md').write_text(text)
+        (RESULTS / 'shape.json').write_text(json.dumps(
+            {'args': vars(args), 'runs': runs}, indent=1))
+
+
+if __name__ == '__main__':
+    main()
