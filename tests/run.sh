@@ -20,10 +20,11 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 
-# Python packages: the project with its test and speed extras.
+# Python packages: the project with its test and speed extras (Playwright's
+# Python package among them; it drives the Debian Chromium installed above).
 python3 -m pip install -q --disable-pip-version-check -e '.[test,fast]'
 
-# Node packages: the official socket.io-client and playwright-core.
+# Node packages: the official socket.io-client, for the JS client tests.
 if [ -f tests/js/package.json ]; then
     (cd tests/js && npm install --no-audit --no-fund --silent)
 fi
