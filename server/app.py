@@ -20,8 +20,7 @@ from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
 from server.services import attachments, rooms
 from server.services.context import Context
-from server.services.limits import (Limits, SharedConnections,
-                                    SharedLoginThrottle)
+from server.services.limits import Limits, SharedConnections, SharedThrottle
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
@@ -142,14 +141,15 @@ def create_app(config) -> web.Application:
     if manager is not None:
         app[REDIS] = manager
         app[http.READY_CHECKS].append(('redis', manager.ready))
-        # Connections per user and per address, and failed logins, count
-        # across processes.
+        # Connections per user and per address, failed logins and
+        # registrations per address count across processes.
         ctx.limits.connections = SharedConnections(
             config.max_connections_per_user, config.max_connections_per_ip,
             manager, config.redis_channel)
-        ctx.limits.logins = SharedLoginThrottle(
-            config.login_failures_per_username, config.login_failures_per_ip,
-            config.login_refill_per_minute, manager, config.redis_channel)
+        ctx.limits.logins = SharedThrottle(ctx.limits.logins, manager,
+                                           config.redis_channel)
+        ctx.limits.registrations = SharedThrottle(
+            ctx.limits.registrations, manager, config.redis_channel)
     http.add_routes(app)
     attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)

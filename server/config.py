@@ -172,6 +172,18 @@ class Config:
     login_failures_per_username: int = 10
     login_failures_per_ip: int = 50
     login_refill_per_minute: float = 2.0
+    # Registrations per client address (counted across processes with
+    # Redis): each costs an Argon2 hash of 64 MiB and tens of ms, and a
+    # script registering in a loop also fills the user table. 20 at once
+    # lets a class or an office behind one NAT address sign up together;
+    # after that one every two minutes (30 an hour).
+    registrations_per_ip: int = 20
+    registration_refill_per_minute: float = 0.5
+    # Argon2 hashes and checks running at once in this process; the rest
+    # wait their turn. Each takes 64 MiB while it runs, so a burst of
+    # logins or registrations stays under about 256 MiB instead of growing
+    # with the burst; 4 keeps 2 cores busy with threads to spare.
+    argon2_concurrency: int = 4
 
     log_level: str = 'INFO'
     # One JSON object per log line, for log shippers.

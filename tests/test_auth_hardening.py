@@ -6,14 +6,17 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from tests.helpers import ServerProcess, connect, http, refused, register
+from tests.helpers import (ServerProcess, connect, http, refused, register,
+                           unique_name)
 from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
 
 # A small login allowance that does not refill during a test (one try per
 # two minutes per username), and an address allowance well above it.
 THROTTLE = {'POSTBOX_LOGIN_FAILURES_PER_USERNAME': '5',
             'POSTBOX_LOGIN_FAILURES_PER_IP': '20',
-            'POSTBOX_LOGIN_REFILL_PER_MINUTE': '0.5'}
+            'POSTBOX_LOGIN_REFILL_PER_MINUTE': '0.5',
+            # Bursts of one user's HTTP requests, not stopped per user.
+            'POSTBOX_EVENT_BURST': '1000'}
 USERNAME_LIMIT = 5
 
 
@@ -289,3 +292,157 @@ async def test_cors_allowed_origins_from_config(tmp_path):
                                             'https://evil.example')
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+# Five registrations per address, refilling one per two minutes: none
+# come back during a test.
+REGISTRATIONS = {'POSTBOX_REGISTRATIONS_PER_IP': '5',
+                 'POSTBOX_REGISTRATION_REFILL_PER_MINUTE': '0.5',
+                 'POSTBOX_TRUSTED_PROXIES': '127.0.0.0/8'}
+
+
+async def register_burst(urls, count, address):
+    """``count`` registrations sent at once from ``address`` (through the
+    trusted proxy header), spread over ``urls`` in turn; returns their
+    (status, headers, body)."""
+    async def one(session, i):
+        async with session.post(
+                urls[i % len(urls)] + '/api/register',
+                headers={'X-Forwarded-For': address},
+                json={'username': unique_name('r'),
+                      'password': 'correct horse'}) as resp:
+            return resp.status, resp.headers, await resp.json()
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await asyncio.gather(*[one(session, i) for i in range(count)])
+
+
+def assert_registrations_capped(results, allowed=5):
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses == {201: allowed, 429: len(results) - allowed}, statuses
+    for status, headers, body in results:
+        if status == 429:
+            assert body['error']['code'] == 'rate_limited'
+            assert body['error']['retry_after'] > 0
+            assert int(headers['Retry-After']) >= 1
+
+
+async def test_registration_burst_from_one_address_is_throttled(tmp_path):
+    """30 registrations from one address at once: the allowance gets
+    accounts, the rest are told to wait (no Argon2 hash made for them);
+    another address is not affected."""
+    server = ServerProcess(tmp_path, env=REGISTRATIONS).start()
+    try:
+        results = await register_burst([server.url], 30, '203.0.113.7')
+        assert_registrations_capped(results)
+        # The accounts made work.
+        for status, _, body in results:
+            if status == 201:
+                me = await http(server.url, 'GET', '/api/me',
+                                token=body['token'])
+                assert me[0] == 200
+        more = await register_burst([server.url], 1, '203.0.113.7')
+        assert more[0][0] == 429
+        other = await register_burst([server.url], 1, '203.0.113.8')
+        assert other[0][0] == 201, other
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_registration_throttle_is_shared_across_processes(tmp_path,
+                                                                redis):
+    servers = start_servers(tmp_path, 2, {
+        **FAST_REDIS_ENV, **REGISTRATIONS, 'POSTBOX_REDIS_URL': redis.url,
+        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name})
+    try:
+        urls = [server.url for server in servers]
+        results = await register_burst(urls, 30, '203.0.113.9')
+        # One allowance in total, not one per process.
+        assert_registrations_capped(results)
+        for i in (0, 1):
+            assert 429 in [status for status, _, _ in results[i::2]]
+    finally:
+        assert stop_servers(servers) == [0, 0], \
+            [server.read_log() for server in servers]
+
+
+async def change_password(base, token, old, session, new='a new password'):
+    async with session.post(base + '/api/password', json={
+            'old_password': old, 'new_password': new},
+            headers={'Authorization': f'Bearer {token}'}) as resp:
+        return resp.status, resp.headers, await resp.json()
+
+
+@pytest.mark.parametrize('servers', ['throttled', 'throttled_pair'])
+async def test_wrong_old_passwords_are_throttled_like_logins(request,
+                                                             servers):
+    """60 wrong old passwords at once with a (stolen) token: the user's
+    failed-login allowance gets a check, the rest are refused unchecked;
+    then the right old password and the right login wait too, since they
+    share one throttle."""
+    servers = request.getfixturevalue(servers)
+    urls = [server.url for server in servers]
+    user, token = await register(urls[0])
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as session:
+        results = await asyncio.gather(*[
+            change_password(urls[i % len(urls)], token, f'guess {i}!',
+                            session)
+            for i in range(60)])
+        assert_capped(results)
+        status, _, body = await change_password(urls[0], token,
+                                                'correct horse', session)
+        assert status == 429 and body['error'] == {
+            'code': 'rate_limited', 'retry_after': body['error']['retry_after'],
+            'message': 'too many failed logins, try later'}
+    status, _, body = await login(urls[-1], user['username'], 'correct horse')
+    assert status == 429, body
+    # The password was not changed by any of it.
+    assert (await http(urls[0], 'GET', '/api/me', token=token))[0] == 200
+
+
+async def test_right_old_password_spends_nothing(throttled):
+    base = throttled[0].url
+    user, token = await register(throttled[0].url)
+    async with aiohttp.ClientSession() as session:
+        for i in range(USERNAME_LIMIT + 2):
+            old, new = 'correct horse', 'a new password'
+            if i % 2:
+                old, new = new, old
+            status, _, body = await change_password(base, token, old,
+                                                    session, new)
+            assert status == 200, body
+            token = body['token']
+
+
+async def test_argon2_work_at_once_is_bounded():
+    """A burst of hashes and checks runs at most ``argon2_concurrency``
+    at a time (each takes 64 MiB), however many threads are free."""
+    import threading
+    import types
+    from server.services import auth
+
+    running, most, lock = [0], [0], threading.Lock()
+    gate = threading.Event()
+
+    class Hasher:
+        def work(self, *args):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            gate.wait(0.05)
+            with lock:
+                running[0] -= 1
+            return 'hash'
+        hash = verify = work
+
+    ctx = types.SimpleNamespace(
+        config=types.SimpleNamespace(argon2_concurrency=2))
+    real, auth._hasher = auth._hasher, Hasher()
+    try:
+        await asyncio.gather(*[auth._hash(ctx, 'pw') for _ in range(10)],
+                             *[auth._verify(ctx, 'h', 'pw')
+                               for _ in range(10)])
+    finally:
+        auth._hasher = real
+    assert most[0] == 2

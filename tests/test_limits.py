@@ -86,6 +86,40 @@ async def test_every_event_is_rate_limited_per_user(limited):
     await other.close()
 
 
+async def test_http_requests_spend_the_same_event_budget(limited):
+    """150 GET /api/rooms at once from one user: the bucket's 8 are
+    served, the rest answered 429 with the seconds to wait; the user's
+    socket shares that bucket, and another user is not affected."""
+    base = limited.url
+    _, token = await register(base)
+    _, other_token = await register(base)
+    client = await connect(base, token)
+
+    async def rooms(session):
+        async with session.get(base + '/api/rooms', headers={
+                'Authorization': f'Bearer {token}'}) as resp:
+            return resp.status, resp.headers, await resp.json()
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as session:
+        results = await asyncio.gather(*[rooms(session) for _ in range(150)])
+    statuses = [status for status, _, _ in results]
+    # A token may have come back while the burst was served.
+    assert 8 <= statuses.count(200) <= 10, statuses
+    assert statuses.count(429) == 150 - statuses.count(200)
+    for status, headers, body in results:
+        if status == 429:
+            assert body['error']['code'] == 'rate_limited'
+            assert body['error']['retry_after'] > 0
+            assert int(headers['Retry-After']) >= 1
+    ack = await client.call('rooms', {})
+    assert ack['ok'] is False and ack['error']['code'] == 'rate_limited'
+    assert (await http(base, 'GET', '/api/rooms', token=other_token))[0] == 200
+    samples = await scrape(base)
+    assert value(samples, 'postbox_rate_limited_total',
+                 limit='/api/rooms') >= 140
+    await client.close()
+
+
 async def connect_from(base, token, forwarded_for):
     """Connect sending ``X-Forwarded-For``; returns the client, or the
     connect_error data if refused."""

@@ -10,7 +10,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
 from models import User
-from server.errors import Conflict, Forbidden, Invalid, Unauthorized
+from server.errors import (Conflict, Forbidden, Invalid, PostboxError,
+                           Unauthorized)
 from server.services.context import now_ms
 from server.services.serialize import user_dict
 
@@ -57,19 +58,55 @@ def issue_token(ctx, user_id: int) -> str:
     return jwt.encode(payload, ctx.secret, algorithm='HS256')
 
 
-async def _hash(password):
+def _argon2_slots(ctx) -> asyncio.Semaphore:
+    """The process's bound on Argon2 work running at once (64 MiB each):
+    a burst of logins or registrations queues here instead of taking all
+    memory."""
+    slots = getattr(ctx, 'argon2_slots', None)
+    if slots is None:
+        slots = ctx.argon2_slots = asyncio.Semaphore(
+            max(1, ctx.config.argon2_concurrency))
+    return slots
+
+
+async def _argon2(ctx, fn, *args):
     # Argon2 is slow on purpose (tens of ms): keep it off the event loop.
-    return await asyncio.get_running_loop().run_in_executor(
-        None, _hasher.hash, password)
+    async with _argon2_slots(ctx):
+        return await asyncio.get_running_loop().run_in_executor(
+            None, fn, *args)
 
 
-async def _verify(password_hash, password) -> bool:
-    def verify():
-        try:
-            return _hasher.verify(password_hash, password)
-        except (VerifyMismatchError, InvalidHashError):
-            return False
-    return await asyncio.get_running_loop().run_in_executor(None, verify)
+async def _hash(ctx, password):
+    return await _argon2(ctx, _hasher.hash, password)
+
+
+def _verify_sync(password_hash, password) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, InvalidHashError):
+        return False
+
+
+async def _verify(ctx, password_hash, password) -> bool:
+    return await _argon2(ctx, _verify_sync, password_hash, password)
+
+
+async def _failures_throttled(throttle, keys, check):
+    """Await ``check()`` (a password check) with one try of ``throttle``
+    spent on ``keys``; raises RateLimited first when they are used up.
+    Every try is counted as a miss before the slow check (so concurrent
+    guesses cannot all slip past the limit) and given back unless it was
+    one: a right password, or an error of ours, costs nothing."""
+    await throttle.take(*keys)
+    try:
+        result = await check()
+    except Unauthorized:
+        raise  # a miss: the try stays spent
+    except BaseException:  # ours, not the guesser's (a cancel included)
+        await throttle.give_back(*keys)
+        raise
+    await throttle.give_back(*keys)
+    return result
 
 
 def _create_user(username, display_name, password_hash, is_bot=False,
@@ -85,15 +122,28 @@ def _create_user(username, display_name, password_hash, is_bot=False,
         raise Conflict('username is taken') from None
 
 
-async def register(ctx, username, password, display_name=None) -> dict:
-    """Create an account. Returns ``{user, token}``; raises Invalid or
-    Conflict (username taken)."""
+async def register(ctx, username, password, display_name=None,
+                   ip=None) -> dict:
+    """Create an account. Returns ``{user, token}``; raises Invalid,
+    Conflict (username taken) or RateLimited (too many registrations from
+    the client address ``ip``)."""
     username = check_username(username)
     password = check_password(password)
     display_name = check_display_name(display_name, username)
-    password_hash = await _hash(password)
-    user = await ctx.store.write(_create_user, username, display_name,
-                                 password_hash)
+    # Every registration that gets as far as the hash counts, a taken
+    # username included (the hash was paid for); only an error of ours
+    # gives the try back.
+    throttle = ctx.limits.registrations
+    await throttle.take(ip)
+    try:
+        password_hash = await _hash(ctx, password)
+        user = await ctx.store.write(_create_user, username, display_name,
+                                     password_hash)
+    except PostboxError:
+        raise
+    except BaseException:
+        await throttle.give_back(ip)
+        raise
     return {'user': user, 'token': issue_token(ctx, user['id'])}
 
 
@@ -110,27 +160,14 @@ async def login(ctx, username, password, ip=None) -> dict:
     if not isinstance(username, str) or not isinstance(password, str):
         raise Invalid('username and password must be strings')
     username = username.strip().lower()[:64]
-    throttle = ctx.limits.logins if hasattr(ctx, 'limits') else None
-    if throttle is None:
-        return await _check_login(ctx, username, password)
-    # Every try is counted as a miss before the slow check (so concurrent
-    # guesses cannot all slip past the limit) and given back unless it was
-    # one: a right password, or an error of ours, costs nothing.
-    await throttle.take(username, ip)
-    try:
-        result = await _check_login(ctx, username, password)
-    except Unauthorized:
-        raise  # a miss: the try stays spent
-    except BaseException:  # ours, not the guesser's (a cancel included)
-        await throttle.give_back(username, ip)
-        raise
-    await throttle.give_back(username, ip)
-    return result
+    return await _failures_throttled(
+        ctx.limits.logins, (username, ip),
+        lambda: _check_login(ctx, username, password))
 
 
 async def _check_login(ctx, username, password) -> dict:
     user = await ctx.store.read(_find_login, username)
-    ok = await _verify(user.password_hash if user else _DUMMY_HASH,
+    ok = await _verify(ctx, user.password_hash if user else _DUMMY_HASH,
                        password[:256])
     if not user or not ok:
         raise Unauthorized('wrong username or password')
@@ -154,19 +191,28 @@ def _password_hash(user_id):
     return User.select(User.password_hash).where(User.id == user_id).scalar()
 
 
-async def change_password(ctx, user_id, old_password, new_password) -> dict:
+async def change_password(ctx, user_id, old_password, new_password,
+                          ip=None) -> dict:
     """Set a new password after checking the old one; every token issued
-    before stops working. Returns ``{user, token}`` with a fresh token.
-    Raises Invalid, Forbidden (a bot has no password) or Unauthorized."""
+    before stops working, the user's bots' included. Returns ``{user,
+    token}`` with a fresh token. Raises Invalid, Forbidden (a bot has no
+    password), Unauthorized, or RateLimited: a wrong old password is a
+    failed login of the user (the same throttle, so a stolen token cannot
+    be used to guess the password either)."""
     if not isinstance(old_password, str):
         raise Invalid('old_password must be a string')
     new_password = check_password(new_password)
     current = await ctx.store.read(_password_hash, user_id)
     if current is None:
         raise Forbidden('this account has no password')
-    if not await _verify(current, old_password[:256]):
-        raise Unauthorized('wrong password')
-    await ctx.store.write(_revoke, user_id, await _hash(new_password))
+    username = (await get_user(ctx, user_id))['username']
+
+    async def check():
+        if not await _verify(ctx, current, old_password[:256]):
+            raise Unauthorized('wrong password')
+
+    await _failures_throttled(ctx.limits.logins, (username, ip), check)
+    await ctx.store.write(_revoke, user_id, await _hash(ctx, new_password))
     return {'user': await get_user(ctx, user_id),
             'token': issue_token(ctx, user_id)}
 

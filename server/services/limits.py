@@ -1,12 +1,13 @@
 """Abuse limits that are not message rules: connections per user and per
-client address, a token bucket per user over every event, failed-login
-throttling and the number of rooms a user may be in.
+client address, a token bucket per user over every event (Socket.IO and
+HTTP), failed-login and registration throttling and the number of rooms
+a user may be in.
 
 They count in this process, except, when Redis is configured, connections
-per user and per address (``SharedConnections``) and failed logins
-(``SharedLoginThrottle``): those counts live in Redis so the limits hold
-across processes (a user's sockets, one address's sockets and a guesser's
-tries land on any of them).
+per user and per address (``SharedConnections``), failed logins and
+registrations per address (``SharedThrottle``): those counts live in Redis
+so the limits hold across processes (a user's sockets, one address's
+sockets and a guesser's tries land on any of them).
 """
 import logging
 import time
@@ -181,17 +182,51 @@ class Failures:
             self._buckets[key] = (tokens, now)
 
 
-class LoginThrottle:
-    """Failed logins per username and per client address. ``take`` before
-    verifying a password spends a try from both buckets, or raises
-    RateLimited (spending nothing) while either is used up; ``give_back``
-    returns the try when it was not a miss (the right password). A wrong
-    guess costs the guesser, and a user locked out by someone else's
-    guesses waits minutes, not forever.
+class Throttle:
+    """Tries that cost us real work (a password check, an Argon2 hash),
+    counted in ``Failures`` buckets, one per kind of key: ``buckets`` is a
+    list of (kind, Failures), e.g. a username's and a client address's.
+    ``take(*keys)``, one key per kind in that order (None: not counted),
+    spends a try from each key's bucket before the work, or raises
+    RateLimited (spending nothing) while one of them is used up;
+    ``give_back(*keys)`` returns the try when it should not count (a right
+    password, an error of ours). ``name`` tells the throttles apart in
+    Redis keys and logs.
 
-    The try is spent before the password check, not after it: the check
-    takes tens of milliseconds, and a burst of concurrent guesses would all
-    pass a look at the bucket before the first of them had failed."""
+    The try is spent before the work, not after it: the work takes tens of
+    milliseconds, and a burst of concurrent tries would all pass a look at
+    the bucket before the first of them had finished."""
+
+    def __init__(self, name, buckets, message):
+        self.name = name
+        self.buckets = buckets
+        self.message = message
+
+    def counted(self, keys):
+        """(kind, Failures, key) of every key that is counted."""
+        return [(kind, failures, key)
+                for (kind, failures), key in zip(self.buckets, keys)
+                if key is not None and key != '']
+
+    async def take(self, *keys):
+        counted = self.counted(keys)
+        # No await between the look and the spend: one step on the loop.
+        wait = max([f.wait(key) for _, f, key in counted], default=0.0)
+        if wait > 0:
+            raise RateLimited(wait, self.message)
+        for _, failures, key in counted:
+            failures.spend(key)
+
+    async def give_back(self, *keys):
+        for _, failures, key in self.counted(keys):
+            failures.give_back(key)
+
+
+class LoginThrottle(Throttle):
+    """Failed logins (and failed old-password checks of a password change)
+    per username and per client address: ``take(username, ip)``. A wrong
+    guess costs the guesser, and a user locked out by someone else's
+    guesses waits minutes, not forever."""
 
     def __init__(self, per_username: int, per_ip: int, refill_per_minute):
         rate = refill_per_minute / 60.0
@@ -199,24 +234,20 @@ class LoginThrottle:
         # The address allowance refills proportionally faster, so both
         # empty over the same time.
         self.ips = Failures(per_ip, rate * per_ip / max(per_username, 1))
-
-    async def take(self, username, ip):
-        # No await between the look and the spend: one step on the loop.
-        wait = max(self.usernames.wait(username),
-                   self.ips.wait(ip) if ip else 0.0)
-        if wait > 0:
-            raise RateLimited(wait, 'too many failed logins, try later')
-        self.usernames.spend(username)
-        if ip:
-            self.ips.spend(ip)
-
-    async def give_back(self, username, ip):
-        self.usernames.give_back(username)
-        if ip:
-            self.ips.give_back(ip)
+        super().__init__('login', [('user', self.usernames),
+                                   ('ip', self.ips)],
+                         'too many failed logins, try later')
 
 
-# The Failures buckets in Redis, all of one login in one step. KEYS: the
+def registration_throttle(per_ip: int, refill_per_minute) -> Throttle:
+    """Registrations per client address, ``take(ip)``: every one costs an
+    Argon2 hash (64 MiB, tens of ms), so each counts, not only failures."""
+    return Throttle('register',
+                    [('ip', Failures(per_ip, refill_per_minute / 60.0))],
+                    'too many registrations from this address, try later')
+
+
+# The Failures buckets in Redis, all of one try in one step. KEYS: the
 # buckets. ARGV[1]: 'take' (spend a try from every bucket, or from none and
 # return the seconds to wait while one is below 1) or 'give' (return a
 # try); then allowed and refill per second for each key in turn. Returns
@@ -252,50 +283,53 @@ return '0'
 """
 
 
-class SharedLoginThrottle(LoginThrottle):
-    """``LoginThrottle`` with its buckets in Redis, shared by every
-    process: with N processes a guesser would otherwise get N times the
-    tries. If Redis is unreachable this process's own buckets decide."""
+class SharedThrottle:
+    """A ``Throttle`` (``local``) with its buckets in Redis, shared by
+    every process: with N processes a guesser would otherwise get N times
+    the tries. Keys are ``<prefix>:<name>:<kind>:<key>`` (the login
+    throttle's are the ones used before it was generalised). If Redis is
+    unreachable this process's own buckets decide."""
 
-    def __init__(self, per_username, per_ip, refill_per_minute, manager,
-                 prefix):
-        super().__init__(per_username, per_ip, refill_per_minute)
+    def __init__(self, local: Throttle, manager, prefix):
+        self.local = local
         self.prefix = prefix
         self._script = manager.redis.register_script(FAILURES_SCRIPT)
 
-    def _buckets(self, username, ip):
-        yield f'{self.prefix}:login:user:{username}', self.usernames
-        if ip:
-            yield f'{self.prefix}:login:ip:{ip}', self.ips
-
-    async def _run(self, op, username, ip) -> float:
+    async def _run(self, op, counted) -> float:
         keys, args = [], [op]
-        for key, failures in self._buckets(username, ip):
-            keys.append(key)
+        for kind, failures, key in counted:
+            keys.append(f'{self.prefix}:{self.local.name}:{kind}:{key}')
             args += [failures.allowed, failures.rate]
         return float(await self._script(keys=keys, args=args))
 
-    async def take(self, username, ip):
+    async def take(self, *keys):
+        counted = self.local.counted(keys)
+        if not counted:
+            return
         try:
-            wait = await self._run('take', username, ip)
+            wait = await self._run('take', counted)
         except Exception as exc:  # Redis down: the local buckets decide
-            log.warning('shared login throttle unavailable: %s', exc)
-            return await super().take(username, ip)
+            log.warning('shared %s throttle unavailable: %s',
+                        self.local.name, exc)
+            return await self.local.take(*keys)
         if wait > 0:
-            raise RateLimited(wait, 'too many failed logins, try later')
+            raise RateLimited(wait, self.local.message)
         # The local buckets follow too, for a Redis outage.
-        self.usernames.spend(username)
-        if ip:
-            self.ips.spend(ip)
+        for _, failures, key in counted:
+            failures.spend(key)
 
-    async def give_back(self, username, ip):
-        await super().give_back(username, ip)
+    async def give_back(self, *keys):
+        await self.local.give_back(*keys)
+        counted = self.local.counted(keys)
+        if not counted:
+            return
         try:
             # If Redis was down at ``take`` this returns a try it never
             # took: harmless, a bucket never goes above its allowance.
-            await self._run('give', username, ip)
+            await self._run('give', counted)
         except Exception as exc:
-            log.warning('shared login throttle unavailable: %s', exc)
+            log.warning('shared %s throttle unavailable: %s',
+                        self.local.name, exc)
 
 
 def _room_count(user_id):
@@ -322,3 +356,6 @@ class Limits:
         self.logins = LoginThrottle(config.login_failures_per_username,
                                     config.login_failures_per_ip,
                                     config.login_refill_per_minute)
+        self.registrations = registration_throttle(
+            config.registrations_per_ip,
+            config.registration_refill_per_minute)

@@ -128,12 +128,24 @@ async def json_body(request) -> dict:
 
 
 async def current_user(request) -> dict:
-    """The login check of every authenticated view."""
+    """The login check of every authenticated view. Each authenticated
+    request also costs a token of the user's event bucket, the one their
+    Socket.IO events spend: a script looping on HTTP is as costly as one
+    looping on events (RateLimited when it is empty)."""
     header = request.headers.get('Authorization', '')
     scheme, _, token = header.partition(' ')
     if scheme.lower() != 'bearer' or not token:
         raise Unauthorized('missing bearer token')
-    return await auth.authenticate(request.app[CTX], token.strip())
+    ctx = request.app[CTX]
+    user = await auth.authenticate(ctx, token.strip())
+    ctx.limits.events.take(user['id'])
+    return user
+
+
+def request_address(request):
+    """The client's address (per ``trusted_proxies``), for the limits
+    per address."""
+    return client_address(request, request.app[CTX].config.trusted_proxies)
 
 
 def query_int(request, name):
@@ -160,7 +172,8 @@ async def register(request):
     data = await json_body(request)
     result = await auth.register(request.app[CTX], data.get('username'),
                                  data.get('password'),
-                                 data.get('display_name'))
+                                 data.get('display_name'),
+                                 ip=request_address(request))
     return web.json_response(result, status=201)
 
 
@@ -168,9 +181,7 @@ async def login(request):
     data = await json_body(request)
     result = await auth.login(request.app[CTX], data.get('username'),
                               data.get('password'),
-                              ip=client_address(
-                                  request,
-                                  request.app[CTX].config.trusted_proxies))
+                              ip=request_address(request))
     return web.json_response(result)
 
 
@@ -203,7 +214,7 @@ async def change_password(request):
     data = await json_body(request)
     result = await auth.change_password(
         request.app[CTX], user['id'], data.get('old_password'),
-        data.get('new_password'))
+        data.get('new_password'), ip=request_address(request))
     await request.app[DISCONNECT_USER](user['id'])
     return web.json_response(result)
 
