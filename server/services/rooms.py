@@ -1,16 +1,17 @@
 """Rooms: dms between two users, groups, membership checks and the inbox."""
 import dataclasses
-import functools
-import operator
 
 import peewee
 
-from models import Block, Membership, Message, Room, User
+from models import Block, Membership, Room, User
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.auth import check_username
 from server.services.context import now_ms
 from server.services.limits import check_room_quota
-from server.services.serialize import iso, load_users, message_dicts
+from server.services.serialize import (MESSAGE_COLUMNS, MessageRow, iso,
+                                       load_users, message_dicts,
+                                       placeholders)
+from server.store import execute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,48 +184,151 @@ async def read_markers(ctx, room_id) -> dict:
     return await ctx.store.read(_read_markers, room_id)
 
 
-def _inbox(ctx, user_id):
-    rows = list(Membership.select(Membership.room, Membership.last_read_seq,
-                                  Room.last_seq, Room.last_activity_at)
-                .join(Room).where(Membership.user == user_id)
-                .order_by(Room.last_activity_at.desc(), Room.id.desc())
-                .tuples())
+def _inbox_rows(user_id, limit, before):
+    """(room id, last_read_seq, last_seq, last_activity_at) of the user's
+    rooms, latest activity first: at most ``limit`` (None: all) after the
+    cursor ``before`` (a (last_activity_at, room id) pair or None)."""
+    where, params = '"mb"."user_id" = ?', [user_id]
+    if before is not None:
+        where += (' AND ("r"."last_activity_at" < ? OR '
+                  '("r"."last_activity_at" = ? AND "r"."id" < ?))')
+        params += [before[0], before[0], before[1]]
+    tail = ''
+    if limit is not None:
+        tail, params = ' LIMIT ?', params + [limit]
+    return execute(
+        'SELECT "r"."id", "mb"."last_read_seq", "r"."last_seq", '
+        '"r"."last_activity_at" FROM "membership" AS "mb" '
+        'JOIN "room" AS "r" ON "r"."id" = "mb"."room_id" '
+        f'WHERE {where} ORDER BY "r"."last_activity_at" DESC, '
+        f'"r"."id" DESC{tail}', params).fetchall()
+
+
+def _last_messages(ctx, user_id, room_ids):
+    """{room id: the dict of its latest message} for the user's rooms (all
+    of them when ``room_ids`` is None). One query for the rows: each room's
+    highest seq is one probe of the (room, seq) index."""
+    where, params = '"mb"."user_id" = ?', [user_id]
+    if room_ids is not None:
+        where += f' AND "mb"."room_id" IN ({placeholders(room_ids)})'
+        params += room_ids
+    columns = ', '.join(f'"m".{c}' for c in MESSAGE_COLUMNS.split(', '))
+    rows = [MessageRow(*row) for row in execute(
+        f'SELECT {columns} FROM "membership" AS "mb" '
+        'JOIN "message" AS "m" ON "m"."room_id" = "mb"."room_id" '
+        'AND "m"."seq" = (SELECT MAX("seq") FROM "message" '
+        'WHERE "room_id" = "mb"."room_id") '
+        f'WHERE {where}', params).fetchall()]
+    found = {}
+    for start in range(0, len(rows), INBOX_CHUNK):
+        for message in message_dicts(ctx, rows[start:start + INBOX_CHUNK]):
+            found[message['room_id']] = message
+    return found
+
+
+def _unread_counts(user_id, room_ids):
+    """{room id: unread count}, counted only in the rooms whose last seq is
+    past the user's read marker (all of the user's rooms when ``room_ids``
+    is None), in one grouped query."""
+    where, params = '"mb"."user_id" = ?', [user_id, user_id]
+    if room_ids is not None:
+        where += f' AND "mb"."room_id" IN ({placeholders(room_ids)})'
+        params += room_ids
+    return dict(execute(
+        'SELECT "m"."room_id", COUNT(*) FROM "membership" AS "mb" '
+        'JOIN "room" AS "r" ON "r"."id" = "mb"."room_id" '
+        'AND "r"."last_seq" > "mb"."last_read_seq" '
+        'JOIN "message" AS "m" ON "m"."room_id" = "mb"."room_id" '
+        'AND "m"."seq" > "mb"."last_read_seq" '
+        'WHERE "m"."sender_id" != ? AND NOT "m"."deleted" '
+        f'AND {where} GROUP BY "m"."room_id"', params).fetchall())
+
+
+def _room_infos(ctx, room_ids) -> dict:
+    """{room id: RoomInfo}, from the cache, the missing ones read a chunk
+    of rooms per query (a cold inbox of thousands of rooms must not cost
+    two queries per room)."""
+    infos = {r: ctx.rooms.get(r) for r in room_ids}
+    missing = [r for r, info in infos.items() if info is None]
+    for start in range(0, len(missing), INBOX_CHUNK):
+        chunk = missing[start:start + INBOX_CHUNK]
+        members = {}
+        for room_id, user_id in (Membership
+                                 .select(Membership.room, Membership.user)
+                                 .where(Membership.room.in_(chunk))
+                                 .order_by(Membership.id).tuples()):
+            members.setdefault(room_id, []).append(user_id)
+        for room in Room.select().where(Room.id.in_(chunk)):
+            info = RoomInfo(room.id, room.kind, room.name, room.created_at,
+                            tuple(members.get(room.id, ())))
+            ctx.rooms[room.id] = infos[room.id] = info
+    return infos
+
+
+# Rooms per query when the inbox reads a list of rooms by id.
+INBOX_CHUNK = 500
+# Largest page of the inbox a client may ask for.
+INBOX_PAGE_MAX = 500
+
+
+def _inbox(ctx, user_id, limit=None, before=None):
+    """The inbox as ``inbox`` returns it. A few set-based queries whatever
+    the number of rooms: the page of rooms, their last messages, the unread
+    counts, and the rooms and users not cached yet."""
+    rows = _inbox_rows(user_id, None if limit is None else limit + 1,
+                       before)
+    has_more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if has_more else rows
+    answer = {'rooms': [], 'has_more': has_more}
     if not rows:
-        return []
-    room_ids = [r[0] for r in rows]
-    latest = (Message.select(peewee.fn.MAX(Message.seq).alias('seq'),
-                             Message.room)
-              .where(Message.room.in_(room_ids)).group_by(Message.room))
-    last_messages = {}
-    pairs = [(room_id, seq) for seq, room_id in latest.tuples()]
-    if pairs:
-        cond = functools.reduce(operator.or_, [
-            (Message.room == r) & (Message.seq == s) for r, s in pairs])
-        for msg in message_dicts(ctx, Message.select().where(cond)):
-            last_messages[msg['room_id']] = msg
-    unread = dict(
-        Message.select(Message.room, peewee.fn.COUNT(Message.id))
-        .join(Membership, on=((Membership.room == Message.room) &
-                              (Membership.user == user_id)))
-        .where(Message.seq > Membership.last_read_seq,
-               Message.sender != user_id,
-               Message.deleted == False)  # noqa: E712
-        .group_by(Message.room).tuples())
-    result = []
+        return answer
+    # A page names its rooms; the whole inbox (or its tail) joins on the
+    # membership instead of binding thousands of ids.
+    ids = None if limit is None and before is None else [r[0] for r in rows]
+    last_messages = _last_messages(ctx, user_id, ids)
+    unread = (_unread_counts(user_id, ids) if any(
+        last_seq > last_read for _, last_read, last_seq, _ in rows) else {})
+    infos = _room_infos(ctx, [r[0] for r in rows])
+    load_users(ctx, {m for info in infos.values() for m in info.member_ids})
     for room_id, last_read, last_seq, _ in rows:
-        info = ctx.rooms.get(room_id) or _load_room(room_id)
-        ctx.rooms[room_id] = info
-        result.append({'room': room_dict(ctx, info, last_seq),
-                       'last_message': last_messages.get(room_id),
-                       'unread': unread.get(room_id, 0),
-                       'last_read_seq': last_read})
-    return result
+        answer['rooms'].append({
+            'room': room_dict(ctx, infos[room_id], last_seq),
+            'last_message': last_messages.get(room_id),
+            'unread': unread.get(room_id, 0),
+            'last_read_seq': last_read})
+    if has_more:
+        answer['next_before'] = f'{rows[-1][3]}.{rows[-1][0]}'
+    return answer
 
 
-async def inbox(ctx, user_id) -> list:
-    """The user's rooms, latest activity first, each with its last message,
-    unread count and the user's read marker."""
-    return await ctx.store.read(_inbox, ctx, user_id)
+def _inbox_cursor(before):
+    """The (last_activity_at, room id) of a ``next_before`` cursor."""
+    try:
+        activity, room_id = (int(part) for part in before.split('.'))
+    except (AttributeError, ValueError):
+        raise Invalid('before: a next_before value of an earlier page') \
+            from None
+    if not (0 <= activity < 2**63 and 0 <= room_id < 2**63):
+        raise Invalid('before: a next_before value of an earlier page')
+    return activity, room_id
+
+
+async def inbox(ctx, user_id, limit=None, before=None) -> dict:
+    """``{rooms, has_more, next_before?}``: the user's rooms, latest
+    activity first, each ``{room, last_message, unread, last_read_seq}``.
+    Without ``limit`` every room (``has_more`` false); with it at most
+    ``limit`` (1 to INBOX_PAGE_MAX) rooms after the cursor ``before``
+    (the opaque ``next_before`` string of the previous page, present when
+    ``has_more``). The cursor is a point in the activity order, not a
+    room, so a room whose activity moves it to the top during paging is
+    not listed twice (the client gets its ``message`` live anyway)."""
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or \
+                not 1 <= limit <= INBOX_PAGE_MAX:
+            raise Invalid(f'limit: 1 to {INBOX_PAGE_MAX}')
+    if before is not None:
+        before = _inbox_cursor(before)
+    return await ctx.store.read(_inbox, ctx, user_id, limit, before)
 
 
 def _rooms_sharing(user_id):

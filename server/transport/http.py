@@ -234,8 +234,9 @@ async def create_bot(request):
 
 async def list_rooms(request):
     user = await current_user(request)
-    return web.json_response(
-        {'rooms': await rooms.inbox(request.app[CTX], user['id'])})
+    return web.json_response(await rooms.inbox(
+        request.app[CTX], user['id'], limit=query_int(request, 'limit'),
+        before=request.query.get('before') or None))
 
 
 async def list_messages(request):

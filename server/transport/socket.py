@@ -245,7 +245,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @on_event('rooms')
     async def rooms_(sid, user, data):
-        return {'rooms': await rooms.inbox(ctx, user['id'])}
+        return await rooms.inbox(ctx, user['id'], limit=data.get('limit'),
+                                 before=data.get('before'))
 
     @on_event('sync')
     async def sync(sid, user, data):

@@ -1,0 +1,102 @@
+"""The inbox (`rooms` event, GET /api/rooms): big inboxes and paging."""
+import asyncio
+
+from tests.helpers import connect, http, register
+
+
+async def gather_in_chunks(calls, size=50):
+    """Await the coroutines ``size`` at a time; their results in order."""
+    results = []
+    for start in range(0, len(calls), size):
+        results.extend(await asyncio.gather(*calls[start:start + size]))
+    return results
+
+
+async def test_user_pushed_into_600_rooms_still_gets_the_inbox(loaded):
+    """A stranger puts the victim into 600 groups and writes in each: the
+    inbox used to answer `internal` (500 over HTTP) past ~450 rooms."""
+    base = loaded.url
+    victim, tv = await register(base)
+    spammer, ts = await register(base)
+    s = await connect(base, ts)
+    v = await connect(base, tv)
+    acks = await gather_in_chunks([s.call('create_group', {
+        'name': f'g{i}', 'members': [victim['username']]}, timeout=60)
+        for i in range(600)])
+    assert all(ack['ok'] for ack in acks), [a for a in acks if not a['ok']]
+    rooms = [ack['room'] for ack in acks]
+    sent = await gather_in_chunks([s.call('send_dm', {
+        'room_id': room['id'], 'body': f'spam {n}',
+        'client_msg_id': f'spam-{n}'}, timeout=60)
+        for n, room in enumerate(rooms)])
+    assert all(ack['ok'] for ack in sent)
+    ack = await v.call('rooms', {}, timeout=30)
+    assert ack['ok'], ack
+    inbox = ack['rooms']
+    assert len(inbox) == 600
+    last = {m['message']['room_id']: m['message'] for m in sent}
+    for entry in inbox:
+        room_id = entry['room']['id']
+        assert entry['last_message']['id'] == last[room_id]['id']
+        assert entry['unread'] == 1 and entry['last_read_seq'] == 0
+        assert [u['id'] for u in entry['room']['members']] == [
+            spammer['id'], victim['id']]
+    # Latest activity first.
+    times = [e['last_message']['created_at'] for e in inbox]
+    assert times == sorted(times, reverse=True)
+    status, data = await http(base, 'GET', '/api/rooms', token=tv)
+    assert status == 200, data
+    assert [e['room']['id'] for e in data['rooms']] == [
+        e['room']['id'] for e in inbox]
+    await s.close()
+    await v.close()
+
+
+async def test_inbox_pages(loaded):
+    base = loaded.url
+    me, tm = await register(base)
+    c = await connect(base, tm)
+    others = [await register(base) for _ in range(7)]
+    rooms = []
+    for n, (other, _) in enumerate(others):
+        room = (await c.call('open_dm', {
+            'username': other['username']}))['room']
+        rooms.append(room)
+        if n % 2:
+            assert (await c.call('send_dm', {
+                'room_id': room['id'], 'body': f'hi {n}',
+                'client_msg_id': f'p{n}'}))['ok']
+    full = await c.call('rooms', {})
+    assert full['ok'] and full['has_more'] is False
+    order = [e['room']['id'] for e in full['rooms']]
+    assert sorted(order) == sorted(r['id'] for r in rooms)
+    # Socket.IO: pages of 3 walk the same list in the same order.
+    seen, before = [], None
+    while True:
+        ack = await c.call('rooms', {'limit': 3, **(
+            {'before': before} if before else {})})
+        assert ack['ok'], ack
+        assert len(ack['rooms']) <= 3
+        seen.extend(ack['rooms'])
+        if not ack['has_more']:
+            break
+        before = ack['next_before']
+    assert [e['room']['id'] for e in seen] == order
+    assert seen == full['rooms']
+    # HTTP: the same pages.
+    status, page = await http(base, 'GET', '/api/rooms?limit=4', token=tm)
+    assert status == 200 and page['has_more'] is True
+    status, rest = await http(base, 'GET', '/api/rooms?limit=4&before='
+                              + page['next_before'], token=tm)
+    assert status == 200 and rest['has_more'] is False
+    assert [e['room']['id'] for e in page['rooms'] + rest['rooms']] == order
+    # Bad paging input is `invalid`, never a 500.
+    for bad in ({'limit': 0}, {'limit': 'x'}, {'limit': 10 ** 6},
+                {'limit': 2, 'before': 'nonsense'}, {'limit': 2, 'before': 5}):
+        ack = await c.call('rooms', bad)
+        assert ack['error']['code'] == 'invalid', (bad, ack)
+    for query in ('limit=0', 'limit=x', 'limit=2&before=nonsense'):
+        status, data = await http(base, 'GET', '/api/rooms?' + query,
+                                  token=tm)
+        assert status == 400 and data['error']['code'] == 'invalid', query
+    await c.close()
