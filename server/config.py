@@ -6,12 +6,20 @@ the rest of the code reads typed attributes and never looks at the
 environment itself.
 """
 import dataclasses
+import fcntl
 import ipaddress
+import logging
 import os
 import secrets
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger(__name__)
+
+# Shortest signing secret accepted: HS256 keys shorter than its 32-byte
+# output can be guessed offline from a single token (RFC 7518 3.2).
+SECRET_MIN_BYTES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +55,8 @@ class Config:
     redis_timeout_seconds: float = 5.0
     # Processes serving one port (SO_REUSEPORT); more than one needs Redis.
     workers: int = 1
-    # JWT signing key (HS256). Empty: generated once and kept in data_dir.
+    # JWT signing key (HS256), at least 32 bytes (refused at startup
+    # otherwise). Empty: generated once and kept in data_dir.
     secret: str = ''
     # Tokens live a week: long enough for mobile clients that reconnect for
     # days, short enough that a leaked token stops working.
@@ -267,26 +276,54 @@ def load_config(path=None, env=None, **overrides) -> Config:
     if config.sqlite_synchronous.upper() not in ('OFF', 'NORMAL', 'FULL',
                                                  'EXTRA'):
         raise ConfigError('sqlite_synchronous: OFF, NORMAL, FULL or EXTRA')
+    if config.secret:
+        check_secret(config.secret)
     return config
 
 
+def check_secret(secret: str):
+    """Raises ConfigError for a configured secret too short to sign
+    tokens with (anyone could guess it offline from one token)."""
+    if len(secret.encode()) < SECRET_MIN_BYTES:
+        raise ConfigError(
+            f'secret: at least {SECRET_MIN_BYTES} bytes (it signs every '
+            f'token; this one has {len(secret.encode())}). Leave it empty '
+            'to have one generated in data_dir, or make one with: python3 '
+            '-c "import secrets; print(secrets.token_urlsafe(48))"')
+
+
 def ensure_secret(config: Config) -> str:
-    """Return the JWT secret: the configured one, or one generated once and
-    kept in ``data_dir/secret`` so tokens survive restarts."""
+    """Return the JWT secret: the configured one (ConfigError if it is
+    shorter than SECRET_MIN_BYTES), or one generated once and kept in
+    ``data_dir/secret`` so tokens survive restarts. A file that is empty
+    or too short (a crash while it was written, an edit by hand) is
+    replaced by a new secret, logged: tokens signed with the old one stop
+    working, which is better than every login failing or a guessable key."""
     if config.secret:
+        check_secret(config.secret)
         return config.secret
     path = config.data_path / 'secret'
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    value = secrets.token_urlsafe(48)
-    # O_EXCL so two processes starting together agree on one secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, 'w') as f:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, 'r+') as f:
+        # Locked while read and, if need be, written: two processes
+        # starting together agree on one secret, and neither reads the
+        # file half written.
+        fcntl.flock(f, fcntl.LOCK_EX)
+        value = f.read().strip()
+        if len(value.encode()) >= SECRET_MIN_BYTES:
+            return value
+        if value:
+            log.warning('%s holds a secret of %d bytes, under %d: replaced '
+                        'by a new one (earlier tokens stop working)', path,
+                        len(value.encode()), SECRET_MIN_BYTES)
+        else:
+            log.warning('%s is missing or empty: generated a new secret',
+                        path)
+        value = secrets.token_urlsafe(48)
+        f.seek(0)
+        f.truncate()
         f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
     return value

@@ -446,3 +446,66 @@ async def test_argon2_work_at_once_is_bounded():
     finally:
         auth._hasher = real
     assert most[0] == 2
+
+
+@pytest.mark.parametrize('secret', ['short', 'x' * 31, 'é' * 15])
+def test_short_configured_secret_refuses_to_start(tmp_path, secret):
+    server = ServerProcess(tmp_path, env={'POSTBOX_SECRET': secret})
+    with pytest.raises(RuntimeError) as exited:
+        server.start()
+    assert 'secret: at least 32 bytes' in str(exited.value)
+    assert server.stop() != 0
+
+
+@pytest.mark.parametrize('content', ['', '\n', 'abc'])
+async def test_empty_or_short_secret_file_is_replaced(tmp_path, content):
+    """A secret file left empty (or too short) used to sign every token
+    with it, or fail every login: a new secret is generated, logged, and
+    kept across restarts."""
+    (tmp_path / 'secret').write_text(content)
+    server = ServerProcess(tmp_path, env={'POSTBOX_SECRET': ''}).start()
+    try:
+        user, token = await register(server.url)
+        status, data = await http(server.url, 'POST', '/api/login', json={
+            'username': user['username'], 'password': 'correct horse'})
+        assert status == 200, data
+        assert 'generated a new secret' in server.read_log() or \
+            'replaced by a new one' in server.read_log()
+    finally:
+        assert server.stop() == 0, server.read_log()
+    secret = (tmp_path / 'secret').read_text()
+    assert len(secret.encode()) >= 32
+    server.start()
+    try:
+        assert (await http(server.url, 'GET', '/api/me', token))[0] == 200
+    finally:
+        assert server.stop() == 0, server.read_log()
+    assert (tmp_path / 'secret').read_text() == secret
+
+
+HIDDEN = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200d',
+          '\u2060', '\ufeff', '\x00', '\x07', '\x1b', '\x7f', '\x85',
+          '\u2028']
+
+
+@pytest.mark.parametrize('char', HIDDEN)
+async def test_display_names_with_hidden_characters_are_refused(base, char):
+    """Direction overrides, zero-width and control characters (NUL a
+    500 on PostgreSQL) are refused at registration and bot creation."""
+    name = f'admin{char}gpj.exe'
+    status, data = await http(base, 'POST', '/api/register', json={
+        'username': unique_name(), 'password': 'correct horse',
+        'display_name': name})
+    assert status == 400 and data['error']['code'] == 'invalid', data
+    _, token = await register(base)
+    status, data = await http(base, 'POST', '/api/bots', token, json={
+        'username': unique_name('bot'), 'display_name': name})
+    assert status == 400 and data['error']['code'] == 'invalid', data
+
+
+async def test_display_names_in_any_script_are_kept(base):
+    for name in ['Zoë 🙂', 'مريم', 'שלום עולם', '田中 太郎', 'José-María']:
+        status, data = await http(base, 'POST', '/api/register', json={
+            'username': unique_name(), 'password': 'correct horse',
+            'display_name': f'  {name} '})
+        assert status == 201 and data['user']['display_name'] == name, data

@@ -13,8 +13,8 @@ import pytest
 
 from client_demo.bot import Bot, BotError, LoginFailed
 from client_demo.bot import echo_bot, remind_bot
-from tests.helpers import (ROOT, ServerProcess, connect, http, register,
-                           unique_name)
+from tests.helpers import (ROOT, ServerProcess, connect, http, refused,
+                           register, unique_name)
 
 
 async def make_bot(base, owner_token):
@@ -386,3 +386,83 @@ async def test_echo_bot_runs_as_a_script(base, tmp_path):
         await client.close()
         code = await script.stop()
     assert code == 0, script.output()
+
+
+async def bot_socket_closed(base, token):
+    """A live socket of a bot: (client, event set when it is closed)."""
+    client = await connect(base, token)
+    gone = asyncio.Event()
+    client.sio.on('disconnect', lambda *args: gone.set())
+    return client, gone
+
+
+@pytest.mark.parametrize('how', ['logout_all', 'password'])
+async def test_owner_logout_everywhere_revokes_bot_tokens(base, how):
+    """A leaked bot token must not outlive its owner's 'log me out
+    everywhere' or password change: the bot's tokens stop working and its
+    live socket closes; another owner's bot is untouched."""
+    owner, owner_token = await register(base, password='owner password')
+    _, other_token = await register(base)
+    bot, bot_token = await make_bot(base, owner_token)
+    _, other_bot_token = await make_bot(base, other_token)
+    live, gone = await bot_socket_closed(base, bot_token)
+    if how == 'logout_all':
+        status, data = await http(base, 'POST', '/api/logout', owner_token,
+                                  json={'all': True})
+    else:
+        status, data = await http(base, 'POST', '/api/password', owner_token,
+                                  json={'old_password': 'owner password',
+                                        'new_password': 'owner password 2'})
+    assert status == 200, data
+    await asyncio.wait_for(gone.wait(), 10)
+    status, data = await http(base, 'GET', '/api/me', bot_token)
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+    assert (await refused(base, bot_token))['data'] == {
+        'code': 'unauthorized'}
+    assert (await http(base, 'GET', '/api/me', other_bot_token))[0] == 200
+
+
+async def test_owner_rotates_a_bot_token(base):
+    owner, owner_token = await register(base)
+    bot, old_token = await make_bot(base, owner_token)
+    live, gone = await bot_socket_closed(base, old_token)
+    status, data = await http(base, 'POST',
+                              f'/api/bots/{bot["username"]}/token',
+                              owner_token)
+    assert status == 200 and set(data) == {'token'}, data
+    new_token = data['token']
+    await asyncio.wait_for(gone.wait(), 10)
+    assert (await http(base, 'GET', '/api/me', old_token))[0] == 401
+    assert (await refused(base, old_token))['data'] == {
+        'code': 'unauthorized'}
+    status, me = await http(base, 'GET', '/api/me', new_token)
+    assert status == 200 and me['user']['id'] == bot['id']
+    again = await connect(base, new_token)
+    assert (await again.call('rooms', {}))['ok']
+    # Rotating again revokes the token from the first rotation.
+    status, data = await http(base, 'POST',
+                              f'/api/bots/{bot["username"].upper()}/token',
+                              owner_token)
+    assert status == 200
+    assert (await http(base, 'GET', '/api/me', new_token))[0] == 401
+    assert (await http(base, 'GET', '/api/me', data['token']))[0] == 200
+    await again.close()
+
+
+async def test_only_the_owner_rotates_a_bot_token(base):
+    owner, owner_token = await register(base)
+    stranger, stranger_token = await register(base)
+    bot, bot_token = await make_bot(base, owner_token)
+    path = f'/api/bots/{bot["username"]}/token'
+    for token in (stranger_token, bot_token):
+        status, data = await http(base, 'POST', path, token)
+        assert status == 403 and data['error']['code'] == 'forbidden', data
+    # Not a bot, or nobody at all: not found.
+    for name in (stranger['username'], 'nobody_' + uuid.uuid4().hex[:8]):
+        status, data = await http(base, 'POST', f'/api/bots/{name}/token',
+                                  owner_token)
+        assert status == 404 and data['error']['code'] == 'not_found', data
+    status, data = await http(base, 'POST', path)
+    assert status == 401
+    # Nothing was revoked by the refused tries.
+    assert (await http(base, 'GET', '/api/me', bot_token))[0] == 200

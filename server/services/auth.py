@@ -3,6 +3,7 @@ HTTP request and Socket.IO connection goes through (``authenticate``)."""
 import asyncio
 import re
 import time
+import unicodedata
 
 import jwt
 import peewee
@@ -10,8 +11,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
 from models import User
-from server.errors import (Conflict, Forbidden, Invalid, PostboxError,
-                           Unauthorized)
+from server.errors import (Conflict, Forbidden, Invalid, NotFound,
+                           PostboxError, Unauthorized)
 from server.services.context import now_ms
 from server.services.serialize import user_dict
 
@@ -37,7 +38,23 @@ def check_password(password) -> str:
     return password
 
 
+# Characters refused in display names: they let a name impersonate
+# another or hide (bidi embeddings, overrides and isolates reorder the text
+# around them, zero-width characters make two names look the same) or
+# break storage (NUL is refused by PostgreSQL). Refused rather than
+# stripped, so the name shown is always the one the user typed.
+_HIDDEN_CHARS = frozenset(
+    [0x061C, 0x180E, 0xFEFF] + list(range(0x200B, 0x2010))
+    + list(range(0x202A, 0x202F)) + list(range(0x2060, 0x2065))
+    + list(range(0x2066, 0x206A)))
+# Control characters, lone surrogates, line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset(['Cc', 'Cs', 'Zl', 'Zp'])
+
+
 def check_display_name(display_name, default) -> str:
+    """The display name to store (surrounding spaces removed), or
+    ``default`` when it is None. Raises Invalid for anything but 1-64
+    characters, or for control, bidi-control and zero-width characters."""
     if display_name is None:
         return default
     if not isinstance(display_name, str):
@@ -45,6 +62,11 @@ def check_display_name(display_name, default) -> str:
     display_name = display_name.strip()
     if not 1 <= len(display_name) <= 64:
         raise Invalid('display_name: 1 to 64 characters')
+    for char in display_name:
+        if ord(char) in _HIDDEN_CHARS or \
+                unicodedata.category(char) in _REFUSED_CATEGORIES:
+            raise Invalid('display_name: no control, direction or '
+                          f'zero-width characters (U+{ord(char):04X})')
     return display_name
 
 
@@ -175,16 +197,36 @@ async def _check_login(ctx, username, password) -> dict:
 
 
 def _revoke(user_id, password_hash=None):
-    changes = {User.tokens_valid_after: now_ms()}
+    """Revoke the tokens of ``user_id`` and of the bots they own (and set
+    a new password hash if given). Returns (revoked user ids, the time of
+    the revocation in ms)."""
+    at = now_ms()
+    changes = {User.tokens_valid_after: at}
     if password_hash is not None:
         changes[User.password_hash] = password_hash
     User.update(changes).where(User.id == user_id).execute()
+    bots = [row[0] for row in User.select(User.id)
+            .where(User.owner == user_id).tuples()]
+    if bots:
+        User.update({User.tokens_valid_after: at}).where(
+            User.id.in_(bots)).execute()
+    return [user_id] + bots, at
 
 
-async def revoke_tokens(ctx, user_id):
-    """Logout everywhere: every token issued so far stops working (the
-    transport also closes the user's live sockets)."""
-    await ctx.store.write(_revoke, user_id)
+async def _token_after(ctx, user_id, revoked_at) -> str:
+    """A token for ``user_id`` that a revocation at ``revoked_at`` (ms)
+    does not cover: revocation wins a tie, so wait out that millisecond."""
+    while now_ms() <= revoked_at:
+        await asyncio.sleep(0.001)
+    return issue_token(ctx, user_id)
+
+
+async def revoke_tokens(ctx, user_id) -> list:
+    """Logout everywhere: every token issued so far to the user and to
+    their bots stops working. Returns the ids of those users (the transport
+    closes their live sockets)."""
+    revoked, _ = await ctx.store.write(_revoke, user_id)
+    return revoked
 
 
 def _password_hash(user_id):
@@ -192,10 +234,11 @@ def _password_hash(user_id):
 
 
 async def change_password(ctx, user_id, old_password, new_password,
-                          ip=None) -> dict:
+                          ip=None) -> tuple:
     """Set a new password after checking the old one; every token issued
-    before stops working, the user's bots' included. Returns ``{user,
-    token}`` with a fresh token. Raises Invalid, Forbidden (a bot has no
+    before stops working, the user's bots' included. Returns ``({user,
+    token}, revoked user ids)``: a fresh token, and the users whose live
+    sockets must close (the user and their bots). Raises Invalid, Forbidden (a bot has no
     password), Unauthorized, or RateLimited: a wrong old password is a
     failed login of the user (the same throttle, so a stolen token cannot
     be used to guess the password either)."""
@@ -212,9 +255,10 @@ async def change_password(ctx, user_id, old_password, new_password,
             raise Unauthorized('wrong password')
 
     await _failures_throttled(ctx.limits.logins, (username, ip), check)
-    await ctx.store.write(_revoke, user_id, await _hash(ctx, new_password))
+    revoked, at = await ctx.store.write(_revoke, user_id,
+                                        await _hash(ctx, new_password))
     return {'user': await get_user(ctx, user_id),
-            'token': issue_token(ctx, user_id)}
+            'token': await _token_after(ctx, user_id, at)}, revoked
 
 
 async def refresh_token(ctx, user_id) -> dict:
@@ -232,6 +276,34 @@ async def create_bot(ctx, owner_id, username, display_name=None) -> dict:
     user = await ctx.store.write(_create_user, username, display_name, None,
                                  True, owner_id)
     return {'user': user, 'token': issue_token(ctx, user['id'])}
+
+
+def _find_bot(username):
+    return (User.select(User.id, User.is_bot, User.owner)
+            .where(User.username == username).first())
+
+
+def _revoke_bot(bot_id):
+    at = now_ms()
+    User.update({User.tokens_valid_after: at}).where(
+        User.id == bot_id).execute()
+    return at
+
+
+async def rotate_bot_token(ctx, owner_id, username) -> tuple:
+    """A new token for the bot ``username``, revoking its earlier ones.
+    Only its owner may: raises NotFound (no such bot) or Forbidden (a bot
+    of someone else). Returns ``({token}, bot id)``; the transport closes
+    the bot's live sockets."""
+    if not isinstance(username, str):
+        raise NotFound('no such bot')
+    bot = await ctx.store.read(_find_bot, username.strip().lower()[:64])
+    if bot is None or not bot.is_bot:
+        raise NotFound('no such bot')
+    if bot.owner_id != owner_id:
+        raise Forbidden('only the owner of a bot can rotate its token')
+    at = await ctx.store.write(_revoke_bot, bot.id)
+    return {'token': await _token_after(ctx, bot.id, at)}, bot.id
 
 
 def _load_auth(user_id):

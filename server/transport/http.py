@@ -196,8 +196,8 @@ async def logout(request):
         raise Invalid('all must be a boolean')
     if not revoke:
         return web.json_response({'ok': True})
-    await auth.revoke_tokens(request.app[CTX], user['id'])
-    await request.app[DISCONNECT_USER](user['id'])
+    for user_id in await auth.revoke_tokens(request.app[CTX], user['id']):
+        await request.app[DISCONNECT_USER](user_id)  # the user's bots too
     return web.json_response({'ok': True})
 
 
@@ -209,13 +209,15 @@ async def refresh_token(request):
 
 async def change_password(request):
     """``{old_password, new_password}`` -> ``{user, token}``: older tokens
-    and the sockets opened with them stop working."""
+    (the user's bots' included) and the sockets opened with them stop
+    working."""
     user = await current_user(request)
     data = await json_body(request)
-    result = await auth.change_password(
+    result, revoked = await auth.change_password(
         request.app[CTX], user['id'], data.get('old_password'),
         data.get('new_password'), ip=request_address(request))
-    await request.app[DISCONNECT_USER](user['id'])
+    for user_id in revoked:
+        await request.app[DISCONNECT_USER](user_id)
     return web.json_response(result)
 
 
@@ -230,6 +232,17 @@ async def create_bot(request):
                                    data.get('username'),
                                    data.get('display_name'))
     return web.json_response(result, status=201)
+
+
+async def rotate_bot_token(request):
+    """``POST /api/bots/{username}/token`` (the bot's owner) -> ``{token}``;
+    the bot's earlier tokens and the sockets opened with them stop
+    working."""
+    user = await current_user(request)
+    result, bot_id = await auth.rotate_bot_token(
+        request.app[CTX], user['id'], request.match_info['username'])
+    await request.app[DISCONNECT_USER](bot_id)
+    return web.json_response(result)
 
 
 async def list_rooms(request):
@@ -294,6 +307,7 @@ def add_routes(app: web.Application):
     app.router.add_post('/api/token/refresh', refresh_token)
     app.router.add_post('/api/password', change_password)
     app.router.add_post('/api/bots', create_bot)
+    app.router.add_post(r'/api/bots/{username}/token', rotate_bot_token)
     app.router.add_get('/api/rooms', list_rooms)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
     app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)
