@@ -18,7 +18,7 @@ from server import fastjson
 from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
-from server.services import attachments, rooms
+from server.services import attachments, presence, rooms
 from server.services.context import Context
 from server.services.limits import Limits, SharedConnections, SharedThrottle
 from server.services.live import Presence, Typing
@@ -108,8 +108,8 @@ def create_app(config) -> web.Application:
         user = users.get(user_id)
         if user is None:
             return
-        contacts = await rooms.contacts(ctx, user_id)
-        await realtime.presence(user, online, last_seen, contacts)
+        watchers = await presence.watchers(ctx, user_id)
+        await realtime.presence(user, online, last_seen, watchers)
 
     if manager is None:
         ctx.presence = Presence(store, config.presence_grace_seconds,

@@ -85,6 +85,10 @@ class Config:
     typing_throttle_seconds: float = 2.0
     # Presence: a user goes offline this long after the last socket closes.
     presence_grace_seconds: float = 10.0
+    # Usernames one presence query may ask about (more is `too_large`): a
+    # client asks about the people of the rooms it shows, and each name
+    # costs a lookup in the database and in Redis.
+    presence_query_max: int = 100
 
     # Storage. One writer thread commits up to this many operations in one
     # transaction (group commit): bigger batches amortise the fsync, and the

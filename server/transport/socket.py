@@ -287,7 +287,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @on_event('presence')
     async def presence_(sid, user, data):
-        return {'presence': await presence.query(ctx,
+        return {'presence': await presence.query(ctx, user['id'],
                                                  data.get('usernames'))}
 
     return sockets
