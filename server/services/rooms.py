@@ -207,7 +207,7 @@ def _inbox_rows(user_id, limit, before):
 def _last_messages(ctx, user_id, room_ids):
     """{room id: the dict of its latest message} for the user's rooms (all
     of them when ``room_ids`` is None). One query for the rows: each room's
-    highest seq is one probe of the (room, seq) index."""
+    latest message is one probe of the end of its (room, seq) index."""
     where, params = '"mb"."user_id" = ?', [user_id]
     if room_ids is not None:
         where += f' AND "mb"."room_id" IN ({placeholders(room_ids)})'
@@ -215,9 +215,8 @@ def _last_messages(ctx, user_id, room_ids):
     columns = ', '.join(f'"m".{c}' for c in MESSAGE_COLUMNS.split(', '))
     rows = [MessageRow(*row) for row in execute(
         f'SELECT {columns} FROM "membership" AS "mb" '
-        'JOIN "message" AS "m" ON "m"."room_id" = "mb"."room_id" '
-        'AND "m"."seq" = (SELECT MAX("seq") FROM "message" '
-        'WHERE "room_id" = "mb"."room_id") '
+        'JOIN "message" AS "m" ON "m"."id" = (SELECT "id" FROM "message" '
+        'WHERE "room_id" = "mb"."room_id" ORDER BY "seq" DESC LIMIT 1) '
         f'WHERE {where}', params).fetchall()]
     found = {}
     for start in range(0, len(rows), INBOX_CHUNK):

@@ -24,6 +24,11 @@ def user_dict(user) -> dict:
 def load_users(ctx, ids):
     """Return {id: user dict} for ``ids``, from the cache where possible.
     Runs on a database thread."""
+    users = ctx.users
+    try:  # all cached: one pass (the inbox calls this once per room)
+        return {i: users[i] for i in ids}
+    except KeyError:
+        pass
     missing = [i for i in set(ids) if i not in ctx.users]
     if missing:
         for user in User.select().where(User.id.in_(missing)):
