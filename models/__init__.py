@@ -44,6 +44,11 @@ class Room(BaseModel):
     last_seq = BigIntegerField(default=0)
     last_message_id = BigIntegerField(null=True)
     last_activity_at = BigIntegerField()
+    # A group's owner (its creator until they leave, then the
+    # longest-standing member; null for a dm and for an empty group). No
+    # index: nothing looks rooms up by owner.
+    owner = ForeignKeyField(User, null=True, backref='+',
+                            on_delete='SET NULL', index=False)
 
 
 class Membership(BaseModel):
@@ -85,16 +90,36 @@ class Message(BaseModel):
 
 class Event(BaseModel):
     """The room event log: one row per seq. ``kind`` is 'message' for a new
-    message, 'message_updated' for an edit, delete or reaction change."""
+    message, 'message_updated' for an edit, delete or reaction change
+    (both with ``message``), 'room' for a change of a group's members,
+    owner or name (``message`` null; ``data`` the room's state right after
+    it, as JSON ``{"name", "owner_id", "members": [user ids]}``, so that
+    ``sync`` replays it exactly as it was)."""
     room = ForeignKeyField(Room, backref='+', on_delete='CASCADE',
                            index=False)  # (room, seq) below serves it
     seq = BigIntegerField()
     kind = CharField(max_length=16)
-    message = ForeignKeyField(Message, backref='+', on_delete='CASCADE')
+    message = ForeignKeyField(Message, backref='+', on_delete='CASCADE',
+                              null=True)
+    data = TextField(null=True)
 
     class Meta:
         # Primary lookup of sync: everything after seq S in room R.
         indexes = ((('room', 'seq'), True),)
+
+
+class Departure(BaseModel):
+    """A user's latest departure from a group (left or removed) at the
+    room's ``seq``, while they are out of it: ``sync`` answers a client
+    that still lists the room with ``room_left``. Removed when they are
+    added back."""
+    user = ForeignKeyField(User, backref='+', on_delete='CASCADE',
+                           index=False)  # (user, room) below serves it
+    room = ForeignKeyField(Room, backref='+', on_delete='CASCADE')
+    seq = BigIntegerField()
+
+    class Meta:
+        indexes = ((('user', 'room'), True),)
 
 
 class Reaction(BaseModel):
@@ -148,4 +173,4 @@ class SchemaVersion(BaseModel):
 
 
 ALL_MODELS = [User, Room, Membership, Message, Event, Reaction, Block,
-              Attachment, SchemaVersion]
+              Attachment, Departure, SchemaVersion]

@@ -9,7 +9,9 @@ import logging
 
 from playhouse.migrate import SchemaMigrator, migrate as run_ops  # noqa: F401
 
-from . import ALL_MODELS, SchemaVersion
+from peewee import TextField
+
+from . import ALL_MODELS, Departure, Room, SchemaVersion, User
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,30 @@ def _v3_index_attachments_by_age(database, migrator):
     database.execute_sql('DROP INDEX IF EXISTS "attachment_message_id"')
 
 
-MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age]
+def _v4_group_life_cycle(database, migrator):
+    """Groups get an owner (existing groups: their creator), the event log
+    holds membership events (``event.message_id`` nullable, the room's
+    state in ``event.data``), and departures are remembered for ``sync``.
+    On SQLite dropping NOT NULL rebuilds the event table (playhouse copies
+    the rows and re-creates its indexes, the unique (room_id, seq) one
+    included). Each step is skipped when already done, so a database whose
+    version was set back (as the upgrade tests do) upgrades too."""
+    rooms = {c.name: c for c in database.get_columns('room')}
+    events = {c.name: c for c in database.get_columns('event')}
+    ops = []
+    if 'owner_id' not in rooms:
+        ops.append(migrator.add_column('room', 'owner_id', Room.owner))
+    if not events['message_id'].null:
+        ops.append(migrator.drop_not_null('event', 'message_id'))
+    if 'data' not in events:
+        ops.append(migrator.add_column('event', 'data', TextField(null=True)))
+    run_ops(*ops)
+    Room.update(owner=Room.created_by).where(Room.kind == 'group').execute()
+    database.create_tables([Departure], safe=True)
+
+
+MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
+              _v4_group_life_cycle]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 

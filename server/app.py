@@ -5,6 +5,7 @@ nothing; ``main()`` parses the command line, loads the config and serves.
 """
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -101,6 +102,10 @@ def create_app(config) -> web.Application:
     metrics.manager = sio.manager
     realtime = Realtime(sio)
     instrument_fanout(realtime, metrics)
+    # A group's members changed: every process forgets the cached room.
+    realtime.forget_room = functools.partial(rooms.forget_room, ctx)
+    if manager is not None:
+        manager.on_notice = realtime.on_notice
 
     async def presence_changed(user_id, online, last_seen):
         # With Redis the user may have been seen only by another process.

@@ -103,11 +103,15 @@ async def test_block_and_unblock(base):
     ack = await b.call('open_dm', {'username': alice['username']})
     assert ack['error']['code'] == 'forbidden'
     await a.nothing('message', 0.3)
-    # The blocker can still write; groups are unaffected.
+    # The blocker can still write; groups are unaffected, but bob cannot
+    # put alice in one (that was a way around the block).
     assert (await a.call('send_dm', {'room_id': room['id'], 'body': 'bye',
                                      'client_msg_id': 'from-a'}))['ok']
-    group = (await b.call('create_group', {
-        'name': 'g', 'members': [alice['username']]}))['room']
+    ack = await b.call('create_group', {'name': 'g',
+                                        'members': [alice['username']]})
+    assert ack['error']['code'] == 'forbidden'
+    group = (await a.call('create_group', {
+        'name': 'g', 'members': [bob['username']]}))['room']
     assert (await b.call('send_dm', {'room_id': group['id'], 'body': 'in g',
                                      'client_msg_id': 'g-1'}))['ok']
     assert (await a.next('message', where=lambda m: m['body'] == 'in g'))

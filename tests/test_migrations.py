@@ -85,9 +85,10 @@ async def test_version_1_database_upgrades_in_place(tmp_path):
     history = await a.call('history', {'room_id': room['id']})
     assert [m['body'] for m in history['messages']] == [
         'before 0', 'before 1', 'before 2']
-    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'after',
+    ack = await a.call('send_dm', {'room_id': room['id'],
+                                   'body': 'before 0',
                                    'client_msg_id': 'old-0'})
-    assert ack['message']['body'] == 'before 0'  # still idempotent
+    assert ack['message']['seq'] == 1  # still idempotent
     ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'after',
                                    'client_msg_id': 'new'})
     assert ack['message']['seq'] == 4
@@ -98,7 +99,7 @@ async def test_version_1_database_upgrades_in_place(tmp_path):
 
 def test_fresh_database_has_the_cleanup_index(fresh_db):
     statements, version = index_statements(fresh_db)
-    assert version == CURRENT_VERSION == 3
+    assert version == CURRENT_VERSION == 4
     assert statements[V3_INDEX] == (
         f'CREATE INDEX "{V3_INDEX}" ON "attachment" '
         '("message_id", "created_at")')
@@ -176,3 +177,129 @@ async def test_version_2_database_upgrades_to_3(tmp_path, fresh_db):
         assert rows.fetchall() == before
     # The same indexes, and version, as a database created fresh.
     assert index_statements(db_path) == index_statements(fresh_db)
+
+
+# What version 3 had of what version 4 changes: the event table as it
+# was created (message_id NOT NULL, no data), no room.owner_id, no
+# departure table.
+V3_EVENT_SQLITE = [
+    'CREATE TABLE "event__v3" ("id" INTEGER NOT NULL PRIMARY KEY, '
+    '"room_id" INTEGER NOT NULL, "seq" INTEGER NOT NULL, '
+    '"kind" VARCHAR(16) NOT NULL, "message_id" INTEGER NOT NULL, '
+    'FOREIGN KEY ("room_id") REFERENCES "room" ("id") ON DELETE CASCADE, '
+    'FOREIGN KEY ("message_id") REFERENCES "message" ("id") '
+    'ON DELETE CASCADE)',
+    'INSERT INTO "event__v3" SELECT "id", "room_id", "seq", "kind", '
+    '"message_id" FROM "event"',
+    'DROP TABLE "event"',
+    'ALTER TABLE "event__v3" RENAME TO "event"',
+    'CREATE INDEX "event_message_id" ON "event" ("message_id")',
+    'CREATE UNIQUE INDEX "event_room_id_seq" ON "event" ("room_id", "seq")',
+    'CREATE TABLE "room__v3" ("id" INTEGER NOT NULL PRIMARY KEY, '
+    '"kind" VARCHAR(8) NOT NULL, "name" VARCHAR(100), "dm_key" VARCHAR(48), '
+    '"created_by_id" INTEGER NOT NULL, "created_at" INTEGER NOT NULL, '
+    '"last_seq" INTEGER NOT NULL, "last_message_id" INTEGER, '
+    '"last_activity_at" INTEGER NOT NULL, FOREIGN KEY ("created_by_id") '
+    'REFERENCES "user" ("id") ON DELETE CASCADE)',
+    'INSERT INTO "room__v3" SELECT "id", "kind", "name", "dm_key", '
+    '"created_by_id", "created_at", "last_seq", "last_message_id", '
+    '"last_activity_at" FROM "room"',
+    'DROP TABLE "room"',
+    'ALTER TABLE "room__v3" RENAME TO "room"',
+    'CREATE UNIQUE INDEX "room_dm_key" ON "room" ("dm_key")',
+    'CREATE INDEX "room_created_by_id" ON "room" ("created_by_id")',
+]
+V3_EVENT_POSTGRES = [
+    'ALTER TABLE "event" DROP COLUMN "data"',
+    'ALTER TABLE "event" ALTER COLUMN "message_id" SET NOT NULL',
+    'ALTER TABLE "room" DROP COLUMN "owner_id"',
+]
+
+
+@pytest.fixture(scope='module')
+def pg_cluster():
+    from tests.pg import PostgresCluster
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+def run_sql(url, statements):
+    """Run ``statements`` in one transaction (on SQLite with foreign keys
+    off, as tables are rebuilt)."""
+    if url.startswith('sqlite:'):
+        with closing(sqlite3.connect(url[len('sqlite:///'):])) as db, db:
+            for sql in statements:
+                db.execute(sql)
+        return
+    database = open_database(url, Config())
+    database.connect()
+    try:
+        with database.atomic():
+            for sql in statements:
+                database.execute_sql(sql)
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
+async def test_version_3_database_upgrades_to_4(tmp_path, backend, request):
+    """Groups of a version 3 database get their creator as owner, their
+    messages and sync stay, and the event log then takes room events
+    (a null message_id) under the same unique (room, seq) index."""
+    if backend == 'sqlite':
+        url = f'sqlite:///{tmp_path / "postbox.db"}'
+        downgrade = V3_EVENT_SQLITE
+    else:
+        url = request.getfixturevalue('pg_cluster').create_database()
+        downgrade = V3_EVENT_POSTGRES
+    env = {'POSTBOX_DATABASE_URL': url}
+    server = ServerProcess(tmp_path, env=env).start()
+    alice, bob, a, b, dm = await pair(server.url)
+    ack = await a.call('create_group', {'name': 'old',
+                                        'members': [bob['username']]})
+    group = ack['room']
+    for room in (dm, group):
+        ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'v3',
+                                       'client_msg_id': f'v3-{room["id"]}'})
+        assert ack['ok'], ack
+    await a.close()
+    await b.close()
+    assert await server.astop() == 0
+    run_sql(url, downgrade + [
+        'DROP TABLE "departure"',
+        'UPDATE "schemaversion" SET "version" = 3'])
+
+    server = ServerProcess(tmp_path, env=env, port=server.port).start()
+    try:
+        a = await connect(server.url, a.token)
+        b = await connect(server.url, b.token)
+        inbox = {r['room']['id']: r['room']
+                 for r in (await a.call('rooms', {}))['rooms']}
+        assert inbox[group['id']]['owner_id'] == alice['id']
+        assert inbox[dm['id']]['owner_id'] is None
+        ack = await a.call('rename_group', {'room_id': group['id'],
+                                            'name': 'new'})
+        assert ack['ok'] and ack['room']['last_seq'] == 2, ack
+        ack = await a.call('leave_group', {'room_id': group['id']})
+        assert ack['ok'], ack
+        synced = await b.call('sync', {'rooms': {}})
+        events = [(e['type'], e['room_id'], e['seq'])
+                  for e in synced['events']]
+        assert events == [('message', dm['id'], 1),
+                          ('message', group['id'], 1),
+                          ('room', group['id'], 2),
+                          ('room', group['id'], 3)]
+        assert synced['events'][-1]['room']['owner_id'] == bob['id']
+        synced = await a.call('sync', {'rooms': {str(group['id']): 1,
+                                                 str(dm['id']): 1}})
+        assert synced['events'] == [{'type': 'room_left',
+                                     'room_id': group['id'], 'seq': 3}]
+        await a.close()
+        await b.close()
+    finally:
+        assert await server.astop() == 0, server.read_log()
+    # The (room, seq) index still refuses a second event at one seq.
+    with pytest.raises(Exception, match='(?i)unique'):
+        run_sql(url, ['INSERT INTO "event" ("room_id", "seq", "kind") '
+                      f'VALUES ({group["id"]}, 3, \'room\')'])

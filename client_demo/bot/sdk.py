@@ -40,7 +40,9 @@ import socketio
 
 log = logging.getLogger(__name__)
 
-# Events numbered by the room's seq; everything else is passed straight on.
+# Events numbered by the room's seq; everything else is passed straight on
+# (a ``room`` event is numbered too when it reports a group change: its
+# ``last_seq`` is then the change's seq).
 SEQ_EVENTS = ('message', 'message_updated')
 # Error codes worth retrying a send for, with the same client_msg_id.
 RETRYABLE = ('unavailable', 'rate_limited', 'internal')
@@ -143,6 +145,19 @@ class Bot:
             self._handlers.setdefault('message', []).append(handler)
             return fn
         return decorator(fn) if fn is not None else decorator
+
+    def on_room(self, fn):
+        """Decorator: call ``fn(room)`` when a room is created with the bot
+        in it, and once per change of a group's members, owner or name
+        (also the changes made while the bot was away, from ``sync``)."""
+        self._handlers.setdefault('room', []).append(fn)
+        return fn
+
+    def on_room_left(self, fn):
+        """Decorator: call ``fn(room_id)`` once when the bot left or was
+        removed from a group (live, or from ``sync`` if it was away)."""
+        self._handlers.setdefault('room_left', []).append(fn)
+        return fn
 
     def is_own(self, message) -> bool:
         """Whether ``message`` was sent by this bot."""
@@ -357,8 +372,29 @@ class Bot:
                                from_sync=False)
             return
         if event == 'room' and isinstance(payload, dict):
+            seq = payload.get('last_seq') or 0
+            if seq > 0:  # a group change, numbered like messages
+                if payload['id'] not in self.seqs:
+                    # Added to a group: it starts here for the bot, the
+                    # messages from before are history, not news.
+                    self.seqs[payload['id']] = seq - 1
+                await self._accept('room', payload['id'], seq, payload,
+                                   from_sync=False)
+                return
             self.rooms[payload['id']] = payload
+        if event == 'room_left' and isinstance(payload, dict):
+            await self._left(payload.get('room_id'))
+            return
         await self._call_handlers(event, payload)
+
+    async def _left(self, room_id):
+        """The bot is out of ``room_id``: forget it (a later sync then
+        does not list it) and tell the handlers, once."""
+        known = (self.rooms.pop(room_id, None) is not None) | (
+            self.seqs.pop(room_id, None) is not None)
+        if known:
+            await self._save_state()
+            await self._call_handlers('room_left', room_id)
 
     async def _accept(self, event, room_id, seq, message, from_sync):
         last = self.seqs.get(room_id, 0)
@@ -370,6 +406,8 @@ class Bot:
             await self._catch_up()
             return
         self.seqs[room_id] = seq
+        if event == 'room':
+            self.rooms[room_id] = message
         await self._call_handlers(event, message)
         await self._save_state()
 
@@ -380,6 +418,12 @@ class Bot:
             self.rooms[room['id']] = room
             if not self._have_state and self.skip_history:
                 self.seqs[room['id']] = room['last_seq']
+            elif self._have_state and room['id'] not in self.seqs and \
+                    room['kind'] == 'group':
+                # A group the bot was added to while away: from its
+                # arrival (the server starts an added member's read
+                # marker at the seq of the change that added it).
+                self.seqs[room['id']] = max(0, entry['last_read_seq'] - 1)
         if not self._have_state:
             self._have_state = True
             await self._save_state()
@@ -389,8 +433,12 @@ class Bot:
                 str(k): v for k, v in self.seqs.items()}})
             pages += 1
             for event in ack['events']:
+                if event['type'] == 'room_left':
+                    await self._left(event['room_id'])
+                    continue
                 await self._accept(event['type'], event['room_id'],
-                                   event['seq'], event['message'],
+                                   event['seq'],
+                                   event.get('message') or event.get('room'),
                                    from_sync=True)
             if not ack['has_more']:
                 break
@@ -464,6 +512,28 @@ class Bot:
                 wait = delay
             await asyncio.sleep(wait)
             delay = min(self.backoff_max, delay * 2)
+
+    # Groups.
+
+    async def add_members(self, room_id, usernames) -> dict:
+        """Add ``usernames`` to a group the bot is in; returns the room."""
+        return (await self.call('add_members', {
+            'room_id': room_id, 'members': list(usernames)}))['room']
+
+    async def remove_member(self, room_id, username) -> dict:
+        """Remove ``username`` from a group the bot owns; returns the
+        room."""
+        return (await self.call('remove_member', {
+            'room_id': room_id, 'username': username}))['room']
+
+    async def leave_group(self, room_id):
+        """Leave a group (``room_left`` handlers then run for it)."""
+        await self.call('leave_group', {'room_id': room_id})
+
+    async def rename_group(self, room_id, name) -> dict:
+        """Rename a group the bot owns; returns the room."""
+        return (await self.call('rename_group', {
+            'room_id': room_id, 'name': name}))['room']
 
     async def http(self, method, path, json=None, authenticated=True):
         """One HTTP API request; returns ``(status, data)`` for a 2xx answer

@@ -8,6 +8,7 @@ and no repeats, across processes too: SQLite's write lock or PostgreSQL's
 row lock on the room serialises writers.
 """
 import dataclasses
+import json
 
 import peewee
 
@@ -18,7 +19,7 @@ from server.services import attachments as attachments_service
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
 from server.services.serialize import (attachment_dict, fetch_messages,
-                                       load_users, message_dict,
+                                       iso, load_users, message_dict,
                                        message_dicts, new_message_dict,
                                        placeholders)
 from server.store import execute, is_sqlite
@@ -101,12 +102,19 @@ def _insert_messages(calls):
     stored = _stored_ids({(c[2], c[4]) for c in calls})
     blocked = _blocks({c[1].other_member(c[2]) for c in calls
                        if c[1].kind == 'dm'})
+    # The cached member list that let a send this far may be stale (a
+    # member removed meanwhile, on any process): group senders are checked
+    # here, inside the transaction. A dm's members never change.
+    members = _group_members({(c[1].id, c[2]) for c in calls
+                              if c[1].kind != 'dm'})
     accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
     claimed = set()  # attachments of the sends accepted so far
     for i, (_, info, sender_id, _, client_msg_id, attachment_ids,
             reply_to) in enumerate(calls):
         key = (sender_id, client_msg_id)
-        if key in stored:
+        if info.kind != 'dm' and (info.id, sender_id) not in members:
+            outcomes[i] = Forbidden('you are not a member of this room')
+        elif key in stored:
             outcomes[i] = (message_dict(ctx, Message.get_by_id(stored[key])),
                            False)
         elif key in first:
@@ -140,6 +148,22 @@ def _stored_ids(keys) -> dict:
             'FROM "k" JOIN "message" AS "m" ON "m"."sender_id" = "k"."s" '
             'AND "m"."client_msg_id" = "k"."c"',
             [v for key in chunk for v in key]).fetchall())
+    return found
+
+
+def _group_members(pairs) -> set:
+    """The (room_id, user_id) pairs that are memberships, one query per
+    chunk on the unique (room, user) index."""
+    pairs = list(pairs)
+    found = set()
+    for chunk in _chunks(pairs):
+        values = ', '.join(['(?, ?)'] * len(chunk))
+        found.update(execute(
+            f'WITH "k"("r", "u") AS (VALUES {values}) '
+            'SELECT "mb"."room_id", "mb"."user_id" FROM "k" '
+            'JOIN "membership" AS "mb" ON "mb"."room_id" = "k"."r" '
+            'AND "mb"."user_id" = "k"."u"',
+            [v for pair in chunk for v in pair]).fetchall())
     return found
 
 
@@ -498,40 +522,87 @@ async def mark_read(ctx, user_id, room_id, seq):
     return await ctx.store.write(_mark_read, room_id, user_id, seq)
 
 
-def _my_rooms(user_id):
-    return [r for (r,) in Membership.select(Membership.room)
-            .where(Membership.user == user_id).order_by(Membership.room)
-            .tuples()]
+def _room_seqs(user_id):
+    """(room id, last_seq) of every room the user is in, in one query on
+    the (user, room) index joined to the rooms."""
+    return execute('SELECT "mb"."room_id", "r"."last_seq" '
+                   'FROM "membership" AS "mb" '
+                   'JOIN "room" AS "r" ON "r"."id" = "mb"."room_id" '
+                   'WHERE "mb"."user_id" = ? ORDER BY "mb"."room_id"',
+                   (user_id,)).fetchall()
+
+
+def _departures(user_id, room_ids) -> list:
+    """(room id, seq) of the user's departures from these rooms."""
+    found = []
+    for chunk in _chunks(room_ids):
+        found.extend(execute(
+            'SELECT "room_id", "seq" FROM "departure" WHERE "user_id" = ? '
+            f'AND "room_id" IN ({placeholders(chunk)}) ORDER BY "room_id"',
+            [user_id, *chunk]).fetchall())
+    return found
+
+
+def _room_event(ctx, room_id, seq, data) -> dict:
+    """The room object of a 'room' event, from the state it stored."""
+    state = json.loads(data)
+    users = load_users(ctx, state['members'])
+    return {'id': room_id, 'kind': 'group', 'name': state['name'],
+            'members': [users[m] for m in state['members'] if m in users],
+            'owner_id': state['owner_id'], 'last_seq': seq,
+            'created_at': iso(state['created_at'])}
 
 
 def _sync(ctx, user_id, known, page):
+    mine = _room_seqs(user_id)
+    # Rooms the client lists but the user has left: say so, whatever the
+    # seq the client has (it drops the room on this).
+    member_of = {room_id for room_id, _ in mine}
+    gone = sorted(r for r in known if r not in member_of)
+    left = [{'type': 'room_left', 'room_id': room_id, 'seq': seq}
+            for room_id, seq in _departures(user_id, gone)] if gone else []
     events = []
-    for room_id in _my_rooms(user_id):
+    # Only the rooms with something new are queried: a user in 10,000
+    # rooms who missed little costs one query and a scan of the list.
+    for room_id, last_seq in mine:
+        after = known.get(room_id, 0)
+        if last_seq <= after:
+            continue
         # One more than a page tells whether there is more.
         remaining = page + 1 - len(events)
         if remaining <= 0:
             break
-        after = known.get(room_id, 0)
-        rows = execute('SELECT "seq", "kind", "message_id" FROM "event" '
-                       'WHERE "room_id" = ? AND "seq" > ? ORDER BY "seq" '
-                       'LIMIT ?', (room_id, after, remaining)).fetchall()
-        events.extend((room_id, seq, kind, mid) for seq, kind, mid in rows)
+        rows = execute('SELECT "seq", "kind", "message_id", "data" '
+                       'FROM "event" WHERE "room_id" = ? AND "seq" > ? '
+                       'ORDER BY "seq" LIMIT ?',
+                       (room_id, after, remaining)).fetchall()
+        events.extend((room_id, *row) for row in rows)
     has_more = len(events) > page
     events = events[:page]
-    ids = list({e[3] for e in events})
+    ids = list({e[3] for e in events if e[3] is not None})
     messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
         f'"id" IN ({placeholders(ids)})', ids))} if ids else {}
-    return {'events': [{'type': kind, 'room_id': room_id, 'seq': seq,
-                        'message': messages[mid]}
-                       for room_id, seq, kind, mid in events],
-            'has_more': has_more}
+    answer = []
+    for room_id, seq, kind, mid, data in events:
+        if kind == 'room':
+            answer.append({'type': 'room', 'room_id': room_id, 'seq': seq,
+                           'room': _room_event(ctx, room_id, seq, data)})
+        else:
+            answer.append({'type': kind, 'room_id': room_id, 'seq': seq,
+                           'message': messages[mid]})
+    return {'events': left + answer, 'has_more': has_more}
 
 
 async def sync(ctx, user_id, known) -> dict:
     """Every event after the given seq in each of the user's rooms (rooms
     missing from ``known`` from seq 0), ascending per room, at most
     ``sync_page_size``; ``has_more`` when the client should call again with
-    the seqs it now has. Each event carries the message's current state."""
+    the seqs it now has. Each message event carries the message's current
+    state; a 'room' event (a group's members, owner or name changed) the
+    room as it was right after that change. Rooms in ``known`` that the
+    user has left or was removed from come first, as ``{type:
+    "room_left", room_id, seq}`` (the seq of the departure), outside the
+    page count; rooms listed that the user never was in are ignored."""
     if not isinstance(known, dict):
         raise Invalid('rooms must be an object of room_id: last_seq')
     parsed = {}

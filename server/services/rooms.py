@@ -1,27 +1,33 @@
-"""Rooms: dms between two users, groups, membership checks and the inbox."""
+"""Rooms: dms between two users, groups (and their life cycle),
+membership checks and the inbox."""
 import dataclasses
+import json
 
 import peewee
 
-from models import Block, Membership, Room, User
-from server.errors import Forbidden, Invalid, NotFound
+from models import Block, Departure, Event, Membership, Room, User
+from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services.auth import check_username
 from server.services.context import now_ms
 from server.services.limits import check_room_quota
 from server.services.serialize import (MESSAGE_COLUMNS, MessageRow, iso,
                                        load_users, message_dicts,
                                        placeholders)
-from server.store import execute
+from server.store import execute, is_sqlite
 
 
 @dataclasses.dataclass(frozen=True)
 class RoomInfo:
-    """What never changes about a room once created (cached per process)."""
+    """A room as cached per process. A dm never changes; a group's
+    members, owner and name change only through the group functions
+    below, which drop it from the cache of every process (``forget_room``)
+    and are checked again inside the writer's transaction."""
     id: int
     kind: str
     name: str | None
     created_at: int
-    member_ids: tuple
+    member_ids: tuple  # longest-standing member first
+    owner_id: int | None = None
 
     def other_member(self, user_id):
         return next(m for m in self.member_ids if m != user_id)
@@ -39,16 +45,26 @@ def _load_room(room_id):
                .where(Membership.room == room_id)
                .order_by(Membership.id).tuples()]
     return RoomInfo(room.id, room.kind, room.name, room.created_at,
-                    tuple(members))
+                    tuple(members), room.owner_id)
+
+
+def forget_room(ctx, room_id):
+    """A group's members, owner or name changed: drop it from this
+    process's cache. The epoch makes a load that was already under way
+    (and may have read the old members) not cache its answer."""
+    ctx.rooms.pop(room_id, None)
+    ctx.room_epoch = getattr(ctx, 'room_epoch', 0) + 1
 
 
 async def room_info(ctx, room_id) -> RoomInfo:
     info = ctx.rooms.get(room_id)
     if info is None:
+        epoch = getattr(ctx, 'room_epoch', 0)
         info = await ctx.store.read(_load_room, room_id)
         if info is None:
             raise NotFound('no such room')
-        ctx.rooms[room_id] = info
+        if getattr(ctx, 'room_epoch', 0) == epoch:
+            ctx.rooms[room_id] = info
     return info
 
 
@@ -69,6 +85,7 @@ def room_dict(ctx, info: RoomInfo, last_seq: int) -> dict:
     users = load_users(ctx, info.member_ids)
     return {'id': info.id, 'kind': info.kind, 'name': info.name,
             'members': [users[m] for m in info.member_ids],
+            'owner_id': info.owner_id,
             'last_seq': last_seq, 'created_at': iso(info.created_at)}
 
 
@@ -136,14 +153,15 @@ async def open_dm(ctx, user_id, username):
     return room, created
 
 
-def _create_group(ctx, user_id, name, member_ids):
+def _create_group(ctx, user_id, name, member_ids, names):
     check_room_quota(ctx, user_id)
+    _check_can_add(ctx, user_id, member_ids[1:], names)
     now = now_ms()
     room = Room.create(kind='group', name=name, created_by=user_id,
-                       created_at=now, last_activity_at=now)
+                       owner=user_id, created_at=now, last_activity_at=now)
     Membership.insert_many([{'room': room.id, 'user': u, 'joined_at': now}
                             for u in member_ids]).execute()
-    info = RoomInfo(room.id, 'group', name, now, tuple(member_ids))
+    info = RoomInfo(room.id, 'group', name, now, tuple(member_ids), user_id)
     ctx.rooms[room.id] = info
     return room_dict(ctx, info, 0)
 
@@ -169,8 +187,9 @@ async def create_group(ctx, user_id, name, usernames) -> dict:
     if missing:
         raise NotFound(f'no such user: {", ".join(missing)}')
     member_ids = [user_id] + [found[u] for u in wanted if found[u] != user_id]
+    names = {found[u]: u for u in wanted}
     return await ctx.store.write(_create_group, ctx, user_id, name.strip(),
-                                 member_ids)
+                                 member_ids, names)
 
 
 def _read_markers(room_id):
@@ -207,7 +226,7 @@ def _inbox_rows(user_id, limit, before):
 def _last_messages(ctx, user_id, room_ids):
     """{room id: the dict of its latest message} for the user's rooms (all
     of them when ``room_ids`` is None). One query for the rows: each room's
-    latest message is one probe of the end of its (room, seq) index."""
+    highest seq is one probe of the (room, seq) index."""
     where, params = '"mb"."user_id" = ?', [user_id]
     if room_ids is not None:
         where += f' AND "mb"."room_id" IN ({placeholders(room_ids)})'
@@ -215,8 +234,9 @@ def _last_messages(ctx, user_id, room_ids):
     columns = ', '.join(f'"m".{c}' for c in MESSAGE_COLUMNS.split(', '))
     rows = [MessageRow(*row) for row in execute(
         f'SELECT {columns} FROM "membership" AS "mb" '
-        'JOIN "message" AS "m" ON "m"."id" = (SELECT "id" FROM "message" '
-        'WHERE "room_id" = "mb"."room_id" ORDER BY "seq" DESC LIMIT 1) '
+        'JOIN "message" AS "m" ON "m"."room_id" = "mb"."room_id" '
+        'AND "m"."seq" = (SELECT MAX("seq") FROM "message" '
+        'WHERE "room_id" = "mb"."room_id") '
         f'WHERE {where}', params).fetchall()]
     found = {}
     for start in range(0, len(rows), INBOX_CHUNK):
@@ -259,7 +279,7 @@ def _room_infos(ctx, room_ids) -> dict:
             members.setdefault(room_id, []).append(user_id)
         for room in Room.select().where(Room.id.in_(chunk)):
             info = RoomInfo(room.id, room.kind, room.name, room.created_at,
-                            tuple(members.get(room.id, ())))
+                            tuple(members.get(room.id, ())), room.owner_id)
             ctx.rooms[room.id] = infos[room.id] = info
     return infos
 
@@ -374,3 +394,224 @@ async def list_blocks(ctx, user_id) -> list:
     ``{user, created_at}``. Only the caller's own blocks, so it needs no
     other check."""
     return await ctx.store.read(_blocks_of, ctx, user_id)
+
+
+# -- the group life cycle ----------------------------------------------
+#
+# add_members, remove_member, leave_group and rename_group each change a
+# group in the writer's transaction and take the room's next seq there,
+# with an event of kind 'room' holding the room's state after the change
+# (what ``sync`` replays). Every check is made again inside the
+# transaction, after the room's row is locked, so two processes changing
+# one group at once cannot both pass a check that only one may.
+
+
+@dataclasses.dataclass
+class GroupChange:
+    """Outcome of a group function: the room after it (``last_seq`` is the
+    change's seq), whether anything changed (a no-op takes no seq and
+    sends nothing), and the users who are no longer members."""
+    room: dict
+    changed: bool
+    left_ids: tuple = ()
+
+
+def _lock_group(user_id, room_id):
+    """The group ``room_id``, its row locked for the rest of the
+    transaction (PostgreSQL; SQLite's writer holds the write lock
+    already), if ``user_id`` is a member. Raises NotFound, Forbidden (not
+    a member) or Invalid (a dm)."""
+    if not is_sqlite(Room._meta.database.obj):
+        execute('SELECT 1 FROM "room" WHERE "id" = ? FOR UPDATE',
+                (room_id,))
+    room = Room.get_or_none(Room.id == room_id)
+    if room is None:
+        raise NotFound('no such room')
+    if not Membership.select().where(Membership.room == room_id,
+                                     Membership.user == user_id).exists():
+        raise Forbidden('you are not a member of this room')
+    if room.kind != 'group':
+        raise Invalid('a dm cannot be changed')
+    return room
+
+
+def _member_ids(room_id) -> list:
+    return [m for (m,) in Membership.select(Membership.user)
+            .where(Membership.room == room_id)
+            .order_by(Membership.id).tuples()]
+
+
+def _check_can_add(ctx, user_id, new_ids, names):
+    """Refuse adding ``new_ids`` (by ``user_id``) when one of them blocks
+    ``user_id`` (Forbidden) or is already in ``rooms_per_user_max`` rooms
+    (Forbidden, naming them: the room limit of each added user applies to
+    them). One query each, on the (blocker, blocked) and (user, room)
+    indexes."""
+    if not new_ids:
+        return
+    marks = placeholders(new_ids)
+    blockers = [b for (b,) in execute(
+        f'SELECT "blocker_id" FROM "block" WHERE "blocker_id" IN ({marks}) '
+        'AND "blocked_id" = ?', [*new_ids, user_id]).fetchall()]
+    if blockers:
+        raise Forbidden(f'{names.get(blockers[0], "a user")} does not '
+                        f'accept your messages')
+    limit = ctx.config.rooms_per_user_max
+    full = [u for u, n in execute(
+        'SELECT "user_id", COUNT(*) FROM "membership" WHERE "user_id" IN '
+        f'({marks}) GROUP BY "user_id"', new_ids).fetchall() if n >= limit]
+    if full:
+        raise Forbidden(f'{names.get(full[0], "a user")} is in {limit} '
+                        f'rooms, the most allowed')
+
+
+def _record_change(ctx, room_id, left_ids=()) -> GroupChange:
+    """Take the room's next seq for a change just made, log it as a 'room'
+    event with the room's state, and remember departures for sync."""
+    now = now_ms()
+    seq = execute('UPDATE "room" SET "last_seq" = "last_seq" + 1, '
+                  '"last_activity_at" = ? WHERE "id" = ? '
+                  'RETURNING "last_seq"', (now, room_id)).fetchone()[0]
+    room = Room.get_by_id(room_id)
+    members = _member_ids(room_id)
+    Event.insert(room=room_id, seq=seq, kind='room', data=json.dumps({
+        'name': room.name, 'owner_id': room.owner_id, 'members': members,
+        'created_at': room.created_at})).execute()
+    if left_ids:
+        Departure.delete().where(Departure.room == room_id,
+                                 Departure.user.in_(left_ids)).execute()
+        Departure.insert_many([{'user': u, 'room': room_id, 'seq': seq}
+                               for u in left_ids]).execute()
+    info = RoomInfo(room_id, 'group', room.name, room.created_at,
+                    tuple(members), room.owner_id)
+    return GroupChange(room_dict(ctx, info, seq), True, tuple(left_ids))
+
+
+def _unchanged(ctx, room) -> GroupChange:
+    info = _load_room(room.id)
+    return GroupChange(room_dict(ctx, info, room.last_seq), False)
+
+
+def _add_members(ctx, user_id, room_id, new_ids, names):
+    room = _lock_group(user_id, room_id)
+    members = _member_ids(room_id)
+    new_ids = [u for u in new_ids if u not in members]
+    if not new_ids:
+        return _unchanged(ctx, room)  # all of them are in already
+    limit = ctx.config.group_max_members
+    if len(members) + len(new_ids) > limit:
+        raise TooLarge(f'a group has at most {limit} members')
+    _check_can_add(ctx, user_id, new_ids, names)
+    # Added people start with everything before their arrival read.
+    now = now_ms()
+    Membership.insert_many([
+        {'room': room_id, 'user': u, 'joined_at': now,
+         'last_read_seq': room.last_seq + 1} for u in new_ids]).execute()
+    Departure.delete().where(Departure.room == room_id,
+                             Departure.user.in_(new_ids)).execute()
+    return _record_change(ctx, room_id)
+
+
+def _remove_member(ctx, user_id, room_id, target_id):
+    room = _lock_group(user_id, room_id)
+    if target_id == user_id:
+        return _leave_group(ctx, user_id, room_id)
+    if room.owner_id != user_id:
+        raise Forbidden('only the owner can remove members')
+    removed = (Membership.delete().where(Membership.room == room_id,
+                                         Membership.user == target_id)
+               .execute())
+    if not removed:
+        raise NotFound('that user is not a member of this room')
+    return _record_change(ctx, room_id, (target_id,))
+
+
+def _leave_group(ctx, user_id, room_id):
+    room = _lock_group(user_id, room_id)
+    Membership.delete().where(Membership.room == room_id,
+                              Membership.user == user_id).execute()
+    if room.owner_id == user_id or room.owner_id is None:
+        # Ownership passes to the longest-standing member (none left: the
+        # group stays, empty and unowned, seen by no one).
+        heir = next(iter(_member_ids(room_id)), None)
+        Room.update(owner=heir).where(Room.id == room_id).execute()
+    return _record_change(ctx, room_id, (user_id,))
+
+
+def _rename_group(ctx, user_id, room_id, name):
+    room = _lock_group(user_id, room_id)
+    if room.owner_id != user_id:
+        raise Forbidden('only the owner can rename the group')
+    if room.name == name:
+        return _unchanged(ctx, room)
+    Room.update(name=name).where(Room.id == room_id).execute()
+    return _record_change(ctx, room_id)
+
+
+def _check_room_id(room_id):
+    if isinstance(room_id, bool) or not isinstance(room_id, int):
+        raise Invalid('room_id must be an integer')
+    if not 0 < room_id < 2**63:
+        raise NotFound('no such room')
+    return room_id
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 100:
+        raise Invalid('name: 1 to 100 characters')
+    return name.strip()
+
+
+async def _changed(ctx, room_id, change: GroupChange) -> GroupChange:
+    if change.changed:
+        forget_room(ctx, room_id)
+    return change
+
+
+async def add_members(ctx, user_id, room_id, usernames) -> GroupChange:
+    """Add ``usernames`` to a group ``user_id`` is in (any member may).
+    People already in are skipped; if that is everyone nothing changes.
+    Raises NotFound (room or user), Forbidden (not a member; an added
+    user blocks you or is in ``rooms_per_user_max`` rooms already),
+    Invalid (a dm, bad payload) or TooLarge (past ``group_max_members``)."""
+    room_id = _check_room_id(room_id)
+    if not isinstance(usernames, list) or not usernames or not all(
+            isinstance(u, str) for u in usernames):
+        raise Invalid('members must be a non-empty list of usernames')
+    wanted = list(dict.fromkeys(check_username(u) for u in usernames))
+    if len(wanted) > ctx.config.group_max_members:
+        raise TooLarge(f'a group has at most '
+                       f'{ctx.config.group_max_members} members')
+    found = await ctx.store.read(_find_users, wanted)
+    missing = [u for u in wanted if u not in found]
+    if missing:
+        raise NotFound(f'no such user: {", ".join(missing)}')
+    names = {found[u]: u for u in wanted}
+    return await _changed(ctx, room_id, await ctx.store.write(
+        _add_members, ctx, user_id, room_id, [found[u] for u in wanted],
+        names))
+
+
+async def remove_member(ctx, user_id, room_id, username) -> GroupChange:
+    """Remove ``username`` from a group (owner only; removing yourself is
+    leaving). Raises NotFound, Forbidden or Invalid (a dm)."""
+    room_id = _check_room_id(room_id)
+    target_id = await find_user_id(ctx, username)
+    return await _changed(ctx, room_id, await ctx.store.write(
+        _remove_member, ctx, user_id, room_id, target_id))
+
+
+async def leave_group(ctx, user_id, room_id) -> GroupChange:
+    """Leave a group. The owner leaving passes ownership to the
+    longest-standing member. Raises NotFound, Forbidden or Invalid."""
+    room_id = _check_room_id(room_id)
+    return await _changed(ctx, room_id, await ctx.store.write(
+        _leave_group, ctx, user_id, room_id))
+
+
+async def rename_group(ctx, user_id, room_id, name) -> GroupChange:
+    """Rename a group (owner only). The same name again changes nothing."""
+    room_id = _check_room_id(room_id)
+    name = _check_name(name)
+    return await _changed(ctx, room_id, await ctx.store.write(
+        _rename_group, ctx, user_id, room_id, name))

@@ -273,6 +273,40 @@ async def post_message(request):
                              status=201 if sent.created else 200)
 
 
+async def add_room_members(request):
+    """``{members: [username]}`` -> ``{room}`` (the ``add_members``
+    event)."""
+    user = await current_user(request)
+    data = await json_body(request)
+    change = await rooms.add_members(request.app[CTX], user['id'],
+                                     path_int(request, 'room_id'),
+                                     data.get('members'))
+    await request.app[REALTIME].group_changed(change)
+    return web.json_response({'room': change.room})
+
+
+async def remove_room_member(request):
+    """Remove a member (owner only); your own username leaves the group:
+    ``{room}`` either way."""
+    user = await current_user(request)
+    change = await rooms.remove_member(
+        request.app[CTX], user['id'], path_int(request, 'room_id'),
+        request.match_info['username'])
+    await request.app[REALTIME].group_changed(change)
+    return web.json_response({'room': change.room})
+
+
+async def update_room(request):
+    """``{name}`` -> ``{room}``: rename a group (owner only)."""
+    user = await current_user(request)
+    data = await json_body(request)
+    change = await rooms.rename_group(request.app[CTX], user['id'],
+                                      path_int(request, 'room_id'),
+                                      data.get('name'))
+    await request.app[REALTIME].group_changed(change)
+    return web.json_response({'room': change.room})
+
+
 async def list_blocks(request):
     """The caller's blocks, newest first (a Postbox addition to the
     contract: clients had no other way to learn them)."""
@@ -311,6 +345,10 @@ def add_routes(app: web.Application):
     app.router.add_get('/api/rooms', list_rooms)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
     app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)
+    app.router.add_post(r'/api/rooms/{room_id}/members', add_room_members)
+    app.router.add_delete(r'/api/rooms/{room_id}/members/{username}',
+                          remove_room_member)
+    app.router.add_patch(r'/api/rooms/{room_id}', update_room)
     app.router.add_get('/api/blocks', list_blocks)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', readyz)

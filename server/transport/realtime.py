@@ -18,6 +18,8 @@ def room_room(room_id, user_id) -> str:
 class Realtime:
     def __init__(self, sio):
         self.sio = sio
+        # ``forget_room(room_id)``: drops a room from the service cache.
+        self.forget_room = lambda room_id: None
 
     async def _emit(self, event, data, rooms: list):
         """Emit to the sockets in ``rooms``; nothing at all for an empty
@@ -54,6 +56,46 @@ class Realtime:
         await self._emit('presence', {'user': user, 'online': online,
                                       'last_seen': iso(last_seen_ms)},
                          [user_room(u) for u in contact_ids])
+
+    async def room_left(self, room_id, user_ids):
+        await self._emit('room_left', {'room_id': room_id},
+                         [user_room(u) for u in user_ids])
+
+    def room_changed_here(self, room_id, left_ids):
+        """A group changed (on this process or another): forget it from
+        this process's cache (``forget_room``, set by the app) and take the
+        sockets of those who left out of its joined room here, so they get
+        no more typing or read events from it."""
+        self.forget_room(room_id)
+        manager = self.sio.manager
+        for user_id in left_ids:
+            name = room_room(room_id, user_id)
+            for sid, _ in list(manager.get_participants('/', name)):
+                manager.basic_leave_room(sid, '/', name)
+
+    async def group_changed(self, change):
+        """Emit what a group change calls for, after its commit: every
+        process forgets the room and drops the leavers' joined sockets
+        (with Redis through the manager's ``notify_all``); the members,
+        the added ones included, get the room; whoever left gets
+        ``room_left`` on every socket."""
+        if not change.changed:
+            return
+        room_id = change.room['id']
+        self.room_changed_here(room_id, change.left_ids)
+        notify_all = getattr(self.sio.manager, 'notify_all', None)
+        if notify_all is not None:
+            await notify_all({'room_changed': room_id,
+                              'left': list(change.left_ids)})
+        await self.room(change.room)
+        if change.left_ids:
+            await self.room_left(room_id, change.left_ids)
+
+    def on_notice(self, notice):
+        """A ``notify_all`` notice from another process."""
+        room_id = notice.get('room_changed')
+        if room_id is not None:
+            self.room_changed_here(room_id, notice.get('left') or ())
 
     async def deliver_sent(self, sent):
         """Emit what a send_message outcome calls for: the new dm room

@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 # Not a client event: a published "disconnect these sockets" order.
 DISCONNECT_EVENT = '__postbox_disconnect_room'
 
+# Not a client event: a published notice for every process's ``on_notice``
+# (a group's members changed: forget it, drop the leavers' sockets).
+NOTICE_EVENT = '__postbox_notice'
+
 # Pub/sub items between processes about room holders (not client events).
 HOLDER_NOTICE = '__postbox_holder'
 HOLDER_ACK = '__postbox_holder_ack'
@@ -243,6 +247,7 @@ class RedisManager(AsyncPubSubManager):
         self._down_since = None
         self._last_log = 0.0
         self.on_register = []  # async callables run after a re-registration
+        self.on_notice = None  # callable(data) for notify_all notices
         self.listening = False
         self.published = 0
         self.publish_failures = 0
@@ -342,6 +347,15 @@ class RedisManager(AsyncPubSubManager):
             'binary': False, 'namespace': namespace, 'room': room,
             'skip_sid': None, 'callback': None, 'host_id': self.host_id})
 
+    async def notify_all(self, data):
+        """Hand ``data`` (JSON-able) to ``on_notice`` on every other
+        process, through the publish queue (in order with the emits queued
+        before and after it)."""
+        self._enqueue(self.channel, {
+            'method': 'emit', 'event': NOTICE_EVENT, 'data': [data],
+            'binary': False, 'namespace': '/', 'room': None,
+            'skip_sid': None, 'callback': None, 'host_id': self.host_id})
+
     async def _disconnect_local(self, room, namespace):
         for sid, _ in list(self.get_participants(namespace, room)):
             await self.server.disconnect(sid, namespace=namespace,
@@ -353,6 +367,10 @@ class RedisManager(AsyncPubSubManager):
         if message.get('event') == DISCONNECT_EVENT:
             return await self._disconnect_local(
                 message['room'], message.get('namespace') or '/')
+        if message.get('event') == NOTICE_EVENT:
+            if self.on_notice is not None:
+                self.on_notice(message['data'][0])
+            return
         if message.get('callback') is not None or message.get('binary'):
             return await super()._handle_emit(message)
         data = message['data']

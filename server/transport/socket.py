@@ -186,6 +186,34 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         await realtime.room(room)
         return {'room': room}
 
+    @on_event('add_members')
+    async def add_members(sid, user, data):
+        change = await rooms.add_members(ctx, user['id'], data.get('room_id'),
+                                         data.get('members'))
+        await realtime.group_changed(change)
+        return {'room': change.room}
+
+    @on_event('remove_member')
+    async def remove_member(sid, user, data):
+        change = await rooms.remove_member(
+            ctx, user['id'], data.get('room_id'), data.get('username'))
+        await realtime.group_changed(change)
+        return {'room': change.room}
+
+    @on_event('leave_group')
+    async def leave_group(sid, user, data):
+        change = await rooms.leave_group(ctx, user['id'],
+                                         data.get('room_id'))
+        await realtime.group_changed(change)
+        return {}
+
+    @on_event('rename_group')
+    async def rename_group(sid, user, data):
+        change = await rooms.rename_group(
+            ctx, user['id'], data.get('room_id'), data.get('name'))
+        await realtime.group_changed(change)
+        return {'room': change.room}
+
     @on_event('join_room')
     async def join_room(sid, user, data):
         info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
