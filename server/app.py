@@ -94,6 +94,9 @@ def create_app(config) -> web.Application:
         ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
         websocket_compress=config.websocket_compression,
         websocket_close_timeout=WS_CLOSE_SECONDS,
+        connect_timeout=config.connect_timeout_seconds,
+        json_max_depth=config.json_max_depth,
+        trusted_proxies=config.trusted_proxies,
         logger=False, engineio_logger=False)
     sio.attach(app)
     bound_send_queues(sio, config.socket_send_queue_max,
@@ -155,6 +158,9 @@ def create_app(config) -> web.Application:
                                            config.redis_channel)
         ctx.limits.registrations = SharedThrottle(
             ctx.limits.registrations, manager, config.redis_channel)
+    # Engine.IO sessions not (yet) connected to Socket.IO hold a place of
+    # their address's connection limit too.
+    sio.count_sessions(ctx.limits.connections)
     http.add_routes(app)
     attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)

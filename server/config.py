@@ -154,6 +154,17 @@ class Config:
     max_payload_bytes: int = 1_000_000
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
+    # An Engine.IO session that has not completed a Socket.IO connect this
+    # long after it opened (or after its last disconnect) is closed: a
+    # client sends its connect at once, even over a slow mobile link, and
+    # sessions that never do would otherwise hold a socket until the ping
+    # timeout or forever.
+    connect_timeout_seconds: float = 10.0
+    # JSON nesting allowed in an HTTP body and in each Socket.IO event
+    # argument: Postbox's own payloads nest 3 deep; 32 leaves room for
+    # clients' extra fields, and refuses (`invalid`) values nested deep
+    # enough to be costly to walk or to overflow recursive code.
+    json_max_depth: int = 32
 
     # Abuse limits.
     # Sockets per user: a person has a few tabs and devices; a bot or a

@@ -1,6 +1,8 @@
 """The Engine.IO protocol as clients see it on the lean sockets of
 server/transport/engine.py (pings, upgrades from polling, server-side
-closes), and the python-engineio code that module is written against."""
+closes), what hostile clients get there (binary packets, packets that are
+not Socket.IO, sessions that never connect), and the python-engineio code
+that module is written against."""
 import asyncio
 import hashlib
 import inspect
@@ -9,16 +11,17 @@ import json
 import aiohttp
 import engineio
 import pytest
+import socketio
 from aiohttp.test_utils import make_mocked_request
 from engineio import async_socket, base_socket
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
 from server.transport.engine import RequestEnviron
-from tests.helpers import ServerProcess, connect, pair, register
+from tests.helpers import ServerProcess, connect, pair, refused, register
 from tests.test_limits import raw_socket
 
-# The python-engineio code server/transport/engine.py copies, overrides or
-# relies on, by hash of its source. When an upgrade changes one of them,
+# The python-engineio (and python-socketio) code server/transport/engine.py
+# and packets.py copy, override or rely on, by hash of its source. When an upgrade changes one of them,
 # re-read engine.py against the new code (the copied ``_handle_connect``,
 # the websocket-connect checks mirrored from ``handle_request``, the socket
 # methods replaced, the environ mirrored from ``translate_request``), then
@@ -36,6 +39,16 @@ UPSTREAM = {
         (base_socket.BaseSocket, 'd787ee3666d08b7a'),
     'engineio.async_drivers.aiohttp.translate_request':
         (engineio_aiohttp.translate_request, '20aa782740060790'),
+    # Replaced by engine.Server._handle_eio_message, which checks each
+    # packet before it reaches the handlers below it; its refused CONNECT
+    # is the one that leaves the session without a connection.
+    'socketio.AsyncServer._handle_eio_message':
+        (socketio.AsyncServer._handle_eio_message, 'bef50fc0e1635921'),
+    'socketio.AsyncServer._handle_connect':
+        (socketio.AsyncServer._handle_connect, 'c97c480cf777de36'),
+    # packets.JsonPacket reads the header it decodes before the data.
+    'socketio.packet.Packet.decode':
+        (socketio.packet.Packet.decode, '61ad7904b539f472'),
 }
 
 
@@ -247,3 +260,330 @@ async def test_undecodable_upgrade_probe_leaves_polling_working(base):
         assert '6' not in answers, answers  # no NOOP: not upgrading
         ack, = [p for p in answers if p.startswith('431')]
         assert json.loads(ack[3:])[0]['ok']
+
+
+# Hostile clients at the Socket.IO level: binary packets, packets that are
+# not Socket.IO, sessions that never connect.
+
+def rss_kib(pid) -> int:
+    """The resident memory of process ``pid``, from /proc."""
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    raise AssertionError('no VmRSS')
+
+
+@pytest.fixture(scope='module')
+def strict(tmp_path_factory):
+    """A server logging at INFO (what a hostile client makes it write is
+    checked), with a short connect timeout and a small event budget."""
+    proc = ServerProcess(tmp_path_factory.mktemp('strict'), env={
+        'POSTBOX_LOG_LEVEL': 'INFO', 'POSTBOX_CONNECT_TIMEOUT_SECONDS': '1',
+        'POSTBOX_EVENT_BURST': '4', 'POSTBOX_EVENT_RATE_PER_SECOND': '0.01'})
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.read_log()
+    # (python-engineio logs one ERROR line per kind of bad request, such
+    # as a poll for a closed session, once per process: not checked.)
+    assert 'Traceback' not in proc.read_log(), proc.read_log()
+
+
+async def next_text(ws, prefix, timeout=10) -> str:
+    """The next text frame starting with ``prefix``, skipping others
+    (pings are answered, presence events and the like skipped)."""
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        if msg.data == '2':
+            await ws.send_str('3')
+        elif msg.data.startswith(prefix):
+            return msg.data
+
+
+async def closed(ws, timeout=10) -> aiohttp.WSMessage:
+    """Read until the server closes ``ws``; returns the close message."""
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return msg
+
+
+def acked(frame: str, ack_id: int):
+    """The answer in ACK ``frame`` (``43<id>[answer]``) to ``ack_id``."""
+    assert frame.startswith(f'43{ack_id}['), frame
+    return json.loads(frame[2 + len(str(ack_id)):])[0]
+
+
+async def test_binary_event_costs_bounded_memory_and_is_refused(strict):
+    """A binary event announcing 1,234,567 attachments, then 80 binary
+    frames of 1 MB: the event is answered invalid at once, nothing is kept
+    (the server's memory grows by far less than the 80 MB sent), and the
+    socket goes on with JSON."""
+    _, token = await register(strict.url)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(strict.url, token, session)
+        before = rss_kib(strict.proc.pid)
+        await ws.send_str('451234567-7["send_dm",{"room_id":1,'
+                          '"body":{"_placeholder":true,"num":0}}]')
+        answer = acked(await next_text(ws, '437'), 7)
+        assert answer == {'ok': False, 'error': {
+            'code': 'invalid',
+            'message': 'binary payloads are not supported; send JSON'}}
+        chunk = b'\x00' * 999_000  # just under max_payload_bytes
+        for _ in range(80):
+            await ws.send_bytes(chunk)
+        await ws.send_str('428["ping",{}]')
+        assert acked(await next_text(ws, '438'), 8) == {'ok': True}
+        grown_mib = (rss_kib(strict.proc.pid) - before) / 1024
+        assert grown_mib < 30, f'server memory grew {grown_mib:.0f} MiB'
+        await ws.close()
+
+
+async def test_binary_events_use_up_the_event_budget(strict):
+    """Each binary event costs a token of the user's event budget (4
+    here), like any event, whatever it announces: the fifth is
+    rate_limited, and so is a JSON event after it."""
+    _, token = await register(strict.url)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(strict.url, token, session)
+        errors = []
+        for ack_id in range(1, 6):
+            await ws.send_str(f'451234567-{ack_id}["ping",'
+                              '{"_placeholder":true,"num":0}]')
+            await ws.send_bytes(b'attachment')
+            errors.append(acked(await next_text(ws, f'43{ack_id}'),
+                                ack_id)['error'])
+        assert errors[:4] == [{
+            'code': 'invalid',
+            'message': 'binary payloads are not supported; send JSON'}] * 4
+        assert errors[4]['code'] == 'rate_limited', errors
+        await ws.send_str('426["ping",{}]')
+        assert acked(await next_text(ws, '436'), 6)['error']['code'] == \
+            'rate_limited'
+        await ws.close()
+
+
+# Packets that are not valid Socket.IO (the conformance suite's three,
+# then others): each closes the socket as a protocol error.
+INVALID_PACKETS = ['4abc', '42{}', '42abc["message-with-ack",1]', '4', '42',
+                   '42[]', '42[null]', '42[{"a":1}]', '47', '44{}', '4[1]',
+                   '4true', '43', '40"token"', '451-["x"', '41{"a":1}']
+
+
+async def test_invalid_socketio_packets_close_with_one_line(strict):
+    """200 copies of an invalid packet from a logged-in socket: the socket
+    gets CLOSE and a 1002 close frame, the log one short line for it (no
+    traceback), and the user connects again at once."""
+    _, token = await register(strict.url)
+    async with aiohttp.ClientSession() as session:
+        for frame in INVALID_PACKETS:
+            start = len(strict.read_log())
+            ws = await raw_socket(strict.url, token, session)
+            for _ in range(200):
+                await ws.send_str(frame)
+            assert await next_text(ws, '1') == '1', frame
+            msg = await closed(ws)
+            assert msg.type == aiohttp.WSMsgType.CLOSE, (frame, msg)
+            assert msg.data == aiohttp.WSCloseCode.PROTOCOL_ERROR, frame
+            await ws.close()
+            # The disconnect is logged after the line about the packet.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while 'disconnect' not in strict.read_log()[start:]:
+                assert loop.time() < deadline, strict.read_log()[start:]
+                await asyncio.sleep(0.05)
+            log = strict.read_log()[start:]
+            assert log.count('invalid Socket.IO packet') == 1, (frame, log)
+            assert 'Traceback' not in log, log
+    client = await connect(strict.url, token)
+    assert (await client.call('ping', {}))['ok']
+    await client.close()
+
+
+async def test_events_before_connect_close_the_session(strict):
+    """An event, or an ack, on a session without a Socket.IO connection
+    (none yet, or refused) closes it, as the reference server does."""
+    async with aiohttp.ClientSession() as session:
+        for frames in (['421["ping",{}]'], ['431[{}]'],
+                       ['40{"token":"wrong"}', '421["ping",{}]']):
+            ws = await session.ws_connect(
+                strict.url + '/socket.io/?EIO=4&transport=websocket')
+            assert (await ws.receive_str(timeout=5)).startswith('0')
+            for frame in frames:
+                await ws.send_str(frame)
+            assert await next_text(ws, '1') == '1', frames
+            assert (await closed(ws)).type == aiohttp.WSMsgType.CLOSE
+            await ws.close()
+
+
+async def test_lifecycle_event_names_are_unknown_events(tmp_path):
+    """Events named ``connect`` or ``disconnect`` are answered as unknown
+    events; they never reach the connect or disconnect handlers (which
+    would count the connection again, or forget it, each time)."""
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_MAX_CONNECTIONS_PER_USER': '2'}).start()
+    try:
+        _, token = await register(server.url)
+        async with aiohttp.ClientSession() as session:
+            ws = await raw_socket(server.url, token, session)
+            for ack_id, name in enumerate(['connect', 'disconnect'] * 3):
+                await ws.send_str(f'42{ack_id}' + json.dumps(
+                    [name, {}, {'token': token}]))
+                answer = acked(await next_text(ws, f'43{ack_id}'), ack_id)
+                assert answer == {'ok': False, 'error': {
+                    'code': 'invalid',
+                    'message': f'unknown event {name!r}'}}, answer
+            await ws.close()
+        # Nothing was counted: the user's two places are free.
+        clients = [await connect(server.url, token) for _ in range(2)]
+        for client in clients:
+            assert (await client.call('ping', {}))['ok']
+            await client.close()
+    finally:
+        assert await server.astop() == 0
+
+
+async def test_deeply_nested_event_payloads_are_answered_invalid(strict):
+    """A payload nested past json_max_depth (32), and one past what the
+    JSON parser takes at all, is answered invalid; the socket stays
+    usable and nothing is logged as an error."""
+    _, token = await register(strict.url)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(strict.url, token, session)
+        for ack_id, depth in ((1, 40), (2, 5000)):
+            await ws.send_str(f'42{ack_id}["ping",{{"a":' + '[' * depth +
+                              ']' * depth + '}]')
+            answer = acked(await next_text(ws, f'43{ack_id}'), ack_id)
+            assert answer['ok'] is False, answer
+            assert answer['error']['code'] == 'invalid', answer
+            assert 'nested too deeply' in answer['error']['message']
+        await ws.send_str('423["ping",{"a":' + '[' * 20 + ']' * 20 + '}]')
+        assert acked(await next_text(ws, '433'), 3) == {'ok': True}
+        await ws.close()
+
+
+async def test_session_without_connect_is_closed(strict):
+    """An Engine.IO session that sends no Socket.IO connect is closed
+    after connect_timeout_seconds (1 s here), on a websocket and on
+    long-polling alike."""
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            strict.url + '/socket.io/?EIO=4&transport=websocket')
+        assert (await ws.receive_str(timeout=5)).startswith('0')
+        assert await next_text(ws, '1', timeout=15) == '1'
+        assert (await closed(ws)).type == aiohttp.WSMsgType.CLOSE
+        await ws.close()
+
+        endpoint = strict.url + '/socket.io/?EIO=4&transport=polling'
+        async with session.get(endpoint) as resp:
+            sid = json.loads((await resp.text())[1:])['sid']
+        answers = []
+        for _ in range(10):  # each poll waits up to a ping interval
+            async with session.get(f'{endpoint}&sid={sid}') as resp:
+                if resp.status != 200:
+                    break
+                answers += _polled(await resp.text())
+            if '1' in answers:
+                break
+        assert '1' in answers, answers
+        async with session.get(f'{endpoint}&sid={sid}') as resp:
+            assert resp.status == 400
+
+
+async def test_polling_payload_that_does_not_decode_closes_quietly(strict):
+    """A long-polling POST whose body is not Engine.IO packets gets a 400
+    and its session closed, with one log line and no traceback; binary
+    packets sent over polling (base64) are dropped like websocket ones."""
+    _, token = await register(strict.url)
+    endpoint = strict.url + '/socket.io/?EIO=4&transport=polling'
+    async with aiohttp.ClientSession() as session:
+        async def polling_session():
+            async with session.get(endpoint) as resp:
+                sid = json.loads((await resp.text())[1:])['sid']
+            url = f'{endpoint}&sid={sid}'
+            async with session.post(url, data='40' + json.dumps(
+                    {'token': token})) as resp:
+                assert resp.status == 200
+            async with session.get(url) as resp:
+                assert any(p.startswith('40')
+                           for p in _polled(await resp.text()))
+            return url
+
+        url = await polling_session()
+        binary = '\x1e'.join(['451-1["ping",{"_placeholder":true,"num":0}]',
+                              'bAAECAw==', '422["ping",{}]'])
+        async with session.post(url, data=binary) as resp:
+            assert resp.status == 200
+        answers = []
+        for _ in range(10):
+            async with session.get(url) as resp:
+                answers += _polled(await resp.text())
+            if len([p for p in answers if p.startswith('43')]) == 2:
+                break
+        assert acked(next(p for p in answers if p.startswith('431')), 1) \
+            == {'ok': False, 'error': {
+                'code': 'invalid',
+                'message': 'binary payloads are not supported; send JSON'}}
+        assert acked(next(p for p in answers if p.startswith('432')), 2) \
+            == {'ok': True}
+
+        for body in ('x', '\x1e\x1e', 'bA', b'\xff\xfe'):
+            url = await polling_session()
+            start = len(strict.read_log())
+            async with session.post(url, data=body) as resp:
+                assert resp.status == 400, body
+            async with session.get(url) as resp:
+                assert resp.status == 400, body  # the session is gone
+            log = strict.read_log()[start:]
+            assert log.count('undecodable polling payload') == 1, log
+
+
+async def test_sessions_without_connect_count_per_address(tmp_path):
+    """Engine.IO sessions that never connect take places of their
+    address's limit (3 here): with 3 held, a real client is refused with
+    the address reason, a few more sessions get in only to be refused
+    that way, and past those the handshake itself is refused (429).
+    Closing the held sessions frees the places."""
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_MAX_CONNECTIONS_PER_IP': '3'}).start()
+    try:
+        base = server.url
+        _, token = await register(base)
+        async with aiohttp.ClientSession() as session:
+            held = []
+            for _ in range(3):
+                ws = await session.ws_connect(
+                    base + '/socket.io/?EIO=4&transport=websocket')
+                assert (await ws.receive_str(timeout=5)).startswith('0')
+                held.append(ws)
+            error = await refused(base, token)
+            assert error['data'] == {
+                'code': 'rate_limited',
+                'message': 'too many connections from this address'}
+            extra, statuses = [], []
+            for _ in range(30):
+                try:
+                    ws = await session.ws_connect(
+                        base + '/socket.io/?EIO=4&transport=websocket')
+                except aiohttp.WSServerHandshakeError as exc:
+                    statuses.append(exc.status)
+                    continue
+                extra.append(ws)
+            assert 0 < len(extra) < 30 and set(statuses) == {429}, statuses
+            for ws in held + extra:
+                await ws.close()
+        # The server lets go of the places as it sees the closes.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                client = await connect(base, token)
+                break
+            except socketio.exceptions.ConnectionError:
+                assert loop.time() < deadline, 'places never freed'
+                await asyncio.sleep(0.1)
+        assert (await client.call('ping', {}))['ok']
+        await client.close()
+    finally:
+        assert await server.astop() == 0

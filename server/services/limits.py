@@ -50,6 +50,21 @@ class Connections:
             else:
                 counts.pop(key, None)
 
+    async def acquire_address(self, ip):
+        """Count a socket of ``ip`` that has no user yet (an Engine.IO
+        session before its Socket.IO connect); raises TooManyConnections
+        (counting nothing) when the address is at its limit."""
+        if self._ips.get(ip, 0) >= self.per_ip:
+            raise TooManyConnections('too many connections from this address')
+        self._ips[ip] = self._ips.get(ip, 0) + 1
+
+    async def release_address(self, ip):
+        left = self._ips.get(ip, 0) - 1
+        if left > 0:
+            self._ips[ip] = left
+        else:
+            self._ips.pop(ip, None)
+
 
 # KEYS: hashes {process id: sockets}, the user's then the address's.
 # ARGV: own process id, liveness key prefix, then the limit of each key in
@@ -140,7 +155,31 @@ class SharedConnections(Connections):
     async def release(self, user_id, ip):
         await super().release(user_id, ip)
         try:
+            # Tried even while Redis is known to be unreachable: a count
+            # left behind would refuse the user for a day.
             await self._release(keys=self._keys(user_id, ip),
+                                args=[self.manager.host_id])
+        except Exception as exc:
+            self.manager.trouble('shared connection count', exc)
+
+    async def acquire_address(self, ip):
+        await super().acquire_address(ip)
+        try:
+            refused = await self._acquire(
+                keys=self._keys(None, ip)[1:],
+                args=[self.manager.host_id, self.manager.alive_prefix,
+                      self.per_ip])
+        except Exception as exc:  # Redis down: the local count stands
+            log.warning('shared connection count unavailable: %s', exc)
+            return
+        if refused:
+            await super().release_address(ip)
+            raise TooManyConnections(self.REFUSALS[1])
+
+    async def release_address(self, ip):
+        await super().release_address(ip)
+        try:
+            await self._release(keys=self._keys(None, ip)[1:],
                                 args=[self.manager.host_id])
         except Exception as exc:
             log.warning('shared connection count unavailable: %s', exc)

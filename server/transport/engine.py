@@ -48,8 +48,12 @@ from collections.abc import Mapping
 import engineio
 import socketio
 from aiohttp import WSCloseCode, WSMsgType, web
-from engineio import async_socket, exceptions, packet
+from engineio import async_socket, exceptions, packet, payload
+from socketio import packet as sio_packet
 
+from server.services.limits import TooManyConnections
+from server.transport.addresses import client_address
+from server.transport.packets import deeper_than
 from server.transport.websocket import CoalescingWebSocketResponse
 
 log = logging.getLogger(__name__)
@@ -376,6 +380,10 @@ class Socket(async_socket.AsyncSocket):
                 break
             except Exception:
                 log.exception('%s: receive failed', self.sid)
+            if self.closing or self.closed:
+                # Closed by what it sent (an invalid packet, a CLOSE): what
+                # else it has sent is not read, nor logged again.
+                break
         self.ws = None
         writer = self.writer
         if writer is not None:
@@ -385,6 +393,38 @@ class Socket(async_socket.AsyncSocket):
             await ws.close(code=self.close_code)
         await self.close(wait=False, abort=True, reason=reason)
         return ws
+
+    async def handle_post_request(self, environ):
+        """A long-polling POST: python-engineio's, except that a body that
+        does not decode closes the session with one log line (not a
+        traceback per request, the session left open), packets a client
+        never sends (PING, OPEN, NOOP) are ignored, and nothing is read
+        once the session is closed. Raises EngineIOError (the server
+        answers 400) when the session is closed here."""
+        length = int(environ.get('CONTENT_LENGTH', '0'))
+        if length > self.server.max_http_buffer_size:
+            # Closed without waiting for a poll to take the CLOSE packet:
+            # python-engineio's close would hold this request until then.
+            await self.close(wait=False,
+                             reason=self.server.reason.TRANSPORT_ERROR)
+            raise exceptions.ContentTooLongError()
+        body = await environ['wsgi.input'].read(length)
+        try:
+            packets = payload.Payload(
+                encoded_payload=body.decode('utf-8')).packets
+        except ValueError:
+            log.info('%s: undecodable polling payload %r, closing', self.sid,
+                     body[:40])
+            await self.close(wait=False,
+                             reason=self.server.reason.TRANSPORT_ERROR)
+            raise exceptions.EngineIOError() from None
+        for pkt in packets:
+            try:
+                await self.receive(pkt)
+            except exceptions.UnknownPacketError:
+                pass
+            if self.closing or self.closed:
+                break
 
     async def _expect(self, ws, packet_type, data=None) -> bool:
         """Whether the next frame on ``ws``, a step of an upgrade, is a
@@ -444,15 +484,19 @@ class Engine(engineio.AsyncServer):
     """python-engineio's asyncio server with ``Socket`` sockets, a lean
     send queue and environ, and websocket options of our own:
     ``websocket_compress`` (per-message deflate, off by default: it costs
-    more CPU than it saves on chat-sized frames) and
+    more CPU than it saves on chat-sized frames),
     ``websocket_close_timeout`` (how long a closing websocket waits for
-    the client's close frame)."""
+    the client's close frame) and ``connect_timeout`` (how long a session
+    may go without a Socket.IO connection: ``Server`` closes it then, as
+    the reference server's ``connectTimeout`` does)."""
 
     def __init__(self, *args, websocket_compress=False,
-                 websocket_close_timeout=10.0, **kwargs):
+                 websocket_close_timeout=10.0, connect_timeout=10.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.websocket_compress = websocket_compress
         self.websocket_close_timeout = websocket_close_timeout
+        self.connect_timeout = connect_timeout
         self.pings = PingSchedule(self.ping_interval)
         self._async = dict(self._async, translate_request=RequestEnviron)
 
@@ -554,6 +598,10 @@ class Engine(engineio.AsyncServer):
                                         run_async=False)
         if ret is not None and ret is not True:
             del self.sockets[sid]
+            if isinstance(ret, TooManySessions):
+                return {'status': '429 Too Many Requests',
+                        'headers': [('Content-Type', 'application/json')],
+                        'response': self._unauthorized(str(ret))['response']}
             self.logger.warning('Application rejected connection')
             return self._unauthorized(ret or None)
 
@@ -565,10 +613,249 @@ class Engine(engineio.AsyncServer):
         await super().shutdown()
 
 
+class TooManySessions(str):
+    """What the Engine.IO ``connect`` handler returns to refuse a session
+    with 429 (its text is the reason)."""
+
+
+# Sessions per address and process let in over the per-address limit, so
+# that their Socket.IO connect can be refused with its reason (a client
+# sees "too many connections from this address", not a failed handshake).
+# Each lives until that refusal, at most the connect timeout; past these,
+# the handshake itself is refused (429), so a flood of sessions that never
+# connect stays bounded.
+OVER_LIMIT_SESSIONS = 8
+
+# Client events with these names would reach the server's own lifecycle
+# handlers: they are answered as unknown events instead.
+RESERVED_EVENTS = frozenset(('connect', 'disconnect'))
+
+BINARY_REFUSED = 'binary payloads are not supported; send JSON'
+
+
 class Server(socketio.AsyncServer):
-    """python-socketio's asyncio server on ``Engine``. Takes
-    ``websocket_compress`` and ``websocket_close_timeout`` besides
-    python-socketio's own arguments."""
+    """python-socketio's asyncio server on ``Engine``, strict about what
+    clients send. Takes ``websocket_compress`` and
+    ``websocket_close_timeout`` and ``connect_timeout`` (see ``Engine``),
+    ``json_max_depth`` and ``trusted_proxies`` (whose forwarded addresses
+    are believed, as in ``addresses.client_address``) besides
+    python-socketio's own arguments.
+
+    - A packet that is not valid Socket.IO (``JsonPacket.problem``, or an
+      event or ack for a namespace the session is not connected to) closes
+      the session with one log line, as the reference server does.
+    - Binary packets are refused without keeping anything: an event is
+      answered ``invalid`` (or ``rate_limited``: it costs a token of the
+      catch-all ``*`` handler, the application's charge for junk), its
+      attachments and every other binary message are dropped as they come,
+      and the connection goes on with JSON.
+    - An event whose payload nests deeper than ``json_max_depth`` is
+      answered ``invalid`` the same way; so is one named after a lifecycle
+      event (``connect``, ``disconnect``).
+    - An Engine.IO session with no Socket.IO connection is closed after
+      ``eio.connect_timeout`` seconds, and, once ``count_sessions`` has been
+      called, holds a place of its address's connection limit meanwhile.
+    """
+
+    def __init__(self, *args, json_max_depth=32, trusted_proxies=(),
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.json_max_depth = json_max_depth
+        self.trusted_proxies = tuple(trusted_proxies)
+        self.connections = None  # the per-address counter, if counting
+        # Engine.IO sessions without a Socket.IO connection: eio sid ->
+        # [address counted or None, over-limit address or None, timer].
+        self.waiting = {}
+        self.over_limit = {}  # address -> sessions let in over its limit
 
     def _engineio_server_class(self):
         return Engine
+
+    def count_sessions(self, connections):
+        """Count Engine.IO sessions without a Socket.IO connection against
+        the per-address limit of ``connections`` (``limits.Connections``:
+        ``acquire_address``/``release_address``). A session's place passes
+        to its Socket.IO connection, which the connect handler counts."""
+        self.connections = connections
+
+    # Sessions without a Socket.IO connection.
+
+    def _address(self, environ):
+        request = environ.get('aiohttp.request')
+        if request is None:
+            return None
+        return client_address(request, self.trusted_proxies)
+
+    async def _wait_for_connect(self, eio_sid, environ) -> bool:
+        """Start the connect timeout of a session without a Socket.IO
+        connection and take its address's place; False (nothing taken)
+        when the address has no place left, not even over the limit."""
+        counted = over = None
+        ip = self._address(environ) if self.connections is not None \
+            else None
+        if ip is not None:
+            try:
+                await self.connections.acquire_address(ip)
+                counted = ip
+            except TooManyConnections:
+                if self.over_limit.get(ip, 0) >= OVER_LIMIT_SESSIONS:
+                    return False
+                self.over_limit[ip] = self.over_limit.get(ip, 0) + 1
+                over = ip
+        timer = asyncio.get_running_loop().call_later(
+            self.eio.connect_timeout, self._connect_timed_out, eio_sid)
+        self.waiting[eio_sid] = [counted, over, timer]
+        return True
+
+    async def _stop_waiting(self, eio_sid):
+        """The session has a Socket.IO connection, or is gone: stop its
+        timeout and give back its place."""
+        entry = self.waiting.pop(eio_sid, None)
+        if entry is None:
+            return
+        counted, over, timer = entry
+        timer.cancel()
+        if over is not None:
+            left = self.over_limit.get(over, 0) - 1
+            if left > 0:
+                self.over_limit[over] = left
+            else:
+                self.over_limit.pop(over, None)
+        if counted is not None:
+            await self.connections.release_address(counted)
+
+    def _connect_timed_out(self, eio_sid):
+        if eio_sid in self.waiting:
+            log.info('%s: no Socket.IO connect within %ss, closing', eio_sid,
+                     self.eio.connect_timeout)
+            asyncio.ensure_future(self._close_session(eio_sid))
+
+    def _connected(self, eio_sid, namespace=None) -> bool:
+        """Whether the session has a Socket.IO connection (to
+        ``namespace``, or to any)."""
+        manager = self.manager
+        for ns in (namespace,) if namespace else list(
+                manager.get_namespaces()):
+            sid = manager.sid_from_eio_sid(eio_sid, ns)
+            if sid is not None and manager.is_connected(sid, ns):
+                return True
+        return False
+
+    async def _close_session(self, eio_sid, code=WSCloseCode.OK):
+        """Close an Engine.IO session (a CLOSE packet, then the websocket
+        with ``code``) without waiting for a poll to take the packet."""
+        s = self.eio.sockets.get(eio_sid)
+        if s is None or s.closing or s.closed:
+            return
+        s.close_code = code
+        await s.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+
+    async def _left(self, eio_sid):
+        """After a namespace disconnect: a session left without any
+        Socket.IO connection waits for a connect again, or is closed."""
+        s = self.eio.sockets.get(eio_sid)
+        if s is None or s.closing or s.closed or eio_sid in self.waiting \
+                or self._connected(eio_sid):
+            return
+        if not await self._wait_for_connect(eio_sid,
+                                            self.environ.get(eio_sid, {})):
+            await self._close_session(eio_sid)
+
+    async def disconnect(self, sid, namespace=None, ignore_queue=False):
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace or '/')
+        await super().disconnect(sid, namespace=namespace,
+                                 ignore_queue=ignore_queue)
+        if eio_sid is not None:
+            await self._left(eio_sid)
+
+    async def _handle_eio_connect(self, eio_sid, environ):
+        await super()._handle_eio_connect(eio_sid, environ)
+        if not await self._wait_for_connect(eio_sid, environ):
+            self.environ.pop(eio_sid, None)
+            return TooManySessions('too many connections from this address')
+
+    async def _handle_eio_disconnect(self, eio_sid, reason):
+        await super()._handle_eio_disconnect(eio_sid, reason)
+        await self._stop_waiting(eio_sid)
+
+    # Packets from clients.
+
+    async def _handle_eio_message(self, eio_sid, data):
+        """python-socketio's, checking every packet (see the class
+        docstring) and keeping no binary attachments."""
+        s = self.eio.sockets.get(eio_sid)
+        if s is None or s.closing or s.closed:
+            return  # sent before the session was closed
+        if isinstance(data, (bytes, bytearray)):
+            return  # attachments of a refused binary packet, or junk
+        if not isinstance(data, str):  # a JSON Engine.IO message
+            return await self._invalid(eio_sid, 'not a Socket.IO packet',
+                                       data)
+        try:
+            pkt = self.packet_class(encoded_packet=data)
+        except ValueError as exc:
+            return await self._invalid(eio_sid, str(exc)[:60], data)
+        problem = pkt.problem()
+        if problem is not None:
+            return await self._invalid(eio_sid, problem, data)
+        kind = pkt.packet_type
+        namespace = pkt.namespace or '/'
+        if kind == sio_packet.CONNECT:
+            await self._stop_waiting(eio_sid)  # its place passes on
+            await self._handle_connect(eio_sid, namespace, pkt.data)
+            if not self._connected(eio_sid):
+                # Refused: nothing more can happen on this session (a
+                # client opens a new one to try again). Sent after the
+                # CONNECT_ERROR already queued.
+                await self._close_session(eio_sid)
+            return
+        if kind == sio_packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, namespace,
+                                          self.reason.CLIENT_DISCONNECT)
+            await self._left(eio_sid)
+            return
+        if not self._connected(eio_sid, namespace):
+            return await self._invalid(eio_sid, 'not connected to ' +
+                                       namespace, data)
+        if kind == sio_packet.EVENT:
+            name = pkt.data[0] if not pkt.too_deep else None
+            if pkt.too_deep or (
+                    data.count('[') + data.count('{') > self.json_max_depth
+                    and deeper_than(pkt.data, self.json_max_depth + 1)):
+                await self._refuse(eio_sid, namespace, pkt.id, name,
+                                   'payload is nested too deeply (at most '
+                                   f'{self.json_max_depth} levels)')
+            elif name in RESERVED_EVENTS:
+                await self._refuse(eio_sid, namespace, pkt.id, name)
+            else:
+                await self._handle_event(eio_sid, namespace, pkt.id,
+                                         pkt.data)
+        elif kind == sio_packet.BINARY_EVENT:
+            await self._refuse(eio_sid, namespace, pkt.id,
+                               None if pkt.too_deep else pkt.data[0],
+                               BINARY_REFUSED)
+        elif kind == sio_packet.ACK and not pkt.too_deep:
+            await self._handle_ack(eio_sid, namespace, pkt.id, pkt.data)
+        # A binary or too deep ack answers nothing Postbox asked: dropped.
+
+    async def _refuse(self, eio_sid, namespace, id, event, why=None):
+        """Answer an event without running its handler: the catch-all
+        ``*`` handler takes the event's token and answers (``invalid``, or
+        ``rate_limited``); an ``invalid`` answer says ``why``, if given."""
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        answer = await self._trigger_event('*', namespace, event, sid)
+        if not isinstance(answer, dict) or (
+                why and answer.get('ok') is False and
+                answer.get('error', {}).get('code') == 'invalid'):
+            answer = {'ok': False, 'error': {
+                'code': 'invalid',
+                'message': why or f'unknown event {event!r}'}}
+        if id is not None:
+            await self._send_packet(eio_sid, self.packet_class(
+                sio_packet.ACK, namespace=namespace, id=id, data=[answer]))
+
+    async def _invalid(self, eio_sid, why, data):
+        """One line, and the session closed (a protocol error)."""
+        log.info('%s: invalid Socket.IO packet (%s) %r, closing', eio_sid,
+                 why, data[:40] if isinstance(data, str) else type(data))
+        await self._close_session(eio_sid, WSCloseCode.PROTOCOL_ERROR)

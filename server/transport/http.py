@@ -10,6 +10,7 @@ from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
 from server.services import auth, messages, rooms
 from server.transport.addresses import client_address
+from server.transport.packets import deeper_than
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,18 @@ async def errors_middleware(request, handler):
 
 
 async def json_body(request) -> dict:
+    """The request's JSON object. Invalid (400) when the body is not
+    JSON, is nested deeper than ``json_max_depth`` (too deep for the
+    parser, RecursionError, included) or is not an object."""
     try:
         data = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Invalid('body must be JSON') from None
     if not isinstance(data, dict):
         raise Invalid('body must be a JSON object')
+    limit = request.app[CTX].config.json_max_depth
+    if deeper_than(data, limit):
+        raise Invalid(f'body is nested too deeply (at most {limit} levels)')
     return data
 
 

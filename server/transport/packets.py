@@ -1,15 +1,99 @@
-"""The Socket.IO packet class Postbox uses.
+"""The Socket.IO packet class Postbox uses, and what makes a packet from a
+client acceptable.
 
 python-socketio walks every outgoing payload recursively looking for bytes
 (``Packet.data_is_binary``) to choose between a text and a binary packet.
 Postbox never emits bytes (its payloads are JSON objects, and files go over
 HTTP), and the walk cost about a tenth of the event loop's time under a DM
-load, so this class skips it. Incoming binary packets still decode as usual.
+load, so this class skips it.
+
+Incoming packets are held to what the Socket.IO v5 protocol allows (the
+checks of the reference parser, socket.io-parser's ``isPayloadValid``):
+``JsonPacket.problem`` names what is wrong with one, and a payload nested
+deeper than the JSON parser allows decodes as ``too_deep`` instead of
+failing, so that the event can still be answered.
 """
 from socketio import packet
 
+BINARY = (packet.BINARY_EVENT, packet.BINARY_ACK)
+
+
+def _depth_error(exc: BaseException) -> bool:
+    """Whether a JSON decoding error is about nesting (orjson: "depth limit
+    exceeded"; the stdlib: RecursionError) rather than bad syntax."""
+    return isinstance(exc, RecursionError) or 'depth' in str(exc) or \
+        'recursion' in str(exc).lower()
+
+
+def deeper_than(data, limit: int) -> bool:
+    """Whether decoded JSON ``data`` nests arrays and objects more than
+    ``limit`` deep (``[]`` is 1 deep, a scalar 0). Walks without recursion,
+    so any depth is safe, and stops at the first level too deep."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _event_name_ok(name) -> bool:
+    # socket.io-parser accepts a string or a number (not a boolean)
+    return isinstance(name, str) or (
+        isinstance(name, (int, float)) and not isinstance(name, bool))
+
 
 class JsonPacket(packet.Packet):
+    too_deep = False  # the data did not decode: nested beyond the parser
+
     @classmethod
     def data_is_binary(cls, data):
         return False
+
+    def decode(self, encoded_packet):
+        try:
+            return super().decode(encoded_packet)
+        except (ValueError, RecursionError) as exc:
+            if not _depth_error(exc):
+                raise
+            # The header (type, namespace, id) decoded before the data.
+            self.data = None
+            self.too_deep = True
+            return 0
+
+    def problem(self) -> str | None:
+        """What makes this decoded packet from a client invalid, or None.
+        A ``too_deep`` event or ack is not invalid here: it is answered."""
+        kind, data = self.packet_type, self.data
+        if self.attachment_count and kind not in BINARY:
+            return 'attachments on a text packet'
+        if kind == packet.CONNECT:
+            if self.id is not None or not (data is None or
+                                           isinstance(data, dict)):
+                return 'connect payload must be an object'
+        elif kind == packet.DISCONNECT:
+            if self.id is not None or data is not None:
+                return 'disconnect takes no payload'
+        elif kind in (packet.EVENT, packet.BINARY_EVENT):
+            if self.too_deep:
+                return None
+            if not isinstance(data, list) or not data or \
+                    not _event_name_ok(data[0]):
+                return 'event payload must be [name, ...]'
+        elif kind in (packet.ACK, packet.BINARY_ACK):
+            if self.id is None:
+                return 'ack without an id'
+            if not self.too_deep and not isinstance(data, list):
+                return 'ack payload must be an array'
+        else:
+            return 'unexpected packet type'
+        return None
