@@ -41,6 +41,7 @@ status=0
 python3 -m pytest "$@" || status=$?
 if [ $pg_pass -eq 1 ]; then
     POSTBOX_TEST_DB=postgres python3 -m pytest "$@" tests/test_core.py \
-        tests/test_features.py tests/test_durability.py || status=$?
+        tests/test_features.py tests/test_durability.py \
+        tests/test_groups.py || status=$?
 fi
 exit $status
