@@ -25,7 +25,7 @@ from server.services.limits import Limits, SharedConnections, SharedThrottle
 from server.services.live import Presence, Typing
 from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
-from server.storage import LocalStorage
+from server.storage import LocalStorage, private_data
 from server.store import Store, open_database
 from server.transport import attachments_http, http
 from server.transport import socket as socket_transport
@@ -72,6 +72,7 @@ def create_app(config) -> web.Application:
                      http.websockets_pass(http.errors_middleware)],
         client_max_size=config.max_payload_bytes)
     app.on_response_prepare.append(http.security_headers)
+    private_data(config)  # data dir 0700, database and files 0600
     database = open_database(config.effective_database_url, config)
     store = Store(database, batch_max=config.write_batch_max,
                   reader_threads=config.reader_threads,

@@ -32,6 +32,41 @@ log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r'^[0-9a-f]{32}$')
 PART_SUFFIX = '.part'
+# Uploads are private to their room: only the server's own user may read
+# them (and the database, the secret) on a shared host.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path):
+    """Create ``path`` (and missing parents) readable by the server's user
+    only; an existing one is tightened to that."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(DIR_MODE)
+
+
+def private_data(config):
+    """Make the data dir, the attachments dir and the SQLite files private
+    before anything is written: created 0700 / 0600, and tightened if an
+    older version left them world-readable. The SQLite file is created
+    here, empty, because SQLite gives its -wal and -shm files the mode of
+    the database file."""
+    private_dir(config.data_path)
+    private_dir(config.attachments_path)
+    url = config.effective_database_url
+    if not url.startswith('sqlite:///') or url.endswith(':memory:'):
+        return
+    database = Path(url[len('sqlite:///'):])
+    database.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    for path in (database, Path(f'{database}-wal'), Path(f'{database}-shm'),
+                 config.data_path / 'secret'):
+        try:
+            if path.stat().st_mode & 0o077:
+                path.chmod(FILE_MODE)
+        except FileNotFoundError:
+            pass
 
 
 def new_key() -> str:
@@ -56,9 +91,12 @@ class LocalWriter:
 
     async def open(self):
         def open_part():
-            self.storage.root.mkdir(parents=True, exist_ok=True)
-            # 'x': never follow or reuse something already there.
-            return open(self.local_path, 'xb')
+            self.storage.root.mkdir(mode=DIR_MODE, parents=True,
+                                    exist_ok=True)
+            # O_EXCL: never follow or reuse something already there.
+            fd = os.open(self.local_path,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            return os.fdopen(fd, 'wb')
         self._file = await _in_thread(open_part)
         return self
 
@@ -80,7 +118,7 @@ class LocalWriter:
             # an acked message.
             os.fsync(self._file.fileno())
             self._file.close()
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=DIR_MODE, exist_ok=True)
             os.replace(self.local_path, final)
         await _in_thread(publish)
         self._file = None

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import stat
 import struct
 import uuid
 import zlib
@@ -483,5 +484,34 @@ async def test_50mb_upload_with_flat_memory(tmp_path):
         status, _, tail = await fetch(base, att['url'], token,
                                       {'Range': f'bytes={total - 100}-'})
         assert status == 206 and len(tail) == 100
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_data_files_are_private(tmp_path):
+    """Item 14: the data dir is 0700 and every file the server writes in
+    it (database, WAL, generated secret, attachments, thumbnails) 0600."""
+    data = tmp_path / 'fresh'
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_DATA_DIR': str(data), 'POSTBOX_SECRET': ''}).start()
+    try:
+        _, token = await register(server.url)
+        status, body = await upload(server.url, token, png(64, 64), 'a.png')
+        assert status == 201 and 'thumbnail_url' in body['attachment']
+        status, body = await upload(server.url, token, b'text', 'a.txt')
+        assert status == 201
+        files = [p for p in data.rglob('*') if p.is_file()]
+        names = {p.name for p in files}
+        assert {'postbox.db', 'postbox.db-wal', 'secret'} <= names, names
+        assert len([p for p in files if 'attachments' in p.parts]) == 3
+        assert {str(p): oct(mode(p)) for p in files
+                if mode(p) != 0o600} == {}
+        dirs = [data] + [p for p in data.rglob('*') if p.is_dir()]
+        assert {str(p): oct(mode(p)) for p in dirs
+                if mode(p) != 0o700} == {}
     finally:
         assert server.stop() == 0, server.read_log()
