@@ -943,7 +943,10 @@
   }
 
   function renderAttachment(a) {
-    if (a.content_type.startsWith('image/')) {
+    // Only the server's thumbnail is shown in the page: an image without
+    // one is too big to decode safely (it may be a decompression bomb) and
+    // is a download like any other file.
+    if (a.content_type.startsWith('image/') && a.thumbnail_url) {
       const img = el('img', 'att-image');
       img.alt = a.filename;
       if (a.width && a.height) {
@@ -951,10 +954,9 @@
         img.width = Math.round(a.width * scale);
         img.height = Math.round(a.height * scale);
       }
-      // The original when it is small enough (sharp on dense screens, and
-      // a GIF keeps moving); the server's thumbnail for big pictures.
-      const small = a.size <= 2 * 1024 * 1024 || a.content_type === 'image/gif';
-      blobUrl(small || !a.thumbnail_url ? a.url : a.thumbnail_url).then((url) => {
+      // The thumbnail, never the original: a small file can still decode
+      // to gigabytes. Clicking opens the original.
+      blobUrl(a.thumbnail_url).then((url) => {
         const box = $('messages');
         const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
         img.addEventListener('load', () => { if (atBottom) box.scrollTop = box.scrollHeight; }, {once: true});
