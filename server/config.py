@@ -79,6 +79,17 @@ class Config:
     send_burst: int = 30
     history_default_limit: int = 50
     sync_page_size: int = 500
+    # Reactions: every change sends the whole message (all its reactions)
+    # to every member, so a message carries at most this many distinct
+    # emoji (Slack's limit is 23) and one user at most this many of them;
+    # past either the react is `too_large`.
+    reactions_per_message_max: int = 20
+    reactions_per_user_max: int = 10
+    # Entries of each per-process lookup cache (username -> user id, dm
+    # pair -> dm room id): both never change once written, so a cache hit
+    # saves a database read per send by username; ~200 bytes an entry,
+    # ~20 MB per cache when full, and the oldest entries go first.
+    lookup_cache_entries: int = 100000
 
     # Typing: forward a typing:true at most once per this many seconds per
     # user and room; receivers expire it after 8 s (the contract).

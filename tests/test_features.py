@@ -1,4 +1,6 @@
 """Edits, deletes, reactions, replies, blocking and presence."""
+import asyncio
+
 from tests.helpers import connect, http, pair, register, unique_name
 
 
@@ -199,3 +201,181 @@ async def test_presence(server):
     await lone.close()
     await a.close()
     await c.close()
+
+
+async def test_blocked_user_cannot_react_or_type_in_the_dm(base):
+    """While A blocks B, B's reactions and typing in their dm are
+    `forbidden` and reach A not at all; in a group both still work."""
+    alice, bob, a, b, room = await pair(base)
+    msg = await send(a, room, 'before the block')
+    await b.next('message')
+    group = (await a.call('create_group', {
+        'name': 'g', 'members': [bob['username']]}))['room']
+    in_group = await send(a, group, 'in the group')
+    await b.next('message', where=lambda m: m['id'] == in_group['id'])
+    for c, r in ((a, room), (b, room), (a, group)):
+        assert (await c.call('join_room', {'room_id': r['id']}))['ok']
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['error']['code'] == 'forbidden', ack
+    ack = await b.call('typing', {'room_id': room['id'], 'typing': True})
+    assert ack['error']['code'] == 'forbidden', ack
+    await a.nothing('message_updated', 0.3)
+    await a.nothing('typing', 0.1)
+    # The blocker's own reaction still works; the message is unchanged
+    # by the refused one.
+    ack = await a.call('react', {'message_id': msg['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['message']['reactions'] == {'👍': [alice['id']]}
+    # Groups are unaffected by blocks.
+    ack = await b.call('react', {'message_id': in_group['id'],
+                                 'emoji': '👍', 'on': True})
+    assert ack['ok'], ack
+    got = await a.next('message_updated',
+                       where=lambda m: m['id'] == in_group['id'])
+    assert got['reactions'] == {'👍': [bob['id']]}
+    assert (await b.call('typing', {'room_id': group['id'],
+                                    'typing': True}))['ok']
+    got = await a.next('typing', where=lambda t: t['room_id'] == group['id'])
+    assert got['user']['id'] == bob['id'] and got['typing'] is True
+    # Unblocked, the dm works again.
+    assert (await a.call('unblock', {'username': bob['username']}))['ok']
+    ack = await b.call('react', {'message_id': msg['id'], 'emoji': '🎉',
+                                 'on': True})
+    assert ack['ok'], ack
+    await a.close()
+    await b.close()
+
+
+async def test_reactions_must_be_one_emoji(base):
+    alice, bob, a, b, room = await pair(base)
+    msg = await send(a, room, 'react to me')
+    junk = [f'junk{n}' for n in range(28)] + ['a', '👍👍', '👍 ', '1',
+                                              '\u200d', '\ufe0f']
+    for emoji in junk:
+        ack = await b.call('react', {'message_id': msg['id'],
+                                     'emoji': emoji, 'on': True})
+        assert ack['error']['code'] == 'invalid', (emoji, ack)
+    await a.nothing('message_updated', 0.3)
+    # Real emoji, including multi-code-point ones, are accepted.
+    for emoji in ('👍', '❤️', '👍🏽', '👨\u200d👩\u200d👧', '🇫🇷', '1️⃣',
+                  '🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067'
+                  '\U000e007f'):
+        ack = await b.call('react', {'message_id': msg['id'],
+                                     'emoji': emoji, 'on': True})
+        assert ack['ok'], (emoji, ack)
+    await a.close()
+    await b.close()
+
+
+EMOJI = [chr(c) for c in range(0x1F600, 0x1F600 + 40)]
+
+
+async def test_reactions_per_message_and_per_user_are_capped(loaded):
+    base = loaded.url
+    alice, bob, a, b, _ = await pair(base)
+    carol, tc = await register(base)
+    c = await connect(base, tc)
+    group = (await a.call('create_group', {
+        'name': 'g', 'members': [bob['username'], carol['username']]}))['room']
+    msg = await send(a, group, 'react to me')
+
+    async def react(client, emoji, on=True):
+        return await client.call('react', {'message_id': msg['id'],
+                                           'emoji': emoji, 'on': on})
+    # One user: 10 distinct emoji, the 11th is too_large.
+    for emoji in EMOJI[:10]:
+        assert (await react(b, emoji))['ok']
+    ack = await react(b, EMOJI[10])
+    assert ack['error']['code'] == 'too_large', ack
+    # The message: 20 distinct emoji at most.
+    for emoji in EMOJI[10:20]:
+        ack = await react(a, emoji)
+        assert ack['ok'], ack
+    assert len(ack['message']['reactions']) == 20
+    ack = await react(c, EMOJI[20])
+    assert ack['error']['code'] == 'too_large', ack
+    # Joining an existing emoji is still fine.
+    ack = await react(c, EMOJI[0])
+    assert ack['message']['reactions'][EMOJI[0]] == [bob['id'], carol['id']]
+    # Taking one back makes room for another.
+    assert (await react(b, EMOJI[1], on=False))['ok']
+    ack = await react(c, EMOJI[20])
+    assert ack['ok'], ack
+    assert len(ack['message']['reactions']) == 20
+    for client in (a, b, c):
+        await client.close()
+
+
+async def test_client_msg_id_reused_elsewhere_is_a_conflict(base):
+    alice, bob, a, b, room = await pair(base)
+    carol, _ = await register(base)
+    other = (await a.call('open_dm', {'username': carol['username']}))['room']
+    first = await send(a, room, 'hello', cmid='same-id')
+    # A true retry returns the first message.
+    again = await send(a, room, 'hello', cmid='same-id')
+    assert again['id'] == first['id']
+    # The same id for another room, or another body, is a conflict.
+    ack = await a.call('send_dm', {'room_id': other['id'], 'body': 'hello',
+                                   'client_msg_id': 'same-id'})
+    assert ack['ok'] is False and ack['error']['code'] == 'conflict', ack
+    ack = await a.call('send_dm', {'to': carol['username'], 'body': 'hello',
+                                   'client_msg_id': 'same-id'})
+    assert ack['error']['code'] == 'conflict', ack
+    ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'other',
+                                   'client_msg_id': 'same-id'})
+    assert ack['error']['code'] == 'conflict', ack
+    status, data = await http(base, 'POST', f'/api/rooms/{other["id"]}/'
+                              'messages', token=a.token,
+                              json={'body': 'hello',
+                                    'client_msg_id': 'same-id'})
+    assert status == 409 and data['error']['code'] == 'conflict', data
+    status, data = await http(base, 'POST', f'/api/rooms/{room["id"]}/'
+                              'messages', token=a.token,
+                              json={'body': 'hello',
+                                    'client_msg_id': 'same-id'})
+    assert status == 200 and data['message']['id'] == first['id']
+    # Two different sends with one id in the same write batch: one wins,
+    # the other is a conflict.
+    acks = await asyncio.gather(*(a.call('send_dm', {
+        'room_id': room['id'], 'body': f'racing {n}',
+        'client_msg_id': 'race-id'}) for n in range(2)))
+    assert sorted(ack['ok'] for ack in acks) == [False, True], acks
+    assert [ack['error']['code'] for ack in acks if not ack['ok']] == [
+        'conflict']
+    history = (await b.call('history', {'room_id': room['id']}))['messages']
+    assert [m['body'] for m in history] == ['hello', acks[0].get(
+        'message', acks[1].get('message'))['body']]
+    other_history = (await a.call('history', {
+        'room_id': other['id']}))['messages']
+    assert other_history == []
+    await a.close()
+    await b.close()
+
+
+async def test_send_by_username_still_checks_blocks_once_known(base):
+    """Sends by username skip the database once the dm is known; a block
+    made after that still refuses them."""
+    alice, bob, a, b, room = await pair(base)
+    for n in range(3):
+        ack = await b.call('send_dm', {'to': alice['username'],
+                                       'body': f'hi {n}',
+                                       'client_msg_id': f'to-{n}'})
+        assert ack['ok'] and ack['message']['room_id'] == room['id'], ack
+    assert (await b.call('open_dm', {'username': alice['username']}))[
+        'room']['id'] == room['id']
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    a.drain('message')
+    ack = await b.call('send_dm', {'to': alice['username'], 'body': 'again',
+                                   'client_msg_id': 'to-blocked'})
+    assert ack['error']['code'] == 'forbidden', ack
+    ack = await b.call('open_dm', {'username': alice['username']})
+    assert ack['error']['code'] == 'forbidden', ack
+    await a.nothing('message', 0.3)
+    # Bob's block of Alice does not stop Alice by username either way.
+    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'mine',
+                                   'client_msg_id': 'a-to'})
+    assert ack['ok'] and ack['message']['room_id'] == room['id']
+    await a.close()
+    await b.close()

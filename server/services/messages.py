@@ -14,7 +14,7 @@ import peewee
 
 import models
 from models import Attachment, Event, Membership, Message, Reaction, Room
-from server.errors import Forbidden, Invalid, NotFound, TooLarge
+from server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
@@ -24,7 +24,7 @@ from server.services.serialize import (attachment_dict, fetch_messages,
                                        placeholders)
 from server.store import execute, is_sqlite
 
-EMOJI_MAX = 32
+EMOJI_MAX = 32  # characters: the longest tag or ZWJ sequences are ~14
 
 
 @dataclasses.dataclass
@@ -96,7 +96,8 @@ def _insert_messages(calls):
     processes lock them in the same order), and the messages and their
     events are inserted a chunk of rows per statement. A retry of a
     message stored earlier, or of one earlier in the same batch, returns
-    that message with ``created`` False."""
+    that message with ``created`` False; the same client_msg_id for
+    another room or another body is a Conflict."""
     ctx = calls[0][0]
     outcomes = [None] * len(calls)
     stored = _stored_ids({(c[2], c[4]) for c in calls})
@@ -109,16 +110,18 @@ def _insert_messages(calls):
                               if c[1].kind != 'dm'})
     accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
     claimed = set()  # attachments of the sends accepted so far
-    for i, (_, info, sender_id, _, client_msg_id, attachment_ids,
+    for i, (_, info, sender_id, body, client_msg_id, attachment_ids,
             reply_to) in enumerate(calls):
         key = (sender_id, client_msg_id)
         if info.kind != 'dm' and (info.id, sender_id) not in members:
             outcomes[i] = Forbidden('you are not a member of this room')
         elif key in stored:
-            outcomes[i] = (message_dict(ctx, Message.get_by_id(stored[key])),
-                           False)
+            outcomes[i] = _retry(ctx, stored[key], info.id, body)
         elif key in first:
-            outcomes[i] = first[key]  # resolved to its message below
+            earlier = calls[first[key]]
+            # A retry is resolved to its message below.
+            outcomes[i] = (first[key] if (earlier[1].id, earlier[3]) ==
+                           (info.id, body) else _reused())
         else:
             outcomes[i] = _refusal(info, sender_id, attachment_ids, reply_to,
                                    blocked, claimed)
@@ -132,6 +135,23 @@ def _insert_messages(calls):
         if isinstance(outcome, int):  # a retry within this batch
             outcomes[i] = (outcomes[outcome][0], False)
     return outcomes
+
+
+def _reused():
+    return Conflict('client_msg_id: already used for another message')
+
+
+def _retry(ctx, message_id, room_id, body):
+    """The outcome of a send whose (sender, client_msg_id) is already
+    stored: the first message, not created again, if this is its retry
+    (same room and body; an edited or deleted message no longer shows the
+    body it was sent with, so there the room decides); else a Conflict."""
+    message = Message.get_by_id(message_id)
+    if message.room_id != room_id or (
+            message.body != body and message.edited_at is None and
+            not message.deleted):
+        return _reused()
+    return message_dict(ctx, message), False
 
 
 def _stored_ids(keys) -> dict:
@@ -321,7 +341,8 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     Exactly one of ``room_id`` or ``to`` (a username: the dm with that user,
     opened if needed). Idempotent on (sender, client_msg_id): a retry
     returns the first message with ``created`` False. Raises Invalid,
-    TooLarge, NotFound, Forbidden (not a member, or blocked), RateLimited.
+    TooLarge, NotFound, Forbidden (not a member, or blocked), RateLimited,
+    Conflict (the client_msg_id was used for another room or body).
     """
     attachments = [] if attachments is None else attachments
     if not isinstance(attachments, list) or not all(
@@ -341,9 +362,7 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     ctx.send_limiter.take(sender_id)
     new_room = None
     if to is not None:
-        room, created = await rooms_service.open_dm(ctx, sender_id, to)
-        room_id = room['id']
-        new_room = room if created else None
+        room_id, new_room = await rooms_service.dm_to(ctx, sender_id, to)
     info = await rooms_service.member_room(ctx, sender_id, room_id)
     message, created = await ctx.store.write(
         _insert_message, ctx, info, sender_id, body, client_msg_id,
@@ -405,15 +424,27 @@ def _delete(user_id, removed_keys):
     return change
 
 
-def _react(user_id, emoji, on):
+def _react(ctx, user_id, emoji, on):
     def change(message, now):
         if message.deleted:
             raise Invalid('the message was deleted')
+        if rooms_service.dm_blocked(ctx, message.room_id, user_id):
+            raise Forbidden('this user does not accept your reactions')
         if on:
-            if Reaction.select().where(
-                    Reaction.message == message.id, Reaction.user == user_id,
-                    Reaction.emoji == emoji).exists():
+            present = list(Reaction.select(Reaction.user, Reaction.emoji)
+                           .where(Reaction.message == message.id).tuples())
+            if (user_id, emoji) in present:
                 return False
+            config = ctx.config
+            if sum(u == user_id for u, _ in present) >= \
+                    config.reactions_per_user_max:
+                raise TooLarge(f'at most {config.reactions_per_user_max} '
+                               f'reactions of yours on one message')
+            kinds = {e for _, e in present}
+            if emoji not in kinds and \
+                    len(kinds) >= config.reactions_per_message_max:
+                raise TooLarge(f'at most {config.reactions_per_message_max} '
+                               f'different reactions on one message')
             Reaction.create(message=message.id, user=user_id, emoji=emoji,
                             created_at=now)
             return True
@@ -451,13 +482,79 @@ async def delete_message(ctx, user_id, message_id):
 
 async def react(ctx, user_id, message_id, emoji, on):
     """Add or remove the user's ``emoji`` reaction on a message of a room
-    they are in. Returns (message, changed, member ids)."""
-    if not isinstance(emoji, str) or not 1 <= len(emoji) <= EMOJI_MAX or \
-            any(c.isspace() for c in emoji):
-        raise Invalid(f'emoji: 1 to {EMOJI_MAX} characters, no spaces')
+    they are in. Returns (message, changed, member ids). Raises Invalid
+    (not one emoji), TooLarge (past the per-message or per-user number of
+    reactions), Forbidden (a dm with a user who blocks you)."""
+    check_emoji(emoji)
     if not isinstance(on, bool):
         raise Invalid('on must be true or false')
-    return await _apply(ctx, user_id, message_id, _react(user_id, emoji, on))
+    return await _apply(ctx, user_id, message_id,
+                        _react(ctx, user_id, emoji, on))
+
+
+# Code points that are emoji on their own (Unicode's Extended_Pictographic,
+# by blocks): the misc symbols, dingbats, arrows and the emoji planes.
+_PICTOGRAPHIC = ((0x00A9, 0x00A9), (0x00AE, 0x00AE), (0x203C, 0x203C),
+                 (0x2049, 0x2049), (0x2122, 0x2122), (0x2139, 0x2139),
+                 (0x2194, 0x2199), (0x21A9, 0x21AA), (0x231A, 0x231B),
+                 (0x2328, 0x2328), (0x23CF, 0x23CF), (0x23E9, 0x23F3),
+                 (0x23F8, 0x23FA), (0x24C2, 0x24C2), (0x25AA, 0x25AB),
+                 (0x25B6, 0x25B6), (0x25C0, 0x25C0), (0x25FB, 0x25FE),
+                 (0x2600, 0x27BF), (0x2934, 0x2935), (0x2B05, 0x2B07),
+                 (0x2B1B, 0x2B1C), (0x2B50, 0x2B50), (0x2B55, 0x2B55),
+                 (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3297),
+                 (0x3299, 0x3299), (0x1F000, 0x1F1E5), (0x1F200, 0x1F3FA),
+                 (0x1F400, 0x1FAFF))
+_VS16, _ZWJ, _KEYCAP = 0xFE0F, 0x200D, 0x20E3
+
+
+def _pictographic(cp) -> bool:
+    return any(lo <= cp <= hi for lo, hi in _PICTOGRAPHIC)
+
+
+def _is_emoji_element(cps) -> bool:
+    """One element of a ZWJ sequence: a pictographic code point, then
+    optionally VS16, a skin tone, or (a black flag) a tag sequence."""
+    if not cps or not _pictographic(cps[0]):
+        return False
+    rest = cps[1:]
+    if rest[:1] == [_VS16]:
+        rest = rest[1:]
+    if rest and 0x1F3FB <= rest[0] <= 0x1F3FF:
+        rest = rest[1:]
+    if rest and cps[0] == 0x1F3F4:  # subdivision flags: tags, then cancel
+        return (rest[-1] == 0xE007F and len(rest) > 1 and
+                all(0xE0020 <= c <= 0xE007E for c in rest[:-1]))
+    return not rest
+
+
+def is_emoji(text) -> bool:
+    """Whether ``text`` is exactly one emoji (one grapheme cluster of
+    emoji code points): a pictographic code point with its modifiers, a
+    ZWJ sequence of those, a flag (two regional indicators) or a keycap.
+    No library: the rules are few and stable, the code points a table."""
+    cps = [ord(c) for c in text]
+    if len(cps) == 2 and all(0x1F1E6 <= c <= 0x1F1FF for c in cps):
+        return True
+    if cps and chr(cps[0]) in '0123456789#*' and cps[1:] in (
+            [_VS16, _KEYCAP], [_KEYCAP]):
+        return True
+    elements, current = [], []
+    for cp in cps:
+        if cp == _ZWJ:
+            elements.append(current)
+            current = []
+        else:
+            current.append(cp)
+    elements.append(current)
+    return all(_is_emoji_element(e) for e in elements)
+
+
+def check_emoji(value) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= EMOJI_MAX or \
+            not is_emoji(value):
+        raise Invalid('emoji: exactly one emoji')
+    return value
 
 
 def _history(ctx, room_id, before, after, limit):

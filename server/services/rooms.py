@@ -105,16 +105,89 @@ def _find_user(username):
 
 
 async def find_user_id(ctx, username) -> int:
+    """The id of ``username``; NotFound if there is no such user. Cached
+    per process: a username never changes and users are never deleted."""
     username = check_username(username)
-    user_id = await ctx.store.read(_find_user, username)
+    user_id = ctx.user_ids.get(username)
     if user_id is None:
-        raise NotFound(f'no user {username!r}')
+        user_id = await ctx.store.read(_find_user, username)
+        if user_id is None:
+            raise NotFound(f'no user {username!r}')
+        ctx.user_ids.put(username, user_id)
     return user_id
 
 
 def is_blocked(blocker_id, blocked_id) -> bool:
     return (Block.select().where(Block.blocker == blocker_id,
                                  Block.blocked == blocked_id).exists())
+
+
+def dm_blocked(ctx, room_id, user_id) -> bool:
+    """Whether ``room_id`` is a dm whose other member blocks ``user_id``.
+    Runs on a database thread."""
+    info = ctx.rooms.get(room_id) or _load_room(room_id)
+    return (info is not None and info.kind == 'dm' and
+            is_blocked(info.other_member(user_id), user_id))
+
+
+async def check_not_blocked(ctx, info: RoomInfo, user_id):
+    """Forbidden if ``info`` is a dm whose other member blocks
+    ``user_id``: while blocked, nothing of theirs reaches the blocker
+    there (messages, reactions, typing). Groups are unaffected."""
+    if info.kind == 'dm' and await ctx.store.read(
+            is_blocked, info.other_member(user_id), user_id):
+        raise Forbidden('this user does not accept anything from you')
+
+
+def _find_dm(key):
+    return Room.select(Room.id).where(Room.dm_key == key).scalar()
+
+
+async def _dm_id(ctx, user_id, other_id):
+    """The id of the two users' dm room, None if never opened. Cached per
+    process: a dm's members never change and it is never deleted."""
+    key = dm_key(user_id, other_id)
+    room_id = ctx.dm_rooms.get(key)
+    if room_id is None:
+        room_id = await ctx.store.read(_find_dm, key)
+        if room_id is not None:
+            ctx.dm_rooms.put(key, room_id)
+    return room_id
+
+
+async def _other_user(ctx, user_id, username):
+    other_id = await find_user_id(ctx, username)
+    if other_id == user_id:
+        raise Invalid('you cannot open a dm with yourself')
+    return other_id
+
+
+async def _create_dm(ctx, user_id, other_id):
+    """Open the dm through the writer (it may not exist yet): ``(room
+    dict, created)``."""
+    info, room, created = await ctx.store.write(_open_dm, ctx, user_id,
+                                                other_id)
+    ctx.dm_rooms.put(dm_key(user_id, other_id), info.id)
+    return room, created
+
+
+async def dm_to(ctx, user_id, username):
+    """The dm a send by username goes to: ``(room id, room dict if this
+    call created the room, else None)``. A known dm costs no database
+    work: the send itself checks blocks inside the writer. Raises NotFound,
+    Invalid (yourself), Forbidden (blocked, when the dm is new)."""
+    other_id = await _other_user(ctx, user_id, username)
+    room_id = await _dm_id(ctx, user_id, other_id)
+    if room_id is not None:
+        return room_id, None
+    room, created = await _create_dm(ctx, user_id, other_id)
+    return room['id'], room if created else None
+
+
+def _dm_payload(ctx, info, user_id):
+    if is_blocked(info.other_member(user_id), user_id):
+        raise Forbidden('this user does not accept your messages')
+    return room_dict(ctx, info, _last_seq(info.id))
 
 
 def _open_dm(ctx, user_id, other_id):
@@ -144,13 +217,14 @@ def _open_dm(ctx, user_id, other_id):
 async def open_dm(ctx, user_id, username):
     """The dm room between ``user_id`` and ``username``, created on first
     use. Returns ``(room dict, created)``. Raises NotFound, Invalid (with
-    yourself) or Forbidden (the other user blocks you)."""
-    other_id = await find_user_id(ctx, username)
-    if other_id == user_id:
-        raise Invalid('you cannot open a dm with yourself')
-    info, room, created = await ctx.store.write(_open_dm, ctx, user_id,
-                                                other_id)
-    return room, created
+    yourself) or Forbidden (the other user blocks you). An existing dm
+    is one read; only a new one goes through the writer."""
+    other_id = await _other_user(ctx, user_id, username)
+    room_id = await _dm_id(ctx, user_id, other_id)
+    if room_id is None:
+        return await _create_dm(ctx, user_id, other_id)
+    info = await room_info(ctx, room_id)
+    return await ctx.store.read(_dm_payload, ctx, info, user_id), False
 
 
 def _create_group(ctx, user_id, name, member_ids, names):
@@ -226,7 +300,7 @@ def _inbox_rows(user_id, limit, before):
 def _last_messages(ctx, user_id, room_ids):
     """{room id: the dict of its latest message} for the user's rooms (all
     of them when ``room_ids`` is None). One query for the rows: each room's
-    highest seq is one probe of the (room, seq) index."""
+    latest message is one probe of the end of its (room, seq) index."""
     where, params = '"mb"."user_id" = ?', [user_id]
     if room_ids is not None:
         where += f' AND "mb"."room_id" IN ({placeholders(room_ids)})'
@@ -234,9 +308,8 @@ def _last_messages(ctx, user_id, room_ids):
     columns = ', '.join(f'"m".{c}' for c in MESSAGE_COLUMNS.split(', '))
     rows = [MessageRow(*row) for row in execute(
         f'SELECT {columns} FROM "membership" AS "mb" '
-        'JOIN "message" AS "m" ON "m"."room_id" = "mb"."room_id" '
-        'AND "m"."seq" = (SELECT MAX("seq") FROM "message" '
-        'WHERE "room_id" = "mb"."room_id") '
+        'JOIN "message" AS "m" ON "m"."id" = (SELECT "id" FROM "message" '
+        'WHERE "room_id" = "mb"."room_id" ORDER BY "seq" DESC LIMIT 1) '
         f'WHERE {where}', params).fetchall()]
     found = {}
     for start in range(0, len(rows), INBOX_CHUNK):
