@@ -672,3 +672,80 @@ def test_sign_out_everywhere_ends_other_sessions(people):
     expect(laptop.locator('#me-name')).to_have_text('Erin Park')
     for page in (laptop, phone):
         assert page.errors == []
+
+
+def test_group_members_panel(people):
+    """A group's members panel: the owner marked, adding people, renaming
+    and removing (owner only), leaving; every change shows live on the
+    others' pages, and a removed person's page drops the group."""
+    alice, bob, carol, dan = people(), people(), people(), people()
+    names = {p: unique_name(n) for p, n in ((alice, 'alice'), (bob, 'bob'),
+                                            (carol, 'carol'), (dan, 'dan'))}
+    for page, display in ((alice, 'Alice Martin'), (bob, 'Bob Chen'),
+                          (carol, 'Carol Diaz'), (dan, 'Dan Okafor')):
+        sign_up(page, names[page], display)
+    alice.click('#new-group-toggle')
+    alice.fill('#new-group-name', 'Book club')
+    alice.fill('#new-group-members', names[bob])
+    alice.click('#new-group button[type=submit]')
+    expect(alice.locator('#room-title')).to_have_text('Book club')
+    send(alice, 'First book: Dune')
+    bob.locator('.inbox-item', has_text='Book club').click()
+    expect(bubbles(bob)).to_have_text(['First book: Dune'])
+
+    # Bob is not the owner: he can add people, not rename or remove.
+    bob.click('#members-toggle')
+    panel = bob.locator('#members-panel')
+    expect(panel).to_be_visible()
+    expect(panel.locator('.member-name')).to_have_text(
+        ['Alice Martinowner', 'Bob Chen (you)'])
+    expect(panel.locator('.owner-badge')).to_have_count(1)
+    expect(bob.locator('#rename-form')).to_be_hidden()
+    expect(panel.locator('.member-remove')).to_have_count(0)
+    bob.fill('#add-input', f'{names[carol]}, {names[dan]}')
+    bob.click('#add-submit')
+    expect(panel.locator('.member-name')).to_have_count(4)
+    expect(bob.locator('#members-toggle')).to_have_text('Members (4)')
+    # Carol and Dan get the group live, with what was said before.
+    for page in (carol, dan):
+        page.locator('.inbox-item', has_text='Book club').click()
+        expect(bubbles(page)).to_have_text(['First book: Dune'])
+    expect(alice.locator('#room-status')).to_contain_text('4 members')
+
+    # The owner renames and removes Dan.
+    alice.click('#members-toggle')
+    apanel = alice.locator('#members-panel')
+    expect(apanel.locator('.member-remove')).to_have_count(3)
+    alice.fill('#rename-input', 'Sci-fi club')
+    alice.click('#rename-submit')
+    for page in (alice, bob, carol, dan):
+        expect(page.locator('#room-title')).to_have_text('Sci-fi club')
+    shot(alice, 'group-members.png')
+    apanel.locator('.member', has_text=names[dan]).locator(
+        '.member-remove').click()
+    expect(apanel.locator('.member-name')).to_have_count(3)
+    expect(panel.locator('.member-name')).to_have_count(3)
+    # Dan's page drops the group at once and says so.
+    expect(dan.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
+    expect(dan.locator('#room')).to_be_hidden()
+    expect(dan.locator('#sidebar-error')).to_have_text(
+        'You are no longer in “Sci-fi club”.')
+    send(alice, 'Dan moved to the poetry group')
+    expect(bubbles(carol)).to_have_text(
+        ['First book: Dune', 'Dan moved to the poetry group'])
+
+    # The owner leaves: Bob, the longest-standing member, owns it now.
+    alice.click('#leave-group')
+    expect(alice.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
+    expect(panel.locator('.owner-badge')).to_have_count(1)
+    expect(panel.locator('.member', has=bob.locator('.owner-badge'))).to_contain_text(
+        'Bob Chen (you)')
+    expect(bob.locator('#rename-form')).to_be_visible()
+    shot(bob, 'group-new-owner.png')
+    # A reload of Dan's page keeps the group gone.
+    dan.reload()
+    expect(dan.locator('#me-name')).to_have_text('Dan Okafor')
+    expect(dan.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
+    for page in (alice, bob, carol, dan):
+        assert page.errors == [] and page.console_errors == [], (
+            page.errors, page.console_errors)

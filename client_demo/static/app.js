@@ -278,6 +278,7 @@
     socket.on('message', (m) => onMessage(m, true));
     socket.on('message_updated', (m) => onMessageUpdated(m, true));
     socket.on('room', onRoom);
+    socket.on('room_left', onRoomLeft);
     socket.on('typing', onTyping);
     socket.on('read', onRead);
     socket.on('presence', onPresence);
@@ -313,8 +314,13 @@
     for (;;) {
       const ack = await call('sync', {rooms: Object.fromEntries(state.lastSeq)});
       for (const ev of ack.events) {
+        if (ev.type === 'room_left') {  // left or removed while away
+          onRoomLeft(ev);
+          continue;
+        }
         if (ev.type === 'message') onMessage(ev.message, true);
         else if (ev.type === 'message_updated') onMessageUpdated(ev.message, true);
+        else if (ev.type === 'room') onRoom(ev.room);
         bumpSeq(ev.room_id, ev.seq);
       }
       if (!ack.has_more || !ack.events.length) break;
@@ -409,6 +415,8 @@
     document.title = unread ? `(${unread}) Postbox` : 'Postbox';
   }
 
+  // A new room, or a group whose members, owner or name changed (its
+  // last_seq is then the seq of that change).
   function onRoom(room) {
     const entry = state.rooms.get(room.id);
     if (entry) entry.room = room;
@@ -416,9 +424,23 @@
       state.rooms.set(room.id, {room, last_message: null, unread: 0, last_read_seq: 0});
       if (!state.lastSeq.has(room.id)) state.lastSeq.set(room.id, room.last_seq);
     }
+    bumpSeq(room.id, room.last_seq);
     renderInbox();
     queryPresence();
     if (room.id === state.current) renderRoomHeader();
+  }
+
+  // I left the group, or was removed: it goes from this view entirely.
+  function onRoomLeft(ev) {
+    const roomId = ev.room_id;
+    const entry = state.rooms.get(roomId);
+    state.rooms.delete(roomId);
+    state.lastSeq.delete(roomId);
+    state.convos.delete(roomId);
+    state.typing.delete(roomId);
+    if (state.current === roomId) closeRoom();
+    renderInbox();
+    if (entry) showError('sidebar-error', `You are no longer in “${roomTitle(entry.room)}”.`);
   }
 
   async function startDm(event) {
@@ -571,6 +593,7 @@
       state.picker = null;
       state.current = roomId;
       state.nodes.clear();
+      toggleMembers(false);
       history.replaceState(null, '', `#room=${roomId}`);
       $('app').classList.add('in-room');
       $('no-room').hidden = true;
@@ -617,6 +640,7 @@
     state.current = null;
     state.picker = null;
     state.nodes.clear();
+    toggleMembers(false);
     history.replaceState(null, '', location.pathname);
     $('app').classList.remove('in-room');
     $('room').hidden = true;
@@ -642,6 +666,102 @@
       $('room-status').textContent = `${room.members.length} members: ${room.members.map(userName).join(', ')}`;
     }
     renderBlock(other);
+    $('members-toggle').hidden = room.kind !== 'group';
+    $('members-toggle').textContent = `Members (${room.members.length})`;
+    if (room.kind !== 'group') toggleMembers(false);
+    else renderMembers();
+  }
+
+  // ---------- group members ----------
+
+  function currentGroup() {
+    const entry = state.rooms.get(state.current);
+    return entry && entry.room.kind === 'group' ? entry.room : null;
+  }
+
+  function toggleMembers(open) {
+    const show = !!currentGroup() && (open === undefined ? $('members-panel').hidden : open);
+    $('members-panel').hidden = !show;
+    $('members-toggle').setAttribute('aria-expanded', String(show));
+    showError('members-error', '');
+    if (show) renderMembers();
+  }
+
+  function renderMembers() {
+    const room = currentGroup();
+    if (!room || $('members-panel').hidden) return;
+    const me = state.me;
+    const owner = !!me && room.owner_id === me.id;
+    $('members-title').textContent = `Members (${room.members.length})`;
+    $('rename-form').hidden = !owner;
+    if (owner && document.activeElement !== $('rename-input')) $('rename-input').value = room.name || '';
+    const items = room.members.map((u) => {
+      const li = el('li', 'member');
+      li.dataset.username = u.username;
+      const av = el('div', 'avatar');
+      paintAvatar(av, userName(u), u.username);
+      const text = el('div', 'member-text');
+      const name = el('div', 'member-name', userName(u) + (me && u.id === me.id ? ' (you)' : ''));
+      if (u.id === room.owner_id) name.append(el('span', 'owner-badge', 'owner'));
+      text.append(name, el('div', 'muted small', `@${u.username}`));
+      li.append(av, text);
+      if (owner && u.id !== me.id) {
+        const remove = el('button', 'member-remove', 'Remove');
+        remove.type = 'button';
+        remove.title = `Remove @${u.username} from the group`;
+        remove.addEventListener('click', () => removeMember(room.id, u.username, remove));
+        li.append(remove);
+      }
+      return li;
+    });
+    $('members-list').replaceChildren(...items);
+  }
+
+  // Runs one group event; its ack's room (if any) updates the view at once
+  // (the live `room` event that follows changes nothing more).
+  async function groupCall(event, data, button) {
+    showError('members-error', '');
+    if (button) button.disabled = true;
+    try {
+      const ack = await call(event, data);
+      if (ack.room) onRoom(ack.room);
+      return ack;
+    } catch (err) {
+      showError('members-error', err.message);
+      return null;
+    } finally {
+      if (button) button.disabled = false;
+    }
+  }
+
+  async function addMembers(event) {
+    event.preventDefault();
+    const room = currentGroup();
+    const members = $('add-input').value.split(/[\s,]+/).map((s) => s.trim().toLowerCase()).filter(Boolean);
+    if (!room || !members.length) return;
+    if (await groupCall('add_members', {room_id: room.id, members}, $('add-submit'))) {
+      $('add-input').value = '';
+    }
+  }
+
+  async function renameGroup(event) {
+    event.preventDefault();
+    const room = currentGroup();
+    if (!room) return;
+    await groupCall('rename_group', {room_id: room.id, name: $('rename-input').value.trim()},
+      $('rename-submit'));
+  }
+
+  function removeMember(roomId, username, button) {
+    return groupCall('remove_member', {room_id: roomId, username}, button);
+  }
+
+  async function leaveGroup() {
+    const room = currentGroup();
+    if (!room) return;
+    if (await groupCall('leave_group', {room_id: room.id}, $('leave-group'))) {
+      onRoomLeft({room_id: room.id});
+    }
   }
 
   // ---------- blocking (dm rooms) ----------
@@ -1324,6 +1444,11 @@
     $('logout-all').addEventListener('click', signOutEverywhere);
     $('block-toggle').addEventListener('click', toggleBlock);
     $('block-notice-undo').addEventListener('click', toggleBlock);
+    $('members-toggle').addEventListener('click', () => toggleMembers());
+    $('members-close').addEventListener('click', () => toggleMembers(false));
+    $('add-form').addEventListener('submit', addMembers);
+    $('rename-form').addEventListener('submit', renameGroup);
+    $('leave-group').addEventListener('click', leaveGroup);
     $('reply-cancel').addEventListener('click', () => {
       cancelReply();
       $('composer-input').focus();
