@@ -11,6 +11,7 @@ from playhouse.migrate import SchemaMigrator, migrate as run_ops  # noqa: F401
 
 from peewee import TextField
 
+from . import search
 from . import ALL_MODELS, Departure, Room, SchemaVersion, User
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,17 @@ def _v4_group_life_cycle(database, migrator):
     database.create_tables([Departure], safe=True)
 
 
+def _v5_search_index(database, migrator):
+    """The search index (``models/search.py``): its tables and the
+    triggers that keep it with every write. Existing messages are indexed
+    afterwards, while the server serves, a batch per write transaction
+    (``search.backfill_step``, run by ``server.services.search``), newest
+    first; until then a search finds only what it has reached."""
+    search.install(database)
+
+
 MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
-              _v4_group_life_cycle]
+              _v4_group_life_cycle, _v5_search_index]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -78,6 +88,9 @@ def migrate(database):
         database.create_tables(ALL_MODELS, safe=True)
         if not SchemaVersion.select().exists():
             SchemaVersion.create(version=CURRENT_VERSION)
+            # Not a model: raw SQL (triggers, FTS5), made here for a new
+            # database as the migration makes it for an old one.
+            search.install(database, backfill=False)
             return
     migrator = SchemaMigrator.from_database(database)
     for number, step in enumerate(MIGRATIONS, start=2):

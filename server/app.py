@@ -20,6 +20,7 @@ from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
 from server.services import attachments, presence, rooms
+from server.services import search as search_service
 from server.services.context import Context
 from server.services.limits import Limits, SharedConnections, SharedThrottle
 from server.services.live import Presence, Typing
@@ -182,6 +183,16 @@ def create_app(config) -> web.Application:
         await asyncio.gather(task, return_exceptions=True)
 
     app.cleanup_ctx.append(attachment_cleanup)
+
+    async def search_backfill(app):
+        # Messages stored before the upgrade that added search: indexed
+        # in the background, a batch per write transaction.
+        task = asyncio.create_task(search_service.backfill(ctx))
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(search_backfill)
     if manager is not None:
         async def redis_fanout(app):
             await manager.start()

@@ -79,6 +79,15 @@ class Config:
     send_burst: int = 30
     history_default_limit: int = 50
     sync_page_size: int = 500
+    # Search: a page of 20 results fills a screen (the contract allows up
+    # to 50); queries longer than 200 characters are not searches but
+    # pastes, and every word costs a pass over the candidates.
+    search_default_limit: int = 20
+    search_query_max_chars: int = 200
+    # Existing messages indexed per write transaction after the upgrade
+    # that adds search: 5,000 rows take the writer about 0.1 s, so sends
+    # queued behind a batch wait about that long.
+    search_backfill_batch: int = 5000
     # Reactions: every change sends the whole message (all its reactions)
     # to every member, so a message carries at most this many distinct
     # emoji (Slack's limit is 23) and one user at most this many of them;

@@ -27,6 +27,7 @@ import peewee
 from playhouse.db_url import parse as parse_db_url
 
 import models
+from models import search as search_index
 from models.migrations import migrate
 from server.errors import Conflict, PostboxError, Unavailable
 
@@ -47,17 +48,21 @@ def open_database(url: str, config) -> peewee.Database:
         path = url[len('sqlite:///'):]
         if path != ':memory:':
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return peewee.SqliteDatabase(path, timeout=30, pragmas={
-            'journal_mode': 'wal',
-            'synchronous': config.sqlite_synchronous.upper(),
-            'foreign_keys': 1,
-            'cache_size': -1024 * config.sqlite_cache_mib,  # KiB when < 0
-            'busy_timeout': 30000,
-        })
+        # attach: the search index's dialect, and its fold function on
+        # every connection (the index's triggers call it).
+        return search_index.attach(peewee.SqliteDatabase(
+            path, timeout=30, pragmas={
+                'journal_mode': 'wal',
+                'synchronous': config.sqlite_synchronous.upper(),
+                'foreign_keys': 1,
+                'cache_size': -1024 * config.sqlite_cache_mib,  # KiB if < 0
+                'busy_timeout': 30000,
+            }))
     if scheme in ('postgres', 'postgresql'):
         params = parse_db_url(url)
         name = params.pop('database')
-        return peewee.PostgresqlDatabase(name, autorollback=True, **params)
+        return search_index.attach(
+            peewee.PostgresqlDatabase(name, autorollback=True, **params))
     raise ValueError(f'unsupported database URL scheme {scheme!r}')
 
 

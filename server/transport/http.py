@@ -9,6 +9,7 @@ from server.errors import Invalid, NotFound, PostboxError, Unauthorized
 from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
 from server.services import auth, messages, rooms
+from server.services import search as search_service
 from server.transport.addresses import client_address
 from server.transport.packets import deeper_than
 
@@ -322,6 +323,17 @@ async def list_blocks(request):
         {'blocks': await rooms.list_blocks(request.app[CTX], user['id'])})
 
 
+async def search(request):
+    """``GET /api/search?q=&room_id=&before=&limit=`` -> ``{results,
+    has_more}`` (the ``search`` event)."""
+    user = await current_user(request)
+    return web.json_response(await search_service.search(
+        request.app[CTX], user['id'], request.query.get('q'),
+        room_id=query_int(request, 'room_id'),
+        before=query_int(request, 'before'),
+        limit=query_int(request, 'limit')))
+
+
 async def healthz(request):
     return web.json_response({'ok': True})
 
@@ -357,5 +369,6 @@ def add_routes(app: web.Application):
                           remove_room_member)
     app.router.add_patch(r'/api/rooms/{room_id}', update_room)
     app.router.add_get('/api/blocks', list_blocks)
+    app.router.add_get('/api/search', search)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', readyz)

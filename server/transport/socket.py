@@ -9,6 +9,7 @@ import socketio
 from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
 from server.logs import new_request_id
 from server.services import auth, limits, messages, presence, rooms
+from server.services import search as search_service
 from server.transport.addresses import client_address
 from server.transport.realtime import room_room, user_room
 
@@ -312,6 +313,12 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     async def unblock(sid, user, data):
         await rooms.set_block(ctx, user['id'], data.get('username'), False)
         return {}
+
+    @on_event('search')
+    async def search(sid, user, data):
+        return await search_service.search(
+            ctx, user['id'], data.get('query'), room_id=data.get('room_id'),
+            before=data.get('before'), limit=data.get('limit'))
 
     @on_event('presence')
     async def presence_(sid, user, data):

@@ -1,0 +1,293 @@
+"""Search (`search` event, `GET /api/search`): words in any script, case
+and accents ignored, only the caller's rooms, current bodies only, newest
+first with paging. Runs on SQLite, and on PostgreSQL with
+POSTBOX_TEST_DB=postgres (tests/run.sh)."""
+import asyncio
+import sqlite3
+from contextlib import closing
+from urllib.parse import quote
+
+from tests.helpers import ServerProcess, connect, http, pair, register, \
+    unique_name
+
+
+async def send(client, room, body):
+    ack = await client.call('send_dm', {'room_id': room['id'], 'body': body,
+                                        'client_msg_id': unique_name('c')})
+    assert ack['ok'], ack
+    return ack['message']
+
+
+async def found(client, query, **extra):
+    """The bodies a search finds, newest first."""
+    ack = await client.call('search', {'query': query, **extra})
+    assert ack['ok'], ack
+    return [m['body'] for m in ack['results']]
+
+
+async def test_case_and_accents_are_ignored_both_ways(base):
+    alice, bob, a, b, room = await pair(base)
+    await send(a, room, 'Viele Grüße aus Köln!')
+    await send(b, room, 'un café crème, merci')
+    await send(a, room, 'CAFE NOIR please')
+    for query in ('grüße', 'GRÜSSE', 'grüsse', 'Grusse', 'köln', 'KOLN'):
+        assert await found(b, query) == ['Viele Grüße aus Köln!'], query
+    both = ['CAFE NOIR please', 'un café crème, merci']
+    for query in ('cafe', 'café', 'CAFÉ', 'Cafè'):
+        assert await found(a, query) == both, query
+    assert await found(a, 'creme merci') == ['un café crème, merci']
+    await a.close()
+    await b.close()
+
+
+async def test_words_inside_words_and_short_words(base):
+    alice, bob, a, b, room = await pair(base)
+    await send(a, room, 'the redeployment finished')
+    await send(a, room, 'ok, see the book')
+    # 3+ characters match inside longer words, in any case.
+    assert await found(b, 'deploy') == ['the redeployment finished']
+    assert await found(b, 'DEPLOYM') == ['the redeployment finished']
+    assert await found(b, 'ploy fini') == ['the redeployment finished']
+    # Shorter words match at the start of a word only.
+    assert await found(b, 'ok') == ['ok, see the book']
+    assert await found(b, 'OK') == ['ok, see the book']
+    assert await found(b, 're') == ['the redeployment finished']
+    assert await found(b, 'oo') == []
+    # Punctuation is not part of a word.
+    assert await found(b, '"ok" (see)') == ['ok, see the book']
+    await a.close()
+    await b.close()
+
+
+async def test_japanese_korean_and_other_scripts(base):
+    alice, bob, a, b, room = await pair(base)
+    tokyo = await send(a, room, '東京タワーに行きました')
+    await send(a, room, '京都は明日です')
+    korean = await send(b, room, '내일 회의는 취소되었습니다')
+    await send(b, room, 'Привет, как дела?')
+    assert await found(b, '東京') == [tokyo['body']]  # 2 characters
+    assert await found(b, 'タワー') == [tokyo['body']]
+    assert await found(b, '行き') == [tokyo['body']]
+    ack = await b.call('search', {'query': '京'})
+    assert ack['error']['code'] == 'invalid'
+    assert await found(a, '회의') == [korean['body']]
+    assert await found(a, '취소') == [korean['body']]
+    assert await found(a, '회의는 내일') == [korean['body']]
+    assert await found(a, 'ПРИВЕТ') == ['Привет, как дела?']
+    assert await found(a, 'дела') == ['Привет, как дела?']
+    await a.close()
+    await b.close()
+
+
+async def test_every_word_must_occur(base):
+    alice, bob, a, b, room = await pair(base)
+    await send(a, room, 'lunch tomorrow at noon')
+    await send(a, room, 'lunch today')
+    await send(a, room, 'tomorrow is friday')
+    assert await found(b, 'lunch tomorrow') == ['lunch tomorrow at noon']
+    assert await found(b, 'tomorrow lunch') == ['lunch tomorrow at noon']
+    assert await found(b, 'lunch') == ['lunch today',
+                                       'lunch tomorrow at noon']
+    assert await found(b, 'lunch friday') == []
+    await a.close()
+    await b.close()
+
+
+async def test_only_rooms_the_caller_is_in_now(base):
+    alice, bob, a, b, room = await pair(base)
+    carol, tc = await register(base)
+    c = await connect(base, tc)
+    word = unique_name('zebra')
+    await send(a, room, f'secret {word}')
+    ack = await c.call('open_dm', {'username': alice['username']})
+    other = ack['room']
+    await send(c, other, f'carol {word}')
+    assert await found(c, word) == [f'carol {word}']
+    assert await found(b, word) == [f'secret {word}']
+    assert await found(a, word) == [f'carol {word}', f'secret {word}']
+    # Naming a room you are not in does not search it.
+    ack = await c.call('search', {'query': word, 'room_id': room['id']})
+    assert ack['error']['code'] == 'forbidden'
+    ack = await c.call('search', {'query': word, 'room_id': 10 ** 12})
+    assert ack['error']['code'] == 'not_found'
+    status, body = await http(base, 'GET', '/api/search?q=' + word +
+                              f'&room_id={room["id"]}', token=tc)
+    assert status == 403 and body['error']['code'] == 'forbidden'
+    # A group left is no longer searched.
+    ack = await a.call('create_group', {'name': 'g', 'members': [
+        bob['username'], carol['username']]})
+    group = ack['room']
+    await send(a, group, f'group {word}')
+    assert await found(c, word) == [f'group {word}', f'carol {word}']
+    ack = await c.call('leave_group', {'room_id': group['id']})
+    assert ack['ok'], ack
+    assert await found(c, word) == [f'carol {word}']
+    for client in (a, b, c):
+        await client.close()
+
+
+async def test_edits_and_deletes(base):
+    alice, bob, a, b, room = await pair(base)
+    first = await send(a, room, 'the meeting is on monday')
+    second = await send(a, room, 'bring the invoice')
+    ack = await a.call('edit_message', {'message_id': first['id'],
+                                        'body': 'the concert is on tuesday'})
+    assert ack['ok'], ack
+    assert await found(b, 'monday') == []
+    assert await found(b, 'meeting') == []
+    assert await found(b, 'tuesday') == ['the concert is on tuesday']
+    ack = await b.call('search', {'query': 'concert'})
+    assert ack['results'][0]['edited_at'] is not None
+    # A reaction leaves the message findable (and unchanged).
+    ack = await b.call('react', {'message_id': second['id'], 'emoji': '👍',
+                                 'on': True})
+    assert ack['ok'], ack
+    ack = await b.call('search', {'query': 'invoice'})
+    assert [m['id'] for m in ack['results']] == [second['id']]
+    assert ack['results'][0]['reactions'] == {'👍': [bob['id']]}
+    ack = await a.call('delete_message', {'message_id': second['id']})
+    assert ack['ok'], ack
+    assert await found(b, 'invoice') == []
+    assert await found(b, 'the') == ['the concert is on tuesday']
+    await a.close()
+    await b.close()
+
+
+async def test_paging_newest_first_and_room_filter(base):
+    alice, bob, a, b, room = await pair(base)
+    carol, tc = await register(base)
+    c = await connect(base, tc)
+    ack = await a.call('open_dm', {'username': carol['username']})
+    other = ack['room']
+    sent = []
+    for i in range(5):
+        sent.append(await send(a, room, f'weekend plan {i}'))
+        sent.append(await send(a, other, f'weekend trip {i}'))
+    ids = [m['id'] for m in reversed(sent)]
+    ack = await a.call('search', {'query': 'weekend', 'limit': 4})
+    assert [m['id'] for m in ack['results']] == ids[:4]
+    assert ack['has_more'] is True
+    pages, before = [], None
+    while True:
+        query = {'query': 'weekend', 'limit': 3}
+        if before:
+            query['before'] = before
+        ack = await a.call('search', query)
+        pages += [m['id'] for m in ack['results']]
+        before = ack['results'][-1]['id'] if ack['results'] else None
+        if not ack['has_more']:
+            break
+    assert pages == ids
+    # One room only.
+    ack = await a.call('search', {'query': 'weekend', 'room_id': room['id']})
+    assert [m['body'] for m in ack['results']] == [
+        f'weekend plan {i}' for i in reversed(range(5))]
+    assert ack['has_more'] is False
+    ack = await a.call('search', {'query': 'weekend', 'room_id': room['id'],
+                                  'before': sent[4]['id'], 'limit': 1})
+    assert [m['body'] for m in ack['results']] == ['weekend plan 1']
+    assert ack['has_more'] is True
+    # The same over HTTP.
+    status, body = await http(
+        base, 'GET', f'/api/search?q=weekend&room_id={other["id"]}'
+        f'&limit=2&before={sent[5]["id"]}', token=a.token)
+    assert status == 200, body
+    assert [m['body'] for m in body['results']] == ['weekend trip 1',
+                                                    'weekend trip 0']
+    assert body['has_more'] is False
+    assert body['results'][0]['sender']['id'] == alice['id']
+    status, body = await http(base, 'GET', '/api/search?q=' +
+                              quote('wEEkénd PLAN 3'), token=c.token)
+    assert status == 200 and body == {'results': [], 'has_more': False}
+    for client in (a, b, c):
+        await client.close()
+
+
+async def test_invalid_queries(base):
+    alice, bob, a, b, room = await pair(base)
+    await send(a, room, '100% sure_thing "quoted" AND OR NOT * ^ -x')
+    for query in ('', 'a', ' b ', 'x' * 201, None, 12, ['ab']):
+        ack = await a.call('search', {'query': query})
+        assert ack['error']['code'] == 'invalid', (query, ack)
+    for extra in ({'limit': 0}, {'limit': 51}, {'limit': 'x'},
+                  {'before': 'x'}, {'before': 0}, {'room_id': 'x'},
+                  {'limit': True}):
+        ack = await a.call('search', {'query': 'sure', **extra})
+        assert ack['error']['code'] == 'invalid', (extra, ack)
+    ack = await a.call('search', 'sure')
+    assert ack['error']['code'] == 'invalid'
+    # Query syntax of the index is just text here.
+    for query in ('100%', 'sure_thing', '"quoted"', 'AND OR', 'NOT *',
+                  '^ -x'):
+        assert len(await found(a, query)) == 1, query
+    ack = await a.call('search', {'query': '!!'})
+    assert ack == {'ok': True, 'results': [], 'has_more': False}
+    for path in ('/api/search', '/api/search?q=a', '/api/search?q=ok&limit=x',
+                 '/api/search?q=ok&limit=60', '/api/search?q=ok&before=y'):
+        status, body = await http(base, 'GET', path, token=a.token)
+        assert status == 400 and body['error']['code'] == 'invalid', (
+            path, body)
+    status, body = await http(base, 'GET', '/api/search?q=ok')
+    assert status == 401
+    await a.close()
+    await b.close()
+
+
+async def _search_until(client, query, expected, timeout=30):
+    """Search until the answer is ``expected`` (the backfill runs in the
+    background), within ``timeout`` seconds; returns the last answer."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await found(client, query, limit=50)
+        if got == expected or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.1)
+
+
+async def test_messages_from_before_the_upgrade_are_indexed(tmp_path):
+    """A version 4 database (no search index) upgraded: the migration
+    makes the index and the messages already stored are indexed in
+    batches (here of 3) while the server serves."""
+    server = ServerProcess(tmp_path).start()
+    alice, bob, a, b, room = await pair(server.url)
+    old = [await send(a, room, f'Überraschung number {i}')
+           for i in range(10)]
+    ack = await a.call('edit_message', {'message_id': old[2]['id'],
+                                        'body': 'changed before'})
+    assert ack['ok']
+    ack = await a.call('delete_message', {'message_id': old[3]['id']})
+    assert ack['ok']
+    await a.close()
+    await b.close()
+    assert await server.astop() == 0
+    db_path = tmp_path / 'postbox.db'
+    with closing(sqlite3.connect(db_path)) as db, db:
+        for name in ('message_text_insert', 'message_text_update',
+                     'message_text_delete'):
+            db.execute(f'DROP TRIGGER "{name}"')
+        db.execute('DROP TABLE "message_fts"')
+        db.execute('DROP TABLE "message_text"')
+        db.execute('DROP TABLE "search_backfill"')
+        db.execute('UPDATE "schemaversion" SET "version" = 4')
+
+    server = ServerProcess(tmp_path, port=server.port, env={
+        'POSTBOX_SEARCH_BACKFILL_BATCH': '3'}).start()
+    try:
+        a = await connect(server.url, a.token)
+        expected = [f'Überraschung number {i}' for i in (9, 8, 7, 6, 5, 4,
+                                                          1, 0)]
+        assert await _search_until(a, 'uberraschung', expected) == expected
+        assert await found(a, 'changed') == ['changed before']
+        new = await send(a, room, 'überraschung after')
+        assert (await found(a, 'UBERRASCHUNG'))[0] == new['body']
+        await a.close()
+    finally:
+        assert await server.astop() == 0, server.read_log()
+    with closing(sqlite3.connect(db_path)) as db:
+        (version,), = db.execute('SELECT "version" FROM "schemaversion"')
+        assert version == 5
+        assert db.execute('SELECT COUNT(*) FROM "search_backfill"'
+                          ).fetchone() == (0,)
+        # The index holds exactly the live messages: 9 old ones, 1 new.
+        assert db.execute('SELECT COUNT(*) FROM "message_text"').fetchone(
+            ) == (10,)
