@@ -340,6 +340,7 @@ def _room_infos(ctx, room_ids) -> dict:
     """{room id: RoomInfo}, from the cache, the missing ones read a chunk
     of rooms per query (a cold inbox of thousands of rooms must not cost
     two queries per room)."""
+    epoch = getattr(ctx, 'room_epoch', 0)
     infos = {r: ctx.rooms.get(r) for r in room_ids}
     missing = [r for r, info in infos.items() if info is None]
     for start in range(0, len(missing), INBOX_CHUNK):
@@ -353,7 +354,11 @@ def _room_infos(ctx, room_ids) -> dict:
         for room in Room.select().where(Room.id.in_(chunk)):
             info = RoomInfo(room.id, room.kind, room.name, room.created_at,
                             tuple(members.get(room.id, ())), room.owner_id)
-            ctx.rooms[room.id] = infos[room.id] = info
+            infos[room.id] = info
+            # Not cached if a group changed since this read began: it may
+            # have read the old members (see forget_room).
+            if getattr(ctx, 'room_epoch', 0) == epoch:
+                ctx.rooms[room.id] = info
     return infos
 
 
