@@ -136,10 +136,11 @@ class Config:
     # How often each process looks for them: one query on a reader
     # thread, and ten minutes late on a day's grace does not matter.
     attachment_cleanup_interval_seconds: float = 600.0
-    # Types accepted, as sniffed from the bytes (never the name or the
-    # client's Content-Type): pictures, documents, archives, common audio
-    # and video. Left out on purpose: anything a browser would render or
-    # run (HTML, SVG, XML, scripts) and executables.
+    # Types kept under their own name, as sniffed from the bytes (never
+    # the name or the client's Content-Type): pictures, documents,
+    # archives, common audio and video. Any other file is kept as
+    # application/octet-stream (a download); what a browser would render
+    # or run (HTML, SVG, XML, scripts) and executables are refused.
     attachment_types: tuple = (
         'image/png', 'image/jpeg', 'image/gif', 'image/webp',
         'application/pdf', 'text/plain', 'application/zip',
@@ -160,13 +161,25 @@ class Config:
     # handful at a time; without a cap one account could fill the disk
     # with files nobody sees until the cleanup.
     attachment_unsent_max: int = 50
+    # Bytes of unsent uploads a user may hold (uploads sent only to rooms
+    # where they are the only member count as unsent): eight files of the
+    # maximum size, more than anyone attaches at once.
+    attachment_unsent_max_bytes: int = 200 * 1024 * 1024
+    # An upload that sends nothing for this long is cut off (408)...
+    attachment_upload_idle_seconds: float = 30.0
+    # ...and so is one that, after that long, came at less than this on
+    # average: a phone on a poor 2G link still sends several KB a second;
+    # a byte a minute only holds a connection and a file open.
+    attachment_upload_min_bytes_per_second: int = 1024
     # Thumbnails fit in this many pixels a side: a chat bubble's width on
     # a high-density phone screen.
     attachment_thumbnail_px: int = 320
-    # Images with more pixels get no thumbnail: decoding costs about 4
-    # bytes a pixel, and a small PNG can claim a huge canvas (a
-    # decompression bomb). 50 MP covers every phone camera.
-    attachment_thumbnail_max_pixels: int = 50_000_000
+    # Images with more pixels are never decoded: no thumbnail, served as
+    # a download, not inline. Decoding costs up to 4 bytes a pixel (the
+    # images decoded at once stay within this many pixels, so about
+    # 160 MB), and a small PNG can claim a huge canvas (a decompression
+    # bomb). 40 MP covers the photos phones save by default.
+    attachment_thumbnail_max_pixels: int = 40_000_000
 
     # Socket.IO / websocket.
     # Per-message deflate costs more CPU than it saves for chat-sized frames.

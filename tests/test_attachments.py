@@ -5,13 +5,16 @@ server memory."""
 import asyncio
 import hashlib
 import io
+import json
 import os
 import stat
 import struct
+import subprocess
 import uuid
 import zlib
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from tests.helpers import (ServerProcess, http, pair, register,
@@ -237,34 +240,98 @@ async def test_active_and_executable_content_refused(server):
     base = server.url
     _, token = await register(base)
     before = set(stored_files(server))
+    html = 'HTML, SVG and XML documents are not allowed'
     refused = [
-        (b'\x7fELF\x02\x01\x01\x00' + bytes(2000), 'cat.png'),
-        (b'MZ\x90\x00\x03\x00\x00\x00' + bytes(2000), 'setup.txt'),
+        (b'\x7fELF\x02\x01\x01\x00' + bytes(2000), 'cat.png',
+         'executables are not allowed (application/x-executable)'),
+        (b'MZ\x90\x00\x03\x00\x00\x00' + bytes(2000), 'setup.txt',
+         'executables are not allowed (application/x-msdownload)'),
         (b'<!DOCTYPE html><html><script>alert(1)</script></html>',
-         'note.txt'),
-        (b'\n  <html><body onload="alert(1)"></body></html>', 'page.jpg'),
+         'note.txt', html),
+        (b'\n  <html><body onload="alert(1)"></body></html>', 'page.jpg',
+         html),
         (b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>',
-         'logo.png'),
-        (b'<?xml version="1.0"?><svg/>', 'logo.svg'),
-        (b'#!/bin/sh\nrm -rf ~\n', 'run.txt'),
-        (b'hello \xff\xfe not utf-8', 'bin.txt'),
-        (bytes(range(256)) * 8, 'random.bin'),
+         'logo.png', html),
+        (b'<?xml version="1.0"?><svg/>', 'logo.svg', html),
+        (b'#!/bin/sh\nrm -rf ~\n', 'run.txt', 'scripts are not allowed'),
+        # Past the first kilobyte that was all that used to be looked at.
+        (b' \n' * 3000 + b'<html><script>alert(1)</script></html>',
+         'late.txt', html),
+        (b'\xef\xbb\xbf' + b'\t' * 5000 + b'<svg onload="alert(1)"/>',
+         'late.svg', html),
     ]
-    for data, name in refused:
+    for data, name, message in refused:
         status, body = await upload(base, token, data, name)
         assert status == 415, (name, body)
-        assert body['error']['code'] == 'invalid'
+        assert body['error'] == {'code': 'invalid', 'message': message}, name
     status, body = await upload(base, token, b'', 'empty.txt')
     assert status == 400 and body['error']['code'] == 'invalid'
-    # A broken image (right magic, garbage after it) is refused too, and
-    # so is a decompression bomb (it would be shown inline).
-    for data, message in (
-            (png(10, 10)[:40] + bytes(200), 'the image could not be read'),
-            (png_claiming(10 ** 5, 10 ** 5), 'the image has too many pixels')):
-        status, body = await upload(base, token, data, 'image.png')
-        assert status == 415 and body['error'] == {
-            'code': 'invalid', 'message': message}
+    # A broken image (right magic, garbage after it) is refused: it would
+    # be shown inline.
+    status, body = await upload(base, token, png(10, 10)[:40] + bytes(200),
+                                'image.png')
+    assert status == 415 and body['error'] == {
+        'code': 'invalid', 'message': 'the image could not be read'}
     assert set(stored_files(server)) == before
+
+
+async def test_unknown_files_are_kept_as_downloads(server):
+    """Item 5: any file a browser would not run is accepted; bytes with no
+    known type are application/octet-stream, served as a download."""
+    base = server.url
+    (_, ta, a), (_, tb, b), room = await dm_pair(base)
+    files = [
+        (bytes(range(256)) * 8, 'random.bin'),             # NUL bytes
+        (b'\x00\x01 some record \x00' + os.urandom(3000), 'db.dat'),
+        (b'caf\xe9 cr\xe8me, latin-1 text\n' * 100, 'menu.txt'),  # not UTF-8
+        (b'BM' + bytes(4000), 'picture.bmp'),  # a type not on the list
+    ]
+    for data, name in files:
+        status, body = await upload(base, ta, data, name)
+        assert status == 201, (name, body)
+        att = body['attachment']
+        assert att['content_type'] == 'application/octet-stream', name
+        assert att['filename'] == name and att['size'] == len(data)
+        await send(a, room, [att['id']])
+        status, headers, content = await fetch(base, att['url'], tb)
+        assert status == 200 and content == data
+        assert headers['Content-Type'] == 'application/octet-stream'
+        assert headers['Content-Disposition'].startswith('attachment;')
+        assert headers['X-Content-Type-Options'] == 'nosniff'
+    await a.close()
+    await b.close()
+
+
+async def test_runnable_names_are_never_kept(server):
+    """Item 14: a file named like a page or a program is stored (and
+    downloaded) under a name that opens as what it really is."""
+    base = server.url
+    _, token = await register(base)
+    pdf = b'%PDF-1.4\n' + bytes(500)
+    # Markup that does not start the file is text: served as text/plain,
+    # as a download, never sniffed, and not named .html.
+    text = b'Meeting notes\n' * 200 + b'<html><script>x()</script></html>\n'
+    for data, name, stored, mime in (
+            (b'just text\n', 'invoice.html', 'invoice.html.txt',
+             'text/plain'),
+            (pdf, 'invoice.html', 'invoice.html.pdf', 'application/pdf'),
+            (text, 'page.HTM', 'page.HTM.txt', 'text/plain'),
+            (b'\x00\x01', 'tool.exe', 'tool.exe.bin',
+             'application/octet-stream'),
+            # Windows drops trailing dots and spaces when saving.
+            (b'hello\n', 'a.svg. . ', 'a.svg.txt', 'text/plain'),
+            (b'hello\n', 'notes.txt', 'notes.txt', 'text/plain'),
+            (b'hello\n', 'README', 'README', 'text/plain')):
+        status, body = await upload(base, token, data, name)
+        assert status == 201, (name, body)
+        att = body['attachment']
+        assert (att['filename'], att['content_type']) == (stored, mime)
+        status, headers, content = await fetch(base, att['url'], token)
+        assert status == 200 and content == data
+        assert headers['Content-Disposition'] == (
+            f"attachment; filename=\"{stored}\"; "
+            f"filename*=UTF-8''{stored.replace(' ', '%20')}")
+        assert headers['X-Content-Type-Options'] == 'nosniff'
 
 
 async def test_range_request(server):
@@ -488,6 +555,233 @@ async def test_50mb_upload_with_flat_memory(tmp_path):
         assert server.stop() == 0, server.read_log()
 
 
+def bomb_png(width, height) -> bytes:
+    """A real RGBA PNG of ``width`` x ``height`` black pixels: a few
+    hundred KB that decode to 4 bytes a pixel. Compressed row by row, so
+    the test never holds the decoded size either."""
+    def chunk(kind, data):
+        return (struct.pack('>I', len(data)) + kind + data +
+                struct.pack('>I', zlib.crc32(kind + data)))
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 4 * width)  # filter byte 0, then the pixels
+    idat = b''.join(compressor.compress(row) for _ in range(height))
+    idat += compressor.flush()
+    return (b'\x89PNG\r\n\x1a\n' +
+            chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 6, 0,
+                                       0, 0)) +
+            chunk(b'IDAT', idat) + chunk(b'IEND', b''))
+
+
+def peak_rss_kib(pid) -> int:
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    raise AssertionError('no VmHWM')
+
+
+async def test_image_bomb_is_a_download_and_memory_stays_bounded(tmp_path):
+    """Item 10: a PNG of a few hundred KB that decodes to 240 MB is never
+    decoded (the server's peak memory grows by less than 60 MB), gets no
+    thumbnail and is served as a download, never inline; a canvas past
+    Pillow's own limit likewise."""
+    server = ServerProcess(tmp_path).start()
+    try:
+        base = server.url
+        (_, ta, a), (_, tb, b), room = await dm_pair(base)
+        # Warm up the image path (thread, codecs) with a normal picture.
+        status, body = await upload(base, ta, png(400, 300), 'warm.png')
+        assert status == 201 and 'thumbnail_url' in body['attachment']
+        bomb = bomb_png(7750, 7750)  # 60 MP, over the 40 MP default
+        assert len(bomb) < 400_000
+        before = peak_rss_kib(server.proc.pid)
+        status, body = await upload(base, ta, bomb, 'bomb.png')
+        grown_mib = (peak_rss_kib(server.proc.pid) - before) / 1024
+        assert status == 201, body
+        assert grown_mib < 60, f'peak RSS grew {grown_mib:.0f} MiB'
+        att = body['attachment']
+        assert att['content_type'] == 'image/png'
+        assert (att['width'], att['height']) == (7750, 7750)
+        assert 'thumbnail_url' not in att
+        status, body = await upload(base, ta, png_claiming(10 ** 5, 10 ** 5),
+                                    'claim.png')
+        assert status == 201, body
+        claim = body['attachment']
+        assert 'thumbnail_url' not in claim
+        await send(a, room, [att['id'], claim['id']])
+        for item in (att, claim):
+            status, headers, _ = await fetch(base, item['url'], tb)
+            assert status == 200
+            assert headers['Content-Disposition'].startswith('attachment;')
+            status, _, _ = await fetch(base, item['url'] + '/thumbnail', tb)
+            assert status == 404
+        await a.close()
+        await b.close()
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_concurrent_uploads_cannot_pass_the_cap(tmp_path,
+                                                      database_env):
+    """Item 12: uploads sent all at once do not all pass the unsent cap."""
+    server = ServerProcess(tmp_path, env={
+        **database_env(),
+        'POSTBOX_ATTACHMENT_UNSENT_MAX': '5'}).start()
+    try:
+        _, token = await register(server.url)
+        results = await asyncio.gather(*(
+            upload(server.url, token, b'file %d\n' % n * 2000, f'{n}.txt')
+            for n in range(30)))
+        statuses = sorted(status for status, _ in results)
+        assert statuses == [201] * 5 + [429] * 25, statuses
+        assert all(body['error']['code'] == 'rate_limited'
+                   for status, body in results if status == 429)
+        assert len(stored_files(server)) == 5
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_uploads_on_two_processes_cannot_pass_the_cap(
+        tmp_path, database_env):
+    """Item 12: the cap holds across processes sharing one database: the
+    count and the insert are one transaction, not just one process's
+    bookkeeping."""
+    env = {**database_env(), 'POSTBOX_ATTACHMENT_UNSENT_MAX': '4'}
+    first = ServerProcess(tmp_path, env=env).start()
+    second = None
+    try:
+        second = ServerProcess(tmp_path, env=env).start()
+        _, token = await register(first.url)
+        for attempt in range(3):
+            results = await asyncio.gather(*(
+                upload(proc.url, token, b'%d\n' % n * 100, f'{n}.txt')
+                for n in range(12) for proc in (first, second)))
+            statuses = sorted(status for status, _ in results)
+            assert statuses == [201] * 4 + [429] * 20 if attempt == 0 \
+                else [429] * 24, (attempt, statuses)
+        assert len(stored_files(first)) == 4
+    finally:
+        assert first.stop() == 0, first.read_log()
+        if second is not None:
+            assert second.stop() == 0, second.read_log()
+
+
+async def test_sending_to_a_room_of_ones_own_does_not_free_the_cap(
+        tmp_path, database_env):
+    """Item 12: uploads sent to a group with no other member still count
+    as unsent (nobody else can read them); once someone else can, they do
+    not."""
+    server = ServerProcess(tmp_path, env={
+        **database_env(),
+        'POSTBOX_ATTACHMENT_UNSENT_MAX': '2'}).start()
+    try:
+        base = server.url
+        (_, ta, a), (bob, _, _), _ = await dm_pair(base)
+        ack = await a.call('create_group', {'name': 'me', 'members': []})
+        assert ack['ok'], ack
+        group = ack['room']
+        ids = []
+        for n in range(2):
+            status, body = await upload(base, ta, b'x%d' % n, 'x.txt')
+            assert status == 201
+            ids.append(body['attachment']['id'])
+        status, body = await upload(base, ta, b'third', 'x.txt')
+        assert status == 429
+        await send(a, group, ids)
+        status, body = await upload(base, ta, b'third', 'x.txt')
+        assert status == 429 and body['error']['code'] == 'rate_limited'
+        ack = await a.call('add_members', {'room_id': group['id'],
+                                           'members': [bob['username']]})
+        assert ack['ok'], ack
+        status, body = await upload(base, ta, b'third', 'x.txt')
+        assert status == 201, body
+        await a.close()
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_unsent_uploads_have_a_byte_quota(tmp_path, database_env):
+    """Item 12: a user's unsent uploads hold at most
+    attachment_unsent_max_bytes; past it, 413 with a clear message, and
+    nothing is left on disk."""
+    server = ServerProcess(tmp_path, env={
+        **database_env(),
+        'POSTBOX_ATTACHMENT_UNSENT_MAX_BYTES': str(MIB)}).start()
+    try:
+        base = server.url
+        (_, ta, a), _, room = await dm_pair(base)
+        status, body = await _post_stream(base, ta, 700 * 1024, 'a.txt')
+        assert status == 201, body
+        first = body['attachment']
+        # Streamed (no length): refused when the quota is passed.
+        status, body = await _post_stream(base, ta, 700 * 1024, 'b.txt')
+        assert status == 413, body
+        assert body['error']['code'] == 'too_large'
+        assert 'unsent uploads: at most 1048576 bytes' in \
+            body['error']['message']
+        # With a length: refused before it streams.
+        status, body = await upload(base, ta, b'y' * (700 * 1024), 'c.txt')
+        assert status == 413 and body['error']['code'] == 'too_large'
+        assert len(stored_files(server)) == 1
+        # Sending the first frees its bytes.
+        await send(a, room, [first['id']])
+        status, body = await _post_stream(base, ta, 700 * 1024, 'b.txt')
+        assert status == 201, body
+        await a.close()
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_trickling_upload_is_cut_off_with_408(tmp_path):
+    """Item 14: an upload that sends a byte now and then, never pausing
+    past the idle limit but far below the minimum rate, gets a JSON 408
+    and leaves no file."""
+    server = ServerProcess(tmp_path, env={
+        'POSTBOX_ATTACHMENT_UPLOAD_IDLE_SECONDS': '1',
+        'POSTBOX_ATTACHMENT_UPLOAD_MIN_BYTES_PER_SECOND': '1000'}).start()
+    writer = None
+    try:
+        _, token = await register(server.url)
+        reader, writer = await asyncio.open_connection('127.0.0.1',
+                                                       server.port)
+        part = (b'--xyz\r\nContent-Disposition: form-data; name="file"; '
+                b'filename="slow.txt"\r\nContent-Type: text/plain\r\n\r\n'
+                b'a')
+        writer.write(
+            b'POST /api/attachments HTTP/1.1\r\nHost: localhost\r\n'
+            b'Authorization: Bearer ' + token.encode() + b'\r\n'
+            b'Content-Type: multipart/form-data; boundary=xyz\r\n'
+            b'Transfer-Encoding: chunked\r\n\r\n' +
+            b'%x\r\n' % len(part) + part + b'\r\n')
+        await writer.drain()
+
+        async def trickle():
+            while True:
+                await asyncio.sleep(0.3)
+                writer.write(b'1\r\nb\r\n')
+                await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b'\r\n\r\n'), 20)
+        finally:
+            trickling.cancel()
+            await asyncio.gather(trickling, return_exceptions=True)
+        assert head.startswith(b'HTTP/1.1 408'), head
+        length = int(next(line.split(b':')[1] for line in head.split(b'\r\n')
+                          if line.lower().startswith(b'content-length')))
+        body = await asyncio.wait_for(reader.readexactly(length), 10)
+        error = json.loads(body)['error']
+        assert error['code'] == 'invalid' and 'too slowly' in \
+            error['message']
+        await wait_until(lambda: stored_files(server) == [],
+                         what='the stalled upload was left on disk')
+    finally:
+        if writer is not None:
+            writer.close()
+        assert server.stop() == 0, server.read_log()
+
+
 def mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -515,3 +809,31 @@ async def test_data_files_are_private(tmp_path):
                 if mode(p) != 0o700} == {}
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+async def test_full_disk_gets_507(tmp_path):
+    """An upload that does not fit on the disk gets a JSON 507 saying so,
+    leaves nothing behind, and the next one that fits is stored. The
+    attachments dir is a 1 MiB tmpfs (mounting needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip('mounting a small file system needs root')
+    data = tmp_path / 'data'
+    disk = data / 'attachments'
+    disk.mkdir(parents=True)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs',
+                    str(disk)], check=True)
+    server = None
+    try:
+        server = ServerProcess(data).start()
+        _, token = await register(server.url)
+        status, body = await _post_stream(server.url, token, 3 * MIB)
+        assert status == 507, body
+        assert body['error']['code'] == 'unavailable'
+        assert 'disk is full' in body['error']['message']
+        assert stored_files(server) == []
+        status, body = await upload(server.url, token, b'small', 'a.txt')
+        assert status == 201, body
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.read_log()
+        subprocess.run(['umount', '-l', str(disk)], check=False)

@@ -2,34 +2,48 @@
 their message, or when never sent).
 
 The bytes go to ``ctx.storage`` (see server/storage.py) under random keys;
-the row keeps the user's file name for display only. The type is sniffed
-from the bytes with ``filetype`` and must be in ``config.attachment_types``;
-the client's name and Content-Type are never trusted.
+the row keeps the user's file name for display only (never with a
+runnable ending). The type is sniffed from the bytes (``Sniffer``): what a
+browser or a desktop would run is refused, a type in
+``config.attachment_types`` keeps its name, anything else is
+application/octet-stream; the client's name and Content-Type are never
+trusted. Only images with a thumbnail are shown inline.
 """
 import asyncio
 import codecs
+import contextlib
+import errno
 import io
 import logging
+import mimetypes
 import re
+import threading
 import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import filetype
-from PIL import Image, ImageOps, UnidentifiedImageError
+from peewee import fn
+from PIL import Image, UnidentifiedImageError
 
+import models
 from models import Attachment, Membership, Message
-from server.errors import (Invalid, NotFound, RateLimited, TooLarge,
-                           UnsupportedType)
+from server.errors import (Invalid, NotFound, PostboxError, RateLimited,
+                           TooLarge, UnsupportedType)
 from server.services.context import now_ms
 from server.services.serialize import attachment_dict
+from server.store import execute, is_sqlite
 
 log = logging.getLogger(__name__)
 
-# filetype needs the first 261 bytes; the text checks look a bit further,
-# about as far as a browser's own sniffing does.
-SNIFF_BYTES = 1024
-# Pictures a browser shows inline (with nosniff and a sandbox CSP); every
-# other type is only ever served as a download.
+# filetype needs the first 261 bytes; the markup checks look a bit
+# further, as far as a browser's own sniffing does (1445 bytes, WHATWG
+# MIME Sniffing), after any leading whitespace.
+SNIFF_BYTES = 1445
+OCTET_STREAM = 'application/octet-stream'
+# Pictures a browser shows inline (with nosniff and a sandbox CSP) when
+# they have a thumbnail (so their size was checked); every other type is
+# only ever served as a download.
 INLINE_TYPES = frozenset({'image/png', 'image/jpeg', 'image/gif',
                           'image/webp'})
 PILLOW_FORMATS = ['PNG', 'JPEG', 'GIF', 'WEBP']
@@ -38,13 +52,36 @@ PILLOW_FORMATS = ['PNG', 'JPEG', 'GIF', 'WEBP']
 ACTIVE_TEXT = (b'<!doctype', b'<html', b'<head', b'<body', b'<script',
                b'<svg', b'<?xml', b'<iframe', b'<object', b'<embed',
                b'<meta', b'<style', b'<link', b'#!')
+# Sniffed types that run when opened, whatever they are served as:
+# refused. Other types not in ``attachment_types`` are kept as
+# application/octet-stream.
+RUNNABLE_TYPES = frozenset({
+    'application/x-msdownload', 'application/x-executable',
+    'application/x-shockwave-flash', 'application/x-google-chrome-extension'})
+# File name endings that a browser or a desktop runs (or renders as a
+# page) when the downloaded file is opened. A file whose name ends in one
+# is stored with its type's own ending appended: invoice.html.txt.
+RUNNABLE_EXTENSIONS = frozenset({
+    'html', 'htm', 'xhtml', 'xht', 'shtml', 'mht', 'mhtml', 'svg', 'svgz',
+    'xml', 'xsl', 'xslt', 'js', 'mjs', 'hta', 'htc', 'swf', 'exe', 'com',
+    'bat', 'cmd', 'scr', 'pif', 'msi', 'vbs', 'vbe', 'jse', 'wsf', 'wsh',
+    'ps1', 'lnk', 'reg', 'jar', 'cpl', 'url', 'desktop', 'command'})
 # Sniffed types that are a variant of an allowed one.
 SAME_AS = {'image/apng': 'image/png'}
+# Skipped before looking at how a file starts (a byte order mark too).
+LEADING = b' \t\r\n\f\v\xef\xbb\xbf'
 FILENAME_MAX = 255
+# Endings for stored_filename where mimetypes has none or an odd one.
+TYPE_EXTENSIONS = {'text/plain': '.txt', OCTET_STREAM: '.bin',
+                   'image/jpeg': '.jpg'}
 THUMBNAIL_TYPE = 'image/webp'
-# Decoding images takes memory in proportion to their pixels: two at a
-# time bounds that, whatever the number of concurrent uploads.
+# Decoding images is CPU work: two threads; the memory they take is
+# bounded by _PixelBudget below.
 _images = ThreadPoolExecutor(2, thread_name_prefix='pb-image')
+# Sizes are checked from the header before anything is decoded, so
+# Pillow's warning about big images (logged once per process) says
+# nothing; its DecompressionBombError stays as a second guard.
+warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 # Rows removed per cleanup transaction, so one run never holds the writer
 # for long.
 CLEANUP_BATCH = 500
@@ -59,114 +96,262 @@ def clean_filename(name) -> str:
     name = re.split(r'[/\\]', name)[-1]
     name = ''.join(c for c in name
                    if unicodedata.category(c)[0] != 'C').strip()
-    if name in ('', '.', '..'):
+    # Windows drops trailing dots and spaces: "a.html. " opens as a.html.
+    name = name.rstrip('. ')
+    if not name:
         name = 'file'
     return name[:FILENAME_MAX]
 
 
-def sniff(head: bytes, allowed) -> str:
-    """The content type of a file that starts with ``head``, if allowed.
-    Files without magic bytes are text/plain when they look like plain
-    UTF-8 text (the rest is checked as it streams). Raises
-    UnsupportedType."""
-    kind = filetype.guess(head)
-    if kind is not None:
+def stored_filename(name: str, mime: str) -> str:
+    """``name`` (cleaned) as it is kept and offered for download: a name
+    ending in a runnable extension gets the ending of the file's real type
+    appended (``invoice.html`` holding text becomes ``invoice.html.txt``,
+    unknown bytes ``.bin``), so opening the download never runs it."""
+    name = clean_filename(name)
+    if name.rsplit('.', 1)[-1].lower() in RUNNABLE_EXTENSIONS and \
+            '.' in name:
+        ending = TYPE_EXTENSIONS.get(mime) or \
+            mimetypes.guess_extension(mime) or '.bin'
+        name = name[:FILENAME_MAX - len(ending)] + ending
+    return name
+
+
+def refuse_markup(start: bytes, head: bytes):
+    """Raise UnsupportedType if a file without magic bytes is a page, an
+    image a browser would render (SVG, XML) or a script: ``start`` is its
+    beginning after leading whitespace, ``head`` its first bytes."""
+    start = start.lstrip(b'\xef\xbb\xbf').lstrip().lower()
+    if start.startswith(b'#!'):
+        raise UnsupportedType('scripts are not allowed')
+    if start.startswith(ACTIVE_TEXT) or (b'\x00' not in head and any(
+            marker in head.lower() for marker in ACTIVE_TEXT[:9])):
+        raise UnsupportedType('HTML, SVG and XML documents are not allowed')
+
+
+class Sniffer:
+    """The type of an upload, from its bytes as they stream (``feed``),
+    final at ``result()``. Keeps at most twice ``SNIFF_BYTES``.
+
+    - Magic bytes (``filetype``): executables are refused; a type in
+      ``allowed`` keeps its name, any other is application/octet-stream.
+    - No magic bytes: a page, SVG, XML or script is refused (by how it
+      starts, after any whitespace); valid UTF-8 without NUL bytes is
+      text/plain; anything else is application/octet-stream.
+    Raises UnsupportedType as soon as the bytes seen decide a refusal."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.head = bytearray()    # the first SNIFF_BYTES
+        self.start = bytearray()   # the first SNIFF_BYTES after whitespace
+        self.magic = None          # the type from magic bytes, or ''
+        self.checked = False       # markup checked
+        self.text = codecs.getincrementaldecoder('utf-8')()
+        self.is_text = True
+
+    def feed(self, chunk: bytes):
+        if len(self.head) < SNIFF_BYTES:
+            self.head += chunk[:SNIFF_BYTES - len(self.head)]
+        if len(self.start) < SNIFF_BYTES:
+            lead = chunk if self.start else chunk.lstrip(LEADING)
+            self.start += lead[:SNIFF_BYTES - len(self.start)]
+        if self.magic is None and len(self.head) >= SNIFF_BYTES:
+            self._magic()
+        if self.magic == '' and not self.checked and \
+                len(self.start) >= SNIFF_BYTES:
+            self._markup()
+        if self.is_text and not self.magic:
+            try:
+                self.text.decode(chunk)
+            except UnicodeDecodeError:
+                self.is_text = False
+            if b'\x00' in chunk:
+                self.is_text = False
+
+    def _magic(self):
+        kind = filetype.guess(bytes(self.head))
+        if kind is None:
+            self.magic = ''
+            return
         mime = SAME_AS.get(kind.mime, kind.mime)
-        if mime not in allowed:
-            raise UnsupportedType(f'files of type {mime} are not allowed')
-        return mime
-    if 'text/plain' not in allowed:
-        raise UnsupportedType('this type of file is not allowed')
-    head = head[:SNIFF_BYTES]
-    start = head.lstrip(b'\xef\xbb\xbf').lstrip().lower()
-    if b'\x00' in head or start.startswith(ACTIVE_TEXT) or any(
-            marker in head.lower() for marker in ACTIVE_TEXT[:9]):
-        raise UnsupportedType('HTML, SVG, XML and scripts are not allowed')
-    return 'text/plain'
+        if mime in RUNNABLE_TYPES:
+            raise UnsupportedType(f'executables are not allowed ({mime})')
+        self.magic = mime if mime in self.allowed else OCTET_STREAM
+
+    def _markup(self):
+        self.checked = True
+        refuse_markup(bytes(self.start), bytes(self.head))
+
+    def result(self) -> str:
+        """The type, once every byte was fed. Raises UnsupportedType."""
+        if self.magic is None:
+            self._magic()
+        if self.magic:
+            return self.magic
+        if not self.checked:
+            self._markup()
+        if self.is_text:
+            try:
+                self.text.decode(b'', True)
+            except UnicodeDecodeError:
+                self.is_text = False
+        if self.is_text and 'text/plain' in self.allowed:
+            return 'text/plain'
+        return OCTET_STREAM
 
 
-async def upload(ctx, user_id, filename, chunks) -> dict:
+class DiskFull(PostboxError):
+    """The attachment store is out of space: nothing was kept, and the
+    client may try again later (HTTP 507 Insufficient Storage)."""
+    code, status = 'unavailable', 507
+
+
+class _Streaming:
+    """Uploads streaming in this process, per user: [count, bytes]. They
+    count towards the unsent-upload limits before their row exists, so
+    eighty uploads started together cannot all pass the check each makes
+    before streaming (the check in the insert is the one that holds
+    across processes)."""
+
+    def __init__(self):
+        self.by_user = {}
+
+    def add(self, user_id, count, size):
+        held = self.by_user.setdefault(user_id, [0, 0])
+        held[0] += count
+        held[1] += size
+        if held == [0, 0]:
+            del self.by_user[user_id]
+
+    def get(self, user_id):
+        return tuple(self.by_user.get(user_id, (0, 0)))
+
+
+def _streaming(ctx) -> _Streaming:
+    streaming = getattr(ctx, 'uploads_streaming', None)
+    if streaming is None:
+        streaming = ctx.uploads_streaming = _Streaming()
+    return streaming
+
+
+def check_quota(config, count, size, extra=0):
+    """Raise if a user holding ``count`` unsent uploads of ``size`` bytes
+    may not add one of ``extra`` bytes: RateLimited (429) at
+    ``attachment_unsent_max`` files, TooLarge (413) past
+    ``attachment_unsent_max_bytes``."""
+    if count >= config.attachment_unsent_max:
+        raise RateLimited(60, f'at most {config.attachment_unsent_max} '
+                          f'unsent uploads: send them, or wait')
+    quota = config.attachment_unsent_max_bytes
+    if size + extra > quota:
+        raise TooLarge(f'unsent uploads: at most {quota} bytes in all, '
+                       f'{size} held now: send them, or wait')
+
+
+async def upload(ctx, user_id, filename, chunks, declared=0) -> dict:
     """Store an upload read from the async iterator ``chunks`` (bytes) and
     return its attachment object. Streams to storage: at most a chunk and
-    the sniffed head are in memory. Raises TooLarge as soon as the size
-    limit is passed, UnsupportedType for a type not allowed, Invalid for an
+    the sniffing windows are in memory. ``declared``: the size the client
+    announced, if any, to refuse early.
+
+    Raises TooLarge as soon as the size limit or the user's byte quota is
+    passed, UnsupportedType for a type that would run, Invalid for an
     empty file, RateLimited while the user holds ``attachment_unsent_max``
-    unsent uploads; nothing is left in storage then."""
+    unsent uploads, DiskFull when the store is out of space; nothing is
+    left in storage then."""
     config = ctx.config
     limit = config.attachment_max_bytes
-    if await ctx.store.read(_unsent_count, user_id) >= \
-            config.attachment_unsent_max:
-        raise RateLimited(60, 'too many unsent uploads: send or wait')
-    writer = await ctx.storage.writer()
-    committed = False
-    thumbnail_key = None
+    quota = config.attachment_unsent_max_bytes
+    streaming = _streaming(ctx)
+    # This upload counts as one more held file, and its bytes as they
+    # come, until its row is in or it failed: counted before the first
+    # await, so uploads started together see each other.
+    streaming.add(user_id, 1, 0)
+    received = 0
     try:
-        head = bytearray()
-        mime = None
-        text = None
-        received = 0
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > limit:
-                raise TooLarge(f'attachments: at most {limit} bytes')
-            if mime is None:
-                head += chunk
-                if len(head) < SNIFF_BYTES:
-                    continue
-                chunk, head = bytes(head), None
-                mime = sniff(chunk, config.attachment_types)
-                if mime == 'text/plain':
-                    text = codecs.getincrementaldecoder('utf-8')()
-            if text is not None:
-                _check_text(text, chunk)
-            await writer.write(chunk)
-        if mime is None:  # shorter than the sniffing window
-            if not head:
+        others, others_bytes = streaming.get(user_id)
+        count, held = await ctx.store.read(held_uploads, user_id)
+        check_quota(config, count + others - 1, held + others_bytes,
+                    declared)
+        writer = await _storing(ctx.storage.writer())
+        committed = False
+        thumbnail_key = None
+        try:
+            sniffer = Sniffer(config.attachment_types)
+            async for chunk in chunks:
+                received += len(chunk)
+                streaming.add(user_id, 0, len(chunk))
+                if received > limit:
+                    raise TooLarge(f'attachments: at most {limit} bytes')
+                streaming_bytes = streaming.get(user_id)[1]
+                if held + streaming_bytes > quota:
+                    check_quota(config, 0, held, streaming_bytes)
+                sniffer.feed(chunk)
+                await _storing(writer.write(chunk))
+            if not received:
                 raise Invalid('the file is empty')
-            chunk = bytes(head)
-            mime = sniff(chunk, config.attachment_types)
-            if mime == 'text/plain':
-                text = codecs.getincrementaldecoder('utf-8')()
-                _check_text(text, chunk)
-            await writer.write(chunk)
-        if text is not None:
-            _check_text(text, b'', final=True)
-        width = height = None
-        if mime in INLINE_TYPES:
-            await writer.flush()
-            width, height, thumbnail = await _run_image(
-                _thumbnail, writer.local_path, config.attachment_thumbnail_px,
-                config.attachment_thumbnail_max_pixels)
-            if thumbnail is not None:
-                thumbnail_key = await ctx.storage.put_bytes(thumbnail)
-        size = writer.size
-        key = await writer.commit()
-        committed = True
+            mime = sniffer.result()
+            width = height = None
+            if mime in INLINE_TYPES:
+                await _storing(writer.flush())
+                width, height, thumbnail = await _run_image(
+                    _thumbnail, writer.local_path,
+                    config.attachment_thumbnail_px,
+                    config.attachment_thumbnail_max_pixels)
+                if thumbnail is not None:
+                    thumbnail_key = await _storing(
+                        ctx.storage.put_bytes(thumbnail))
+            size = writer.size
+            key = await _storing(writer.commit())
+            committed = True
+        finally:
+            if not committed:
+                writer.abort()
+                if thumbnail_key:
+                    await remove_files(ctx, [thumbnail_key])
+        try:
+            return await ctx.store.write(
+                _insert, user_id, stored_filename(filename, mime), mime,
+                size, key, width, height, thumbnail_key, config)
+        except BaseException:
+            await ctx.storage.delete([key, thumbnail_key])
+            raise
     finally:
-        if not committed:
-            writer.abort()
-            if thumbnail_key:
-                await remove_files(ctx, [thumbnail_key])
+        streaming.add(user_id, -1, -received)
+
+
+async def _storing(operation):
+    """Await a storage operation; a full disk becomes DiskFull."""
     try:
-        return await ctx.store.write(
-            _insert, user_id, clean_filename(filename), mime, size, key,
-            width, height, thumbnail_key)
-    except BaseException:
-        await ctx.storage.delete([key, thumbnail_key])
+        return await operation
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning('attachment store is full: %s', exc)
+            raise DiskFull("the server's disk is full: the file was not "
+                           'stored, try again later') from None
         raise
 
 
-def _unsent_count(user_id):
-    return (Attachment.select().where(Attachment.uploader == user_id,
-                                      Attachment.message.is_null())
-            .count())
-
-
-def _check_text(decoder, chunk, final=False):
-    try:
-        decoder.decode(chunk, final)
-    except UnicodeDecodeError:
-        raise UnsupportedType('this type of file is not allowed') from None
+def held_uploads(user_id):
+    """(count, bytes) of the user's uploads that nobody else can read:
+    the unsent ones, and those sent only to rooms where the user is the
+    only member (sending to such a room does not free the quota)."""
+    unsent = (Attachment.select(fn.COUNT(Attachment.id),
+                                fn.COALESCE(fn.SUM(Attachment.size), 0))
+              .where(Attachment.uploader == user_id,
+                     Attachment.message.is_null()).tuples().get())
+    others = Membership.alias()
+    alone = (Membership.select(Membership.room)
+             .where(Membership.user == user_id,
+                    ~fn.EXISTS(others.select(others.id).where(
+                        others.room == Membership.room,
+                        others.user != user_id))))
+    kept = (Attachment.select(fn.COUNT(Attachment.id),
+                              fn.COALESCE(fn.SUM(Attachment.size), 0))
+            .join(Message, on=(Attachment.message == Message.id))
+            .where(Attachment.uploader == user_id,
+                   Message.room.in_(alone)).tuples().get())
+    return unsent[0] + kept[0], int(unsent[1]) + int(kept[1])
 
 
 async def _run_image(fn, *args):
@@ -174,21 +359,60 @@ async def _run_image(fn, *args):
         _images, fn, *args)
 
 
+class _PixelBudget:
+    """Pixels being decoded at once in this process: at most ``limit``,
+    or one image of any allowed size. A decoded pixel takes up to 4 bytes,
+    so the memory thumbnails take stays under 4 x the pixel limit however
+    many images arrive together."""
+
+    def __init__(self):
+        self._free = threading.Condition()
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self, pixels, limit):
+        with self._free:
+            self._free.wait_for(
+                lambda: not self.in_use or self.in_use + pixels <= limit)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= pixels
+                self._free.notify_all()
+
+
+_decoding = _PixelBudget()
+# EXIF orientations that swap width and height, and how to undo each.
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+
+
 def _thumbnail(path, box, max_pixels):
     """(width, height, thumbnail bytes or None) of the image at ``path``.
-    Runs in a thread: decoding is CPU work. Raises UnsupportedType when
-    the file is not a readable image after all."""
+    Runs in a thread: decoding is CPU work. The size comes from the
+    header; an image of more than ``max_pixels`` is never decoded and gets
+    no thumbnail (it is then only served as a download). Raises
+    UnsupportedType when the file is not a readable image after all."""
     try:
         with Image.open(path, formats=PILLOW_FORMATS) as image:
             width, height = image.size
-            # The stored pixels may be rotated; EXIF says how to show them.
-            if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):
-                width, height = height, width
             if width * height > max_pixels:
                 return width, height, None
+            # Only EXIF already read with the header: PNG's getexif()
+            # would decode the whole image to look after it.
+            orientation = image.getexif().get(0x0112) \
+                if 'exif' in image.info else None
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
             image.draft('RGB', (box, box))  # JPEG: decode at a fraction
-            image = ImageOps.exif_transpose(image)
-            image.thumbnail((box, box))
+            with _decoding.take(image.size[0] * image.size[1], max_pixels):
+                image.thumbnail((box, box))
+            if orientation in TRANSPOSE:
+                image = image.transpose(TRANSPOSE[orientation])
             if image.mode not in ('RGB', 'RGBA'):
                 image = image.convert(
                     'RGBA' if 'transparency' in image.info
@@ -197,9 +421,9 @@ def _thumbnail(path, box, max_pixels):
             image.save(out, 'WEBP', quality=80)
             return width, height, out.getvalue()
     except Image.DecompressionBombError:
-        # Refused rather than kept without a thumbnail: it would be served
-        # inline, and the bomb would go off in the recipients' browsers.
-        raise UnsupportedType('the image has too many pixels') from None
+        # Past Pillow's own limit (which it checks in the header): kept
+        # as a download without a thumbnail, like any other huge image.
+        return None, None, None
     except (UnidentifiedImageError, OSError, ValueError,
             SyntaxError) as exc:
         log.info('refused an image that does not decode: %s', exc)
@@ -207,7 +431,15 @@ def _thumbnail(path, box, max_pixels):
 
 
 def _insert(user_id, filename, mime, size, key, width, height,
-            thumbnail_key):
+            thumbnail_key, config):
+    # The quota is checked again here, in the writer's transaction, where
+    # no other insert can come between the count and this row: with the
+    # user's row locked on PostgreSQL, and under SQLite's write lock.
+    if not is_sqlite(models.db.obj):
+        execute('SELECT 1 FROM "user" WHERE "id" = ? FOR UPDATE',
+                (user_id,))
+    count, held = held_uploads(user_id)
+    check_quota(config, count, held, size)
     att = Attachment.create(
         uploader=user_id, filename=filename, content_type=mime, size=size,
         storage_key=key, width=width, height=height,
@@ -240,10 +472,11 @@ async def readable(ctx, user_id, attachment_id) -> dict:
     return await ctx.store.read(_readable, user_id, attachment_id)
 
 
-def is_inline(content_type) -> bool:
-    """Whether a browser may show this type in the page; the rest is
-    served as a download."""
-    return content_type in INLINE_TYPES
+def is_inline(content_type, thumbnail_key) -> bool:
+    """Whether a browser may show this file in the page: an image small
+    enough to have a thumbnail (a huge one would be a decompression bomb
+    in the viewer's browser). The rest is served as a download."""
+    return content_type in INLINE_TYPES and bool(thumbnail_key)
 
 
 def detach_message(message_id) -> list:

@@ -1,11 +1,12 @@
 """HTTP views of attachments: upload (multipart, streamed), download and
 thumbnail. The rules are in server/services/attachments.py."""
+import asyncio
 import logging
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from server.errors import Invalid, NotFound, TooLarge
+from server.errors import Invalid, NotFound, PostboxError, TooLarge
 from server.services import attachments
 from server.transport.http import CTX, current_user, path_int
 
@@ -23,14 +24,51 @@ MAX_PARTS = 8
 FILE_CSP = "default-src 'none'; sandbox"
 
 
-async def _file_part(request):
+class UploadTimeout(PostboxError):
+    """The client stopped sending the upload, or sends it too slowly to
+    be a real upload (HTTP 408)."""
+    code, status = 'invalid', 408
+
+
+class _Pace:
+    """Deadlines of one upload's reads: a read waits at most
+    ``attachment_upload_idle_seconds``, and after that many seconds the
+    body must have come at ``attachment_upload_min_bytes_per_second`` on
+    average. A client trickling a byte a minute holds a connection, a
+    file and a quota slot for nothing."""
+
+    def __init__(self, config):
+        self.idle = config.attachment_upload_idle_seconds
+        self.rate = config.attachment_upload_min_bytes_per_second
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.received = 0
+
+    async def read(self, awaitable):
+        limit = self.idle
+        if self.rate > 0:
+            due = self.started + self.idle + self.received / self.rate
+            limit = min(limit, due - self.loop.time())
+        try:
+            if limit <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(awaitable, limit)
+        except asyncio.TimeoutError:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise UploadTimeout(
+                f'the upload came too slowly: at least {self.rate} bytes '
+                f'a second, no pause over {self.idle:g} s') from None
+
+
+async def _file_part(request, pace):
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError):
         raise Invalid('send multipart/form-data with a "file" field') \
             from None
     for _ in range(MAX_PARTS):
-        part = await reader.next()
+        part = await pace.read(reader.next())
         if part is None:
             break
         if part.name == 'file' and getattr(part, 'filename', None) \
@@ -39,15 +77,16 @@ async def _file_part(request):
             if encoding.lower() not in ('', 'binary', '8bit', '7bit'):
                 raise Invalid('Content-Transfer-Encoding is not supported')
             return part
-        await part.release()
+        await pace.read(part.release())
     raise Invalid('send multipart/form-data with a "file" field')
 
 
-async def _chunks(part):
+async def _chunks(part, pace):
     while True:
-        chunk = await part.read_chunk(CHUNK_BYTES)
+        chunk = await pace.read(part.read_chunk(CHUNK_BYTES))
         if not chunk:
             return
+        pace.received += len(chunk)
         yield chunk
 
 
@@ -60,13 +99,17 @@ async def upload(request):
     # of it is read; a chunked body is counted as it streams.
     if (request.content_length or 0) > limit + MULTIPART_SLACK:
         raise TooLarge(f'attachments: at most {limit} bytes')
-    part = await _file_part(request)
+    pace = _Pace(ctx.config)
+    part = await _file_part(request, pace)
     # Browsers send the name raw with only '"', CR and LF percent-encoded;
     # some clients (aiohttp's) percent-encode everything. Either way it is
     # a display name, cleaned by the service.
     filename = unquote(part.filename, errors='replace')
+    # The declared length (less the multipart framing) lets a file over
+    # the user's quota be refused before it streams.
+    declared = max(0, (request.content_length or 0) - MULTIPART_SLACK)
     attachment = await attachments.upload(ctx, user['id'], filename,
-                                          _chunks(part))
+                                          _chunks(part, pace), declared)
     return web.json_response({'attachment': attachment}, status=201)
 
 
@@ -106,8 +149,8 @@ async def download(request):
     ctx = request.app[CTX]
     att = await attachments.readable(ctx, user['id'],
                                      path_int(request, 'attachment_id'))
-    kind = 'inline' if attachments.is_inline(att['content_type']) \
-        else 'attachment'
+    kind = 'inline' if attachments.is_inline(
+        att['content_type'], att['thumbnail_key']) else 'attachment'
     return _file_response(ctx, att['storage_key'], att['content_type'],
                           content_disposition(kind, att['filename']))
 
