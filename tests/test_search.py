@@ -291,3 +291,34 @@ async def test_messages_from_before_the_upgrade_are_indexed(tmp_path):
         # The index holds exactly the live messages: 9 old ones, 1 new.
         assert db.execute('SELECT COUNT(*) FROM "message_text"').fetchone(
             ) == (10,)
+
+
+async def test_bot_sdk_search(base):
+    from client_demo.bot import Bot, BotError
+    owner, owner_token = await register(base)
+    status, data = await http(base, 'POST', '/api/bots', owner_token,
+                              json={'username': unique_name('bot')})
+    assert status == 201, data
+    bot_user, token = data['user'], data['token']
+    client = await connect(base, owner_token)
+    ack = await client.call('open_dm', {'username': bot_user['username']})
+    room = ack['room']
+    first = await send(client, room, 'deploy finished on staging')
+    second = await send(client, room, 'deploy started on production')
+    bot = Bot(base, token)
+    await bot.start(timeout=10)
+    try:
+        messages, more = await bot.search('DEPLOY', limit=1)
+        assert [m['id'] for m in messages] == [second['id']] and more
+        messages, more = await bot.search('deploy', room_id=room['id'],
+                                          before=second['id'])
+        assert [m['id'] for m in messages] == [first['id']] and not more
+        try:
+            await bot.search('x')
+        except BotError as exc:
+            assert exc.code == 'invalid'
+        else:
+            raise AssertionError('a 1-character query was accepted')
+    finally:
+        await client.close()
+        await bot.stop()

@@ -513,6 +513,18 @@ class Bot:
             await asyncio.sleep(wait)
             delay = min(self.backoff_max, delay * 2)
 
+    async def search(self, query, room_id=None, before=None, limit=None):
+        """Messages of the bot's rooms (or of ``room_id``) containing every
+        word of ``query``, newest first: ``(messages, has_more)``. For the
+        next page pass ``before=messages[-1]['id']``."""
+        data = {'query': query}
+        for name, value in (('room_id', room_id), ('before', before),
+                            ('limit', limit)):
+            if value is not None:
+                data[name] = value
+        ack = await self.call('search', data)
+        return ack['results'], ack['has_more']
+
     # Groups.
 
     async def add_members(self, room_id, usernames) -> dict:
