@@ -42,6 +42,6 @@ python3 -m pytest "$@" || status=$?
 if [ $pg_pass -eq 1 ]; then
     POSTBOX_TEST_DB=postgres python3 -m pytest "$@" tests/test_core.py \
         tests/test_features.py tests/test_durability.py \
-        tests/test_groups.py || status=$?
+        tests/test_groups.py tests/test_search.py || status=$?
 fi
 exit $status
