@@ -341,11 +341,15 @@ def held_uploads(user_id):
               .where(Attachment.uploader == user_id,
                      Attachment.message.is_null()).tuples().get())
     others = Membership.alias()
-    alone = (Membership.select(Membership.room)
-             .where(Membership.user == user_id,
-                    ~fn.EXISTS(others.select(others.id).where(
-                        others.room == Membership.room,
-                        others.user != user_id))))
+    # Rooms first (at most rooms_per_user_max, usually none of them
+    # alone), so the common case reads no sent attachment at all.
+    alone = [room for (room,) in Membership.select(Membership.room).where(
+        Membership.user == user_id,
+        ~fn.EXISTS(others.select(others.id).where(
+            others.room == Membership.room,
+            others.user != user_id))).tuples()]
+    if not alone:
+        return unsent[0], int(unsent[1])
     kept = (Attachment.select(fn.COUNT(Attachment.id),
                               fn.COALESCE(fn.SUM(Attachment.size), 0))
             .join(Message, on=(Attachment.message == Message.id))
