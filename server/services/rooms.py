@@ -345,20 +345,23 @@ def _room_infos(ctx, room_ids) -> dict:
     missing = [r for r, info in infos.items() if info is None]
     for start in range(0, len(missing), INBOX_CHUNK):
         chunk = missing[start:start + INBOX_CHUNK]
+        marks = placeholders(chunk)
         members = {}
-        for room_id, user_id in (Membership
-                                 .select(Membership.room, Membership.user)
-                                 .where(Membership.room.in_(chunk))
-                                 .order_by(Membership.id).tuples()):
+        for room_id, user_id in execute(
+                'SELECT "room_id", "user_id" FROM "membership" WHERE '
+                f'"room_id" IN ({marks}) ORDER BY "id"', chunk).fetchall():
             members.setdefault(room_id, []).append(user_id)
-        for room in Room.select().where(Room.id.in_(chunk)):
-            info = RoomInfo(room.id, room.kind, room.name, room.created_at,
-                            tuple(members.get(room.id, ())), room.owner_id)
-            infos[room.id] = info
+        # Plain rows: Peewee's model objects cost ten times the query.
+        for room_id, kind, name, created_at, owner_id in execute(
+                'SELECT "id", "kind", "name", "created_at", "owner_id" '
+                f'FROM "room" WHERE "id" IN ({marks})', chunk).fetchall():
+            info = RoomInfo(room_id, kind, name, created_at,
+                            tuple(members.get(room_id, ())), owner_id)
+            infos[room_id] = info
             # Not cached if a group changed since this read began: it may
             # have read the old members (see forget_room).
             if getattr(ctx, 'room_epoch', 0) == epoch:
-                ctx.rooms[room.id] = info
+                ctx.rooms[room_id] = info
     return infos
 
 
