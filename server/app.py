@@ -227,7 +227,9 @@ def _client_manager(config):
         queue_max=config.redis_publish_queue_max,
         heartbeat=config.redis_heartbeat_seconds,
         socket_timeout=config.redis_timeout_seconds,
-        retry_max=config.redis_retry_max_seconds)
+        retry_max=config.redis_retry_max_seconds,
+        probe_interval=config.redis_probe_seconds,
+        probe_timeout=config.redis_probe_timeout_seconds)
 
 
 def _add_demo(app):

@@ -53,6 +53,16 @@ class Config:
     redis_retry_max_seconds: float = 2.0
     # Redis connect/command timeout: a hung Redis must not hold up sends.
     redis_timeout_seconds: float = 5.0
+    # Each process publishes a probe to itself this often and expects it
+    # back on its own subscription within the timeout; if not, its
+    # listener is deaf (connected, hearing nothing): it is counted,
+    # re-created and /readyz says 503 until a probe comes back. One small
+    # publish a second costs nothing; 3 s is well above the listener's
+    # lag on a loaded process (a false alarm costs a resubscription, whose
+    # gap clients recover with `sync`), and short enough that a deaf
+    # process is noticed within about 4 s.
+    redis_probe_seconds: float = 1.0
+    redis_probe_timeout_seconds: float = 3.0
     # Processes serving one port (SO_REUSEPORT); more than one needs Redis.
     workers: int = 1
     # JWT signing key (HS256), at least 32 bytes (refused at startup

@@ -64,7 +64,7 @@ class Metrics:
 class _ManagerCollector:
     """Redis publishes and publish/listen failures, read from the
     Socket.IO client manager when it counts them (``published``,
-    ``publish_failures``, ``listen_failures`` attributes): a single
+    ``publish_failures``, ``listen_failures``, ``deaf`` attributes): a single
     process has none to report."""
 
     def __init__(self, metrics):
@@ -76,7 +76,9 @@ class _ManagerCollector:
                 ('published', 'Messages handed to Redis for other '
                  'processes (emits whose recipients are all local are not)'),
                 ('publish_failures', 'Failed publishes to Redis'),
-                ('listen_failures', 'Lost or failed Redis subscriptions')):
+                ('listen_failures', 'Lost or failed Redis subscriptions'),
+                ('deaf', 'Redis listeners found deaf (own probe not back '
+                 'in time) and re-created')):
             value = getattr(manager, attr, None)
             if isinstance(value, (int, float)):
                 family = CounterMetricFamily('postbox_redis_' + attr,

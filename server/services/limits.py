@@ -116,7 +116,8 @@ class SharedConnections(Connections):
     ``manager`` is the Redis client manager: its ``redis`` client,
     ``host_id`` and ``alive_prefix``. This process's own counts are kept
     too and checked first; if Redis is unreachable they alone decide, so an
-    outage does not refuse everyone."""
+    outage does not refuse everyone (at once while the manager knows Redis
+    to be unreachable: a hung Redis must not hold up every connect)."""
 
     REFUSALS = ('too many connections for this user',
                 'too many connections from this address')
@@ -140,13 +141,15 @@ class SharedConnections(Connections):
 
     async def acquire(self, user_id, ip):
         await super().acquire(user_id, ip)
+        if not self.manager.reachable:
+            return  # the local count stands
         try:
             refused = await self._acquire(
                 keys=self._keys(user_id, ip),
                 args=[self.manager.host_id, self.manager.alive_prefix,
                       self.per_user, self.per_ip])
         except Exception as exc:  # Redis down: the local count stands
-            log.warning('shared connection count unavailable: %s', exc)
+            self.manager.trouble('shared connection count', exc)
             return
         if refused:
             await super().release(user_id, ip)
@@ -164,13 +167,15 @@ class SharedConnections(Connections):
 
     async def acquire_address(self, ip):
         await super().acquire_address(ip)
+        if not self.manager.reachable:
+            return  # the local count stands
         try:
             refused = await self._acquire(
                 keys=self._keys(None, ip)[1:],
                 args=[self.manager.host_id, self.manager.alive_prefix,
                       self.per_ip])
         except Exception as exc:  # Redis down: the local count stands
-            log.warning('shared connection count unavailable: %s', exc)
+            self.manager.trouble('shared connection count', exc)
             return
         if refused:
             await super().release_address(ip)
@@ -182,7 +187,7 @@ class SharedConnections(Connections):
             await self._release(keys=self._keys(None, ip)[1:],
                                 args=[self.manager.host_id])
         except Exception as exc:
-            log.warning('shared connection count unavailable: %s', exc)
+            self.manager.trouble('shared connection count', exc)
 
 
 class Failures:
@@ -332,6 +337,7 @@ class SharedThrottle:
     def __init__(self, local: Throttle, manager, prefix):
         self.local = local
         self.prefix = prefix
+        self.manager = manager
         self._script = manager.redis.register_script(FAILURES_SCRIPT)
 
     async def _run(self, op, counted) -> float:
@@ -345,11 +351,12 @@ class SharedThrottle:
         counted = self.local.counted(keys)
         if not counted:
             return
+        if not self.manager.reachable:  # no waiting for a timeout
+            return await self.local.take(*keys)
         try:
             wait = await self._run('take', counted)
         except Exception as exc:  # Redis down: the local buckets decide
-            log.warning('shared %s throttle unavailable: %s',
-                        self.local.name, exc)
+            self.manager.trouble(f'shared {self.local.name} throttle', exc)
             return await self.local.take(*keys)
         if wait > 0:
             raise RateLimited(wait, self.local.message)
@@ -360,15 +367,14 @@ class SharedThrottle:
     async def give_back(self, *keys):
         await self.local.give_back(*keys)
         counted = self.local.counted(keys)
-        if not counted:
+        if not counted or not self.manager.reachable:
             return
         try:
             # If Redis was down at ``take`` this returns a try it never
             # took: harmless, a bucket never goes above its allowance.
             await self._run('give', counted)
         except Exception as exc:
-            log.warning('shared %s throttle unavailable: %s',
-                        self.local.name, exc)
+            self.manager.trouble(f'shared {self.local.name} throttle', exc)
 
 
 def _room_count(user_id):

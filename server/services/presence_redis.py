@@ -14,7 +14,9 @@ keeps the same grace period before a user goes offline). What it adds:
 
 A user comes online when the first process takes them and goes offline
 when the last one lets go; only that process emits the change. If Redis is
-unreachable the local view is used, as in a single process.
+unreachable the local view is used, as in a single process, at once while
+the manager knows Redis to be unreachable (no timeout per call); once
+Redis answers again each process puts back exactly the users it holds.
 """
 import asyncio
 import logging
@@ -64,6 +66,28 @@ if others == 0 then
   redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
 end
 return others
+"""
+
+# Put back what this process holds after Redis lost it (restart) or missed
+# changes (an outage): KEYS: process set, this process's user set. ARGV:
+# me, online prefix, then the users held. Users this process no longer
+# holds (they left while Redis was away) are taken off, so they do not
+# stay online in Redis for as long as this process lives.
+REGISTER_SCRIPT = """
+local held = {}
+for i = 3, #ARGV do held[ARGV[i]] = true end
+for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not held[u] then
+    redis.call('SREM', ARGV[2] .. u, ARGV[1])
+    redis.call('SREM', KEYS[2], u)
+  end
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+for i = 3, #ARGV do
+  redis.call('SADD', ARGV[2] .. ARGV[i], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+return 0
 """
 
 # KEYS: online sets. ARGV: alive prefix. Returns 1/0 per key.
@@ -131,6 +155,7 @@ class RedisPresence(Presence):
         self._remove = self.redis.register_script(REMOVE_SCRIPT)
         self._status = self.redis.register_script(STATUS_SCRIPT)
         self._reap = self.redis.register_script(REAP_SCRIPT)
+        self._register = self.redis.register_script(REGISTER_SCRIPT)
         self._reaper = None
         manager.on_register.append(self._register_all)
 
@@ -146,14 +171,18 @@ class RedisPresence(Presence):
             return
         if self._sockets[user_id] != 1:
             return
-        try:
-            others = await self._add(
-                keys=[self._online + str(user_id), self._users + self.me,
-                      self._hosts],
-                args=[self.me, self.manager.alive_prefix, user_id])
-        except Exception as exc:
-            log.warning('presence: redis unavailable (%s)', exc)
-            others = 0
+        others = 0
+        if not self.manager.reachable:
+            self.manager.skipped()  # registered when Redis answers
+        else:
+            try:
+                others = await self._add(
+                    keys=[self._online + str(user_id), self._users + self.me,
+                          self._hosts],
+                    args=[self.me, self.manager.alive_prefix, user_id])
+            except Exception as exc:
+                self.manager.skipped()
+                self.manager.trouble('presence', exc)
         if not others:
             await self.on_change(user_id, True, now_ms())
 
@@ -161,15 +190,19 @@ class RedisPresence(Presence):
         await asyncio.sleep(self.grace)
         self._timers.pop(user_id, None)
         last_seen = self._last_seen.get(user_id, now_ms())
-        try:
-            others = await self._remove(
-                keys=[self._online + str(user_id), self._users + self.me,
-                      self._seen + str(user_id)],
-                args=[self.me, self.manager.alive_prefix, user_id,
-                      last_seen, SEEN_TTL_SECONDS])
-        except Exception as exc:
-            log.warning('presence: redis unavailable (%s)', exc)
-            others = 0
+        others = 0
+        if not self.manager.reachable:
+            self.manager.skipped()  # taken off when Redis answers
+        else:
+            try:
+                others = await self._remove(
+                    keys=[self._online + str(user_id), self._users + self.me,
+                          self._seen + str(user_id)],
+                    args=[self.me, self.manager.alive_prefix, user_id,
+                          last_seen, SEEN_TTL_SECONDS])
+            except Exception as exc:
+                self.manager.skipped()
+                self.manager.trouble('presence', exc)
         if others:
             return  # still online on another process
         await self.store.write(_save_last_seen, user_id, last_seen)
@@ -183,12 +216,15 @@ class RedisPresence(Presence):
         if not rest:
             return result
         try:
+            if not self.manager.reachable:
+                raise ConnectionError('known to be unreachable')
             online = await self._status(
                 keys=[self._online + str(u) for u in rest],
                 args=[self.manager.alive_prefix])
             seen = await self.redis.mget([self._seen + str(u) for u in rest])
         except Exception as exc:
-            log.warning('presence: redis unavailable (%s)', exc)
+            if self.manager.reachable:
+                self.manager.trouble('presence', exc)
             result.update(await super().status(rest))
             return result
         unknown = []
@@ -202,18 +238,18 @@ class RedisPresence(Presence):
         return await self._add_stored(result, unknown)
 
     async def _register_all(self):
-        """Redis came back (possibly empty): hold our users again."""
+        """Redis came back (possibly empty) or missed changes: hold
+        exactly our users again (one script call: no pipeline whose
+        connection could stay out of the pool)."""
         users = set(self._sockets) | set(self._timers)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(self._hosts, self.me)
-        for user_id in users:
-            pipe.sadd(self._online + str(user_id), self.me)
-            pipe.sadd(self._users + self.me, user_id)
-        await pipe.execute()
+        await self._register(keys=[self._hosts, self._users + self.me],
+                             args=[self.me, self._online, *users])
 
     async def _reap_loop(self):
         while True:
             await asyncio.sleep(self.manager.heartbeat)
+            if not self.manager.reachable:
+                continue
             try:
                 now = now_ms()
                 gone = await self._reap(keys=[self._hosts], args=[

@@ -339,17 +339,22 @@ async def healthz(request):
 
 
 async def readyz(request):
-    """Ready when every dependency (database, Redis) answers."""
-    checks = {}
+    """Ready when every dependency (database, Redis) answers:
+    ``{ok, checks: {name: bool}, errors: {name: why}}`` (a check says why
+    by raising)."""
+    checks, errors = {}, {}
     for name, check in request.app[READY_CHECKS]:
         try:
             checks[name] = bool(await check())
         except Exception as exc:  # any failure means not ready
             log.warning('readiness check %s failed: %s', name, exc)
             checks[name] = False
+            errors[name] = str(exc) or type(exc).__name__
     ok = all(checks.values())
-    return web.json_response({'ok': ok, 'checks': checks},
-                             status=200 if ok else 503)
+    body = {'ok': ok, 'checks': checks}
+    if errors:
+        body['errors'] = errors
+    return web.json_response(body, status=200 if ok else 503)
 
 
 def add_routes(app: web.Application):

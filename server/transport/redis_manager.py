@@ -22,7 +22,18 @@ bound on what piles up while Redis is slow. This manager instead:
   refreshed by a heartbeat, so a crashed process is dropped from the sets by
   itself and nobody publishes to it for long;
 - reconnects its listener by itself and re-registers its rooms whenever it
-  (re)connects or finds its liveness key gone (Redis restarted empty).
+  (re)connects or finds its liveness key gone (Redis restarted empty);
+- publishes a probe to itself every ``probe_interval`` and expects it back
+  on its own subscription: a listener that stays connected but hears
+  nothing (python-socketio issue #1581) is counted (``deaf``), dropped and
+  re-created, and readiness fails until a probe comes back;
+- returns every connection to its pool on every failure path (pipelines
+  are context managers: redis-py keeps a pipeline's connection when
+  loading its scripts fails, and a crash under load used to leak the whole
+  pool), and, while Redis is known to be unreachable, lets the callers
+  that have a local fallback (room sets, presence, limits) skip it at once
+  instead of each waiting for a timeout; they are registered again when
+  Redis answers.
 
 Holders: a process that enters a room for the first time adds itself to the
 room's set and, in the same script, tells every other live process in it
@@ -63,6 +74,8 @@ NOTICE_EVENT = '__postbox_notice'
 # Pub/sub items between processes about room holders (not client events).
 HOLDER_NOTICE = '__postbox_holder'
 HOLDER_ACK = '__postbox_holder_ack'
+# A process's probe to itself, proving its subscription hears.
+PROBE = '__postbox_probe'
 
 # Enter (ARGV[4] = "1") or leave (ARGV[4] = "") one room set (KEYS[1]) and
 # send ARGV[5], a notice, to every other live process in it; dead ones are
@@ -196,22 +209,30 @@ class _Acks:
             await self.done.wait()
 
 
+class RedisNotReady(Exception):
+    """Raised by ``RedisManager.ready`` with the reason."""
+
+
 class RedisManager(AsyncPubSubManager):
     """Client manager for ``socketio.AsyncServer(client_manager=...)``.
 
     Counters for metrics: ``published`` (messages handed to Redis),
     ``publish_failures`` (messages dropped: Redis down or queue full),
-    ``listen_failures`` (listener connections lost). ``listening`` is True
-    while the pub/sub listener is subscribed."""
+    ``listen_failures`` (listener connections lost), ``deaf`` (listeners
+    re-created because their own probe did not come back). ``listening``
+    is True while the pub/sub listener is subscribed."""
 
     name = 'postbox-redis'
 
     def __init__(self, url, channel='postbox', *, max_connections=4,
                  queue_max=10000, heartbeat=5.0, socket_timeout=5.0,
-                 retry_max=2.0, join_timeout=2.0):
+                 retry_max=2.0, join_timeout=2.0, probe_interval=1.0,
+                 probe_timeout=3.0):
         super().__init__(channel=channel)
         self.url = url
         self.heartbeat = heartbeat
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
         self.retry_max = retry_max
         self.join_timeout = join_timeout
         self.socket_timeout = socket_timeout
@@ -245,13 +266,24 @@ class RedisManager(AsyncPubSubManager):
         self._register_lock = asyncio.Lock()
         self._tasks = []
         self._down_since = None
+        self._unreachable_since = None  # a Redis command failed
+        self._need_register = False  # something skipped Redis meanwhile
         self._last_log = 0.0
+        # Probes sent and not yet heard back (number -> loop time sent),
+        # whether one came back since the listener last subscribed, and
+        # why the listener was last found deaf (until a probe is heard).
+        self._probes = {}
+        self._probe_n = 0
+        self._heard = False
+        self._deaf_reason = None
+        self._probe_wake = asyncio.Event()
         self.on_register = []  # async callables run after a re-registration
         self.on_notice = None  # callable(data) for notify_all notices
         self.listening = False
         self.published = 0
         self.publish_failures = 0
         self.listen_failures = 0
+        self.deaf = 0
 
     # -- life cycle ----------------------------------------------------
 
@@ -262,22 +294,26 @@ class RedisManager(AsyncPubSubManager):
         AsyncManager.initialize(self)
 
     async def start(self):
-        """Start the listener, the sender and the heartbeat."""
+        """Start the listener, the sender, the heartbeat and the probe
+        (``thread`` is the listener's task; a deaf one is replaced)."""
         self.thread = asyncio.create_task(self._thread())
-        self._tasks = [self.thread,
-                       asyncio.create_task(self._send_loop()),
-                       asyncio.create_task(self._heartbeat_loop())]
+        self._tasks = [asyncio.create_task(self._send_loop()),
+                       asyncio.create_task(self._heartbeat_loop()),
+                       asyncio.create_task(self._probe_loop())]
 
     async def close(self):
         """Stop the tasks and withdraw this process from Redis (telling
         the other holders of its rooms), so other processes stop
         publishing to it at once."""
-        for task in self._tasks:
+        # The probe first: it may replace the listener's task.
+        for task in [*self._tasks[::-1], getattr(self, 'thread', None)]:
+            if task is None:
+                continue
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
         try:
-            async with asyncio.timeout(2):
-                pipe = self.redis.pipeline(transaction=False)
+            async with asyncio.timeout(2), \
+                    self.redis.pipeline(transaction=False) as pipe:
                 for namespace, room in self._local_rooms():
                     await self._holder_script(
                         keys=[self._room_key(namespace, room)], client=pipe,
@@ -293,10 +329,44 @@ class RedisManager(AsyncPubSubManager):
                 pass
 
     async def ready(self) -> bool:
-        """True if Redis answers and the listener is subscribed."""
-        async with asyncio.timeout(2):
-            await self.redis.ping()
-        return self.listening
+        """True if the listener is subscribed, hears its own probes and
+        Redis answers; else raises RedisNotReady saying why."""
+        if not self.listening:
+            raise RedisNotReady(self._deaf_reason or
+                                'listener not subscribed to redis')
+        overdue = self._probe_overdue()
+        if overdue:
+            raise RedisNotReady(f'listener deaf: own probe not back after '
+                                f'{overdue:.1f}s')
+        if not self._heard:
+            raise RedisNotReady(self._deaf_reason or
+                                'listener subscribed, own probe not back yet')
+        try:
+            async with asyncio.timeout(2):
+                await self.redis.ping()
+        except Exception as exc:
+            raise RedisNotReady(f'redis does not answer: '
+                                f'{exc or type(exc).__name__}') from None
+        return True
+
+    @property
+    def reachable(self) -> bool:
+        """False from a failed Redis command until one succeeds again.
+        Callers with a local fallback (presence, connection counts, login
+        throttle) then use it at once instead of each waiting up to a
+        timeout for a Redis that hangs; they call ``skipped()`` when
+        Redis must learn something later."""
+        return self._unreachable_since is None
+
+    def skipped(self):
+        """Something was kept from Redis while it was unreachable:
+        register everything again (rooms, host, hooks) once it answers."""
+        self._need_register = True
+
+    def trouble(self, what, exc):
+        """A Redis call of a caller with a local fallback failed: mark
+        Redis unreachable and log it (rate limited, like ours)."""
+        self._failed('%s: redis unavailable (%s)', what, exc)
 
     # -- emitting ------------------------------------------------------
 
@@ -399,28 +469,32 @@ class RedisManager(AsyncPubSubManager):
             while not self._queue.empty() and len(batch) < 512:
                 batch.append(self._queue.get_nowait())
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                routed = []
-                for targets, payload in batch:
-                    if isinstance(targets, str):
-                        pipe.publish(targets, payload)
-                    else:
-                        routed.append((targets, payload))
-                if routed:
-                    keys, args = script_arguments(routed)
-                    await self._script(
-                        keys=keys, client=pipe,
-                        args=[self.host_id, self.host_channel_prefix,
-                              self.alive_prefix, *args])
-                await pipe.execute()
+                # The context manager resets the pipeline, giving its
+                # connection back, however execute() fails: redis-py does
+                # not when loading the scripts fails (its SCRIPT EXISTS
+                # runs before the try/finally that resets).
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    routed = []
+                    for targets, payload in batch:
+                        if isinstance(targets, str):
+                            pipe.publish(targets, payload)
+                        else:
+                            routed.append((targets, payload))
+                    if routed:
+                        keys, args = script_arguments(routed)
+                        await self._script(
+                            keys=keys, client=pipe,
+                            args=[self.host_id, self.host_channel_prefix,
+                                  self.alive_prefix, *args])
+                    await pipe.execute()
                 self.published += len(batch)
                 self._recovered()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.publish_failures += len(batch)
-                self._trouble('redis publish failed, %s messages not sent '
-                              'to other processes: %s', len(batch), exc)
+                self._failed('redis publish failed, %s messages not sent '
+                             'to other processes: %s', len(batch), exc)
 
     # -- rooms ---------------------------------------------------------
 
@@ -461,8 +535,14 @@ class RedisManager(AsyncPubSubManager):
         nonce = ''
         try:
             async with self._register_lock:
+                if not self._subscribed or not self.reachable:
+                    # No ack could reach us, and Redis may not answer: the
+                    # registration after the listener resubscribes (or
+                    # after Redis answers again) covers this room.
+                    self.skipped()
+                    return
                 joined = room in self.rooms.get(namespace, {})
-                generation = self._generation if self._subscribed else None
+                generation = self._generation
                 if joined:
                     nonce, acks = self._expect_acks()
                 try:
@@ -471,17 +551,14 @@ class RedisManager(AsyncPubSubManager):
                         args=self._holder_args(namespace, room, joined,
                                                nonce))
                 except Exception as exc:
-                    # The heartbeat re-registers everything once Redis is
-                    # back.
-                    self._trouble('redis room update failed: %s', exc)
+                    # Everything is registered again once Redis answers.
+                    self.skipped()
+                    self._failed('redis room update failed: %s', exc)
                     return
             if not joined:
                 return
             others = self._learn(namespace, room, others, generation)
-            # Not subscribed: no ack could reach us (and no live message
-            # from another process either, until the listener is back).
-            if generation is not None:
-                await acks.wait(others, self.join_timeout)
+            await acks.wait(others, self.join_timeout)
         except TimeoutError:
             log.warning('entered %s: no ack from %s of %s processes in %.1fs',
                         room, len(set(others) - acks.acked), len(others),
@@ -518,9 +595,13 @@ class RedisManager(AsyncPubSubManager):
         return others
 
     def _on_holder_item(self, item) -> bool:
-        """Handle a holder notice or ack from another process; False if
-        ``item`` is neither."""
+        """Handle a holder notice or ack from another process, or our own
+        probe; False if ``item`` is none of them."""
         method = item.get('method') if isinstance(item, dict) else None
+        if method == PROBE:
+            if item.get('host') == self.host_id:
+                self._probe_heard(item.get('n'))
+            return True
         if method == HOLDER_ACK:
             acks = self._acks.get(item.get('nonce'))
             if acks is not None:
@@ -549,19 +630,29 @@ class RedisManager(AsyncPubSubManager):
         """Announce this process alive and in every room it holds, and
         learn who else holds them."""
         async with self._register_lock:
+            self._need_register = False  # a skip from now on sets it again
             generation = self._generation if self._subscribed else None
             rooms = list(self._local_rooms())
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.set(self.alive_key, 1, ex=self._ttl)
-            for namespace, room in rooms:
-                await self._holder_script(
-                    keys=[self._room_key(namespace, room)], client=pipe,
-                    args=self._holder_args(namespace, room, True))
-            found = (await pipe.execute())[1:]
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self.alive_key, 1, ex=self._ttl)
+                    for namespace, room in rooms:
+                        await self._holder_script(
+                            keys=[self._room_key(namespace, room)],
+                            client=pipe,
+                            args=self._holder_args(namespace, room, True))
+                    found = (await pipe.execute())[1:]
+            except BaseException:
+                self._need_register = True
+                raise
             for (namespace, room), others in zip(rooms, found):
                 self._learn(namespace, room, others, generation)
-        for hook in self.on_register:
-            await hook()
+        try:
+            for hook in self.on_register:
+                await hook()
+        except BaseException:
+            self._need_register = True
+            raise
 
     @property
     def _ttl(self):
@@ -579,10 +670,108 @@ class RedisManager(AsyncPubSubManager):
                     await self._register_all()
                 else:
                     await self.redis.expire(self.alive_key, self._ttl)
+                    await self._register_if_skipped()
+                self._recovered()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._trouble('redis heartbeat failed: %s', exc)
+                self._failed('redis heartbeat failed: %s', exc)
+
+    async def _register_if_skipped(self):
+        """Redis answered: if anything skipped it meanwhile (and the
+        listener is subscribed, else its own registration comes), register
+        everything again."""
+        if self._need_register and self._subscribed:
+            self._unreachable_since = None  # let the hooks use Redis
+            await self._register_all()
+
+    # -- probing the listener ------------------------------------------
+
+    async def _probe_loop(self):
+        """Every ``probe_interval`` (and at once after each subscription)
+        publish a probe to our own channel; if the oldest probe not heard
+        back is older than ``probe_timeout``, the listener is deaf."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                async with asyncio.timeout(self.probe_interval):
+                    await self._probe_wake.wait()
+            except TimeoutError:
+                pass
+            self._probe_wake.clear()
+            # A loop that could not run on time did not let the listener
+            # run either: judge next round, not now.
+            stalled = loop.time() - started - self.probe_interval > \
+                self.probe_timeout / 2
+            if not self.listening:
+                continue
+            overdue = self._probe_overdue()
+            if overdue and not stalled:
+                await self._deaf(overdue)
+                continue
+            await self._send_probe(loop)
+
+    async def _send_probe(self, loop):
+        self._probe_n += 1
+        n = self._probe_n
+        # Counted from before the publish: the probe may come back before
+        # PUBLISH answers.
+        self._probes[n] = loop.time()
+        probe = self.json.dumps([{'method': PROBE, 'host': self.host_id,
+                                  'n': n}])
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                # Not through the send queue: a backlog there is not
+                # deafness.
+                await self.redis.publish(self.host_channel, probe)
+            self._recovered()
+            await self._register_if_skipped()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Redis trouble, not deafness: the listener is not to blame.
+            self._probes.pop(n, None)
+            self._failed('redis probe failed: %s', exc)
+
+    def _probe_overdue(self) -> float:
+        """The age of the oldest probe not heard back if that is more than
+        ``probe_timeout``, else 0.0."""
+        if not self._probes:
+            return 0.0
+        age = asyncio.get_running_loop().time() - min(self._probes.values())
+        return age if age > self.probe_timeout else 0.0
+
+    def _probe_heard(self, n):
+        """Our probe ``n`` came back: so did every earlier one."""
+        if not isinstance(n, int):
+            return
+        for k in [k for k in self._probes if k <= n]:
+            del self._probes[k]
+        if self._deaf_reason:
+            log.warning('redis listener hears again (own probe back)')
+        self._heard = True
+        self._deaf_reason = None
+
+    async def _deaf(self, waited):
+        """The listener is subscribed as far as it knows but did not hear
+        its own probe: count it, drop it and subscribe afresh (which
+        registers every room again)."""
+        self.deaf += 1
+        self._deaf_reason = (f'listener deaf: own probe not back after '
+                             f'{waited:.1f}s; subscription re-created, '
+                             f'waiting for a probe to come back')
+        log.warning('redis listener deaf: own probe not back after %.1fs; '
+                    'dropping and re-creating the subscription', waited)
+        old = self.thread
+        old.cancel()
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                await asyncio.gather(old, return_exceptions=True)
+        except TimeoutError:
+            log.warning('deaf redis listener did not stop in %.1fs',
+                        self.socket_timeout)
+        self.thread = asyncio.create_task(self._thread())
 
     # -- listening -----------------------------------------------------
 
@@ -596,8 +785,10 @@ class RedisManager(AsyncPubSubManager):
                 await pubsub.subscribe(self.channel, self.host_channel)
                 await self._subscription_active()
                 self._resubscribed(True)
+                self._unreachable_since = None  # it answered: register
                 await self._register_all()
                 self.listening = True
+                self._probe_wake.set()  # prove it hears, now
                 delay = 0.1
                 self._recovered()
                 async for message in pubsub.listen():
@@ -615,8 +806,8 @@ class RedisManager(AsyncPubSubManager):
                 raise
             except Exception as exc:
                 self.listen_failures += 1
-                self._trouble('redis listener lost (%s), reconnecting in '
-                              '%.1fs', exc, delay)
+                self._failed('redis listener lost (%s), reconnecting in '
+                             '%.1fs', exc, delay)
             finally:
                 self.listening = False
                 self._resubscribed(False)
@@ -647,12 +838,17 @@ class RedisManager(AsyncPubSubManager):
         self._generation += 1
         self._holders.clear()
         self._noticed.clear()
+        # Probes sent before are lost with the old subscription.
+        self._probes.clear()
+        self._heard = False
 
     # -- trouble reporting ---------------------------------------------
 
     def _trouble(self, msg, *args):
         # One warning when trouble starts, then at most one every 10 s, so
         # an outage does not flood the log at the message rate.
+        args = tuple(str(a) or type(a).__name__
+                     if isinstance(a, BaseException) else a for a in args)
         now = time.monotonic()
         if self._down_since is None or now - self._last_log >= 10:
             log.warning(msg, *args)
@@ -660,7 +856,15 @@ class RedisManager(AsyncPubSubManager):
         if self._down_since is None:
             self._down_since = now
 
+    def _failed(self, msg, *args):
+        """A Redis command failed: report it, and treat Redis as
+        unreachable until one succeeds."""
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+        self._trouble(msg, *args)
+
     def _recovered(self):
+        self._unreachable_since = None
         if self._down_since is not None:
             log.warning('redis is back after %.1fs',
                         time.monotonic() - self._down_since)
@@ -675,6 +879,9 @@ def _client(url, channel, **options):
         options.pop('max_connections', None)
         sentinel = aioredis.sentinel.Sentinel(sentinels, **kwargs, **options)
         return sentinel.master_for(service or channel)
-    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=10,
-                                                    **options)
+    # Waiting for a free connection is bounded like a command: a pool
+    # that stays empty is trouble to report, not a queue to join.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, timeout=options.get('socket_timeout') or
+        options['socket_connect_timeout'], **options)
     return aioredis.Redis(connection_pool=pool)
