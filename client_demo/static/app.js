@@ -1506,6 +1506,18 @@
     });
     document.addEventListener('visibilitychange', markRead);
     window.addEventListener('focus', markRead);
+    // static/search.js asks for a message: open its room, page back to it.
+    window.addEventListener('postbox:show-message', async ({detail}) => {
+      await openRoom(detail.room_id);
+      const c = state.convos.get(detail.room_id);
+      while (c && !c.messages.has(detail.id) && c.hasMore && state.current === detail.room_id) {
+        if (c.loadingOlder) { await new Promise((r) => setTimeout(r, 50)); continue; }
+        const size = c.messages.size;
+        await loadOlder();
+        if (c.messages.size === size) break;
+      }
+      scrollToMessage(detail.id);
+    });
   }
 
   wire();
