@@ -104,6 +104,7 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     import peewee
 
     import models
+    from models import search
     from models.migrations import migrate
     rng = random.Random(seed_value)
     database = peewee.SqliteDatabase(str(path), pragmas={
@@ -113,6 +114,8 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     migrate(database)
     database.close()
     conn = sqlite3.connect(str(path), isolation_level=None)
+    # The search index's triggers call the fold (models/search.py).
+    conn.create_function('pb_fold', 1, search.fold, deterministic=True)
     conn.execute('PRAGMA synchronous=OFF')
     conn.execute('PRAGMA foreign_keys=OFF')
     conn.execute('BEGIN')
