@@ -87,16 +87,6 @@ class RedisProcess:
     def resume(self):
         self.proc.send_signal(signal.SIGCONT)
 
-    def command(self, *args):
-        """Run one command on a fresh connection; returns the reply."""
-        import redis
-        client = redis.Redis(host='127.0.0.1', port=self.port,
-                             socket_timeout=10)
-        try:
-            return client.execute_command(*args)
-        finally:
-            client.close()
-
 
 class DeafeningProxy:
     """A TCP proxy in front of ``target`` (host, port), run on the test's
