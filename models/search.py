@@ -51,10 +51,13 @@ _SPACELESS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1100, 0x11FF),
               (0x1780, 0x17FF), (0x2E80, 0x9FFF), (0xA960, 0xA97F),
               (0xAC00, 0xD7FF), (0xF900, 0xFAFF), (0xFF66, 0xFFDC),
               (0x20000, 0x3FFFF))
-# Where a search walks the caller's rooms rather than the trigram index
-# (SQLite): rooms holding at most this many events are read whole, which is
-# cheaper than finding the query's messages among everybody's.
-SCAN_ROWS = 20_000
+# Which way a search goes (SQLite). Walking the caller's rooms costs about
+# 1 us per message in them (E); the trigram index costs about 7 us per
+# candidate, and finding a page of 20 among everybody's messages (T) takes
+# about 20 T / E candidates. So the index leads only when E * E > INDEX_LEADS
+# * T, and rooms of at most SCAN_ROWS events are always walked (a few ms).
+SCAN_ROWS = 5_000
+INDEX_LEADS = 150
 # Trigram candidates checked per step when the index leads.
 CANDIDATES_STEP = 500
 
@@ -119,14 +122,18 @@ class SqliteIndex(_Index):
     def find(self, database, user_id, patterns_, room_id, before, limit):
         below = before if before is not None else 2**63 - 1
         grams = _trigrams(patterns_)
-        if grams and self._events(database, user_id, room_id) > SCAN_ROWS:
+        events = self._events(database, user_id, room_id) if grams else 0
+        if events > SCAN_ROWS and events * events > INDEX_LEADS * \
+                self._total(database):
             # Many messages in the caller's rooms: let the trigram index
             # lead, newest first, checking its candidates against
-            # membership and the words. It gives up after as many
+            # membership and the words. It gives up after a quarter as many
             # candidates as the caller's rooms hold events (the words may
-            # be common elsewhere and rare here); the rest is scanned.
+            # be common elsewhere and rare here: then walking the rooms is
+            # cheaper), and the rest is walked.
             found, below = self._by_index(database, user_id, patterns_,
-                                          grams, room_id, below, limit)
+                                          grams, room_id, below, limit,
+                                          max(events // 4, CANDIDATES_STEP))
             if len(found) >= limit or below is None:
                 return found[:limit]
             return found + self._scan(database, user_id, patterns_, room_id,
@@ -144,6 +151,10 @@ class SqliteIndex(_Index):
                            'WHERE m."user_id" = ?', (user_id,))
         return database.execute_sql(sql, params).fetchone()[0] or 0
 
+    def _total(self, database):
+        return database.execute_sql(
+            'SELECT COALESCE(MAX("id"), 0) FROM "message"').fetchone()[0]
+
     def _scan(self, database, user_id, patterns_, room_id, below, limit):
         """Walk the folded texts of the caller's rooms (primary key
         ranges, newest first within each room), keep the matches."""
@@ -159,13 +170,11 @@ class SqliteIndex(_Index):
         return [r[0] for r in database.execute_sql(sql, params).fetchall()]
 
     def _by_index(self, database, user_id, patterns_, grams, room_id, below,
-                  limit):
-        """Candidates from the trigram index in steps, newest first.
-        Returns (matches, where to go on below, or None when the index
-        had no more candidates)."""
+                  limit, budget):
+        """At most ``budget`` candidates from the trigram index, in steps,
+        newest first. Returns (matches, where to go on below, or None when
+        the index had no more candidates)."""
         match = ' AND '.join('"' + g.replace('"', '""') + '"' for g in grams)
-        budget = max(self._events(database, user_id, room_id),
-                     CANDIDATES_STEP)
         words = ''.join(' AND instr(t."text", ?) > 0' for _ in patterns_)
         rooms = ' AND x."room_id" = ?' if room_id is not None else ''
         check = ('SELECT x."id" FROM "message" x '
@@ -253,7 +262,7 @@ _SQLITE_SCHEMA = [
     '"text" TEXT NOT NULL, PRIMARY KEY ("room_id", "message_id")) '
     'WITHOUT ROWID',
     'CREATE VIRTUAL TABLE IF NOT EXISTS "message_fts" USING fts5('
-    '"text", content=\'\', detail=none, '
+    '"text", content=\'\', detail=none, columnsize=0, '
     'tokenize=\'trigram case_sensitive 1\')',
     'CREATE TRIGGER IF NOT EXISTS "message_text_insert" AFTER INSERT ON '
     '"message" WHEN NOT NEW."deleted" BEGIN '

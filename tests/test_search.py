@@ -322,3 +322,92 @@ async def test_bot_sdk_search(base):
     finally:
         await client.close()
         await bot.stop()
+
+
+# -- the index's two ways, directly on a temporary SQLite file ------------
+
+def _small_world(tmp_path):
+    """A database with 3 users: 1 in rooms 1-2, 2 in rooms 2-3, 3 in room 3
+    only; 600 messages over the rooms (every 7th says "needle"). Returns
+    the bound database."""
+    import models
+    from models import Membership, Message, Room, User
+    from models.migrations import migrate
+    from server.config import Config
+    from server.store import open_database
+    database = open_database(f'sqlite:///{tmp_path / "s.db"}', Config())
+    models.db.initialize(database)
+    database.connect()
+    migrate(database)
+    for uid in (1, 2, 3):
+        User.create(id=uid, username=f'u{uid}', display_name='u',
+                    created_at=0)
+    for rid, members in ((1, (1,)), (2, (1, 2)), (3, (2, 3))):
+        Room.create(id=rid, kind='group', name='g', created_by=members[0],
+                    created_at=0, last_activity_at=0, last_seq=200)
+        for uid in members:
+            Membership.create(room=rid, user=uid, joined_at=0)
+    with database.atomic():
+        for n in range(600):
+            rid = n % 3 + 1
+            body = f'Needle № {n} in Köln' if n % 7 == 0 else f'hay {n}'
+            Message.create(room=rid, seq=n // 3 + 1, sender=rid, body=body,
+                           client_msg_id=f'm{n}', created_at=n,
+                           update_seq=n // 3 + 1)
+    return database
+
+
+def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
+    import models
+    from models import Message
+    from models import search
+    database = _small_world(tmp_path)
+    try:
+        index = search.index(database)
+
+        def both(user, query, room_id=None, before=None, limit=500):
+            patterns = search.patterns(search.fold(query))
+            monkeypatch.setattr(search, 'SCAN_ROWS', 10 ** 9)
+            walked = index.find(database, user, patterns, room_id, before,
+                                limit)
+            monkeypatch.setattr(search, 'SCAN_ROWS', 0)
+            monkeypatch.setattr(search, 'INDEX_LEADS', 0)
+            monkeypatch.setattr(search, 'CANDIDATES_STEP', 7)
+            led = index.find(database, user, patterns, room_id, before,
+                             limit)
+            assert led == walked, (user, query)
+            return walked
+
+        def rooms_of(ids):
+            return {Message.get_by_id(i).room_id for i in ids}
+        needles = both(1, 'NEEDLE koln')
+        assert len(needles) == 58 and rooms_of(needles) == {1, 2}
+        assert needles == sorted(needles, reverse=True)
+        assert rooms_of(both(3, 'needle')) == {3}
+        assert rooms_of(both(2, 'needle', room_id=3)) == {3}
+        assert both(1, 'needle', limit=5) == needles[:5]
+        assert both(1, 'needle', before=needles[4], limit=3) == needles[5:8]
+        assert both(1, 'haystack') == []
+        # Edits and deletes through any path reach the index.
+        first = needles[0]
+        Message.update(body='plain now').where(Message.id == first).execute()
+        Message.update(deleted=True, body='').where(
+            Message.id == needles[1]).execute()
+        assert both(1, 'needle') == needles[2:]
+        assert both(1, 'plain') == [first]
+        Message.delete().where(Message.id == first).execute()
+        assert both(1, 'plain') == []
+        # The walk reads only the caller's rooms: the membership index,
+        # then primary key ranges of message_text, never a scan.
+        plan = ' / '.join(r[3] for r in database.execute_sql(
+            'EXPLAIN QUERY PLAN SELECT t."message_id" FROM "membership" m '
+            'CROSS JOIN "message_text" t WHERE m."user_id" = ? AND '
+            't."room_id" = m."room_id" AND t."message_id" < ? AND '
+            'instr(t."text", ?) > 0 ORDER BY t."message_id" DESC LIMIT ?',
+            (1, 10, 'x', 5)).fetchall())
+        assert 'membership_user_id_room_id (user_id=?)' in plan, plan
+        assert 'PRIMARY KEY (room_id=? AND message_id<?)' in plan, plan
+        assert 'SCAN' not in plan, plan
+    finally:
+        database.close()
+        models.db.initialize(None)
