@@ -7,6 +7,8 @@ import sqlite3
 from contextlib import closing
 from urllib.parse import quote
 
+import pytest
+
 from tests.helpers import ServerProcess, connect, http, pair, register, \
     unique_name
 
@@ -244,11 +246,60 @@ async def _search_until(client, query, expected, timeout=30):
         await asyncio.sleep(0.1)
 
 
-async def test_messages_from_before_the_upgrade_are_indexed(tmp_path):
+@pytest.fixture(scope='module')
+def pg_cluster():
+    from tests.pg import PostgresCluster
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+def run_sql(url, statements):
+    """Run ``statements`` in one transaction; returns the last one's rows."""
+    if url.startswith('sqlite:'):
+        with closing(sqlite3.connect(url[len('sqlite:///'):])) as db, db:
+            for sql in statements:
+                rows = db.execute(sql).fetchall()
+        return rows
+    from server.config import Config
+    from server.store import open_database
+    database = open_database(url, Config())
+    database.connect()
+    try:
+        with database.atomic():
+            for sql in statements:
+                cursor = database.execute_sql(sql)
+                rows = cursor.fetchall() if cursor.description else None
+        return rows
+    finally:
+        database.close()
+
+
+# What version 4 had instead of the search index.
+V4_SQLITE = ['DROP TRIGGER "message_text_insert"',
+             'DROP TRIGGER "message_text_update"',
+             'DROP TRIGGER "message_text_delete"',
+             'DROP TABLE "message_fts"']
+V4_POSTGRES = ['DROP TRIGGER message_text_insert ON message',
+               'DROP TRIGGER message_text_update ON message',
+               'DROP TRIGGER message_text_delete ON message',
+               'DROP FUNCTION pb_message_text()']
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
+async def test_messages_from_before_the_upgrade_are_indexed(
+        tmp_path, backend, request):
     """A version 4 database (no search index) upgraded: the migration
     makes the index and the messages already stored are indexed in
     batches (here of 3) while the server serves."""
-    server = ServerProcess(tmp_path).start()
+    if backend == 'sqlite':
+        url = f'sqlite:///{tmp_path / "postbox.db"}'
+        downgrade = V4_SQLITE
+    else:
+        url = request.getfixturevalue('pg_cluster').create_database()
+        downgrade = V4_POSTGRES
+    server = ServerProcess(tmp_path, env={'POSTBOX_DATABASE_URL': url})
+    server.start()
     alice, bob, a, b, room = await pair(server.url)
     old = [await send(a, room, f'Überraschung number {i}')
            for i in range(10)]
@@ -260,17 +311,12 @@ async def test_messages_from_before_the_upgrade_are_indexed(tmp_path):
     await a.close()
     await b.close()
     assert await server.astop() == 0
-    db_path = tmp_path / 'postbox.db'
-    with closing(sqlite3.connect(db_path)) as db, db:
-        for name in ('message_text_insert', 'message_text_update',
-                     'message_text_delete'):
-            db.execute(f'DROP TRIGGER "{name}"')
-        db.execute('DROP TABLE "message_fts"')
-        db.execute('DROP TABLE "message_text"')
-        db.execute('DROP TABLE "search_backfill"')
-        db.execute('UPDATE "schemaversion" SET "version" = 4')
+    run_sql(url, downgrade + [
+        'DROP TABLE "message_text"', 'DROP TABLE "search_backfill"',
+        'UPDATE "schemaversion" SET "version" = 4'])
 
     server = ServerProcess(tmp_path, port=server.port, env={
+        'POSTBOX_DATABASE_URL': url,
         'POSTBOX_SEARCH_BACKFILL_BATCH': '3'}).start()
     try:
         a = await connect(server.url, a.token)
@@ -283,14 +329,10 @@ async def test_messages_from_before_the_upgrade_are_indexed(tmp_path):
         await a.close()
     finally:
         assert await server.astop() == 0, server.read_log()
-    with closing(sqlite3.connect(db_path)) as db:
-        (version,), = db.execute('SELECT "version" FROM "schemaversion"')
-        assert version == 5
-        assert db.execute('SELECT COUNT(*) FROM "search_backfill"'
-                          ).fetchone() == (0,)
-        # The index holds exactly the live messages: 9 old ones, 1 new.
-        assert db.execute('SELECT COUNT(*) FROM "message_text"').fetchone(
-            ) == (10,)
+    assert run_sql(url, ['SELECT "version" FROM "schemaversion"']) == [(5,)]
+    assert run_sql(url, ['SELECT COUNT(*) FROM "search_backfill"']) == [(0,)]
+    # The index holds exactly the live messages: 9 old ones, 1 new.
+    assert run_sql(url, ['SELECT COUNT(*) FROM "message_text"']) == [(10,)]
 
 
 async def test_bot_sdk_search(base):
