@@ -12,7 +12,7 @@ import time
 import pytest
 import socketio
 
-from tests.helpers import NO_RATE_LIMITS, connect, http, register
+from tests.helpers import NO_RATE_LIMITS, connect, http, refused, register
 from tests.redisproc import (FAST_REDIS_ENV, DeafeningProxy, RedisProcess,
                              start_servers, stop_servers)
 
@@ -431,5 +431,49 @@ async def test_hung_redis_does_not_hold_up_clients(tmp_path, redis_proc):
     finally:
         if paused:
             redis_proc.resume()
+        codes = stop_servers(servers)
+    assert codes == [0, 0], [s.read_log()[-3000:] for s in servers]
+
+
+async def test_connection_limit_holds_again_after_redis_restart(
+        tmp_path, redis_proc):
+    """Connections per user count across processes in Redis. Redis comes
+    back empty after a crash: each process puts its counts back, so the
+    limit holds across processes again (it used to forget every socket
+    connected before the crash)."""
+    p1, p2 = servers = start_servers(tmp_path / 'pb', 2, {
+        'POSTBOX_REDIS_URL': redis_proc.url, **FAULT_ENV,
+        'POSTBOX_MAX_CONNECTIONS_PER_USER': '3'})
+    try:
+        for server in servers:
+            await wait_ready(server)
+        _, token = await register(p1.url)
+        here = [await connect(p1.url, token) for _ in range(2)]
+        redis_proc.kill()
+        for server in servers:
+            await wait_ready(server, ready=False)
+        redis_proc.restart()
+        await asyncio.gather(*(
+            wait_ready(server, timeout=READY_AFTER_RETURN_SECONDS)
+            for server in servers))
+        there = await connect(p2.url, token)  # the third: allowed
+        error = await refused(p2.url, token)  # the fourth, anywhere
+        assert error['data']['code'] == 'rate_limited', error
+        error = await refused(p1.url, token)
+        assert error['data']['code'] == 'rate_limited', error
+        # A socket that goes frees its place everywhere.
+        await here[0].close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                again = await connect(p2.url, token)
+                break
+            except socketio.exceptions.ConnectionError:
+                assert loop.time() < deadline, 'the place was not freed'
+                await asyncio.sleep(0.1)
+        for client in [*here[1:], there, again]:
+            await client.close()
+    finally:
         codes = stop_servers(servers)
     assert codes == [0, 0], [s.read_log()[-3000:] for s in servers]

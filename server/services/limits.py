@@ -107,6 +107,23 @@ end
 return 0
 """
 
+# Put this process's counts back after Redis lost them (restart) or missed
+# changes (an outage). KEYS: the hashes this process holds sockets in, then
+# those it released while Redis was away. ARGV: own process id, how many
+# held keys, then the count of each. Sets the held counts, drops the rest.
+REGISTER_COUNTS_SCRIPT = """
+local me, held = ARGV[1], tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if i <= held then
+    redis.call('HSET', key, me, ARGV[2 + i])
+    redis.call('EXPIRE', key, 86400)
+  else
+    redis.call('HDEL', key, me)
+  end
+end
+return 0
+"""
+
 
 class SharedConnections(Connections):
     """Connections per user and per client address counted in Redis
@@ -117,7 +134,9 @@ class SharedConnections(Connections):
     ``host_id`` and ``alive_prefix``. This process's own counts are kept
     too and checked first; if Redis is unreachable they alone decide, so an
     outage does not refuse everyone (at once while the manager knows Redis
-    to be unreachable: a hung Redis must not hold up every connect)."""
+    to be unreachable: a hung Redis must not hold up every connect). When
+    Redis is back (restarted empty, or having missed counts) the manager's
+    re-registration puts this process's counts back exactly."""
 
     REFUSALS = ('too many connections for this user',
                 'too many connections from this address')
@@ -128,6 +147,36 @@ class SharedConnections(Connections):
         self.prefix = prefix
         self._acquire = manager.redis.register_script(ACQUIRE_SCRIPT)
         self._release = manager.redis.register_script(RELEASE_SCRIPT)
+        self._register = manager.redis.register_script(
+            REGISTER_COUNTS_SCRIPT)
+        self._released_away = set()  # keys whose release missed Redis
+        manager.on_register.append(self._register_all)
+
+    async def _register_all(self):
+        """Set this process's count in every hash it holds sockets in to
+        what it holds, and drop it from those it released while Redis was
+        away (the manager calls this after every re-registration)."""
+        held = {f'{self.prefix}:conns:{user_id}': n
+                for user_id, n in self._users.items()}
+        held.update({f'{self.prefix}:conns:ip:{ip}': n
+                     for ip, n in self._ips.items() if ip is not None})
+        gone = self._released_away - held.keys()
+        self._released_away = set()
+        try:
+            await self._register(keys=[*held, *gone],
+                                 args=[self.manager.host_id, len(held),
+                                       *held.values()])
+        except BaseException:
+            self._released_away |= gone
+            raise
+
+    def _missed(self, keys, exc=None):
+        """A count change that did not reach Redis: put right at the next
+        re-registration."""
+        self._released_away.update(keys)
+        self.manager.skipped()
+        if exc is not None:
+            self.manager.trouble('shared connection count', exc)
 
     def _keys(self, user_id, ip):
         """The Redis hashes of ``user_id`` and ``ip`` (the user's only when
@@ -142,15 +191,14 @@ class SharedConnections(Connections):
     async def acquire(self, user_id, ip):
         await super().acquire(user_id, ip)
         if not self.manager.reachable:
-            return  # the local count stands
+            return self.manager.skipped()  # the local count stands
         try:
             refused = await self._acquire(
                 keys=self._keys(user_id, ip),
                 args=[self.manager.host_id, self.manager.alive_prefix,
                       self.per_user, self.per_ip])
         except Exception as exc:  # Redis down: the local count stands
-            self.manager.trouble('shared connection count', exc)
-            return
+            return self._missed((), exc)
         if refused:
             await super().release(user_id, ip)
             raise TooManyConnections(self.REFUSALS[refused - 1])
@@ -163,20 +211,19 @@ class SharedConnections(Connections):
             await self._release(keys=self._keys(user_id, ip),
                                 args=[self.manager.host_id])
         except Exception as exc:
-            self.manager.trouble('shared connection count', exc)
+            self._missed(self._keys(user_id, ip), exc)
 
     async def acquire_address(self, ip):
         await super().acquire_address(ip)
         if not self.manager.reachable:
-            return  # the local count stands
+            return self.manager.skipped()  # the local count stands
         try:
             refused = await self._acquire(
                 keys=self._keys(None, ip)[1:],
                 args=[self.manager.host_id, self.manager.alive_prefix,
                       self.per_ip])
         except Exception as exc:  # Redis down: the local count stands
-            self.manager.trouble('shared connection count', exc)
-            return
+            return self._missed((), exc)
         if refused:
             await super().release_address(ip)
             raise TooManyConnections(self.REFUSALS[1])
@@ -187,7 +234,7 @@ class SharedConnections(Connections):
             await self._release(keys=self._keys(None, ip)[1:],
                                 args=[self.manager.host_id])
         except Exception as exc:
-            self.manager.trouble('shared connection count', exc)
+            self._missed(self._keys(None, ip)[1:], exc)
 
 
 class Failures:
