@@ -837,3 +837,34 @@ async def test_full_disk_gets_507(tmp_path):
         if server is not None:
             assert server.stop() == 0, server.read_log()
         subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+async def test_a_room_full_of_pictures_loads_within_the_event_limit(
+        tmp_path):
+    """Opening a conversation fetches every picture's thumbnail at once:
+    downloads do not spend the per-user event bucket that every other
+    HTTP request and Socket.IO event spends, so a tight bucket still
+    shows them all (while a loop of API calls is throttled)."""
+    server = ServerProcess(tmp_path, env={'POSTBOX_EVENT_BURST': '8',
+                                          'POSTBOX_EVENT_RATE_PER_SECOND':
+                                          '0.1'})
+    server.start()
+    try:
+        base = server.url
+        (alice, ta, a), (bob, tb, b), room = await dm_pair(base)
+        status, body = await upload(base, ta, png(64, 48), 'p.png',
+                                    'image/png')
+        assert status == 201, body
+        att = body['attachment']
+        await send(a, room, [att['id']], 'pictures')
+        got = await asyncio.gather(*(
+            fetch(base, path, tb) for path in
+            [att['thumbnail_url'], att['url']] * 15))
+        assert [status for status, _, _ in got] == [200] * 30
+        statuses = [s for s, _ in await asyncio.gather(*(
+            http(base, 'GET', '/api/rooms', token=tb) for _ in range(20)))]
+        assert 429 in statuses
+        await a.close()
+        await b.close()
+    finally:
+        assert server.stop() == 0, server.read_log()

@@ -485,8 +485,12 @@
     }
     if (!names.size) return;
     try {
-      const ack = await call('presence', {usernames: [...names].slice(0, 500)});
-      for (const [name, p] of Object.entries(ack.presence)) state.presence.set(name, p);
+      // The server answers at most 100 names per call.
+      const all = [...names];
+      for (let i = 0; i < all.length; i += 100) {
+        const ack = await call('presence', {usernames: all.slice(i, i + 100)});
+        for (const [name, p] of Object.entries(ack.presence)) state.presence.set(name, p);
+      }
       renderInbox();
       if (state.current) renderRoomHeader();
     } catch (err) { /* shown again on the next event or reconnect */ }

@@ -145,7 +145,7 @@ async def download(request):
     """``GET /api/attachments/{id}``: the bytes, for the uploader and the
     members of a room where it was sent; 404 for everyone else. Images are
     shown inline, everything else is a download. Range requests work."""
-    user = await current_user(request)
+    user = await current_user(request, spend=False)
     ctx = request.app[CTX]
     att = await attachments.readable(ctx, user['id'],
                                      path_int(request, 'attachment_id'))
@@ -158,7 +158,7 @@ async def download(request):
 async def thumbnail(request):
     """``GET /api/attachments/{id}/thumbnail``: a small WebP of an image,
     same access as the file."""
-    user = await current_user(request)
+    user = await current_user(request, spend=False)
     ctx = request.app[CTX]
     att = await attachments.readable(ctx, user['id'],
                                      path_int(request, 'attachment_id'))

@@ -135,18 +135,22 @@ async def json_body(request) -> dict:
     return data
 
 
-async def current_user(request) -> dict:
+async def current_user(request, spend=True) -> dict:
     """The login check of every authenticated view. Each authenticated
     request also costs a token of the user's event bucket, the one their
     Socket.IO events spend: a script looping on HTTP is as costly as one
-    looping on events (RateLimited when it is empty)."""
+    looping on events (RateLimited when it is empty). File downloads pass
+    ``spend=False``: a conversation full of pictures fetches dozens of
+    thumbnails at once, and serving a file is a read from disk that the
+    connection limits already bound."""
     header = request.headers.get('Authorization', '')
     scheme, _, token = header.partition(' ')
     if scheme.lower() != 'bearer' or not token:
         raise Unauthorized('missing bearer token')
     ctx = request.app[CTX]
     user = await auth.authenticate(ctx, token.strip())
-    ctx.limits.events.take(user['id'])
+    if spend:
+        ctx.limits.events.take(user['id'])
     return user
 
 
