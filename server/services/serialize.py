@@ -19,8 +19,13 @@ def iso(ms):
     day, rest = divmod(seconds, 86400)
     hour, rest = divmod(rest, 3600)
     minute, second = divmod(rest, 60)
-    return (f'{_day_prefix(day)}{hour:02d}:{minute:02d}:{second:02d}.'
-            f'{milli:03d}Z')
+    return (f'{_day_prefix(day)}{_DIGITS2[hour]}:{_DIGITS2[minute]}:'
+            f'{_DIGITS2[second]}.{_DIGITS3[milli]}Z')
+
+
+# Zero-padded numbers, looked up instead of formatted: half the cost.
+_DIGITS2 = [f'{i:02d}' for i in range(100)]
+_DIGITS3 = [f'{i:03d}' for i in range(1000)]
 
 
 @functools.lru_cache(maxsize=1024)
