@@ -247,6 +247,10 @@ async def test_non_members_refused(base):
         assert 'secret' not in str(ack)
     ack = await c.call('sync', {'rooms': {}})
     assert ack['ok'] and ack['events'] == []
+    # Room ids no room can have (past 64 bits, zero, negative) are nobody's.
+    ack = await c.call('sync', {'rooms': {str(2 ** 63): 0, '0': 0, '-1': 3,
+                                          str(room['id']): 0}})
+    assert ack['ok'] and ack['events'] == [], ack
     ack = await c.call('join_room', {'room_id': 10 ** 9})
     assert ack['error']['code'] == 'not_found'
     status, data = await http(base, 'GET',

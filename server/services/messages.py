@@ -708,6 +708,8 @@ async def sync(ctx, user_id, known) -> dict:
             room_id = int(key)
         except (TypeError, ValueError):
             raise Invalid('rooms: keys must be room ids') from None
+        if not 0 < room_id <= MAX_INT:  # no such room can exist
+            continue
         parsed[room_id] = check_int(value, 'rooms[...]')
     return await ctx.store.read(_sync, ctx, user_id, parsed,
                                 ctx.config.sync_page_size)
