@@ -3,15 +3,23 @@ HTTP endpoint, authenticated and not. Every answer is an error code from the
 contract (never ``internal``), no connection is dropped, nothing of another
 user's leaks, and afterwards the database is consistent.
 
+Below the client library too: raw Engine.IO and Socket.IO frames over a
+websocket and over long-polling (binary frames, malformed and oversized
+packets, packets out of order). The server answers or closes that session
+and nothing else: its memory stays bounded, its log has no traceback, and
+a normal client is served afterwards.
+
 Hypothesis drives plain functions; the async clients live on one event loop
 of this module, stepped with ``run_until_complete``.
 """
 import asyncio
+import base64
 import json
 import sqlite3
 import urllib.parse
 import uuid
 
+import aiohttp
 import pytest
 import socketio
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -44,6 +52,13 @@ EVENTS = {
     'block': ['username'],
     'unblock': ['username'],
     'presence': ['usernames'],
+    # v2 (answered invalid as unknown events where not served yet).
+    'add_members': ['room_id', 'members'],
+    'remove_member': ['room_id', 'username'],
+    'leave_group': ['room_id'],
+    'rename_group': ['room_id', 'name'],
+    'search': ['query', 'room_id', 'before', 'limit'],
+    'mute_room': ['room_id', 'muted'],
     'no_such_event': ['x'],
 }
 
@@ -138,6 +153,8 @@ def check_answer(w, ack):
         assert message['room_id'] != w.victim_room, ack
     for event in ack.get('events', []) or []:
         assert event['room_id'] != w.victim_room, ack
+    for message in ack.get('results', []) or []:
+        assert message['room_id'] != w.victim_room, ack
 
 
 @pytest.mark.parametrize('event', sorted(EVENTS))
@@ -261,3 +278,182 @@ def test_database_is_consistent_after_fuzzing(world):
         assert secret == 1
     finally:
         db.close()
+
+
+# Raw frames. A session gets a few hostile frames, then a probe event
+# (ack id PROBE): it must answer the probe or be closed, within a timeout,
+# whatever came before.
+
+PROBE = 777777
+PROBE_FRAME = f'42{PROBE}["ping",{{}}]'
+# Frames out of protocol order, or not Socket.IO at all: Engine.IO packets
+# a client never sends or sends only during an upgrade, Socket.IO packet
+# types it never sends, a second CONNECT, an ack for an unknown id, events
+# named after lifecycle events, binary packets with silly attachment
+# counts, a payload nested past any limit.
+ODD_FRAMES = [
+    '0', '1', '2', '2probe', '3probe', '5', '6', '4', '40', '40/other,',
+    '40{"token":"forged"}', '41', '41/other,', '43', '4312345[{}]',
+    '44{"message":"x"}', '4abc', '42{}', '42[]', '42abc["ping",{}]',
+    '42["connect",{},{"token":"x"}]', '42["disconnect"]', '47', '4[1]',
+    '4true', '4{"a":1}', '451234567-["ping",{"_placeholder":true,"num":0}]',
+    '4699999999-1[{"_placeholder":true,"num":0}]', '45-["x"]',
+    '42["ping",' + '[' * 3000 + ']' * 3000 + ']', 'b', 'bAAEC', 'x', '',
+]
+# Over max_payload_bytes (1 MB), and just under it.
+OVERSIZED = '42["ping","' + 'x' * 1_100_000 + '"]'
+BIG_BINARY = b'\x00' * 999_000
+V2_EVENTS = ['add_members', 'remove_member', 'leave_group', 'rename_group',
+             'search', 'mute_room']
+
+
+def raw_frames(w):
+    names = st.sampled_from(sorted(EVENTS) + ['connect', 'disconnect', ''])
+    event = st.builds(
+        lambda ack, name, payload: f'42{ack}' + json.dumps([name, payload]),
+        st.sampled_from(['', '1', '99']), names,
+        payloads(w, ['room_id', 'members', 'username', 'name', 'query',
+                     'muted', 'body', 'before', 'limit']))
+    prefixed = st.builds(
+        lambda head, tail: head + tail,
+        st.sampled_from(['0', '1', '2', '3', '4', '5', '6', '40', '41', '42',
+                         '43', '44', '45', '46', '451-', '461-1', '42/x,',
+                         'b']),
+        st.text(max_size=40))
+    return st.one_of(
+        st.sampled_from(ODD_FRAMES), event, prefixed,
+        st.binary(max_size=100), st.sampled_from([OVERSIZED, BIG_BINARY]))
+
+
+def server_rss_kib(w) -> int:
+    with open(f'/proc/{w.server.proc.pid}/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    raise AssertionError('no VmRSS')
+
+
+async def _websocket_session(w, session, login, frames):
+    """One websocket session: optionally logged in, then ``frames``, then
+    the probe. Returns 'answered' or 'closed'."""
+    ws = await session.ws_connect(
+        w.base + '/socket.io/?EIO=4&transport=websocket', max_msg_size=0)
+    try:
+        assert (await ws.receive_str(timeout=10)).startswith('0')
+        if login:
+            await ws.send_str('40' + json.dumps({'token': w.a_token}))
+        for frame in frames:
+            if isinstance(frame, bytes):
+                await ws.send_bytes(frame)
+            else:
+                await ws.send_str(frame)
+        await ws.send_str(PROBE_FRAME)
+        while True:
+            msg = await ws.receive(timeout=20)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                assert msg.type in (aiohttp.WSMsgType.CLOSE,
+                                    aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.CLOSING), msg
+                return 'closed'
+            if msg.data == '2':
+                await ws.send_str('3')
+            elif msg.data.startswith(f'43{PROBE}['):
+                assert json.loads(msg.data[2 + len(str(PROBE)):]) == \
+                    [{'ok': True}], msg.data
+                return 'answered'
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return 'closed'  # closed while we were still sending
+    finally:
+        await ws.close()
+
+
+async def _polling_session(w, session, login, frames):
+    """The same over long-polling: the frames and the probe in one POST
+    (binary frames base64-encoded, as polling clients send them), then
+    polls until the probe's answer or the end of the session."""
+    endpoint = w.base + '/socket.io/?EIO=4&transport=polling'
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with session.get(endpoint, timeout=timeout) as resp:
+        assert resp.status == 200
+        url = f'{endpoint}&sid=' + json.loads((await resp.text())[1:])['sid']
+    packets = ['40' + json.dumps({'token': w.a_token})] if login else []
+    packets += ['b' + base64.b64encode(f).decode() if isinstance(f, bytes)
+                else f for f in frames]
+    async with session.post(url, data='\x1e'.join(packets + [PROBE_FRAME]),
+                            timeout=timeout) as resp:
+        assert resp.status in (200, 400), resp.status
+    for _ in range(10):
+        async with session.get(url, timeout=timeout) as resp:
+            if resp.status == 400:
+                return 'closed'
+            assert resp.status == 200, resp.status
+            answers = (await resp.text()).split('\x1e')
+        for answer in answers:
+            if answer.startswith(f'43{PROBE}['):
+                assert json.loads(answer[2 + len(str(PROBE)):]) == \
+                    [{'ok': True}], answer
+                # Goodbye (Engine.IO CLOSE), so that sessions do not pile
+                # up against the user's connection limit.
+                async with session.post(url, data='1', timeout=timeout):
+                    pass
+                return 'answered'
+        if '1' in answers:
+            return 'closed'
+    raise AssertionError('the session neither answered nor closed')
+
+
+@pytest.mark.parametrize('transport', ['websocket', 'polling'])
+def test_raw_frames_leave_the_server_sound(world, transport):
+    w = world
+    run_session = _websocket_session if transport == 'websocket' \
+        else _polling_session
+    outcomes = []
+
+    async def session_with(login, frames):
+        async with aiohttp.ClientSession() as session:
+            return await run_session(w, session, login, frames)
+
+    before = server_rss_kib(w)
+    log_start = len(w.server.read_log())
+
+    @settings(FUZZ, max_examples=150)
+    @given(login=st.booleans(),
+           frames=st.lists(raw_frames(w), max_size=6))
+    def run(login, frames):
+        outcomes.append(w.loop.run_until_complete(
+            session_with(login, frames)))
+
+    run()
+    # A burst of the worst: binary frames near max_payload_bytes after a
+    # binary header that announces more attachments than will ever come
+    # (a polling POST carries one, base64-encoded within the limit).
+    header = '451234567-["send_dm",{"_placeholder":true,"num":0}]'
+    bursts = [[header] + [BIG_BINARY] * 20] * 3 if transport == 'websocket' \
+        else [[header, BIG_BINARY[:700_000]]] * 60
+    for frames in bursts:
+        outcomes.append(w.loop.run_until_complete(session_with(True, frames)))
+        assert outcomes[-1] == 'answered'
+    assert 'answered' in outcomes and 'closed' in outcomes
+    grown_mib = (server_rss_kib(w) - before) / 1024
+    assert grown_mib < 30, f'server memory grew {grown_mib:.0f} MiB'
+    log = w.server.read_log()[log_start:]
+    assert 'Traceback' not in log, log
+    # The server still serves a normal client, and the attacker's own
+    # long-lived connection.
+    assert (w.loop.run_until_complete(w.attacker.call('ping', {})))['ok']
+    assert (w.loop.run_until_complete(w.peer.call('rooms', {})))['ok']
+
+
+def test_deeply_nested_http_bodies_are_invalid(world):
+    """JSON too deep for the parser, or past json_max_depth, is a 400
+    invalid like any bad body (it was a 500 with a traceback)."""
+    w = world
+    log_start = len(w.server.read_log())
+    for body in ('[' * 100_000, '{"username":' + '[' * 40 + ']' * 40 + '}'):
+        for path in ('/api/login', '/api/register'):
+            status, data = w.loop.run_until_complete(http(
+                w.base, 'POST', path, data=body,
+                headers={'Content-Type': 'application/json'}))
+            assert status == 400, (path, status, data)
+            assert data['error']['code'] == 'invalid', data
+    assert 'Traceback' not in w.server.read_log()[log_start:]

@@ -395,8 +395,9 @@ class Socket(async_socket.AsyncSocket):
         return ws
 
     async def handle_post_request(self, environ):
-        """A long-polling POST: python-engineio's, except that a body that
-        does not decode closes the session with one log line (not a
+        """A long-polling POST: python-engineio's, except that the whole
+        body is read (not the part that has arrived), a body that does not
+        decode closes the session with one log line (not a
         traceback per request, the session left open), packets a client
         never sends (PING, OPEN, NOOP) are ignored, and nothing is read
         once the session is closed. Raises EngineIOError (the server
@@ -408,11 +409,18 @@ class Socket(async_socket.AsyncSocket):
             await self.close(wait=False,
                              reason=self.server.reason.TRANSPORT_ERROR)
             raise exceptions.ContentTooLongError()
-        body = await environ['wsgi.input'].read(length)
         try:
+            # python-engineio's read(length) returns what has arrived, the
+            # first part of a large body.
+            body = await environ['wsgi.input'].readexactly(length)
             packets = payload.Payload(
                 encoded_payload=body.decode('utf-8')).packets
+        except asyncio.IncompleteReadError as exc:  # shorter than announced
+            body = exc.partial
+            packets = None
         except ValueError:
+            packets = None
+        if packets is None:
             log.info('%s: undecodable polling payload %r, closing', self.sid,
                      body[:40])
             await self.close(wait=False,
