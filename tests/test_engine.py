@@ -587,3 +587,45 @@ async def test_sessions_without_connect_count_per_address(tmp_path):
         await client.close()
     finally:
         assert await server.astop() == 0
+
+
+async def test_sessions_without_connect_count_per_address_across_processes(
+        redis, tmp_path):
+    """With Redis, Engine.IO sessions that never connect count in the
+    address's shared count: two held on one process and one on the other
+    fill a limit of 3 for both, until they close."""
+    from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+    servers = start_servers(tmp_path / 'cluster', 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
+        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name,
+        'POSTBOX_MAX_CONNECTIONS_PER_IP': '3'})
+    try:
+        one, two = servers[0].url, servers[1].url
+        _, token = await register(one)
+        async with aiohttp.ClientSession() as session:
+            held = []
+            for url in (one, one, two):
+                ws = await session.ws_connect(
+                    url + '/socket.io/?EIO=4&transport=websocket')
+                assert (await ws.receive_str(timeout=5)).startswith('0')
+                held.append(ws)
+            for url in (one, two):
+                assert (await refused(url, token))['data'] == {
+                    'code': 'rate_limited',
+                    'message': 'too many connections from this address'}
+            for ws in held:
+                await ws.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                client = await connect(two, token)
+                break
+            except socketio.exceptions.ConnectionError:
+                assert loop.time() < deadline, 'places never freed'
+                await asyncio.sleep(0.1)
+        assert (await client.call('ping', {}))['ok']
+        await client.close()
+    finally:
+        codes = stop_servers(servers)
+    assert codes == [0, 0]
