@@ -5,6 +5,7 @@ contract (acked sends retried with the same ``client_msg_id``, ``sync``
 to catch up), so nothing acked may be lost, doubled or out of order, and
 each process must heal by itself, with ``/readyz`` telling the truth."""
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -316,9 +317,12 @@ async def test_deaf_listener_is_noticed_and_recreated(tmp_path, redis_proc):
     afresh, and live delivery to it resumes; while it cannot hear, its
     /readyz says 503 with the reason."""
     proxy = await DeafeningProxy(('127.0.0.1', redis_proc.port)).start()
-    p1, = start_servers(tmp_path / 'p1', 1, {
+    # Started and stopped off the event loop, which runs the proxy.
+    blocking = functools.partial(asyncio.get_running_loop().run_in_executor,
+                                 None)
+    p1, = await blocking(start_servers, tmp_path / 'p1', 1, {
         'POSTBOX_REDIS_URL': proxy.url, **FAULT_ENV})
-    p2, = start_servers(tmp_path / 'p2', 1, {
+    p2, = await blocking(start_servers, tmp_path / 'p2', 1, {
         'POSTBOX_REDIS_URL': redis_proc.url, **FAULT_ENV,
         'POSTBOX_DATABASE_URL': f'sqlite:///{tmp_path / "p1" / "postbox.db"}'})
     servers = [p1, p2]
@@ -371,7 +375,7 @@ async def test_deaf_listener_is_noticed_and_recreated(tmp_path, redis_proc):
             list(range(1, len(bodies) + 1))
         await a.close()
     finally:
-        codes = stop_servers(servers)
+        codes = await blocking(stop_servers, servers)
         await proxy.close()
     assert codes == [0, 0], [s.read_log()[-3000:] for s in servers]
 

@@ -334,6 +334,11 @@ class RedisManager(AsyncPubSubManager):
         if not self.listening:
             raise RedisNotReady(self._deaf_reason or
                                 'listener not subscribed to redis')
+        if not self.reachable:
+            raise RedisNotReady(
+                f'redis commands failing for '
+                f'{time.monotonic() - self._unreachable_since:.1f}s '
+                f'(local fallbacks in use)')
         overdue = self._probe_overdue()
         if overdue:
             raise RedisNotReady(f'listener deaf: own probe not back after '
@@ -783,6 +788,8 @@ class RedisManager(AsyncPubSubManager):
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel, self.host_channel)
+                if self.listen_failures:
+                    await self._drop_idle_connections()
                 await self._subscription_active()
                 self._resubscribed(True)
                 self._unreachable_since = None  # it answered: register
@@ -817,6 +824,16 @@ class RedisManager(AsyncPubSubManager):
                     pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)
+
+    async def _drop_idle_connections(self):
+        """Close the command pool's idle connections after the listener
+        lost Redis: they may be sockets to a Redis that restarted since,
+        and each would fail the first command that takes it."""
+        try:
+            await self.redis.connection_pool.disconnect(
+                inuse_connections=False)
+        except Exception as exc:
+            log.debug('closing idle redis connections: %s', exc)
 
     async def _subscription_active(self):
         """Return once Redis has processed our SUBSCRIBE (redis-py does not
