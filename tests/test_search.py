@@ -453,3 +453,19 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
     finally:
         database.close()
         models.db.initialize(None)
+
+
+def test_fold_is_the_same_typed_any_way():
+    from models.search import fold
+    import unicodedata
+    assert fold('Grüße, GRÜSSE!') == ' grusse grusse '
+    assert fold('Café') == fold('cafe') == fold('CAFÉ') == ' cafe '
+    assert fold('ｶﾞﾝﾊﾞﾚ') == fold('ガンバレ') == ' ガンバレ '
+    assert fold('が') != fold('か')  # voicing is not an accent
+    assert fold('ﬁle №5') == ' file no5 '
+    for text in ('Überraschung in Köln', '東京タワーに行きました',
+                 '내일 회의는 취소되었습니다', 'Ελληνικά ΆΈΉ', 'déjà-vu façade',
+                 'İstanbul Straße'):
+        # Decomposed input (as some keyboards and macOS file names
+        # produce) folds like the composed text.
+        assert fold(unicodedata.normalize('NFD', text)) == fold(text), text
