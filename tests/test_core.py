@@ -98,6 +98,23 @@ async def test_connect_refused_with_expired_or_forged_token(base, server):
         assert status == 401 and data['error']['code'] == 'unauthorized'
 
 
+async def test_a_token_that_worked_is_refused_once_it_expires(base, server):
+    """Verified tokens are remembered (the signature is not checked again
+    on every request); their expiry still is."""
+    user, _ = await register(base)
+    now = time.time()
+    short = jwt.encode({'sub': str(user['id']), 'iat': now,
+                        'exp': int(now) + 2}, server.env['POSTBOX_SECRET'],
+                       algorithm='HS256')
+    status, data = await http(base, 'GET', '/api/me', token=short)
+    assert status == 200 and data['user']['id'] == user['id']
+    while time.time() < int(now) + 2.2:
+        await asyncio.sleep(0.2)
+    status, data = await http(base, 'GET', '/api/me', token=short)
+    assert status == 401 and data['error']['code'] == 'unauthorized'
+    assert (await refused(base, short))['message'] == 'unauthorized'
+
+
 # -- rooms -----------------------------------------------------------------
 
 async def test_same_dm_room_from_both_sides(base):

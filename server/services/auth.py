@@ -1,6 +1,7 @@
 """Accounts and tokens: register, login, bots, and the one check that every
 HTTP request and Socket.IO connection goes through (``authenticate``)."""
 import asyncio
+import functools
 import re
 import time
 import unicodedata
@@ -312,6 +313,19 @@ def _load_auth(user_id):
             .where(User.id == user_id).first())
 
 
+@functools.lru_cache(maxsize=4096)
+def _verified_claims(secret, token) -> tuple:
+    """``(user id, iat in ms, exp)`` of a token whose signature checks out.
+    Cached: an HTTP client sends the same token with every request, and
+    PyJWT's decode cost about 110 us of the HTTP send path's CPU (the HMAC
+    itself about 5). Only valid tokens are cached (an exception is not);
+    expiry and revocation are checked by the caller on every use."""
+    claims = jwt.decode(token, secret, algorithms=['HS256'],
+                        options={'require': ['exp', 'sub', 'iat']})
+    return (int(claims['sub']), round(float(claims['iat']) * 1000),
+            float(claims['exp']))
+
+
 async def authenticate(ctx, token) -> dict:
     """The login check shared by HTTP and Socket.IO: verify the JWT's
     signature and expiry and that the user exists and has not revoked it.
@@ -319,16 +333,15 @@ async def authenticate(ctx, token) -> dict:
     if not isinstance(token, str) or not token:
         raise Unauthorized('missing token')
     try:
-        claims = jwt.decode(token, ctx.secret, algorithms=['HS256'],
-                            options={'require': ['exp', 'sub', 'iat']})
-        user_id = int(claims['sub'])
+        user_id, issued_ms, expires = _verified_claims(ctx.secret, token)
     except (jwt.PyJWTError, ValueError, TypeError):
         raise Unauthorized('invalid or expired token') from None
+    if expires <= time.time():  # as jwt.decode checks it, on every use
+        raise Unauthorized('invalid or expired token')
     user = await ctx.store.read(_load_auth, user_id)
     # Revocation wins a tie: a token from the very millisecond of a logout
     # is refused (the new token of that logout is issued after its commit).
-    if user is None or \
-            round(float(claims['iat']) * 1000) <= user.tokens_valid_after:
+    if user is None or issued_ms <= user.tokens_valid_after:
         raise Unauthorized('invalid or expired token')
     data = user_dict(user)
     ctx.users[user.id] = data
