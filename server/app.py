@@ -53,6 +53,10 @@ SHUTDOWN_GRACE_SECONDS = 3.0
 WS_CLOSE_SECONDS = 2.0
 # How long shutdown waits for in-flight events to be committed and acked.
 DRAIN_SECONDS = 20
+# How long the /readyz database check waits for a trivial query: a
+# database that does not answer in this long is not ready, and the probe
+# itself must not hang.
+CHECK_SECONDS = 2.0
 # Cyclic garbage collector thresholds once serving. With Python's default
 # (700, 10, 10) a server delivering 3,700 DMs/s ran a full collection every
 # few seconds that walked the whole heap (modules, models, caches) for
@@ -77,7 +81,9 @@ def create_app(config) -> web.Application:
     database = open_database(config.effective_database_url, config)
     store = Store(database, batch_max=config.write_batch_max,
                   reader_threads=config.reader_threads,
+                  queue_max=config.write_queue_max,
                   on_batch=metrics.observe_batch)
+    metrics.store = store
     ctx = Context(store, config, ensure_secret(config))
     ctx.typing = Typing(config.typing_throttle_seconds)
     ctx.metrics = metrics
@@ -145,8 +151,16 @@ def create_app(config) -> web.Application:
             await sio.disconnect(sid)
 
     app[http.DISCONNECT_USER] = disconnect_user
+    # Readiness (/readyz): the database answers and writes fit on its
+    # disk. Liveness (/healthz): the writer thread and the reader pool run;
+    # a database outage is not a reason to restart the process.
     app[http.READY_CHECKS] = [
-        ('database', lambda: store.read(store.ping)),
+        ('database', lambda: store.database_ready(CHECK_SECONDS)),
+        ('disk', store.disk_ready),
+    ]
+    app[http.HEALTH_CHECKS] = [
+        ('writer', store.writer_alive),
+        ('readers', store.readers_alive),
     ]
     if manager is not None:
         app[REDIS] = manager

@@ -7,7 +7,7 @@ writer thread reports its batches directly.
 from aiohttp import web
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry,
                                Counter, Gauge, Histogram, generate_latest)
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -51,6 +51,8 @@ class Metrics:
             ['method', 'route', 'status'], registry=registry)
         self.manager = None
         registry.register(_ManagerCollector(self))
+        self.store = None
+        registry.register(_StoreCollector(self))
 
     def observe_batch(self, size, seconds):
         """The store's ``on_batch`` callback (runs on the writer thread)."""
@@ -85,6 +87,51 @@ class _ManagerCollector:
                                              help_text)
                 family.add_metric([], value)
                 yield family
+
+
+class _StoreCollector:
+    """The store's health, read from its attributes at scrape time: the
+    writer's breaker (``fault``), the writes waiting (``pending``) and its
+    failure counters."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        store = self.metrics.store
+        if store is None:
+            return
+        up = GaugeMetricFamily(
+            'postbox_store_up', '1 while database writes go through, 0 '
+            'while they are answered unavailable (database away or disk '
+            'full; the writer probes it every 0.25 s)')
+        up.add_metric([], 0 if store.fault else 1)
+        yield up
+        full = GaugeMetricFamily(
+            'postbox_store_disk_full', '1 while writes fail because the '
+            "database's disk is full")
+        full.add_metric([], 1 if store.fault == 'disk_full' else 0)
+        yield full
+        waiting = GaugeMetricFamily(
+            'postbox_store_write_queue', 'Writes queued or being committed '
+            '(capped by write_queue_max)')
+        waiting.add_metric([], store.pending)
+        yield waiting
+        for attr, name, label, help_text in (
+                ('refused', 'postbox_store_writes_refused', 'reason',
+                 'Writes answered unavailable: down (at once, the database '
+                 'is away), queue_full (at once, write_queue_max reached), '
+                 'failed (their transaction failed)'),
+                ('write_errors', 'postbox_store_write_errors', 'kind',
+                 'Failed write transactions (each attempt) by kind: '
+                 'connection, disk_full, busy, error'),
+                ('read_errors', 'postbox_store_read_errors', 'kind',
+                 'Reads answered unavailable by kind: connection, '
+                 'disk_full, busy, error')):
+            family = CounterMetricFamily(name, help_text, labels=[label])
+            for key, value in dict(getattr(store, attr)).items():
+                family.add_metric([key], value)
+            yield family
 
 
 def instrument_fanout(realtime, metrics):

@@ -13,10 +13,23 @@
 
 Operations are plain functions that use the models; they never touch the
 event loop.
+
+When the database goes away (a restart, an outage, a full disk) the store
+heals itself: a reader whose connection broke drops it and the next read
+reconnects; a write batch that fails opens a circuit breaker, so writes are
+answered ``unavailable`` (with ``retry_after``) at once instead of queueing,
+while the writer probes the database with a no-op write transaction every
+``PROBE_SECONDS`` and closes the breaker when one commits. The writes
+waiting at any time are capped (``queue_max``), and nothing escapes the
+writer's loop: whatever goes wrong fails that batch's operations with
+``Unavailable`` and the loop goes on.
 """
 import asyncio
+import errno
 import logging
+import os
 import queue
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +40,164 @@ import peewee
 from playhouse.db_url import parse as parse_db_url
 
 import models
+from models import SchemaVersion
 from models import search as search_index
 from models.migrations import migrate
 from server.errors import Conflict, PostboxError, Unavailable
+
+try:
+    import psycopg2
+except ImportError:  # SQLite-only installs
+    psycopg2 = None
 
 log = logging.getLogger(__name__)
 
 # A batch whose transaction fails for a transient reason (a PostgreSQL
 # deadlock between processes, SQLite busy past its timeout) is retried whole:
 # the operations are plain functions of the database state, so re-running
-# them after a rollback is safe.
+# them after a rollback is safe. A lost connection is retried once, at once
+# (the database may have restarted while the connection sat idle); a
+# database that is still away then opens the breaker.
 BATCH_ATTEMPTS = 5
+# Retries of one batch stop after this long, so that a client hears
+# `unavailable` within a second of the database going away.
+RETRY_SECONDS = 0.5
+# While the breaker is open the writer probes the database this often:
+# service resumes within about this long of the database's return. Each
+# probe is one connection attempt and a one-row no-op write, 4 a second.
+PROBE_SECONDS = 0.25
+# What an `unavailable` answer tells the client to wait before retrying: a
+# couple of probes, so a retry after it finds the database back if it is.
+RETRY_AFTER_SECONDS = 0.5
+# libpq's connect timeout (whole seconds, 2 at least): a database host
+# that does not answer at all must not hold a probe or a read for long.
+PG_CONNECT_TIMEOUT = 2
+# After SQLite failed for lack of disk space, writes stay refused until
+# the database's filesystem has this much free again: a disk on the edge
+# of full lets a small write through now and then (a probe), and
+# flapping between up and down would tell operators nothing. Below it
+# /readyz also says the disk is full before a write fails.
+DISK_FREE_MIN_BYTES = 1024 * 1024
+# Failures of the same kind are logged at most once per this many seconds
+# (with a count of the ones not logged), so an outage under load is a few
+# clear lines, not one per failed read.
+LOG_EVERY_SECONDS = 10.0
+
+# Fault kinds, as counted in metrics and shown by /readyz.
+DISK_FULL = 'disk_full'      # SQLITE_FULL, ENOSPC, PostgreSQL disk_full
+BUSY = 'busy'                # lock timeout, deadlock, serialization failure
+CONNECTION = 'connection'    # no connection, or it was lost
+ERROR = 'error'              # any other failure of the transaction
+
+
+class StorageUnavailable(Unavailable):
+    """``unavailable`` with the ``retry_after`` a client should wait."""
+
+    def __init__(self, message='storage is unavailable, try again',
+                 retry_after=RETRY_AFTER_SECONDS):
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+def classify(exc):
+    """The fault kind of a database failure, and the exception (``exc``
+    or one it was raised from) whose message says what happened. Peewee
+    wraps the driver's exception (first argument) and a failed rollback
+    can hide the error that caused it (SQLite's "cannot rollback - no
+    transaction is active" after SQLITE_FULL), so the whole chain is
+    searched."""
+    found = {}
+    seen = set()
+    stack = [exc]
+    while stack:
+        error = stack.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        kind = _kind_of(error)
+        if kind is not None:
+            found.setdefault(kind, error)
+        stack.extend(error.args)
+        stack.extend((error.__cause__, error.__context__))
+    for kind in (DISK_FULL, BUSY, CONNECTION):
+        if kind in found:
+            return kind, found[kind]
+    return ERROR, found.get(ERROR, exc)
+
+
+def _kind_of(error):
+    text = str(error).lower()
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or \
+            'no space left on device' in text or \
+            'database or disk is full' in text:
+        return DISK_FULL
+    if isinstance(error, sqlite3.Error):
+        name = getattr(error, 'sqlite_errorname', '') or ''
+        if name.startswith('SQLITE_FULL'):
+            return DISK_FULL
+        if name.startswith(('SQLITE_BUSY', 'SQLITE_LOCKED')) or \
+                'database is locked' in text:
+            return BUSY
+        return ERROR
+    if psycopg2 is not None and isinstance(error, psycopg2.Error):
+        code = error.pgcode or ''
+        if code == '53100':
+            return DISK_FULL
+        if code in ('40001', '40P01', '55P03'):
+            return BUSY
+        # Class 08 (connection exception), 57P (operator intervention:
+        # shutdown, crash, cannot connect now), or no code at all: libpq
+        # lost or could not make the connection.
+        if isinstance(error, psycopg2.InterfaceError) or \
+                code.startswith(('08', '57P')) or \
+                (isinstance(error, psycopg2.OperationalError) and not code):
+            return CONNECTION
+        return ERROR
+    if isinstance(error, peewee.InterfaceError):
+        return CONNECTION
+    if isinstance(error, peewee.PeeweeException):
+        return ERROR
+    return None
+
+
+def drop_connection(database):
+    """Close this thread's connection, whatever state it is in, so that
+    the next use opens a fresh one."""
+    try:
+        database.close()
+        return
+    except Exception:  # broken, or left inside a failed transaction
+        pass
+    try:
+        if not database.is_closed():
+            database.connection().close()
+    except Exception:
+        pass
+    database.dispose()
+
+
+class _Throttled:
+    """Logs a kind of failure at most once per LOG_EVERY_SECONDS, saying
+    how many were not logged since. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last = {}    # kind -> monotonic time logged
+        self._quiet = {}   # kind -> failures since
+
+    def __call__(self, kind, message, *args):
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -LOG_EVERY_SECONDS) < \
+                    LOG_EVERY_SECONDS:
+                self._quiet[kind] = self._quiet.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            quiet = self._quiet.pop(kind, 0)
+        if quiet:
+            message += ' (%s more since the last such line)'
+            args += (quiet,)
+        log.warning(message, *args)
 
 
 def open_database(url: str, config) -> peewee.Database:
@@ -61,6 +221,7 @@ def open_database(url: str, config) -> peewee.Database:
     if scheme in ('postgres', 'postgresql'):
         params = parse_db_url(url)
         name = params.pop('database')
+        params.setdefault('connect_timeout', PG_CONNECT_TIMEOUT)
         return search_index.attach(
             peewee.PostgresqlDatabase(name, autorollback=True, **params))
     raise ValueError(f'unsupported database URL scheme {scheme!r}')
@@ -104,9 +265,10 @@ class Store:
     """The database plus its writer thread and reader pool."""
 
     def __init__(self, database, *, batch_max=512, reader_threads=4,
-                 on_batch=None):
+                 queue_max=10000, on_batch=None):
         self.database = database
         self.batch_max = batch_max
+        self.queue_max = queue_max
         self._on_batch = on_batch  # called (size, seconds) after each commit
         self._queue = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(reader_threads,
@@ -115,7 +277,24 @@ class Store:
         self._loop = None
         self._begin = ({'lock_type': 'IMMEDIATE'} if is_sqlite(database)
                        else {})
-        self.pending = 0
+        self.pending = 0  # writes queued or being committed
+        # The breaker: None while writes go through, else the kind of
+        # fault (DISK_FULL, CONNECTION, ...) and the database's own words.
+        # Set by the writer thread, read by the event loop.
+        self.fault = None
+        self.fault_detail = ''
+        self._fault_since = 0.0
+        self._refused_before = 0
+        self._trip_logged = {}  # fault kind -> monotonic time last logged
+        self._logged_trip = False  # the current fault's line was logged
+        # Counters for /metrics, each written by one thread only (reads:
+        # under a lock).
+        self.refused = {'down': 0, 'queue_full': 0, 'failed': 0}
+        self.write_errors = dict.fromkeys((DISK_FULL, BUSY, CONNECTION,
+                                           ERROR), 0)
+        self.read_errors = dict(self.write_errors)
+        self._read_lock = threading.Lock()
+        self._log_read = _Throttled()
 
     def start(self):
         """Bind the models, create or upgrade the schema, start the writer.
@@ -139,18 +318,42 @@ class Store:
         self._readers.shutdown(wait=True)
 
     async def read(self, fn, *args):
-        """Run ``fn(*args)`` on a reader thread and return its result."""
-        return await self._loop.run_in_executor(self._readers, fn, *args)
+        """Run ``fn(*args)`` on a reader thread and return its result.
+        A database failure raises ``Unavailable``."""
+        return await self._loop.run_in_executor(self._readers, self._read,
+                                                fn, args)
 
     def write(self, fn, *args) -> asyncio.Future:
         """Queue ``fn(*args)`` for the writer. The returned future gets its
         result after the transaction that ran it has committed, or its
         exception (``PostboxError`` from ``fn``, ``Unavailable`` if the
-        database failed)."""
+        database failed, is away or too many writes are waiting)."""
         future = self._loop.create_future()
+        refusal = self._refusal()
+        if refusal is not None:
+            future.set_exception(refusal)
+            return future
         self.pending += 1
         self._queue.put((fn, args, future))
         return future
+
+    def _refusal(self):
+        """Why a write must be answered at once, or None."""
+        if self.fault is not None:
+            self.refused['down'] += 1
+            return self._unavailable()
+        if self.pending >= self.queue_max:
+            self.refused['queue_full'] += 1
+            return StorageUnavailable('too many writes waiting, try again')
+        if not self.writer_alive():
+            self.refused['down'] += 1
+            return StorageUnavailable('storage writer stopped')
+        return None
+
+    def _unavailable(self):
+        if self.fault == DISK_FULL:
+            return StorageUnavailable('storage is full, try again later')
+        return StorageUnavailable()
 
     async def flush(self):
         """Wait until everything queued so far is committed."""
@@ -161,47 +364,161 @@ class Store:
         self.database.execute_sql('SELECT 1')
         return True
 
+    # -- health ----------------------------------------------------------
+
+    def writer_alive(self) -> bool:
+        """True while the writer thread runs (it never leaves its loop
+        before ``close``)."""
+        return self._writer is not None and self._writer.is_alive()
+
+    def readers_alive(self) -> bool:
+        """True while the reader pool takes work. Not whether its reads
+        answer: a database that hangs makes the process unready, and
+        restarting it would not help."""
+        try:
+            self._readers.submit(bool)
+        except RuntimeError:  # shut down
+            return False
+        return True
+
+    async def database_ready(self, timeout: float):
+        """Raise ``Unavailable`` saying why if the database cannot be used:
+        the writer's breaker is open for a reason other than a full disk
+        (see ``disk_ready``), or a reader's query does not answer within
+        ``timeout``."""
+        if self.fault is not None and self.fault != DISK_FULL:
+            raise Unavailable(f'{self.fault}: {self.fault_detail}')
+        try:
+            await asyncio.wait_for(self.read(self.ping), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f'no answer within {timeout:g} s') from None
+        return True
+
+    def disk_ready(self):
+        """Raise ``Unavailable`` while the last write failed for lack of
+        disk space (cleared by the next write that commits: the writer
+        probes every PROBE_SECONDS), or while SQLite's filesystem has less
+        than DISK_FREE_MIN_BYTES free."""
+        if self.fault == DISK_FULL:
+            raise Unavailable(f'disk full: {self.fault_detail}')
+        free = self.disk_free()
+        if free is not None and free < DISK_FREE_MIN_BYTES:
+            raise Unavailable(f'disk full: {free} bytes free for the '
+                              f'database')
+        return True
+
+    def disk_free(self):
+        """Bytes free to SQLite on its file's filesystem; None for
+        PostgreSQL (its disk is the database server's) or in memory."""
+        if not is_sqlite(self.database) or \
+                self.database.database in ('', ':memory:'):
+            return None
+        try:
+            stat = os.statvfs(Path(self.database.database).parent)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+    # -- reader threads --------------------------------------------------
+
+    def _read(self, fn, args):
+        """Run a read; a lost connection is dropped and the read tried once
+        more on a new one (the database may have restarted since this
+        thread last used it); any database failure is ``Unavailable``."""
+        for attempt in (1, 2):
+            try:
+                return fn(*args)
+            except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+                kind, cause = classify(exc)
+                drop_connection(self.database)
+                if attempt == 1 and kind == CONNECTION:
+                    continue
+                with self._read_lock:
+                    self.read_errors[kind] += 1
+                self._log_read(kind, 'database read failed (%s): %s', kind,
+                               _one_line(cause))
+                raise StorageUnavailable() from exc
+
     # -- writer thread -------------------------------------------------
 
     def _write_loop(self):
         stop = False
         while not stop:
-            item = self._queue.get()
-            if item is None:
+            try:
+                stop = self._write_step()
+            except BaseException:  # never leave the loop: writes would hang
+                log.exception('write loop failed, going on')
+                time.sleep(PROBE_SECONDS)
+        drop_connection(self.database)
+
+    def _write_step(self) -> bool:
+        """Take the next batch and answer it; True once told to stop.
+        While the breaker is open, probe the database whenever nothing
+        arrives for PROBE_SECONDS, and before running a batch."""
+        try:
+            item = self._queue.get(
+                timeout=PROBE_SECONDS if self.fault is not None else None)
+        except queue.Empty:
+            self._probe()
+            return False
+        if item is None:
+            return True
+        batch = [item]
+        stop = False
+        # Everything that queued while the last commit ran goes into
+        # this one: the batch grows with the load on its own.
+        while len(batch) < self.batch_max:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
                 break
-            batch = [item]
-            # Everything that queued while the last commit ran goes into
-            # this one: the batch grows with the load on its own.
-            while len(batch) < self.batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            started = time.perf_counter()
-            results = self._commit(batch)
-            if self._on_batch:
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+        started = time.perf_counter()
+        try:
+            if self.fault is not None and not self._probe():
+                results = self._refuse(batch)
+            else:
+                results = self._commit(batch)
+        except BaseException:  # a bug here must not lose the batch's acks
+            log.exception('write batch of %s failed', len(batch))
+            results = self._refuse(batch)
+        if self._on_batch:
+            try:
                 self._on_batch(len(batch), time.perf_counter() - started)
+            except Exception:
+                log.exception('on_batch failed')
+        try:
             self._loop.call_soon_threadsafe(self._resolve, results)
-        self.database.close()
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+        return stop
+
+    def _refuse(self, batch):
+        self.refused['failed'] += len(batch)
+        return [(future, None, self._unavailable())
+                for _, _, future in batch]
 
     def _commit(self, batch):
+        deadline = time.monotonic() + RETRY_SECONDS
         for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
                 return self._run_batch(batch)
-            except peewee.DatabaseError as exc:
-                log.warning('write batch of %s failed (attempt %s): %s',
-                            len(batch), attempt, exc)
-                try:
-                    self.database.close()
-                except peewee.DatabaseError:
-                    pass
-                time.sleep(0.05 * attempt)
-        error = Unavailable('storage is unavailable, try again')
-        return [(future, None, error) for _, _, future in batch]
+            except Exception as exc:
+                kind, cause = classify(exc)
+                self.write_errors[kind] += 1
+                drop_connection(self.database)
+                retry = (kind == BUSY or kind == CONNECTION and attempt == 1)
+                if not retry or attempt == BATCH_ATTEMPTS or \
+                        time.monotonic() >= deadline:
+                    self._trip(kind, cause)
+                    return self._refuse(batch)
+                log.warning('write batch of %s failed (attempt %s, %s): %s',
+                            len(batch), attempt, kind, _one_line(cause))
+                if kind == BUSY:
+                    time.sleep(0.05 * attempt)
 
     def _run_batch(self, batch):
         results = []
@@ -214,6 +531,62 @@ class Store:
                     results.append(self._outcome(fn, *items[0]))
         return results
 
+    def _probe(self) -> bool:
+        """While the breaker is open: one no-op write transaction. Closes
+        the breaker if it commits; True then. After a full disk, only
+        once DISK_FREE_MIN_BYTES are free again."""
+        if self.fault == DISK_FULL:
+            free = self.disk_free()
+            if free is not None and free < DISK_FREE_MIN_BYTES:
+                return False
+        try:
+            self.database.connect(reuse_if_open=True)
+            with self.database.atomic(**self._begin):
+                (SchemaVersion.update(version=SchemaVersion.version)
+                 .execute())
+        except Exception as exc:
+            kind, cause = classify(exc)
+            drop_connection(self.database)
+            self._trip(kind, cause)
+            return False
+        if self.fault is not None:
+            if self._logged_trip:
+                log.warning('database writes work again after %.1f s (%s); '
+                            '%s writes were answered unavailable meanwhile',
+                            time.monotonic() - self._fault_since, self.fault,
+                            sum(self.refused.values()) - self._refused_before)
+            self.fault = None
+            self.fault_detail = ''
+        return True
+
+    def _trip(self, kind, cause):
+        """Open the breaker (or note what it is open for now). One log line
+        when it opens or the kind of fault changes, not more than once per
+        LOG_EVERY_SECONDS per kind (a disk on the edge of full may let
+        every other write through)."""
+        detail = _one_line(cause)
+        if self.fault != kind:
+            now = time.monotonic()
+            if self.fault is None:
+                self._fault_since = now
+                self._refused_before = sum(self.refused.values())
+                self._logged_trip = False
+            if now - self._trip_logged.get(kind, -LOG_EVERY_SECONDS) >= \
+                    LOG_EVERY_SECONDS:
+                self._trip_logged[kind] = now
+                self._logged_trip = True
+                if kind == DISK_FULL:
+                    log.error('database disk is full (%s): writes are '
+                              'answered unavailable until one fits again',
+                              detail)
+                else:
+                    log.error('database writes failing (%s: %s): writes are '
+                              'answered unavailable until it answers again '
+                              '(probed every %s s)', kind, detail,
+                              PROBE_SECONDS)
+        self.fault_detail = detail
+        self.fault = kind
+
     def _outcome(self, fn, args, future):
         """Run one operation: (future, result, error)."""
         try:
@@ -225,8 +598,11 @@ class Store:
             # Another process made the same change at the same time.
             return future, None, Conflict(
                 'a concurrent change conflicted, try again')
-        except peewee.DatabaseError:
-            raise  # the transaction is unusable: retry the batch
+        except (peewee.DatabaseError, peewee.InterfaceError):
+            # The transaction is unusable (InterfaceError: the connection
+            # is gone, e.g. rolling the savepoint back after a restart):
+            # retry or refuse the whole batch.
+            raise
         except Exception as exc:  # a bug in fn: fail it alone
             log.exception('write operation %s failed', fn)
             return future, None, exc
@@ -241,7 +617,7 @@ class Store:
                 outcomes = fn.many([args for args, _ in items])
         except peewee.IntegrityError:
             return [self._outcome(fn, *item) for item in items]
-        except peewee.DatabaseError:
+        except (peewee.DatabaseError, peewee.InterfaceError):
             raise  # the transaction is unusable: retry the batch
         except Exception:  # a bug: each call gets its own answer
             log.exception('batched %s failed, running it call by call', fn)
@@ -272,3 +648,9 @@ class Store:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
+
+def _one_line(exc) -> str:
+    """An exception's message on one line, for logs and /readyz."""
+    text = ' '.join(str(exc).split()) or type(exc).__name__
+    return text[:300]

@@ -24,7 +24,19 @@ def bin_dir() -> Path:
 
 
 class PostgresCluster:
-    def __init__(self):
+    """``settings`` override the server settings below, e.g.
+    ``synchronous_commit='on'`` where a crash (``restart('immediate')``)
+    must not lose acknowledged commits."""
+
+    def __init__(self, **settings):
+        # fsync off: a test cluster need not survive power loss (a crash
+        # of the server keeps what it wrote, in the OS's cache), and the
+        # suite runs much faster; synchronous_commit off too, unless a test
+        # crashes the server; max_connections covers several servers.
+        self.settings = {'listen_addresses': '127.0.0.1', 'fsync': 'off',
+                         'synchronous_commit': 'off',
+                         'full_page_writes': 'off', 'max_connections': 200,
+                         **settings}
         self.bin = bin_dir()
         self.port = free_port()
         self.user = 'postgres' if os.getuid() == 0 else None
@@ -47,17 +59,35 @@ class PostgresCluster:
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
         self._run(self.bin / 'initdb', '-D', self.data, '-U', 'postgres',
                   '-A', 'trust', '-E', 'UTF8', '--no-sync')
-        # fsync off: a test cluster need not survive power loss, and the
-        # suite runs much faster; max_connections covers several servers.
-        options = (f'-p {self.port} -k {self.dir} '
-                   "-c listen_addresses=127.0.0.1 -c fsync=off "
-                   '-c synchronous_commit=off -c full_page_writes=off '
-                   '-c max_connections=200')
-        self._run(self.bin / 'pg_ctl', '-D', self.data, '-l',
-                  self.dir / 'pg.log', '-o', options, '-w', '-t', '60',
-                  'start')
-        self.started = True
+        self.resume()
         return self
+
+    @property
+    def _options(self) -> str:
+        return f'-p {self.port} -k {self.dir} ' + ' '.join(
+            f'-c {name}={value}' for name, value in self.settings.items())
+
+    def _pg_ctl(self, *args):
+        self._run(self.bin / 'pg_ctl', '-D', self.data, '-l',
+                  self.dir / 'pg.log', '-o', self._options, '-w', '-t', '60',
+                  *args)
+
+    def restart(self, mode='fast'):
+        """``pg_ctl restart -m mode`` (fast: sessions are terminated;
+        immediate: no clean shutdown, crash recovery on start). Returns
+        when the server accepts connections again."""
+        self._pg_ctl('-m', mode, 'restart')
+
+    def pause(self, mode='fast'):
+        """Stop the server, keeping its data, until ``resume``."""
+        self._pg_ctl('-m', mode, 'stop')
+        self.started = False
+
+    def resume(self):
+        """Start the server (again); returns once it accepts
+        connections."""
+        self._pg_ctl('start')
+        self.started = True
 
     def create_database(self, name=None) -> str:
         """A new empty database; returns its URL."""

@@ -1,6 +1,7 @@
 """HTTP API views: the same services as Socket.IO, for bots, mobile and
 scripts. Errors are JSON ``{error: {code, message}}`` with their status."""
 import functools
+import inspect
 import logging
 
 from aiohttp import web
@@ -17,7 +18,10 @@ log = logging.getLogger(__name__)
 
 CTX = web.AppKey('ctx', object)
 REALTIME = web.AppKey('realtime', object)
+# (name, check) pairs of /readyz (dependencies) and /healthz (this
+# process's own parts); see ``_checked``.
 READY_CHECKS = web.AppKey('ready_checks', list)
+HEALTH_CHECKS = web.AppKey('health_checks', list)
 # ``async disconnect_user(user_id)``: closes the user's live sockets (after
 # a logout or password change revoked their tokens).
 DISCONNECT_USER = web.AppKey('disconnect_user', object)
@@ -339,21 +343,46 @@ async def search(request):
 
 
 async def healthz(request):
-    return web.json_response({'ok': True})
+    """Alive while the process can serve: its own parts run (the store's
+    writer thread and reader pool). 503 means restart it."""
+    return await _checked(request.app.get(HEALTH_CHECKS, ()), 'liveness')
 
 
 async def readyz(request):
-    """Ready when every dependency (database, Redis) answers:
-    ``{ok, checks: {name: bool}, errors: {name: why}}`` (a check says why
-    by raising)."""
+    """Ready when every dependency (database, disk, Redis) answers."""
+    return await _checked(request.app[READY_CHECKS], 'readiness')
+
+
+# (id of a check list, check name) -> why it failed last, while it fails.
+_check_failures = {}
+
+
+async def _checked(named_checks, what) -> web.Response:
+    """Run ``(name, check)`` pairs: a check returns (or returns an
+    awaitable of) a truthy value, or raises saying why not. The answer is
+    ``{ok, checks: {name: bool}, errors: {name: why}}``, 503 if any
+    failed."""
     checks, errors = {}, {}
-    for name, check in request.app[READY_CHECKS]:
+    for name, check in named_checks:
         try:
-            checks[name] = bool(await check())
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            checks[name] = bool(result)
         except Exception as exc:  # any failure means not ready
-            log.warning('readiness check %s failed: %s', name, exc)
             checks[name] = False
             errors[name] = str(exc) or type(exc).__name__
+        # One log line when a check starts failing (or fails differently)
+        # and one when it passes again, not one per probe.
+        key = (id(named_checks), name)
+        reason = None if checks[name] else errors.get(name, 'false')
+        if reason != _check_failures.get(key):
+            if reason is None:
+                _check_failures.pop(key, None)
+                log.warning('%s check %s passes again', what, name)
+            else:
+                _check_failures[key] = reason
+                log.warning('%s check %s failed: %s', what, name, reason)
     ok = all(checks.values())
     body = {'ok': ok, 'checks': checks}
     if errors:

@@ -123,6 +123,10 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             log.info('connection refused: unauthorized',
                      extra={'sid': sid, 'ip': ip})
             raise refuse('unauthorized')
+        except Unavailable as exc:  # the database is away: refuse, say so
+            log.info('connection refused: unavailable (%s)', exc.message,
+                     extra={'sid': sid, 'ip': ip})
+            raise refuse('unavailable', exc.message)
         if sockets.draining:
             raise refuse('unavailable')
         try:
@@ -139,7 +143,14 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         log.info('connect', extra={'user_id': user['id'], 'sid': sid,
                                    'ip': ip})
         await sio.enter_room(sid, user_room(user['id']))
-        await ctx.presence.connected(user['id'])
+        try:
+            await ctx.presence.connected(user['id'])
+        except Unavailable:
+            # Connected all the same; only the contacts' presence event
+            # is missed while the database is away.
+            log.warning('presence of a new connection not sent: database '
+                        'unavailable', extra={'user_id': user['id'],
+                                              'sid': sid})
 
     @sio.on('disconnect')
     async def disconnect(sid, reason=None):
