@@ -341,7 +341,7 @@ async def test_postgres_restart_under_load(postgres, tmp_path, mode):
         back = drill.loop.time()
         resumed = await drill.wait_acks(PAIRS, after=back)
         ready = await drill.wait_ready()
-        # Readers too: new logins and connections work, history reads on
+        # Readers too: logins and new connections work, and reads on
         # every reader thread.
         await check_reads_work(drill)
         await drill.wait_acks(3 * PAIRS, after=back)
@@ -406,8 +406,8 @@ async def test_postgres_stopped_for_15_seconds(postgres, tmp_path):
         numbers = await drill.finish()
         numbers['flood_answered'] = answered
         assert_resumed(numbers, back, resumed, ready)
-        # Writes were refused, not queued: the queue stayed near the
-        # senders' own few (PAIRS in flight plus the flood's burst).
+        # Writes were refused, not queued: the queue never held more than
+        # the PAIRS senders' own sends, the flood's 300/s notwithstanding.
         outage = [q for t, q in drill.queue if stopped + 1 < t < started]
         assert outage and max(outage) <= PAIRS, numbers
 
