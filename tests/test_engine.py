@@ -17,7 +17,8 @@ from engineio import async_socket, base_socket
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
 from server.transport.engine import RequestEnviron
-from tests.helpers import ServerProcess, connect, pair, refused, register
+from tests.helpers import ServerProcess, connect, http, pair, refused, \
+    register
 from tests.test_limits import raw_socket
 
 # The python-engineio (and python-socketio) code server/transport/engine.py
@@ -489,6 +490,31 @@ async def test_session_without_connect_is_closed(strict):
         assert '1' in answers, answers
         async with session.get(f'{endpoint}&sid={sid}') as resp:
             assert resp.status == 400
+
+
+async def test_session_left_without_connection_is_closed(strict):
+    """A session whose Socket.IO connection ended, by the client (41) or
+    by the server (a logout everywhere), and that does not connect again
+    within the connect timeout is closed."""
+    _, token = await register(strict.url)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(strict.url, token, session)
+        await ws.send_str('41')
+        assert await next_text(ws, '1', timeout=15) == '1'
+        assert (await closed(ws)).type == aiohttp.WSMsgType.CLOSE
+        await ws.close()
+
+        ws = await raw_socket(strict.url, token, session)
+        await ws.send_str('41')
+        await ws.send_str('40' + json.dumps({'token': token}))
+        await next_text(ws, '40')
+        status, _ = await http(strict.url, 'POST', '/api/logout',
+                               token=token, json={'all': True})
+        assert status == 200
+        await next_text(ws, '41')
+        assert await next_text(ws, '1', timeout=15) == '1'
+        assert (await closed(ws)).type == aiohttp.WSMsgType.CLOSE
+        await ws.close()
 
 
 async def test_polling_payload_that_does_not_decode_closes_quietly(strict):

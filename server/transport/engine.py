@@ -761,15 +761,16 @@ class Server(socketio.AsyncServer):
         s.close_code = code
         await s.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
 
-    async def _left(self, eio_sid):
+    async def _left(self, eio_sid, count=True):
         """After a namespace disconnect: a session left without any
-        Socket.IO connection waits for a connect again, or is closed."""
+        Socket.IO connection waits for a connect again (counted against
+        its address unless ``count`` is false), or is closed."""
         s = self.eio.sockets.get(eio_sid)
         if s is None or s.closing or s.closed or eio_sid in self.waiting \
                 or self._connected(eio_sid):
             return
-        if not await self._wait_for_connect(eio_sid,
-                                            self.environ.get(eio_sid, {})):
+        environ = self.environ.get(eio_sid, {}) if count else {}
+        if not await self._wait_for_connect(eio_sid, environ):
             await self._close_session(eio_sid)
 
     async def disconnect(self, sid, namespace=None, ignore_queue=False):
@@ -777,7 +778,10 @@ class Server(socketio.AsyncServer):
         await super().disconnect(sid, namespace=namespace,
                                  ignore_queue=ignore_queue)
         if eio_sid is not None:
-            await self._left(eio_sid)
+            # Server side (a revoked token, a drain): the timeout alone, no
+            # shared count to ask for while many sockets go at once; the
+            # client closes the session itself anyway.
+            await self._left(eio_sid, count=False)
 
     async def _handle_eio_connect(self, eio_sid, environ):
         await super()._handle_eio_connect(eio_sid, environ)
