@@ -413,7 +413,6 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
             walked = index.find(database, user, patterns, room_id, before,
                                 limit)
             monkeypatch.setattr(search, 'SCAN_ROWS', 0)
-            monkeypatch.setattr(search, 'INDEX_LEADS', 0)
             monkeypatch.setattr(search, 'CANDIDATES_STEP', 7)
             led = index.find(database, user, patterns, room_id, before,
                              limit)
