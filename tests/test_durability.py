@@ -162,7 +162,9 @@ async def test_burst_of_mixed_sends_each_get_their_own_answer(loaded):
     plain = [{'room_id': room['id'], 'body': f'p{i}',
               'client_msg_id': f'p{i}'} for i in range(30)]
     burst = plain[:10] + [
+        {'room_id': room['id'], 'body': 'first', 'client_msg_id': 'first'},
         {'room_id': room['id'], 'body': 'again', 'client_msg_id': 'first'},
+        {'room_id': room['id'], 'body': 'p3', 'client_msg_id': 'p3'},
         {'room_id': room['id'], 'body': 'p3 retried', 'client_msg_id': 'p3'},
         {'room_id': blocked_room['id'], 'body': 'hi carol',
          'client_msg_id': 'to-carol'},
@@ -177,9 +179,14 @@ async def test_burst_of_mixed_sends_each_get_their_own_answer(loaded):
     by_cmid = {}
     for data, ack in zip(burst, acks):
         by_cmid.setdefault(data['client_msg_id'], []).append(ack)
-    assert by_cmid['first'] == [first]  # the stored one, body unchanged
-    p3, p3_retry = by_cmid['p3']
+    # A retry gets the stored message; the same id for another body is a
+    # conflict, not a silent answer with the old message.
+    retry, reused = by_cmid['first']
+    assert retry == first
+    assert reused['error']['code'] == 'conflict'
+    p3, p3_retry, p3_reused = by_cmid['p3']
     assert p3_retry == p3 and p3['message']['body'] == 'p3'
+    assert p3_reused['error']['code'] == 'conflict'
     assert by_cmid['to-carol'][0]['error']['code'] == 'forbidden'
     assert by_cmid['bad-reply'][0]['error']['code'] == 'invalid'
     reply = by_cmid['reply'][0]['message']
@@ -191,10 +198,9 @@ async def test_burst_of_mixed_sends_each_get_their_own_answer(loaded):
     assert sorted(m['seq'] for m in new.values()) == list(range(2, 34))
     order = [m['client_msg_id'] for m in sorted(new.values(),
                                                 key=lambda m: m['seq'])]
-    assert order == [d['client_msg_id'] for d in burst
-                     if d['client_msg_id'] in {m['client_msg_id']
-                                               for m in new.values()}
-                     and d['body'] != 'p3 retried']
+    sent_ids = {m['client_msg_id'] for m in new.values()}
+    assert order == [cmid for cmid in dict.fromkeys(
+        d['client_msg_id'] for d in burst) if cmid in sent_ids]
     # Bob got each new message once; carol got nothing.
     got = [await b.next('message') for _ in range(len(new))]
     assert sorted(m['id'] for m in got) == sorted(new)

@@ -1,10 +1,14 @@
 """Ephemeral state of one process: who is typing where, who is online.
 Never stored in the database (except a user's last-seen time)."""
 import asyncio
+import logging
 import time
 
 from models import User
+from server.errors import PostboxError
 from server.services.context import now_ms
+
+log = logging.getLogger(__name__)
 
 
 class Typing:
@@ -76,8 +80,17 @@ class Presence:
         await asyncio.sleep(self.grace)
         self._timers.pop(user_id, None)
         last_seen = self._last_seen.get(user_id, now_ms())
-        await self.store.write(_save_last_seen, user_id, last_seen)
-        await self.on_change(user_id, False, last_seen)
+        await self.went_offline(user_id, last_seen)
+
+    async def went_offline(self, user_id, last_seen):
+        """Store the user's last-seen time and tell their contacts. While
+        the database is away neither can be done (the contacts are read
+        from it): that is logged, not raised, as nobody awaits a timer."""
+        try:
+            await self.store.write(_save_last_seen, user_id, last_seen)
+            await self.on_change(user_id, False, last_seen)
+        except PostboxError as exc:
+            log.info('user %s went offline, not announced: %s', user_id, exc)
 
     def is_online(self, user_id) -> bool:
         return user_id in self._sockets or user_id in self._timers

@@ -22,7 +22,7 @@ import asyncio
 import logging
 
 from server.services.context import now_ms
-from server.services.live import Presence, _save_last_seen
+from server.services.live import Presence
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,7 @@ class RedisPresence(Presence):
                 self.manager.trouble('presence', exc)
         if others:
             return  # still online on another process
-        await self.store.write(_save_last_seen, user_id, last_seen)
-        await self.on_change(user_id, False, last_seen)
+        await self.went_offline(user_id, last_seen)
 
     async def status(self, user_ids) -> dict:
         """{user_id: (online, last_seen_ms)} as every process sees it."""
@@ -261,8 +260,7 @@ class RedisPresence(Presence):
                         continue
                     log.info('presence: user %s went with a dead process',
                              user_id)
-                    await self.store.write(_save_last_seen, user_id, now)
-                    await self.on_change(user_id, False, now)
+                    await self.went_offline(user_id, now)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
