@@ -329,7 +329,9 @@ async def test_messages_from_before_the_upgrade_are_indexed(
         await a.close()
     finally:
         assert await server.astop() == 0, server.read_log()
-    assert run_sql(url, ['SELECT "version" FROM "schemaversion"']) == [(5,)]
+    from models.migrations import CURRENT_VERSION
+    assert run_sql(url, ['SELECT "version" FROM "schemaversion"']) == [
+        (CURRENT_VERSION,)]
     assert run_sql(url, ['SELECT COUNT(*) FROM "search_backfill"']) == [(0,)]
     # The index holds exactly the live messages: 9 old ones, 1 new.
     assert run_sql(url, ['SELECT COUNT(*) FROM "message_text"']) == [(10,)]
