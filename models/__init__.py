@@ -7,7 +7,7 @@ same on SQLite and PostgreSQL.
 """
 from peewee import (BigIntegerField, BooleanField, CharField,
                     DatabaseProxy, ForeignKeyField, IntegerField, Model,
-                    TextField)
+                    SQL, TextField)
 
 db = DatabaseProxy()
 
@@ -56,6 +56,9 @@ class Membership(BaseModel):
     user = ForeignKeyField(User, backref='memberships', on_delete='CASCADE')
     last_read_seq = BigIntegerField(default=0)
     joined_at = BigIntegerField()
+    # No push notifications for this room (``mute_room``). A default in
+    # the schema too: raw SQL inserts leave it out.
+    muted = BooleanField(default=False, constraints=[SQL('DEFAULT FALSE')])
 
     class Meta:
         indexes = ((('room', 'user'), True), (('user', 'room'), False))
@@ -168,9 +171,68 @@ class Attachment(BaseModel):
         )
 
 
+class Webhook(BaseModel):
+    """A bot's webhook: its events are POSTed to ``url``, signed with
+    ``secret`` (``server/services/webhooks.py``)."""
+    bot = ForeignKeyField(User, backref='+', on_delete='CASCADE',
+                          unique=True)
+    url = TextField()
+    secret = CharField(max_length=64)
+    created_at = BigIntegerField()
+
+
+class PushSubscription(BaseModel):
+    """Where to push a user's notifications while they are offline:
+    ``kind`` 'webpush' (``endpoint`` with the browser's ``p256dh`` and
+    ``auth`` keys) or 'gateway' (``app_id`` and ``pushkey`` for a Matrix
+    push gateway; ``endpoint`` holds 'app_id pushkey', so one unique index
+    finds either kind again)."""
+    user = ForeignKeyField(User, backref='+', on_delete='CASCADE')
+    kind = CharField(max_length=8)
+    endpoint = TextField()
+    p256dh = TextField(null=True)
+    auth = TextField(null=True)
+    app_id = CharField(max_length=128, null=True)
+    pushkey = TextField(null=True)
+    created_at = BigIntegerField()
+
+    class Meta:
+        table_name = 'push_subscription'
+        indexes = ((('user', 'endpoint'), True),)
+
+
+class Outbox(BaseModel):
+    """A delivery owed to the outside: a webhook POST (``kind``
+    'webhook', ``target`` the bot's id) or a push (``kind`` 'push',
+    ``target`` the subscription's id) of the event at (``room``, ``seq``).
+    Written in the transaction that stores the event; deleted once
+    delivered or dead-lettered (``server/services/outbox.py``).
+    ``claimed_until``: a dispatcher holds the row until then (ms)."""
+    kind = CharField(max_length=8)
+    target = BigIntegerField()
+    user_id = BigIntegerField()  # who it is for (the bot, the subscriber)
+    room_id = BigIntegerField()
+    seq = BigIntegerField()
+    event = CharField(max_length=16)
+    message_id = BigIntegerField(null=True)
+    created_at = BigIntegerField()
+    due_at = BigIntegerField()
+    attempts = IntegerField(default=0)
+    claimed_until = BigIntegerField(default=0)
+    last_error = TextField(null=True)
+
+    class Meta:
+        indexes = (
+            (('due_at',), False),
+            # The head of each (target, room) queue: webhooks go in order.
+            (('kind', 'target', 'room_id', 'seq'), False),
+        )
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
 ALL_MODELS = [User, Room, Membership, Message, Event, Reaction, Block,
-              Attachment, Departure, SchemaVersion]
+              Attachment, Departure, Webhook, PushSubscription, Outbox,
+              SchemaVersion]

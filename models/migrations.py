@@ -12,7 +12,8 @@ from playhouse.migrate import SchemaMigrator, migrate as run_ops  # noqa: F401
 from peewee import TextField
 
 from . import search
-from . import ALL_MODELS, Departure, Room, SchemaVersion, User
+from . import (ALL_MODELS, Departure, Membership, Outbox, PushSubscription,
+               Room, SchemaVersion, User, Webhook)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,16 @@ def _v5_search_index(database, migrator):
     search.install(database)
 
 
+def _v6_outbox(database, migrator):
+    """Push notifications and bot webhooks: ``membership.muted``, the
+    webhook and push subscription tables and the outbox of deliveries."""
+    if 'muted' not in {c.name for c in database.get_columns('membership')}:
+        run_ops(migrator.add_column('membership', 'muted', Membership.muted))
+    database.create_tables([Webhook, PushSubscription, Outbox], safe=True)
+
+
 MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
-              _v4_group_life_cycle, _v5_search_index]
+              _v4_group_life_cycle, _v5_search_index, _v6_outbox]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 

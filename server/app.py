@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
 import socketio
 from aiohttp import web
 
@@ -19,7 +20,8 @@ from server import fastjson
 from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
-from server.services import attachments, presence, rooms
+from server.services import attachments, outbox, presence, push, rooms
+from server.services import webhooks
 from server.services import search as search_service
 from server.services.context import Context
 from server.services.limits import Limits, SharedConnections, SharedThrottle
@@ -207,6 +209,26 @@ def create_app(config) -> web.Application:
         await asyncio.gather(task, return_exceptions=True)
 
     app.cleanup_ctx.append(search_backfill)
+
+    async def outbox_dispatch(app):
+        # Bot webhooks and pushes: rows written with each send, delivered
+        # in the background (server/services/outbox.py).
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=config.outbox_timeout_seconds),
+            connector=aiohttp.TCPConnector(limit=config.outbox_concurrency))
+        dispatcher = outbox.Dispatcher(ctx, {
+            'webhook': webhooks.WebhookSender(ctx, session),
+            'push': push.PushSender(ctx, session)}, metrics)
+        metrics.outbox = dispatcher
+        loop = asyncio.get_running_loop()
+        ctx.outbox_wake = lambda: loop.call_soon_threadsafe(dispatcher.wake)
+        dispatcher.start()
+        yield
+        ctx.outbox_wake = None
+        await dispatcher.close()
+        await session.close()
+
+    app.cleanup_ctx.append(outbox_dispatch)
     if manager is not None:
         async def redis_fanout(app):
             await manager.start()

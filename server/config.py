@@ -257,6 +257,40 @@ class Config:
     # with the burst; 4 keeps 2 cores busy with threads to spare.
     argon2_concurrency: int = 4
 
+    # Push notifications and bot webhooks (server/services/outbox.py).
+    # Webhook URLs and push endpoints on loopback, private or link-local
+    # addresses are refused: a user must not make the server reach its
+    # own network (SSRF). Allow them for tests and closed networks only.
+    webhook_allow_private: bool = False
+    # The message body in a push payload; off keeps message text away
+    # from the push services (the client then shows "New message").
+    push_include_body: bool = True
+    # A Matrix push gateway (Sygnal) for 'gateway' subscriptions; empty:
+    # they are kept but nothing is sent to them.
+    push_gateway_url: str = ''
+    # The VAPID "sub" claim: a contact push services can write to about
+    # this server's pushes (RFC 8292: mailto: or https:).
+    push_vapid_subject: str = 'mailto:postmaster@localhost'
+    # Deliveries in flight at once per process: a slow receiver must not
+    # hold up the others, and a few dozen sockets are cheap.
+    outbox_concurrency: int = 16
+    # Rows claimed per round and how long a claim holds (a dispatcher that
+    # dies leaves its rows to another one after this).
+    outbox_batch: int = 64
+    outbox_claim_seconds: float = 60.0
+    # Idle dispatchers look for due rows this often (a send on the same
+    # process wakes them at once).
+    outbox_poll_seconds: float = 1.0
+    # Retry backoff: base * 2**attempts with jitter, capped; a delivery
+    # still failing after outbox_dead_seconds (24 h, as promised to bot
+    # authors) is dead-lettered: logged, counted and dropped.
+    outbox_retry_base_seconds: float = 1.0
+    outbox_retry_max_seconds: float = 600.0
+    outbox_dead_seconds: float = 86400.0
+    # One delivery attempt: a receiver that has not answered by then is
+    # retried later.
+    outbox_timeout_seconds: float = 10.0
+
     log_level: str = 'INFO'
     # One JSON object per log line, for log shippers.
     log_json: bool = False

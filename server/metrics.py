@@ -49,6 +49,23 @@ class Metrics:
         self.http = Counter(
             'postbox_http_requests', 'HTTP requests by route and status',
             ['method', 'route', 'status'], registry=registry)
+        # The outbox (bot webhooks, pushes), by row kind.
+        self.outbox_sent = Counter(
+            'postbox_outbox_sent', 'Outbox deliveries done (2xx, or no '
+            'longer owed)', ['kind'], registry=registry)
+        self.outbox_failed = Counter(
+            'postbox_outbox_failed', 'Outbox delivery attempts that failed '
+            '(retried later)', ['kind'], registry=registry)
+        self.outbox_dead = Counter(
+            'postbox_outbox_dead', 'Outbox deliveries given up after '
+            'outbox_dead_seconds', ['kind'], registry=registry)
+        self.outbox_latency = Histogram(
+            'postbox_outbox_latency_seconds', 'Time from the event to its '
+            'delivery', ['kind'],
+            buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=registry)
+        self.outbox = None  # the Dispatcher, for the queued gauge
+        registry.register(_OutboxCollector(self))
         self.manager = None
         registry.register(_ManagerCollector(self))
         self.store = None
@@ -61,6 +78,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _OutboxCollector:
+    """``postbox_outbox_queued``: deliveries waiting (all processes'),
+    counted by the dispatcher after each round."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        outbox = self.metrics.outbox
+        if outbox is None or outbox.queued is None:
+            return
+        gauge = GaugeMetricFamily('postbox_outbox_queued',
+                                  'Outbox deliveries waiting to be sent')
+        gauge.add_metric([], outbox.queued)
+        yield gauge
 
 
 class _ManagerCollector:

@@ -16,6 +16,7 @@ import models
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
+from server.services import outbox
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
 from server.services.serialize import (attachment_dict, fetch_messages,
@@ -243,6 +244,11 @@ def _store_new(ctx, calls, accepted, outcomes):
                 '"message_id") VALUES '
                 + ', '.join(['(?, ?, ?, ?)'] * len(chunk)),
                 [v for row in chunk for v in row])
+    # Pushes and webhook deliveries, in this same transaction: an acked
+    # message never loses its notification.
+    outbox.queue_messages(
+        ctx, [(row[0], row[1], ids[row[0], row[1]], row[2]) for row in rows],
+        now)
     senders = load_users(ctx, [calls[i][2] for i in accepted])
     for i in accepted:
         _, info, sender_id, body, client_msg_id, attachment_ids, \

@@ -9,7 +9,7 @@ from aiohttp import web
 from server.errors import Invalid, NotFound, PostboxError, Unauthorized
 from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
-from server.services import auth, messages, rooms
+from server.services import auth, messages, push, rooms, webhooks
 from server.services import search as search_service
 from server.transport.addresses import client_address
 from server.transport.packets import deeper_than
@@ -261,6 +261,50 @@ async def rotate_bot_token(request):
     return web.json_response(result)
 
 
+async def set_bot_webhook(request):
+    """``PUT /api/bots/{username}/webhook {url}`` (the bot's owner) ->
+    ``{webhook: {url, secret}}``."""
+    user = await current_user(request)
+    data = await json_body(request)
+    webhook = await webhooks.set_webhook(
+        request.app[CTX], user['id'], request.match_info['username'],
+        data.get('url'))
+    return web.json_response({'webhook': webhook})
+
+
+async def delete_bot_webhook(request):
+    user = await current_user(request)
+    await webhooks.delete_webhook(request.app[CTX], user['id'],
+                                  request.match_info['username'])
+    return web.Response(status=204)
+
+
+async def vapid_key(request):
+    await current_user(request)
+    return web.json_response(
+        {'public_key': request.app[CTX].vapid_public_key})
+
+
+async def add_push_subscription(request):
+    user = await current_user(request)
+    data = await json_body(request)
+    subscription = await push.subscribe(request.app[CTX], user['id'], data)
+    return web.json_response({'subscription': subscription}, status=201)
+
+
+async def list_push_subscriptions(request):
+    user = await current_user(request)
+    return web.json_response({'subscriptions': await push.subscriptions(
+        request.app[CTX], user['id'])})
+
+
+async def delete_push_subscription(request):
+    user = await current_user(request)
+    await push.unsubscribe(request.app[CTX], user['id'],
+                           path_int(request, 'subscription_id'))
+    return web.Response(status=204)
+
+
 async def list_rooms(request):
     user = await current_user(request)
     return web.json_response(await rooms.inbox(
@@ -399,6 +443,14 @@ def add_routes(app: web.Application):
     app.router.add_post('/api/password', change_password)
     app.router.add_post('/api/bots', create_bot)
     app.router.add_post(r'/api/bots/{username}/token', rotate_bot_token)
+    app.router.add_put(r'/api/bots/{username}/webhook', set_bot_webhook)
+    app.router.add_delete(r'/api/bots/{username}/webhook',
+                          delete_bot_webhook)
+    app.router.add_get('/api/push/vapid', vapid_key)
+    app.router.add_post('/api/push/subscriptions', add_push_subscription)
+    app.router.add_get('/api/push/subscriptions', list_push_subscriptions)
+    app.router.add_delete(r'/api/push/subscriptions/{subscription_id}',
+                          delete_push_subscription)
     app.router.add_get('/api/rooms', list_rooms)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
     app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)

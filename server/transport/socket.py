@@ -8,7 +8,7 @@ import socketio
 
 from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
 from server.logs import new_request_id
-from server.services import auth, limits, messages, presence, rooms
+from server.services import auth, limits, messages, presence, push, rooms
 from server.services import search as search_service
 from server.transport.addresses import client_address
 from server.transport.realtime import room_room, user_room
@@ -276,6 +276,12 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             info = await rooms.room_info(ctx, room_id)
             await realtime.read(room_id, user['id'], marker, info.member_ids)
         return {'unread': unread, 'seq': marker}
+
+    @on_event('mute_room')
+    async def mute_room(sid, user, data):
+        await push.mute_room(ctx, user['id'], data.get('room_id'),
+                             data.get('muted'))
+        return {}
 
     @on_event('history')
     async def history(sid, user, data):

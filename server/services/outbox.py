@@ -1,0 +1,273 @@
+"""The outbox: deliveries owed to the outside (bot webhooks, pushes to
+offline users), written as rows in the transaction that stores the event
+and sent by a dispatcher in the background.
+
+Writing (``queue_messages``, on the writer thread inside the send's
+transaction): one query finds, for the batch's messages, the bots with a
+webhook in each room (not the sender) and the push subscriptions of the
+members who have not muted the room (not the sender); then one insert per
+chunk of rows. Rows are written only for those, so a server where nobody
+subscribed or set a webhook writes nothing more per message.
+
+"Offline" is decided twice. At write time a subscriber with a socket on
+this process gets no row (a dict lookup, no I/O: the writer thread must not
+wait on Redis). At delivery time the dispatcher asks the presence service
+(every process's sockets with Redis, grace period included) and drops the
+rows of users who are connected: they have the message on their socket.
+So a push goes only to a member connected nowhere, and a row costs one
+small insert per subscriber who is not connected here.
+
+Delivering (``Dispatcher``): every ``outbox_poll_seconds``, or at once
+after a send on this process, it claims due rows (``claimed_until`` set
+for ``outbox_claim_seconds`` in one UPDATE ... RETURNING; on PostgreSQL
+its subquery takes ``FOR UPDATE SKIP LOCKED`` so processes never wait on
+each other's rows), delivers them with at most ``outbox_concurrency`` in
+flight, and deletes each row once delivered. A failure puts the row back
+with ``due_at`` after an exponential backoff with full jitter; after
+``outbox_dead_seconds`` it is dead-lettered (logged, counted, deleted).
+A webhook row is claimable only when it is the lowest seq pending for its
+(bot, room), so a bot gets each room's events in seq order even across
+retries. Rows outlive the process: a SIGKILL leaves them to be claimed
+again once their claim runs out.
+"""
+import asyncio
+import logging
+import random
+
+import models
+from server.services.context import now_ms
+from server.store import execute, is_sqlite
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 200  # rows per multi-row INSERT (11 values a row)
+
+_COLUMNS = ('"kind", "target", "user_id", "room_id", "seq", "event", '
+            '"message_id", "created_at", "due_at", "attempts", '
+            '"claimed_until"')
+
+
+def connected_here(ctx, user_ids) -> set:
+    """The users among ``user_ids`` with a socket on this process. Read
+    from the writer thread: a dict lookup per user is atomic under the
+    GIL, and a socket that opens meanwhile is caught at delivery time."""
+    presence = getattr(ctx, 'presence', None)
+    sockets = getattr(presence, '_sockets', None)
+    if not sockets:
+        return set()
+    return {u for u in user_ids if u in sockets}
+
+
+def queue_messages(ctx, items, now):
+    """Add the outbox rows of new messages (inside the sending
+    transaction). ``items``: (room id, seq, message id, sender id)."""
+    found = []
+    for start in range(0, len(items), CHUNK_ROWS):
+        chunk = items[start:start + CHUNK_ROWS]
+        values = ', '.join(['(?, ?, ?, ?)'] * len(chunk))
+        found.extend(execute(
+            f'WITH "v"("r", "s", "m", "u") AS (VALUES {values}) '
+            'SELECT \'webhook\', "w"."bot_id", "w"."bot_id", "v"."r", '
+            '"v"."s", "v"."m" FROM "v" '
+            'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
+            'JOIN "webhook" AS "w" ON "w"."bot_id" = "mb"."user_id" '
+            'WHERE "mb"."user_id" <> "v"."u" '
+            'UNION ALL '
+            'SELECT \'push\', "ps"."id", "ps"."user_id", "v"."r", "v"."s", '
+            '"v"."m" FROM "v" '
+            'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
+            'JOIN "push_subscription" AS "ps" '
+            'ON "ps"."user_id" = "mb"."user_id" '
+            'WHERE "mb"."user_id" <> "v"."u" AND NOT "mb"."muted"',
+            [v for item in chunk for v in item]).fetchall())
+    if not found:
+        return 0
+    here = connected_here(ctx, {r[2] for r in found if r[0] == 'push'})
+    rows = [(kind, target, user_id, room_id, seq, 'message', message_id,
+             now, now, 0, 0)
+            for kind, target, user_id, room_id, seq, message_id in found
+            if not (kind == 'push' and user_id in here)]
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = rows[start:start + CHUNK_ROWS]
+        execute(f'INSERT INTO "outbox" ({_COLUMNS}) VALUES '
+                + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)']
+                            * len(chunk)),
+                [v for row in chunk for v in row])
+    wake = getattr(ctx, 'outbox_wake', None)
+    if rows and wake is not None:
+        # Thread-safe; the dispatcher's claim queues behind this commit.
+        wake()
+    return len(rows)
+
+
+def _claim(now, limit, claim_ms):
+    """Claim up to ``limit`` due rows for ``claim_ms``; their tuples
+    (id, kind, target, user_id, room_id, seq, event, message_id,
+    created_at, attempts)."""
+    lock = '' if is_sqlite(models.db.obj) else ' FOR UPDATE SKIP LOCKED'
+    return execute(
+        'UPDATE "outbox" SET "claimed_until" = ? WHERE "id" IN ('
+        'SELECT "o"."id" FROM "outbox" AS "o" WHERE "o"."due_at" <= ? '
+        'AND "o"."claimed_until" <= ? AND ("o"."kind" <> \'webhook\' OR '
+        'NOT EXISTS (SELECT 1 FROM "outbox" AS "p" WHERE '
+        '"p"."kind" = \'webhook\' AND "p"."target" = "o"."target" AND '
+        '"p"."room_id" = "o"."room_id" AND "p"."seq" < "o"."seq")) '
+        f'ORDER BY "o"."due_at" LIMIT ?{lock}) '
+        'RETURNING "id", "kind", "target", "user_id", "room_id", "seq", '
+        '"event", "message_id", "created_at", "attempts"',
+        (now + claim_ms, now, now, limit)).fetchall()
+
+
+def _done(row_ids):
+    if row_ids:
+        marks = ', '.join('?' * len(row_ids))
+        execute(f'DELETE FROM "outbox" WHERE "id" IN ({marks})',
+                list(row_ids))
+
+
+def _retry_later(row_id, due_at, error):
+    execute('UPDATE "outbox" SET "attempts" = "attempts" + 1, '
+            '"due_at" = ?, "claimed_until" = 0, "last_error" = ? '
+            'WHERE "id" = ?', (due_at, error[:500], row_id))
+
+
+def _pending():
+    return execute('SELECT COUNT(*) FROM "outbox"').fetchone()[0]
+
+
+class Row:
+    """One claimed delivery."""
+    __slots__ = ('id', 'kind', 'target', 'user_id', 'room_id', 'seq',
+                 'event', 'message_id', 'created_at', 'attempts')
+
+    def __init__(self, values):
+        for name, value in zip(self.__slots__, values):
+            setattr(self, name, value)
+
+
+class Dispatcher:
+    """Claims and delivers outbox rows in the background. ``senders``
+    maps a row kind to ``async send(rows) -> {row id: None | error}``
+    (None: done, or no longer owed: the user is connected, the webhook or
+    subscription is gone; a string: retry later with that error)."""
+
+    def __init__(self, ctx, senders, metrics=None):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.senders = senders
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+        self._task = None
+        self.queued = None  # rows waiting, counted when idle (metrics)
+
+    def start(self):
+        self._task = asyncio.create_task(self._run())
+
+    def wake(self):
+        self._wake.set()
+
+    async def close(self):
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self):
+        config = self.config
+        while True:
+            # Cleared before the claim: a wake during the round is kept.
+            self._wake.clear()
+            try:
+                claimed = await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The database may be away: try again at the next poll.
+                log.warning('outbox: claiming failed: %s', exc)
+                claimed = 0
+            if claimed:
+                continue
+            try:
+                self.queued = await self.pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # the claim above logged the database being away
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       config.outbox_poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _round(self) -> int:
+        config = self.config
+        rows = [Row(r) for r in await self.ctx.store.write(
+            _claim, now_ms(), config.outbox_batch,
+            int(config.outbox_claim_seconds * 1000))]
+        if not rows:
+            return 0
+        by_kind = {}
+        for row in rows:
+            by_kind.setdefault(row.kind, []).append(row)
+        results = {}
+        for kind, group in by_kind.items():
+            sender = self.senders.get(kind)
+            if sender is None:
+                results.update((r.id, None) for r in group)
+                continue
+            results.update(await sender(group))
+        await self._settle(rows, results)
+        return len(rows)
+
+    async def _settle(self, rows, results):
+        config = self.config
+        now = now_ms()
+        done = []
+        for row in rows:
+            error = results.get(row.id, 'no outcome')
+            if error is None:
+                done.append(row.id)
+                if self.metrics is not None:
+                    self.metrics.outbox_sent.labels(row.kind).inc()
+                    self.metrics.outbox_latency.labels(row.kind).observe(
+                        max(0, now - row.created_at) / 1000)
+                continue
+            if self.metrics is not None:
+                self.metrics.outbox_failed.labels(row.kind).inc()
+            if now - row.created_at >= config.outbox_dead_seconds * 1000:
+                log.warning('outbox: %s %s for room %s seq %s dead after '
+                            '%s attempts: %s', row.kind, row.target,
+                            row.room_id, row.seq, row.attempts + 1, error)
+                if self.metrics is not None:
+                    self.metrics.outbox_dead.labels(row.kind).inc()
+                done.append(row.id)
+                continue
+            await self.ctx.store.write(_retry_later, row.id,
+                                       now + self.backoff_ms(row.attempts),
+                                       error)
+        if done:
+            await self.ctx.store.write(_done, done)
+
+    def backoff_ms(self, attempts) -> int:
+        """Exponential backoff with full jitter: a random wait up to
+        base * 2**attempts, capped, so receivers coming back are not hit
+        by every retry at once."""
+        config = self.config
+        ceiling = min(config.outbox_retry_max_seconds,
+                      config.outbox_retry_base_seconds * 2 ** min(attempts,
+                                                                   30))
+        return int(1000 * random.uniform(ceiling / 2, ceiling))
+
+    async def pending(self) -> int:
+        return await self.ctx.store.read(_pending)
+
+
+async def bounded(concurrency, calls):
+    """Run the coroutine functions ``calls`` with at most ``concurrency``
+    at once; their results in order."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(call):
+        async with gate:
+            return await call()
+
+    return await asyncio.gather(*(one(c) for c in calls))

@@ -1,0 +1,318 @@
+"""Push notifications to members who are not connected: Web Push (RFC 8030,
+``aes128gcm`` payloads of RFC 8291, VAPID of RFC 8292, through pywebpush's
+``WebPusher.encode`` and py-vapid) and a Matrix push gateway (Sygnal) for
+native apps.
+
+Rows come from the outbox (``server/services/outbox.py``): one per
+subscription per message. Bursts collapse at the push service: every push
+for a room carries the same ``Topic`` header, so a service still holding
+an undelivered push of that room replaces it with the newer one (the
+payload carries the room's unread count, so the latest says it all).
+
+The VAPID key pair is generated once into ``data_dir/vapid.pem`` (0600),
+like the JWT secret, so subscriptions survive restarts.
+"""
+import asyncio
+import base64
+import binascii
+import fcntl
+import json
+import logging
+import os
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography.hazmat.primitives import serialization
+from py_vapid import Vapid
+from pywebpush import WebPusher
+
+from models import Membership, Message, PushSubscription
+from server.errors import Invalid, NotFound
+from server.services import rooms as rooms_service
+from server.services.context import now_ms
+from server.services.outbox import bounded
+from server.services.serialize import iso, load_users
+from server.services.webhooks import check_url
+
+log = logging.getLogger(__name__)
+
+# How long a push service keeps an undelivered push (seconds): a day, as
+# long as a message is worth a notification.
+PUSH_TTL = 86400
+PUSHKEY_MAX = 512
+ENDPOINT_MAX = 2000
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + '=' * (-len(text) % 4))
+
+
+def load_vapid(config) -> Vapid:
+    """The server's VAPID key: read from ``data_dir/vapid.pem``, generated
+    there (0600, under a lock, so processes starting together agree) the
+    first time."""
+    path = config.data_path / 'vapid.pem'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, 'r+b') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        pem = f.read()
+        if pem.strip():
+            return Vapid.from_pem(pem)
+        vapid = Vapid()
+        vapid.generate_keys()
+        f.seek(0)
+        f.truncate()
+        f.write(vapid.private_pem())
+        f.flush()
+        os.fsync(f.fileno())
+        log.info('%s: generated a VAPID key pair', path)
+        return vapid
+
+
+def public_key(vapid) -> str:
+    """The VAPID public key as browsers take it: base64url of the
+    uncompressed P-256 point."""
+    return _b64url(vapid.public_key.public_bytes(
+        serialization.Encoding.X962,
+        serialization.PublicFormat.UncompressedPoint))
+
+
+def _text(value, name, most):
+    if not isinstance(value, str) or not 0 < len(value) <= most:
+        raise Invalid(f'{name}: a string of 1 to {most} characters')
+    return value
+
+
+async def check_subscription(ctx, data) -> dict:
+    """The PushSubscription fields of a ``POST /api/push/subscriptions``
+    body; Invalid if anything is off."""
+    kind = data.get('kind')
+    if kind == 'webpush':
+        endpoint = _text(data.get('endpoint'), 'endpoint', ENDPOINT_MAX)
+        if urlsplit(endpoint).scheme != 'https' and \
+                not ctx.config.webhook_allow_private:
+            raise Invalid('endpoint: an https URL')
+        await check_url(endpoint, ctx.config.webhook_allow_private,
+                        'endpoint')
+        keys = data.get('keys')
+        if not isinstance(keys, dict):
+            raise Invalid('keys: {p256dh, auth}')
+        try:
+            p256dh = _unb64url(_text(keys.get('p256dh'), 'keys.p256dh', 200))
+            auth = _unb64url(_text(keys.get('auth'), 'keys.auth', 100))
+        except (binascii.Error, ValueError):
+            raise Invalid('keys: base64url') from None
+        if len(p256dh) != 65 or p256dh[0] != 4:
+            raise Invalid('keys.p256dh: an uncompressed P-256 point')
+        if len(auth) != 16:
+            raise Invalid('keys.auth: 16 bytes')
+        return {'kind': kind, 'endpoint': endpoint,
+                'p256dh': _b64url(p256dh), 'auth': _b64url(auth),
+                'app_id': None, 'pushkey': None}
+    if kind == 'gateway':
+        app_id = _text(data.get('app_id'), 'app_id', 128)
+        pushkey = _text(data.get('pushkey'), 'pushkey', PUSHKEY_MAX)
+        return {'kind': kind, 'endpoint': f'{app_id} {pushkey}',
+                'p256dh': None, 'auth': None, 'app_id': app_id,
+                'pushkey': pushkey}
+    raise Invalid('kind: "webpush" or "gateway"')
+
+
+def _subscription_dict(row) -> dict:
+    return {'id': row.id, 'kind': row.kind, 'created_at': iso(row.created_at)}
+
+
+def _subscribe(user_id, fields):
+    now = now_ms()
+    (PushSubscription.insert(user=user_id, created_at=now, **fields)
+     .on_conflict(conflict_target=[PushSubscription.user,
+                                   PushSubscription.endpoint],
+                  update={PushSubscription.p256dh: fields['p256dh'],
+                          PushSubscription.auth: fields['auth']})
+     .execute())
+    return _subscription_dict(PushSubscription.get(
+        PushSubscription.user == user_id,
+        PushSubscription.endpoint == fields['endpoint']))
+
+
+async def subscribe(ctx, user_id, data) -> dict:
+    """Add (or, for the same endpoint or pushkey, update) a subscription
+    of ``user_id``: ``{id, kind, created_at}``."""
+    if not isinstance(data, dict):
+        raise Invalid('body must be a JSON object')
+    fields = await check_subscription(ctx, data)
+    return await ctx.store.write(_subscribe, user_id, fields)
+
+
+def _list(user_id):
+    return [_subscription_dict(s) for s in PushSubscription.select().where(
+        PushSubscription.user == user_id).order_by(PushSubscription.id)]
+
+
+async def subscriptions(ctx, user_id) -> list:
+    return await ctx.store.read(_list, user_id)
+
+
+def _unsubscribe(user_id, subscription_id):
+    if not PushSubscription.delete().where(
+            PushSubscription.id == subscription_id,
+            PushSubscription.user == user_id).execute():
+        raise NotFound('no such subscription')
+
+
+async def unsubscribe(ctx, user_id, subscription_id):
+    await ctx.store.write(_unsubscribe, user_id, subscription_id)
+
+
+def _mute(user_id, room_id, muted):
+    Membership.update(muted=muted).where(
+        Membership.room == room_id, Membership.user == user_id).execute()
+
+
+async def mute_room(ctx, user_id, room_id, muted):
+    """No pushes (or pushes again) for ``room_id``. Raises Invalid,
+    NotFound (not a member)."""
+    if not isinstance(muted, bool):
+        raise Invalid('muted must be true or false')
+    await rooms_service.member_room(ctx, user_id, room_id)
+    await ctx.store.write(_mute, user_id, room_id, muted)
+
+
+def _remove(subscription_ids):
+    PushSubscription.delete().where(
+        PushSubscription.id.in_(list(subscription_ids))).execute()
+
+
+def _load(ctx, rows):
+    """The subscriptions, messages (with senders) and unread counts the
+    rows need."""
+    subs = {s.id: s for s in PushSubscription.select().where(
+        PushSubscription.id.in_({r.target for r in rows}))}
+    messages = {m.id: m for m in Message.select(
+        Message.id, Message.room, Message.seq, Message.sender, Message.body,
+        Message.deleted).where(Message.id.in_({r.message_id for r in rows}))}
+    senders = load_users(ctx, list({m.sender_id for m in messages.values()}))
+    unread = {}
+    for user_id, room_id in {(r.user_id, r.room_id) for r in rows}:
+        marker = (Membership.select(Membership.last_read_seq).where(
+            Membership.room == room_id, Membership.user == user_id).scalar())
+        unread[user_id, room_id] = 0 if marker is None else (
+            Message.select().where(
+                Message.room == room_id, Message.seq > marker,
+                Message.sender != user_id,
+                Message.deleted == False).count())  # noqa: E712
+    return subs, messages, senders, unread
+
+
+class PushSender:
+    """The outbox sender of 'push' rows."""
+
+    def __init__(self, ctx, session):
+        self.ctx = ctx
+        self.session = session
+        self.vapid = load_vapid(ctx.config)
+        ctx.vapid_public_key = public_key(self.vapid)
+
+    async def __call__(self, rows) -> dict:
+        ctx = self.ctx
+        status = await ctx.presence.status(list({r.user_id for r in rows}))
+        owed = [r for r in rows if not status.get(r.user_id, (False,))[0]]
+        results = {r.id: None for r in rows}  # connected: nothing owed
+        if not owed:
+            return results
+        subs, messages, senders, unread = await ctx.store.read(
+            _load, ctx, owed)
+        gone = set()
+        calls = [self._one(r, subs.get(r.target), messages.get(r.message_id),
+                           senders, unread, gone) for r in owed]
+        outcomes = await bounded(ctx.config.outbox_concurrency, calls)
+        results.update((r.id, o) for r, o in zip(owed, outcomes))
+        if gone:
+            await ctx.store.write(_remove, gone)
+        return results
+
+    def _one(self, row, sub, message, senders, unread, gone):
+        async def call():
+            if sub is None or message is None or message.deleted:
+                return None  # unsubscribed, or nothing left to tell
+            payload = {'type': 'message', 'room_id': row.room_id,
+                       'seq': row.seq, 'message_id': message.id,
+                       'sender': senders.get(message.sender_id),
+                       'unread': unread.get((row.user_id, row.room_id), 0)}
+            if self.ctx.config.push_include_body:
+                payload['body'] = message.body
+            if sub.kind == 'webpush':
+                return await self.webpush(sub, payload, gone)
+            return await self.gateway(sub, payload, gone)
+        return call
+
+    async def webpush(self, sub, payload, gone) -> str | None:
+        config = self.ctx.config
+        try:
+            await check_url(sub.endpoint, config.webhook_allow_private)
+        except Invalid as exc:
+            return str(exc)
+        info = {'endpoint': sub.endpoint,
+                'keys': {'p256dh': sub.p256dh, 'auth': sub.auth}}
+        data = json.dumps(payload, separators=(',', ':')).encode()
+        # ECDH and AES off the event loop.
+        body = await asyncio.to_thread(
+            lambda: WebPusher(info).encode(data, 'aes128gcm')['body'])
+        parts = urlsplit(sub.endpoint)
+        headers = self.vapid.sign({
+            'aud': f'{parts.scheme}://{parts.netloc}',
+            'sub': config.push_vapid_subject})
+        headers.update({'Content-Encoding': 'aes128gcm',
+                        'Content-Type': 'application/octet-stream',
+                        'TTL': str(PUSH_TTL), 'Urgency': 'high',
+                        # One per room: the push service replaces an
+                        # undelivered push of the room by the newer one.
+                        'Topic': f'room{payload["room_id"]}'})
+        try:
+            async with self.session.post(sub.endpoint, data=body,
+                                         headers=headers,
+                                         allow_redirects=False) as resp:
+                await resp.read()
+                if resp.status in (404, 410):
+                    gone.add(sub.id)
+                    return None
+                if 200 <= resp.status < 300:
+                    return None
+                return f'HTTP {resp.status}'
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f'{type(exc).__name__}: {exc}'[:300]
+
+    async def gateway(self, sub, payload, gone) -> str | None:
+        url = self.ctx.config.push_gateway_url
+        if not url:
+            return None  # no gateway configured: nothing to send to
+        sender = payload['sender'] or {}
+        content = {'body': payload['body']} if 'body' in payload else {}
+        body = {'notification': {
+            'event_id': str(payload['message_id']),
+            'room_id': str(payload['room_id']),
+            'type': 'm.room.message',
+            'sender': sender.get('username'),
+            'sender_display_name': sender.get('display_name'),
+            'content': content,
+            'counts': {'unread': payload['unread']},
+            'devices': [{'app_id': sub.app_id, 'pushkey': sub.pushkey}]}}
+        try:
+            async with self.session.post(url, json=body,
+                                         allow_redirects=False) as resp:
+                if not 200 <= resp.status < 300:
+                    await resp.read()
+                    return f'HTTP {resp.status}'
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError,
+                ValueError) as exc:
+            return f'{type(exc).__name__}: {exc}'[:300]
+        rejected = answer.get('rejected') if isinstance(answer, dict) else None
+        if isinstance(rejected, list) and sub.pushkey in rejected:
+            gone.add(sub.id)
+        return None

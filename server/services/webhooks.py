@@ -1,0 +1,186 @@
+"""Bot webhooks: a bot's owner sets a URL; every event the bot would get
+on a socket (its own messages excluded) is POSTed there as JSON ``{id,
+type, created_at, data}``, signed with HMAC-SHA256 (``Postbox-Signature:
+t=<unix>,v1=<hex of HMAC("<t>.<body>")>``). Rows come from the outbox
+(``server/services/outbox.py``), which retries and keeps seq order per
+room.
+
+Addresses: webhook URLs (and push endpoints) must be http(s) and must not
+resolve to loopback, private, link-local or otherwise non-public
+addresses unless ``webhook_allow_private`` is set, or a user could make the
+server reach its own network. The check runs when the URL is set and again
+before every delivery (DNS can change), and redirects are never followed.
+"""
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from models import Outbox, User, Webhook
+from server.errors import Forbidden, Invalid, NotFound
+from server.services.context import now_ms
+from server.services.outbox import bounded
+from server.services.serialize import fetch_messages, iso, message_dicts
+
+log = logging.getLogger(__name__)
+
+URL_MAX = 2000
+
+
+def _public(address) -> bool:
+    ip = ipaddress.ip_address(address.split('%')[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def check_url(url, allow_private, what='url') -> str:
+    """``url`` if it is http(s) with a host whose every address is public
+    (or ``allow_private``); else Invalid."""
+    if not isinstance(url, str) or not 0 < len(url) <= URL_MAX:
+        raise Invalid(f'{what}: a URL of at most {URL_MAX} characters')
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise Invalid(f'{what}: not a valid URL') from None
+    if parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise Invalid(f'{what}: an http or https URL')
+    if allow_private:
+        return url
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, port or (443 if parts.scheme == 'https' else 80),
+            type=socket.SOCK_STREAM)
+    except OSError:
+        raise Invalid(f'{what}: the host does not resolve') from None
+    if not infos or not all(_public(info[4][0]) for info in infos):
+        raise Invalid(f'{what}: the host is a loopback, private or '
+                      'link-local address')
+    return url
+
+
+def sign(secret, timestamp, body: bytes) -> str:
+    """The ``Postbox-Signature`` header for ``body`` sent at
+    ``timestamp`` (unix seconds)."""
+    mac = hmac.new(secret.encode(), f'{timestamp}.'.encode() + body,
+                   hashlib.sha256).hexdigest()
+    return f't={timestamp},v1={mac}'
+
+
+def _owned_bot(owner_id, username):
+    bot = (User.select(User.id, User.is_bot, User.owner)
+           .where(User.username == username).first())
+    if bot is None or not bot.is_bot:
+        raise NotFound('no such bot')
+    if bot.owner_id != owner_id:
+        raise Forbidden('only the owner of a bot can set its webhook')
+    return bot.id
+
+
+def _set(owner_id, username, url):
+    bot_id = _owned_bot(owner_id, username)
+    secret = secrets.token_hex(32)
+    (Webhook.insert(bot=bot_id, url=url, secret=secret,
+                    created_at=now_ms())
+     .on_conflict(conflict_target=[Webhook.bot],
+                  update={Webhook.url: url, Webhook.secret: secret})
+     .execute())
+    return {'url': url, 'secret': secret}
+
+
+def _delete(owner_id, username):
+    bot_id = _owned_bot(owner_id, username)
+    Webhook.delete().where(Webhook.bot == bot_id).execute()
+    # Deliveries still pending for it are dropped with it.
+    Outbox.delete().where(Outbox.kind == 'webhook',
+                          Outbox.target == bot_id).execute()
+
+
+def _username(value) -> str:
+    if not isinstance(value, str):
+        raise NotFound('no such bot')
+    return value.strip().lower()[:64]
+
+
+async def set_webhook(ctx, owner_id, username, url) -> dict:
+    """Set (or replace, with a new secret) the webhook of the bot
+    ``username``, owned by ``owner_id``: ``{url, secret}``. Raises
+    Invalid (not an http(s) URL, or a non-public address), NotFound,
+    Forbidden."""
+    url = await check_url(url, ctx.config.webhook_allow_private)
+    return await ctx.store.write(_set, owner_id, _username(username), url)
+
+
+async def delete_webhook(ctx, owner_id, username):
+    await ctx.store.write(_delete, owner_id, _username(username))
+
+
+def _load(ctx, rows):
+    """{bot id: (url, secret)} and {message id: message dict} for rows."""
+    hooks = {w.bot_id: (w.url, w.secret) for w in Webhook.select().where(
+        Webhook.bot.in_({r.target for r in rows}))}
+    ids = list({r.message_id for r in rows if r.message_id is not None})
+    messages = {}
+    if ids:
+        marks = ', '.join('?' * len(ids))
+        messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
+            f'"id" IN ({marks})', ids))}
+    return hooks, messages
+
+
+class WebhookSender:
+    """The outbox sender of 'webhook' rows."""
+
+    def __init__(self, ctx, session):
+        self.ctx = ctx
+        self.session = session
+
+    async def __call__(self, rows) -> dict:
+        hooks, messages = await self.ctx.store.read(_load, self.ctx, rows)
+        calls = [self._one(row, hooks.get(row.target), messages)
+                 for row in rows]
+        results = await bounded(self.ctx.config.outbox_concurrency, calls)
+        return {row.id: result for row, result in zip(rows, results)}
+
+    def _one(self, row, hook, messages):
+        async def call():
+            if hook is None:
+                return None  # the webhook was removed: nothing owed
+            data = messages.get(row.message_id)
+            if data is None:
+                return None  # the message is gone (room deleted)
+            return await self.post(hook[0], hook[1], {
+                'id': f'{row.room_id}.{row.seq}', 'type': row.event,
+                'created_at': iso(row.created_at), 'data': data})
+        return call
+
+    async def post(self, url, secret, event) -> str | None:
+        """POST one event; None if the receiver took it (2xx), else the
+        error to retry with."""
+        config = self.ctx.config
+        try:
+            await check_url(url, config.webhook_allow_private)
+        except Invalid as exc:
+            return str(exc)
+        body = json.dumps(event, separators=(',', ':')).encode()
+        headers = {'Content-Type': 'application/json',
+                   'Postbox-Event-Id': event['id'],
+                   'Postbox-Signature': sign(secret, int(time.time()), body)}
+        try:
+            async with self.session.post(url, data=body, headers=headers,
+                                         allow_redirects=False) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return None
+                return f'HTTP {resp.status}'
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f'{type(exc).__name__}: {exc}'[:300]

@@ -1,0 +1,440 @@
+"""Bot webhooks and push notifications through the outbox, against real
+receivers: an aiohttp server in this test process (on loopback, so the
+servers here allow private addresses, except the one that checks they are
+refused by default). Signatures are checked with the webhook's secret, Web
+Push payloads decrypted with keys the test made, the VAPID JWT verified
+with the key from /api/push/vapid."""
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import uuid
+
+import http_ece
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.helpers import (NO_RATE_LIMITS, ServerProcess, connect, free_port,
+                           http, register, unique_name)
+
+FAST_OUTBOX = {'POSTBOX_WEBHOOK_ALLOW_PRIVATE': 'true',
+               'POSTBOX_OUTBOX_POLL_SECONDS': '0.2',
+               'POSTBOX_OUTBOX_RETRY_BASE_SECONDS': '0.2',
+               'POSTBOX_OUTBOX_RETRY_MAX_SECONDS': '0.5',
+               'POSTBOX_PRESENCE_GRACE_SECONDS': '0',
+               **NO_RATE_LIMITS}
+
+
+class Receiver:
+    """An HTTP server on loopback, on its own thread and loop, that
+    records every request and answers each path with the statuses queued
+    for it (then 200)."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.requests = []  # (path, headers, body)
+        self.answers = {}   # path -> [status, ...]
+        self.json = {}      # path -> JSON answer of a 200
+        self._cond = threading.Condition()
+        self._loop = None
+
+    @property
+    def url(self):
+        return f'http://127.0.0.1:{self.port}'
+
+    async def _handle(self, request):
+        body = await request.read()
+        path = request.path
+        with self._cond:
+            queued = self.answers.get(path) or []
+            status = queued.pop(0) if queued else 200
+            self.requests.append((path, dict(request.headers), body,
+                                  status))
+            self._cond.notify_all()
+        if status == 200 and path in self.json:
+            return web.json_response(self.json[path])
+        return web.Response(status=status)
+
+    def start(self):
+        ready = threading.Event()
+
+        def run():
+            self._loop = loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_route('*', '/{tail:.*}', self._handle)
+            self._runner = web.AppRunner(app)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, '127.0.0.1', self.port)
+            loop.run_until_complete(site.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self
+
+    def stop(self):
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def delivered(self, path):
+        """The (headers, body) of the 2xx-answered requests to ``path``."""
+        with self._cond:
+            return [(h, b) for p, h, b, s in self.requests
+                    if p == path and 200 <= s < 300]
+
+    def _wait(self, path, count, timeout):
+        with self._cond:
+            self._cond.wait_for(
+                lambda: len([r for r in self.requests if r[0] == path
+                             and 200 <= r[3] < 300]) >= count, timeout)
+        return self.delivered(path)
+
+    async def wait(self, path, count=1, timeout=20):
+        """The 2xx deliveries to ``path`` once there are ``count``."""
+        got = await asyncio.to_thread(self._wait, path, count, timeout)
+        assert len(got) >= count, (path, count, self.requests)
+        return got
+
+    def all_to(self, path):
+        with self._cond:
+            return [r for r in self.requests if r[0] == path]
+
+
+@pytest.fixture(scope='module')
+def receiver():
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope='module')
+def hooked(tmp_path_factory, receiver):
+    proc = ServerProcess(
+        tmp_path_factory.mktemp('postbox-push'),
+        env={**FAST_OUTBOX,
+             'POSTBOX_PUSH_GATEWAY_URL': receiver.url + '/gateway'})
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.read_log()
+
+
+async def make_bot(base, owner_token):
+    status, data = await http(base, 'POST', '/api/bots', owner_token,
+                              json={'username': unique_name('bot')})
+    assert status == 201, data
+    return data['user'], data['token']
+
+
+async def set_hook(base, owner_token, bot, url):
+    status, data = await http(base, 'PUT',
+                              f'/api/bots/{bot["username"]}/webhook',
+                              owner_token, json={'url': url})
+    assert status == 200, data
+    assert data['webhook']['url'] == url
+    return data['webhook']['secret']
+
+
+async def send(client, room_id, body):
+    ack = await client.call('send_dm', {'room_id': room_id, 'body': body,
+                                        'client_msg_id': str(uuid.uuid4())})
+    assert ack['ok'], ack
+    return ack['message']
+
+
+def verify(secret, headers, body):
+    """The webhook signature checks out; returns the parsed event."""
+    parts = dict(p.split('=', 1) for p in
+                 headers['Postbox-Signature'].split(','))
+    expected = hmac.new(secret.encode(), f'{parts["t"]}.'.encode() + body,
+                        hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(parts['v1'], expected)
+    event = json.loads(body)
+    assert headers['Postbox-Event-Id'] == event['id']
+    return event
+
+
+async def user_and_bot_room(base, receiver, path):
+    """A user (connected), their bot with a webhook to ``path``, and a dm
+    between them: (client, bot, bot token, secret, room id)."""
+    user, token = await register(base)
+    bot, bot_token = await make_bot(base, token)
+    secret = await set_hook(base, token, bot, receiver.url + path)
+    client = await connect(base, token)
+    ack = await client.call('open_dm', {'username': bot['username']})
+    assert ack['ok'], ack
+    return client, bot, bot_token, secret, ack['room']['id']
+
+
+async def test_webhook_delivery_is_signed(hooked, receiver):
+    base = hooked.url
+    client, bot, bot_token, secret, room_id = await user_and_bot_room(
+        base, receiver, '/hook-signed')
+    try:
+        message = await send(client, room_id, 'hello bot')
+        # The bot's own message is not sent back to it.
+        status, _ = await http(base, 'POST', f'/api/rooms/{room_id}/messages',
+                               bot_token, json={'body': 'my own',
+                                                'client_msg_id': 'b1'})
+        assert status == 201
+        after = await send(client, room_id, 'after')
+        got = await receiver.wait('/hook-signed', 2)
+        events = [verify(secret, h, b) for h, b in got]
+        assert [e['data']['body'] for e in events] == ['hello bot', 'after']
+        first = events[0]
+        assert first['type'] == 'message'
+        assert first['data']['id'] == message['id']
+        assert first['data']['room_id'] == room_id
+        assert first['created_at']
+        assert events[1]['data']['seq'] == after['seq']
+    finally:
+        await client.close()
+
+
+async def test_webhook_retries_in_order(hooked, receiver):
+    base = hooked.url
+    receiver.answers['/hook-retry'] = [500, 503, 502]
+    client, bot, _, secret, room_id = await user_and_bot_room(
+        base, receiver, '/hook-retry')
+    try:
+        bodies = [f'm{n}' for n in range(5)]
+        for body in bodies:
+            await send(client, room_id, body)
+        got = await receiver.wait('/hook-retry', 5)
+        assert [verify(secret, h, b)['data']['body'] for h, b in got] == \
+            bodies
+        # The 5xx answers were for the first message, tried again.
+        tried = receiver.all_to('/hook-retry')
+        assert [s for *_, s in tried[:4]] == [500, 503, 502, 200]
+        assert {json.loads(r[2])['data']['body'] for r in tried[:4]} == \
+            {'m0'}
+    finally:
+        await client.close()
+
+
+async def test_private_webhook_url_refused_by_default(tmp_path):
+    proc = ServerProcess(tmp_path).start()
+    try:
+        _, token = await register(proc.url)
+        bot, _ = await make_bot(proc.url, token)
+        for url in ('http://127.0.0.1:9/hook', 'http://10.1.2.3/hook',
+                    'http://169.254.169.254/latest', 'http://localhost/x',
+                    'ftp://example.com/x'):
+            status, data = await http(
+                proc.url, 'PUT', f'/api/bots/{bot["username"]}/webhook',
+                token, json={'url': url})
+            assert status == 400, (url, data)
+            assert data['error']['code'] == 'invalid'
+    finally:
+        assert await proc.astop() == 0, proc.read_log()
+
+
+async def test_pending_webhooks_survive_sigkill(tmp_path):
+    down = free_port()  # nobody listens here until the restart
+    proc = ServerProcess(tmp_path, env={
+        **FAST_OUTBOX, 'POSTBOX_OUTBOX_CLAIM_SECONDS': '2'}).start()
+    receiver = None
+    try:
+        client, bot, _, secret, room_id = await user_and_bot_room(
+            proc.url, Receiver(down), '/hook-kill')
+        bodies = [f'k{n}' for n in range(4)]
+        for body in bodies:
+            await send(client, room_id, body)
+        await client.close()
+        proc.kill()
+        receiver = Receiver(down).start()
+        proc.start()
+        got = await receiver.wait('/hook-kill', 4)
+        assert [verify(secret, h, b)['data']['body'] for h, b in got] == \
+            bodies
+        # Once each: nothing more comes after a few more dispatch rounds.
+        marker_client, _, _, marker_secret, marker_room = \
+            await user_and_bot_room(proc.url, receiver, '/hook-marker')
+        await send(marker_client, marker_room, 'marker')
+        await receiver.wait('/hook-marker', 1)
+        await marker_client.close()
+        assert len(receiver.all_to('/hook-kill')) == 4
+    finally:
+        if receiver is not None:
+            receiver.stop()
+        assert proc.stop() == 0, proc.read_log()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + '=' * (-len(text) % 4))
+
+
+class Browser:
+    """A push subscription's keys, as a browser makes them."""
+
+    def __init__(self):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.auth = uuid.uuid4().bytes  # 16 random bytes
+
+    def keys(self):
+        return {'p256dh': _b64(self.key.public_key().public_bytes(
+            serialization.Encoding.X962,
+            serialization.PublicFormat.UncompressedPoint)),
+            'auth': _b64(self.auth)}
+
+    def decrypt(self, body):
+        return json.loads(http_ece.decrypt(
+            body, private_key=self.key, auth_secret=self.auth,
+            version='aes128gcm'))
+
+
+async def subscribe(base, token, body):
+    status, data = await http(base, 'POST', '/api/push/subscriptions', token,
+                              json=body)
+    assert status == 201, data
+    return data['subscription']
+
+
+async def offline_pair(base):
+    """A connected sender and a member who never connects, with a dm:
+    (sender client, sender, member, member token, room id)."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    ack = await a.call('open_dm', {'username': bob['username']})
+    assert ack['ok'], ack
+    return a, alice, bob, tb, ack['room']['id']
+
+
+async def test_webpush_payload_is_encrypted_and_vapid_signed(hooked,
+                                                             receiver):
+    base = hooked.url
+    a, alice, bob, tb, room_id = await offline_pair(base)
+    try:
+        browser = Browser()
+        sub = await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-payload',
+            'keys': browser.keys()})
+        assert sub['kind'] == 'webpush' and sub['id'] and sub['created_at']
+        # The same endpoint again updates it.
+        again = await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-payload',
+            'keys': browser.keys()})
+        assert again['id'] == sub['id']
+        status, listed = await http(base, 'GET', '/api/push/subscriptions',
+                                    tb)
+        assert [s['id'] for s in listed['subscriptions']] == [sub['id']]
+        message = await send(a, room_id, 'are you there?')
+        (headers, body), = await receiver.wait('/wp-payload', 1)
+        payload = browser.decrypt(body)
+        assert payload == {
+            'type': 'message', 'room_id': room_id, 'seq': message['seq'],
+            'message_id': message['id'], 'sender': alice,
+            'body': 'are you there?', 'unread': 1}
+        assert headers['Content-Encoding'] == 'aes128gcm'
+        status, vapid = await http(base, 'GET', '/api/push/vapid', tb)
+        assert status == 200
+        scheme, _, params = headers['Authorization'].partition(' ')
+        assert scheme == 'vapid'
+        fields = dict(p.split('=', 1) for p in params.split(','))
+        assert fields['k'] == vapid['public_key']
+        point = _unb64(vapid['public_key'])
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(),
+                                                           point)
+        claims = jwt.decode(fields['t'], key, algorithms=['ES256'],
+                            audience=receiver.url)
+        assert claims['sub'].startswith('mailto:')
+    finally:
+        await a.close()
+
+
+async def test_no_push_while_connected_or_muted(hooked, receiver):
+    base = hooked.url
+    a, alice, bob, tb, room_id = await offline_pair(base)
+    carol, tc = await register(base)
+    c = await connect(base, tc)
+    try:
+        ack = await c.call('open_dm', {'username': bob['username']})
+        muted_room = ack['room']['id']
+        browser = Browser()
+        await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-quiet',
+            'keys': browser.keys()})
+        b = await connect(base, tb)
+        ack = await b.call('mute_room', {'room_id': muted_room,
+                                         'muted': True})
+        assert ack['ok'], ack
+        await send(a, room_id, 'while connected')
+        await b.next('message')
+        await b.close()
+        await send(c, muted_room, 'in a muted room')
+        await send(a, room_id, 'while away')
+        got = await receiver.wait('/wp-quiet', 1)
+        # A later push would have had its own round by now: one more
+        # message's push arrives, and still none of the two others.
+        await send(a, room_id, 'again')
+        got = await receiver.wait('/wp-quiet', 2)
+        bodies = sorted(browser.decrypt(b)['body'] for _, b in got)
+        assert bodies == ['again', 'while away']
+    finally:
+        await a.close()
+        await c.close()
+
+
+async def test_gone_subscription_is_removed(hooked, receiver):
+    base = hooked.url
+    a, alice, bob, tb, room_id = await offline_pair(base)
+    try:
+        receiver.answers['/wp-gone'] = [410]
+        sub = await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-gone',
+            'keys': Browser().keys()})
+        await send(a, room_id, 'anyone?')
+        for _ in range(100):
+            status, listed = await http(base, 'GET',
+                                        '/api/push/subscriptions', tb)
+            if not listed['subscriptions']:
+                break
+            await asyncio.sleep(0.1)
+        assert listed['subscriptions'] == []
+        assert [r[3] for r in receiver.all_to('/wp-gone')] == [410]
+        status, _ = await http(base, 'DELETE',
+                               f'/api/push/subscriptions/{sub["id"]}', tb)
+        assert status == 404
+    finally:
+        await a.close()
+
+
+async def test_gateway_notification(hooked, receiver):
+    base = hooked.url
+    a, alice, bob, tb, room_id = await offline_pair(base)
+    try:
+        pushkey = 'pk-' + uuid.uuid4().hex
+        receiver.json['/gateway'] = {'rejected': []}
+        sub = await subscribe(base, tb, {'kind': 'gateway',
+                                         'app_id': 'chat.postbox.ios',
+                                         'pushkey': pushkey})
+        assert sub['kind'] == 'gateway'
+        message = await send(a, room_id, 'to the phone')
+        got = await receiver.wait('/gateway', 1)
+        bodies = [json.loads(b) for _, b in got]
+        mine = [n['notification'] for n in bodies
+                if n['notification']['devices'][0]['pushkey'] == pushkey]
+        assert mine == [{
+            'event_id': str(message['id']), 'room_id': str(room_id),
+            'type': 'm.room.message', 'sender': alice['username'],
+            'sender_display_name': alice['display_name'],
+            'content': {'body': 'to the phone'}, 'counts': {'unread': 1},
+            'devices': [{'app_id': 'chat.postbox.ios', 'pushkey': pushkey}]}]
+        status, _ = await http(base, 'DELETE',
+                               f'/api/push/subscriptions/{sub["id"]}', tb)
+        assert status == 204
+    finally:
+        await a.close()
