@@ -37,6 +37,7 @@ from server.transport.engine import Server
 from server.transport.manager import LocalManager
 from server.transport.packets import JsonPacket
 from server.transport.realtime import Realtime, user_room
+from server.transport.recovery import Recovery
 from server.transport.redis_manager import RedisManager
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def create_app(config) -> web.Application:
                       on_cut=lambda sid: metrics.slow_clients.inc())
     metrics.manager = sio.manager
     realtime = Realtime(sio)
+    sio.recovery = Recovery(sio, ctx, metrics, config.recovery_window_seconds,
+                            config.recovery_max_events)
     instrument_fanout(realtime, metrics)
     # A group's members changed: every process forgets the cached room.
     realtime.forget_room = functools.partial(rooms.forget_room, ctx)
@@ -238,6 +241,12 @@ def create_app(config) -> web.Application:
             await manager.close()
 
         app.cleanup_ctx.append(redis_fanout)
+    if manager is None:
+        # Single process: recovery sessions outlive a SIGTERM restart.
+        async def load_recovery(app):
+            sio.recovery.load(config.data_dir)
+
+        app.on_startup.append(load_recovery)
     app.on_startup.append(_settle_gc)
     app.on_shutdown.append(_drain)
     return app
@@ -298,6 +307,12 @@ async def _drain(app):
         except Exception:  # the socket may be closing already
             log.debug('disconnect %s failed', sid, exc_info=True)
     log.info('drained: %s events in flight left', sockets.in_flight)
+    config = app[CONFIG]
+    if not config.redis_url:
+        try:
+            sio.recovery.save(config.data_dir)
+        except OSError as exc:
+            log.warning('recovery sessions not saved: %s', exc)
 
 
 def main(argv=None):

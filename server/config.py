@@ -89,6 +89,14 @@ class Config:
     send_burst: int = 30
     history_default_limit: int = 50
     sync_page_size: int = 500
+    # Connection state recovery (opt-in, see transport/recovery.py): a
+    # frozen session is kept 2 minutes (Node's default: a dropped
+    # connection, a reload, a server restart or a process switch) and
+    # recovers at most 500 missed events (one sync page: past that the
+    # client's sync is as cheap); each opted-in socket keeps that many
+    # sends, about 100 bytes each.
+    recovery_window_seconds: float = 120.0
+    recovery_max_events: int = 500
     # Search: a page of 20 results fills a screen (the contract allows up
     # to 50); queries longer than 200 characters are not searches but
     # pastes, and every word costs a pass over the candidates.

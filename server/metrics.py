@@ -42,6 +42,10 @@ class Metrics:
         self.rate_limited = Counter(
             'postbox_rate_limited', 'Requests refused by a rate or '
             'connection limit', ['limit'], registry=registry)
+        self.recoveries = Counter(
+            'postbox_recoveries', 'Connection state recoveries: attempted, '
+            'succeeded, fallback (with its reason)', ['outcome', 'reason'],
+            registry=registry)
         self.slow_clients = Counter(
             'postbox_slow_client_disconnects', 'Sockets cut off because '
             'their send queue was full (the client stopped reading)',

@@ -47,6 +47,14 @@ UPSTREAM = {
         (socketio.AsyncServer._handle_eio_message, 'bef50fc0e1635921'),
     'socketio.AsyncServer._handle_connect':
         (socketio.AsyncServer._handle_connect, 'c97c480cf777de36'),
+    # Recovery (server/transport/recovery.py): Server._send_packet adds
+    # the pid to the CONNECT reply, which _handle_connect (above) sends
+    # after the connect handler; missed events go out before it through
+    # _send_eio_packet.
+    'socketio.AsyncServer._send_packet':
+        (socketio.AsyncServer._send_packet, 'a00022b42c1c29e9'),
+    'socketio.AsyncServer._send_eio_packet':
+        (socketio.AsyncServer._send_eio_packet, '64cf72a2ab7d75b1'),
     # packets.JsonPacket reads the header it decodes before the data.
     'socketio.packet.Packet.decode':
         (socketio.packet.Packet.decode, '61ad7904b539f472'),

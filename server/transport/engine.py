@@ -678,6 +678,8 @@ class Server(socketio.AsyncServer):
         # [address counted or None, over-limit address or None, timer].
         self.waiting = {}
         self.over_limit = {}  # address -> sessions let in over its limit
+        # Connection state recovery (``recovery.Recovery``), set by the app.
+        self.recovery = None
 
     def _engineio_server_class(self):
         return Engine
@@ -792,6 +794,16 @@ class Server(socketio.AsyncServer):
     async def _handle_eio_disconnect(self, eio_sid, reason):
         await super()._handle_eio_disconnect(eio_sid, reason)
         await self._stop_waiting(eio_sid)
+
+    async def _send_packet(self, eio_sid, pkt):
+        """python-socketio's, with the recovery session's ``pid`` in the
+        CONNECT reply of a socket that has one."""
+        if pkt.packet_type == sio_packet.CONNECT and \
+                self.recovery is not None and isinstance(pkt.data, dict):
+            pid = self.recovery.pid_of(pkt.data.get('sid'))
+            if pid is not None:
+                pkt.data = {**pkt.data, 'pid': pid}
+        await super()._send_packet(eio_sid, pkt)
 
     # Packets from clients.
 

@@ -13,6 +13,8 @@ import socketio
 from engineio import packet as eio_packet
 from socketio import packet
 
+from server.transport.recovery import TRACKED
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,16 @@ async def local_emit(manager, event, data, namespace, room=None,
     if not isinstance(encoded, list):
         encoded = [encoded]
     eio_packets = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in encoded]
+    # Sockets with a recovery session get the event with its offset.
+    recovery = getattr(manager.server, 'recovery', None)
+    if recovery is None or not recovery.live or namespace != '/' or \
+            event not in TRACKED:
+        recovery = None
     for sid, eio_sid in manager.get_participants(namespace, room):
         if sid in skip_sid:
+            continue
+        if recovery is not None and await recovery.deliver(
+                sid, eio_sid, event, data[0] if data else None):
             continue
         for pkt in eio_packets:
             try:

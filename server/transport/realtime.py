@@ -57,9 +57,13 @@ class Realtime:
                                       'last_seen': iso(last_seen_ms)},
                          [user_room(u) for u in contact_ids])
 
-    async def room_left(self, room_id, user_ids):
-        await self._emit('room_left', {'room_id': room_id},
-                         [user_room(u) for u in user_ids])
+    async def room_left(self, room_id, user_ids, seq=None):
+        """``seq``: the departure's seq (as ``sync`` gives it), which
+        connection state recovery goes by."""
+        data = {'room_id': room_id}
+        if seq:
+            data['seq'] = seq
+        await self._emit('room_left', data, [user_room(u) for u in user_ids])
 
     def room_changed_here(self, room_id, left_ids):
         """A group changed (on this process or another): forget it from
@@ -89,7 +93,8 @@ class Realtime:
                               'left': list(change.left_ids)})
         await self.room(change.room)
         if change.left_ids:
-            await self.room_left(room_id, change.left_ids)
+            await self.room_left(room_id, change.left_ids,
+                                 change.room['last_seq'])
 
     def on_notice(self, notice):
         """A ``notify_all`` notice from another process."""

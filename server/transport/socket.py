@@ -138,11 +138,19 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             raise refuse('rate_limited', str(exc))
         sockets.ips[sid] = ip
         sockets.add(sid, user)
+        recovery = sio.recovery if sio.recovery is not None and \
+            sio.recovery.opted_in(auth_data) else None
+        if recovery is not None:  # holds live events until resume
+            recovery.start(sid, user['id'])
         ctx.metrics.connections.labels('ok').inc()
         ctx.metrics.sockets.inc()
         log.info('connect', extra={'user_id': user['id'], 'sid': sid,
                                    'ip': ip})
         await sio.enter_room(sid, user_room(user['id']))
+        if recovery is not None:
+            # Missed events, restored rooms, a pid for the CONNECT reply.
+            await recovery.resume(sid, sio.manager.eio_sid_from_sid(sid, '/'),
+                                  user['id'], auth_data)
         try:
             await ctx.presence.connected(user['id'])
         except Unavailable:
@@ -157,6 +165,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         user = sockets.remove(sid)
         if user is None:
             return
+        if sio.recovery is not None:
+            sio.recovery.stop(sid, sio.rooms(sid))
         ip = sockets.ips.pop(sid, None)
         await ctx.limits.connections.release(user['id'], ip)
         ctx.metrics.sockets.dec()

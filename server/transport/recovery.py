@@ -1,0 +1,414 @@
+"""Connection state recovery for the official Socket.IO clients (PROTOCOL
+v2), built on the durable per-room event log.
+
+A socket opts in with ``auth: {token, recover: true}``. It then has a
+recovery session, named by a random ``pid`` that the CONNECT reply carries,
+and every ``message``, ``message_updated``, ``room`` and ``room_left`` sent
+to it gets one extra last argument: its offset, the count of such events
+sent to the session so far (``"1"``, ``"2"``, ...). Right before the CONNECT
+reply a fresh session gets an ``offset`` event whose only argument is
+``"0"``, so a client that reconnects before any other event still returns
+an offset of this session (the JS client keeps the last offset it saw
+across sessions otherwise).
+
+The session knows, for what it sent, which log event each offset was:
+``(room_id, seq)`` (``seq`` of the message, ``update_seq`` of an update,
+``last_seq`` of a group's ``room`` event, ``seq`` of ``room_left``). Its
+``base`` is the log position of every room of the user when the session
+started (a client catches up to there with ``sync``); the last
+``recovery_max_events`` sends are kept one by one, older ones are folded
+into ``base`` (per room, the highest seq received without a gap, plus the
+seqs above it). The transport is ordered, so the offset a client returns
+says exactly what it received: the folded state plus the sends up to that
+offset. Everything else the log holds for the user's rooms past that is
+what it missed; it is read with ``messages.sync`` and sent, with offsets,
+before the CONNECT reply, which the JS client buffers and hands to the app
+before ``connect`` (as Node's server does). Live events that arrive for
+the socket meanwhile wait and follow, without those already replayed.
+
+When a session cannot say that (unknown pid or offset, an offset older
+than the sends kept, older than ``recovery_window_seconds``, more than
+``recovery_max_events`` missed, another user's pid, the database away) the
+socket gets a new session and the client falls back to ``sync``.
+
+Sessions live in this process while their socket is connected; when it
+disconnects the session is frozen (nothing more is sent to it) and kept
+for the window. On SIGTERM the frozen sessions are written to
+``recovery.json`` in the data directory and read back at start (single
+process deployments); a SIGKILL loses them: the client gets
+``recovered: false`` and syncs, never a gap.
+"""
+import collections
+import json
+import logging
+import os
+import secrets
+import time
+
+from engineio import packet as eio_packet
+from socketio import packet
+
+from server.errors import PostboxError
+from server.services import messages
+
+log = logging.getLogger(__name__)
+
+TRACKED = frozenset(('message', 'message_updated', 'room', 'room_left'))
+OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
+SAVED_FILE = 'recovery.json'
+_ROOM_PREFIX = 'room:'
+
+
+def event_key(event, data):
+    """The log event ``(room_id, seq)`` an emitted event is, or None for
+    one that is not in the log (a new dm's or a new group's ``room``)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        if event == 'message':
+            return int(data['room_id']), int(data['seq'])
+        if event == 'message_updated':
+            return int(data['room_id']), int(data['update_seq'])
+        if event == 'room':
+            # Only a group change is logged; its room carries the change's
+            # seq as last_seq. A new group (last_seq 0) and dms are not.
+            if data.get('kind') == 'group' and data.get('last_seq'):
+                return int(data['id']), int(data['last_seq'])
+            return None
+        if event == 'room_left' and data.get('seq'):
+            return int(data['room_id']), int(data['seq'])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def _fold(marks, extras, key):
+    """Add a received log event to ``marks`` (room -> highest seq with
+    none missing before it) and ``extras`` (room -> received seqs above
+    that). A room first seen here starts just before its first event."""
+    if key is None:
+        return
+    room, seq = key
+    mark = marks.get(room)
+    if mark is None:
+        mark = marks[room] = seq - 1
+    if seq <= mark:
+        return
+    if seq == mark + 1:
+        above = extras.get(room)
+        mark = seq
+        while above and mark + 1 in above:
+            mark += 1
+            above.discard(mark)
+        if above is not None and not above:
+            del extras[room]
+        marks[room] = mark
+    else:
+        extras.setdefault(room, set()).add(seq)
+
+
+class Session:
+    """One recovery session: what was sent to it, by offset."""
+
+    def __init__(self, pid, user_id, base):
+        self.pid = pid
+        self.user_id = user_id
+        self.marks = dict(base)  # folded sends included
+        self.extras = {}
+        self.ring = collections.deque()  # (room, seq) or None, by offset
+        self.count = 0  # the last offset given
+        self.joined = ()  # room ids joined (join_room), when frozen
+        self.saved_at = 0.0
+        self.buffer = None  # live events held while recovering
+
+    @property
+    def first(self) -> int:
+        """The offset of the oldest send kept one by one."""
+        return self.count - len(self.ring) + 1
+
+    def record(self, key, keep) -> str:
+        self.count += 1
+        self.ring.append(key)
+        while len(self.ring) > keep:
+            _fold(self.marks, self.extras, self.ring.popleft())
+        return str(self.count)
+
+    def received(self, offset):
+        """(marks, extras) of what a client that saw ``offset`` has; the
+        sends after it are dropped from the session (never received)."""
+        while self.count > offset:
+            self.ring.pop()
+            self.count -= 1
+        marks = dict(self.marks)
+        extras = {r: set(s) for r, s in self.extras.items()}
+        for key in self.ring:
+            _fold(marks, extras, key)
+        return marks, extras
+
+    def to_json(self):
+        return {'pid': self.pid, 'user_id': self.user_id,
+                'marks': list(self.marks.items()),
+                'extras': [[r, sorted(s)] for r, s in self.extras.items()],
+                'ring': list(self.ring), 'count': self.count,
+                'joined': list(self.joined), 'saved_at': self.saved_at}
+
+    @classmethod
+    def from_json(cls, data):
+        session = cls(data['pid'], data['user_id'],
+                      {int(r): int(s) for r, s in data['marks']})
+        session.extras = {int(r): set(s) for r, s in data['extras']}
+        session.ring = collections.deque(
+            tuple(k) if k is not None else None for k in data['ring'])
+        session.count = int(data['count'])
+        session.joined = tuple(data['joined'])
+        session.saved_at = float(data['saved_at'])
+        return session
+
+
+class Recovery:
+    """Recovery sessions of this process: live ones by sid, frozen ones by
+    pid. ``server`` is the Socket.IO server (sends and rooms), ``ctx`` the
+    service context, ``metrics`` the app's metrics."""
+
+    def __init__(self, server, ctx, metrics, window_seconds, max_events):
+        self.server = server
+        self.ctx = ctx
+        self.metrics = metrics
+        self.window = window_seconds
+        self.keep = max_events
+        self.live = {}  # sid -> Session
+        self.saved = collections.OrderedDict()  # pid -> frozen Session
+
+    @staticmethod
+    def opted_in(auth_data) -> bool:
+        return isinstance(auth_data, dict) and auth_data.get('recover') is True
+
+    def pid_of(self, sid):
+        session = self.live.get(sid)
+        return session.pid if session is not None else None
+
+    # -- sending -----------------------------------------------------
+
+    def _encode(self, event, args):
+        pkt = self.server.packet_class(packet.EVENT, namespace='/',
+                                       data=[event, *args])
+        return eio_packet.Packet(eio_packet.MESSAGE, pkt.encode())
+
+    async def _send(self, sid, eio_sid, session, event, data):
+        offset = session.record(event_key(event, data), self.keep)
+        try:
+            await self.server._send_eio_packet(
+                eio_sid, self._encode(event, [data, offset]))
+        except Exception:  # that socket is closing
+            log.debug('send to %s failed', sid, exc_info=True)
+
+    async def deliver(self, sid, eio_sid, event, data) -> bool:
+        """Send a live ``event`` to ``sid`` with its offset, or hold it
+        while the socket recovers. False when ``sid`` has no session (the
+        caller sends it plainly)."""
+        session = self.live.get(sid)
+        if session is None:
+            return False
+        if session.buffer is not None:
+            session.buffer.append((event, data))
+        else:
+            await self._send(sid, eio_sid, session, event, data)
+        return True
+
+    # -- connecting --------------------------------------------------
+
+    def start(self, sid, user_id):
+        """Called before the socket enters its user's room: live events
+        for it are held from here until ``resume`` sends them."""
+        session = Session(None, user_id, {})
+        session.buffer = []
+        self.live[sid] = session
+
+    def _fall_back(self, reason):
+        self.metrics.recoveries.labels('fallback', reason).inc()
+        log.info('recovery refused: %s', reason)
+
+    def _take(self, user_id, auth_data):
+        """The frozen session the client names and the offset it saw, or
+        (None, reason)."""
+        pid, offset = auth_data.get('pid'), auth_data.get('offset')
+        if pid is None:
+            return None, None  # a first connection: nothing to recover
+        self.metrics.recoveries.labels('attempted', '').inc()
+        session = self.saved.get(pid) if isinstance(pid, str) else None
+        if session is None or session.user_id != user_id:
+            return None, 'unknown_session'
+        del self.saved[pid]
+        if time.time() - session.saved_at > self.window:
+            return None, 'expired'
+        if not isinstance(offset, str) or not offset.isascii() or \
+                not offset.isdigit() or len(offset) > 18:
+            return None, 'unknown_offset'
+        offset = int(offset)
+        if offset < session.first - 1:
+            return None, 'too_old'
+        if offset > session.count:
+            return None, 'unknown_offset'
+        return (session, offset), None
+
+    async def resume(self, sid, eio_sid, user_id, auth_data):
+        """After the socket entered its user's room: recover the session
+        the client names if it can be done exactly, else start a new one;
+        send what it missed (or a fresh session's offset event), restore
+        its joined rooms, then the live events held meanwhile."""
+        held = self.live[sid]
+        taken, reason = self._take(user_id, auth_data)
+        replay = []
+        if taken is not None:
+            session, offset = taken
+            try:
+                replay = await self._missed(session, offset)
+            except PostboxError as exc:
+                replay, reason = None, exc.code
+            if replay is None:
+                reason = reason or 'too_many'
+                taken, replay = None, []
+        if reason is not None:
+            self._fall_back(reason)
+        fresh = taken is None
+        if fresh:
+            try:
+                base = await self.ctx.store.read(messages._room_seqs, user_id)
+            except PostboxError:
+                # No position to start from: this socket goes without.
+                self.live.pop(sid, None)
+                await self._flush_plain(eio_sid, held.buffer)
+                return False
+            session = Session(secrets.token_urlsafe(12), user_id,
+                              dict(base))
+        session.buffer = held.buffer
+        self.live[sid] = session
+        if fresh:
+            await self._raw(eio_sid, OFFSET_EVENT, [str(session.count)])
+        else:
+            self.metrics.recoveries.labels('succeeded', '').inc()
+            for event, data in replay:
+                await self._send(sid, eio_sid, session, event, data)
+            await self._rejoin(sid, user_id, session.joined)
+        sent = {event_key(e, d) for e, d in replay} - {None}
+        while session.buffer:
+            event, data = session.buffer.pop(0)
+            key = event_key(event, data)
+            if key is None or key not in sent:
+                await self._send(sid, eio_sid, session, event, data)
+        session.buffer = None
+        return not fresh
+
+    async def _raw(self, eio_sid, event, args):
+        try:
+            await self.server._send_eio_packet(eio_sid,
+                                               self._encode(event, args))
+        except Exception:
+            log.debug('send to %s failed', eio_sid, exc_info=True)
+
+    async def _flush_plain(self, eio_sid, buffer):
+        for event, data in buffer or ():
+            await self._raw(eio_sid, event, [data])
+
+    async def _missed(self, session, offset):
+        """The events a client of ``session`` that saw ``offset`` missed,
+        as (event, payload) in seq order per room; None if more than
+        ``recovery_max_events``."""
+        marks, extras = session.received(offset)
+        answer = await messages.sync(self.ctx, session.user_id, marks)
+        if answer['has_more']:
+            return None
+        replay = []
+        for e in answer['events']:
+            room_id, seq = e['room_id'], e['seq']
+            if seq <= marks.get(room_id, 0) or seq in extras.get(room_id, ()):
+                continue
+            kind = e['type']
+            if kind == 'room_left':
+                replay.append(('room_left', {'room_id': room_id, 'seq': seq}))
+            elif kind == 'room':
+                replay.append(('room', e['room']))
+            else:
+                replay.append((kind, e['message']))
+        if len(replay) > self.keep:
+            return None
+        return replay
+
+    async def _rejoin(self, sid, user_id, room_ids):
+        """Put the socket back in the rooms it had joined, those where the
+        user still is a member."""
+        if not room_ids:
+            return
+        from server.services import rooms  # noqa: the services layer
+        from server.transport.realtime import room_room
+        for room_id in room_ids:
+            try:
+                info = await rooms.member_room(self.ctx, user_id, room_id)
+            except PostboxError:
+                continue
+            await self.server.enter_room(sid, room_room(info.id, user_id))
+
+    # -- disconnecting -----------------------------------------------
+
+    def stop(self, sid, joined_rooms):
+        """The socket is gone: freeze its session for the window.
+        ``joined_rooms`` are its Socket.IO room names."""
+        session = self.live.pop(sid, None)
+        if session is None or session.pid is None:
+            return
+        joined = []
+        for name in joined_rooms:
+            parts = name.split(':')
+            if name.startswith(_ROOM_PREFIX) and len(parts) == 3:
+                try:
+                    joined.append(int(parts[1]))
+                except ValueError:
+                    pass
+        session.joined = tuple(joined)
+        session.buffer = None
+        session.saved_at = time.time()
+        self.saved[session.pid] = session
+        self._expire()
+
+    def _expire(self):
+        cutoff = time.time() - self.window
+        while self.saved:
+            pid, session = next(iter(self.saved.items()))
+            if session.saved_at >= cutoff:
+                break
+            del self.saved[pid]
+
+    # -- restarts ----------------------------------------------------
+
+    def save(self, directory):
+        """Write the frozen sessions (after a drain) to ``directory``."""
+        self._expire()
+        if not self.saved:
+            return
+        path = os.path.join(directory, SAVED_FILE)
+        tmp = path + '.tmp'
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            json.dump([s.to_json() for s in self.saved.values()], f)
+        os.replace(tmp, path)
+        log.info('recovery: %s sessions saved', len(self.saved))
+
+    def load(self, directory):
+        """Read the sessions a drain saved, once (the file goes)."""
+        path = os.path.join(directory, SAVED_FILE)
+        try:
+            with open(path) as f:
+                items = json.load(f)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning('recovery: saved sessions unreadable (%s)', exc)
+            return
+        for data in items:
+            try:
+                session = Session.from_json(data)
+            except (KeyError, TypeError, ValueError):
+                continue
+            self.saved[session.pid] = session
+        self._expire()

@@ -1,0 +1,99 @@
+"""Connection state recovery (PROTOCOL v2) with the official JS client, run
+by Node: tests/js/recovery_test.js holds the scenarios, this runs them
+against a real server (and restarts it with SIGTERM for one of them); a
+Python client checks that sockets that did not opt in see no change."""
+import subprocess
+
+import pytest
+
+from tests.helpers import Client, ServerProcess, pair
+from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
+
+SCRIPT = JS_DIR / 'recovery_test.js'
+# Small, so that the tests can go past it.
+ENV = {'POSTBOX_RECOVERY_MAX_EVENTS': '4'}
+
+
+@pytest.fixture
+def recovery_server(tmp_path):
+    proc = ServerProcess(tmp_path, env=ENV)
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.read_log()
+
+
+def _node(url, scenario):
+    return subprocess.Popen(['node', str(SCRIPT), url, scenario], cwd=JS_DIR,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(node, server, timeout=150):
+    try:
+        output, _ = node.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        output, _ = node.communicate()
+    return output
+
+
+def test_js_client_recovers_missed_events_before_connect(
+        node_modules, recovery_server):  # noqa: F811
+    """Drops, two recoveries in a row, a drop before any event, joined
+    rooms restored; unknown, too old or too many: recovered false and sync
+    has the gap; a revoked token is refused; a plain socket gets no
+    offsets."""
+    node = _node(recovery_server.url, 'basic')
+    output = _finish(node, recovery_server)
+    assert node.returncode == 0 and 'PASS' in output, (
+        f'recovery_test.js failed:\n{output}\n'
+        f'server log:\n{recovery_server.read_log()}')
+
+
+def test_js_client_recovers_across_a_sigterm_restart(
+        node_modules, tmp_path):  # noqa: F811
+    server = ServerProcess(tmp_path, env=ENV).start()
+    node = _node(server.url, 'restart')
+    try:
+        lines = []
+        for line in node.stdout:
+            lines.append(line)
+            if line.startswith('RESTART NOW'):
+                break
+        else:
+            pytest.fail('recovery_test.js ended early:\n' + ''.join(lines))
+        assert server.stop() == 0, server.read_log()
+        server.start()
+        node.stdin.write('go\n')
+        node.stdin.flush()
+        output = ''.join(lines) + _finish(node, server)
+        assert node.returncode == 0 and 'PASS' in output, (
+            f'recovery_test.js failed:\n{output}\n'
+            f'server log:\n{server.read_log()}')
+    finally:
+        if node.poll() is None:
+            node.kill()
+        assert server.stop() == 0, server.read_log()
+
+
+async def test_offsets_only_for_sockets_that_opt_in(base):
+    """An opted-in socket gets each message with a string offset after it
+    (and the offset event at connect); a socket that did not opt in gets
+    the message alone, so a handler taking one argument keeps working."""
+    alice, bob, a, b, room = await pair(base)
+    opted = Client(base, b.token)
+    await opted.sio.connect(base, auth={'token': b.token, 'recover': True},
+                            transports=['websocket'], wait_timeout=10)
+    try:
+        assert await opted.next('offset', timeout=10) == '0'
+        ack = await a.call('send_dm', {'room_id': room['id'], 'body': 'hi',
+                                       'client_msg_id': 'r1'})
+        assert ack['ok'], ack
+        plain = await b.next('message', timeout=10)
+        assert plain['body'] == 'hi'
+        message, offset = await opted.next('message', timeout=10)
+        assert message == plain and offset == '1'
+    finally:
+        await opted.close()
+        await a.close()
+        await b.close()
