@@ -109,6 +109,9 @@ def _insert_messages(calls):
     # here, inside the transaction. A dm's members never change.
     members = _group_members({(c[1].id, c[2]) for c in calls
                               if c[1].kind != 'dm'})
+    # What replies and attachments refer to, read once for the batch.
+    replies = _rooms_of({c[6] for c in calls if c[6] is not None})
+    unsent = _unsent_uploads({a for c in calls for a in c[5]})
     accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
     claimed = set()  # attachments of the sends accepted so far
     for i, (_, info, sender_id, body, client_msg_id, attachment_ids,
@@ -125,7 +128,7 @@ def _insert_messages(calls):
                            (info.id, body) else _reused())
         else:
             outcomes[i] = _refusal(info, sender_id, attachment_ids, reply_to,
-                                   blocked, claimed)
+                                   blocked, claimed, replies, unsent)
             if outcomes[i] is None:
                 claimed.update(attachment_ids)
                 first[key] = i
@@ -199,24 +202,41 @@ def _blocks(blocker_ids) -> set:
     return pairs
 
 
-def _refusal(info, sender_id, attachment_ids, reply_to, blocked, claimed):
+def _rooms_of(message_ids) -> dict:
+    """{message id: its room id} of the given messages that exist."""
+    found = {}
+    for chunk in _chunks(sorted(message_ids)):
+        found.update(execute(
+            'SELECT "id", "room_id" FROM "message" WHERE "id" IN '
+            f'({placeholders(chunk)})', chunk).fetchall())
+    return found
+
+
+def _unsent_uploads(attachment_ids) -> dict:
+    """{attachment id: uploader id} of the given uploads not sent yet."""
+    found = {}
+    for chunk in _chunks(sorted(attachment_ids)):
+        found.update(execute(
+            'SELECT "id", "uploader_id" FROM "attachment" WHERE "id" IN '
+            f'({placeholders(chunk)}) AND "message_id" IS NULL',
+            chunk).fetchall())
+    return found
+
+
+def _refusal(info, sender_id, attachment_ids, reply_to, blocked, claimed,
+             replies, unsent):
     """The error refusing this send, or None. ``claimed``: attachments an
     earlier send of the same batch takes (the database does not show them
-    taken yet)."""
+    taken yet); ``replies`` and ``unsent``: ``_rooms_of`` and
+    ``_unsent_uploads`` of the batch."""
     if info.kind == 'dm' and (info.other_member(sender_id),
                               sender_id) in blocked:
         return Forbidden('this user does not accept your messages')
-    if reply_to is not None and not Message.select().where(
-            Message.id == reply_to, Message.room == info.id).exists():
+    if reply_to is not None and replies.get(reply_to) != info.id:
         return Invalid('reply_to: no such message in this room')
-    if attachment_ids:
-        usable = (Attachment.select().where(
-            Attachment.id.in_(attachment_ids),
-            Attachment.uploader == sender_id,
-            Attachment.message.is_null()).count())
-        if usable != len(attachment_ids) or claimed.intersection(
-                attachment_ids):
-            return Invalid('attachments: only your own uploads, not yet sent')
+    if any(unsent.get(a) != sender_id for a in attachment_ids) or \
+            claimed.intersection(attachment_ids):
+        return Invalid('attachments: only your own uploads, not yet sent')
     return None
 
 
@@ -250,14 +270,15 @@ def _store_new(ctx, calls, accepted, outcomes):
         ctx, [(row[0], row[1], ids[row[0], row[1]], row[2]) for row in rows],
         now)
     senders = load_users(ctx, [calls[i][2] for i in accepted])
+    files = _attach({ids[calls[i][1].id, seqs[i]]: calls[i][5]
+                     for i in accepted if calls[i][5]})
     for i in accepted:
         _, info, sender_id, body, client_msg_id, attachment_ids, \
             reply_to = calls[i]
         message_id = ids[info.id, seqs[i]]
-        attachments = _attach(message_id, attachment_ids)
         outcomes[i] = (new_message_dict(
             message_id, info.id, seqs[i], senders[sender_id], body,
-            client_msg_id, reply_to, now, attachments), True)
+            client_msg_id, reply_to, now, files.get(message_id, [])), True)
 
 
 # Python's sqlite3 releases the GIL around every step of a statement, once
@@ -311,20 +332,30 @@ def _insert_message_rows(rows) -> dict:
                     params).fetchall()}
 
 
-def _attach(message_id, attachment_ids) -> list:
-    """Tie uploads to their message; their dicts."""
-    if not attachment_ids:
-        return []
-    taken = (Attachment.update(message=message_id)
-             .where(Attachment.id.in_(attachment_ids),
-                    Attachment.message.is_null()).execute())
-    if taken != len(attachment_ids):
-        # Another process sent one of them since the check (PostgreSQL):
-        # the writer runs the sends again one by one, and the check then
-        # refuses this one.
-        raise peewee.IntegrityError('attachment already sent')
-    return [attachment_dict(a) for a in Attachment.select().where(
-        Attachment.message == message_id).order_by(Attachment.id)]
+def _attach(wanted) -> dict:
+    """Tie uploads to their messages (``{message id: [attachment id]}``);
+    ``{message id: [attachment dict]}``, in upload order."""
+    pairs = [(message_id, a) for message_id, attachment_ids in wanted.items()
+             for a in attachment_ids]
+    for chunk in _chunks(pairs):
+        taken = execute(
+            'UPDATE "attachment" SET "message_id" = CASE "id" '
+            + ' '.join(['WHEN ? THEN ?'] * len(chunk)) +
+            f' END WHERE "id" IN ({placeholders(chunk)}) AND '
+            '"message_id" IS NULL',
+            [v for m, a in chunk for v in (a, m)] + [a for _, a in chunk]
+        ).rowcount
+        if taken != len(chunk):
+            # Another process sent one of them since the check
+            # (PostgreSQL): the writer runs the sends again one by one,
+            # and the check then refuses this one.
+            raise peewee.IntegrityError('attachment already sent')
+    if not pairs:
+        return {}
+    rows = {a.id: attachment_dict(a) for a in Attachment.select().where(
+        Attachment.id.in_([a for _, a in pairs]))}
+    return {message_id: [rows[a] for a in sorted(attachment_ids)]
+            for message_id, attachment_ids in wanted.items()}
 
 
 # Rows per multi-row statement: well under SQLite's limit of 32,766 bound
@@ -399,6 +430,8 @@ def _change(ctx, user_id, message_id, change):
     message.save()
     Event.insert(room=message.room_id, seq=seq, kind='message_updated',
                  message=message.id).execute()
+    outbox.queue_event(ctx, message.room_id, seq, 'message_updated',
+                       message.id, user_id)
     return message_dict(ctx, message), True
 
 
