@@ -249,7 +249,10 @@
     // Polling first, then the upgrade to WebSocket (the client's default):
     // works behind proxies that do not pass WebSockets.
     // forceNew: a sign-out and sign-in must not reuse the old Manager.
-    const socket = io({auth: {token: state.token}, forceNew: true});
+    // recover: connection state recovery; after a short drop (or a server
+    // restart) the missed events arrive before `connect` and
+    // socket.recovered is true, so no `sync` is needed.
+    const socket = io({auth: {token: state.token, recover: true}, forceNew: true});
     state.socket = socket;
     socket.on('connect', () => {
       $('banner').hidden = true;
@@ -299,7 +302,7 @@
       await loadInbox();
       state.seeded = true;
     }
-    await catchUp();
+    if (first || !state.socket.recovered) await catchUp();
     if (!first) await loadInbox();
     if (state.current) await openRoom(state.current, true);
     else {

@@ -251,12 +251,26 @@ class Recovery:
             return None, 'unknown_offset'
         return (session, offset), None
 
-    async def resume(self, sid, eio_sid, user_id, auth_data):
+    async def resume(self, sid, eio_sid, user_id, auth_data) -> bool:
         """After the socket entered its user's room: recover the session
         the client names if it can be done exactly, else start a new one;
         send what it missed (or a fresh session's offset event), restore
-        its joined rooms, then the live events held meanwhile."""
-        held = self.live[sid]
+        its joined rooms, then the live events held meanwhile. True when
+        it recovered."""
+        held = self.live.get(sid)
+        if held is None:
+            return False
+        try:
+            return await self._resume(sid, eio_sid, user_id, auth_data, held)
+        except Exception:
+            # A bug must not cost the connection: it goes on without.
+            log.exception('recovery failed for %s', sid)
+            session = self.live.pop(sid, None)
+            if session is not None and session.buffer:
+                await self._flush_plain(eio_sid, session.buffer)
+            return False
+
+    async def _resume(self, sid, eio_sid, user_id, auth_data, held):
         taken, reason = self._take(user_id, auth_data)
         replay = []
         if taken is not None:
@@ -281,6 +295,8 @@ class Recovery:
                 return False
             session = Session(secrets.token_urlsafe(12), user_id,
                               dict(base))
+        if self.live.get(sid) is not held:
+            return False  # disconnected meanwhile
         session.buffer = held.buffer
         self.live[sid] = session
         if fresh:
