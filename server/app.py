@@ -241,8 +241,11 @@ def create_app(config) -> web.Application:
             await manager.close()
 
         app.cleanup_ctx.append(redis_fanout)
+    # With Redis, dropped sockets' recovery sessions are kept there (any
+    # process recovers them); else in this process and, across a SIGTERM
+    # restart, in data_dir.
+    sio.recovery.shared = manager
     if manager is None:
-        # Single process: recovery sessions outlive a SIGTERM restart.
         async def load_recovery(app):
             sio.recovery.load(config.data_dir)
 

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from tests.helpers import Client, ServerProcess, pair
+from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
 from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
 
 SCRIPT = JS_DIR / 'recovery_test.js'
@@ -74,6 +75,26 @@ def test_js_client_recovers_across_a_sigterm_restart(
         if node.poll() is None:
             node.kill()
         assert server.stop() == 0, server.read_log()
+
+
+def test_js_client_recovers_on_another_process(
+        node_modules, tmp_path, redis):  # noqa: F811
+    """Two processes, one database, one Redis: a socket dropped on one
+    recovers on the other (and back), joined room included."""
+    servers = start_servers(tmp_path, 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV, **ENV})
+    try:
+        node = subprocess.Popen(
+            ['node', str(SCRIPT), servers[0].url, 'other', servers[1].url],
+            cwd=JS_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        output = _finish(node, servers[0])
+        assert node.returncode == 0 and 'PASS' in output, (
+            f'recovery_test.js failed:\n{output}\nserver logs:\n' +
+            '\n'.join(s.read_log() for s in servers))
+    finally:
+        assert stop_servers(servers) == [0, 0], \
+            [s.read_log() for s in servers]
 
 
 async def test_offsets_only_for_sockets_that_opt_in(base):

@@ -33,14 +33,17 @@ socket gets a new session and the client falls back to ``sync``.
 
 Sessions live in this process while their socket is connected; when it
 disconnects the session is frozen (nothing more is sent to it) and kept
-for the window. On SIGTERM the frozen sessions are written to
-``recovery.json`` in the data directory and read back at start (single
-process deployments); a SIGKILL loses them: the client gets
-``recovered: false`` and syncs, never a gap.
+for the window: in Redis when there is one (so a reconnect to any process
+of the service recovers; it is taken with GETDEL, so it recovers once),
+else in this process, and on SIGTERM the frozen sessions are written to
+``recovery.json`` in the data directory and read back at start. A SIGKILL
+(or Redis unreachable) loses them: the client gets ``recovered: false``
+and syncs, never a gap.
 """
 import collections
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -178,6 +181,9 @@ class Recovery:
         self.keep = max_events
         self.live = {}  # sid -> Session
         self.saved = collections.OrderedDict()  # pid -> frozen Session
+        # With Redis (the RedisManager): frozen sessions are kept there
+        # instead, so that a reconnect to any process recovers.
+        self.shared = None
 
     @staticmethod
     def opted_in(auth_data) -> bool:
@@ -228,17 +234,34 @@ class Recovery:
         self.metrics.recoveries.labels('fallback', reason).inc()
         log.info('recovery refused: %s', reason)
 
-    def _take(self, user_id, auth_data):
+    def _key(self, pid):
+        prefix = getattr(self.shared, 'key_prefix', None) or \
+            self.shared.channel
+        return f'{prefix}:recovery:{pid}'
+
+    async def _saved(self, pid):
+        """Take the frozen session ``pid`` (it recovers once), or None."""
+        if self.shared is None:
+            return self.saved.pop(pid, None)
+        try:
+            raw = await self.shared.redis.getdel(self._key(pid))
+            return Session.from_json(json.loads(raw)) if raw else None
+        except Exception as exc:  # Redis away: the client syncs instead
+            log.warning('recovery: session not read from redis (%s)', exc)
+            return None
+
+    async def _take(self, user_id, auth_data):
         """The frozen session the client names and the offset it saw, or
         (None, reason)."""
         pid, offset = auth_data.get('pid'), auth_data.get('offset')
         if pid is None:
             return None, None  # a first connection: nothing to recover
         self.metrics.recoveries.labels('attempted', '').inc()
-        session = self.saved.get(pid) if isinstance(pid, str) else None
+        if not isinstance(pid, str) or len(pid) > 64:
+            return None, 'unknown_session'
+        session = await self._saved(pid)
         if session is None or session.user_id != user_id:
             return None, 'unknown_session'
-        del self.saved[pid]
         if time.time() - session.saved_at > self.window:
             return None, 'expired'
         if not isinstance(offset, str) or not offset.isascii() or \
@@ -271,7 +294,7 @@ class Recovery:
             return False
 
     async def _resume(self, sid, eio_sid, user_id, auth_data, held):
-        taken, reason = self._take(user_id, auth_data)
+        taken, reason = await self._take(user_id, auth_data)
         replay = []
         if taken is not None:
             session, offset = taken
@@ -366,7 +389,7 @@ class Recovery:
 
     # -- disconnecting -----------------------------------------------
 
-    def stop(self, sid, joined_rooms):
+    async def stop(self, sid, joined_rooms):
         """The socket is gone: freeze its session for the window.
         ``joined_rooms`` are its Socket.IO room names."""
         session = self.live.pop(sid, None)
@@ -383,6 +406,14 @@ class Recovery:
         session.joined = tuple(joined)
         session.buffer = None
         session.saved_at = time.time()
+        if self.shared is not None:
+            try:
+                await self.shared.redis.set(
+                    self._key(session.pid), json.dumps(session.to_json()),
+                    ex=max(1, math.ceil(self.window)))
+            except Exception as exc:  # lost: that client syncs instead
+                log.warning('recovery: session not saved to redis (%s)', exc)
+            return
         self.saved[session.pid] = session
         self._expire()
 

@@ -166,7 +166,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         if user is None:
             return
         if sio.recovery is not None:
-            sio.recovery.stop(sid, sio.rooms(sid))
+            await sio.recovery.stop(sid, sio.rooms(sid))
         ip = sockets.ips.pop(sid, None)
         await ctx.limits.connections.release(user['id'], ip)
         ctx.metrics.sockets.dec()

@@ -11,7 +11,8 @@
 // Scenarios: basic (drops, two recoveries in a row, a drop before any
 // event, rooms restored, bad and too-old offsets, too many missed, a
 // revoked token, a plain client), restart (the server is restarted with
-// SIGTERM: the script prints "RESTART NOW" and waits for a line on stdin).
+// SIGTERM: the script prints "RESTART NOW" and waits for a line on stdin),
+// other <second url> (two processes of one service, with Redis).
 // The server must run with POSTBOX_RECOVERY_MAX_EVENTS=4.
 // Prints PASS and exits 0 on success; prints what went wrong and exits 1.
 'use strict';
@@ -329,7 +330,44 @@ async function restart() {
   B.socket.disconnect();
 }
 
-(SCENARIO === 'restart' ? restart() : basic()).then(() => {
+// Two processes of one service (Redis): a socket of the first recovers on
+// the second, and back on the first.
+async function other() {
+  const OTHER = (process.argv[4] || '').replace(/\/$/, '');
+  const [alice, bob] = await Promise.all(['alice', 'bob'].map(register));
+  const A = new Client('alice', alice.token, true);
+  const B = new Client('bob', bob.token, false);
+  await B.connect();
+  await A.connect();
+  const room = await openDm(B, { username: alice.user.username });
+  let mark = A.mark();
+  await send(B, room, 'p1');
+  await A.until('p1', () => bodies(A.since(mark)).includes('p1'));
+  await A.ok('join_room', { room_id: room });
+  await A.drop();
+  await send(B, room, 'p2');
+  await send(B, room, 'p3');
+  A.socket.io.uri = OTHER;
+  mark = A.mark();
+  check(await A.connect() === true, 'recovered on the other process');
+  checkRecovery(A, mark, true, ['p2', 'p3']);
+  mark = A.mark();
+  await B.ok('typing', { room_id: room, typing: true });
+  await A.until('typing', () => A.since(mark).some((s) => s.event === 'typing'));
+  await A.drop();
+  await send(B, room, 'p4');
+  A.socket.io.uri = BASE;
+  mark = A.mark();
+  check(await A.connect() === true, 'recovered back on the first process');
+  checkRecovery(A, mark, true, ['p4']);
+  log('other process: recovered there and back');
+  A.socket.disconnect();
+  B.socket.disconnect();
+}
+
+const SCENARIOS = { basic, restart, other };
+
+SCENARIOS[SCENARIO]().then(() => {
   console.log('PASS');
   process.exit(0);
 }, (err) => {
