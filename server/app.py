@@ -174,11 +174,11 @@ def create_app(config) -> web.Application:
         # registrations per address count across processes.
         ctx.limits.connections = SharedConnections(
             config.max_connections_per_user, config.max_connections_per_ip,
-            manager, config.redis_channel)
+            manager, manager.key_prefix)
         ctx.limits.logins = SharedThrottle(ctx.limits.logins, manager,
-                                           config.redis_channel)
+                                           manager.key_prefix)
         ctx.limits.registrations = SharedThrottle(
-            ctx.limits.registrations, manager, config.redis_channel)
+            ctx.limits.registrations, manager, manager.key_prefix)
     # Engine.IO sessions not (yet) connected to Socket.IO hold a place of
     # their address's connection limit too.
     sio.count_sessions(ctx.limits.connections)

@@ -32,7 +32,9 @@ class Config:
     # sqlite:///relative.db, sqlite:////absolute.db or postgresql://...
     # Empty means sqlite under data_dir.
     database_url: str = ''
-    # redis://, rediss:// or redis+sentinel://; empty means a single process.
+    # redis://, rediss://, redis+sentinel:// or, for a Redis Cluster,
+    # redis+cluster://host:port,host:port (chosen by the scheme, not probed:
+    # the key names differ); empty means a single process.
     redis_url: str = ''
     # Prefix of every Redis key and channel: processes that share it form
     # one service, so two services can share one Redis.

@@ -146,7 +146,7 @@ class RedisPresence(Presence):
         self.manager = manager
         self.redis = manager.redis
         self.me = manager.host_id
-        prefix = manager.channel
+        prefix = manager.key_prefix  # one hash tag on a Redis Cluster
         self._online = f'{prefix}:online:'
         self._users = f'{prefix}:users:'
         self._seen = f'{prefix}:seen:'

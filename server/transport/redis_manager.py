@@ -48,7 +48,26 @@ the reconnect learns it afresh. Leaving sends a notice too (no ack needed:
 an outdated "someone else is here" costs a publish, never a message).
 
 URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://``
-with the same syntax python-socketio accepts.
+with the same syntax python-socketio accepts, and ``redis+cluster://`` (or
+``rediss+cluster://``) for a Redis Cluster: ``host:port`` of one or more
+nodes separated by commas, ``redis+cluster://[:password@]h1:p1,h2:p2``.
+
+On a Redis Cluster (see "Redis Cluster" in docs/operations.md):
+
+- every key carries the hash tag ``{<channel>}`` (``{postbox}:room:...``,
+  ``{postbox}:alive:...``, presence, connection counts, throttles): one
+  slot, so each Lua script and multi-key command stays valid. That shard
+  holds the small shared state; the message traffic is what spreads;
+- messages travel by sharded pub/sub: each process SSUBSCRIBEs to its
+  own host channel ``<channel>:host:<id>`` and to ``<channel>`` (the
+  broadcast), each on the primary that owns the channel's slot, over plain
+  connections (one per primary involved; redis-py's cluster client has
+  no usable asyncio sharded listener for this); a lost connection or a
+  slot that moved (Redis then sends ``sunsubscribe``) re-reads the slot
+  map and subscribes again;
+- a script cannot publish to a channel of another slot, so the routing
+  and holder scripts return what to send and the sender SPUBLISHes it
+  (one pipeline, which redis-py splits by node).
 """
 import asyncio
 import logging
@@ -56,6 +75,9 @@ import time
 from urllib.parse import urlparse
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from socketio.async_manager import AsyncManager
 from socketio.redis_manager import parse_redis_sentinel_url
@@ -78,9 +100,10 @@ HOLDER_ACK = '__postbox_holder_ack'
 PROBE = '__postbox_probe'
 
 # Enter (ARGV[4] = "1") or leave (ARGV[4] = "") one room set (KEYS[1]) and
-# send ARGV[5], a notice, to every other live process in it; dead ones are
-# dropped from the set on the way. Returns those other processes. ARGV[1..3]
-# as in PUBLISH_SCRIPT.
+# send ARGV[5], a notice, to every other live process in it (unless it is
+# empty: on a cluster the caller sends it); dead ones are dropped from the
+# set on the way. Returns those other processes. ARGV[1..3] as in
+# PUBLISH_SCRIPT.
 HOLDER_SCRIPT = """
 local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] == '1' then
@@ -93,7 +116,9 @@ for _, host in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if host ~= me then
     if redis.call('EXISTS', alive_prefix .. host) == 1 then
       table.insert(others, host)
-      redis.call('PUBLISH', chan .. host, ARGV[5])
+      if ARGV[5] ~= '' then
+        redis.call('PUBLISH', chan .. host, ARGV[5])
+      end
     else
       redis.call('SREM', KEYS[1], host)
     end
@@ -112,7 +137,9 @@ return others
 # ourselves) gets that message once; all messages for one process go out as
 # one JSON list in one PUBLISH, so a busy receiver decodes one pub/sub
 # message per batch, not one per emit. Dead processes are dropped from the
-# sets on the way.
+# sets on the way. With ARGV[6] = "1" (a cluster, where a script cannot
+# publish to another slot's channel) nothing is published: the script
+# returns host, batch, host, batch, ... for the caller to SPUBLISH.
 PUBLISH_SCRIPT = """
 local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
 local index, blob = ARGV[4], ARGV[5]
@@ -160,9 +187,18 @@ for size, keylist in string.gmatch(index, '(%d+):([%d,]+)') do
     end
   end
 end
+local routes = {}
 for _, host in ipairs(hosts) do
   local batch = '[' .. table.concat(out[host], ',') .. ']'
-  redis.call('PUBLISH', chan .. host, batch)
+  if ARGV[6] == '1' then
+    table.insert(routes, host)
+    table.insert(routes, batch)
+  else
+    redis.call('PUBLISH', chan .. host, batch)
+  end
+end
+if ARGV[6] == '1' then
+  return routes
 end
 return #hosts
 """
@@ -237,8 +273,12 @@ class RedisManager(AsyncPubSubManager):
         self.join_timeout = join_timeout
         self.socket_timeout = socket_timeout
         self.queue_max = queue_max
+        self.cluster = is_cluster_url(url)
+        # Every key's prefix: on a cluster a hash tag, so that all of them
+        # (and so every script's keys) are in one slot.
+        self.key_prefix = f'{{{channel}}}' if self.cluster else channel
         self.host_channel_prefix = f'{channel}:host:'
-        self.alive_prefix = f'{channel}:alive:'
+        self.alive_prefix = f'{self.key_prefix}:alive:'
         self.host_channel = self.host_channel_prefix + self.host_id
         self.alive_key = self.alive_prefix + self.host_id
         options = dict(socket_connect_timeout=socket_timeout,
@@ -249,7 +289,11 @@ class RedisManager(AsyncPubSubManager):
         # a read timeout, since a quiet channel is not an error.
         self.redis = _client(url, channel, max_connections=max_connections,
                              socket_timeout=socket_timeout, **options)
-        self._sub_redis = _client(url, channel, max_connections=2, **options)
+        # On a cluster the listener opens its own plain connections to the
+        # nodes that own its channels (_ShardedSubscription).
+        self._sub_options = options
+        self._sub_redis = None if self.cluster else \
+            _client(url, channel, max_connections=2, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
         self._holder_script = self.redis.register_script(HOLDER_SCRIPT)
         # (namespace, room) -> the other processes holding it, for rooms
@@ -312,19 +356,19 @@ class RedisManager(AsyncPubSubManager):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         try:
-            async with asyncio.timeout(2), \
-                    self.redis.pipeline(transaction=False) as pipe:
-                for namespace, room in self._local_rooms():
-                    await self._holder_script(
-                        keys=[self._room_key(namespace, room)], client=pipe,
-                        args=self._holder_args(namespace, room, False))
-                pipe.delete(self.alive_key)
-                await pipe.execute()
+            async with asyncio.timeout(2):
+                rooms = list(self._local_rooms())
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.delete(self.alive_key)
+                    await self._holder_calls(pipe, rooms, False)
+                    found = (await pipe.execute())[1:]
+                await self._send_notices(rooms, found, False)
         except Exception as exc:
             log.info('could not withdraw from redis: %s', exc)
         for client in (self.redis, self._sub_redis):
             try:
-                await client.aclose()
+                if client is not None:
+                    await client.aclose()
             except Exception:
                 pass
 
@@ -348,7 +392,12 @@ class RedisManager(AsyncPubSubManager):
                                 'listener subscribed, own probe not back yet')
         try:
             async with asyncio.timeout(2):
-                await self.redis.ping()
+                if self.cluster:
+                    # The shard that holds every shared key (the ones
+                    # holding our channels are proven by the probe).
+                    await self.redis.exists(self.alive_key)
+                else:
+                    await self.redis.ping()
         except Exception as exc:
             raise RedisNotReady(f'redis does not answer: '
                                 f'{exc or type(exc).__name__}') from None
@@ -478,20 +527,24 @@ class RedisManager(AsyncPubSubManager):
                 # connection back, however execute() fails: redis-py does
                 # not when loading the scripts fails (its SCRIPT EXISTS
                 # runs before the try/finally that resets).
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    routed = []
-                    for targets, payload in batch:
-                        if isinstance(targets, str):
-                            pipe.publish(targets, payload)
-                        else:
-                            routed.append((targets, payload))
-                    if routed:
-                        keys, args = script_arguments(routed)
-                        await self._script(
-                            keys=keys, client=pipe,
-                            args=[self.host_id, self.host_channel_prefix,
-                                  self.alive_prefix, *args])
-                    await pipe.execute()
+                if self.cluster:
+                    await self._send_sharded(batch)
+                else:
+                    async with self.redis.pipeline(
+                            transaction=False) as pipe:
+                        routed = []
+                        for targets, payload in batch:
+                            if isinstance(targets, str):
+                                pipe.publish(targets, payload)
+                            else:
+                                routed.append((targets, payload))
+                        if routed:
+                            keys, args = script_arguments(routed)
+                            await self._script(
+                                keys=keys, client=pipe,
+                                args=[self.host_id, self.host_channel_prefix,
+                                      self.alive_prefix, *args])
+                        await pipe.execute()
                 self.published += len(batch)
                 self._recovered()
             except asyncio.CancelledError:
@@ -501,10 +554,72 @@ class RedisManager(AsyncPubSubManager):
                 self._failed('redis publish failed, %s messages not sent '
                              'to other processes: %s', len(batch), exc)
 
+    async def _send_sharded(self, batch):
+        """A batch on a cluster: the routing script (on the shard of the
+        shared keys) says which process gets what, then every message goes
+        out by SPUBLISH in one pipeline (redis-py sends each to the primary
+        of its channel)."""
+        sends, routed = [], []
+        for targets, payload in batch:
+            if isinstance(targets, str):
+                sends.append((targets, payload))
+            else:
+                routed.append((targets, payload))
+        if routed:
+            keys, args = script_arguments(routed)
+            routes = await self._script(
+                keys=keys, args=[self.host_id, self.host_channel_prefix,
+                                 self.alive_prefix, *args, '1'])
+            for i in range(0, len(routes), 2):
+                host = routes[i].decode() if isinstance(routes[i], bytes) \
+                    else routes[i]
+                sends.append((self.host_channel_prefix + host, routes[i + 1]))
+        await self._spublish(sends)
+
+    async def _spublish(self, sends):
+        """SPUBLISH each (channel, payload) of ``sends``."""
+        if not sends:
+            return
+        if len(sends) == 1:
+            await self.redis.execute_command('SPUBLISH', *sends[0])
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, payload in sends:
+                pipe.execute_command('SPUBLISH', channel, payload)
+            await pipe.execute()
+
+    async def _holder_calls(self, pipe, rooms, joined):
+        """Queue HOLDER_SCRIPT on ``pipe`` for each (namespace, room) of
+        ``rooms``, with no ack asked. On a cluster by EVAL: redis-py's
+        cluster pipeline does not load scripts; the notices are sent by
+        ``_send_notices`` with what the pipeline returns."""
+        for namespace, room in rooms:
+            key = self._room_key(namespace, room)
+            args = self._holder_args(namespace, room, joined)
+            if self.cluster:
+                pipe.eval(HOLDER_SCRIPT, 1, key, *args[:4], '')
+            else:
+                await self._holder_script(keys=[key], client=pipe, args=args)
+
+    async def _send_notices(self, rooms, found, joined, nonce=''):
+        """On a cluster: send each room's holder notice to the other
+        processes HOLDER_SCRIPT found in it (in-script on one Redis)."""
+        if not self.cluster:
+            return
+        sends = []
+        for (namespace, room), others in zip(rooms, found):
+            if not others:
+                continue
+            notice = self._holder_args(namespace, room, joined, nonce)[4]
+            for host in others:
+                host = host.decode() if isinstance(host, bytes) else host
+                sends.append((self.host_channel_prefix + host, notice))
+        await self._spublish(sends)
+
     # -- rooms ---------------------------------------------------------
 
     def _room_key(self, namespace, room):
-        return f'{self.channel}:room:{namespace}:{room}'
+        return f'{self.key_prefix}:room:{namespace}:{room}'
 
     def _local_rooms(self):
         for namespace, rooms in list(self.rooms.items()):
@@ -551,10 +666,13 @@ class RedisManager(AsyncPubSubManager):
                 if joined:
                     nonce, acks = self._expect_acks()
                 try:
+                    args = self._holder_args(namespace, room, joined, nonce)
+                    if self.cluster:
+                        args[4] = ''  # sent below, from here
                     others = await self._holder_script(
-                        keys=[self._room_key(namespace, room)],
-                        args=self._holder_args(namespace, room, joined,
-                                               nonce))
+                        keys=[self._room_key(namespace, room)], args=args)
+                    await self._send_notices([(namespace, room)], [others],
+                                             joined, nonce)
                 except Exception as exc:
                     # Everything is registered again once Redis answers.
                     self.skipped()
@@ -641,12 +759,9 @@ class RedisManager(AsyncPubSubManager):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.alive_key, 1, ex=self._ttl)
-                    for namespace, room in rooms:
-                        await self._holder_script(
-                            keys=[self._room_key(namespace, room)],
-                            client=pipe,
-                            args=self._holder_args(namespace, room, True))
+                    await self._holder_calls(pipe, rooms, True)
                     found = (await pipe.execute())[1:]
+                await self._send_notices(rooms, found, True)
             except BaseException:
                 self._need_register = True
                 raise
@@ -729,7 +844,10 @@ class RedisManager(AsyncPubSubManager):
             async with asyncio.timeout(self.socket_timeout):
                 # Not through the send queue: a backlog there is not
                 # deafness.
-                await self.redis.publish(self.host_channel, probe)
+                if self.cluster:
+                    await self._spublish([(self.host_channel, probe)])
+                else:
+                    await self.redis.publish(self.host_channel, probe)
             self._recovered()
             await self._register_if_skipped()
         except asyncio.CancelledError:
@@ -785,12 +903,24 @@ class RedisManager(AsyncPubSubManager):
         reconnecting with a capped backoff."""
         delay = 0.1
         while True:
-            pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            if self.cluster:
+                pubsub = _ShardedSubscription(
+                    self.redis, [self.channel, self.host_channel],
+                    self._sub_options)
+            else:
+                pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel, self.host_channel)
-                if self.listen_failures:
-                    await self._drop_idle_connections()
-                await self._subscription_active()
+                if self.cluster:
+                    if self.listen_failures:
+                        # A shard may have moved (failover): read the slot
+                        # map afresh before asking who owns our channels.
+                        await self.redis.nodes_manager.initialize()
+                    await pubsub.subscribe(self.socket_timeout)
+                else:
+                    await pubsub.subscribe(self.channel, self.host_channel)
+                    if self.listen_failures:
+                        await self._drop_idle_connections()
+                    await self._subscription_active()
                 self._resubscribed(True)
                 self._unreachable_since = None  # it answered: register
                 await self._register_all()
@@ -799,7 +929,7 @@ class RedisManager(AsyncPubSubManager):
                 delay = 0.1
                 self._recovered()
                 async for message in pubsub.listen():
-                    if message.get('type') != 'message':
+                    if message.get('type') not in ('message', 'smessage'):
                         continue
                     data = message['data']
                     if data[:1] == b'[':  # a batch on our own channel
@@ -888,9 +1018,113 @@ class RedisManager(AsyncPubSubManager):
             self._down_since = None
 
 
+class _ShardedSubscription:
+    """SSUBSCRIBE to ``channels`` on a Redis Cluster: a plain connection to
+    each primary that owns one of their slots (as the cluster client's
+    slot map says), their messages merged into one ``listen()`` stream.
+    That stream raises as soon as any connection fails or Redis takes a
+    channel away (``sunsubscribe``: its slot moved, e.g. a failover); the
+    caller then subscribes afresh with a new slot map."""
+
+    def __init__(self, cluster, channels, options):
+        self.cluster = cluster
+        self.channels = channels
+        self.options = options
+        self._subs = []  # (client, pubsub)
+        self._readers = []
+        # Bounded, so a slow consumer slows the readers (as one socket
+        # would) instead of piling up messages.
+        self._queue = asyncio.Queue(1000)
+
+    async def subscribe(self, timeout):
+        """Subscribe everywhere; returns once every node confirmed (from
+        then on nothing published to the channels is missed)."""
+        await self.cluster.initialize()  # a no-op once it has a slot map
+        by_node = {}
+        for channel in self.channels:
+            node = self.cluster.get_node_from_key(channel)
+            by_node.setdefault((node.host, node.port), []).append(channel)
+        async with asyncio.timeout(timeout):
+            for (host, port), channels in by_node.items():
+                # No retries of its own: a lost node is for the caller to
+                # re-resolve, not to reconnect to for seconds.
+                client = aioredis.Redis(host=host, port=port,
+                                        retry=Retry(NoBackoff(), 0),
+                                        **self.options)
+                pubsub = client.pubsub()
+                self._subs.append((client, pubsub))
+                for channel in channels:  # one slot per SSUBSCRIBE
+                    await pubsub.ssubscribe(channel)
+                pending = set(channels)
+                while pending:
+                    message = await pubsub.get_message(timeout=timeout)
+                    if message and message['type'] == 'ssubscribe':
+                        channel = message['channel']
+                        pending.discard(channel.decode()
+                                        if isinstance(channel, bytes)
+                                        else channel)
+        self._readers = [asyncio.create_task(self._read(pubsub))
+                         for _, pubsub in self._subs]
+
+    async def _read(self, pubsub):
+        try:
+            async for message in pubsub.listen():
+                kind = message['type']
+                if kind == 'smessage':
+                    await self._queue.put(message)
+                elif kind == 'sunsubscribe':
+                    raise ConnectionError(
+                        f'shard channel {message["channel"]!r} moved')
+            raise ConnectionError('subscription ended')
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._queue.put(exc)
+
+    async def listen(self):
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def aclose(self):
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        for client, pubsub in self._subs:
+            for closing in (pubsub, client):
+                try:
+                    await closing.aclose()
+                except Exception:
+                    pass
+
+
+def is_cluster_url(url) -> bool:
+    return urlparse(url).scheme in ('redis+cluster', 'rediss+cluster')
+
+
+def _cluster_client(url, options):
+    """A RedisCluster for ``redis+cluster://[user:password@]h1:p1,h2:p2``
+    (``rediss+cluster://`` for TLS): the nodes it starts from."""
+    parsed = urlparse(url)
+    userinfo, _, hosts = parsed.netloc.rpartition('@')
+    username, _, password = userinfo.partition(':')
+    nodes = []
+    for part in hosts.split(','):
+        host, _, port = part.strip().rpartition(':')
+        nodes.append(ClusterNode(host or part.strip(), int(port or 6379)))
+    options.pop('max_connections', None)  # per node, unbounded: it raises
+    return RedisCluster(startup_nodes=nodes, username=username or None,
+                        password=password or None,
+                        ssl=parsed.scheme == 'rediss+cluster', **options)
+
+
 def _client(url, channel, **options):
     """A redis.asyncio client for ``url``; Sentinel URLs go through
     python-socketio's own parser so they mean the same thing."""
+    if is_cluster_url(url):
+        return _cluster_client(url, options)
     if urlparse(url).scheme in ('redis+sentinel', 'valkey+sentinel'):
         sentinels, service, kwargs = parse_redis_sentinel_url(url)
         options.pop('max_connections', None)
