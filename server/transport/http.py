@@ -1,8 +1,10 @@
 """HTTP API views: the same services as Socket.IO, for bots, mobile and
 scripts. Errors are JSON ``{error: {code, message}}`` with their status."""
+import asyncio
 import functools
 import inspect
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
@@ -386,6 +388,27 @@ async def search(request):
         limit=query_int(request, 'limit')))
 
 
+# The OpenAPI document of this API, kept beside the protocol's prose
+# (tests/test_openapi.py checks it lists exactly the routes served).
+OPENAPI_PATH = Path(__file__).resolve().parents[2] / 'docs' / 'openapi.yaml'
+
+
+@functools.cache
+def _openapi_text() -> str:
+    return OPENAPI_PATH.read_text('utf-8')
+
+
+async def openapi(request):
+    """``GET /api/openapi.yaml``: the OpenAPI 3.1 document of the HTTP
+    API, no token needed. Read once, off the event loop; 404 when this
+    copy of Postbox was installed without its ``docs/``."""
+    try:
+        text = await asyncio.to_thread(_openapi_text)
+    except OSError:
+        raise NotFound('the OpenAPI document is not installed') from None
+    return web.Response(text=text, content_type='application/yaml')
+
+
 async def healthz(request):
     """Alive while the process can serve: its own parts run (the store's
     writer thread and reader pool). 503 means restart it."""
@@ -462,3 +485,4 @@ def add_routes(app: web.Application):
     app.router.add_get('/api/search', search)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', readyz)
+    app.router.add_get('/api/openapi.yaml', openapi)
