@@ -220,6 +220,41 @@ async def test_webhook_retries_in_order(hooked, receiver):
         await client.close()
 
 
+async def test_webhook_gets_edits_and_group_changes(hooked, receiver):
+    base = hooked.url
+    user, token = await register(base)
+    bot, _ = await make_bot(base, token)
+    secret = await set_hook(base, token, bot, receiver.url + '/hook-group')
+    client = await connect(base, token)
+    try:
+        ack = await client.call('create_group', {
+            'name': 'ops', 'members': [bot['username']]})
+        assert ack['ok'], ack
+        room_id = ack['room']['id']
+        message = await send(client, room_id, 'deploy?')
+        ack = await client.call('edit_message', {'message_id': message['id'],
+                                                 'body': 'deploy now?'})
+        assert ack['ok'], ack
+        ack = await client.call('rename_group', {'room_id': room_id,
+                                                 'name': 'ops-2'})
+        assert ack['ok'], ack
+        ack = await client.call('remove_member', {
+            'room_id': room_id, 'username': bot['username']})
+        assert ack['ok'], ack
+        got = await receiver.wait('/hook-group', 4)
+        events = [verify(secret, h, b) for h, b in got]
+        assert [e['type'] for e in events] == [
+            'message', 'message_updated', 'room', 'room_left']
+        assert events[0]['data']['id'] == message['id']
+        assert events[1]['data']['body'] == 'deploy now?'
+        assert events[2]['data']['name'] == 'ops-2'
+        assert events[2]['data']['id'] == room_id
+        assert events[3]['data'] == {'room_id': room_id,
+                                     'seq': events[2]['data']['last_seq'] + 1}
+    finally:
+        await client.close()
+
+
 async def test_private_webhook_url_refused_by_default(tmp_path):
     proc = ServerProcess(tmp_path).start()
     try:
@@ -371,6 +406,9 @@ async def test_no_push_while_connected_or_muted(hooked, receiver):
         ack = await b.call('mute_room', {'room_id': muted_room,
                                          'muted': True})
         assert ack['ok'], ack
+        ack = await b.call('rooms', {})
+        assert {e['room']['id']: e['muted'] for e in ack['rooms']} == {
+            muted_room: True, room_id: False}
         await send(a, room_id, 'while connected')
         await b.next('message')
         await b.close()

@@ -100,6 +100,35 @@ def queue_messages(ctx, items, now):
     return len(rows)
 
 
+def queue_event(ctx, room_id, seq, event, message_id=None, actor_id=None,
+                bot_ids=None):
+    """Add the webhook rows of one room event (inside its transaction):
+    for ``message_updated`` and ``room``, the room's bots with a webhook
+    but ``actor_id`` (a bot is not told of its own change); for
+    ``room_left``, the bots among ``bot_ids`` (they are members no more)."""
+    now = now_ms()
+    values = ('webhook', room_id, seq, event, message_id, now, now)
+    select = ('SELECT ?, "w"."bot_id", "w"."bot_id", ?, ?, ?, ?, ?, ?, 0, 0 '
+              'FROM "webhook" AS "w" ')
+    if bot_ids is None:
+        cursor = execute(
+            f'INSERT INTO "outbox" ({_COLUMNS}) {select}'
+            'JOIN "membership" AS "mb" ON "mb"."user_id" = "w"."bot_id" '
+            'AND "mb"."room_id" = ? WHERE "w"."bot_id" <> ?',
+            (*values, room_id, -1 if actor_id is None else actor_id))
+    elif bot_ids:
+        ids = list(bot_ids)
+        cursor = execute(
+            f'INSERT INTO "outbox" ({_COLUMNS}) {select}'
+            f'WHERE "w"."bot_id" IN ({", ".join("?" * len(ids))})',
+            (*values, *ids))
+    else:
+        return
+    wake = getattr(ctx, 'outbox_wake', None)
+    if cursor.rowcount and wake is not None:
+        wake()
+
+
 def _claim(now, limit, claim_ms):
     """Claim up to ``limit`` due rows for ``claim_ms``; their tuples
     (id, kind, target, user_id, room_id, seq, event, message_id,

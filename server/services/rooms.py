@@ -7,6 +7,7 @@ import peewee
 
 from models import Block, Departure, Event, Membership, Room, User
 from server.errors import Forbidden, Invalid, NotFound, TooLarge
+from server.services import outbox
 from server.services.auth import check_username
 from server.services.context import now_ms
 from server.services.limits import check_room_quota
@@ -278,9 +279,9 @@ async def read_markers(ctx, room_id) -> dict:
 
 
 def _inbox_rows(user_id, limit, before):
-    """(room id, last_read_seq, last_seq, last_activity_at) of the user's
-    rooms, latest activity first: at most ``limit`` (None: all) after the
-    cursor ``before`` (a (last_activity_at, room id) pair or None)."""
+    """(room id, last_read_seq, last_seq, last_activity_at, muted) of the
+    user's rooms, latest activity first: at most ``limit`` (None: all)
+    after the cursor ``before`` (a (last_activity_at, room id) pair or None)."""
     where, params = '"mb"."user_id" = ?', [user_id]
     if before is not None:
         where += (' AND ("r"."last_activity_at" < ? OR '
@@ -291,7 +292,7 @@ def _inbox_rows(user_id, limit, before):
         tail, params = ' LIMIT ?', params + [limit]
     return execute(
         'SELECT "r"."id", "mb"."last_read_seq", "r"."last_seq", '
-        '"r"."last_activity_at" FROM "membership" AS "mb" '
+        '"r"."last_activity_at", "mb"."muted" FROM "membership" AS "mb" '
         'JOIN "room" AS "r" ON "r"."id" = "mb"."room_id" '
         f'WHERE {where} ORDER BY "r"."last_activity_at" DESC, '
         f'"r"."id" DESC{tail}', params).fetchall()
@@ -387,15 +388,16 @@ def _inbox(ctx, user_id, limit=None, before=None):
     ids = None if limit is None and before is None else [r[0] for r in rows]
     last_messages = _last_messages(ctx, user_id, ids)
     unread = (_unread_counts(user_id, ids) if any(
-        last_seq > last_read for _, last_read, last_seq, _ in rows) else {})
+        last_seq > last_read for _, last_read, last_seq, *_ in rows) else {})
     infos = _room_infos(ctx, [r[0] for r in rows])
     load_users(ctx, {m for info in infos.values() for m in info.member_ids})
-    for room_id, last_read, last_seq, _ in rows:
+    for room_id, last_read, last_seq, _, muted in rows:
         answer['rooms'].append({
             'room': room_dict(ctx, infos[room_id], last_seq),
             'last_message': last_messages.get(room_id),
             'unread': unread.get(room_id, 0),
-            'last_read_seq': last_read})
+            'last_read_seq': last_read,
+            'muted': bool(muted)})
     if has_more:
         answer['next_before'] = f'{rows[-1][3]}.{rows[-1][0]}'
     return answer
@@ -563,6 +565,9 @@ def _record_change(ctx, room_id, left_ids=()) -> GroupChange:
                                  Departure.user.in_(left_ids)).execute()
         Departure.insert_many([{'user': u, 'room': room_id, 'seq': seq}
                                for u in left_ids]).execute()
+    # Bot webhooks: the members get the room, those who left room_left.
+    outbox.queue_event(ctx, room_id, seq, 'room')
+    outbox.queue_event(ctx, room_id, seq, 'room_left', bot_ids=left_ids)
     info = RoomInfo(room_id, 'group', room.name, room.created_at,
                     tuple(members), room.owner_id)
     return GroupChange(room_dict(ctx, info, seq), True, tuple(left_ids))

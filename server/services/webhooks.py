@@ -24,10 +24,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from models import Outbox, User, Webhook
+from models import Event, Outbox, User, Webhook
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
 from server.services.outbox import bounded
+from server.services.messages import _room_event as room_event
 from server.services.serialize import fetch_messages, iso, message_dicts
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ async def delete_webhook(ctx, owner_id, username):
 
 
 def _load(ctx, rows):
-    """{bot id: (url, secret)} and {message id: message dict} for rows."""
+    """{bot id: (url, secret)} and {(room id, seq): event data} for rows:
+    a message's current state, a room as it was after its change."""
     hooks = {w.bot_id: (w.url, w.secret) for w in Webhook.select().where(
         Webhook.bot.in_({r.target for r in rows}))}
     ids = list({r.message_id for r in rows if r.message_id is not None})
@@ -134,7 +136,20 @@ def _load(ctx, rows):
         marks = ', '.join('?' * len(ids))
         messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
             f'"id" IN ({marks})', ids))}
-    return hooks, messages
+    data = {}
+    for row in rows:
+        key = (row.room_id, row.seq)
+        if row.message_id is not None:
+            if row.message_id in messages:
+                data[key] = messages[row.message_id]
+        elif row.event == 'room_left':
+            data[key] = {'room_id': row.room_id, 'seq': row.seq}
+        elif row.event == 'room':
+            state = (Event.select(Event.data).where(
+                Event.room == row.room_id, Event.seq == row.seq).scalar())
+            if state is not None:
+                data[key] = room_event(ctx, row.room_id, row.seq, state)
+    return hooks, data
 
 
 class WebhookSender:
@@ -145,19 +160,19 @@ class WebhookSender:
         self.session = session
 
     async def __call__(self, rows) -> dict:
-        hooks, messages = await self.ctx.store.read(_load, self.ctx, rows)
-        calls = [self._one(row, hooks.get(row.target), messages)
+        hooks, data = await self.ctx.store.read(_load, self.ctx, rows)
+        calls = [self._one(row, hooks.get(row.target), data)
                  for row in rows]
         results = await bounded(self.ctx.config.outbox_concurrency, calls)
         return {row.id: result for row, result in zip(rows, results)}
 
-    def _one(self, row, hook, messages):
+    def _one(self, row, hook, events):
         async def call():
             if hook is None:
                 return None  # the webhook was removed: nothing owed
-            data = messages.get(row.message_id)
+            data = events.get((row.room_id, row.seq))
             if data is None:
-                return None  # the message is gone (room deleted)
+                return None  # the message or room is gone
             return await self.post(hook[0], hook[1], {
                 'id': f'{row.room_id}.{row.seq}', 'type': row.event,
                 'created_at': iso(row.created_at), 'data': data})
