@@ -12,7 +12,7 @@ from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
 
 SCRIPT = JS_DIR / 'recovery_test.js'
 # Small, so that the tests can go past it.
-ENV = {'POSTBOX_RECOVERY_MAX_EVENTS': '4'}
+ENV = {'POSTBOX_RECOVERY_MAX_EVENTS': '6'}
 
 
 @pytest.fixture

@@ -145,6 +145,11 @@ class Session:
         marks = dict(self.marks)
         extras = {r: set(s) for r, s in self.extras.items()}
         for key in self.ring:
+            # A room new to the session (a new dm, a group the user was
+            # added to) counts from its start, as sync does: its first
+            # event received says nothing of the ones sent before it.
+            if key is not None and key[0] not in marks:
+                marks[key[0]] = 0
             _fold(marks, extras, key)
         return marks, extras
 
@@ -200,8 +205,12 @@ class Recovery:
                                        data=[event, *args])
         return eio_packet.Packet(eio_packet.MESSAGE, pkt.encode())
 
-    async def _send(self, sid, eio_sid, session, event, data):
-        offset = session.record(event_key(event, data), self.keep)
+    async def _send(self, sid, eio_sid, session, event, data, key=False):
+        """Send with the next offset, recorded as the log event ``key``
+        (by default worked out from the payload)."""
+        if key is False:
+            key = event_key(event, data)
+        offset = session.record(key, self.keep)
         try:
             await self.server._send_eio_packet(
                 eio_sid, self._encode(event, [data, offset]))
@@ -326,10 +335,12 @@ class Recovery:
             await self._raw(eio_sid, OFFSET_EVENT, [str(session.count)])
         else:
             self.metrics.recoveries.labels('succeeded', '').inc()
-            for event, data in replay:
-                await self._send(sid, eio_sid, session, event, data)
+            for event, data, key in replay:
+                await self._send(sid, eio_sid, session, event, data, key)
             await self._rejoin(sid, user_id, session.joined)
-        sent = {event_key(e, d) for e, d in replay} - {None}
+        # A live update carries its message's latest update_seq: skipped
+        # when the replay already had that event.
+        sent = {key for _, _, key in replay} - {None}
         while session.buffer:
             event, data = session.buffer.pop(0)
             key = event_key(event, data)
@@ -351,8 +362,11 @@ class Recovery:
 
     async def _missed(self, session, offset):
         """The events a client of ``session`` that saw ``offset`` missed,
-        as (event, payload) in seq order per room; None if more than
-        ``recovery_max_events``."""
+        as (event, payload, log key) in seq order per room; None if more
+        than ``recovery_max_events``. A room the session never sent
+        anything of (a new dm, a new group) starts with its ``room`` event
+        as it is now, which is not in the log (key None)."""
+        from server.services import rooms  # noqa: the services layer
         marks, extras = session.received(offset)
         answer = await messages.sync(self.ctx, session.user_id, marks)
         if answer['has_more']:
@@ -362,13 +376,19 @@ class Recovery:
             room_id, seq = e['room_id'], e['seq']
             if seq <= marks.get(room_id, 0) or seq in extras.get(room_id, ()):
                 continue
-            kind = e['type']
+            if room_id not in marks:
+                marks[room_id] = 0  # its room event goes first, once
+                info = await rooms.room_info(self.ctx, room_id)
+                replay.append(('room', await rooms.room_payload(
+                    self.ctx, info), None))
+            kind, key = e['type'], (room_id, seq)
             if kind == 'room_left':
-                replay.append(('room_left', {'room_id': room_id, 'seq': seq}))
+                replay.append(('room_left', {'room_id': room_id, 'seq': seq},
+                               key))
             elif kind == 'room':
-                replay.append(('room', e['room']))
+                replay.append(('room', e['room'], key))
             else:
-                replay.append((kind, e['message']))
+                replay.append((kind, e['message'], key))
         if len(replay) > self.keep:
             return None
         return replay

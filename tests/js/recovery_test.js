@@ -13,7 +13,7 @@
 // revoked token, a plain client), restart (the server is restarted with
 // SIGTERM: the script prints "RESTART NOW" and waits for a line on stdin),
 // other <second url> (two processes of one service, with Redis).
-// The server must run with POSTBOX_RECOVERY_MAX_EVENTS=4.
+// The server must run with POSTBOX_RECOVERY_MAX_EVENTS=6.
 // Prints PASS and exits 0 on success; prints what went wrong and exits 1.
 'use strict';
 
@@ -212,16 +212,33 @@ async function basic() {
   await A.until('typing', () => A.since(mark).some((s) => s.event === 'typing'));
   log('dropped transport: recovered, m2 m3 before connect, joined room back');
 
-  // Again, with an edit among the missed events.
+  // Again, with two edits among the missed events, and a new dm.
   await A.drop();
   const m4 = await send(B, room, 'm4');
   await B.ok('edit_message', { message_id: m4.id, body: 'm4 edited' });
+  await B.ok('edit_message', { message_id: m4.id, body: 'm4 edited twice' });
+  const E = new Client('eve', (await register('eve')).token, false);
+  await E.connect();
+  const roomE = await openDm(E, { username: alice.user.username });
+  await send(E, roomE, 'e1');
   mark = A.mark();
   check(await A.connect() === true, 'recovered a second time');
-  checkRecovery(A, mark, true, ['m4 edited']);
-  const updated = A.since(mark).filter((s) => s.event === 'message_updated');
-  check(updated.length === 1 && updated[0].args[0].body === 'm4 edited' &&
-    typeof updated[0].args[1] === 'string', 'the edit is replayed once');
+  checkRecovery(A, mark, true, ['m4 edited twice', 'e1']);
+  let before = A.since(mark);
+  before = before.slice(0, before.findIndex((s) => s.event === 'connect'));
+  const updated = before.filter((s) => s.event === 'message_updated');
+  check(updated.length === 2 && typeof updated[1].args[1] === 'string',
+    `both edits are replayed once: ${JSON.stringify(updated)}`);
+  const newRoom = before.findIndex((s) => s.event === 'room' && s.args[0].id === roomE);
+  const e1 = before.findIndex((s) => s.event === 'message' && s.args[0].body === 'e1');
+  check(newRoom >= 0 && newRoom < e1, 'the new dm room comes before its message');
+  E.socket.disconnect();
+  // A third time: nothing missed (the edits are not replayed again).
+  await A.drop();
+  mark = A.mark();
+  check(await A.connect() === true, 'recovered a third time');
+  before = A.since(mark);
+  check(before[0].event === 'connect', `nothing replayed: ${JSON.stringify(before)}`);
   // Live after recovery: once, after connect.
   mark = A.mark();
   await send(B, room, 'm5');
@@ -253,21 +270,19 @@ async function basic() {
     `sync fills the gap: ${JSON.stringify(sync.events)}`);
   log('unknown offset: recovered false, sync has c3');
 
-  // More missed than recovery_max_events (4): recovered false.
+  // More missed than recovery_max_events (6): recovered false.
   await C.drop();
-  for (const body of ['c4', 'c5', 'c6', 'c7', 'c8']) await send(B, roomC, body);
+  for (let i = 4; i <= 10; i++) await send(B, roomC, `c${i}`);
   mark = C.mark();
   check(await C.connect() === false, 'too many missed events are not recovered');
   sync = await C.ok('sync', { rooms: { [roomC]: 3 } });
-  check(sync.events.length === 5, 'sync has the five');
+  check(sync.events.length === 7, 'sync has the seven');
   log('too many missed: recovered false');
 
-  // An offset older than the sends kept (4): recovered false.
+  // An offset older than the sends kept (6): recovered false.
   mark = C.mark();
-  for (const body of ['c9', 'c10', 'c11', 'c12', 'c13', 'c14']) {
-    await send(B, roomC, body);
-  }
-  await C.until('c14', () => bodies(C.since(mark)).includes('c14'));
+  for (let i = 11; i <= 18; i++) await send(B, roomC, `c${i}`);
+  await C.until('c18', () => bodies(C.since(mark)).includes('c18'));
   await C.drop();
   C.socket._lastOffset = '1';
   mark = C.mark();
