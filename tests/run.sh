@@ -42,6 +42,7 @@ python3 -m pytest "$@" || status=$?
 if [ $pg_pass -eq 1 ]; then
     POSTBOX_TEST_DB=postgres python3 -m pytest "$@" tests/test_core.py \
         tests/test_features.py tests/test_durability.py \
-        tests/test_groups.py tests/test_search.py || status=$?
+        tests/test_groups.py tests/test_search.py \
+        tests/test_push_webhooks.py || status=$?
 fi
 exit $status

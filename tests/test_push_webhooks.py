@@ -117,10 +117,10 @@ def receiver():
 
 
 @pytest.fixture(scope='module')
-def hooked(tmp_path_factory, receiver):
+def hooked(tmp_path_factory, receiver, database_env):
     proc = ServerProcess(
         tmp_path_factory.mktemp('postbox-push'),
-        env={**FAST_OUTBOX,
+        env={**FAST_OUTBOX, **database_env(),
              'POSTBOX_PUSH_GATEWAY_URL': receiver.url + '/gateway'})
     proc.start()
     yield proc
@@ -272,10 +272,11 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
         assert await proc.astop() == 0, proc.read_log()
 
 
-async def test_pending_webhooks_survive_sigkill(tmp_path):
+async def test_pending_webhooks_survive_sigkill(tmp_path, database_env):
     down = free_port()  # nobody listens here until the restart
     proc = ServerProcess(tmp_path, env={
-        **FAST_OUTBOX, 'POSTBOX_OUTBOX_CLAIM_SECONDS': '2'}).start()
+        **FAST_OUTBOX, **database_env(),
+        'POSTBOX_OUTBOX_CLAIM_SECONDS': '2'}).start()
     receiver = None
     try:
         client, bot, _, secret, room_id = await user_and_bot_room(
