@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import Client, ServerProcess, pair
+from tests.helpers import NO_RATE_LIMITS, Client, ServerProcess, pair
 from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
 from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
 
@@ -95,6 +95,22 @@ def test_js_client_recovers_on_another_process(
     finally:
         assert stop_servers(servers) == [0, 0], \
             [s.read_log() for s in servers]
+
+
+def test_js_client_chaos_of_drops_misses_nothing_and_gets_nothing_twice(
+        node_modules, tmp_path):  # noqa: F811
+    """60 s of random drops and reconnects while messages and edits
+    flow: every seq of the room arrives, and no event twice."""
+    server = ServerProcess(tmp_path, env={
+        **NO_RATE_LIMITS, 'POSTBOX_RECOVERY_MAX_EVENTS': '200'}).start()
+    try:
+        node = _node(server.url, 'chaos')
+        output = _finish(node, server, timeout=240)
+        assert node.returncode == 0 and 'PASS' in output, (
+            f'recovery_test.js failed:\n{output}\n'
+            f'server log:\n{server.read_log()}')
+    finally:
+        assert server.stop() == 0, server.read_log()
 
 
 async def test_offsets_only_for_sockets_that_opt_in(base):
