@@ -53,7 +53,10 @@ PAGE = os.sysconf('SC_PAGE_SIZE')
 # OS measurements
 
 def proc_cpu_seconds(pid) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+    """utime + stime of a process (all its threads), in seconds; of all
+    of them summed for a list of pids (several servers and Redis)."""
+    if isinstance(pid, (list, tuple)):
+        return sum(proc_cpu_seconds(p) for p in pid)
     with open(f'/proc/{pid}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
     # Fields after the command: state is [0], utime [11], stime [12].
@@ -63,6 +66,8 @@ def proc_cpu_seconds(pid) -> float:
 def main_thread_cpu_seconds(pid) -> float:
     """utime + stime of the process's main thread (the event loop for
     Postbox and the python relay), from /proc/<pid>/task/<pid>/stat."""
+    if isinstance(pid, (list, tuple)):
+        return sum(main_thread_cpu_seconds(p) for p in pid)
     try:
         with open(f'/proc/{pid}/task/{pid}/stat') as f:
             fields = f.read().rsplit(')', 1)[1].split()
@@ -452,8 +457,11 @@ class Stats:
 
 
 async def _connect_all(session, url, tokens, deflate, **handlers):
-    clients = [RawClient(session, url, t, deflate, **handlers)
-               for t in tokens]
+    # A list of urls: client i connects to url i mod n (a DM pair's two
+    # users, adjacent in ``tokens``, to two different processes).
+    urls = url if isinstance(url, list) else [url]
+    clients = [RawClient(session, urls[i % len(urls)], t, deflate, **handlers)
+               for i, t in enumerate(tokens)]
     await gather_limited([c.connect() for c in clients], 64)
     return clients
 

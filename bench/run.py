@@ -21,6 +21,9 @@ Scenarios (``--only`` takes a comma list):
   fanout    a 1,000-member group room, member deliveries per second
   sync      one client catching up on 10,000 missed events (Postbox only)
   redis     Postbox with Redis configured, all recipients local, vs without
+  scaleout  CPU per delivered DM: one process, vs two processes (every pair
+            split across them) + one Redis, vs two + a 3-primary Redis
+            Cluster (CPU of the servers and Redis summed), alternating runs
   profile   py-spy of Postbox under the closed-loop DM load (top self time)
 """
 import argparse
@@ -45,7 +48,8 @@ sys.path.insert(0, str(BENCH))
 import load  # noqa: E402
 
 RESULTS = BENCH / 'results'
-SCENARIOS = ['dm', 'latency', 'idle', 'fanout', 'sync', 'redis', 'profile']
+SCENARIOS = ['dm', 'latency', 'idle', 'fanout', 'sync', 'redis', 'scaleout',
+             'profile']
 LABELS = {'postbox': 'Postbox', 'relay': 'python-socketio relay',
           'node': 'Node socket.io relay', 'postbox+redis': 'Postbox + Redis'}
 
@@ -399,6 +403,75 @@ def scenario_redis(args, kinds, results, workdir):
                         'baseline': baseline}
 
 
+def scenario_scaleout(args, kinds, results, workdir):
+    """The same closed-loop DM load on one process, on two processes with
+    one Redis and on two with a Redis Cluster, in alternating runs; every
+    DM pair has a user on each process, so every message crosses Redis.
+    CPU per delivered message counts every server process and Redis."""
+    if not postbox_has_redis() or not shutil.which('redis-cli') or \
+            not shutil.which('redis-server'):
+        log('scaleout: not available (no Redis support or no redis-server)')
+        results['scaleout'] = {'available': False}
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.rediscluster import RedisCluster
+    workdir = Path(workdir)
+    cluster = RedisCluster(workdir / 'cluster', primaries=3, replicas=0)
+    setups = {}
+    try:
+        cluster.start()
+        with Redis(workdir) as redis:
+            def two(name, url):
+                db = workdir / f'{name}.db'
+                env = {'POSTBOX_REDIS_URL': url,
+                       'POSTBOX_DATABASE_URL': f'sqlite:///{db}'}
+                return [Server('postbox+redis', workdir, args.pin, env)
+                        for _ in range(2)]
+            setups['one process'] = ([Server('postbox', workdir, args.pin)],
+                                     [])
+            setups['two + redis'] = (
+                two('redis', f'redis://127.0.0.1:{redis.port}/0'),
+                [redis.proc.pid])
+            setups['two + cluster'] = (two('cluster', cluster.url),
+                                       [n.proc.pid for n in cluster.nodes])
+            for servers, _ in setups.values():
+                for server in servers:
+                    server.start()
+            runs = {name: [] for name in setups}
+            users = {name: load.asyncio.run(load.make_users(
+                servers[0].url, 'postbox', 2 * args.pairs))
+                for name, (servers, _) in setups.items()}
+            for r in range(args.repeats):
+                for name, (servers, redis_pids) in setups.items():
+                    urls = [s.url for s in servers]
+                    res = load.run_dm(
+                        urls if len(urls) > 1 else urls[0], 'postbox',
+                        [s.pid for s in servers] + redis_pids,
+                        pairs=args.pairs, mode='closed', window=args.window,
+                        duration=args.duration, warmup=args.warmup,
+                        workers=args.workers, deflate=not args.no_deflate,
+                        pin=args.pin, users=users[name])
+                    log(f'scaleout {name} #{r + 1}: {res["rate"]:,.0f} '
+                        f'msg/s, {fmt(res["cpu_us_per_msg"], 0)} us/msg CPU '
+                        f'(all processes), p99 {res["p99_ms"]} ms, errors '
+                        f'{res["errors"]}')
+                    runs[name].append(res)
+    finally:
+        for servers, _ in setups.values():
+            for server in servers:
+                server.stop()
+        cluster.stop()
+    base = [r['cpu_us_per_msg'] for r in runs['one process']]
+    ratios = {name: [a['cpu_us_per_msg'] / b for a, b in zip(rs, base)
+                     if a['cpu_us_per_msg'] and b]
+              for name, rs in runs.items() if name != 'one process'}
+    for name, values in ratios.items():
+        log(f'scaleout {name}: CPU per message / one process, per '
+            f'alternation: {", ".join(f"{v:.2f}" for v in values)}')
+    results['scaleout'] = {'available': True, 'runs': runs,
+                           'ratios': ratios}
+
+
 def scenario_profile(args, kinds, results, workdir):
     """py-spy (raw collapsed stacks) of Postbox during one closed-loop DM
     run; the top functions by self time go into the report."""
@@ -631,6 +704,23 @@ def build_report(args, kinds, results):
                   f'{fmt(summary(sync["seconds"]), 3, " s")} '
                   f'({sync["pages"]} pages, events received: '
                   f'{sync["replayed"]}).', '']
+    scaleout = results.get('scaleout')
+    if scaleout and scaleout.get('available'):
+        lines += ['## Two processes: one Redis and a Redis Cluster', '',
+                  'Every DM pair has a user on each process. CPU per '
+                  'delivered message sums the servers and Redis (all '
+                  'cluster nodes: 3 primaries, no replicas); ratios are '
+                  'against one process in the same alternation.', '',
+                  '| setup | msg/s | us/msg CPU | x one process | p99 ms |',
+                  '|---|---|---|---|---|']
+        for name, runs in scaleout['runs'].items():
+            ratios = scaleout['ratios'].get(name)
+            lines.append(
+                f'| {name} | {fmt(summary([r["rate"] for r in runs]))} | '
+                f'{fmt(summary([r["cpu_us_per_msg"] for r in runs]))} | '
+                f'{fmt(summary(ratios), 2) if ratios else "1"} | '
+                f'{fmt(summary([r["p99_ms"] for r in runs]), 1)} |')
+        lines.append('')
     redis = results.get('redis')
     if redis:
         lines += ['## Redis configured, all recipients local', '']
@@ -923,6 +1013,7 @@ def main(argv=None):
     runners = {'dm': scenario_dm, 'latency': scenario_latency,
                'idle': scenario_idle, 'fanout': scenario_fanout,
                'sync': scenario_sync, 'redis': scenario_redis,
+               'scaleout': scenario_scaleout,
                'profile': scenario_profile}
     with tempfile.TemporaryDirectory(prefix='postbox-bench-') as workdir:
         for name in SCENARIOS:
