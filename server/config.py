@@ -284,8 +284,9 @@ class Config:
     # Deliveries in flight at once per process: a slow receiver must not
     # hold up the others, and a few dozen sockets are cheap.
     outbox_concurrency: int = 16
-    # Rows claimed per round and how long a claim holds (a dispatcher that
-    # dies leaves its rows to another one after this).
+    # Rows a process holds (claimed, being delivered) at most, and how
+    # long a claim holds (a dispatcher that dies leaves its rows to
+    # another one after this).
     outbox_batch: int = 64
     outbox_claim_seconds: float = 60.0
     # Idle dispatchers look for due rows this often (a send on the same

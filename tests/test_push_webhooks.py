@@ -40,6 +40,8 @@ class Receiver:
         self.requests = []  # (path, headers, body)
         self.answers = {}   # path -> [status, ...]
         self.json = {}      # path -> JSON answer of a 200
+        self.delays = {}    # path -> seconds before answering
+        self.arrived = []   # paths of requests received (answered or not)
         self._cond = threading.Condition()
         self._loop = None
 
@@ -50,6 +52,10 @@ class Receiver:
     async def _handle(self, request):
         body = await request.read()
         path = request.path
+        with self._cond:
+            self.arrived.append(path)
+            self._cond.notify_all()
+        await asyncio.sleep(self.delays.get(path, 0))
         with self._cond:
             queued = self.answers.get(path) or []
             status = queued.pop(0) if queued else 200
@@ -103,6 +109,15 @@ class Receiver:
         got = await asyncio.to_thread(self._wait, path, count, timeout)
         assert len(got) >= count, (path, count, self.requests)
         return got
+
+    def _wait_arrival(self, path, timeout):
+        with self._cond:
+            return self._cond.wait_for(lambda: path in self.arrived,
+                                       timeout)
+
+    async def arrival(self, path, timeout=20):
+        """Wait until a request to ``path`` came in (answered or not)."""
+        assert await asyncio.to_thread(self._wait_arrival, path, timeout)
 
     def all_to(self, path):
         with self._cond:
@@ -253,6 +268,26 @@ async def test_webhook_gets_edits_and_group_changes(hooked, receiver):
                                      'seq': events[2]['data']['last_seq'] + 1}
     finally:
         await client.close()
+
+
+async def test_slow_receiver_holds_up_only_itself(hooked, receiver):
+    base = hooked.url
+    receiver.delays['/hook-slow'] = 4
+    slow, _, _, _, slow_room = await user_and_bot_room(base, receiver,
+                                                        '/hook-slow')
+    fast, _, _, _, fast_room = await user_and_bot_room(base, receiver,
+                                                        '/hook-fast')
+    try:
+        await send(slow, slow_room, 'slow one')
+        await receiver.arrival('/hook-slow')
+        # While that receiver takes its time, another bot's event goes.
+        await send(fast, fast_room, 'fast one')
+        await receiver.wait('/hook-fast', 1)
+        assert receiver.delivered('/hook-slow') == []
+        await receiver.wait('/hook-slow', 1)
+    finally:
+        await slow.close()
+        await fast.close()
 
 
 async def test_private_webhook_url_refused_by_default(tmp_path):

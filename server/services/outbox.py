@@ -176,7 +176,8 @@ class Row:
 
 class Dispatcher:
     """Claims and delivers outbox rows in the background. ``senders``
-    maps a row kind to ``async send(rows) -> {row id: None | error}``
+    maps a row kind to ``async send(rows, gate) -> {row id: None |
+    error}`` (each request made holding the semaphore ``gate``)
     (None: done, or no longer owed: the user is connected, the webhook or
     subscription is gone; a string: retry later with that error)."""
 
@@ -185,8 +186,12 @@ class Dispatcher:
         self.config = ctx.config
         self.senders = senders
         self.metrics = metrics
+        # Requests in flight, across every claimed batch and kind.
+        self.gate = asyncio.Semaphore(ctx.config.outbox_concurrency)
         self._wake = asyncio.Event()
         self._task = None
+        self._batches = set()  # delivery tasks of claimed batches
+        self._busy = 0  # rows claimed and not settled yet
         self.queued = None  # rows waiting, counted when idle (metrics)
 
     def start(self):
@@ -196,56 +201,83 @@ class Dispatcher:
         self._wake.set()
 
     async def close(self):
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop claiming and drop deliveries in flight: their rows stay
+        claimed until ``outbox_claim_seconds`` pass, then are sent again
+        (at least once)."""
+        tasks = [t for t in (self._task, *self._batches) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self):
+        """Claim while there is room for more rows in flight; each claimed
+        batch is delivered by a task of its own, so a slow receiver holds
+        up only its own rows, not the next claims."""
         config = self.config
         while True:
-            # Cleared before the claim: a wake during the round is kept.
+            # Cleared before the claim: a wake during it is kept.
             self._wake.clear()
-            try:
-                claimed = await self._round()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The database may be away: try again at the next poll.
-                log.warning('outbox: claiming failed: %s', exc)
-                claimed = 0
+            room = config.outbox_batch - self._busy
+            claimed = 0
+            if room > 0:
+                try:
+                    claimed = await self._claim_batch(room)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The database may be away: try again at the next poll.
+                    log.warning('outbox: claiming failed: %s', exc)
             if claimed:
                 continue
-            try:
-                self.queued = await self.pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                pass  # the claim above logged the database being away
+            if not self._busy:
+                try:
+                    self.queued = await self.pending()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    pass  # the claim above logged the database being away
             try:
                 await asyncio.wait_for(self._wake.wait(),
                                        config.outbox_poll_seconds)
             except asyncio.TimeoutError:
                 pass
 
-    async def _round(self) -> int:
-        config = self.config
+    async def _claim_batch(self, limit) -> int:
         rows = [Row(r) for r in await self.ctx.store.write(
-            _claim, now_ms(), config.outbox_batch,
-            int(config.outbox_claim_seconds * 1000))]
-        if not rows:
-            return 0
-        by_kind = {}
-        for row in rows:
-            by_kind.setdefault(row.kind, []).append(row)
-        results = {}
-        for kind, group in by_kind.items():
-            sender = self.senders.get(kind)
-            if sender is None:
-                results.update((r.id, None) for r in group)
-                continue
-            results.update(await sender(group))
-        await self._settle(rows, results)
+            _claim, now_ms(), limit,
+            int(self.config.outbox_claim_seconds * 1000))]
+        if rows:
+            self._busy += len(rows)
+            task = asyncio.create_task(self._deliver(rows))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
         return len(rows)
+
+    async def _deliver(self, rows):
+        try:
+            by_kind = {}
+            for row in rows:
+                by_kind.setdefault(row.kind, []).append(row)
+            results = {}
+            for outcome in await asyncio.gather(*(
+                    self._send(kind, group)
+                    for kind, group in by_kind.items())):
+                results.update(outcome)
+            await self._settle(rows, results)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left claimed: taken again once the claim runs out.
+            log.exception('outbox: delivering %s rows failed', len(rows))
+        finally:
+            self._busy -= len(rows)
+            self.wake()  # room for more, and the next of each webhook queue
+
+    async def _send(self, kind, rows) -> dict:
+        sender = self.senders.get(kind)
+        if sender is None:
+            return {r.id: None for r in rows}
+        return await sender(rows, self.gate)
 
     async def _settle(self, rows, results):
         config = self.config
@@ -290,11 +322,10 @@ class Dispatcher:
         return await self.ctx.store.read(_pending)
 
 
-async def bounded(concurrency, calls):
-    """Run the coroutine functions ``calls`` with at most ``concurrency``
-    at once; their results in order."""
-    gate = asyncio.Semaphore(concurrency)
-
+async def bounded(gate, calls):
+    """Run the coroutine functions ``calls``, each holding the semaphore
+    ``gate`` (the dispatcher's bound on requests in flight); their
+    results in order."""
     async def one(call):
         async with gate:
             return await call()

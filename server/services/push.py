@@ -218,7 +218,7 @@ class PushSender:
         self.vapid = load_vapid(ctx.config)
         ctx.vapid_public_key = public_key(self.vapid)
 
-    async def __call__(self, rows) -> dict:
+    async def __call__(self, rows, gate) -> dict:
         ctx = self.ctx
         status = await ctx.presence.status(list({r.user_id for r in rows}))
         owed = [r for r in rows if not status.get(r.user_id, (False,))[0]]
@@ -230,7 +230,7 @@ class PushSender:
         gone = set()
         calls = [self._one(r, subs.get(r.target), messages.get(r.message_id),
                            senders, unread, gone) for r in owed]
-        outcomes = await bounded(ctx.config.outbox_concurrency, calls)
+        outcomes = await bounded(gate, calls)
         results.update((r.id, o) for r, o in zip(owed, outcomes))
         if gone:
             await ctx.store.write(_remove, gone)

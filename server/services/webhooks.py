@@ -159,11 +159,11 @@ class WebhookSender:
         self.ctx = ctx
         self.session = session
 
-    async def __call__(self, rows) -> dict:
+    async def __call__(self, rows, gate) -> dict:
         hooks, data = await self.ctx.store.read(_load, self.ctx, rows)
         calls = [self._one(row, hooks.get(row.target), data)
                  for row in rows]
-        results = await bounded(self.ctx.config.outbox_concurrency, calls)
+        results = await bounded(gate, calls)
         return {row.id: result for row, result in zip(rows, results)}
 
     def _one(self, row, hook, events):
