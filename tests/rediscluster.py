@@ -164,6 +164,25 @@ class RedisCluster:
     def primary_for(self, key):
         return self.primary_for_slot(key_slot(key))
 
+    def replica_of(self, primary):
+        """A running replica of ``primary``, or None."""
+        for node in self.nodes:
+            if node is not primary and node.proc is not None and \
+                    f'master_port:{primary.port}\r' in \
+                    node.command('INFO', 'replication'):
+                return node
+        return None
+
+    def failover(self, replica, timeout=30):
+        """CLUSTER FAILOVER on ``replica`` (a graceful switch: its
+        primary becomes its replica) and wait until it is the primary."""
+        assert replica.command('CLUSTER', 'FAILOVER').startswith('+OK')
+        deadline = time.monotonic() + timeout
+        while 'role:master' not in replica.command('INFO', 'replication'):
+            assert time.monotonic() < deadline, 'failover did not happen'
+            time.sleep(0.05)
+        self.wait_ok(timeout)
+
     def stop(self):
         for node in self.nodes:
             node.stop()

@@ -195,3 +195,55 @@ async def test_failover_of_the_shared_shard_under_load(servers,
     # The killed node comes back as a replica; the cluster is whole again.
     await asyncio.to_thread(doomed.start)
     await asyncio.to_thread(redis_cluster.wait_ok)
+
+
+async def test_graceful_failover_of_a_process_channel_shard(servers,
+                                                           redis_cluster):
+    """CLUSTER FAILOVER of the shard holding a process's own channel (not
+    the shared keys): Redis takes the channel from that process's
+    subscription (sunsubscribe); it subscribes on the new primary and
+    messages to its users arrive live again."""
+    p1, p2 = servers
+    for server in servers:
+        await wait_ready(server)
+    shared = redis_cluster.primary_for('{postbox}')
+    holding = [n for n in redis_cluster.nodes if n.proc is not None
+               and n is not shared
+               and 'postbox:host:' in n.command('PUBSUB', 'SHARDCHANNELS',
+                                                'postbox:host:*')]
+    if not holding:  # both channels are on the shared keys' shard
+        holding = [shared]
+    primary = holding[0]
+    replica = redis_cluster.replica_of(primary)
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p2.url)
+    a = await connect(p1.url, ta)
+    b = await connect(p2.url, tb)
+    room = (await a.call('open_dm', {'username': bob['username']}))['room']
+    acked = {}
+    await asyncio.to_thread(redis_cluster.failover, replica)
+    for sender_client, receiver, body in ((a, b, 'to-b'), (b, a, 'to-a')):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        n = 0
+        while True:
+            n += 1
+            ack = await sender_client.call('send_dm', {
+                'room_id': room['id'], 'body': f'{body}{n}',
+                'client_msg_id': f'{body}{n}'})
+            assert ack['ok'], ack
+            acked[f'{body}{n}'] = ack['message']['id']
+            try:
+                await receiver.next('message', 1,
+                                    where=lambda m: m['body'] == f'{body}{n}')
+                break
+            except (TimeoutError, asyncio.TimeoutError):
+                assert loop.time() < deadline, 'live delivery did not resume'
+    # The channel now lives on the former replica.
+    channels = replica.command('PUBSUB', 'SHARDCHANNELS', 'postbox:host:*')
+    assert 'postbox:host:' in channels, channels
+    for server in servers:
+        await wait_ready(server)
+    await check_stored(p1.url, ta, room['id'], acked)
+    await a.close()
+    await b.close()
