@@ -119,6 +119,11 @@ class Config:
     # saves a database read per send by username; ~200 bytes an entry,
     # ~20 MB per cache when full, and the oldest entries go first.
     lookup_cache_entries: int = 100000
+    # Inbox entries kept per process (a room's dict and last message,
+    # ~1 KB; a member's unread count): a warm 5,000-room inbox is then
+    # built from the cache instead of reading and serialising 5,000 last
+    # messages (about 140 ms of CPU). 20,000 rooms: ~20 MB when full.
+    inbox_cache_rooms: int = 20000
 
     # Typing: forward a typing:true at most once per this many seconds per
     # user and room; receivers expire it after 8 s (the contract).

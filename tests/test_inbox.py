@@ -100,3 +100,67 @@ async def test_inbox_pages(loaded):
                                   token=tm)
         assert status == 400 and data['error']['code'] == 'invalid', query
     await c.close()
+
+
+async def test_inbox_shows_every_change_after_it_was_read(tmp_path):
+    """The inbox is built from entries cached per process and checked
+    against each room's last_seq and the reader's marker: whatever changes
+    a room, on this process or on another one sharing the database, the
+    next read shows it."""
+    from tests.helpers import NO_RATE_LIMITS, ServerProcess
+    db = f'sqlite:///{tmp_path / "shared.db"}'
+    one = ServerProcess(tmp_path / 'one', env={
+        **NO_RATE_LIMITS, 'POSTBOX_DATABASE_URL': db}).start()
+    two = ServerProcess(tmp_path / 'two', env={
+        **NO_RATE_LIMITS, 'POSTBOX_DATABASE_URL': db}).start()
+    try:
+        alice, ta = await register(one.url)
+        bob, tb = await register(one.url)
+        carol, _ = await register(one.url)
+        a = await connect(one.url, ta)      # reads her inbox on one
+        b = await connect(two.url, tb)      # changes rooms through two
+        group = (await b.call('create_group', {
+            'name': 'trip', 'members': [alice['username']]}))['room']
+
+        async def entry():
+            ack = await a.call('rooms', {})
+            assert ack['ok'], ack
+            return next(e for e in ack['rooms']
+                        if e['room']['id'] == group['id'])
+
+        assert (await entry())['last_message'] is None
+        sent = (await b.call('send_dm', {
+            'room_id': group['id'], 'body': 'tickets booked',
+            'client_msg_id': 'c1'}))['message']
+        seen = await entry()
+        assert seen['last_message']['body'] == 'tickets booked'
+        assert seen['unread'] == 1
+        assert (await b.call('edit_message', {
+            'message_id': sent['id'], 'body': 'tickets booked!'}))['ok']
+        assert (await entry())['last_message']['body'] == 'tickets booked!'
+        assert (await b.call('react', {'message_id': sent['id'],
+                                       'emoji': '🎉', 'on': True}))['ok']
+        seen = await entry()
+        assert seen['last_message']['reactions'] == {'🎉': [bob['id']]}
+        assert seen['unread'] == 1
+        assert (await b.call('rename_group', {'room_id': group['id'],
+                                              'name': 'trip 2027'}))['ok']
+        assert (await b.call('add_members', {
+            'room_id': group['id'], 'members': [carol['username']]}))['ok']
+        seen = await entry()
+        assert seen['room']['name'] == 'trip 2027'
+        assert {m['username'] for m in seen['room']['members']} == {
+            alice['username'], bob['username'], carol['username']}
+        ack = await a.call('mark_read', {'room_id': group['id'],
+                                         'seq': seen['room']['last_seq']})
+        assert ack['ok'] and (await entry())['unread'] == 0
+        assert (await b.call('delete_message',
+                             {'message_id': sent['id']}))['ok']
+        seen = await entry()
+        assert seen['last_message']['deleted'] is True
+        assert seen['unread'] == 0
+        for client in (a, b):
+            await client.close()
+    finally:
+        assert one.stop() == 0, one.read_log()
+        assert two.stop() == 0, two.read_log()

@@ -337,13 +337,16 @@ def _unread_counts(user_id, room_ids):
         f'AND {where} GROUP BY "m"."room_id"', params).fetchall())
 
 
-def _room_infos(ctx, room_ids) -> dict:
+def _room_infos(ctx, room_ids, groups_fresh=False) -> dict:
     """{room id: RoomInfo}, from the cache, the missing ones read a chunk
     of rooms per query (a cold inbox of thousands of rooms must not cost
-    two queries per room)."""
+    two queries per room). ``groups_fresh``: groups are read again too
+    (the caller knows they changed; a process sharing the database
+    without Redis hears of no change made elsewhere)."""
     epoch = getattr(ctx, 'room_epoch', 0)
     infos = {r: ctx.rooms.get(r) for r in room_ids}
-    missing = [r for r, info in infos.items() if info is None]
+    missing = [r for r, info in infos.items() if info is None or
+               (groups_fresh and info.kind != 'dm')]
     for start in range(0, len(missing), INBOX_CHUNK):
         chunk = missing[start:start + INBOX_CHUNK]
         marks = placeholders(chunk)
@@ -374,8 +377,11 @@ INBOX_PAGE_MAX = 500
 
 def _inbox(ctx, user_id, limit=None, before=None):
     """The inbox as ``inbox`` returns it. A few set-based queries whatever
-    the number of rooms: the page of rooms, their last messages, the unread
-    counts, and the rooms and users not cached yet."""
+    the number of rooms: the page of rooms, then, for the rooms that
+    changed since this process last built their entry (``ctx.inbox_rooms``,
+    ``ctx.inbox_unread``: checked against the last_seq and read marker
+    just read), their last messages, unread counts, and the rooms and
+    users not cached yet."""
     rows = _inbox_rows(user_id, None if limit is None else limit + 1,
                        before)
     has_more = limit is not None and len(rows) > limit
@@ -383,18 +389,49 @@ def _inbox(ctx, user_id, limit=None, before=None):
     answer = {'rooms': [], 'has_more': has_more}
     if not rows:
         return answer
-    # A page names its rooms; the whole inbox (or its tail) joins on the
-    # membership instead of binding thousands of ids.
-    ids = None if limit is None and before is None else [r[0] for r in rows]
-    last_messages = _last_messages(ctx, user_id, ids)
-    unread = (_unread_counts(user_id, ids) if any(
-        last_seq > last_read for _, last_read, last_seq, *_ in rows) else {})
-    infos = _room_infos(ctx, [r[0] for r in rows])
-    load_users(ctx, {m for info in infos.values() for m in info.member_ids})
+    cached, changed = {}, []
+    for room_id, _, last_seq, *_ in rows:
+        entry = ctx.inbox_rooms.get(room_id)
+        if entry is not None and entry[0] == last_seq:
+            cached[room_id] = entry
+        else:
+            changed.append(room_id)
+    if changed:
+        # All of them: join on the membership instead of binding
+        # thousands of ids.
+        ids = None if len(changed) == len(rows) and limit is None and \
+            before is None else changed
+        last_messages = _last_messages(ctx, user_id, ids)
+        infos = _room_infos(ctx, changed, groups_fresh=True)
+        load_users(ctx, {m for info in infos.values()
+                         for m in info.member_ids})
+        for room_id, _, last_seq, *_ in rows:
+            if room_id not in cached:
+                cached[room_id] = entry = (
+                    last_seq, room_dict(ctx, infos[room_id], last_seq),
+                    last_messages.get(room_id))
+                ctx.inbox_rooms.put(room_id, entry)
+    unread, count = {}, []
+    for room_id, last_read, last_seq, *_ in rows:
+        if last_seq > last_read:
+            known = ctx.inbox_unread.get((room_id, user_id))
+            if known is not None and known[:2] == (last_read, last_seq):
+                unread[room_id] = known[2]
+            else:
+                count.append(room_id)
+    if count:
+        counted = _unread_counts(user_id, count)
+        wanted = set(count)
+        for room_id, last_read, last_seq, *_ in rows:
+            if room_id in wanted:
+                unread[room_id] = counted.get(room_id, 0)
+                ctx.inbox_unread.put((room_id, user_id),
+                                     (last_read, last_seq, unread[room_id]))
     for room_id, last_read, last_seq, _, muted in rows:
+        _, room, last_message = cached[room_id]
         answer['rooms'].append({
-            'room': room_dict(ctx, infos[room_id], last_seq),
-            'last_message': last_messages.get(room_id),
+            'room': room,
+            'last_message': last_message,
             'unread': unread.get(room_id, 0),
             'last_read_seq': last_read,
             'muted': bool(muted)})
