@@ -3,6 +3,7 @@ by Node: tests/js/recovery_test.js holds the scenarios, this runs them
 against a real server (and restarts it with SIGTERM for one of them); a
 Python client checks that sockets that did not opt in see no change."""
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -49,6 +50,21 @@ def test_js_client_recovers_missed_events_before_connect(
     assert node.returncode == 0 and 'PASS' in output, (
         f'recovery_test.js failed:\n{output}\n'
         f'server log:\n{recovery_server.read_log()}')
+    # The metrics count them, fallbacks by reason.
+    with urllib.request.urlopen(recovery_server.url + '/metrics') as resp:
+        text = resp.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith('postbox_recoveries_total{'):
+            labels, value = line.rsplit(' ', 1)
+            counts[labels] = float(value)
+    assert counts['postbox_recoveries_total{outcome="attempted",reason=""}'] \
+        == 7, counts
+    assert counts['postbox_recoveries_total{outcome="succeeded",reason=""}'] \
+        == 4, counts
+    for reason in ('unknown_offset', 'too_many', 'too_old'):
+        assert counts['postbox_recoveries_total{outcome="fallback",'
+                      f'reason="{reason}"}}'] == 1, counts
 
 
 def test_js_client_recovers_across_a_sigterm_restart(
