@@ -26,7 +26,8 @@ FAST_OUTBOX = {'POSTBOX_WEBHOOK_ALLOW_PRIVATE': 'true',
                'POSTBOX_OUTBOX_POLL_SECONDS': '0.2',
                'POSTBOX_OUTBOX_RETRY_BASE_SECONDS': '0.2',
                'POSTBOX_OUTBOX_RETRY_MAX_SECONDS': '0.5',
-               'POSTBOX_PRESENCE_GRACE_SECONDS': '0',
+               # A member who closed their socket is online this long.
+               'POSTBOX_PRESENCE_GRACE_SECONDS': '1',
                **NO_RATE_LIMITS}
 
 
@@ -460,6 +461,25 @@ async def test_no_push_while_connected_or_muted(hooked, receiver):
     finally:
         await a.close()
         await c.close()
+
+
+async def test_push_right_after_the_last_socket_closed(hooked, receiver):
+    base = hooked.url
+    a, alice, bob, tb, room_id = await offline_pair(base)
+    try:
+        browser = Browser()
+        await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-just-left',
+            'keys': browser.keys()})
+        b = await connect(base, tb)
+        await b.close()
+        # Presence still counts bob online (grace period), but no socket
+        # of his is open: he gets the push.
+        await send(a, room_id, 'just missed you')
+        (_, body), = await receiver.wait('/wp-just-left', 1)
+        assert browser.decrypt(body)['body'] == 'just missed you'
+    finally:
+        await a.close()
 
 
 async def test_gone_subscription_is_removed(hooked, receiver):

@@ -11,11 +11,13 @@ subscribed or set a webhook writes nothing more per message.
 
 "Offline" is decided twice. At write time a subscriber with a socket on
 this process gets no row (a dict lookup, no I/O: the writer thread must not
-wait on Redis). At delivery time the dispatcher asks the presence service
-(every process's sockets with Redis, grace period included) and drops the
-rows of users who are connected: they have the message on their socket.
-So a push goes only to a member connected nowhere, and a row costs one
-small insert per subscriber who is not connected here.
+wait on Redis). At delivery time the push sender asks again: a socket
+on this process drops the row; online on another process (which may only
+be the grace period after their last socket closed) makes the push wait
+until the grace period of the message's time is over, then go unless they
+are online still (``push.PushSender._connected``). So a push goes only to
+a member connected nowhere, and a row costs one small insert per
+subscriber who is not connected here.
 
 Delivering (``Dispatcher``): every ``outbox_poll_seconds``, or at once
 after a send on this process, it claims due rows (``claimed_until`` set
@@ -164,6 +166,20 @@ def _pending():
     return execute('SELECT COUNT(*) FROM "outbox"').fetchone()[0]
 
 
+class Later:
+    """A sender's outcome for a row not to try before ``due_at`` (ms),
+    without counting an attempt."""
+    __slots__ = ('due_at',)
+
+    def __init__(self, due_at):
+        self.due_at = due_at
+
+
+def _postpone(row_id, due_at):
+    execute('UPDATE "outbox" SET "due_at" = ?, "claimed_until" = 0 '
+            'WHERE "id" = ?', (due_at, row_id))
+
+
 class Row:
     """One claimed delivery."""
     __slots__ = ('id', 'kind', 'target', 'user_id', 'room_id', 'seq',
@@ -177,7 +193,7 @@ class Row:
 class Dispatcher:
     """Claims and delivers outbox rows in the background. ``senders``
     maps a row kind to ``async send(rows, gate) -> {row id: None |
-    error}`` (each request made holding the semaphore ``gate``)
+    error | Later}`` (each request made holding the semaphore ``gate``)
     (None: done, or no longer owed: the user is connected, the webhook or
     subscription is gone; a string: retry later with that error)."""
 
@@ -285,6 +301,9 @@ class Dispatcher:
         done = []
         for row in rows:
             error = results.get(row.id, 'no outcome')
+            if isinstance(error, Later):
+                await self.ctx.store.write(_postpone, row.id, error.due_at)
+                continue
             if error is None:
                 done.append(row.id)
                 if self.metrics is not None:

@@ -30,6 +30,7 @@ from models import Membership, Message, PushSubscription
 from server.errors import Invalid, NotFound
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
+from server.services import outbox
 from server.services.outbox import bounded
 from server.services.serialize import iso, load_users
 from server.services.webhooks import check_url
@@ -220,9 +221,7 @@ class PushSender:
 
     async def __call__(self, rows, gate) -> dict:
         ctx = self.ctx
-        status = await ctx.presence.status(list({r.user_id for r in rows}))
-        owed = [r for r in rows if not status.get(r.user_id, (False,))[0]]
-        results = {r.id: None for r in rows}  # connected: nothing owed
+        results, owed = self._connected(rows, await self._online(rows))
         if not owed:
             return results
         subs, messages, senders, unread = await ctx.store.read(
@@ -235,6 +234,37 @@ class PushSender:
         if gone:
             await ctx.store.write(_remove, gone)
         return results
+
+    async def _online(self, rows) -> tuple:
+        """(users with a socket on this process, users presence counts
+        online anywhere: a socket on another process, or a socket closed
+        less than the grace period ago)."""
+        ids = {r.user_id for r in rows}
+        here = outbox.connected_here(self.ctx, ids)
+        status = await self.ctx.presence.status(list(ids - here))
+        return here, {u for u, (online, _) in status.items() if online}
+
+    def _connected(self, rows, online) -> tuple:
+        """({row id: outcome} of the rows not to push now, the rows to
+        push). A user with a socket here has the message: nothing owed.
+        One online elsewhere may only be in the grace period after
+        closing their last socket (presence cannot tell that from a
+        socket on another process): the push waits until the grace period
+        of the message's time is over, and goes if they are offline by
+        then."""
+        here, anywhere = online
+        settle_ms = int(self.ctx.config.presence_grace_seconds * 1000) + 2000
+        results, owed = {}, []
+        for row in rows:
+            if row.user_id in here:
+                results[row.id] = None
+            elif row.user_id in anywhere:
+                wait_until = row.created_at + settle_ms
+                results[row.id] = (outbox.Later(wait_until)
+                                   if now_ms() < wait_until else None)
+            else:
+                owed.append(row)
+        return results, owed
 
     def _one(self, row, sub, message, senders, unread, gone):
         async def call():
