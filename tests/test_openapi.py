@@ -1,12 +1,14 @@
 """docs/openapi.yaml: served by the app, a valid OpenAPI 3.1 document,
-listing exactly the routes the app serves, and answers that match it."""
+listing exactly the routes the app serves, and answers that match it;
+docs/protocol.md: a section for every Socket.IO event the app handles."""
+import re
 import uuid
 
 import yaml
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
-from server.app import create_app
+from server.app import SIO, create_app
 from server.config import load_config
 from tests.helpers import ROOT, http, pair, register
 
@@ -29,13 +31,18 @@ def documented(document) -> set:
             for method in item if method in METHODS}
 
 
+def build_app(tmp_path):
+    """The app as the server builds it (nothing started)."""
+    return create_app(load_config(env={}, data_dir=str(tmp_path / 'data'),
+                                  secret='s' * 40))
+
+
 def served(tmp_path) -> set:
     """(method, path) of every route of an app built as the server builds
     it. HEAD routes that aiohttp adds beside each GET are left out (the
     document says every GET answers HEAD), as are the demo's static files
     and UNDOCUMENTED."""
-    app = create_app(load_config(env={}, data_dir=str(tmp_path / 'data'),
-                                 secret='s' * 40))
+    app = build_app(tmp_path)
     routes = set()
     for route in app.router.routes():
         info = route.resource.get_info()
@@ -146,3 +153,19 @@ async def test_answers_have_the_documented_shapes(base):
     finally:
         await a.close()
         await b.close()
+
+
+def test_protocol_documents_every_event(tmp_path):
+    """docs/protocol.md has a ``### `event` `` section for every event
+    the Socket.IO server handles (connect, disconnect and the catch-all
+    for unknown events aside)."""
+    handled = set(build_app(tmp_path)[SIO].handlers['/']) - {
+        'connect', 'disconnect', '*'}
+    text = (ROOT / 'docs' / 'protocol.md').read_text()
+    sections = set()
+    for heading in re.findall(r'^### (.+)$', text, re.M):
+        sections.update(re.findall(r'`([a-z_]+)`', heading))
+    assert 'send_dm' in handled and 'add_members' in handled
+    missing = handled - sections
+    assert not missing, f'events without a section in docs/protocol.md: ' \
+        f'{sorted(missing)}'
