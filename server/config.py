@@ -286,6 +286,10 @@ class Config:
     # The VAPID "sub" claim: a contact push services can write to about
     # this server's pushes (RFC 8292: mailto: or https:).
     push_vapid_subject: str = 'mailto:postmaster@localhost'
+    # Subscriptions per user: a browser or app each, a handful of devices
+    # in practice; the cap keeps one account from making the server push
+    # to thousands of endpoints per message.
+    push_subscriptions_per_user: int = 20
     # Deliveries in flight at once per process: a slow receiver must not
     # hold up the others, and a few dozen sockets are cheap.
     outbox_concurrency: int = 16

@@ -291,6 +291,57 @@ async def test_slow_receiver_holds_up_only_itself(hooked, receiver):
         await fast.close()
 
 
+async def test_bad_requests_get_clear_errors(hooked, receiver):
+    base = hooked.url
+    owner, token = await register(base)
+    other, other_token = await register(base)
+    bot, _ = await make_bot(base, token)
+    hook = f'/api/bots/{bot["username"]}/webhook'
+    for who, path, body, status, code in (
+            (other_token, hook, {'url': receiver.url + '/x'}, 403,
+             'forbidden'),
+            (token, f'/api/bots/{other["username"]}/webhook',
+             {'url': receiver.url + '/x'}, 404, 'not_found'),
+            (token, hook, {'url': 'not a url'}, 400, 'invalid'),
+            (token, hook, {'url': 12}, 400, 'invalid')):
+        got, data = await http(base, 'PUT', path, who, json=body)
+        assert (got, data['error']['code']) == (status, code), data
+    keys = Browser().keys()
+    for body in ({'kind': 'sms'}, {'kind': 'webpush', 'endpoint': 'x',
+                                   'keys': keys},
+                 {'kind': 'webpush', 'endpoint': receiver.url + '/k',
+                  'keys': {**keys, 'p256dh': _b64(b'short')}},
+                 {'kind': 'webpush', 'endpoint': receiver.url + '/k',
+                  'keys': {**keys, 'auth': '!!'}},
+                 {'kind': 'webpush', 'endpoint': receiver.url + '/k'},
+                 {'kind': 'gateway', 'app_id': 'a', 'pushkey': ''}):
+        got, data = await http(base, 'POST', '/api/push/subscriptions',
+                               token, json=body)
+        assert (got, data['error']['code']) == (400, 'invalid'), body
+    for n in range(20):
+        await subscribe(base, token, {'kind': 'gateway', 'app_id': 'a',
+                                      'pushkey': f'key{n}'})
+    got, data = await http(base, 'POST', '/api/push/subscriptions', token,
+                           json={'kind': 'gateway', 'app_id': 'a',
+                                 'pushkey': 'one too many'})
+    assert (got, data['error']['code']) == (413, 'too_large'), data
+    # Someone else's subscription is not there for you to remove.
+    status, listed = await http(base, 'GET', '/api/push/subscriptions', token)
+    sub_id = listed['subscriptions'][0]['id']
+    got, data = await http(base, 'DELETE',
+                           f'/api/push/subscriptions/{sub_id}', other_token)
+    assert (got, data['error']['code']) == (404, 'not_found')
+    client = await connect(base, other_token)
+    try:
+        ack = await client.call('mute_room', {'room_id': 1, 'muted': 'yes'})
+        assert ack['error']['code'] == 'invalid'
+        ack = await client.call('mute_room', {'room_id': 2**40,
+                                              'muted': True})
+        assert ack['error']['code'] == 'not_found'
+    finally:
+        await client.close()
+
+
 async def test_private_webhook_url_refused_by_default(tmp_path):
     proc = ServerProcess(tmp_path).start()
     try:

@@ -27,7 +27,7 @@ from py_vapid import Vapid
 from pywebpush import WebPusher
 
 from models import Membership, Message, PushSubscription
-from server.errors import Invalid, NotFound
+from server.errors import Invalid, NotFound, TooLarge
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
 from server.services import outbox
@@ -128,8 +128,12 @@ def _subscription_dict(row) -> dict:
     return {'id': row.id, 'kind': row.kind, 'created_at': iso(row.created_at)}
 
 
-def _subscribe(user_id, fields):
+def _subscribe(user_id, fields, most):
     now = now_ms()
+    mine = PushSubscription.select().where(PushSubscription.user == user_id)
+    if mine.count() >= most and not mine.where(
+            PushSubscription.endpoint == fields['endpoint']).exists():
+        raise TooLarge(f'at most {most} push subscriptions per user')
     (PushSubscription.insert(user=user_id, created_at=now, **fields)
      .on_conflict(conflict_target=[PushSubscription.user,
                                    PushSubscription.endpoint],
@@ -143,11 +147,13 @@ def _subscribe(user_id, fields):
 
 async def subscribe(ctx, user_id, data) -> dict:
     """Add (or, for the same endpoint or pushkey, update) a subscription
-    of ``user_id``: ``{id, kind, created_at}``."""
+    of ``user_id``: ``{id, kind, created_at}``. Raises Invalid, TooLarge
+    (past ``push_subscriptions_per_user``)."""
     if not isinstance(data, dict):
         raise Invalid('body must be a JSON object')
     fields = await check_subscription(ctx, data)
-    return await ctx.store.write(_subscribe, user_id, fields)
+    return await ctx.store.write(_subscribe, user_id, fields,
+                                 ctx.config.push_subscriptions_per_user)
 
 
 def _list(user_id):
