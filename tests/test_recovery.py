@@ -59,9 +59,9 @@ def test_js_client_recovers_missed_events_before_connect(
             labels, value = line.rsplit(' ', 1)
             counts[labels] = float(value)
     assert counts['postbox_recoveries_total{outcome="attempted",reason=""}'] \
-        == 7, counts
+        == 9, counts
     assert counts['postbox_recoveries_total{outcome="succeeded",reason=""}'] \
-        == 4, counts
+        == 6, counts
     for reason in ('unknown_offset', 'too_many', 'too_old'):
         assert counts['postbox_recoveries_total{outcome="fallback",'
                       f'reason="{reason}"}}'] == 1, counts

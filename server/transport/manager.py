@@ -13,7 +13,8 @@ import socketio
 from engineio import packet as eio_packet
 from socketio import packet
 
-from server.transport.recovery import TRACKED
+from server.transport.recovery import RECOVERY_FIELDS, TRACKED, \
+    plain_payload
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ async def local_emit(manager, event, data, namespace, room=None,
         data = [data]
     else:
         data = []
+    payload = data[0] if data else None
+    if event in RECOVERY_FIELDS:  # fields only recovery sessions get
+        data = [plain_payload(event, payload)] + data[1:]
     if not isinstance(skip_sid, list):
         skip_sid = [skip_sid]
     encoded = manager.server.packet_class(
@@ -47,7 +51,7 @@ async def local_emit(manager, event, data, namespace, room=None,
         if sid in skip_sid:
             continue
         if recovery is not None and await recovery.deliver(
-                sid, eio_sid, event, data[0] if data else None):
+                sid, eio_sid, event, payload):
             continue
         for pkt in eio_packets:
             try:

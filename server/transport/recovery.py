@@ -57,9 +57,20 @@ from server.services import messages
 log = logging.getLogger(__name__)
 
 TRACKED = frozenset(('message', 'message_updated', 'room', 'room_left'))
+# Payload fields that only sockets with a recovery session get (the others
+# see no change): room_left's seq, the departure's, as sync gives it.
+RECOVERY_FIELDS = {'room_left': ('seq',)}
 OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
 SAVED_FILE = 'recovery.json'
 _ROOM_PREFIX = 'room:'
+
+
+def plain_payload(event, data):
+    """``data`` as sockets without a recovery session get it."""
+    fields = RECOVERY_FIELDS.get(event)
+    if not fields or not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if k not in fields}
 
 
 def event_key(event, data):
@@ -358,7 +369,7 @@ class Recovery:
 
     async def _flush_plain(self, eio_sid, buffer):
         for event, data in buffer or ():
-            await self._raw(eio_sid, event, [data])
+            await self._raw(eio_sid, event, [plain_payload(event, data)])
 
     async def _missed(self, session, offset):
         """The events a client of ``session`` that saw ``offset`` missed,

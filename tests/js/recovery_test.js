@@ -240,6 +240,34 @@ async function basic() {
   check(await A.connect() === true, 'recovered a third time');
   before = A.since(mark);
   check(before[0].event === 'connect', `nothing replayed: ${JSON.stringify(before)}`);
+  // A group she is removed from while away: room_left is replayed (with
+  // the departure's seq), once; as with sync, nothing else of that room
+  // (she is out of it).
+  const group = (await B.ok('create_group',
+    { name: 'g', members: [alice.user.username] })).room;
+  mark = A.mark();
+  await B.ok('rename_group', { room_id: group.id, name: 'g2' });
+  await A.until('the rename', () => A.since(mark).some(
+    (s) => s.event === 'room' && s.args[0].name === 'g2'));
+  await A.drop();
+  await send(B, group.id, 'g1');
+  const removed = await B.ok('remove_member',
+    { room_id: group.id, username: alice.user.username });
+  mark = A.mark();
+  check(await A.connect() === true, 'recovered with a room_left');
+  checkRecovery(A, mark, true, []);
+  before = A.since(mark);
+  const left = before.filter((s) => s.event === 'room_left');
+  check(left.length === 1 && left[0].args[0].room_id === group.id &&
+    left[0].args[0].seq === removed.room.last_seq &&
+    typeof left[0].args[1] === 'string' &&
+    before.indexOf(left[0]) < before.findIndex((s) => s.event === 'connect'),
+    `room_left replayed before connect: ${JSON.stringify(before)}`);
+  await A.drop();
+  mark = A.mark();
+  check(await A.connect() === true, 'recovered after the room_left');
+  check(A.since(mark)[0].event === 'connect',
+    `nothing replayed again: ${JSON.stringify(A.since(mark))}`);
   // Live after recovery: once, after connect.
   mark = A.mark();
   await send(B, room, 'm5');
