@@ -19,6 +19,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from client_demo.bot import Bot
 from tests.helpers import (NO_RATE_LIMITS, ServerProcess, connect, free_port,
                            http, register, unique_name)
 
@@ -340,6 +341,58 @@ async def test_bad_requests_get_clear_errors(hooked, receiver):
         assert ack['error']['code'] == 'not_found'
     finally:
         await client.close()
+
+
+async def test_sdk_webhook_mode(hooked):
+    base = hooked.url
+    user, token = await register(base)
+    bot_user, bot_token = await make_bot(base, token)
+    bot = Bot(base, token=bot_token)
+    got = asyncio.Queue()
+
+    @bot.on_message
+    async def on_message(message):
+        got.put_nowait(message['body'])
+        # Replies go over HTTP: no socket needed in webhook mode.
+        await bot.http('POST', f'/api/rooms/{message["room_id"]}/messages',
+                       json={'body': 'echo: ' + message['body'],
+                             'client_msg_id': f'echo-{message["id"]}'})
+
+    port = free_port()
+    app = web.Application()
+    secret_box = {}  # the secret comes with the webhook, set below
+
+    async def hook(request):
+        return await bot.webhook_handler(secret_box['secret'])(request)
+
+    app.router.add_post('/hook', hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, '127.0.0.1', port).start()
+    client = None
+    try:
+        secret_box['secret'] = await set_hook(
+            base, token, bot_user, f'http://127.0.0.1:{port}/hook')
+        client = await connect(base, token)
+        ack = await client.call('open_dm', {'username': bot_user['username']})
+        room_id = ack['room']['id']
+        await send(client, room_id, 'ping')
+        assert await asyncio.wait_for(got.get(), 20) == 'ping'
+        echo = await client.next('message', 20,
+                                 where=lambda m: m['sender']['id'] ==
+                                 bot_user['id'])
+        assert echo['body'] == 'echo: ping'
+        # A request not signed with the secret is refused.
+        status, _ = await http(f'http://127.0.0.1:{port}', 'POST', '/hook',
+                               json={'id': f'{room_id}.99'},
+                               headers={'Postbox-Signature': 't=1,v1=00'})
+        assert status == 401
+        assert got.empty()
+    finally:
+        if client is not None:
+            await client.close()
+        await runner.cleanup()
+        await bot.stop()
 
 
 async def test_private_webhook_url_refused_by_default(tmp_path):
