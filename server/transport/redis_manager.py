@@ -138,8 +138,10 @@ return others
 # one JSON list in one PUBLISH, so a busy receiver decodes one pub/sub
 # message per batch, not one per emit. Dead processes are dropped from the
 # sets on the way. With ARGV[6] = "1" (a cluster, where a script cannot
-# publish to another slot's channel) nothing is published: the script
-# returns host, batch, host, batch, ... for the caller to SPUBLISH.
+# publish to another slot's channel) nothing is published and the payloads
+# are not needed (ARGV[5] may be empty): the script returns host, "<message
+# numbers, 1-based, comma separated>", host, ... for the caller to build
+# and SPUBLISH the batches.
 PUBLISH_SCRIPT = """
 local me, chan, alive_prefix = ARGV[1], ARGV[2], ARGV[3]
 local index, blob = ARGV[4], ARGV[5]
@@ -168,11 +170,16 @@ local function live_hosts(j)
   holders[j] = list
   return list
 end
-local pos = 1
+local routes_only = ARGV[6] == '1'
+local pos, n = 1, 0
 for size, keylist in string.gmatch(index, '(%d+):([%d,]+)') do
-  size = tonumber(size)
-  local payload = string.sub(blob, pos, pos + size - 1)
-  pos = pos + size
+  n = n + 1
+  local payload = n
+  if not routes_only then
+    size = tonumber(size)
+    payload = string.sub(blob, pos, pos + size - 1)
+    pos = pos + size
+  end
   local sent = {}
   for j in string.gmatch(keylist, '%d+') do
     for _, host in ipairs(live_hosts(tonumber(j))) do
@@ -189,15 +196,15 @@ for size, keylist in string.gmatch(index, '(%d+):([%d,]+)') do
 end
 local routes = {}
 for _, host in ipairs(hosts) do
-  local batch = '[' .. table.concat(out[host], ',') .. ']'
-  if ARGV[6] == '1' then
+  if routes_only then
     table.insert(routes, host)
-    table.insert(routes, batch)
+    table.insert(routes, table.concat(out[host], ','))
   else
+    local batch = '[' .. table.concat(out[host], ',') .. ']'
     redis.call('PUBLISH', chan .. host, batch)
   end
 end
-if ARGV[6] == '1' then
+if routes_only then
   return routes
 end
 return #hosts
@@ -566,14 +573,23 @@ class RedisManager(AsyncPubSubManager):
             else:
                 routed.append((targets, payload))
         if routed:
-            keys, args = script_arguments(routed)
+            # The payloads stay here: the script only needs their routes.
+            keys, (index, _) = script_arguments(routed)
             routes = await self._script(
                 keys=keys, args=[self.host_id, self.host_channel_prefix,
-                                 self.alive_prefix, *args, '1'])
+                                 self.alive_prefix, index, '', '1'])
+            payloads = [p.encode() if isinstance(p, str) else p
+                        for _, p in routed]
             for i in range(0, len(routes), 2):
                 host = routes[i].decode() if isinstance(routes[i], bytes) \
                     else routes[i]
-                sends.append((self.host_channel_prefix + host, routes[i + 1]))
+                numbers = routes[i + 1]
+                if isinstance(numbers, str):
+                    numbers = numbers.encode()
+                batch = b','.join(payloads[int(k) - 1]
+                                  for k in numbers.split(b','))
+                sends.append((self.host_channel_prefix + host,
+                              b'[' + batch + b']'))
         await self._spublish(sends)
 
     async def _spublish(self, sends):
@@ -1115,8 +1131,11 @@ def _cluster_client(url, options):
         host, _, port = part.strip().rpartition(':')
         nodes.append(ClusterNode(host or part.strip(), int(port or 6379)))
     options.pop('max_connections', None)  # per node, unbounded: it raises
+    # Postbox needs only the shards of the shared slot and of its
+    # processes' channels: a shard down elsewhere must not stop it.
     return RedisCluster(startup_nodes=nodes, username=username or None,
                         password=password or None,
+                        require_full_coverage=False,
                         ssl=parsed.scheme == 'rediss+cluster', **options)
 
 
