@@ -3,11 +3,12 @@ offline users), written as rows in the transaction that stores the event
 and sent by a dispatcher in the background.
 
 Writing (``queue_messages``, on the writer thread inside the send's
-transaction): one query finds, for the batch's messages, the bots with a
-webhook in each room (not the sender) and the push subscriptions of the
-members who have not muted the room (not the sender); then one insert per
-chunk of rows. Rows are written only for those, so a server where nobody
-subscribed or set a webhook writes nothing more per message.
+transaction): if any webhook or subscription exists at all (two index
+probes per batch), one query per batch finds, per room of the batch, the
+bots with a webhook and the push subscriptions of the members who have not
+muted it; then one insert per chunk of rows (not for the sender). Rows are
+written only for those, so a server where nobody subscribed or set a
+webhook pays two probes per batch.
 
 "Offline" is decided twice. At write time a subscriber with a socket on
 this process gets no row (a dict lookup, no I/O: the writer thread must not
@@ -60,28 +61,49 @@ def connected_here(ctx, user_ids) -> set:
     return {u for u in user_ids if u in sockets}
 
 
+def _anyone_listens() -> bool:
+    """Whether any webhook or push subscription exists: two index probes,
+    so that a server where nobody uses them pays nothing more per batch."""
+    return execute('SELECT EXISTS (SELECT 1 FROM "webhook") OR EXISTS '
+                   '(SELECT 1 FROM "push_subscription")').fetchone()[0]
+
+
+def _listeners(room_ids) -> dict:
+    """{room id: [(kind, target, user id)]}: the bots with a webhook and
+    the push subscriptions of members who have not muted the room. One
+    pass over each room's memberships, whatever the number of its messages
+    in the batch."""
+    found = {}
+    for start in range(0, len(room_ids), CHUNK_ROWS):
+        chunk = room_ids[start:start + CHUNK_ROWS]
+        values = ', '.join(['(?)'] * len(chunk))
+        for kind, target, room_id, user_id in execute(
+                f'WITH "v"("r") AS (VALUES {values}) '
+                'SELECT \'webhook\', "w"."bot_id", "mb"."room_id", '
+                '"mb"."user_id" FROM "v" '
+                'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
+                'JOIN "webhook" AS "w" ON "w"."bot_id" = "mb"."user_id" '
+                'UNION ALL '
+                'SELECT \'push\', "ps"."id", "mb"."room_id", "mb"."user_id" '
+                'FROM "v" '
+                'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
+                'JOIN "push_subscription" AS "ps" '
+                'ON "ps"."user_id" = "mb"."user_id" WHERE NOT "mb"."muted"',
+                chunk).fetchall():
+            found.setdefault(room_id, set()).add((kind, target, user_id))
+    return found
+
+
 def queue_messages(ctx, items, now):
     """Add the outbox rows of new messages (inside the sending
     transaction). ``items``: (room id, seq, message id, sender id)."""
-    found = []
-    for start in range(0, len(items), CHUNK_ROWS):
-        chunk = items[start:start + CHUNK_ROWS]
-        values = ', '.join(['(?, ?, ?, ?)'] * len(chunk))
-        found.extend(execute(
-            f'WITH "v"("r", "s", "m", "u") AS (VALUES {values}) '
-            'SELECT \'webhook\', "w"."bot_id", "w"."bot_id", "v"."r", '
-            '"v"."s", "v"."m" FROM "v" '
-            'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
-            'JOIN "webhook" AS "w" ON "w"."bot_id" = "mb"."user_id" '
-            'WHERE "mb"."user_id" <> "v"."u" '
-            'UNION ALL '
-            'SELECT \'push\', "ps"."id", "ps"."user_id", "v"."r", "v"."s", '
-            '"v"."m" FROM "v" '
-            'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
-            'JOIN "push_subscription" AS "ps" '
-            'ON "ps"."user_id" = "mb"."user_id" '
-            'WHERE "mb"."user_id" <> "v"."u" AND NOT "mb"."muted"',
-            [v for item in chunk for v in item]).fetchall())
+    if not items or not _anyone_listens():
+        return 0
+    listeners = _listeners(sorted({item[0] for item in items}))
+    found = [(kind, target, user_id, room_id, seq, message_id)
+             for room_id, seq, message_id, sender_id in items
+             for kind, target, user_id in sorted(listeners.get(room_id, ()))
+             if user_id != sender_id]
     if not found:
         return 0
     here = connected_here(ctx, {r[2] for r in found if r[0] == 'push'})
