@@ -3,12 +3,15 @@ offline users), written as rows in the transaction that stores the event
 and sent by a dispatcher in the background.
 
 Writing (``queue_messages``, on the writer thread inside the send's
-transaction): if any webhook or subscription exists at all (two index
-probes per batch), one query per batch finds, per room of the batch, the
-bots with a webhook and the push subscriptions of the members who have not
-muted it; then one insert per chunk of rows (not for the sender). Rows are
-written only for those, so a server where nobody subscribed or set a
-webhook pays two probes per batch.
+transaction): two index probes tell whether any webhook and any push
+subscription exist; if so, one query per batch finds, per room of the
+batch, the bots with a webhook (led by the webhook table: a probe per
+webhook) and the push subscriptions of the members who have not muted it
+(a pass over the room's memberships); then one insert per chunk of rows
+(not for the sender). Measured on SQLite, one message to a 1,000-member
+group: 8 us with neither, 20 us with a webhook somewhere, about 320 us once
+push subscriptions exist (the membership pass; a partial index of
+subscribed, unmuted members would take that away).
 
 "Offline" is decided twice. At write time a subscriber with a socket on
 this process gets no row (a dict lookup, no I/O: the writer thread must not
@@ -61,35 +64,46 @@ def connected_here(ctx, user_ids) -> set:
     return {u for u in user_ids if u in sockets}
 
 
-def _anyone_listens() -> bool:
-    """Whether any webhook or push subscription exists: two index probes,
-    so that a server where nobody uses them pays nothing more per batch."""
-    return execute('SELECT EXISTS (SELECT 1 FROM "webhook") OR EXISTS '
-                   '(SELECT 1 FROM "push_subscription")').fetchone()[0]
+def _listening() -> tuple:
+    """(any webhook exists, any push subscription exists): two index
+    probes, so that a server where nobody uses them pays nothing more per
+    batch."""
+    return tuple(bool(v) for v in execute(
+        'SELECT EXISTS (SELECT 1 FROM "webhook"), '
+        'EXISTS (SELECT 1 FROM "push_subscription")').fetchone())
 
 
-def _listeners(room_ids) -> dict:
-    """{room id: [(kind, target, user id)]}: the bots with a webhook and
-    the push subscriptions of members who have not muted the room. One
-    pass over each room's memberships, whatever the number of its messages
-    in the batch."""
+# The room's bots with a webhook. Led by the webhook table (CROSS JOIN
+# fixes SQLite's join order; PostgreSQL plans by its statistics): a few
+# bots have webhooks, while a group may have thousands of members, so each
+# webhook is one probe of the unique (room, user) index per room.
+_WEBHOOK_TARGETS = (
+    'SELECT \'webhook\', "w"."bot_id", "mb"."room_id", "mb"."user_id" '
+    'FROM "v" CROSS JOIN "webhook" AS "w" CROSS JOIN "membership" AS "mb" '
+    'WHERE "mb"."room_id" = "v"."r" AND "mb"."user_id" = "w"."bot_id"')
+# The push subscriptions of members who have not muted the room: one pass
+# over the room's memberships (on the covering (room, user) index; muted
+# is read only for members with a subscription).
+_PUSH_TARGETS = (
+    'SELECT \'push\', "ps"."id", "mb"."room_id", "mb"."user_id" FROM "v" '
+    'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
+    'JOIN "push_subscription" AS "ps" ON "ps"."user_id" = "mb"."user_id" '
+    'WHERE NOT "mb"."muted"')
+
+
+def _listeners(room_ids, webhooks, pushes) -> dict:
+    """{room id: {(kind, target, user id)}}: the bots with a webhook and
+    the push subscriptions of members who have not muted the room, per
+    room of the batch (whatever the number of its messages)."""
+    parts = ([_WEBHOOK_TARGETS] if webhooks else []) + (
+        [_PUSH_TARGETS] if pushes else [])
     found = {}
     for start in range(0, len(room_ids), CHUNK_ROWS):
         chunk = room_ids[start:start + CHUNK_ROWS]
         values = ', '.join(['(?)'] * len(chunk))
         for kind, target, room_id, user_id in execute(
                 f'WITH "v"("r") AS (VALUES {values}) '
-                'SELECT \'webhook\', "w"."bot_id", "mb"."room_id", '
-                '"mb"."user_id" FROM "v" '
-                'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
-                'JOIN "webhook" AS "w" ON "w"."bot_id" = "mb"."user_id" '
-                'UNION ALL '
-                'SELECT \'push\', "ps"."id", "mb"."room_id", "mb"."user_id" '
-                'FROM "v" '
-                'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
-                'JOIN "push_subscription" AS "ps" '
-                'ON "ps"."user_id" = "mb"."user_id" WHERE NOT "mb"."muted"',
-                chunk).fetchall():
+                + ' UNION ALL '.join(parts), chunk).fetchall():
             found.setdefault(room_id, set()).add((kind, target, user_id))
     return found
 
@@ -97,9 +111,11 @@ def _listeners(room_ids) -> dict:
 def queue_messages(ctx, items, now):
     """Add the outbox rows of new messages (inside the sending
     transaction). ``items``: (room id, seq, message id, sender id)."""
-    if not items or not _anyone_listens():
+    webhooks, pushes = _listening() if items else (False, False)
+    if not (webhooks or pushes):
         return 0
-    listeners = _listeners(sorted({item[0] for item in items}))
+    listeners = _listeners(sorted({item[0] for item in items}), webhooks,
+                           pushes)
     found = [(kind, target, user_id, room_id, seq, message_id)
              for room_id, seq, message_id, sender_id in items
              for kind, target, user_id in sorted(listeners.get(room_id, ()))
