@@ -312,6 +312,10 @@ async def test_bad_requests_get_clear_errors(hooked, receiver):
                                    'keys': keys},
                  {'kind': 'webpush', 'endpoint': receiver.url + '/k',
                   'keys': {**keys, 'p256dh': _b64(b'short')}},
+                 # The right length, but not a point of the curve: it
+                 # would fail only when a push is encrypted for it.
+                 {'kind': 'webpush', 'endpoint': receiver.url + '/k',
+                  'keys': {**keys, 'p256dh': _b64(b'\x04' + b'\0' * 64)}},
                  {'kind': 'webpush', 'endpoint': receiver.url + '/k',
                   'keys': {**keys, 'auth': '!!'}},
                  {'kind': 'webpush', 'endpoint': receiver.url + '/k'},
@@ -402,7 +406,8 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
         bot, _ = await make_bot(proc.url, token)
         for url in ('http://127.0.0.1:9/hook', 'http://10.1.2.3/hook',
                     'http://169.254.169.254/latest', 'http://localhost/x',
-                    'ftp://example.com/x'):
+                    'ftp://example.com/x', 'http://x..y/hook',
+                    'http://' + 'a' * 64 + '.example/hook'):
             status, data = await http(
                 proc.url, 'PUT', f'/api/bots/{bot["username"]}/webhook',
                 token, json={'url': url})

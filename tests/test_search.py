@@ -208,7 +208,7 @@ async def test_paging_newest_first_and_room_filter(base):
 async def test_invalid_queries(base):
     alice, bob, a, b, room = await pair(base)
     await send(a, room, '100% sure_thing "quoted" AND OR NOT * ^ -x')
-    for query in ('', 'a', ' b ', 'x' * 201, None, 12, ['ab']):
+    for query in ('', 'a', ' b ', 'x' * 201, None, 12, ['ab'], 'ab\x00cd'):
         ack = await a.call('search', {'query': query})
         assert ack['error']['code'] == 'invalid', (query, ack)
     for extra in ({'limit': 0}, {'limit': 51}, {'limit': 'x'},
@@ -224,7 +224,8 @@ async def test_invalid_queries(base):
         assert len(await found(a, query)) == 1, query
     ack = await a.call('search', {'query': '!!'})
     assert ack == {'ok': True, 'results': [], 'has_more': False}
-    for path in ('/api/search', '/api/search?q=a', '/api/search?q=ok&limit=x',
+    for path in ('/api/search', '/api/search?q=a', '/api/search?q=ab%00cd',
+                 '/api/search?q=ok&limit=x',
                  '/api/search?q=ok&limit=60', '/api/search?q=ok&before=y'):
         status, body = await http(base, 'GET', path, token=a.token)
         assert status == 400 and body['error']['code'] == 'invalid', (

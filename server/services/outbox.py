@@ -379,12 +379,23 @@ class Dispatcher:
         return await self.ctx.store.read(_pending)
 
 
-async def bounded(gate, calls):
+async def bounded(gate, calls, timeout=None):
     """Run the coroutine functions ``calls``, each holding the semaphore
     ``gate`` (the dispatcher's bound on requests in flight); their
-    results in order."""
+    results in order. One call failing in any way (a bad key, a host name
+    that does not encode, more than ``timeout`` seconds) is that call's
+    error to retry with, never the batch's: a batch that raised would stay
+    claimed, and be sent again whole once the claim ran out."""
     async def one(call):
         async with gate:
-            return await call()
+            try:
+                return await asyncio.wait_for(call(), timeout)
+            except asyncio.CancelledError:
+                raise
+            except asyncio.TimeoutError:
+                return f'no answer within {timeout} s'
+            except Exception as exc:
+                log.warning('outbox: a delivery failed: %r', exc)
+                return f'{type(exc).__name__}: {exc}'[:300]
 
     return await asyncio.gather(*(one(c) for c in calls))

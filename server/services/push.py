@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid
 from pywebpush import WebPusher
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 # long as a message is worth a notification.
 PUSH_TTL = 86400
 PUSHKEY_MAX = 512
+# Most of a push gateway's answer read ({"rejected": [pushkeys]}).
+GATEWAY_ANSWER_MAX = 64 * 1024
 ENDPOINT_MAX = 2000
 
 
@@ -108,7 +111,13 @@ async def check_subscription(ctx, data) -> dict:
             auth = _unb64url(_text(keys.get('auth'), 'keys.auth', 100))
         except (binascii.Error, ValueError):
             raise Invalid('keys: base64url') from None
-        if len(p256dh) != 65 or p256dh[0] != 4:
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(),
+                                                         p256dh)
+        except ValueError:
+            raise Invalid('keys.p256dh: an uncompressed P-256 point') \
+                from None
+        if len(p256dh) != 65:
             raise Invalid('keys.p256dh: an uncompressed P-256 point')
         if len(auth) != 16:
             raise Invalid('keys.auth: 16 bytes')
@@ -235,7 +244,8 @@ class PushSender:
         gone = set()
         calls = [self._one(r, subs.get(r.target), messages.get(r.message_id),
                            senders, unread, gone) for r in owed]
-        outcomes = await bounded(gate, calls)
+        outcomes = await bounded(
+            gate, calls, 2 * ctx.config.outbox_timeout_seconds)
         results.update((r.id, o) for r, o in zip(owed, outcomes))
         if gone:
             await ctx.store.write(_remove, gone)
@@ -313,7 +323,7 @@ class PushSender:
             async with self.session.post(sub.endpoint, data=body,
                                          headers=headers,
                                          allow_redirects=False) as resp:
-                await resp.read()
+                # Only the status counts: the body is not read.
                 if resp.status in (404, 410):
                     gone.add(sub.id)
                     return None
@@ -342,9 +352,9 @@ class PushSender:
             async with self.session.post(url, json=body,
                                          allow_redirects=False) as resp:
                 if not 200 <= resp.status < 300:
-                    await resp.read()
                     return f'HTTP {resp.status}'
-                answer = await resp.json(content_type=None)
+                # A gateway's answer is a short JSON object.
+                answer = json.loads(await resp.content.read(GATEWAY_ANSWER_MAX))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError,
                 ValueError) as exc:
             return f'{type(exc).__name__}: {exc}'[:300]

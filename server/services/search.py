@@ -54,6 +54,10 @@ async def search(ctx, user_id, query, room_id=None, before=None,
     if len(query) > ctx.config.search_query_max_chars:
         raise Invalid(f'query: at most {ctx.config.search_query_max_chars} '
                       'characters')
+    if '\x00' in query or any('\ud800' <= c <= '\udfff' for c in query):
+        # No message can hold them (NUL, or half of a UTF-16 pair), and
+        # neither database driver takes them.
+        raise Invalid('query: NUL or a lone surrogate')
     limit = ctx.config.search_default_limit if limit is None else limit
     check_int(limit, 'limit', 1)
     if limit > LIMIT_MAX:

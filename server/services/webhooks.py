@@ -61,7 +61,7 @@ async def check_url(url, allow_private, what='url') -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(
             parts.hostname, port or (443 if parts.scheme == 'https' else 80),
             type=socket.SOCK_STREAM)
-    except OSError:
+    except (OSError, UnicodeError, ValueError):
         raise Invalid(f'{what}: the host does not resolve') from None
     if not infos or not all(_public(info[4][0]) for info in infos):
         raise Invalid(f'{what}: the host is a loopback, private or '
@@ -163,7 +163,10 @@ class WebhookSender:
         hooks, data = await self.ctx.store.read(_load, self.ctx, rows)
         calls = [self._one(row, hooks.get(row.target), data)
                  for row in rows]
-        results = await bounded(gate, calls)
+        # The DNS check and the request, with room to spare before the
+        # claim runs out (a row must not be sent twice at once).
+        results = await bounded(
+            gate, calls, 2 * self.ctx.config.outbox_timeout_seconds)
         return {row.id: result for row, result in zip(rows, results)}
 
     def _one(self, row, hook, events):
@@ -193,7 +196,8 @@ class WebhookSender:
         try:
             async with self.session.post(url, data=body, headers=headers,
                                          allow_redirects=False) as resp:
-                await resp.read()
+                # Only the status counts: the body is not read (a receiver
+                # answering gigabytes must not fill this process).
                 if 200 <= resp.status < 300:
                     return None
                 return f'HTTP {resp.status}'

@@ -254,17 +254,23 @@ class Recovery:
         self.metrics.recoveries.labels('fallback', reason).inc()
         log.info('recovery refused: %s', reason)
 
-    def _key(self, pid):
+    def _key(self, user_id, pid):
+        # The user is in the key: someone else who learns a pid cannot
+        # take (and so spoil) that user's session.
         prefix = getattr(self.shared, 'key_prefix', None) or \
             self.shared.channel
-        return f'{prefix}:recovery:{pid}'
+        return f'{prefix}:recovery:{user_id}:{pid}'
 
-    async def _saved(self, pid):
-        """Take the frozen session ``pid`` (it recovers once), or None."""
+    async def _saved(self, user_id, pid):
+        """Take the user's frozen session ``pid`` (it recovers once), or
+        None."""
         if self.shared is None:
+            session = self.saved.get(pid)
+            if session is None or session.user_id != user_id:
+                return None
             return self.saved.pop(pid, None)
         try:
-            raw = await self.shared.redis.getdel(self._key(pid))
+            raw = await self.shared.redis.getdel(self._key(user_id, pid))
             return Session.from_json(json.loads(raw)) if raw else None
         except Exception as exc:  # Redis away: the client syncs instead
             log.warning('recovery: session not read from redis (%s)', exc)
@@ -279,7 +285,7 @@ class Recovery:
         self.metrics.recoveries.labels('attempted', '').inc()
         if not isinstance(pid, str) or len(pid) > 64:
             return None, 'unknown_session'
-        session = await self._saved(pid)
+        session = await self._saved(user_id, pid)
         if session is None or session.user_id != user_id:
             return None, 'unknown_session'
         if time.time() - session.saved_at > self.window:
@@ -440,7 +446,8 @@ class Recovery:
         if self.shared is not None:
             try:
                 await self.shared.redis.set(
-                    self._key(session.pid), json.dumps(session.to_json()),
+                    self._key(session.user_id, session.pid),
+                    json.dumps(session.to_json()),
                     ex=max(1, math.ceil(self.window)))
             except Exception as exc:  # lost: that client syncs instead
                 log.warning('recovery: session not saved to redis (%s)', exc)
