@@ -218,7 +218,10 @@ def create_app(config) -> web.Application:
         # in the background (server/services/outbox.py).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.outbox_timeout_seconds),
-            connector=aiohttp.TCPConnector(limit=config.outbox_concurrency))
+            connector=aiohttp.TCPConnector(
+                limit=config.outbox_concurrency,
+                resolver=None if config.webhook_allow_private
+                else webhooks.PublicResolver()))
         dispatcher = outbox.Dispatcher(ctx, {
             'webhook': webhooks.WebhookSender(ctx, session),
             'push': push.PushSender(ctx, session)}, metrics)

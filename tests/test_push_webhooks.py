@@ -641,3 +641,15 @@ async def test_gateway_notification(hooked, receiver):
         assert status == 204
     finally:
         await a.close()
+
+
+async def test_outbox_connections_resolve_only_to_public_addresses():
+    """The outbox's connections resolve names again: a name that answers
+    a public address to the URL check and a private one to the connection
+    (DNS rebinding) gets no private address (private URLs not allowed)."""
+    from server.services.webhooks import PublicResolver
+    resolver = PublicResolver()
+    with pytest.raises(OSError):
+        await resolver.resolve('localhost', 80)
+    with pytest.raises(OSError):
+        await resolver.resolve('127.0.0.1', 80)

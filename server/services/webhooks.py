@@ -23,6 +23,7 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.resolver
 
 from models import Event, Outbox, User, Webhook
 from server.errors import Forbidden, Invalid, NotFound
@@ -41,6 +42,23 @@ def _public(address) -> bool:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
+
+
+class PublicResolver(aiohttp.resolver.ThreadedResolver):
+    """The outbox's resolver when private addresses are not allowed: a
+    name resolves only to its public addresses. ``check_url`` checks a
+    URL's host when it is set and before each delivery, but the
+    connection resolves the name again; without this, a name answering a
+    public address to the check and a private one to the connection (DNS
+    rebinding) would reach the internal network. (A URL with a literal
+    address is not resolved: ``check_url`` covers it.)"""
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        public = [r for r in await super().resolve(host, port, family)
+                  if _public(r['host'])]
+        if not public:
+            raise OSError(f'{host} has no public address')
+        return public
 
 
 async def check_url(url, allow_private, what='url') -> str:
