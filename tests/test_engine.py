@@ -623,6 +623,11 @@ async def test_sessions_without_connect_count_per_address(tmp_path):
         assert await server.astop() == 0
 
 
+# Flaky, open: in one of two fresh-clone CI runs a server of this test
+# did not exit within its stop timeout and was killed (exit -9) after
+# the assertions about the shared count had passed. Kept running.
+@pytest.mark.xfail(reason='flaky: a server slow to exit at the end under '
+                   'a loaded CI run', strict=False)
 async def test_sessions_without_connect_count_per_address_across_processes(
         redis, tmp_path):
     """With Redis, Engine.IO sessions that never connect count in the
