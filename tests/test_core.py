@@ -372,6 +372,32 @@ async def test_typing_reaches_joined_sockets_not_the_typist(base):
         await c.close()
 
 
+async def test_typing_stops_when_the_typist_sends_over_http(base):
+    """The message ends the typing whatever transport sent it."""
+    alice, bob, a, b, room = await pair(base)
+    for c in (a, b):
+        assert (await c.call('join_room', {'room_id': room['id']}))['ok']
+    assert (await a.call('typing', {'room_id': room['id'],
+                                    'typing': True}))['ok']
+    assert (await b.next('typing'))['typing'] is True
+    status, sent = await http(base, 'POST',
+                              f'/api/rooms/{room["id"]}/messages',
+                              token=a.token,
+                              json={'body': 'over http', 'client_msg_id': 'h1'})
+    assert status == 201, sent
+    assert (await b.next('message'))['body'] == 'over http'
+    got = await b.next('typing')
+    assert got == {'room_id': room['id'], 'user': alice, 'typing': False}
+    # A retry of the same message does not say it again.
+    status, _ = await http(base, 'POST', f'/api/rooms/{room["id"]}/messages',
+                           token=a.token,
+                           json={'body': 'over http', 'client_msg_id': 'h1'})
+    assert status == 200
+    await b.nothing('typing', 0.3)
+    await a.close()
+    await b.close()
+
+
 async def test_unread_and_mark_read(base):
     alice, bob, a, b, room = await pair(base)
     for i in range(3):

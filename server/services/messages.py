@@ -31,12 +31,14 @@ EMOJI_MAX = 32  # characters: the longest tag or ZWJ sequences are ~14
 @dataclasses.dataclass
 class Sent:
     """Outcome of send_message: the message, whether this call created it
-    (False for an idempotent retry), the members to deliver it to, and the
-    dm room if this call opened it."""
+    (False for an idempotent retry), the members to deliver it to, the
+    dm room if this call opened it, and whether it ended the sender's
+    typing in the room (their partners must see it stop)."""
     message: dict
     created: bool
     member_ids: tuple
     new_room: dict | None = None
+    typing_stopped: bool = False
 
 
 def check_body(ctx, body, allow_empty=False) -> str:
@@ -404,7 +406,9 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     message, created = await ctx.store.write(
         _insert_message, ctx, info, sender_id, body, client_msg_id,
         attachments, reply_to)
-    return Sent(message, created, info.member_ids, new_room)
+    # A message ends its sender's typing, whatever transport sent it.
+    typing_stopped = created and ctx.typing.stop(info.id, sender_id)
+    return Sent(message, created, info.member_ids, new_room, typing_stopped)
 
 
 def _member_message(user_id, message_id):

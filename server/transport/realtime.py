@@ -105,8 +105,12 @@ class Realtime:
     async def deliver_sent(self, sent):
         """Emit what a send_message outcome calls for: the new dm room
         first (so clients know the room before its first message), then the
-        message, unless this was an idempotent retry."""
+        message, unless this was an idempotent retry; then, if the message
+        ended its sender's typing, ``typing: false``."""
         if sent.new_room is not None:
             await self.room(sent.new_room)
         if sent.created:
             await self.message(sent.message, sent.member_ids)
+        if sent.typing_stopped:
+            await self.typing(sent.message['room_id'], sent.message['sender'],
+                              False, sent.member_ids)

@@ -261,10 +261,6 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             attachments=data.get('attachments'),
             reply_to=data.get('reply_to'))
         await realtime.deliver_sent(sent)
-        if sent.created and ctx.typing.stop(sent.message['room_id'],
-                                            user['id']):
-            await realtime.typing(sent.message['room_id'], user, False,
-                                  sent.member_ids)
         return {'message': sent.message}
 
     @on_event('typing')
