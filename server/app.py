@@ -2,6 +2,9 @@
 
 ``create_app(config) -> web.Application`` builds everything and runs
 nothing; ``main()`` parses the command line, loads the config and serves.
+The app is built by setup steps, each storing what it made under a typed
+key (server/typedefs.py); resources with a life (the database threads,
+Redis, background tasks) start and stop with the app (``cleanup_ctx``).
 """
 import argparse
 import asyncio

@@ -53,7 +53,7 @@ from socketio import packet as sio_packet
 
 from server.services.limits import TooManyConnections
 from server.transport.addresses import client_address
-from server.transport.packets import deeper_than
+from server.transport.json_depth import deeper_than
 from server.transport.websocket import CoalescingWebSocketResponse
 
 log = logging.getLogger(__name__)

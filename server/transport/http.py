@@ -14,7 +14,7 @@ from server.metrics import METRICS, route_name
 from server.services import auth, messages, push, rooms, webhooks
 from server.services import search as search_service
 from server.transport.addresses import client_address
-from server.transport.packets import deeper_than
+from server.transport.json_depth import deeper_than
 
 log = logging.getLogger(__name__)
 

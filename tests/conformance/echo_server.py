@@ -53,7 +53,7 @@ def socket_app(kind) -> web.Application:
         from server.transport.engine import Server
         from server import fastjson
         from server.transport.manager import LocalManager
-        from server.transport.packets import JsonPacket
+        from server.upstream.socketio_packet import JsonPacket
         sio = Server(client_manager=LocalManager(), json=fastjson,
                      serializer=JsonPacket, **options)
         bound_send_queues(sio, 1000, 2.0)

@@ -1,5 +1,5 @@
-"""The Socket.IO packet class Postbox uses, and what makes a packet from a
-client acceptable.
+"""Overrides ``socketio.packet.Packet``: the Socket.IO packet class Postbox
+uses, and what makes a packet from a client acceptable.
 
 python-socketio walks every outgoing payload recursively looking for bytes
 (``Packet.data_is_binary``) to choose between a text and a binary packet.
@@ -12,38 +12,24 @@ checks of the reference parser, socket.io-parser's ``isPayloadValid``):
 ``JsonPacket.problem`` names what is wrong with one, and a payload nested
 deeper than the JSON parser allows decodes as ``too_deep`` instead of
 failing, so that the event can still be answered.
+
+Upstream names touched: ``Packet.data_is_binary`` (overridden: never
+binary), ``Packet.decode`` (overridden: a payload too deep decodes as
+``too_deep``; relies on the header being decoded before the data, hence
+its hash in ``COPIED``), ``Packet.attachment_count`` (read).
 """
 from socketio import packet
 
+from server.transport.json_depth import is_depth_error
+
+UPSTREAM = packet.Packet
+PRIVATE_NAMES = {}
+COPIED = {
+    # JsonPacket.decode reads the header decoded before the data failed.
+    'socketio.packet.Packet.decode': '61ad7904b539f472',
+}
+
 BINARY = (packet.BINARY_EVENT, packet.BINARY_ACK)
-
-
-def _depth_error(exc: BaseException) -> bool:
-    """Whether a JSON decoding error is about nesting (orjson: "depth limit
-    exceeded"; the stdlib: RecursionError) rather than bad syntax."""
-    return isinstance(exc, RecursionError) or 'depth' in str(exc) or \
-        'recursion' in str(exc).lower()
-
-
-def deeper_than(data, limit: int) -> bool:
-    """Whether decoded JSON ``data`` nests arrays and objects more than
-    ``limit`` deep (``[]`` is 1 deep, a scalar 0). Walks without recursion,
-    so any depth is safe, and stops at the first level too deep."""
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        for child in children:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
 
 
 def _event_name_ok(name) -> bool:
@@ -63,7 +49,7 @@ class JsonPacket(packet.Packet):
         try:
             return super().decode(encoded_packet)
         except (ValueError, RecursionError) as exc:
-            if not _depth_error(exc):
+            if not is_depth_error(exc):
                 raise
             # The header (type, namespace, id) decoded before the data.
             self.data = None
