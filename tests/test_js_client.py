@@ -53,3 +53,18 @@ def test_official_js_client(node_modules, small_pages_server):
                        f'server log:\n{small_pages_server.read_log()}')
     assert 'PASS' in output
     assert 'caught up 13 events in 3 sync page(s)' in output, output
+
+
+def test_demo_page_connection_under_node(node_modules, small_pages_server):
+    """client_demo/static/connection.js and store.js (the page's own code)
+    under Node: live messages, a drop, missed messages and edits, a send
+    queued offline; the page's state ends with exactly the server's
+    messages, caught up by paged ``sync`` and by recovery."""
+    done = subprocess.run(['node', str(JS_DIR / 'connection_test.mjs'),
+                           small_pages_server.url],
+                          cwd=JS_DIR, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, MISSED='12'))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, (f'connection_test.mjs failed:\n{output}\n'
+                                  f'server log:\n{small_pages_server.read_log()}')
+    assert 'PASS' in output
