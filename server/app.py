@@ -38,7 +38,7 @@ from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
 from server.transport.engine import Server
 from server.transport.manager import LocalManager
-from server.transport.packets import JsonPacket
+from server.upstream.socketio_packet import JsonPacket
 from server.transport.realtime import Realtime, user_room
 from server.transport.recovery import Recovery
 from server.transport.redis_manager import RedisManager
