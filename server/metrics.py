@@ -46,6 +46,10 @@ class Metrics:
             'postbox_recoveries', 'Connection state recoveries: attempted, '
             'succeeded, fallback (with its reason)', ['outcome', 'reason'],
             registry=registry)
+        self.recovery_duplicates = Counter(
+            'postbox_recovery_duplicates_dropped', 'Live events not sent to '
+            'a recovered socket because its replay already had them',
+            registry=registry)
         self.slow_clients = Counter(
             'postbox_slow_client_disconnects', 'Sockets cut off because '
             'their send queue was full (the client stopped reading)',

@@ -62,6 +62,12 @@ TRACKED = frozenset(('message', 'message_updated', 'room', 'room_left'))
 RECOVERY_FIELDS = {'room_left': ('seq',)}
 OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
 SAVED_FILE = 'recovery.json'
+# Frozen sessions kept at once: per user (the devices and tabs of one
+# person that can be away together; a client that loops connects must not
+# grow memory or Redis), and in this process overall (each holds up to
+# recovery_max_events keys). The oldest go first: their clients sync.
+SAVED_PER_USER = 16
+SAVED_MAX = 20000
 _ROOM_PREFIX = 'room:'
 
 
@@ -130,6 +136,7 @@ class Session:
         self.marks = dict(base)  # folded sends included
         self.extras = {}
         self.ring = collections.deque()  # (room, seq) or None, by offset
+        self.sent = collections.Counter()  # the log events in ring
         self.count = 0  # the last offset given
         self.joined = ()  # room ids joined (join_room), when frozen
         self.saved_at = 0.0
@@ -143,15 +150,30 @@ class Session:
     def record(self, key, keep) -> str:
         self.count += 1
         self.ring.append(key)
+        self.sent[key] += 1
         while len(self.ring) > keep:
-            _fold(self.marks, self.extras, self.ring.popleft())
+            old = self.ring.popleft()
+            self._forget(old)
+            _fold(self.marks, self.extras, old)
         return str(self.count)
+
+    def _forget(self, key):
+        left = self.sent[key] - 1
+        if left > 0:
+            self.sent[key] = left
+        else:
+            del self.sent[key]
+
+    def has_sent(self, key) -> bool:
+        """Whether the log event ``key`` is among the sends kept one by
+        one (so the client has it, or gets it again by recovering)."""
+        return key is not None and key in self.sent
 
     def received(self, offset):
         """(marks, extras) of what a client that saw ``offset`` has; the
         sends after it are dropped from the session (never received)."""
         while self.count > offset:
-            self.ring.pop()
+            self._forget(self.ring.pop())
             self.count -= 1
         marks = dict(self.marks)
         extras = {r: set(s) for r, s in self.extras.items()}
@@ -178,6 +200,7 @@ class Session:
         session.extras = {int(r): set(s) for r, s in data['extras']}
         session.ring = collections.deque(
             tuple(k) if k is not None else None for k in data['ring'])
+        session.sent.update(session.ring)
         session.count = int(data['count'])
         session.joined = tuple(data['joined'])
         session.saved_at = float(data['saved_at'])
@@ -237,8 +260,15 @@ class Recovery:
             return False
         if session.buffer is not None:
             session.buffer.append((event, data))
-        else:
-            await self._send(sid, eio_sid, session, event, data)
+            return True
+        key = event_key(event, data)
+        if session.has_sent(key):
+            # Already replayed: its live copy was still on the way when
+            # the replay read the log (the send's emit follows its
+            # commit). Sent again it would be a duplicate.
+            self.metrics.recovery_duplicates.inc()
+            return True
+        await self._send(sid, eio_sid, session, event, data, key)
         return True
 
     # -- connecting --------------------------------------------------
@@ -254,11 +284,14 @@ class Recovery:
         self.metrics.recoveries.labels('fallback', reason).inc()
         log.info('recovery refused: %s', reason)
 
-    def _key(self, user_id, pid):
+    def _key(self, user_id, pid=None):
         # The user is in the key: someone else who learns a pid cannot
-        # take (and so spoil) that user's session.
+        # take (and so spoil) that user's session. Without a pid: the
+        # list of the user's saved pids, newest first.
         prefix = getattr(self.shared, 'key_prefix', None) or \
             self.shared.channel
+        if pid is None:
+            return f'{prefix}:recovery:{user_id}'
         return f'{prefix}:recovery:{user_id}:{pid}'
 
     async def _saved(self, user_id, pid):
@@ -355,14 +388,15 @@ class Recovery:
             for event, data, key in replay:
                 await self._send(sid, eio_sid, session, event, data, key)
             await self._rejoin(sid, user_id, session.joined)
-        # A live update carries its message's latest update_seq: skipped
-        # when the replay already had that event.
-        sent = {key for _, _, key in replay} - {None}
+        # Live events held meanwhile follow, without those the replay
+        # (or, for a live event that arrives twice, the buffer) sent.
         while session.buffer:
             event, data = session.buffer.pop(0)
             key = event_key(event, data)
-            if key is None or key not in sent:
-                await self._send(sid, eio_sid, session, event, data)
+            if session.has_sent(key):
+                self.metrics.recovery_duplicates.inc()
+            else:
+                await self._send(sid, eio_sid, session, event, data, key)
         session.buffer = None
         return not fresh
 
@@ -445,15 +479,32 @@ class Recovery:
         session.saved_at = time.time()
         if self.shared is not None:
             try:
-                await self.shared.redis.set(
-                    self._key(session.user_id, session.pid),
-                    json.dumps(session.to_json()),
-                    ex=max(1, math.ceil(self.window)))
+                await self._save_shared(session)
             except Exception as exc:  # lost: that client syncs instead
                 log.warning('recovery: session not saved to redis (%s)', exc)
             return
         self.saved[session.pid] = session
         self._expire()
+        mine = [pid for pid, s in self.saved.items()
+                if s.user_id == session.user_id]
+        for pid in mine[:-SAVED_PER_USER]:
+            del self.saved[pid]
+        while len(self.saved) > SAVED_MAX:
+            self.saved.popitem(last=False)
+
+    async def _save_shared(self, session):
+        redis, ttl = self.shared.redis, max(1, math.ceil(self.window))
+        user = session.user_id
+        await redis.set(self._key(user, session.pid),
+                        json.dumps(session.to_json()), ex=ttl)
+        count = await redis.lpush(self._key(user), session.pid)
+        await redis.expire(self._key(user), ttl)
+        if count > SAVED_PER_USER:
+            for pid in await redis.rpop(self._key(user),
+                                        count - SAVED_PER_USER) or ():
+                if isinstance(pid, bytes):
+                    pid = pid.decode()
+                await redis.delete(self._key(user, pid))
 
     def _expire(self):
         cutoff = time.time() - self.window
