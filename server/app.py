@@ -36,7 +36,7 @@ from server.store import Store, open_database
 from server.transport import attachments_http, http
 from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
-from server.transport.engine import Server
+from server.upstream.socketio_server import Server
 from server.transport.manager import LocalManager
 from server.upstream.socketio_packet import JsonPacket
 from server.transport.realtime import Realtime, user_room

@@ -1,73 +1,22 @@
 """The Engine.IO protocol as clients see it on the lean sockets of
-server/transport/engine.py (pings, upgrades from polling, server-side
-closes), what hostile clients get there (binary packets, packets that are
-not Socket.IO, sessions that never connect), and the python-engineio code
-that module is written against."""
+server/upstream/engineio_socket.py (pings, upgrades from polling,
+server-side closes), and what hostile clients get there (binary packets,
+packets that are not Socket.IO, sessions that never connect). The
+python-engineio code those sockets are written against is checked by
+tests/test_upstream.py."""
 import asyncio
-import hashlib
-import inspect
 import json
 
 import aiohttp
-import engineio
 import pytest
 import socketio
 from aiohttp.test_utils import make_mocked_request
-from engineio import async_socket, base_socket
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
-from server.transport.engine import RequestEnviron
+from server.upstream.engineio_server import RequestEnviron
 from tests.helpers import ServerProcess, connect, http, pair, refused, \
     register
 from tests.test_limits import raw_socket
-
-# The python-engineio (and python-socketio) code server/transport/engine.py
-# and packets.py copy, override or rely on, by hash of its source. When an upgrade changes one of them,
-# re-read engine.py against the new code (the copied ``_handle_connect``,
-# the websocket-connect checks mirrored from ``handle_request``, the socket
-# methods replaced, the environ mirrored from ``translate_request``), then
-# update the hash here.
-UPSTREAM = {
-    'engineio.AsyncServer.handle_request':
-        (engineio.AsyncServer.handle_request, '1a8c878e35166cfe'),
-    'engineio.AsyncServer._handle_connect':
-        (engineio.AsyncServer._handle_connect, '5bd7edc1d1ae115a'),
-    'engineio.AsyncServer.create_queue':
-        (engineio.AsyncServer.create_queue, '5ff5673a0c017681'),
-    'engineio.async_socket.AsyncSocket':
-        (async_socket.AsyncSocket, 'af72dafc541d46e6'),
-    'engineio.base_socket.BaseSocket':
-        (base_socket.BaseSocket, 'd787ee3666d08b7a'),
-    'engineio.async_drivers.aiohttp.translate_request':
-        (engineio_aiohttp.translate_request, '20aa782740060790'),
-    # Replaced by engine.Server._handle_eio_message, which checks each
-    # packet before it reaches the handlers below it; its refused CONNECT
-    # is the one that leaves the session without a connection.
-    'socketio.AsyncServer._handle_eio_message':
-        (socketio.AsyncServer._handle_eio_message, 'bef50fc0e1635921'),
-    'socketio.AsyncServer._handle_connect':
-        (socketio.AsyncServer._handle_connect, 'c97c480cf777de36'),
-    # Recovery (server/transport/recovery.py): Server._send_packet adds
-    # the pid to the CONNECT reply, which _handle_connect (above) sends
-    # after the connect handler; missed events go out before it through
-    # _send_eio_packet.
-    'socketio.AsyncServer._send_packet':
-        (socketio.AsyncServer._send_packet, 'a00022b42c1c29e9'),
-    'socketio.AsyncServer._send_eio_packet':
-        (socketio.AsyncServer._send_eio_packet, '64cf72a2ab7d75b1'),
-    # packets.JsonPacket reads the header it decodes before the data.
-    'socketio.packet.Packet.decode':
-        (socketio.packet.Packet.decode, '61ad7904b539f472'),
-}
-
-
-@pytest.mark.parametrize('name', sorted(UPSTREAM))
-def test_python_engineio_code_is_what_engine_py_was_written_against(name):
-    obj, expected = UPSTREAM[name]
-    digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-    assert digest[:16] == expected, (
-        f'{name} changed in python-engineio {engineio.__version__}: '
-        'check server/transport/engine.py against it')
 
 
 def test_environ_view_reads_as_the_engineio_driver_environ():

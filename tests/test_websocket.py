@@ -8,8 +8,8 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from server.transport.websocket import (CoalescingWebSocketResponse,
-                                        _CoalescingTransport)
+from server.upstream.aiohttp_websocket import (
+    CoalescingWebSocketResponse, _CoalescingTransport)
 
 FRAMES = ['42["message",{"body":"hi"}]', '9' * 200, 'x' * 70_000, '430[{}]']
 

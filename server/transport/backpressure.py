@@ -28,7 +28,7 @@ def bound_send_queues(sio, max_packets: int, stall_seconds: float,
     off. Past four times ``max_packets`` it is cut off at once, which
     bounds the memory a stalled socket can hold. ``on_cut(eio_sid)`` is
     called once for each socket cut off. The sockets are
-    ``server.transport.engine.Socket``: a websocket one knows its TCP
+    ``server.upstream.engineio_socket.Socket``: a websocket one knows its TCP
     transport (``tcp_transport``), which is aborted to cut it off."""
     eio = sio.eio
     send_packet = eio.send_packet

@@ -30,7 +30,7 @@ def engine_app(kind) -> web.Application:
                    ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
                    max_http_buffer_size=MAX_PAYLOAD)
     if kind == 'postbox':
-        from server.transport.engine import Engine
+        from server.upstream.engineio_server import Engine
         eio = Engine(**options)
     else:
         eio = engineio.AsyncServer(**options)
@@ -50,7 +50,7 @@ def socket_app(kind) -> web.Application:
                    max_http_buffer_size=MAX_PAYLOAD)
     if kind == 'postbox':
         from server.transport.backpressure import bound_send_queues
-        from server.transport.engine import Server
+        from server.upstream.socketio_server import Server
         from server import fastjson
         from server.transport.manager import LocalManager
         from server.upstream.socketio_packet import JsonPacket

@@ -1,4 +1,5 @@
-"""The websocket response Postbox serves Socket.IO over.
+"""Overrides ``aiohttp.web.WebSocketResponse``: the websocket response
+Postbox serves Socket.IO over.
 
 aiohttp writes every websocket frame to the socket as soon as it is sent:
 one ``send`` syscall, and one TCP segment, per frame. A DM produces several
@@ -8,10 +9,22 @@ the message; a partner's messages acked by one group commit), so
 event-loop iteration to the transport in a single write. Control frames
 (close, ping, pong) go out at once, after whatever was waiting, so a close
 is never lost behind a buffer.
+
+Upstream names touched: ``WebSocketResponse.prepare`` (extended) and its
+private ``_writer``, whose public ``transport`` is replaced by the
+coalescing one. aiohttp is not pinned as python-engineio and
+python-socketio are; the drift test still checks ``_writer`` exists.
 """
 import asyncio
 
 from aiohttp import web
+
+UPSTREAM = web.WebSocketResponse
+PRIVATE_NAMES = {
+    'aiohttp.web.WebSocketResponse._writer':
+        'the frame writer, whose transport prepare() wraps',
+}
+COPIED = {}
 
 # First bytes of the control frames a server writes: FIN plus the close,
 # ping or pong opcode (RFC 6455, section 5.5). A payload written apart from
