@@ -2,13 +2,17 @@
 by Node: tests/js/recovery_test.js holds the scenarios, this runs them
 against a real server (and restarts it with SIGTERM for one of them); a
 Python client checks that sockets that did not opt in see no change."""
+import os
+import random
 import subprocess
+import threading
+import time
 import urllib.request
 
 import pytest
 
-from tests.helpers import NO_RATE_LIMITS, Client, ServerProcess, pair
-from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+from tests.kit import (FAST_REDIS_ENV, NO_RATE_LIMITS, Client,
+                       ServerProcess, pair, start_servers, stop_servers)
 from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
 
 SCRIPT = JS_DIR / 'recovery_test.js'
@@ -24,8 +28,9 @@ def recovery_server(tmp_path):
     assert proc.stop() == 0, proc.read_log()
 
 
-def _node(url, scenario):
-    return subprocess.Popen(['node', str(SCRIPT), url, scenario], cwd=JS_DIR,
+def _node(url, scenario, *more, env=None):
+    return subprocess.Popen(['node', str(SCRIPT), url, scenario, *more],
+                            cwd=JS_DIR, env={**os.environ, **(env or {})},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -115,18 +120,68 @@ def test_js_client_recovers_on_another_process(
 
 def test_js_client_chaos_of_drops_misses_nothing_and_gets_nothing_twice(
         node_modules, tmp_path):  # noqa: F811
-    """60 s of random drops and reconnects while messages and edits
-    flow: every seq of the room arrives, and no event twice."""
+    """30 s of random drops and reconnects to one process (sessions kept
+    in the process) while messages and edits flow: every seq of the room
+    arrives, and no event twice."""
     server = ServerProcess(tmp_path, env={
         **NO_RATE_LIMITS, 'POSTBOX_RECOVERY_MAX_EVENTS': '200'}).start()
     try:
-        node = _node(server.url, 'chaos')
+        node = _node(server.url, 'chaos', env={'CHAOS_SECONDS': '30'})
         output = _finish(node, server, timeout=240)
         assert node.returncode == 0 and 'PASS' in output, (
             f'recovery_test.js failed:\n{output}\n'
             f'server log:\n{server.read_log()}')
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+def test_js_client_chaos_of_drops_restarts_and_switches_across_processes(
+        node_modules, tmp_path, redis):  # noqa: F811
+    """60 s, two processes with Redis: the receiver's transport drops at
+    random and it reconnects to either process, while the test restarts
+    the processes with SIGTERM in turn and a partner sends and edits (and
+    resends across its own server's restarts). In the end the receiver
+    holds every seq of the room once, whether each reconnect recovered or
+    fell back to sync."""
+    seconds = 60
+    servers = start_servers(tmp_path, 2, {
+        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV, **NO_RATE_LIMITS,
+        'POSTBOX_RECOVERY_MAX_EVENTS': '200'})
+    restarts, failures = [], []
+    done = threading.Event()
+
+    def restart_at_random():
+        started, turn = time.monotonic(), 0
+        while not done.wait(random.uniform(4, 9)) and \
+                time.monotonic() - started < seconds - 10:
+            server = servers[turn % 2]
+            turn += 1
+            code = server.stop()
+            if code != 0:
+                failures.append((server.url, code, server.read_log()))
+            server.start()
+            restarts.append(server.url)
+
+    restarter = threading.Thread(target=restart_at_random)
+    try:
+        node = _node(servers[0].url, 'chaos', servers[1].url,
+                     env={'CHAOS_SECONDS': str(seconds)})
+        restarter.start()
+        output = _finish(node, servers[0], timeout=300)
+        done.set()
+        restarter.join()
+        assert node.returncode == 0 and 'PASS' in output, (
+            f'recovery_test.js failed:\n{output}\nserver logs:\n' +
+            '\n'.join(s.read_log() for s in servers))
+        print(output.strip().splitlines()[-2])
+        assert not failures, failures
+        assert len(restarts) >= 2, restarts
+    finally:
+        done.set()
+        if restarter.is_alive():
+            restarter.join()
+        assert stop_servers(servers) == [0, 0], \
+            [s.read_log() for s in servers]
 
 
 async def test_offsets_only_for_sockets_that_opt_in(base):

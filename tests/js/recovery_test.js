@@ -13,7 +13,9 @@
 // revoked token, a plain client), restart (the server is restarted with
 // SIGTERM: the script prints "RESTART NOW" and waits for a line on stdin),
 // other <second url> (two processes of one service, with Redis), chaos
-// (random drops for CHAOS_SECONDS, default 60, while messages flow).
+// [second url] (random drops for CHAOS_SECONDS, default 60, while messages
+// flow; with a second url, reconnects to either process while the test
+// restarts them).
 // The server must run with POSTBOX_RECOVERY_MAX_EVENTS=6.
 // Prints PASS and exits 0 on success; prints what went wrong and exits 1.
 'use strict';
@@ -413,15 +415,50 @@ async function other() {
 // receiver's transport is dropped at random moments and it reconnects at
 // random moments. A recovered reconnect must bring exactly what was missed
 // (an event twice is a failure); a refused one is caught up with sync. In
-// the end the receiver has every seq of the room, each once.
+// the end the receiver has every seq of the room, each once. With a second
+// url (two processes of one service, with Redis, which the test restarts
+// with SIGTERM at random meanwhile) each reconnect goes to either process,
+// and both clients ride out their server's restarts.
 async function chaos() {
   const SECONDS = Number(process.env.CHAOS_SECONDS || 60);
+  const URLS = [BASE, (process.argv[4] || '').replace(/\/$/, '')].filter(Boolean);
   const [alice, bob] = await Promise.all(['alice', 'bob'].map(register));
   const A = new Client('alice', alice.token, true);
   const B = new Client('bob', bob.token, false);
-  await B.connect();
-  await A.connect();
-  const room = await openDm(B, { username: alice.user.username });
+  const rand = (lo, hi) => lo + Math.random() * (hi - lo);
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  // Connects to a random process, trying until one answers (the other may
+  // be restarting); resolves with `socket.recovered`.
+  const reconnect = async (client) => {
+    const deadline = Date.now() + 60000;
+    for (;;) {
+      client.socket.io.uri = URLS[Math.floor(Math.random() * URLS.length)];
+      try {
+        return await client.connect();
+      } catch (err) {
+        check(Date.now() < deadline, `${client.name}: no process answers: ${err}`);
+        await sleep(200);
+      }
+    }
+  };
+  // An ack, resent (same payload, so the same client_msg_id) across its
+  // server's restarts until one comes.
+  const reliably = async (client, event, payload) => {
+    for (;;) {
+      if (!client.socket.connected) await reconnect(client);
+      try {
+        const ack = await client.socket.timeout(5000).emitWithAck(event, payload);
+        check(ack && ack.ok === true,
+          `${client.name}: ${event} ${JSON.stringify(payload)} -> ${JSON.stringify(ack)}`);
+        return ack;
+      } catch (err) {
+        if (!(err instanceof Error) || err.message.startsWith(client.name)) throw err;
+      }
+    }
+  };
+  await reconnect(B);
+  await reconnect(A);
+  const room = (await reliably(B, 'open_dm', { username: alice.user.username })).room.id;
   const live = new Set();  // seqs delivered live or replayed
   const have = new Set();  // seqs from any source
   let dupes = [];
@@ -438,47 +475,54 @@ async function chaos() {
   });
   const mark = () => { let n = 0; while (have.has(n + 1)) n++; return n; };
   const stats = { recovered: 0, fellBack: 0 };
-  const rand = (lo, hi) => lo + Math.random() * (hi - lo);
-  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  // Reconnects alice; after a refused recovery, sync fills the gap.
+  const rejoin = async () => {
+    if (await reconnect(A)) {
+      stats.recovered++;
+      return;
+    }
+    stats.fellBack++;
+    for (;;) {
+      const ack = await reliably(A, 'sync', { rooms: { [room]: mark() } });
+      for (const e of ack.events) if (e.room_id === room) seen(e.seq, true);
+      if (!ack.has_more) break;
+    }
+  };
   let stop = false;
   let last = 0;  // the room's last seq the sender knows of
   const sender = (async () => {
     let i = 0;
     let previous = null;
     while (!stop) {
-      const m = await send(B, room, `x${++i}`);
-      last = Math.max(last, m.seq);
+      const ack = await reliably(B, 'send_dm', {
+        room_id: room, body: `x${++i}`, client_msg_id: `chaos-${i}-${randomUUID()}`,
+      });
+      last = Math.max(last, ack.message.seq);
       if (previous && i % 7 === 0) {
-        const ack = await B.ok('edit_message',
+        const edit = await reliably(B, 'edit_message',
           { message_id: previous.id, body: `x${i - 1} edited` });
-        last = Math.max(last, ack.message.update_seq);
+        last = Math.max(last, edit.message.update_seq);
       }
-      previous = m;
+      previous = ack.message;
       await sleep(rand(0, 15));
     }
   })();
   const end = Date.now() + SECONDS * 1000;
   while (Date.now() < end) {
     await sleep(rand(100, 1200));
-    await A.drop();
+    if (A.socket.connected) await A.drop();
     await sleep(rand(0, 600));
-    const recovered = await A.connect();
-    if (recovered) {
-      stats.recovered++;
-    } else {
-      stats.fellBack++;
-      for (;;) {
-        const ack = await A.ok('sync', { rooms: { [room]: mark() } });
-        for (const e of ack.events) if (e.room_id === room) seen(e.seq, true);
-        if (!ack.has_more) break;
-      }
-    }
+    await rejoin();
   }
   stop = true;
   await sender;
-  await A.until('the last event', () => have.has(last) && mark() >= last, 30000);
+  const deadline = Date.now() + 30000;
+  while (!(have.has(last) && mark() >= last)) {
+    check(Date.now() < deadline, `missing seqs: up to ${mark()} of ${last}`);
+    if (!A.socket.connected) await rejoin();
+    await sleep(100);
+  }
   check(dupes.length === 0, `events delivered twice: ${dupes.slice(0, 20)}`);
-  check(mark() === last, `missing seqs: up to ${mark()} of ${last}`);
   check(stats.recovered > 0, 'no reconnect recovered');
   log(`chaos: ${last} events, ${stats.recovered} recovered, ` +
     `${stats.fellBack} fell back, none missed or twice`);
