@@ -132,11 +132,12 @@ class RawClient:
     text)`` with the undecoded packet when set (cheap counting)."""
 
     def __init__(self, session, url, token, deflate=True, on_event=None,
-                 on_raw=None):
+                 on_raw=None, auth=None):
         self.session = session
         self.url = url.replace('http://', 'ws://', 1).rstrip('/') + \
             '/socket.io/?EIO=4&transport=websocket'
         self.token = token
+        self.auth = auth or {}  # more CONNECT auth fields ({recover: true})
         self.deflate = deflate
         self.on_event = on_event
         self.on_raw = on_raw
@@ -155,7 +156,7 @@ class RawClient:
         if not str(opened.data).startswith('0'):
             raise CallError(f'no engine.io open packet: {opened.data!r}')
         await self.ws.send_str('40' + orjson.dumps(
-            {'token': self.token}).decode())
+            {'token': self.token, **self.auth}).decode())
         # Events for this user (presence, say) can come before the CONNECT
         # reply: the server emits to the user's room from its connect
         # handler. Nothing here needs them.
@@ -494,7 +495,8 @@ async def _dm_worker(conn, spec):
 
         clients = await _connect_all(session, spec['url'],
                                      [u['token'] for u in users],
-                                     spec['deflate'], on_event=on_event)
+                                     spec['deflate'], on_event=on_event,
+                                     auth=spec.get('auth'))
         for i, (user, client) in enumerate(zip(users, clients)):
             user['client'] = client
             client.index = i
@@ -761,9 +763,11 @@ def _cpu_for(index, pin):
 
 def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
            rate=1000.0, duration=10.0, warmup=1.0, workers=2, body_size=100,
-           deflate=True, max_messages=2_000_000, pin=False, users=None):
+           deflate=True, max_messages=2_000_000, pin=False, users=None,
+           auth=None):
     """N pairs exchanging DMs. Returns a dict: delivered/s, latency
-    percentiles (ms), server CPU s per 1000 deliveries and µs/message."""
+    percentiles (ms), server CPU s per 1000 deliveries and µs/message.
+    ``auth``: more CONNECT auth fields for every client."""
     if users is None:
         users = asyncio.run(make_users(url, kind, 2 * pairs))
     pair_list = [(users[2 * i][0], users[2 * i][1],
@@ -778,7 +782,8 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
             'mode': mode, 'window': window, 'rate': rate / workers,
             'duration': duration, 'warmup': warmup, 'drain': 2.0,
             'body_size': body_size, 'deflate': deflate,
-            'max_messages': max_messages // workers, 'cpu': _cpu_for(w, pin)})
+            'max_messages': max_messages // workers, 'cpu': _cpu_for(w, pin),
+            'auth': auth})
     pool = Workers(specs, timeout=120 + pairs)
     try:
         pool.recv_all()

@@ -24,6 +24,10 @@ Scenarios (``--only`` takes a comma list):
   scaleout  CPU per delivered DM: one process, vs two processes (every pair
             split across them) + one Redis, vs two + a 3-primary Redis
             Cluster (CPU of the servers and Redis summed), alternating runs
+  recovery  connection state recovery: a 1,000-event replay's server CPU,
+            live DM CPU with and without opted-in sockets (bench/recovery.py)
+  push      one message to 1,000 offline members' push receivers; the
+            outbox's CPU with nobody offline, push on vs off (bench/push.py)
   profile   py-spy of Postbox under the closed-loop DM load (top self time)
 """
 import argparse
@@ -49,7 +53,7 @@ import load  # noqa: E402
 
 RESULTS = BENCH / 'results'
 SCENARIOS = ['dm', 'latency', 'idle', 'fanout', 'sync', 'redis', 'scaleout',
-             'profile']
+             'recovery', 'push', 'profile']
 LABELS = {'postbox': 'Postbox', 'relay': 'python-socketio relay',
           'node': 'Node socket.io relay', 'postbox+redis': 'Postbox + Redis'}
 
@@ -470,6 +474,16 @@ def scenario_scaleout(args, kinds, results, workdir):
             f'alternation: {", ".join(f"{v:.2f}" for v in values)}')
     results['scaleout'] = {'available': True, 'runs': runs,
                            'ratios': ratios}
+
+
+def scenario_recovery(args, kinds, results, workdir):
+    import recovery  # bench/recovery.py (it imports this module)
+    recovery.scenario(args, results, workdir)
+
+
+def scenario_push(args, kinds, results, workdir):
+    import push  # bench/push.py (it imports this module)
+    push.scenario(args, results, workdir)
 
 
 def scenario_profile(args, kinds, results, workdir):
@@ -1014,6 +1028,7 @@ def main(argv=None):
                'idle': scenario_idle, 'fanout': scenario_fanout,
                'sync': scenario_sync, 'redis': scenario_redis,
                'scaleout': scenario_scaleout,
+               'recovery': scenario_recovery, 'push': scenario_push,
                'profile': scenario_profile}
     with tempfile.TemporaryDirectory(prefix='postbox-bench-') as workdir:
         for name in SCENARIOS:
