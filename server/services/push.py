@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid
 from pywebpush import WebPusher
 
+from peewee import fn
+
 from models import Membership, Message, PushSubscription
 from server.errors import Invalid, NotFound, TooLarge
 from server.services import rooms as rooms_service
@@ -213,15 +215,21 @@ def _load(ctx, rows):
         Message.id, Message.room, Message.seq, Message.sender, Message.body,
         Message.deleted).where(Message.id.in_({r.message_id for r in rows}))}
     senders = load_users(ctx, list({m.sender_id for m in messages.values()}))
-    unread = {}
-    for user_id, room_id in {(r.user_id, r.room_id) for r in rows}:
-        marker = (Membership.select(Membership.last_read_seq).where(
-            Membership.room == room_id, Membership.user == user_id).scalar())
-        unread[user_id, room_id] = 0 if marker is None else (
-            Message.select().where(
-                Message.room == room_id, Message.seq > marker,
-                Message.sender != user_id,
-                Message.deleted == False).count())  # noqa: E712
+    # Every (member, room) count in one query (a batch is mostly one
+    # room): two queries per row cost ~1 ms of CPU a push, most of it
+    # building the queries.
+    pairs = {(r.user_id, r.room_id) for r in rows}
+    count = Message.select(fn.COUNT(Message.id)).where(
+        Message.room == Membership.room,
+        Message.seq > Membership.last_read_seq,
+        Message.sender != Membership.user,
+        Message.deleted == False)  # noqa: E712
+    unread = {(user_id, room_id): n for user_id, room_id, n in
+              Membership.select(Membership.user, Membership.room,
+                                count.alias('unread')).where(
+                  Membership.room.in_({p[1] for p in pairs}),
+                  Membership.user.in_({p[0] for p in pairs})).tuples()
+              if (user_id, room_id) in pairs}
     return subs, messages, senders, unread
 
 
