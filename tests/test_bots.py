@@ -59,6 +59,30 @@ class Recorder:
                 return
 
 
+def readiness(bot) -> asyncio.Event:
+    """An event set each time the bot is caught up after a connect
+    (recovered or synced); clear it before a drop, wait for it after."""
+    ready = asyncio.Event()
+    bot.on('ready')(ready.set)
+    return ready
+
+
+async def bot_and_partner(base, **options):
+    """A started bot (``options`` for Bot) with a Recorder, and a user
+    who wrote to it once (handled): (bot, recorder, the user's client,
+    that first message)."""
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    bot = Bot(base, token, backoff=0.2, backoff_max=1.0, **options)
+    seen = Recorder(bot)
+    await bot.start(timeout=10)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    first = await dm(client, 'first', to=bot_user['username'])
+    await seen.until(first['id'])
+    return bot, seen, client, first
+
+
 async def test_echo_bot_answers_a_dm(base):
     owner, owner_token = await register(base)
     bot_user, token = await make_bot(base, owner_token)
@@ -148,16 +172,10 @@ async def test_restarted_bot_handles_each_missed_message_once(base, tmp_path):
 
 
 async def test_dropped_connection_catches_up_exactly_once(base):
-    owner, owner_token = await register(base)
-    bot_user, token = await make_bot(base, owner_token)
-    bot = Bot(base, token, backoff=0.5)
-    seen = Recorder(bot)
-    await bot.start(timeout=10)
-    alice, alice_token = await register(base)
-    client = await connect(base, alice_token)
+    """Without recovery (``recover=False``) the bot catches up with sync
+    after a reconnect (test_bot_recovery.py has it with recovery)."""
+    bot, seen, client, first = await bot_and_partner(base, recover=False)
     try:
-        first = await dm(client, 'first', to=bot_user['username'])
-        await seen.until(first['id'])
         # Drop the bot's socket; the SDK reconnects by itself and catches up
         # whatever was sent in between.
         await bot.sio.disconnect()
@@ -167,41 +185,35 @@ async def test_dropped_connection_catches_up_exactly_once(base):
         await seen.until(last['id'], timeout=20)
         assert seen.seen == [first['id']] + [m['id'] for m in missed] + [
             last['id']]
-        assert bot.connects == 2
+        assert (bot.connects, bot.recoveries, bot.syncs) == (2, 0, 2)
         # Sending still works on the new connection, and is idempotent.
         reply = await bot.send(room_id=first['room_id'], body='back',
                                client_msg_id='bot-back-1')
         again = await bot.send(room_id=first['room_id'], body='back',
                                client_msg_id='bot-back-1')
         assert again['id'] == reply['id']
-        got = await client.next('message', where=from_user(bot_user['id']))
+        got = await client.next('message', where=from_user(bot.user['id']))
         assert got['id'] == reply['id']
-        await client.nothing('message', where=from_user(bot_user['id']))
+        await client.nothing('message', where=from_user(bot.user['id']))
     finally:
         await client.close()
         await bot.stop()
 
 
 async def test_bot_survives_a_server_restart(tmp_path):
-    """The server goes away and comes back: the bot retries with backoff,
-    reconnects by itself and handles what was sent meanwhile exactly once."""
+    """The server goes away (SIGTERM) and comes back: the bot retries with
+    backoff, reconnects by itself, its recovery session (saved by the
+    server at the SIGTERM) resumes, and it handles what was sent meanwhile
+    exactly once, without sync."""
     # stop() and start() block, so they run in a thread: the bot's event
     # loop must keep running to answer the server's clean shutdown.
     server = await asyncio.to_thread(ServerProcess(tmp_path / 'server').start)
     base = server.url
     bot = None
     try:
-        owner, owner_token = await register(base)
-        bot_user, token = await make_bot(base, owner_token)
-        bot = Bot(base, token, backoff=0.2, backoff_max=1.0)
-        seen = Recorder(bot)
-        await bot.start(timeout=10)
-        alice, alice_token = await register(base)
-        client = await connect(base, alice_token)
-        first = await dm(client, 'before restart', to=bot_user['username'])
-        await seen.until(first['id'])
+        bot, seen, client, first = await bot_and_partner(base)
         await client.close()
-
+        reconnected = readiness(bot)
         assert await asyncio.to_thread(server.stop) == 0, server.read_log()
         await asyncio.to_thread(server.start)
         # Sent over HTTP while the bot may still be reconnecting.
@@ -209,13 +221,16 @@ async def test_bot_survives_a_server_restart(tmp_path):
         for i in range(4):
             status, data = await http(
                 base, 'POST', f'/api/rooms/{first["room_id"]}/messages',
-                alice_token, json={'body': f'after restart {i}',
-                                   'client_msg_id': str(uuid.uuid4())})
+                client.token, json={'body': f'after restart {i}',
+                                    'client_msg_id': str(uuid.uuid4())})
             assert status == 201, data
             posted.append(data['message']['id'])
         await seen.until(posted[-1], timeout=30)
+        await asyncio.wait_for(reconnected.wait(), 30)
         assert seen.seen == [first['id']] + posted
         assert bot.connects >= 2
+        assert bot.recovered is True
+        assert bot.recoveries == 1 and bot.syncs == 1
     finally:
         if bot is not None:
             await bot.stop()

@@ -8,7 +8,7 @@ it missed while it was down.
 """
 import logging
 
-from client_demo.bot.sdk import Bot, argument_parser, bot_from_args, run_forever
+from client_demo.postbox_bot import Bot, main_for
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ def setup(bot: Bot) -> Bot:
 
 
 def main(argv=None):
-    args = argument_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run_forever(setup(bot_from_args(args)))
+    main_for(setup, __doc__.splitlines()[0], argv)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 
-from client_demo.bot.sdk import Bot, argument_parser, bot_from_args, run_forever
+from client_demo.postbox_bot import Bot, main_for
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def setup(bot: Bot) -> Bot:
 
 
 def main(argv=None):
-    args = argument_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run_forever(setup(bot_from_args(args)))
+    main_for(setup, __doc__.splitlines()[0], argv)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,147 @@
+"""Requests: Socket.IO calls with their acks (``send`` with retries,
+``search``, group changes, inbox pages) and the HTTP API."""
+import asyncio
+import logging
+import uuid
+
+import aiohttp
+import socketio
+
+from .errors import RETRYABLE, BotError
+
+log = logging.getLogger(__name__)
+
+# Rooms per page of the inbox (``rooms`` with ``limit``).
+ROOMS_PAGE = 200
+
+
+class ApiMixin:
+    """The requests of :class:`postbox_bot.Bot`; they wait for a
+    connection (up to ``request_timeout``) when there is none."""
+
+    async def call(self, event, data=None, timeout=None):
+        """Emit ``event`` and return its successful ack; raises BotError
+        for an error ack and socketio's TimeoutError without an ack."""
+        timeout = timeout or self.request_timeout
+        if not self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.connected.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise BotError('unavailable', 'not connected') from None
+        try:
+            ack = await self.sio.call(event, data or {}, timeout=timeout)
+        except socketio.exceptions.BadNamespaceError:
+            raise BotError('unavailable', 'not connected') from None
+        if not isinstance(ack, dict) or not ack.get('ok'):
+            error = (ack or {}).get('error') or {}
+            raise BotError(error.get('code', 'internal'),
+                           error.get('message', ''), error.get('retry_after'))
+        return ack
+
+    async def send(self, body, *, room_id=None, to=None, reply_to=None,
+                   attachments=None, client_msg_id=None, attempts=6):
+        """Send a message to ``room_id`` or to the user ``to`` and return it
+        once the server has stored it. Retries on ``unavailable``, rate
+        limits, timeouts and disconnects with the same ``client_msg_id``,
+        so a retry never sends twice."""
+        if (room_id is None) == (to is None):
+            raise ValueError('give room_id or to')
+        data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4())}
+        if room_id is not None:
+            data['room_id'] = room_id
+        else:
+            data['to'] = to
+        if reply_to is not None:
+            data['reply_to'] = reply_to
+        if attachments:
+            data['attachments'] = list(attachments)
+        delay = self.backoff
+        for attempt in range(attempts):
+            try:
+                return (await self.call('send_dm', data))['message']
+            except BotError as exc:
+                if exc.code not in RETRYABLE or attempt == attempts - 1:
+                    raise
+                wait = exc.retry_after or delay
+                log.info('send %s: %s, retrying in %.1fs',
+                         data['client_msg_id'], exc.code, wait)
+            except socketio.exceptions.TimeoutError:
+                if attempt == attempts - 1:
+                    raise BotError('unavailable', 'no ack') from None
+                wait = delay
+            await asyncio.sleep(wait)
+            delay = min(self.backoff_max, delay * 2)
+
+    async def search(self, query, room_id=None, before=None, limit=None):
+        """Messages of the bot's rooms (or of ``room_id``) containing every
+        word of ``query``, newest first: ``(messages, has_more)``. For the
+        next page pass ``before=messages[-1]['id']``."""
+        data = {'query': query}
+        for name, value in (('room_id', room_id), ('before', before),
+                            ('limit', limit)):
+            if value is not None:
+                data[name] = value
+        ack = await self.call('search', data)
+        return ack['results'], ack['has_more']
+
+    async def inbox(self, page=ROOMS_PAGE):
+        """Every entry of the bot's inbox (``{room, last_message, unread,
+        last_read_seq, muted}``), latest activity first, fetched ``page``
+        rooms at a time."""
+        entries, data = [], {'limit': page}
+        while True:
+            ack = await self.call('rooms', data)
+            entries.extend(ack['rooms'])
+            if not ack.get('has_more') or not ack.get('next_before'):
+                return entries
+            data = {'limit': page, 'before': ack['next_before']}
+
+    # Groups.
+
+    async def add_members(self, room_id, usernames) -> dict:
+        """Add ``usernames`` to a group the bot is in; returns the room."""
+        return (await self.call('add_members', {
+            'room_id': room_id, 'members': list(usernames)}))['room']
+
+    async def remove_member(self, room_id, username) -> dict:
+        """Remove ``username`` from a group the bot owns; returns the
+        room."""
+        return (await self.call('remove_member', {
+            'room_id': room_id, 'username': username}))['room']
+
+    async def leave_group(self, room_id):
+        """Leave a group (``room_left`` handlers then run for it)."""
+        await self.call('leave_group', {'room_id': room_id})
+
+    async def rename_group(self, room_id, name) -> dict:
+        """Rename a group the bot owns; returns the room."""
+        return (await self.call('rename_group', {
+            'room_id': room_id, 'name': name}))['room']
+
+    async def http(self, method, path, json=None, authenticated=True):
+        """One HTTP API request; returns ``(status, data)`` for a 2xx answer
+        and raises BotError with the server's error code otherwise."""
+        headers = {}
+        if authenticated:
+            headers['Authorization'] = f'Bearer {self.token}'
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        async with self._session().request(
+                method, self.url + path, json=json, headers=headers,
+                timeout=timeout) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = None  # e.g. a proxy's HTML error page
+            if resp.status >= 400:
+                error = (data or {}).get('error') or {}
+                raise BotError(error.get('code', str(resp.status)),
+                               error.get('message', ''),
+                               error.get('retry_after'))
+            return resp.status, data
+
+    def _session(self) -> aiohttp.ClientSession:
+        # One session for the HTTP API and Engine.IO, made on first use and
+        # closed when run() ends or by stop().
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http

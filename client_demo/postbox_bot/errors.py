@@ -1,0 +1,18 @@
+"""The errors a bot sees: the server's error codes, as exceptions."""
+
+# Error codes worth retrying a send for, with the same client_msg_id.
+RETRYABLE = ('unavailable', 'rate_limited', 'internal')
+
+
+class BotError(Exception):
+    """A request the server refused: ``code`` is the contract's error code."""
+
+    def __init__(self, code, message='', retry_after=None):
+        super().__init__(f'{code}: {message}' if message else code)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class LoginFailed(BotError):
+    """The username and password were refused: retrying will not help."""

@@ -1,0 +1,121 @@
+"""The bot SDK's connection state recovery (PROTOCOL v2) against a real
+server: a bot whose transport drops resumes its session and gets what it
+missed replayed before its live events, without ``sync``, any number of
+times; an unknown session falls back to ``sync``; a group made while the
+bot was away comes from its start. Every message is handled exactly once
+either way. (The SIGTERM restart is test_bots.py's
+test_bot_survives_a_server_restart.) And the drift test of the SDK's one
+python-socketio override."""
+import asyncio
+import hashlib
+import importlib.metadata
+import inspect
+import tomllib
+
+from packaging.requirements import Requirement
+
+from client_demo.postbox_bot import socketio_async_client
+from tests.helpers import ROOT
+from tests.test_bots import bot_and_partner, dm, readiness
+from tests.test_upstream import (declared, resolve, source_names,
+                                 upstream_classes, upstream_has)
+
+
+async def drop_transport(bot):
+    """Close the bot's Engine.IO transport under it, as a network drop
+    would; the SDK reconnects by itself."""
+    await bot.sio.eio.disconnect(abort=True)
+
+
+async def away_and_back(bot, seen, client, room_id, count):
+    """Drop the bot's transport, send ``count`` messages to ``room_id``
+    and one more, and wait until the bot is back and has handled them;
+    returns their ids in order."""
+    reconnected = readiness(bot)
+    await drop_transport(bot)
+    sent = [(await dm(client, f'while away {i}', room_id=room_id))['id']
+            for i in range(count + 1)]
+    await seen.until(sent[-1], timeout=20)
+    await asyncio.wait_for(reconnected.wait(), 20)
+    return sent
+
+
+async def test_dropped_transport_is_recovered_without_sync(base):
+    bot, seen, client, first = await bot_and_partner(base)
+    try:
+        assert (bot.syncs, bot.recoveries) == (1, 0)
+        sent = await away_and_back(bot, seen, client, first['room_id'], 5)
+        assert seen.seen == [first['id']] + sent
+        # The server replayed the gap; the bot did not sync again.
+        assert bot.recovered is True
+        assert (bot.connects, bot.recoveries, bot.syncs) == (2, 1, 1)
+        # And again: a session recovers any number of times.
+        again = await away_and_back(bot, seen, client, first['room_id'], 2)
+        assert seen.seen == [first['id']] + sent + again
+        assert (bot.connects, bot.recoveries, bot.syncs) == (3, 2, 1)
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_unknown_session_falls_back_to_sync(base):
+    bot, seen, client, first = await bot_and_partner(base)
+    try:
+        # A session the server does not know (as after a SIGKILL).
+        bot._pid = 'no-such-session'
+        sent = await away_and_back(bot, seen, client, first['room_id'], 3)
+        assert seen.seen == [first['id']] + sent
+        assert bot.recovered is False
+        assert (bot.connects, bot.recoveries, bot.syncs) == (2, 0, 2)
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+async def test_group_made_while_away_comes_once(base):
+    """The replay brings a group the bot did not know: the bot takes it
+    from the group's start (by a catch-up), each message once."""
+    bot, seen, client, first = await bot_and_partner(base)
+    try:
+        reconnected = readiness(bot)
+        await drop_transport(bot)
+        ack = await client.call('create_group', {
+            'name': 'while away', 'members': [bot.user['username']]})
+        assert ack['ok'], ack
+        group = ack['room']
+        sent = [await dm(client, f'group {i}', room_id=group['id'])
+                for i in range(3)]
+        await seen.until(sent[-1]['id'], timeout=20)
+        await asyncio.wait_for(reconnected.wait(), 20)
+        assert seen.seen == [first['id']] + [m['id'] for m in sent]
+        assert bot.rooms[group['id']]['kind'] == 'group'
+    finally:
+        await client.close()
+        await bot.stop()
+
+
+def test_the_python_socketio_override_has_not_drifted():
+    """The SDK's override of python-socketio (fenced as server/upstream/
+    is, checked with tests/test_upstream.py's tools): its private names
+    exist in the installed version and none is used undeclared, the code
+    it relies on hashes as it did, and the installed version is within
+    the SDK's pin."""
+    module = socketio_async_client
+    missing = [f'{owner}.{attr}' for owner, attr in declared(module)
+               if not upstream_has(resolve(owner), attr)]
+    assert not missing
+    used, own = source_names(module)
+    names = {attr for _, attr in declared(module)}
+    undeclared = [attr for attr in sorted(used - names) if any(
+        upstream_has(c, attr) for c in upstream_classes(module))]
+    assert not undeclared
+    for dotted, expected in module.COPIED.items():
+        source = inspect.getsource(resolve(dotted))
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == expected, \
+            f'{dotted} changed upstream: re-read the override'
+    project = tomllib.loads((ROOT / 'client_demo' / 'postbox_bot' /
+                             'pyproject.toml').read_text())['project']
+    pins = {r.name: r.specifier for r in map(Requirement,
+                                             project['dependencies'])}
+    assert pins['python-socketio'].contains(
+        importlib.metadata.version('python-socketio'))
