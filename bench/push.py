@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import http_ece
@@ -130,6 +131,14 @@ class Receiver:
         return {'kind': 'gateway', 'app_id': 'bench', 'pushkey': f'pk{n}'}
 
 
+def failed_attempts(url) -> float:
+    """The server's count of failed outbox delivery attempts so far."""
+    with urllib.request.urlopen(url + '/metrics', timeout=10) as resp:
+        return sum(float(line.rsplit(' ', 1)[1]) for line in
+                   resp.read().decode().splitlines()
+                   if line.startswith('postbox_outbox_failed_total'))
+
+
 async def subscribe_all(url, users, receiver, kind, tag):
     """One subscription of ``kind`` for each of ``users``."""
     async with load.new_session() as session:
@@ -167,6 +176,7 @@ def run_offline(url, pid, receiver, members=1000, repeats=5, timeout=30.0):
                 for kind in groups:
                     load.wait_idle(pid, interval=0.2)
                     receiver.reset()
+                    failed0 = failed_attempts(url)
                     c0 = load.proc_cpu_seconds(pid)
                     t0 = time.monotonic()
                     await sender.call('send_dm', {
@@ -187,7 +197,9 @@ def run_offline(url, pid, receiver, members=1000, repeats=5, timeout=30.0):
                     res = {'reached': len(counts),
                            'arrivals': sum(counts.values()),
                            'seconds': last - t0 if counts else None,
-                           'ack_ms': acked * 1000, 'cpu_s': c1 - c0}
+                           'ack_ms': acked * 1000, 'cpu_s': c1 - c0,
+                           'failed': failed_attempts(url) - failed0,
+                           'loadavg': os.getloadavg()[0]}
                     if kind == 'webpush' and counts:
                         payload = receiver.decrypt_first()
                         res['decrypted'] = payload.get('body') == \
@@ -195,7 +207,8 @@ def run_offline(url, pid, receiver, members=1000, repeats=5, timeout=30.0):
                     log(f'offline {kind} #{r + 1}: {res["reached"]} members '
                         f'reached ({res["arrivals"]} arrivals) in '
                         f'{res["seconds"] or 0:.2f} s, server CPU '
-                        f'{res["cpu_s"]:.2f} s' + (
+                        f'{res["cpu_s"]:.2f} s, {res["failed"]:.0f} failed '
+                        f'attempts, load average {res["loadavg"]:.1f}' + (
                             f', payload decrypted: {res["decrypted"]}'
                             if 'decrypted' in res else ''))
                     out[kind].append(res)
@@ -269,7 +282,8 @@ def report(res, args, note=''):
         'From the send to the last arrival at the receiver (loopback), one '
         'subscription per member:', '',
         '| subscriptions | seconds to all | min-max | members reached | '
-        'arrivals | server CPU |', '|---|---|---|---|---|---|']
+        'arrivals | failed attempts | server CPU |',
+        '|---|---|---|---|---|---|---|']
     verdicts = []
     for kind, runs in res['offline'].items():
         secs = [r['seconds'] for r in runs]
@@ -283,12 +297,17 @@ def report(res, args, note=''):
             f'-{max(s or 0 for s in secs):.2f} s | '
             f'{reached:,} (fewest of {len(runs)} runs) | '
             f'{sum(r["arrivals"] for r in runs):,} in {len(runs)} runs | '
+            f'{sum(r["failed"] for r in runs):.0f} | '
             f'{_med([r["cpu_s"] for r in runs]):.2f} s |')
     decrypted = [r.get('decrypted') for r in res['offline'].get('webpush', [])]
     lines += ['', f'Web Push payloads decrypted with the subscription keys: '
               f'{sum(bool(d) for d in decrypted)} of {len(decrypted)} '
               f'checked. Target (every member once, within 5 s, every run): '
-              + '; '.join(verdicts) + '.', '']
+              + '; '.join(verdicts) + '. 1-minute load average during '
+              'these runs: ' + ', '.join(
+                  f'{r["loadavg"]:.1f}' for runs in res['offline'].values()
+                  for r in runs) + ' (2 cores: the time to all is the '
+              'share of the cores the server got).', '']
     online = res['online']
     lines += [
         '## Nobody offline: CPU per message, push on vs off', '',

@@ -26,6 +26,7 @@ Writes ``bench/results/recovery.md`` (unless ``--no-report``).
 import argparse
 import asyncio
 import glob
+import os
 import statistics
 import sys
 import tempfile
@@ -231,10 +232,14 @@ def scenario(args, results, workdir):
     events = getattr(args, 'events', 1000)  # run.py's args have none
     env = {'POSTBOX_RECOVERY_MAX_EVENTS': str(max(500, events)),
            'POSTBOX_SYNC_PAGE_SIZE': str(max(500, events))}
+    loadavg = [os.getloadavg()[0]]
     with Server('postbox', workdir, args.pin, env) as server:
         replay = run_replay(server.url, server.pid, events, args.repeats)
+        loadavg.append(os.getloadavg()[0])
         live = run_live(server.url, server.pid, args)
-    results['recovery'] = {'replay': replay, 'live': live, 'events': events}
+        loadavg.append(os.getloadavg()[0])
+    results['recovery'] = {'replay': replay, 'live': live, 'events': events,
+                           'loadavg': loadavg}
     if not getattr(args, 'no_report', False):
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / 'recovery.md').write_text(report(
@@ -254,6 +259,9 @@ def report(res, args, note=''):
         f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; '
         f'`python bench/{args.command} {" ".join(args.argv)}`', '',
         note, '',
+        '1-minute load average at the start, between the parts and at the '
+        'end: ' + ' / '.join(f'{x:.1f}' for x in res['loadavg']) +
+        ' (2 cores).', '',
         f'## Replaying {res["events"]:,} missed events', '',
         f'Server CPU (all threads) from the reconnect to its CONNECT reply, '
         f'{len(rec)} recoveries, each of {res["events"]:,} messages, '
