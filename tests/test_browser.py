@@ -8,95 +8,24 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.helpers import NO_RATE_LIMITS, ServerProcess, unique_name
+from tests.browser_kit import (  # noqa: F401 (browser, people: fixtures)
+    ARTIFACTS, PASSWORD, WAIT_MS, browser, open_dm, pair, people, send, serve,
+    shot, sign_up)
+from tests.helpers import NO_RATE_LIMITS, unique_name
 
-# Every run writes its screenshots here; *.png in it is gitignored, so a
-# test run leaves the work tree clean.
-ARTIFACTS = Path(__file__).resolve().parent / 'artifacts'
 DOCS = Path(__file__).resolve().parent.parent / 'docs'
 # docs/screenshot.png (the README's picture) is tracked: it is refreshed from
 # the showcase shot only when POSTBOX_UPDATE_SCREENSHOT=1 is set, e.g.
 # POSTBOX_UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py -k product
 UPDATE_SCREENSHOT = os.environ.get('POSTBOX_UPDATE_SCREENSHOT') == '1'
-CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic',
-                 '--no-first-run', '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync']
-WAIT_MS = 15000
-PASSWORD = 'correct horse battery'
-# The machine may be busy with other tests: be patient, never sleep.
-expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     # No per-user rate limits: the history test sends many messages fast.
-    proc = ServerProcess(tmp_path_factory.mktemp('browser'),
-                         env=NO_RATE_LIMITS)
-    proc.start()
-    yield proc
-    assert proc.stop() == 0, proc.read_log()
-
-
-@pytest.fixture(scope='module')
-def browser():
-    executable = shutil.which('chromium')
-    assert executable, 'chromium is installed by tests/run.sh'
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable,
-                                    args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def people(browser, server):
-    """Returns a function making a new person: their own browser context
-    (own storage) with the page open at the server."""
-    contexts = []
-
-    def person():
-        context = browser.new_context(viewport={'width': 1100, 'height': 720})
-        contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        errors = []
-        page.on('pageerror', lambda exc: errors.append(str(exc)))
-        page.on('dialog', lambda d: errors.append(f'dialog: {d.message}'))
-        page.errors = errors
-        # Console errors: a CSP violation or a missing file shows up here.
-        page.console_errors = []
-        page.on('console', lambda msg: page.console_errors.append(msg.text)
-                if msg.type == 'error' else None)
-        page.goto(server.url + '/')
-        return page
-
-    yield person
-    for context in contexts:
-        context.close()
-
-
-def sign_up(page, username, display_name):
-    page.click('#tab-register')
-    page.fill('#auth-username', username)
-    page.fill('#auth-display-name', display_name)
-    page.fill('#auth-password', PASSWORD)
-    page.click('#auth-submit')
-    expect(page.locator('#app')).to_be_visible()
-    expect(page.locator('#me-name')).to_have_text(display_name)
-    expect(page.locator('#banner')).to_be_hidden()
-
-
-def open_dm(page, username, title):
-    page.fill('#new-dm-username', username)
-    page.click('#new-dm-submit')
-    expect(page.locator('#room-title')).to_have_text(title)
-
-
-def send(page, text):
-    page.fill('#composer-input', text)
-    page.press('#composer-input', 'Enter')
+    yield from serve(tmp_path_factory, 'browser', NO_RATE_LIMITS)
 
 
 def bubbles(page):
@@ -133,11 +62,6 @@ def seed(page, room_id, texts):
     }""", [room_id, texts])
 
 
-def shot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name))
-
-
 def png_bytes(width=300, height=190):
     """A small sunset picture."""
     image = Image.new('RGB', (width, height))
@@ -155,16 +79,6 @@ def png_bytes(width=300, height=190):
     out = io.BytesIO()
     image.save(out, 'PNG')
     return out.getvalue()
-
-
-def pair(people):
-    """Two signed-up people, Alice with the dm to Bob open."""
-    alice, bob = people(), people()
-    a_name, b_name = unique_name('alice'), unique_name('bob')
-    sign_up(alice, a_name, 'Alice Martin')
-    sign_up(bob, b_name, 'Bob Chen')
-    open_dm(alice, b_name, 'Bob Chen')
-    return alice, bob, a_name, b_name
 
 
 def test_live_dm_typing_seen_and_reload(people):
@@ -749,3 +663,35 @@ def test_group_members_panel(people):
     for page in (alice, bob, carol, dan):
         assert page.errors == [] and page.console_errors == [], (
             page.errors, page.console_errors)
+
+
+def test_inbox_loads_in_pages(people):
+    """The inbox asks for 30 conversations at a time (`rooms` with
+    {limit, before}); "More conversations" loads the rest."""
+    page = people()
+    sign_up(page, unique_name('gail'), 'Gail Park')
+    # 35 groups made from a second socket of Gail's (the page's global io).
+    page.evaluate("""async (count) => {
+        const socket = io({auth: {token: localStorage.getItem('postbox.token')},
+                           forceNew: true});
+        await new Promise((resolve) => socket.on('connect', resolve));
+        for (let i = 0; i < count; i++) {
+            const ack = await socket.timeout(15000).emitWithAck(
+                'create_group', {name: `Group ${String(i).padStart(2, '0')}`, members: []});
+            if (!ack.ok) throw new Error(JSON.stringify(ack));
+        }
+        socket.disconnect();
+    }""", 35)
+    items = page.locator('.inbox-item')
+    expect(items).to_have_count(35)  # live, as each was made
+    page.reload()
+    expect(page.locator('#app')).to_be_visible()
+    expect(items).to_have_count(30)
+    more = page.locator('#inbox-more')
+    expect(more).to_be_visible()
+    more.click()
+    expect(items).to_have_count(35)
+    expect(more).to_be_hidden()
+    names = items.locator('.inbox-name').all_inner_texts()
+    assert sorted(names) == [f'Group {i:02d}' for i in range(35)]
+    assert page.errors == [] and page.console_errors == []

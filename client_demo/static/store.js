@@ -8,6 +8,7 @@ export function createState(me = null) {
   return {
     me,                     // the signed-in user
     rooms: new Map(),       // room id -> inbox entry {room, last_message, unread, last_read_seq, muted}
+    inboxPaged: false,      // the first inbox page came
     inboxMore: false,       // more inbox pages on the server
     inboxCursor: null,      // `before` for the next inbox page
     convos: new Map(),      // room id -> loaded conversation, see convo()
@@ -64,16 +65,16 @@ export function totalUnread(state) {
   return n;
 }
 
-// One page of `rooms` ({rooms, has_more, next_before}). The first page
-// (`first`) refreshes the entries it lists and keeps the rest; later pages
-// add theirs. The cursor moves only while paging on (a refresh of the
-// first page after a reconnect does not rewind it).
-export function applyInboxPage(state, ack, first) {
+// One page of `rooms` ({rooms, has_more, next_before}); its entries
+// replace what was known of those rooms, the others stay. `refresh` is the
+// first page loaded again (after a reconnect): it does not rewind the
+// paging cursor once paging has started.
+export function applyInboxPage(state, ack, refresh) {
   for (const entry of ack.rooms) state.rooms.set(entry.room.id, {muted: false, ...entry});
-  if (!first || state.inboxCursor === null) {
-    state.inboxMore = !!ack.has_more;
-    state.inboxCursor = ack.has_more ? ack.next_before : null;
-  }
+  if (refresh && state.inboxPaged) return;
+  state.inboxPaged = true;
+  state.inboxMore = !!ack.has_more;
+  state.inboxCursor = ack.has_more ? ack.next_before : null;
 }
 
 // A new room, or a group whose members, owner or name changed.
