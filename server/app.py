@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import socketio
 from aiohttp import web
 
 from server import fastjson
@@ -33,23 +32,22 @@ from server.services.presence_redis import RedisPresence
 from server.services.serialize import load_users
 from server.storage import LocalStorage, private_data
 from server.store import Store, open_database
-from server.transport import attachments_http, http
+from server.transport import attachments_http, http, http_base
 from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
 from server.upstream.socketio_server import Server
-from server.transport.manager import LocalManager
+from server.upstream.socketio_manager import LocalManager
 from server.upstream.socketio_packet import JsonPacket
 from server.transport.realtime import Realtime, user_room
 from server.transport.recovery import Recovery
 from server.transport.redis_manager import RedisManager
+from server.typedefs import (CLUSTER, CONFIG, CTX, DISCONNECT_USER,
+                             HEALTH_CHECKS, READY_CHECKS, REALTIME, SIO,
+                             SOCKETS)
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / 'client_demo'
-SIO = web.AppKey('sio', socketio.AsyncServer)
-SOCKETS = web.AppKey('sockets', object)
-CONFIG = web.AppKey('config', object)
-REDIS = web.AppKey('redis', object)
 
 # After the drain has acked everything in flight, how long aiohttp lets
 # connection handlers finish before cancelling them: nothing of value is
@@ -74,15 +72,30 @@ GC_THRESHOLDS = (20_000, 50, 100)
 
 
 def create_app(config) -> web.Application:
-    """Build the aiohttp app with Socket.IO attached. The database, writer
-    and background tasks start with the app (``cleanup_ctx``) and stop
-    with it."""
-    metrics = Metrics()
+    """Build the aiohttp app with Socket.IO attached; runs nothing."""
     app = web.Application(
-        middlewares=[http.websockets_pass(http.metrics_middleware),
-                     http.websockets_pass(http.errors_middleware)],
+        middlewares=http_base.MIDDLEWARES,
         client_max_size=config.max_payload_bytes)
-    app.on_response_prepare.append(http.security_headers)
+    app.on_response_prepare.append(http_base.security_headers)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    store = setup_database(app)
+    manager = setup_cluster(app)
+    setup_context(app, store, manager)
+    setup_socketio(app, manager)
+    setup_routes(app)
+    setup_background(app)
+    app.on_startup.append(_settle_gc)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+def setup_database(app) -> Store:
+    """The database and its writer and reader threads (started with the
+    app). Readiness (/readyz): the database answers and writes fit on its
+    disk. Liveness (/healthz): the writer thread and the reader pool run;
+    a database outage is not a reason to restart the process."""
+    config, metrics = app[CONFIG], app[METRICS]
     private_data(config)  # data dir 0700, database and files 0600
     database = open_database(config.effective_database_url, config)
     store = Store(database, batch_max=config.write_batch_max,
@@ -90,13 +103,100 @@ def create_app(config) -> web.Application:
                   queue_max=config.write_queue_max,
                   on_batch=metrics.observe_batch)
     metrics.store = store
-    ctx = Context(store, config, ensure_secret(config))
-    ctx.typing = Typing(config.typing_throttle_seconds)
-    ctx.metrics = metrics
-    ctx.limits = Limits(config)
-    ctx.storage = LocalStorage(config.attachments_path)
+    app[READY_CHECKS] = [
+        ('database', lambda: store.database_ready(CHECK_SECONDS)),
+        ('disk', store.disk_ready),
+    ]
+    app[HEALTH_CHECKS] = [
+        ('writer', store.writer_alive),
+        ('readers', store.readers_alive),
+    ]
 
-    manager = _client_manager(config)
+    async def database_life(app):
+        store.start()
+        yield
+        await app[CTX].presence.close()
+        await store.close()
+
+    app.cleanup_ctx.append(database_life)
+    return store
+
+
+def setup_cluster(app):
+    """With Redis: the Socket.IO manager that fans out across processes,
+    started with the app (after the database, stopped before it); else
+    None (one process)."""
+    config = app[CONFIG]
+    if not config.redis_url:
+        return None
+    manager = RedisManager(
+        config.redis_url, config.redis_channel,
+        max_connections=config.redis_max_connections,
+        queue_max=config.redis_publish_queue_max,
+        heartbeat=config.redis_heartbeat_seconds,
+        socket_timeout=config.redis_timeout_seconds,
+        retry_max=config.redis_retry_max_seconds,
+        probe_interval=config.redis_probe_seconds,
+        probe_timeout=config.redis_probe_timeout_seconds)
+    app[CLUSTER] = manager
+    app[READY_CHECKS].append(('redis', manager.ready))
+
+    async def cluster_life(app):
+        await manager.start()
+        presence_ = app[CTX].presence
+        presence_.start()
+        yield
+        await presence_.close()  # before Redis goes: its timers use it
+        await manager.close()
+
+    app.cleanup_ctx.append(cluster_life)
+    return manager
+
+
+def setup_context(app, store, manager) -> Context:
+    """The services' shared state, built once (server/services/context.py)."""
+    config = app[CONFIG]
+    limits = Limits(config)
+    on_presence = functools.partial(_presence_changed, app)
+    if manager is None:
+        presence_ = Presence(store, config.presence_grace_seconds,
+                             on_presence)
+    else:
+        presence_ = RedisPresence(store, config.presence_grace_seconds,
+                                  on_presence, manager)
+        # Connections per user and per address, failed logins and
+        # registrations per address count across processes.
+        limits.connections = SharedConnections(
+            config.max_connections_per_user, config.max_connections_per_ip,
+            manager, manager.key_prefix)
+        limits.logins = SharedThrottle(limits.logins, manager,
+                                       manager.key_prefix)
+        limits.registrations = SharedThrottle(
+            limits.registrations, manager, manager.key_prefix)
+    app[CTX] = ctx = Context(
+        store, config, ensure_secret(config), metrics=app[METRICS],
+        limits=limits, presence=presence_,
+        typing=Typing(config.typing_throttle_seconds),
+        storage=LocalStorage(config.attachments_path),
+        vapid_public_key=push.public_key(push.load_vapid(config)))
+    return ctx
+
+
+async def _presence_changed(app, user_id, online, last_seen):
+    """Tell the user's watchers they came or went. With Redis the user may
+    have been seen only by another process."""
+    ctx = app[CTX]
+    users = await ctx.store.read(load_users, ctx, [user_id])
+    user = users.get(user_id)
+    if user is None:
+        return
+    watchers = await presence.watchers(ctx, user_id)
+    await app[REALTIME].presence(user, online, last_seen, watchers)
+
+
+def setup_socketio(app, manager):
+    """The Socket.IO server on /socket.io/, its handlers and delivery."""
+    config, ctx, metrics = app[CONFIG], app[CTX], app[METRICS]
     # Per-message deflate off unless configured: for chat-sized frames it
     # costs more CPU than it saves. A short close timeout: a client that
     # has gone silent must not hold up a clean shutdown.
@@ -118,175 +218,47 @@ def create_app(config) -> web.Application:
                       on_cut=lambda sid: metrics.slow_clients.inc())
     metrics.manager = sio.manager
     realtime = Realtime(sio)
+    # With Redis, dropped sockets' recovery sessions are kept there (any
+    # process recovers them); else in this process and, across a SIGTERM
+    # restart, in data_dir.
     sio.recovery = Recovery(sio, ctx, metrics, config.recovery_window_seconds,
                             config.recovery_max_events)
+    sio.recovery.shared = manager
     instrument_fanout(realtime, metrics)
     # A group's members changed: every process forgets the cached room.
     realtime.forget_room = functools.partial(rooms.forget_room, ctx)
     if manager is not None:
         manager.on_notice = realtime.on_notice
-
-    async def presence_changed(user_id, online, last_seen):
-        # With Redis the user may have been seen only by another process.
-        users = await ctx.store.read(load_users, ctx, [user_id])
-        user = users.get(user_id)
-        if user is None:
-            return
-        watchers = await presence.watchers(ctx, user_id)
-        await realtime.presence(user, online, last_seen, watchers)
-
-    if manager is None:
-        ctx.presence = Presence(store, config.presence_grace_seconds,
-                                presence_changed)
     else:
-        ctx.presence = RedisPresence(store, config.presence_grace_seconds,
-                                     presence_changed, manager)
-
-    app[CONFIG] = config
-    app[http.CTX] = ctx
-    app[http.REALTIME] = realtime
-    app[SIO] = sio
-    app[SOCKETS] = sockets = socket_transport.register(sio, ctx, realtime)
-    app[METRICS] = metrics
-
-    async def disconnect_user(user_id):
-        """Close every socket of the user (revoked tokens): with Redis on
-        every process, else this process's."""
-        if manager is not None:
-            await manager.disconnect_room(user_room(user_id))
-            return
-        for sid in list(sockets.by_user.get(user_id, ())):
-            await sio.disconnect(sid)
-
-    app[http.DISCONNECT_USER] = disconnect_user
-    # Readiness (/readyz): the database answers and writes fit on its
-    # disk. Liveness (/healthz): the writer thread and the reader pool run;
-    # a database outage is not a reason to restart the process.
-    app[http.READY_CHECKS] = [
-        ('database', lambda: store.database_ready(CHECK_SECONDS)),
-        ('disk', store.disk_ready),
-    ]
-    app[http.HEALTH_CHECKS] = [
-        ('writer', store.writer_alive),
-        ('readers', store.readers_alive),
-    ]
-    if manager is not None:
-        app[REDIS] = manager
-        app[http.READY_CHECKS].append(('redis', manager.ready))
-        # Connections per user and per address, failed logins and
-        # registrations per address count across processes.
-        ctx.limits.connections = SharedConnections(
-            config.max_connections_per_user, config.max_connections_per_ip,
-            manager, manager.key_prefix)
-        ctx.limits.logins = SharedThrottle(ctx.limits.logins, manager,
-                                           manager.key_prefix)
-        ctx.limits.registrations = SharedThrottle(
-            ctx.limits.registrations, manager, manager.key_prefix)
+        app.on_startup.append(_load_recovery)
     # Engine.IO sessions not (yet) connected to Socket.IO hold a place of
     # their address's connection limit too.
     sio.count_sessions(ctx.limits.connections)
+    app[SIO] = sio
+    app[REALTIME] = realtime
+    app[SOCKETS] = socket_transport.register(sio, ctx, realtime)
+    app[DISCONNECT_USER] = functools.partial(_disconnect_user, app)
+
+
+async def _load_recovery(app):
+    app[SIO].recovery.load(app[CONFIG].data_dir)
+
+
+async def _disconnect_user(app, user_id):
+    """Close every socket of the user (revoked tokens): with Redis on every
+    process, else this process's."""
+    if CLUSTER in app:
+        await app[CLUSTER].disconnect_room(user_room(user_id))
+        return
+    sio = app[SIO]
+    for sid in list(app[SOCKETS].by_user.get(user_id, ())):
+        await sio.disconnect(sid)
+
+
+def setup_routes(app):
     http.add_routes(app)
     attachments_http.add_routes(app)
     app.router.add_get('/metrics', metrics_view)
-    _add_demo(app)
-
-    async def storage(app):
-        store.start()
-        yield
-        await ctx.presence.close()
-        await store.close()
-
-    app.cleanup_ctx.append(storage)
-
-    async def attachment_cleanup(app):
-        task = asyncio.create_task(attachments.cleanup_forever(ctx))
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    app.cleanup_ctx.append(attachment_cleanup)
-
-    async def search_backfill(app):
-        # Messages stored before the upgrade that added search: indexed
-        # in the background, a batch per write transaction.
-        task = asyncio.create_task(search_service.backfill(ctx))
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    app.cleanup_ctx.append(search_backfill)
-
-    async def outbox_dispatch(app):
-        # Bot webhooks and pushes: rows written with each send, delivered
-        # in the background (server/services/outbox.py).
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=config.outbox_timeout_seconds),
-            connector=aiohttp.TCPConnector(
-                limit=config.outbox_concurrency,
-                resolver=None if config.webhook_allow_private
-                else webhooks.PublicResolver()))
-        dispatcher = outbox.Dispatcher(ctx, {
-            'webhook': webhooks.WebhookSender(ctx, session),
-            'push': push.PushSender(ctx, session)}, metrics)
-        metrics.outbox = dispatcher
-        loop = asyncio.get_running_loop()
-        ctx.outbox_wake = lambda: loop.call_soon_threadsafe(dispatcher.wake)
-        dispatcher.start()
-        yield
-        ctx.outbox_wake = None
-        await dispatcher.close()
-        await session.close()
-
-    app.cleanup_ctx.append(outbox_dispatch)
-    if manager is not None:
-        async def redis_fanout(app):
-            await manager.start()
-            ctx.presence.start()
-            yield
-            await ctx.presence.close()  # before Redis goes: its timers use it
-            await manager.close()
-
-        app.cleanup_ctx.append(redis_fanout)
-    # With Redis, dropped sockets' recovery sessions are kept there (any
-    # process recovers them); else in this process and, across a SIGTERM
-    # restart, in data_dir.
-    sio.recovery.shared = manager
-    if manager is None:
-        async def load_recovery(app):
-            sio.recovery.load(config.data_dir)
-
-        app.on_startup.append(load_recovery)
-    app.on_startup.append(_settle_gc)
-    app.on_shutdown.append(_drain)
-    return app
-
-
-async def _settle_gc(app):
-    """Runs after the store and background tasks have started: what
-    exists now lives as long as the process, so the collector stops
-    walking it (``gc.freeze``), and collects less often from here on."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def _client_manager(config):
-    """The Socket.IO client manager: in-process without Redis, our Redis
-    fan-out manager with it."""
-    if not config.redis_url:
-        return None
-    return RedisManager(
-        config.redis_url, config.redis_channel,
-        max_connections=config.redis_max_connections,
-        queue_max=config.redis_publish_queue_max,
-        heartbeat=config.redis_heartbeat_seconds,
-        socket_timeout=config.redis_timeout_seconds,
-        retry_max=config.redis_retry_max_seconds,
-        probe_interval=config.redis_probe_seconds,
-        probe_timeout=config.redis_probe_timeout_seconds)
-
-
-def _add_demo(app):
     index = DEMO_DIR / 'index.html'
 
     async def demo(request):
@@ -298,12 +270,64 @@ def _add_demo(app):
         app.router.add_static('/static/', static)
 
 
+def setup_background(app):
+    """Tasks that run while the app serves: expired uploads are removed;
+    messages stored before the upgrade that added search are indexed, a
+    batch per write transaction; bot webhooks and pushes are delivered."""
+    app.cleanup_ctx.append(_task_while_serving(attachments.cleanup_forever))
+    app.cleanup_ctx.append(_task_while_serving(search_service.backfill))
+    app.cleanup_ctx.append(_outbox_life)
+
+
+def _task_while_serving(run):
+    """A ``cleanup_ctx`` step running ``await run(ctx)`` as a task from
+    startup to cleanup."""
+    async def task_life(app):
+        task = asyncio.create_task(run(app[CTX]))
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return task_life
+
+
+async def _outbox_life(app):
+    """Bot webhooks and pushes: rows written with each send, delivered in
+    the background (server/services/outbox.py)."""
+    ctx, config = app[CTX], app[CONFIG]
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=config.outbox_timeout_seconds),
+        connector=aiohttp.TCPConnector(
+            limit=config.outbox_concurrency,
+            resolver=None if config.webhook_allow_private
+            else webhooks.PublicResolver()))
+    dispatcher = outbox.Dispatcher(ctx, {
+        'webhook': webhooks.WebhookSender(ctx, session),
+        'push': push.PushSender(ctx, session)}, ctx.metrics)
+    ctx.metrics.outbox = dispatcher
+    loop = asyncio.get_running_loop()
+    ctx.outbox_wake.hook = lambda: loop.call_soon_threadsafe(dispatcher.wake)
+    dispatcher.start()
+    yield
+    ctx.outbox_wake.hook = None
+    await dispatcher.close()
+    await session.close()
+
+
+async def _settle_gc(app):
+    """Runs after the store and background tasks have started: what
+    exists now lives as long as the process, so the collector stops
+    walking it (``gc.freeze``), and collects less often from here on."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _drain(app):
     """SIGTERM: refuse new events, let the ones in flight commit and ack,
     then close every socket."""
     sockets = app[SOCKETS]
     sockets.draining = True
-    ctx = app[http.CTX]
+    ctx = app[CTX]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DRAIN_SECONDS
     while (sockets.in_flight or ctx.store.pending) and \

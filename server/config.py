@@ -124,6 +124,16 @@ class Config:
     # built from the cache instead of reading and serialising 5,000 last
     # messages (about 140 ms of CPU). 20,000 rooms: ~20 MB when full.
     inbox_cache_rooms: int = 20000
+    # Users' public fields (id, username, display name; ~300 bytes each)
+    # kept per process: every delivered message and inbox row names its
+    # sender, so the active users must fit. 100,000 users: ~30 MB when
+    # full; the least recently used go first.
+    user_cache_entries: int = 100000
+    # Rooms' kind and member ids kept per process (read on every send):
+    # a DM is ~250 bytes, a 1,000-member group ~9 KB, so 50,000 rooms are
+    # ~15 MB when most are DMs (~450 MB if all were such groups), and a
+    # warm 5,000-room inbox fits ten times over.
+    room_cache_entries: int = 50000
 
     # Typing: forward a typing:true at most once per this many seconds per
     # user and room; receivers expire it after 8 s (the contract).

@@ -16,14 +16,19 @@ class PostboxError(Exception):
 
 
 class Invalid(PostboxError):
+    """The payload breaks the contract: a field missing, of the wrong type
+    or out of range."""
     code, status = 'invalid', 400
 
 
 class Unauthorized(PostboxError):
+    """No token, a bad or revoked one, or wrong credentials."""
     code, status = 'unauthorized', 401
 
 
 class Forbidden(PostboxError):
+    """The user may not do this here: not a member of the room, not its
+    owner, blocked by the other user."""
     code, status = 'forbidden', 403
 
 
@@ -32,10 +37,14 @@ class NotFound(PostboxError):
 
 
 class Conflict(PostboxError):
+    """The name is taken, or the thing changed under the request (a
+    ``client_msg_id`` reused for another message)."""
     code, status = 'conflict', 409
 
 
 class TooLarge(PostboxError):
+    """Past a size or count limit of the config: body, upload, members,
+    reactions, subscriptions."""
     code, status = 'too_large', 413
 
 
@@ -54,6 +63,8 @@ class RateLimited(PostboxError):
 
 
 class Unavailable(PostboxError):
+    """The database or Redis does not answer, its disk is full, or the
+    process is shutting down: the client may retry."""
     code, status = 'unavailable', 503
 
 

@@ -419,8 +419,9 @@ async def test_argon2_work_at_once_is_bounded():
     """A burst of hashes and checks runs at most ``argon2_concurrency``
     at a time (each takes 64 MiB), however many threads are free."""
     import threading
-    import types
+    from server.config import Config
     from server.services import auth
+    from server.services.context import Context
 
     running, most, lock = [0], [0], threading.Lock()
     gate = threading.Event()
@@ -436,8 +437,7 @@ async def test_argon2_work_at_once_is_bounded():
             return 'hash'
         hash = verify = work
 
-    ctx = types.SimpleNamespace(
-        config=types.SimpleNamespace(argon2_concurrency=2))
+    ctx = Context(None, Config(argon2_concurrency=2), 'x')
     real, auth._hasher = auth._hasher, Hasher()
     try:
         await asyncio.gather(*[auth._hash(ctx, 'pw') for _ in range(10)],

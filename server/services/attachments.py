@@ -206,7 +206,7 @@ class DiskFull(PostboxError):
     code, status = 'unavailable', 507
 
 
-class _Streaming:
+class Streaming:
     """Uploads streaming in this process, per user: [count, bytes]. They
     count towards the unsent-upload limits before their row exists, so
     eighty uploads started together cannot all pass the check each makes
@@ -225,13 +225,6 @@ class _Streaming:
 
     def get(self, user_id):
         return tuple(self.by_user.get(user_id, (0, 0)))
-
-
-def _streaming(ctx) -> _Streaming:
-    streaming = getattr(ctx, 'uploads_streaming', None)
-    if streaming is None:
-        streaming = ctx.uploads_streaming = _Streaming()
-    return streaming
 
 
 def check_quota(config, count, size, extra=0):
@@ -262,7 +255,7 @@ async def upload(ctx, user_id, filename, chunks, declared=0) -> dict:
     config = ctx.config
     limit = config.attachment_max_bytes
     quota = config.attachment_unsent_max_bytes
-    streaming = _streaming(ctx)
+    streaming = ctx.uploads_streaming
     # This upload counts as one more held file, and its bytes as they
     # come, until its row is in or it failed: counted before the first
     # await, so uploads started together see each other.

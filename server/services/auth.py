@@ -81,20 +81,9 @@ def issue_token(ctx, user_id: int) -> str:
     return jwt.encode(payload, ctx.secret, algorithm='HS256')
 
 
-def _argon2_slots(ctx) -> asyncio.Semaphore:
-    """The process's bound on Argon2 work running at once (64 MiB each):
-    a burst of logins or registrations queues here instead of taking all
-    memory."""
-    slots = getattr(ctx, 'argon2_slots', None)
-    if slots is None:
-        slots = ctx.argon2_slots = asyncio.Semaphore(
-            max(1, ctx.config.argon2_concurrency))
-    return slots
-
-
 async def _argon2(ctx, fn, *args):
     # Argon2 is slow on purpose (tens of ms): keep it off the event loop.
-    async with _argon2_slots(ctx):
+    async with ctx.argon2_slots:
         return await asyncio.get_running_loop().run_in_executor(
             None, fn, *args)
 
@@ -344,7 +333,7 @@ async def authenticate(ctx, token) -> dict:
     if user is None or issued_ms <= user.tokens_valid_after:
         raise Unauthorized('invalid or expired token')
     data = user_dict(user)
-    ctx.users[user.id] = data
+    ctx.users.put(user.id, data)
     return data
 
 
@@ -353,10 +342,12 @@ def _get_user(user_id):
 
 
 async def get_user(ctx, user_id) -> dict:
-    if user_id in ctx.users:
-        return ctx.users[user_id]
+    cached = ctx.users.get(user_id)
+    if cached is not None:
+        return cached
     user = await ctx.store.read(_get_user, user_id)
     if user is None:
         raise Unauthorized('no such user')
-    ctx.users[user.id] = user_dict(user)
-    return ctx.users[user.id]
+    data = user_dict(user)
+    ctx.users.put(user.id, data)
+    return data

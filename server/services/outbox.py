@@ -133,10 +133,9 @@ def queue_messages(ctx, items, now):
                 + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)']
                             * len(chunk)),
                 [v for row in chunk for v in row])
-    wake = getattr(ctx, 'outbox_wake', None)
-    if rows and wake is not None:
+    if rows:
         # Thread-safe; the dispatcher's claim queues behind this commit.
-        wake()
+        ctx.outbox_wake()
     return len(rows)
 
 
@@ -164,9 +163,8 @@ def queue_event(ctx, room_id, seq, event, message_id=None, actor_id=None,
             (*values, *ids))
     else:
         return
-    wake = getattr(ctx, 'outbox_wake', None)
-    if cursor.rowcount and wake is not None:
-        wake()
+    if cursor.rowcount:
+        ctx.outbox_wake()
 
 
 def _claim(now, limit, claim_ms):

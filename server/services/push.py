@@ -246,7 +246,6 @@ class PushSender:
         self.session = session
         self.vapid = load_vapid(ctx.config)
         self._vapid_headers = {}  # origin -> (headers, reuse until)
-        ctx.vapid_public_key = public_key(self.vapid)
 
     async def __call__(self, rows, gate) -> dict:
         ctx = self.ctx

@@ -53,18 +53,17 @@ def forget_room(ctx, room_id):
     """A group's members, owner or name changed: drop it from this
     process's cache. The epoch makes a load that was already under way
     (and may have read the old members) not cache its answer."""
-    ctx.rooms.pop(room_id, None)
-    ctx.room_epoch = getattr(ctx, 'room_epoch', 0) + 1
+    ctx.rooms.forget(room_id)
 
 
 async def room_info(ctx, room_id) -> RoomInfo:
     info = ctx.rooms.get(room_id)
     if info is None:
-        epoch = getattr(ctx, 'room_epoch', 0)
+        epoch = ctx.rooms.epoch
         info = await ctx.store.read(_load_room, room_id)
         if info is None:
             raise NotFound('no such room')
-        if getattr(ctx, 'room_epoch', 0) == epoch:
+        if ctx.rooms.epoch == epoch:
             ctx.rooms[room_id] = info
     return info
 
@@ -343,7 +342,7 @@ def _room_infos(ctx, room_ids, groups_fresh=False) -> dict:
     two queries per room). ``groups_fresh``: groups are read again too
     (the caller knows they changed; a process sharing the database
     without Redis hears of no change made elsewhere)."""
-    epoch = getattr(ctx, 'room_epoch', 0)
+    epoch = ctx.rooms.epoch
     infos = {r: ctx.rooms.get(r) for r in room_ids}
     missing = [r for r, info in infos.items() if info is None or
                (groups_fresh and info.kind != 'dm')]
@@ -364,7 +363,7 @@ def _room_infos(ctx, room_ids, groups_fresh=False) -> dict:
             infos[room_id] = info
             # Not cached if a group changed since this read began: it may
             # have read the old members (see forget_room).
-            if getattr(ctx, 'room_epoch', 0) == epoch:
+            if ctx.rooms.epoch == epoch:
                 ctx.rooms[room_id] = info
     return infos
 

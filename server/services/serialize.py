@@ -44,11 +44,14 @@ def load_users(ctx, ids):
     """Return {id: user dict} for ``ids``, from the cache where possible.
     Runs on a database thread."""
     users = ctx.users
-    try:  # all cached: one pass (the inbox calls this once per room)
-        return {i: users[i] for i in ids}
-    except KeyError:
-        pass
-    missing = [i for i in set(ids) if i not in users]
+    found = {}
+    for i in ids:  # the inbox calls this once per room: mostly all cached
+        user = users.get(i)
+        if user is not None:
+            found[i] = user
+    # Kept in ``found``, not read back from the cache: a bounded cache may
+    # already have let go of an entry loaded a moment ago.
+    missing = [i for i in set(ids) if i not in found]
     # Plain rows a chunk at a time: a cold inbox loads thousands of users,
     # and Peewee's model objects cost ten times the query.
     for start in range(0, len(missing), 500):
@@ -56,8 +59,9 @@ def load_users(ctx, ids):
         for row in execute('SELECT "id", "username", "display_name", '
                            f'"is_bot" FROM "user" WHERE "id" IN '
                            f'({placeholders(chunk)})', chunk).fetchall():
-            users[row[0]] = user_dict(UserRow(*row))
-    return {i: users[i] for i in ids if i in users}
+            users[row[0]] = found[row[0]] = user_dict(UserRow(*row))
+    return found if len(found) == len(ids) else \
+        {i: found[i] for i in ids if i in found}
 
 
 class UserRow(NamedTuple):

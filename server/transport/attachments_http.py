@@ -8,7 +8,8 @@ from aiohttp import web
 
 from server.errors import Invalid, NotFound, PostboxError, TooLarge
 from server.services import attachments
-from server.transport.http import CTX, current_user, path_int
+from server.transport.http_base import current_user, path_int
+from server.typedefs import CTX
 
 log = logging.getLogger(__name__)
 

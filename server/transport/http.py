@@ -8,182 +8,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server.errors import Invalid, NotFound, PostboxError, Unauthorized
-from server.logs import new_request_id, request_id
-from server.metrics import METRICS, route_name
-from server.services import auth, messages, push, rooms, webhooks
+from server.errors import Invalid, NotFound
+from server.services import (auth, groups, inbox, messages, push, rooms,
+                             webhooks)
 from server.services import search as search_service
-from server.transport.addresses import client_address
-from server.transport.json_depth import deeper_than
+from server.transport.http_base import (current_user, json_body, path_int,
+                                        query_int, request_address)
+from server.typedefs import (CTX, DISCONNECT_USER, HEALTH_CHECKS,
+                             READY_CHECKS, REALTIME)
 
 log = logging.getLogger(__name__)
-
-CTX = web.AppKey('ctx', object)
-REALTIME = web.AppKey('realtime', object)
-# (name, check) pairs of /readyz (dependencies) and /healthz (this
-# process's own parts); see ``_checked``.
-READY_CHECKS = web.AppKey('ready_checks', list)
-HEALTH_CHECKS = web.AppKey('health_checks', list)
-# ``async disconnect_user(user_id)``: closes the user's live sockets (after
-# a logout or password change revoked their tokens).
-DISCONNECT_USER = web.AppKey('disconnect_user', object)
-
-# The demo page loads only its own scripts and styles; it talks to this
-# server over Socket.IO (ws:/wss:) and shows uploaded images as blobs.
-DEMO_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' "
-            "'unsafe-inline'; connect-src 'self' ws: wss:; "
-            "img-src 'self' blob: data:; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'")
-# API answers are data, never a page to render or frame.
-API_CSP = "default-src 'none'; frame-ancestors 'none'"
-
-
-async def security_headers(request, response):
-    """``on_response_prepare`` hook: headers that stop browsers from
-    sniffing types, framing our pages or leaking URLs, on every response
-    (errors, files and websocket handshakes included)."""
-    headers = response.headers
-    headers.setdefault('X-Content-Type-Options', 'nosniff')
-    headers.setdefault('X-Frame-Options', 'DENY')
-    headers.setdefault('Referrer-Policy', 'no-referrer')
-    is_page = request.path == '/' or request.path.startswith('/static/')
-    headers.setdefault('Content-Security-Policy',
-                       DEMO_CSP if is_page else API_CSP)
-    if request_id.get():
-        headers.setdefault('X-Request-Id', request_id.get())
-
-
-def error_response(error: PostboxError) -> web.Response:
-    headers = {}
-    if getattr(error, 'retry_after', None) is not None:
-        headers['Retry-After'] = str(max(1, round(error.retry_after)))
-    return web.json_response({'error': error.to_dict()},
-                             status=error.status, headers=headers)
-
-
-def websockets_pass(middleware, path='/socket.io/'):
-    """``middleware`` for every request but websocket handshakes to
-    ``path`` (the Socket.IO endpoint), which go straight on to their
-    handler. A websocket's handler runs for as long as the socket is open,
-    and a middleware awaiting it keeps a suspended coroutine per open
-    socket (about 300 bytes, of an idle socket's 20 KB); Socket.IO sockets
-    have metrics and an error path of their own. The wrapper is a plain
-    function returning what aiohttp then awaits, so it holds no coroutine
-    itself."""
-    @web.middleware
-    @functools.wraps(middleware)
-    def wrapper(request, handler):
-        if request.path == path and request.method == 'GET' and \
-                request.headers.get('Upgrade', '').lower() == 'websocket':
-            return handler(request)
-        return middleware(request, handler)
-    return wrapper
-
-
-@web.middleware
-async def metrics_middleware(request, handler):
-    """Give the request an id (``X-Request-Id``, for the logs) and count
-    it by route and status."""
-    new_request_id()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        request.app[METRICS].http.labels(
-            request.method, route_name(request), status).inc()
-
-
-@web.middleware
-async def errors_middleware(request, handler):
-    """The one error path of HTTP: PostboxError -> its status and JSON,
-    aiohttp's own HTTP errors -> JSON, anything else -> logged, 500."""
-    try:
-        return await handler(request)
-    except PostboxError as exc:
-        if exc.code == 'rate_limited':
-            request.app[METRICS].rate_limited.labels(
-                route_name(request)).inc()
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {401: 'unauthorized', 403: 'forbidden', 404: 'not_found',
-                409: 'conflict', 413: 'too_large', 429: 'rate_limited',
-                503: 'unavailable'}.get(exc.status, 'invalid')
-        return web.json_response(
-            {'error': {'code': code, 'message': exc.reason}},
-            status=exc.status)
-    except Exception:
-        log.exception('HTTP %s %s failed', request.method, route_name(request))
-        return web.json_response(
-            {'error': {'code': 'internal', 'message': 'internal error'}},
-            status=500)
-
-
-async def json_body(request) -> dict:
-    """The request's JSON object. Invalid (400) when the body is not
-    JSON, is nested deeper than ``json_max_depth`` (too deep for the
-    parser, RecursionError, included) or is not an object."""
-    try:
-        data = await request.json()
-    except (ValueError, RecursionError):
-        raise Invalid('body must be JSON') from None
-    if not isinstance(data, dict):
-        raise Invalid('body must be a JSON object')
-    limit = request.app[CTX].config.json_max_depth
-    if deeper_than(data, limit):
-        raise Invalid(f'body is nested too deeply (at most {limit} levels)')
-    return data
-
-
-async def current_user(request, spend=True) -> dict:
-    """The login check of every authenticated view. Each authenticated
-    request also costs a token of the user's event bucket, the one their
-    Socket.IO events spend: a script looping on HTTP is as costly as one
-    looping on events (RateLimited when it is empty). File downloads pass
-    ``spend=False``: a conversation full of pictures fetches dozens of
-    thumbnails at once, and serving a file is a read from disk that the
-    connection limits already bound."""
-    header = request.headers.get('Authorization', '')
-    scheme, _, token = header.partition(' ')
-    if scheme.lower() != 'bearer' or not token:
-        raise Unauthorized('missing bearer token')
-    ctx = request.app[CTX]
-    user = await auth.authenticate(ctx, token.strip())
-    if spend:
-        ctx.limits.events.take(user['id'])
-    return user
-
-
-def request_address(request):
-    """The client's address (per ``trusted_proxies``), for the limits
-    per address."""
-    return client_address(request, request.app[CTX].config.trusted_proxies)
-
-
-def query_int(request, name):
-    value = request.query.get(name)
-    if value is None or value == '':
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise Invalid(f'{name} must be an integer') from None
-
-
-def path_int(request, name):
-    try:
-        value = int(request.match_info[name])
-    except ValueError:
-        raise NotFound('not found') from None
-    if not 0 < value < 2**63:  # ids are positive 64-bit integers
-        raise NotFound('not found')
-    return value
 
 
 async def register(request):
@@ -309,7 +143,7 @@ async def delete_push_subscription(request):
 
 async def list_rooms(request):
     user = await current_user(request)
-    return web.json_response(await rooms.inbox(
+    return web.json_response(await inbox.inbox(
         request.app[CTX], user['id'], limit=query_int(request, 'limit'),
         before=request.query.get('before') or None))
 
@@ -340,31 +174,31 @@ async def add_room_members(request):
     event)."""
     user = await current_user(request)
     data = await json_body(request)
-    change = await rooms.add_members(request.app[CTX], user['id'],
-                                     path_int(request, 'room_id'),
-                                     data.get('members'))
-    await request.app[REALTIME].group_changed(change)
-    return web.json_response({'room': change.room})
+    return await _group_changed(request, await groups.add_members(
+        request.app[CTX], user['id'], path_int(request, 'room_id'),
+        data.get('members')))
 
 
 async def remove_room_member(request):
     """Remove a member (owner only); your own username leaves the group:
     ``{room}`` either way."""
     user = await current_user(request)
-    change = await rooms.remove_member(
+    return await _group_changed(request, await groups.remove_member(
         request.app[CTX], user['id'], path_int(request, 'room_id'),
-        request.match_info['username'])
-    await request.app[REALTIME].group_changed(change)
-    return web.json_response({'room': change.room})
+        request.match_info['username']))
 
 
 async def update_room(request):
     """``{name}`` -> ``{room}``: rename a group (owner only)."""
     user = await current_user(request)
     data = await json_body(request)
-    change = await rooms.rename_group(request.app[CTX], user['id'],
-                                      path_int(request, 'room_id'),
-                                      data.get('name'))
+    return await _group_changed(request, await groups.rename_group(
+        request.app[CTX], user['id'], path_int(request, 'room_id'),
+        data.get('name')))
+
+
+async def _group_changed(request, change) -> web.Response:
+    """Tell the members (old and new) and answer ``{room}``."""
     await request.app[REALTIME].group_changed(change)
     return web.json_response({'room': change.room})
 
