@@ -35,21 +35,21 @@ import collections
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
 
 import load  # noqa: E402
+from tests.kit import (Process, RedisProcess, ServerProcess,  # noqa: E402
+                       free_port)
 
 RESULTS = BENCH / 'results'
 SCENARIOS = ['dm', 'latency', 'idle', 'fanout', 'sync', 'redis', 'scaleout',
@@ -74,12 +74,6 @@ POSTBOX_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def node_available() -> bool:
     return bool(shutil.which('node') and shutil.which('npm'))
 
@@ -98,120 +92,33 @@ def ensure_node_relay() -> bool:
     return done.returncode == 0
 
 
-class Server:
-    """A server subprocess on a free loopback port, stopped on exit."""
-
-    def __init__(self, kind, workdir, pin=False, env=None):
-        self.kind = kind
-        self.port = free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.workdir = Path(workdir)
-        self.pin = pin
-        self.extra_env = env or {}
-        self.proc = None
-
-    def command(self):
-        if self.kind.startswith('postbox'):
-            return [sys.executable, '-m', 'server'], ROOT
-        if self.kind == 'relay':
-            return [sys.executable, str(BENCH / 'relay_server.py'),
-                    '--port', str(self.port)], BENCH
-        if self.kind == 'node':
-            return ['node', 'relay.js', str(self.port)], BENCH / 'node_relay'
-        raise ValueError(self.kind)
-
-    def start(self, timeout=60):
-        env = dict(os.environ)
-        data = self.workdir / f'{self.kind}-{self.port}'
-        data.mkdir(parents=True, exist_ok=True)
-        if self.kind.startswith('postbox'):
-            env.update(POSTBOX_ENV)
-            env.update({'POSTBOX_HOST': '127.0.0.1',
-                        'POSTBOX_PORT': str(self.port),
-                        'POSTBOX_DATA_DIR': str(data)})
-        env.update(self.extra_env)
-        cmd, cwd = self.command()
-        self.log_path = data / 'server.log'
-        self._log = open(self.log_path, 'ab')
-        pin = self.pin
-
-        def preexec():
-            # Threads the server starts later inherit the mask.
-            if pin:
-                os.sched_setaffinity(0, {0})
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT,
-                                     preexec_fn=preexec)
-        deadline = time.monotonic() + timeout
-        path = '/healthz' if self.kind.startswith('postbox') else \
-            '/socket.io/?EIO=4&transport=polling'
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f'{self.kind} exited: {self.log()}')
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f'{self.kind} did not start: {self.log()}')
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        try:
-            return self.log_path.read_text()[-3000:]
-        except OSError:
-            return ''
-
-    def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        self.proc = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+def Server(kind, workdir, pin=False, env=None):
+    """A server of ``kind`` (postbox, postbox+redis, relay or node) on a
+    free loopback port, its data and log in ``workdir``, not started yet
+    (``with Server(...) as server`` starts and stops it): the test kit's
+    process, ready when Postbox answers /healthz or a relay its Engine.IO
+    handshake."""
+    port = free_port()
+    data = Path(workdir) / f'{kind}-{port}'
+    if kind.startswith('postbox'):
+        server = ServerProcess(data, env={**POSTBOX_ENV, **(env or {})},
+                               port=port, pin=pin, ready_path='/healthz')
+    else:
+        argv, cwd = {
+            'relay': ([sys.executable, BENCH / 'relay_server.py', '--port',
+                       port], BENCH),
+            'node': (['node', 'relay.js', port], BENCH / 'node_relay')}[kind]
+        server = Process(argv, data / 'server.log', cwd=cwd, env=env,
+                         port=port, pin=pin,
+                         ready_path='/socket.io/?EIO=4&transport=polling')
+    server.name = kind
+    server.start_timeout = 60
+    return server
 
 
-class Redis:
-    def __init__(self, workdir):
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(
-            ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1',
-             '--save', '', '--appendonly', 'no', '--dir', str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(('127.0.0.1', self.port), 0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError('redis-server did not start')
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def Redis(workdir):
+    """A redis-server on a free port (``with Redis(dir) as redis``)."""
+    return RedisProcess(Path(workdir) / f'redis-{free_port()}')
 
 
 def postbox_has_redis() -> bool:
@@ -417,8 +324,7 @@ def scenario_scaleout(args, kinds, results, workdir):
         log('scaleout: not available (no Redis support or no redis-server)')
         results['scaleout'] = {'available': False}
         return
-    sys.path.insert(0, str(ROOT))
-    from tests.rediscluster import RedisCluster
+    from tests.kit.redis_cluster import RedisCluster
     workdir = Path(workdir)
     cluster = RedisCluster(workdir / 'cluster', primaries=3, replicas=0)
     setups = {}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import socketio  # noqa: E402
 
-from tests.helpers import ServerProcess, register  # noqa: E402
+from tests.kit import ServerProcess, register  # noqa: E402
 
 SAMPLE_SECONDS = 5
 

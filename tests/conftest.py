@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tests.helpers import NO_RATE_LIMITS, ServerProcess
+from tests.kit import NO_RATE_LIMITS, ServerProcess
 
 
 @pytest.fixture(scope='session')
@@ -14,7 +14,7 @@ def database_env():
     if os.environ.get('POSTBOX_TEST_DB') != 'postgres':
         yield dict
         return
-    from tests.pg import PostgresCluster
+    from tests.kit.postgres import PostgresCluster
     cluster = PostgresCluster().start()
     yield lambda: {'POSTBOX_DATABASE_URL': cluster.create_database()}
     cluster.stop()
@@ -48,9 +48,19 @@ def loaded(tmp_path_factory, database_env):
 
 
 @pytest.fixture(scope='module')
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the tests of one module (each
+    takes a database of its own with ``create_database()``)."""
+    from tests.kit.postgres import PostgresCluster
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope='module')
 def redis(tmp_path_factory):
     """A real redis-server on a free port, for the tests of one module."""
-    from tests.redisproc import RedisProcess
+    from tests.kit import RedisProcess
     proc = RedisProcess(tmp_path_factory.mktemp('redis')).start()
     yield proc
     proc.stop()

@@ -30,7 +30,7 @@ if [ -f tests/js/package.json ]; then
 fi
 
 # Every test, then the core suite again against a throwaway PostgreSQL
-# cluster (tests/pg.py), so both storage backends are held to the contract.
+# cluster (tests/kit/postgres.py), so both storage backends are held to the contract.
 # Arguments go to both runs; the second is left out when the arguments
 # pick tests (anything but options such as -q or -x).
 pg_pass=1

@@ -17,8 +17,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.helpers import (ServerProcess, http, pair, register,
-                           upload)
+from tests.kit import ServerProcess, http, pair, register, rss_kib, upload
 
 MIB = 1024 * 1024
 
@@ -504,14 +503,6 @@ async def test_unsent_uploads_are_cleaned_up(tmp_path):
         assert server.stop() == 0, server.read_log()
 
 
-def rss_kib(pid) -> int:
-    with open(f'/proc/{pid}/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    raise AssertionError('no VmRSS')
-
-
 async def test_50mb_upload_with_flat_memory(tmp_path):
     total = 50 * MIB
     server = ServerProcess(tmp_path, env={
@@ -572,14 +563,6 @@ def bomb_png(width, height) -> bytes:
             chunk(b'IDAT', idat) + chunk(b'IEND', b''))
 
 
-def peak_rss_kib(pid) -> int:
-    with open(f'/proc/{pid}/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1])
-    raise AssertionError('no VmHWM')
-
-
 async def test_image_bomb_is_a_download_and_memory_stays_bounded(tmp_path):
     """Item 10: a PNG of a few hundred KB that decodes to 240 MB is never
     decoded (the server's peak memory grows by less than 60 MB), gets no
@@ -594,9 +577,9 @@ async def test_image_bomb_is_a_download_and_memory_stays_bounded(tmp_path):
         assert status == 201 and 'thumbnail_url' in body['attachment']
         bomb = bomb_png(7750, 7750)  # 60 MP, over the 40 MP default
         assert len(bomb) < 400_000
-        before = peak_rss_kib(server.proc.pid)
+        before = rss_kib(server.pid, peak=True)
         status, body = await upload(base, ta, bomb, 'bomb.png')
-        grown_mib = (peak_rss_kib(server.proc.pid) - before) / 1024
+        grown_mib = (rss_kib(server.pid, peak=True) - before) / 1024
         assert status == 201, body
         assert grown_mib < 60, f'peak RSS grew {grown_mib:.0f} MiB'
         att = body['attachment']

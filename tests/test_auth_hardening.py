@@ -6,9 +6,9 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from tests.helpers import (ServerProcess, connect, http, refused, register,
-                           unique_name)
-from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+from tests.kit import (FAST_REDIS_ENV, ServerProcess, connect, http, refused,
+                       register, running_servers, start_servers, stop_servers,
+                       unique_name)
 
 # A small login allowance that does not refill during a test (one try per
 # two minutes per username), and an address allowance well above it.
@@ -159,12 +159,10 @@ def throttled_pair(tmp_path, redis):
     """Two servers with the THROTTLE allowance sharing one Redis, under a
     key prefix of their own: the address bucket (127.0.0.1) is in Redis
     too, and another test's tries must not count against it."""
-    servers = start_servers(tmp_path, 2, {
-        **FAST_REDIS_ENV, **THROTTLE, 'POSTBOX_REDIS_URL': redis.url,
-        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name})
-    yield servers
-    assert stop_servers(servers) == [0, 0], \
-        [server.read_log() for server in servers]
+    with running_servers(tmp_path, 2, {
+            **FAST_REDIS_ENV, **THROTTLE, 'POSTBOX_REDIS_URL': redis.url,
+            'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name}) as servers:
+        yield servers
 
 
 async def concurrent_guesses(servers, name, count):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.kit import ROOT, free_port
 
 SHARED = ROOT.parent / 'shared' / 'conformance'
 SUITES = {'engine': 'engine.io-protocol', 'socket': 'socket.io-protocol'}

@@ -6,8 +6,7 @@ import time
 import jwt
 import pytest
 
-from tests.helpers import (connect, http, pair, refused, register,
-                           unique_name)
+from tests.kit import connect, http, pair, refused, register, unique_name
 
 
 

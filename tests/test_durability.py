@@ -4,8 +4,8 @@ import asyncio
 import signal
 
 
-from tests.helpers import (NO_RATE_LIMITS as FAST, ServerProcess, connect,
-                           http, pair, register, upload)
+from tests.kit import (NO_RATE_LIMITS as FAST, ServerProcess, connect, http,
+                       pair, register, upload)
 
 
 async def all_events(client, known=None):

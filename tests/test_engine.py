@@ -14,8 +14,8 @@ from aiohttp.test_utils import make_mocked_request
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
 from server.upstream.engineio_server import RequestEnviron
-from tests.helpers import ServerProcess, connect, http, pair, refused, \
-    register
+from tests.kit import (ServerProcess, connect, http, pair, refused, register,
+                       rss_kib)
 from tests.test_limits import raw_socket
 
 
@@ -222,15 +222,6 @@ async def test_undecodable_upgrade_probe_leaves_polling_working(base):
 
 # Hostile clients at the Socket.IO level: binary packets, packets that are
 # not Socket.IO, sessions that never connect.
-
-def rss_kib(pid) -> int:
-    """The resident memory of process ``pid``, from /proc."""
-    with open(f'/proc/{pid}/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    raise AssertionError('no VmRSS')
-
 
 @pytest.fixture(scope='module')
 def strict(tmp_path_factory):
@@ -582,7 +573,7 @@ async def test_sessions_without_connect_count_per_address_across_processes(
     """With Redis, Engine.IO sessions that never connect count in the
     address's shared count: two held on one process and one on the other
     fill a limit of 3 for both, until they close."""
-    from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+    from tests.kit import FAST_REDIS_ENV, start_servers, stop_servers
     servers = start_servers(tmp_path / 'cluster', 2, {
         'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
         'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name,

@@ -32,9 +32,9 @@ import pytest
 import socketio
 from aiohttp import web
 
-from tests.helpers import (NO_RATE_LIMITS, ServerProcess, connect, free_port,
-                           http, refused, register, unique_name)
-from tests.pg import PostgresCluster
+from tests.kit import (NO_RATE_LIMITS, ServerProcess, connect, free_port, http,
+                       refused, register, rss_kib, unique_name)
+from tests.kit.postgres import PostgresCluster
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ def running(data_dir, env):
     assert code == 0, server.read_log()
 
 
-def rss_kb(pid) -> int:
-    with open(f'/proc/{pid}/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    return 0
-
-
 class Drill:
     """PAIRS senders, each sending acked DMs to its partner in their dm
     room, plus monitors sampling /healthz, /readyz, the write queue gauge
@@ -130,7 +122,7 @@ class Drill:
                       for room_id, sender, _ in self.rooms]
         await self.wait_acks(3 * PAIRS)
         await asyncio.sleep(0.2)
-        self.rss_before = rss_kb(self.server.proc.pid)
+        self.rss_before = rss_kib(self.server.pid)
         return self
 
     async def wait_acks(self, count, after=None, timeout=30):
@@ -228,7 +220,7 @@ class Drill:
         while True:
             if not self.hashing:
                 self.rss.append((self.loop.time(),
-                                 rss_kb(self.server.proc.pid)))
+                                 rss_kib(self.server.pid)))
             await asyncio.sleep(0.1)
 
     @contextlib.asynccontextmanager

@@ -1,7 +1,7 @@
 """Edits, deletes, reactions, replies, blocking and presence."""
 import asyncio
 
-from tests.helpers import connect, http, pair, register, unique_name
+from tests.kit import connect, http, pair, register, unique_name
 
 
 async def send(client, room, body, cmid=None, **extra):

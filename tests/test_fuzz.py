@@ -24,8 +24,8 @@ import pytest
 import socketio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.helpers import NO_RATE_LIMITS, ServerProcess, connect, http, \
-    register
+from tests.kit import (NO_RATE_LIMITS, ServerProcess, connect, http, register,
+                       rss_kib)
 
 ALLOWED = {'invalid', 'unauthorized', 'forbidden', 'not_found', 'conflict',
            'rate_limited', 'too_large', 'unavailable'}
@@ -325,14 +325,6 @@ def raw_frames(w):
         st.binary(max_size=100), st.sampled_from([OVERSIZED, BIG_BINARY]))
 
 
-def server_rss_kib(w) -> int:
-    with open(f'/proc/{w.server.proc.pid}/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    raise AssertionError('no VmRSS')
-
-
 async def _websocket_session(w, session, login, frames):
     """One websocket session: optionally logged in, then ``frames``, then
     the probe. Returns 'answered' or 'closed'."""
@@ -417,7 +409,7 @@ def test_raw_frames_leave_the_server_sound(world, transport):
         async with aiohttp.ClientSession() as session:
             return await run_session(w, session, login, frames)
 
-    before = server_rss_kib(w)
+    before = rss_kib(w.server.pid)
     log_start = len(w.server.read_log())
 
     @settings(FUZZ, max_examples=150)
@@ -438,7 +430,7 @@ def test_raw_frames_leave_the_server_sound(world, transport):
         outcomes.append(w.loop.run_until_complete(session_with(True, frames)))
         assert outcomes[-1] == 'answered'
     assert 'answered' in outcomes and 'closed' in outcomes
-    grown_mib = (server_rss_kib(w) - before) / 1024
+    grown_mib = (rss_kib(w.server.pid) - before) / 1024
     assert grown_mib < 30, f'server memory grew {grown_mib:.0f} MiB'
     log = w.server.read_log()[log_start:]
     assert 'Traceback' not in log, log

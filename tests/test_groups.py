@@ -7,9 +7,8 @@ import logging
 
 import pytest
 
-from tests.helpers import (ServerProcess, connect, http, register,
-                           unique_name)
-from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+from tests.kit import (FAST_REDIS_ENV, ServerProcess, connect, http, register,
+                       running_servers, unique_name)
 
 
 async def users(base, count):
@@ -346,9 +345,8 @@ def two_processes(tmp_path, database_env):
     """Two processes on one database, without Redis (each keeps its own
     room cache, and nothing tells one about the other's changes)."""
     env = database_env() or {}
-    servers = start_servers(tmp_path, 2, env)
-    yield servers
-    assert stop_servers(servers) == [0, 0], [s.read_log() for s in servers]
+    with running_servers(tmp_path, 2, env) as servers:
+        yield servers
 
 
 async def test_a_stale_cache_never_lets_a_removed_member_post(
@@ -376,9 +374,8 @@ async def test_a_stale_cache_never_lets_a_removed_member_post(
 def redis_pair(tmp_path, redis, database_env):
     env = {'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
            **(database_env() or {})}
-    servers = start_servers(tmp_path, 2, env)
-    yield servers
-    assert stop_servers(servers) == [0, 0], [s.read_log() for s in servers]
+    with running_servers(tmp_path, 2, env) as servers:
+        yield servers
 
 
 async def test_removal_reaches_every_process(redis_pair):

@@ -1,7 +1,7 @@
 """The inbox (`rooms` event, GET /api/rooms): big inboxes and paging."""
 import asyncio
 
-from tests.helpers import connect, http, register
+from tests.kit import connect, http, register
 
 
 async def gather_in_chunks(calls, size=50):
@@ -107,7 +107,7 @@ async def test_inbox_shows_every_change_after_it_was_read(tmp_path):
     against each room's last_seq and the reader's marker: whatever changes
     a room, on this process or on another one sharing the database, the
     next read shows it."""
-    from tests.helpers import NO_RATE_LIMITS, ServerProcess
+    from tests.kit import NO_RATE_LIMITS, ServerProcess
     db = f'sqlite:///{tmp_path / "shared.db"}'
     one = ServerProcess(tmp_path / 'one', env={
         **NO_RATE_LIMITS, 'POSTBOX_DATABASE_URL': db}).start()

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, ServerProcess
+from tests.kit import ROOT, ServerProcess
 
 JS_DIR = ROOT / 'tests' / 'js'
 

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 import socketio
 
-from tests.helpers import NO_RATE_LIMITS, ServerProcess, connect, http, \
-    refused, register
+from tests.kit import (NO_RATE_LIMITS, ServerProcess, connect, http, refused,
+                       register)
 from tests.test_metrics import scrape, value
 
 
@@ -358,7 +358,7 @@ async def sockets_drop_to(base, count, timeout=10):
 
 
 async def test_connections_per_user_hold_across_processes(tmp_path):
-    from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
+    from tests.kit import (FAST_REDIS_ENV, RedisProcess, start_servers,
                                  stop_servers)
     redis = RedisProcess(tmp_path / 'redis').start()
     servers = start_servers(tmp_path / 'cluster', 2, {
@@ -395,7 +395,7 @@ BY_USER = {'code': 'rate_limited',
 def address_cluster(redis, tmp_path, per_user):
     """Two processes sharing ``redis``, 3 connections per address; both
     must stop cleanly."""
-    from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+    from tests.kit import FAST_REDIS_ENV, start_servers, stop_servers
     servers = start_servers(tmp_path / 'cluster', 2, {
         'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,
         'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name,

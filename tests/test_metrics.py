@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ServerProcess, connect, http, register, unique_name
+from tests.kit import ServerProcess, connect, http, register, unique_name
 
 
 async def scrape(base) -> dict:
@@ -138,7 +138,7 @@ async def test_json_logs_have_connections_and_errors_but_no_secrets(
 
 
 async def test_redis_publish_and_listen_failures_are_exported(tmp_path):
-    from tests.redisproc import FAST_REDIS_ENV, RedisProcess
+    from tests.kit import FAST_REDIS_ENV, RedisProcess
     redis = RedisProcess(tmp_path / 'redis').start()
     server = ServerProcess(tmp_path / 'server', env={
         'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV})

@@ -13,7 +13,7 @@ from models.migrations import CURRENT_VERSION, migrate
 from server.config import Config
 from server.services import attachments as attachments_service
 from server.store import open_database
-from tests.helpers import ServerProcess, connect, http, pair, upload
+from tests.kit import ServerProcess, connect, http, pair, upload
 
 OLD_INDEXES = {  # version 1 created these; version 2 drops them
     'message_room_id': 'CREATE INDEX "message_room_id" ON "message" '
@@ -214,14 +214,6 @@ V3_EVENT_POSTGRES = [
     'ALTER TABLE "event" ALTER COLUMN "message_id" SET NOT NULL',
     'ALTER TABLE "room" DROP COLUMN "owner_id"',
 ]
-
-
-@pytest.fixture(scope='module')
-def pg_cluster():
-    from tests.pg import PostgresCluster
-    cluster = PostgresCluster().start()
-    yield cluster
-    cluster.stop()
 
 
 def run_sql(url, statements):

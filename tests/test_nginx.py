@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, connect, free_port, http, register
-from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
-                             stop_servers)
+from tests.kit import (FAST_REDIS_ENV, ROOT, RedisProcess, connect, free_port,
+                       http, register, start_servers, stop_servers)
 
 MAIN_CONF = """\
 {user}

@@ -10,7 +10,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from server.app import SIO, create_app
 from server.config import load_config
-from tests.helpers import ROOT, http, pair, register
+from tests.kit import ROOT, http, pair, register
 
 METHODS = {'get', 'put', 'post', 'delete', 'patch', 'options', 'head',
            'trace'}

@@ -5,17 +5,7 @@ import asyncio
 
 import pytest
 
-from tests.helpers import connect, register
-from tests.pg import PostgresCluster
-from tests.redisproc import (FAST_REDIS_ENV, start_servers,
-                             stop_servers)
-
-
-@pytest.fixture(scope='module')
-def postgres():
-    cluster = PostgresCluster().start()
-    yield cluster
-    cluster.stop()
+from tests.kit import FAST_REDIS_ENV, connect, register, running_servers
 
 
 @pytest.fixture(scope='module', params=['postgres', 'sqlite'])
@@ -28,10 +18,10 @@ def pair_of_processes(request, tmp_path_factory, redis):
            'POSTBOX_EVENT_BURST': '100000'}
     if request.param == 'postgres':
         env['POSTBOX_DATABASE_URL'] = \
-            request.getfixturevalue('postgres').create_database()
-    servers = start_servers(tmp_path_factory.mktemp(request.param), 2, env)
-    yield servers
-    assert stop_servers(servers) == [0, 0], [s.read_log() for s in servers]
+            request.getfixturevalue('pg_cluster').create_database()
+    data_dir = tmp_path_factory.mktemp(request.param)
+    with running_servers(data_dir, 2, env) as servers:
+        yield servers
 
 
 async def test_seq_without_gaps_with_two_writers(pair_of_processes):

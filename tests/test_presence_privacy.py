@@ -4,8 +4,8 @@ whether they ask (the ``presence`` event) or are told (``presence``
 events); on one process and on two sharing Redis."""
 import pytest
 
-from tests.helpers import ServerProcess, connect, register, unique_name
-from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+from tests.kit import (FAST_REDIS_ENV, ServerProcess, connect, register,
+                       running_servers, unique_name)
 
 # Offline half a second after the last socket closes, so a test sees it.
 FAST = {'POSTBOX_PRESENCE_GRACE_SECONDS': '0.5'}
@@ -21,12 +21,10 @@ def urls(request, tmp_path):
         assert server.stop() == 0, server.read_log()
         return
     redis = request.getfixturevalue('redis')
-    servers = start_servers(tmp_path, 2, {
-        **FAST_REDIS_ENV, **FAST, 'POSTBOX_REDIS_URL': redis.url,
-        'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name})
-    yield [server.url for server in servers]
-    assert stop_servers(servers) == [0, 0], \
-        [server.read_log() for server in servers]
+    with running_servers(tmp_path, 2, {
+            **FAST_REDIS_ENV, **FAST, 'POSTBOX_REDIS_URL': redis.url,
+            'POSTBOX_REDIS_CHANNEL': 'pb-' + tmp_path.name}) as servers:
+        yield [server.url for server in servers]
 
 
 async def people(urls, count):

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client_demo.bot import Bot
-from tests.helpers import (NO_RATE_LIMITS, ServerProcess, connect, free_port,
-                           http, register, unique_name)
+from tests.kit import (NO_RATE_LIMITS, ServerProcess, connect, free_port, http,
+                       register, unique_name)
 
 FAST_OUTBOX = {'POSTBOX_WEBHOOK_ALLOW_PRIVATE': 'true',
                'POSTBOX_OUTBOX_POLL_SECONDS': '0.2',

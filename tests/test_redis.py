@@ -10,20 +10,17 @@ import sys
 
 import pytest
 
-from tests.helpers import (ROOT, ServerProcess, connect, http, pair,
-                           register)
-from tests.redisproc import (FAST_REDIS_ENV, RedisProcess, start_servers,
-                             stop_servers)
+from tests.kit import (FAST_REDIS_ENV, ROOT, RedisProcess, ServerProcess,
+                       connect, http, pair, register, running_servers,
+                       start_servers, stop_servers)
 
 
 @pytest.fixture(scope='module')
 def cluster(tmp_path_factory, redis):
     """Three processes, one SQLite file, one Redis."""
-    servers = start_servers(tmp_path_factory.mktemp('cluster'), 3, {
-        'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV})
-    yield servers
-    assert stop_servers(servers) == [0, 0, 0], \
-        [s.read_log() for s in servers]
+    with running_servers(tmp_path_factory.mktemp('cluster'), 3, {
+            'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV}) as servers:
+        yield servers
 
 
 async def wait_ready(server, ready=True, timeout=20):

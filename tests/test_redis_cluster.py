@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
-from tests.helpers import NO_RATE_LIMITS, connect, http, refused, register
-from tests.rediscluster import RedisCluster
-from tests.redisproc import FAST_REDIS_ENV, start_servers, stop_servers
+from tests.kit import (FAST_REDIS_ENV, NO_RATE_LIMITS, connect, http, refused,
+                       register, running_servers)
+from tests.kit.redis_cluster import RedisCluster
 from tests.test_durability import check_stored
 from tests.test_redis import p_presence, wait_ready
 
@@ -21,11 +21,11 @@ def redis_cluster(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def servers(tmp_path_factory, redis_cluster):
-    servers = start_servers(tmp_path_factory.mktemp('postbox'), 2, {
-        'POSTBOX_REDIS_URL': redis_cluster.url, **FAST_REDIS_ENV,
-        **NO_RATE_LIMITS, 'POSTBOX_MAX_CONNECTIONS_PER_USER': '3'})
-    yield servers
-    assert stop_servers(servers) == [0, 0], [s.read_log() for s in servers]
+    env = {'POSTBOX_REDIS_URL': redis_cluster.url, **FAST_REDIS_ENV,
+           **NO_RATE_LIMITS, 'POSTBOX_MAX_CONNECTIONS_PER_USER': '3'}
+    with running_servers(tmp_path_factory.mktemp('postbox'), 2,
+                         env) as servers:
+        yield servers
 
 
 async def test_ready_on_the_cluster(servers, redis_cluster):

@@ -13,9 +13,9 @@ import time
 import pytest
 import socketio
 
-from tests.helpers import NO_RATE_LIMITS, connect, http, refused, register
-from tests.redisproc import (FAST_REDIS_ENV, DeafeningProxy, RedisProcess,
-                             start_servers, stop_servers)
+from tests.kit import (DeafeningProxy, FAST_REDIS_ENV, NO_RATE_LIMITS,
+                       RedisProcess, connect, http, refused, register, rss_kib,
+                       start_servers, stop_servers)
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,6 @@ IN_FLIGHT = 4  # sends each client keeps waiting for their ack
 READY_AFTER_RETURN_SECONDS = 5
 # How long each outage lasts (at least; 100 sends are acked in it too).
 OUTAGE_SECONDS = 2
-
-
-def rss_kb(server) -> int:
-    with open(f'/proc/{server.proc.pid}/status') as f:
-        return int(re.search(r'VmRSS:\s+(\d+)', f.read()).group(1))
 
 
 async def readiness(server):
@@ -222,7 +217,7 @@ async def test_redis_killed_under_load_heals_without_restart(tmp_path,
                    for p in pairs for side in (0, 1)
                    for worker in range(IN_FLIGHT)]
         await acked_after(pairs, 0, 200)
-        rss_before = [rss_kb(s) for s in servers]
+        rss_before = [rss_kib(s.pid) for s in servers]
         with Readiness(servers) as seen:
             for drill in range(2):
                 await acked_after(pairs, time.monotonic(), 200)
@@ -262,7 +257,7 @@ async def test_redis_killed_under_load_heals_without_restart(tmp_path,
                     ready + 1, time.monotonic(), i) if s != 200] == []
         stop.set()
         await asyncio.gather(*senders)
-        rss_after = [rss_kb(s) for s in servers]
+        rss_after = [rss_kib(s.pid) for s in servers]
         for pair in pairs:
             await pair.check_stored()
         total = sum(len(p.acked) for p in pairs)

@@ -9,8 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.helpers import ServerProcess, connect, http, pair, register, \
-    unique_name
+from tests.kit import ServerProcess, connect, http, pair, register, unique_name
 
 
 async def send(client, room, body):
@@ -245,14 +244,6 @@ async def _search_until(client, query, expected, timeout=30):
         if got == expected or asyncio.get_running_loop().time() > deadline:
             return got
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture(scope='module')
-def pg_cluster():
-    from tests.pg import PostgresCluster
-    cluster = PostgresCluster().start()
-    yield cluster
-    cluster.stop()
 
 
 def run_sql(url, statements):

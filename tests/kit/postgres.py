@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL cluster for tests: initdb into a temp dir, started
-with pg_ctl on a free port, removed when stopped. The Debian binaries live
+"""A throwaway PostgreSQL cluster for tests and benchmarks: initdb into a
+temp dir, started with pg_ctl on a free port, removed when stopped. The Debian binaries live
 under /usr/lib/postgresql/<version>/bin; as root the cluster runs as the
 ``postgres`` user (PostgreSQL refuses to run as root)."""
 import glob
@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.kit.processes import free_port
 
 
 def bin_dir() -> Path:
