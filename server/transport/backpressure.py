@@ -4,8 +4,9 @@ server's memory without bound.
 Engine.IO queues every outgoing packet per socket (``socket.queue``) and a
 writer task drains it into the websocket (or the next poll). When the
 client stops reading, the TCP buffers fill, the writer waits forever and
-the queue grows with every message sent to that user. ``bound_send_queues``
-wraps the Engine.IO server's ``send_packet``: once a socket has
+the queue grows with every message sent to that user. ``SendBound`` is
+asked by the Engine.IO server before each packet is queued
+(``upstream.engineio_server.Engine.send_packet``): once a socket has
 ``max_packets`` waiting for longer than a moment, the socket is cut off
 (its TCP connection aborted, so the blocked writer wakes up too) and what
 it had queued is dropped. The client reconnects and catches up with
@@ -17,9 +18,8 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def bound_send_queues(sio, max_packets: int, stall_seconds: float,
-                      on_cut=None):
-    """Limit what ``sio`` queues for a socket that does not read.
+class SendBound:
+    """What may wait in a socket's send queue.
 
     A healthy client can briefly have many packets queued (one group
     commit acks hundreds of messages at once, and the writer task runs
@@ -28,43 +28,54 @@ def bound_send_queues(sio, max_packets: int, stall_seconds: float,
     off. Past four times ``max_packets`` it is cut off at once, which
     bounds the memory a stalled socket can hold. ``on_cut(eio_sid)`` is
     called once for each socket cut off. The sockets are
-    ``server.upstream.engineio_socket.Socket``: a websocket one knows its TCP
-    transport (``tcp_transport``), which is aborted to cut it off."""
-    eio = sio.eio
-    send_packet = eio.send_packet
-    hard_limit = 4 * max_packets
+    ``server.upstream.engineio_socket.Socket``: a websocket one knows its
+    TCP transport (``tcp_transport``), which is aborted to cut it off."""
 
-    def cut(eio_socket):
+    def __init__(self, max_packets: int, stall_seconds: float, on_cut=None):
+        self.max_packets = max_packets
+        self.stall_seconds = stall_seconds
+        self.hard_limit = 4 * max_packets
+        self.on_cut = on_cut
+
+    def admit(self, eio_socket) -> bool:
+        """Whether a packet may be queued for ``eio_socket`` (None: a
+        socket that is gone, left to python-engineio)."""
+        if eio_socket is None:
+            return True
+        if getattr(eio_socket, 'cut_off', False):
+            return False
+        queued = eio_socket.queue.qsize()
+        if queued >= self.hard_limit:
+            self._cut(eio_socket)
+            return False
+        if queued >= self.max_packets and \
+                not getattr(eio_socket, 'watched', False):
+            eio_socket.watched = True
+            asyncio.ensure_future(self._watch(eio_socket))
+        return True
+
+    def _cut(self, eio_socket):
         if not getattr(eio_socket, 'cut_off', False):
             eio_socket.cut_off = True
             # Not awaited here: this runs inside an emit that is iterating
             # over a room, and closing the socket changes the rooms.
             asyncio.ensure_future(_cut(eio_socket))
-            if on_cut is not None:
-                on_cut(eio_socket.sid)
+            if self.on_cut is not None:
+                self.on_cut(eio_socket.sid)
 
-    async def watch(eio_socket):
-        await asyncio.sleep(stall_seconds)
+    async def _watch(self, eio_socket):
+        await asyncio.sleep(self.stall_seconds)
         eio_socket.watched = False
-        if eio_socket.queue.qsize() >= max_packets and not eio_socket.closed:
-            cut(eio_socket)
+        if eio_socket.queue.qsize() >= self.max_packets and \
+                not eio_socket.closed:
+            self._cut(eio_socket)
 
-    async def bounded_send_packet(eio_sid, pkt):
-        eio_socket = eio.sockets.get(eio_sid)
-        if eio_socket is not None:
-            if getattr(eio_socket, 'cut_off', False):
-                return
-            queued = eio_socket.queue.qsize()
-            if queued >= hard_limit:
-                cut(eio_socket)
-                return
-            if queued >= max_packets and \
-                    not getattr(eio_socket, 'watched', False):
-                eio_socket.watched = True
-                asyncio.ensure_future(watch(eio_socket))
-        await send_packet(eio_sid, pkt)
 
-    eio.send_packet = bounded_send_packet
+def bound_send_queues(sio, max_packets: int, stall_seconds: float,
+                      on_cut=None):
+    """Limit what ``sio`` (an ``upstream.socketio_server.Server``) queues
+    for a socket that does not read: see ``SendBound``."""
+    sio.eio.send_bound = SendBound(max_packets, stall_seconds, on_cut)
 
 
 async def _cut(eio_socket):

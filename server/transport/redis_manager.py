@@ -82,7 +82,7 @@ from socketio.async_pubsub_manager import AsyncPubSubManager
 from socketio.async_manager import AsyncManager
 from socketio.redis_manager import parse_redis_sentinel_url
 
-from server.transport.manager import local_emit
+from server.upstream.socketio_manager import local_emit
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ and websocket options of its own.
 Upstream names touched (``PRIVATE_NAMES`` says why for each private one):
 ``handle_request`` (a new websocket is served from here), ``_handle_connect``
 (copied, with the socket opened by ``_open_socket``), ``create_queue``,
-``shutdown``, the driver's ``translate_request`` (mirrored by
-``RequestEnviron``); the hashes in ``COPIED`` are of the upstream code
-copied or mirrored.
+``send_packet`` (bounded by ``transport.backpressure``), ``shutdown``,
+the driver's ``translate_request`` (mirrored by ``RequestEnviron``); the
+hashes in ``COPIED`` are of the upstream code copied or mirrored.
 """
 import sys
 import urllib.parse
@@ -32,12 +32,18 @@ PRIVATE_NAMES = {
         'the driver table: translate_request becomes RequestEnviron',
     'engineio.AsyncServer._service_task':
         'started on the first connect, as _handle_connect does',
-    'engineio.AsyncServer._trigger_event': 'runs the connect handler, as _handle_connect',
-    'engineio.AsyncServer._upgrades': "the OPEN packet's upgrades, as _handle_connect",
-    'engineio.AsyncServer._unauthorized': 'a refused connect, as _handle_connect',
-    'engineio.AsyncServer._ok': "the first poll's response, as _handle_connect",
-    'engineio.AsyncServer._bad_request': 'the first poll failed, as _handle_connect',
-    'engineio.AsyncServer._generate_sid_cookie': 'the sid cookie, as _handle_connect',
+    'engineio.AsyncServer._trigger_event':
+        'runs the connect handler, as _handle_connect',
+    'engineio.AsyncServer._upgrades':
+        "the OPEN packet's upgrades, as _handle_connect",
+    'engineio.AsyncServer._unauthorized':
+        'a refused connect, as _handle_connect',
+    'engineio.AsyncServer._ok':
+        "the first poll's response, as _handle_connect",
+    'engineio.AsyncServer._bad_request':
+        'the first poll failed, as _handle_connect',
+    'engineio.AsyncServer._generate_sid_cookie':
+        'the sid cookie, as _handle_connect',
     'engineio.AsyncServer._make_response':
         'turns a refusal into the aiohttp response, as handle_request',
     'engineio.AsyncServer._cors_allowed_origins':
@@ -50,6 +56,7 @@ COPIED = {
     'engineio.AsyncServer.handle_request': '1a8c878e35166cfe',
     'engineio.AsyncServer._handle_connect': '5bd7edc1d1ae115a',
     'engineio.AsyncServer.create_queue': '5ff5673a0c017681',
+    'engineio.AsyncServer.send_packet': 'c54317440865030d',
     'engineio.async_drivers.aiohttp.translate_request': '20aa782740060790',
 }
 
@@ -144,9 +151,19 @@ class Engine(engineio.AsyncServer):
         self.connect_timeout = connect_timeout
         self.pings = PingSchedule(self.ping_interval)
         self._async = dict(self._async, translate_request=RequestEnviron)
+        # What may be queued for a socket (``transport.backpressure``).
+        self.send_bound = None
 
     def create_queue(self, *args, **kwargs):
         return SendQueue()
+
+    async def send_packet(self, sid, pkt):
+        """python-engineio's, unless ``send_bound`` refuses the packet (its
+        socket stopped reading and is being cut off)."""
+        bound = self.send_bound
+        if bound is not None and not bound.admit(self.sockets.get(sid)):
+            return
+        await super().send_packet(sid, pkt)
 
     def websocket_response(self) -> web.WebSocketResponse:
         return CoalescingWebSocketResponse(

@@ -1,4 +1,5 @@
-"""Local delivery of emits, without a task per recipient.
+"""Overrides ``socketio.AsyncManager``: local delivery of emits, without a
+task per recipient.
 
 The stock ``AsyncManager.emit`` wraps every recipient's send in its own
 task and then waits for all of them. Each send only appends to the
@@ -6,6 +7,13 @@ socket's Engine.IO queue (its writer task does the I/O), so the tasks buy
 nothing and cost the event loop a task creation and a scheduling round per
 recipient. ``local_emit`` sends in a plain loop instead; ``LocalManager``
 is the manager of a single process.
+
+Upstream names touched: ``AsyncManager.emit`` is replaced (its callback
+path is left to python-socketio; hashed in ``COPIED``); ``rooms``,
+``get_participants`` and the server's ``packet_class`` are used as
+python-socketio does; packets go out through
+``socketio_server.Server.send_eio_packet`` (python-socketio's private
+``_send_eio_packet``, made public there).
 """
 import logging
 
@@ -15,6 +23,12 @@ from socketio import packet
 
 from server.transport.recovery import RECOVERY_FIELDS, TRACKED, \
     plain_payload
+
+UPSTREAM = socketio.AsyncManager
+PRIVATE_NAMES = {}
+COPIED = {
+    'socketio.AsyncManager.emit': '01ccd5b82b4f955e',
+}
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +69,7 @@ async def local_emit(manager, event, data, namespace, room=None,
             continue
         for pkt in eio_packets:
             try:
-                await manager.server._send_eio_packet(eio_sid, pkt)
+                await manager.server.send_eio_packet(eio_sid, pkt)
             except Exception:  # that socket is closing; the others go on
                 log.debug('send to %s failed', sid, exc_info=True)
 

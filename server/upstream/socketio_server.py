@@ -9,7 +9,8 @@ handlers below it); ``_handle_eio_connect``, ``_handle_eio_disconnect``,
 ``_send_packet`` and ``disconnect`` are extended; ``_handle_connect``,
 ``_handle_disconnect``, ``_handle_event``, ``_handle_ack``,
 ``_trigger_event`` and ``_engineio_server_class`` are called or returned as
-python-socketio does. ``COPIED`` holds the hashes of the upstream code
+python-socketio does; ``_send_eio_packet`` is made public
+(``send_eio_packet``). ``COPIED`` holds the hashes of the upstream code
 replaced or relied on.
 """
 import asyncio
@@ -26,19 +27,28 @@ from server.upstream.engineio_server import Engine, TooManySessions
 
 UPSTREAM = socketio.AsyncServer
 PRIVATE_NAMES = {
-    'socketio.AsyncServer._engineio_server_class': 'returns engineio_server.Engine',
+    'socketio.AsyncServer._engineio_server_class':
+        'returns engineio_server.Engine',
     'socketio.AsyncServer._handle_eio_message':
         'replaced: every packet is checked before the handlers below',
     'socketio.AsyncServer._handle_eio_connect':
         'extended: starts the connect timeout, takes an address place',
-    'socketio.AsyncServer._handle_eio_disconnect': 'extended: gives the place back',
+    'socketio.AsyncServer._handle_eio_disconnect':
+        'extended: gives the place back',
     'socketio.AsyncServer._send_packet':
         "extended: the recovery session's pid in the CONNECT reply",
-    'socketio.AsyncServer._handle_connect': 'called by _handle_eio_message, as upstream',
-    'socketio.AsyncServer._handle_disconnect': 'called by _handle_eio_message, as upstream',
-    'socketio.AsyncServer._handle_event': 'called by _handle_eio_message, as upstream',
-    'socketio.AsyncServer._handle_ack': 'called by _handle_eio_message, as upstream',
-    'socketio.AsyncServer._trigger_event': "runs the catch-all '*' handler of a refusal",
+    'socketio.AsyncServer._handle_connect':
+        'called by _handle_eio_message, as upstream',
+    'socketio.AsyncServer._handle_disconnect':
+        'called by _handle_eio_message, as upstream',
+    'socketio.AsyncServer._handle_event':
+        'called by _handle_eio_message, as upstream',
+    'socketio.AsyncServer._handle_ack':
+        'called by _handle_eio_message, as upstream',
+    'socketio.AsyncServer._trigger_event':
+        "runs the catch-all '*' handler of a refusal",
+    'socketio.AsyncServer._send_eio_packet':
+        'made public as send_eio_packet, for the emits that encode once',
 }
 COPIED = {
     # replaced by Server._handle_eio_message, which checks each packet
@@ -50,6 +60,8 @@ COPIED = {
     # to the CONNECT reply, which _handle_connect (above) sends after the
     # connect handler
     'socketio.AsyncServer._send_packet': 'a00022b42c1c29e9',
+    # send_eio_packet: missed events go out before the CONNECT reply
+    'socketio.AsyncServer._send_eio_packet': '64cf72a2ab7d75b1',
 }
 
 log = logging.getLogger(__name__)
@@ -106,6 +118,11 @@ class Server(socketio.AsyncServer):
         self.over_limit = {}  # address -> sessions let in over its limit
         # Connection state recovery (``recovery.Recovery``), set by the app.
         self.recovery = None
+
+    # An Engine.IO packet, encoded once, to one session: for the emit paths
+    # that encode a packet once for many sockets (``socketio_manager.
+    # local_emit``, transport/recovery.py).
+    send_eio_packet = socketio.AsyncServer._send_eio_packet
 
     def _engineio_server_class(self):
         return Engine

@@ -52,7 +52,7 @@ def socket_app(kind) -> web.Application:
         from server.transport.backpressure import bound_send_queues
         from server.upstream.socketio_server import Server
         from server import fastjson
-        from server.transport.manager import LocalManager
+        from server.upstream.socketio_manager import LocalManager
         from server.upstream.socketio_packet import JsonPacket
         sio = Server(client_manager=LocalManager(), json=fastjson,
                      serializer=JsonPacket, **options)
