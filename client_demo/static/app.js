@@ -131,12 +131,27 @@ function connect() {
   }).connect();
 }
 
-// Before catching up: the first page of the inbox (its seqs are where the
-// catch-up starts from).
-async function onConnecting({first}) {
+// Before catching up: the first page of the inbox; after a drop the
+// session did not survive, the seq of every room (see seedAllRooms).
+async function onConnecting({first, recovered}) {
   $('banner').hidden = true;
   loadBlocked().catch((err) => console.warn('block list failed', err));
   if (first) await loadInbox();
+  else if (!recovered) await seedAllRooms();
+}
+
+// `sync` counts rooms left out of its map from seq 0, so rooms beyond the
+// loaded inbox pages would come back with their whole history: their
+// current seqs (from `rooms` pages of 500) go into the map instead. Their
+// news shows when the inbox's first page is loaded again, or their page.
+async function seedAllRooms() {
+  let before = null;
+  for (;;) {
+    const ack = await call('rooms', before ? {limit: 500, before} : {limit: 500});
+    for (const entry of ack.rooms) page.conn.seed(entry.room.id, entry.room.last_seq);
+    if (!ack.has_more) return;
+    before = ack.next_before;
+  }
 }
 
 // Caught up: refresh the inbox's first page, join the open room again

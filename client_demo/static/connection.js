@@ -124,13 +124,16 @@ export class Connection {
 
   // After every (re)connect: let the app load what it shows first, catch up
   // with `sync` unless the server recovered the session (the missed events
-  // then came before `connect`), then resend the queued sends.
+  // then came before `connect`), then resend the queued sends. The first
+  // connect has nothing to catch up: what the app loads in `connecting` is
+  // current, and later events come live (a `sync` then would replay every
+  // room the app did not seed from its first message).
   async onConnect(socket) {
     const first = this.connects === 0;
     this.connects += 1;
     const recovered = !first && !!socket.recovered;
     await this.emit('connecting', {first, recovered});
-    const synced = recovered ? 0 : await this.catchUp();
+    const synced = first || recovered ? 0 : await this.catchUp();
     if (this.socket !== socket) return;
     this.resend();
     await this.emit('connected', {first, recovered, synced});
