@@ -122,7 +122,7 @@ def Redis(workdir):
 
 
 def postbox_has_redis() -> bool:
-    return (ROOT / 'server' / 'transport' / 'redis_manager.py').exists() and \
+    return (ROOT / 'server' / 'cluster').is_dir() and \
         'redis_url' in (ROOT / 'server' / 'config.py').read_text()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from server import fastjson
+from server import cluster, fastjson
 from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
@@ -26,9 +26,8 @@ from server.services import attachments, outbox, presence, push, rooms
 from server.services import webhooks
 from server.services import search as search_service
 from server.services.context import Context
-from server.services.limits import Limits, SharedConnections, SharedThrottle
-from server.services.live import Presence, Typing
-from server.services.presence_redis import RedisPresence
+from server.services.limits import Limits
+from server.services.live import Typing, presence_for
 from server.services.serialize import load_users
 from server.storage import LocalStorage, private_data
 from server.store import Store, open_database
@@ -40,7 +39,6 @@ from server.upstream.socketio_manager import LocalManager
 from server.upstream.socketio_packet import JsonPacket
 from server.transport.realtime import Realtime, user_room
 from server.transport.recovery import Recovery
-from server.transport.redis_manager import RedisManager
 from server.typedefs import (CLUSTER, CONFIG, CTX, DISCONNECT_USER,
                              HEALTH_CHECKS, READY_CHECKS, REALTIME, SIO,
                              SOCKETS)
@@ -129,15 +127,7 @@ def setup_cluster(app):
     config = app[CONFIG]
     if not config.redis_url:
         return None
-    manager = RedisManager(
-        config.redis_url, config.redis_channel,
-        max_connections=config.redis_max_connections,
-        queue_max=config.redis_publish_queue_max,
-        heartbeat=config.redis_heartbeat_seconds,
-        socket_timeout=config.redis_timeout_seconds,
-        retry_max=config.redis_retry_max_seconds,
-        probe_interval=config.redis_probe_seconds,
-        probe_timeout=config.redis_probe_timeout_seconds)
+    manager = cluster.fanout_manager(cluster.build(config), config)
     app[CLUSTER] = manager
     app[READY_CHECKS].append(('redis', manager.ready))
 
@@ -156,23 +146,12 @@ def setup_cluster(app):
 def setup_context(app, store, manager) -> Context:
     """The services' shared state, built once (server/services/context.py)."""
     config = app[CONFIG]
-    limits = Limits(config)
-    on_presence = functools.partial(_presence_changed, app)
-    if manager is None:
-        presence_ = Presence(store, config.presence_grace_seconds,
-                             on_presence)
-    else:
-        presence_ = RedisPresence(store, config.presence_grace_seconds,
-                                  on_presence, manager)
-        # Connections per user and per address, failed logins and
-        # registrations per address count across processes.
-        limits.connections = SharedConnections(
-            config.max_connections_per_user, config.max_connections_per_ip,
-            manager, manager.key_prefix)
-        limits.logins = SharedThrottle(limits.logins, manager,
-                                       manager.key_prefix)
-        limits.registrations = SharedThrottle(
-            limits.registrations, manager, manager.key_prefix)
+    # With a cluster, connections per user and per address, failed logins
+    # and registrations per address and presence count across processes.
+    shared = manager.cluster if manager is not None else None
+    limits = Limits(config, shared)
+    presence_ = presence_for(shared, store, config.presence_grace_seconds,
+                             functools.partial(_presence_changed, app))
     app[CTX] = ctx = Context(
         store, config, ensure_secret(config), metrics=app[METRICS],
         limits=limits, presence=presence_,
@@ -223,7 +202,7 @@ def setup_socketio(app, manager):
     # restart, in data_dir.
     sio.recovery = Recovery(sio, ctx, metrics, config.recovery_window_seconds,
                             config.recovery_max_events)
-    sio.recovery.shared = manager
+    sio.recovery.shared = manager.cluster if manager is not None else None
     instrument_fanout(realtime, metrics)
     # A group's members changed: every process forgets the cached room.
     realtime.forget_room = functools.partial(rooms.forget_room, ctx)

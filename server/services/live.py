@@ -1,5 +1,6 @@
-"""Ephemeral state of one process: who is typing where, who is online.
-Never stored in the database (except a user's last-seen time)."""
+"""Ephemeral state: who is typing where (per process), who is online
+(the ``Presence`` interface and its one-process form). Never stored in
+the database (except a user's last-seen time)."""
 import asyncio
 import logging
 import time
@@ -46,9 +47,18 @@ class Typing:
 
 
 class Presence:
-    """Online status from this process's sockets. ``on_change(user_id,
-    online, last_seen_ms)`` is awaited when a user comes online or, after
-    the grace period, goes offline."""
+    """Online status: the interface, and the counting every form shares.
+    A user is online while this process holds a socket of theirs and for
+    ``grace`` seconds after the last one closed (a reload does not flap).
+    ``on_change(user_id, online, last_seen_ms)`` is awaited when a user
+    comes online or goes offline, by the process that saw it.
+
+    Implementations say what other processes know: ``_claim(user_id)``
+    (this process took the user: how many others held them already),
+    ``_release(user_id, last_seen)`` (this process let go: how many
+    others still hold them) and ``_status_elsewhere(user_ids)`` (users
+    not online here). ``LocalPresence`` is one process;
+    ``presence_redis.RedisPresence`` shares it through Redis."""
 
     def __init__(self, store, grace: float, on_change):
         self.store = store
@@ -58,13 +68,16 @@ class Presence:
         self._timers = {}    # user id -> pending offline task
         self._last_seen = {}  # user id -> ms, for users seen by this process
 
+    def start(self):
+        """Start background work, if the implementation has any."""
+
     async def connected(self, user_id):
         self._sockets[user_id] = self._sockets.get(user_id, 0) + 1
         timer = self._timers.pop(user_id, None)
         if timer is not None:
             timer.cancel()  # a reload within the grace period: no flap
             return
-        if self._sockets[user_id] == 1:
+        if self._sockets[user_id] == 1 and not await self._claim(user_id):
             await self.on_change(user_id, True, now_ms())
 
     async def disconnected(self, user_id):
@@ -80,7 +93,8 @@ class Presence:
         await asyncio.sleep(self.grace)
         self._timers.pop(user_id, None)
         last_seen = self._last_seen.get(user_id, now_ms())
-        await self.went_offline(user_id, last_seen)
+        if not await self._release(user_id, last_seen):
+            await self.went_offline(user_id, last_seen)
 
     async def went_offline(self, user_id, last_seen):
         """Store the user's last-seen time and tell their contacts. While
@@ -93,16 +107,36 @@ class Presence:
             log.info('user %s went offline, not announced: %s', user_id, exc)
 
     def is_online(self, user_id) -> bool:
+        """Online as this process sees it."""
         return user_id in self._sockets or user_id in self._timers
+
+    def held(self) -> set:
+        """The users this process counts as online."""
+        return set(self._sockets) | set(self._timers)
 
     async def status(self, user_ids) -> dict:
         """{user_id: (online, last_seen_ms)}."""
-        result = {}
-        unknown = []
+        result = {u: (True, now_ms()) for u in user_ids if self.is_online(u)}
+        rest = [u for u in user_ids if u not in result]
+        if rest:
+            result.update(await self._status_elsewhere(rest))
+        return result
+
+    async def _claim(self, user_id) -> int:
+        raise NotImplementedError
+
+    async def _release(self, user_id, last_seen) -> int:
+        raise NotImplementedError
+
+    async def _status_elsewhere(self, user_ids) -> dict:
+        raise NotImplementedError
+
+    async def _status_here(self, user_ids) -> dict:
+        """(offline, last seen) of users offline here, from what this
+        process saw or else the database."""
+        result, unknown = {}, []
         for user_id in user_ids:
-            if self.is_online(user_id):
-                result[user_id] = (True, now_ms())
-            elif user_id in self._last_seen:
+            if user_id in self._last_seen:
                 result[user_id] = (False, self._last_seen[user_id])
             else:
                 unknown.append(user_id)
@@ -119,6 +153,28 @@ class Presence:
     async def close(self):
         for timer in self._timers.values():
             timer.cancel()
+
+
+class LocalPresence(Presence):
+    """Presence of one process: nobody else holds anyone."""
+
+    async def _claim(self, user_id) -> int:
+        return 0
+
+    async def _release(self, user_id, last_seen) -> int:
+        return 0
+
+    async def _status_elsewhere(self, user_ids) -> dict:
+        return await self._status_here(user_ids)
+
+
+def presence_for(cluster, store, grace: float, on_change) -> Presence:
+    """``LocalPresence`` without a cluster, ``RedisPresence`` on one."""
+    if cluster is None:
+        return LocalPresence(store, grace, on_change)
+    # Imported here: the Redis form builds on the interface above.
+    from server.services.presence_redis import RedisPresence
+    return RedisPresence(store, grace, on_change, cluster)
 
 
 def _save_last_seen(user_id, ms):

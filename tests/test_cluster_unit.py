@@ -1,0 +1,228 @@
+"""Fast tests of the cluster's parts without a Postbox process: the Lua
+scripts against a real redis-server, and the connection counting and
+throttle interfaces in both their local and Redis forms."""
+import asyncio
+import uuid
+
+import pytest
+
+from server.cluster import Cluster
+from server.cluster.scripts import HOLDER_SCRIPT, PRESENCE_ADD_SCRIPT, \
+    PRESENCE_REAP_SCRIPT, PRESENCE_REMOVE_SCRIPT, PRESENCE_STATUS_SCRIPT, \
+    PUBLISH_SCRIPT, script_arguments
+from server.errors import RateLimited
+from server.services.limits import LocalConnections, TooManyConnections, \
+    login_throttle
+from server.services.limits_redis import RedisConnections, RedisThrottle
+from server.services.ratelimit import Limiter
+from tests.redisproc import RedisProcess
+
+
+@pytest.fixture(scope='module')
+def redis_url(tmp_path_factory):
+    proc = RedisProcess(tmp_path_factory.mktemp('redis'))
+    proc.start()
+    yield proc.url
+    proc.stop()
+
+
+class Hosts:
+    """Processes of one cluster (a fresh channel per test): ``add()``
+    gives a live one; ``kill(c)`` lets its liveness key go."""
+
+    def __init__(self, url):
+        self.url = url
+        self.channel = f'u{uuid.uuid4().hex[:8]}'
+        self.all = []
+
+    async def add(self) -> Cluster:
+        cluster = Cluster(self.url, self.channel)
+        await cluster.redis.set(cluster.alive_key, 1)
+        self.all.append(cluster)
+        return cluster
+
+    async def kill(self, cluster):
+        await cluster.redis.delete(cluster.alive_key)
+
+    async def close(self):
+        for cluster in self.all:
+            await cluster.redis.aclose()
+            await cluster._sub_redis.aclose()
+
+
+@pytest.fixture
+async def hosts(redis_url):
+    kit = Hosts(redis_url)
+    yield kit
+    await kit.close()
+
+
+def text(values):
+    return sorted(v.decode() if isinstance(v, bytes) else v for v in values)
+
+
+async def test_holder_script_finds_live_holders_and_drops_dead_ones(hosts):
+    a, b, c = await hosts.add(), await hosts.add(), await hosts.add()
+    key = a.key('room:/:room:1')
+    await a.redis.sadd(key, b.host_id, c.host_id)
+    await hosts.kill(c)
+    script = a.script(HOLDER_SCRIPT)
+    head = [a.host_id, a.host_channel_prefix, a.alive_prefix]
+    others = await script(keys=[key], args=[*head, '1', ''])
+    assert text(others) == [b.host_id]
+    assert text(await a.redis.smembers(key)) == sorted([a.host_id,
+                                                        b.host_id])
+    # leaving takes a out, and still reports b
+    others = await script(keys=[key], args=[*head, '', ''])
+    assert text(others) == [b.host_id]
+    assert text(await a.redis.smembers(key)) == [b.host_id]
+
+
+async def test_publish_script_routes_each_message_once_per_live_host(hosts):
+    a, b, c, dead = [await hosts.add() for _ in range(4)]
+    await hosts.kill(dead)
+    room1, room2 = a.key('room:/:r1'), a.key('room:/:r2')
+    await a.redis.sadd(room1, a.host_id, b.host_id, dead.host_id)
+    await a.redis.sadd(room2, b.host_id, c.host_id)
+    keys, (index, blob) = script_arguments([
+        ([room1], '{"n":1}'), ([room1, room2], '{"n":2}'),
+        ([room2], '{"n":3}')])
+    script = a.script(PUBLISH_SCRIPT)
+    head = [a.host_id, a.host_channel_prefix, a.alive_prefix]
+    raw = await script(keys=keys, args=[*head, index, '', '1'])
+    by_host = {raw[i].decode(): raw[i + 1].decode()
+               for i in range(0, len(raw), 2)}
+    # b holds both rooms: messages 1, 2 and 3, message 2 once; c only
+    # room 2; a (the sender) and the dead host nothing
+    assert by_host == {b.host_id: '1,2,3', c.host_id: '2,3'}
+    assert text(await a.redis.smembers(room1)) == sorted([a.host_id,
+                                                          b.host_id])
+    # publishing: one JSON list per live host, on its host channel
+    pubsub = c.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(c.host_channel)
+    assert await script(keys=keys, args=[*head, index, blob, '']) == 2
+    message = None
+    async with asyncio.timeout(10):
+        while message is None:
+            message = await pubsub.get_message(timeout=1)
+    assert message['data'] == b'[{"n":2},{"n":3}]'
+    await pubsub.aclose()
+
+
+async def test_presence_scripts_count_live_processes_only(hosts):
+    a, b = await hosts.add(), await hosts.add()
+    online, seen = a.key('online:7'), a.key('seen:7')
+    users = a.key('users:')
+    add, remove = a.script(PRESENCE_ADD_SCRIPT), a.script(
+        PRESENCE_REMOVE_SCRIPT)
+    status = a.script(PRESENCE_STATUS_SCRIPT)
+    reap = a.script(PRESENCE_REAP_SCRIPT)
+    hosts_key = a.key('hosts')
+    for me in (a, b):
+        await add(keys=[online, users + me.host_id, hosts_key],
+                  args=[me.host_id, a.alive_prefix, 7])
+    # a lets go: b still holds the user, so no last seen is written
+    assert await remove(keys=[online, users + a.host_id, seen],
+                        args=[a.host_id, a.alive_prefix, 7, 1000, 60]) == 1
+    assert await a.redis.get(seen) is None
+    assert await status(keys=[online, a.key('online:8')],
+                        args=[a.alive_prefix]) == [1, 0]
+    # b dies: the user is offline, and the reaper (on a) reports them
+    await hosts.kill(b)
+    assert await status(keys=[online], args=[a.alive_prefix]) == [0]
+    gone = await reap(keys=[hosts_key], args=[
+        a.alive_prefix, users, a.key('online:'), a.key('seen:'), 2000, 60,
+        a.host_id])
+    assert text(gone) == ['7']
+    assert await a.redis.get(seen) == b'2000'
+    assert text(await a.redis.smembers(hosts_key)) == [a.host_id]
+
+
+@pytest.fixture(params=['local', 'redis'])
+async def connection_forms(request, hosts):
+    """Two processes' connection counts, 2 sockets per user and 3 per
+    address: local ones (independent) or Redis ones (shared)."""
+    if request.param == 'local':
+        return request.param, [LocalConnections(2, 3), LocalConnections(2, 3)]
+    return request.param, [RedisConnections(2, 3, await hosts.add()),
+                           RedisConnections(2, 3, await hosts.add())]
+
+
+async def test_connection_limits_per_user_and_address(connection_forms):
+    form, (one, two) = connection_forms
+    await one.acquire(1, '10.0.0.1')
+    await one.acquire(1, '10.0.0.2')
+    with pytest.raises(TooManyConnections, match='for this user'):
+        await one.acquire(1, '10.0.0.3')
+    await one.acquire_address('10.0.0.1')
+    await one.acquire(2, '10.0.0.1')
+    with pytest.raises(TooManyConnections, match='from this address'):
+        await one.acquire(3, '10.0.0.1')
+    with pytest.raises(TooManyConnections, match='from this address'):
+        await one.acquire_address('10.0.0.1')
+    # the refusals counted nothing: one release makes room for one more
+    await one.release_address('10.0.0.1')
+    await one.acquire(3, '10.0.0.1')
+    # another process: the same limits when shared, its own when local
+    if form == 'redis':
+        with pytest.raises(TooManyConnections, match='for this user'):
+            await two.acquire(1, '10.0.0.9')
+        await one.release(1, '10.0.0.2')
+        await two.acquire(1, '10.0.0.9')
+    else:
+        await two.acquire(1, '10.0.0.9')
+        await two.acquire(1, '10.0.0.9')
+
+
+async def test_a_dead_process_counts_no_connections(hosts):
+    one = RedisConnections(1, 10, await hosts.add())
+    two = RedisConnections(1, 10, await hosts.add())
+    await one.acquire(1, '10.0.0.1')
+    with pytest.raises(TooManyConnections):
+        await two.acquire(1, '10.0.0.2')
+    await hosts.kill(one.cluster)
+    await two.acquire(1, '10.0.0.2')
+
+
+@pytest.fixture(params=['local', 'redis'])
+async def throttle_forms(request, hosts):
+    """Two processes' login throttles (2 failures per username, 4 per
+    address, refilling at one per minute): local or shared in Redis."""
+    def local():
+        return login_throttle(2, 4, 1)
+    if request.param == 'local':
+        return request.param, [local(), local()]
+    return request.param, [RedisThrottle(local(), await hosts.add()),
+                           RedisThrottle(local(), await hosts.add())]
+
+
+async def test_throttle_takes_and_gives_back(throttle_forms):
+    form, (one, two) = throttle_forms
+    await one.take('ann', '10.0.0.1')
+    await one.take('ann', '10.0.0.1')
+    with pytest.raises(RateLimited) as refused:
+        await one.take('ann', '10.0.0.2')
+    assert 0 < refused.value.retry_after <= 60
+    await one.give_back('ann', '10.0.0.1')
+    await one.take('ann', '10.0.0.3')
+    await one.take('bob', '10.0.0.1')
+    await one.take('cid', '10.0.0.1')
+    await one.take('dan', '10.0.0.1')
+    with pytest.raises(RateLimited):  # the address's four are spent
+        await one.take('eve', '10.0.0.1')
+    await one.take('eve', None)  # no address: the username alone counts
+    if form == 'redis':
+        with pytest.raises(RateLimited):
+            await two.take('ann', '10.0.0.9')
+    else:
+        await two.take('ann', '10.0.0.9')
+
+
+def test_limiter_allows_a_burst_then_refuses():
+    limiter = Limiter(rate=1, burst=3)
+    for _ in range(3):
+        limiter.take('u')
+    with pytest.raises(RateLimited) as refused:
+        limiter.take('u')
+    assert 0 < refused.value.retry_after <= 1
+    limiter.take('other')
