@@ -37,8 +37,11 @@ _MISSING = object()
 class LruCache:
     """A mapping of at most ``size`` entries; when full, the least recently
     used one goes. Safe to use from the event loop and the reader and
-    writer threads at once: every operation takes one lock (held for a
-    dict operation, well under a microsecond)."""
+    writer threads at once. A read is two calls into the C OrderedDict,
+    each atomic under the GIL, without a lock (reads are the hot path: an
+    inbox of 5,000 rooms makes ~15,000 of them; a lock tripled their
+    cost); an entry evicted between the two calls is still a correct
+    answer. Writes take the lock: they are a check then a change."""
 
     def __init__(self, size: int):
         self.size = max(1, size)
@@ -46,12 +49,14 @@ class LruCache:
         self._lock = threading.Lock()
 
     def get(self, key, default=None):
-        with self._lock:
-            value = self._data.get(key, _MISSING)
-            if value is _MISSING:
-                return default
+        value = self._data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        try:
             self._data.move_to_end(key)
-            return value
+        except KeyError:  # evicted or popped meanwhile
+            pass
+        return value
 
     def __getitem__(self, key):
         value = self.get(key, _MISSING)
@@ -60,8 +65,7 @@ class LruCache:
         return value
 
     def __contains__(self, key) -> bool:
-        with self._lock:
-            return key in self._data
+        return key in self._data
 
     def put(self, key, value):
         with self._lock:

@@ -57,7 +57,7 @@ def connected_here(ctx, user_ids) -> set:
     """The users among ``user_ids`` with a socket on this process. Read
     from the writer thread: a dict lookup per user is atomic under the
     GIL, and a socket that opens meanwhile is caught at delivery time."""
-    presence = getattr(ctx, 'presence', None)
+    presence = ctx.presence
     sockets = getattr(presence, '_sockets', None)
     if not sockets:
         return set()
