@@ -56,8 +56,17 @@ export async function enablePush() {
     }
   }
   if (!sub) {
-    sub = await registration.pushManager.subscribe({
-      userVisibleOnly: true, applicationServerKey: keyBytes(key)});
+    try {
+      sub = await registration.pushManager.subscribe({
+        userVisibleOnly: true, applicationServerKey: keyBytes(key)});
+    } catch (err) {
+      // Chromium refuses push in private windows with just this (while
+      // notifications are allowed).
+      if (err.name === 'AbortError' && /permission denied/.test(err.message)) {
+        throw new Error('this browser window cannot receive push messages (a private window?)');
+      }
+      throw err;
+    }
   }
   const {endpoint, keys} = sub.toJSON();
   const data = await api('POST', '/api/push/subscriptions', {

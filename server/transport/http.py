@@ -9,7 +9,8 @@ from pathlib import Path
 from aiohttp import web
 
 from server.errors import Invalid, NotFound
-from server.services import auth, messages, push, rooms, webhooks
+from server.services import (auth, groups, inbox, messages, push, rooms,
+                             webhooks)
 from server.services import search as search_service
 from server.transport.http_base import (current_user, json_body, path_int,
                                         query_int, request_address)
@@ -142,7 +143,7 @@ async def delete_push_subscription(request):
 
 async def list_rooms(request):
     user = await current_user(request)
-    return web.json_response(await rooms.inbox(
+    return web.json_response(await inbox.inbox(
         request.app[CTX], user['id'], limit=query_int(request, 'limit'),
         before=request.query.get('before') or None))
 
@@ -173,7 +174,7 @@ async def add_room_members(request):
     event)."""
     user = await current_user(request)
     data = await json_body(request)
-    return await _group_changed(request, await rooms.add_members(
+    return await _group_changed(request, await groups.add_members(
         request.app[CTX], user['id'], path_int(request, 'room_id'),
         data.get('members')))
 
@@ -182,7 +183,7 @@ async def remove_room_member(request):
     """Remove a member (owner only); your own username leaves the group:
     ``{room}`` either way."""
     user = await current_user(request)
-    return await _group_changed(request, await rooms.remove_member(
+    return await _group_changed(request, await groups.remove_member(
         request.app[CTX], user['id'], path_int(request, 'room_id'),
         request.match_info['username']))
 
@@ -191,7 +192,7 @@ async def update_room(request):
     """``{name}`` -> ``{room}``: rename a group (owner only)."""
     user = await current_user(request)
     data = await json_body(request)
-    return await _group_changed(request, await rooms.rename_group(
+    return await _group_changed(request, await groups.rename_group(
         request.app[CTX], user['id'], path_int(request, 'room_id'),
         data.get('name')))
 
