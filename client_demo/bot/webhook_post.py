@@ -9,6 +9,7 @@ the user has written to the bot, or the bot opened it). The body comes from
 --body or stdin. Retries on 5xx, 429 and network errors with the same
 client_msg_id, so a retry never posts twice. POSTBOX_URL and POSTBOX_TOKEN
 are the fallbacks for --url and --token. Prints the stored message as JSON.
+HTTP only (the SDK's ``Bot.http``): no socket is opened.
 """
 import argparse
 import asyncio
@@ -19,28 +20,16 @@ import uuid
 
 import aiohttp
 
+from client_demo.postbox_bot import Bot, BotError
+
 
 class PostFailed(Exception):
     """The server refused the message (or never answered)."""
 
 
-async def request(session, method, url, token, body=None):
-    """One HTTP request; ``(status, JSON body or None)``."""
-    async with session.request(method, url, json=body, headers={
-            'Authorization': f'Bearer {token}'}) as resp:
-        try:
-            data = await resp.json(content_type=None)
-        except ValueError:
-            data = None
-        return resp.status, data
-
-
-async def find_dm(session, url, token, username) -> int:
-    """The id of the caller's dm room with ``username``."""
-    status, data = await request(session, 'GET', f'{url}/api/rooms', token)
-    if status != 200:
-        raise PostFailed(f'GET /api/rooms: {status} {data}')
-    for entry in data['rooms']:
+async def find_dm(bot: Bot, username) -> int:
+    """The id of the bot's dm room with ``username``."""
+    for entry in await bot.inbox(over_http=True):
         room = entry['room']
         if room['kind'] == 'dm' and any(
                 m['username'] == username.lower() for m in room['members']):
@@ -52,28 +41,30 @@ async def post(url, token, body, room_id=None, to=None, client_msg_id=None,
                attempts=5, timeout=10.0) -> dict:
     """Post ``body`` to ``room_id`` (or the dm with ``to``); returns the
     stored message. Retries with the same client_msg_id."""
-    url = url.rstrip('/')
-    client_msg_id = client_msg_id or str(uuid.uuid4())
+    bot = Bot(url, token, request_timeout=timeout)
+    data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4())}
     delay = 0.5
-    async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    try:
         if room_id is None:
-            room_id = await find_dm(session, url, token, to)
+            room_id = await find_dm(bot, to)
         for attempt in range(attempts):
             try:
-                status, data = await request(
-                    session, 'POST', f'{url}/api/rooms/{room_id}/messages',
-                    token, {'body': body, 'client_msg_id': client_msg_id})
+                _, answer = await bot.http(
+                    'POST', f'/api/rooms/{room_id}/messages', json=data)
+                return answer['message']
+            except BotError as exc:
+                failure, wait = exc, exc.retry_after
+                retryable = exc.status == 429 or (exc.status or 0) >= 500
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                status, data = None, str(exc)
-            if status in (200, 201):
-                return data['message']
-            retryable = status is None or status == 429 or status >= 500
+                failure, wait, retryable = exc, None, True
             if not retryable or attempt == attempts - 1:
-                raise PostFailed(f'{status}: {data}')
-            error = (data or {}).get('error', {}) if isinstance(data, dict) else {}
-            await asyncio.sleep(error.get('retry_after') or delay)
+                raise PostFailed(str(failure) or type(failure).__name__)
+            await asyncio.sleep(wait or delay)
             delay *= 2
+    except BotError as exc:
+        raise PostFailed(str(exc)) from None
+    finally:
+        await bot.close()
 
 
 def main(argv=None):

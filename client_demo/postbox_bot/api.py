@@ -2,6 +2,7 @@
 ``search``, group changes, inbox pages) and the HTTP API."""
 import asyncio
 import logging
+import urllib.parse
 import uuid
 
 import aiohttp
@@ -84,17 +85,25 @@ class ApiMixin:
         ack = await self.call('search', data)
         return ack['results'], ack['has_more']
 
-    async def inbox(self, page=ROOMS_PAGE):
+    async def inbox(self, page=ROOMS_PAGE, over_http=False):
         """Every entry of the bot's inbox (``{room, last_message, unread,
         last_read_seq, muted}``), latest activity first, fetched ``page``
-        rooms at a time."""
-        entries, data = [], {'limit': page}
+        rooms at a time (``rooms`` with ``limit`` and ``before``; with
+        ``over_http``, ``GET /api/rooms``: no connection needed)."""
+        entries, before = [], None
         while True:
-            ack = await self.call('rooms', data)
-            entries.extend(ack['rooms'])
-            if not ack.get('has_more') or not ack.get('next_before'):
+            query = {'limit': page}
+            if before is not None:
+                query['before'] = before
+            if over_http:
+                _, answer = await self.http(
+                    'GET', '/api/rooms?' + urllib.parse.urlencode(query))
+            else:
+                answer = await self.call('rooms', query)
+            entries.extend(answer['rooms'])
+            before = answer.get('next_before')
+            if not answer.get('has_more') or not before:
                 return entries
-            data = {'limit': page, 'before': ack['next_before']}
 
     # Groups.
 
@@ -136,8 +145,15 @@ class ApiMixin:
                 error = (data or {}).get('error') or {}
                 raise BotError(error.get('code', str(resp.status)),
                                error.get('message', ''),
-                               error.get('retry_after'))
+                               error.get('retry_after'), resp.status)
             return resp.status, data
+
+    async def close(self):
+        """Close the HTTP session of a Bot used only for :meth:`http`
+        requests (one that runs closes it when it stops)."""
+        session, self._http = self._http, None
+        if session is not None:
+            await session.close()
 
     def _session(self) -> aiohttp.ClientSession:
         # One session for the HTTP API and Engine.IO, made on first use and

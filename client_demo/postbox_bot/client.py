@@ -227,9 +227,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
             self.ready.clear()
             if self.sio is not None and self.sio.connected:
                 await self.sio.disconnect()
-            session, self._http = self._http, None
-            if session is not None:
-                await session.close()
+            await self.close()
 
     async def stop(self):
         """Let the handler that is running finish, then disconnect. Events
@@ -250,9 +248,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
             except BotError:
                 pass
             self._runner = None
-        session, self._http = self._http, None
-        if session is not None:
-            await session.close()
+        await self.close()
 
     async def _finish_dispatcher(self):
         # Called by both stop() and run(): each waits for the same task.

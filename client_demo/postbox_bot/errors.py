@@ -5,13 +5,15 @@ RETRYABLE = ('unavailable', 'rate_limited', 'internal')
 
 
 class BotError(Exception):
-    """A request the server refused: ``code`` is the contract's error code."""
+    """A request the server refused: ``code`` is the contract's error code
+    (``status`` the HTTP status, for an HTTP request)."""
 
-    def __init__(self, code, message='', retry_after=None):
+    def __init__(self, code, message='', retry_after=None, status=None):
         super().__init__(f'{code}: {message}' if message else code)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.status = status
 
 
 class LoginFailed(BotError):
