@@ -21,8 +21,9 @@ from server.services.ratelimit import Limiter
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from server.config import Config
     from server.metrics import Metrics
+    from server.services.attachments import Streaming
     from server.services.limits import Limits
-    from server.services.live import Typing
+    from server.services.live import Presence, Typing
     from server.storage import LocalStorage
     from server.store import Store
 
@@ -133,13 +134,13 @@ class Context:
     secret: str
     metrics: Optional[Metrics] = None
     limits: Optional[Limits] = None
-    presence: Any = None   # Presence or RedisPresence
+    presence: Optional[Presence] = None  # local or Redis form
     typing: Optional[Typing] = None
     storage: Optional[LocalStorage] = None
     # The public VAPID key browsers subscribe with ('' without push).
     vapid_public_key: str = ''
     outbox_wake: Wake = dataclasses.field(default_factory=Wake)
-    uploads_streaming: Any = dataclasses.field(
+    uploads_streaming: Streaming = dataclasses.field(
         default_factory=_uploads_streaming)
     # Built from the config (below).
     users: LruCache = dataclasses.field(init=False)
