@@ -46,6 +46,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import load  # noqa: E402
+from recovery import describe_load, load_mode  # noqa: E402
 from run import Server, free_port, log  # noqa: E402
 
 RESULTS = BENCH / 'results'
@@ -230,10 +231,10 @@ def run_online(servers, receiver, args):
     for r in range(args.repeats):
         for name, server in servers.items():
             res = load.run_dm(server.url, 'postbox', server.pid,
-                              pairs=args.pairs, mode='closed',
-                              window=args.window, duration=args.duration,
-                              warmup=args.warmup, workers=args.workers,
-                              users=users[name])
+                              pairs=args.pairs, window=args.window,
+                              duration=args.duration, warmup=args.warmup,
+                              workers=args.workers, users=users[name],
+                              **load_mode(args))
             log(f'online {name} #{r + 1}: {res["rate"]:,.0f} msg/s, '
                 f'{res["cpu_us_per_msg"]:.0f} us/msg CPU, errors '
                 f'{res["errors"]}')
@@ -311,8 +312,7 @@ def report(res, args, note=''):
     online = res['online']
     lines += [
         '## Nobody offline: CPU per message, push on vs off', '',
-        f'Closed-loop DMs ({args.pairs} pairs, {args.window} in flight, '
-        f'{args.duration:g} s runs), two servers alternating, '
+        f'{describe_load(args)}, two servers alternating, '
         f'{args.repeats} rounds; on "push on" every user has a Web Push '
         f'subscription and is connected:', '',
         '| server | msg/s | us CPU/msg |', '|---|---|---|']
@@ -337,6 +337,11 @@ def parse_args(argv):
     p.add_argument('--warmup', type=float, default=1.0)
     p.add_argument('--pairs', type=int, default=50)
     p.add_argument('--window', type=int, default=4)
+    p.add_argument('--rate', type=float, default=0.0,
+                   help='open loop at this many msg/s for the CPU A/B '
+                        '(the same for each variant, so that write batches '
+                        'are alike even when the machine is busy); 0: '
+                        'closed loop')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--pin', action='store_true')
     p.add_argument('--note', default='')

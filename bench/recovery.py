@@ -198,6 +198,20 @@ class OptedInSocket:
         self.thread.join(10)
 
 
+def load_mode(args) -> dict:
+    """run_dm's mode arguments: open loop at ``--rate`` if given (run.py's
+    args have none: closed loop)."""
+    rate = getattr(args, 'rate', 0)
+    return {'mode': 'open', 'rate': rate} if rate else {'mode': 'closed'}
+
+
+def describe_load(args) -> str:
+    rate = getattr(args, 'rate', 0)
+    how = (f'open loop at {rate:,.0f} msg/s' if rate else
+           f'closed loop, {args.window} in flight per sender')
+    return f'DMs ({args.pairs} pairs, {how}, {args.duration:g} s runs)'
+
+
 VARIANTS = ('nobody opted in', 'one idle socket opted in',
             'every socket opted in')
 
@@ -208,9 +222,10 @@ def run_live(url, pid, args):
     runs = {v: [] for v in VARIANTS}
     for r in range(args.repeats):
         for variant in VARIANTS:
-            kwargs = dict(pairs=args.pairs, mode='closed', window=args.window,
+            kwargs = dict(pairs=args.pairs, window=args.window,
                           duration=args.duration, warmup=args.warmup,
-                          workers=args.workers, users=users)
+                          workers=args.workers, users=users,
+                          **load_mode(args))
             if variant == VARIANTS[1]:
                 with OptedInSocket(url, holder):
                     res = load.run_dm(url, 'postbox', pid, **kwargs)
@@ -280,8 +295,7 @@ def report(res, args, note=''):
         f'under 100 ms of server time: '
         f'{"met" if _med(rec) < 100 else "missed"}.', '',
         '## Live delivery: CPU per message', '',
-        f'Closed-loop DMs ({args.pairs} pairs, {args.window} in flight, '
-        f'{args.duration:g} s runs), the three variants alternating on one '
+        f'{describe_load(args)}, the three variants alternating on one '
         f'server, {args.repeats} rounds:', '',
         '| variant | msg/s | us CPU/msg | / nobody opted in (per round) |',
         '|---|---|---|---|']
@@ -314,6 +328,11 @@ def parse_args(argv):
     p.add_argument('--warmup', type=float, default=1.0)
     p.add_argument('--pairs', type=int, default=50)
     p.add_argument('--window', type=int, default=4)
+    p.add_argument('--rate', type=float, default=0.0,
+                   help='open loop at this many msg/s for the CPU A/B '
+                        '(the same for each variant, so that write batches '
+                        'are alike even when the machine is busy); 0: '
+                        'closed loop')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--pin', action='store_true')
     p.add_argument('--note', default='')
