@@ -16,27 +16,48 @@ from packaging.requirements import Requirement
 
 from client_demo.postbox_bot import socketio_async_client
 from tests.helpers import ROOT
-from tests.test_bots import bot_and_partner, dm, readiness
+from tests.test_bots import bot_and_partner, dm
 from tests.test_upstream import (declared, resolve, source_names,
                                  upstream_classes, upstream_has)
 
 
-async def drop_transport(bot):
-    """Close the bot's Engine.IO transport under it, as a network drop
-    would; the SDK reconnects by itself."""
-    await bot.sio.eio.disconnect(abort=True)
+class Away:
+    """``async with Away(bot):`` drops the bot's transport (as a network
+    drop would) and holds its reconnect until the block ends, so that what
+    is sent inside is missed for sure; on exit waits until the bot is
+    back and caught up (recovered or synced)."""
+
+    def __init__(self, bot):
+        self.bot = bot
+        self.back = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def __aenter__(self):
+        bot, connect = self.bot, self.bot._connect
+
+        async def gated():
+            await self.gate.wait()
+            bot._connect = connect
+            await connect()
+        bot._connect = gated
+        bot.on('ready')(self.back.set)
+        await bot.sio.eio.disconnect(abort=True)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.gate.set()
+        if exc[0] is None:
+            await asyncio.wait_for(self.back.wait(), 20)
 
 
 async def away_and_back(bot, seen, client, room_id, count):
-    """Drop the bot's transport, send ``count`` messages to ``room_id``
-    and one more, and wait until the bot is back and has handled them;
-    returns their ids in order."""
-    reconnected = readiness(bot)
-    await drop_transport(bot)
-    sent = [(await dm(client, f'while away {i}', room_id=room_id))['id']
-            for i in range(count + 1)]
+    """``count`` messages sent to ``room_id`` while the bot is away, then
+    one more once it is back; returns their ids once it handled them."""
+    async with Away(bot):
+        sent = [(await dm(client, f'while away {i}', room_id=room_id))['id']
+                for i in range(count)]
+    sent.append((await dm(client, 'back', room_id=room_id))['id'])
     await seen.until(sent[-1], timeout=20)
-    await asyncio.wait_for(reconnected.wait(), 20)
     return sent
 
 
@@ -49,10 +70,12 @@ async def test_dropped_transport_is_recovered_without_sync(base):
         # The server replayed the gap; the bot did not sync again.
         assert bot.recovered is True
         assert (bot.connects, bot.recoveries, bot.syncs) == (2, 1, 1)
+        assert bot.replayed == 5
         # And again: a session recovers any number of times.
         again = await away_and_back(bot, seen, client, first['room_id'], 2)
         assert seen.seen == [first['id']] + sent + again
         assert (bot.connects, bot.recoveries, bot.syncs) == (3, 2, 1)
+        assert bot.replayed == 7
     finally:
         await client.close()
         await bot.stop()
@@ -67,6 +90,7 @@ async def test_unknown_session_falls_back_to_sync(base):
         assert seen.seen == [first['id']] + sent
         assert bot.recovered is False
         assert (bot.connects, bot.recoveries, bot.syncs) == (2, 0, 2)
+        assert bot.replayed == 0
     finally:
         await client.close()
         await bot.stop()
@@ -77,18 +101,19 @@ async def test_group_made_while_away_comes_once(base):
     from the group's start (by a catch-up), each message once."""
     bot, seen, client, first = await bot_and_partner(base)
     try:
-        reconnected = readiness(bot)
-        await drop_transport(bot)
-        ack = await client.call('create_group', {
-            'name': 'while away', 'members': [bot.user['username']]})
-        assert ack['ok'], ack
-        group = ack['room']
-        sent = [await dm(client, f'group {i}', room_id=group['id'])
-                for i in range(3)]
+        async with Away(bot):
+            ack = await client.call('create_group', {
+                'name': 'while away', 'members': [bot.user['username']]})
+            assert ack['ok'], ack
+            group = ack['room']
+            sent = [await dm(client, f'group {i}', room_id=group['id'])
+                    for i in range(3)]
         await seen.until(sent[-1]['id'], timeout=20)
-        await asyncio.wait_for(reconnected.wait(), 20)
         assert seen.seen == [first['id']] + [m['id'] for m in sent]
         assert bot.rooms[group['id']]['kind'] == 'group'
+        # Recovered, then the catch-up that places the new group.
+        assert bot.recovered is True
+        assert (bot.recoveries, bot.syncs) == (1, 2)
     finally:
         await client.close()
         await bot.stop()

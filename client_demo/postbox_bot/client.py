@@ -56,8 +56,9 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
 
     Counters for monitoring: ``connects`` (successful connects),
     ``recoveries`` (reconnects the server recovered: no ``sync``),
-    ``syncs`` (catch-ups with ``sync``); ``recovered`` says whether the
-    last connect recovered."""
+    ``replayed`` (the events those recoveries replayed), ``syncs``
+    (catch-ups with ``sync``); ``recovered`` says whether the last connect
+    recovered."""
 
     def __init__(self, url, token=None, *, username=None, password=None,
                  state_path=None, skip_history=True, transports=('websocket',),
@@ -85,6 +86,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self.connects = 0           # successful connects so far
         self.recoveries = 0         # connects that recovered (no sync)
         self.syncs = 0              # catch-ups with sync
+        self.replayed = 0           # events replayed by recoveries
         self.recovered = False      # whether the last connect recovered
         self._pid = None            # the recovery session's pid
         self._offset = None         # the last offset received in it
@@ -345,11 +347,12 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self.recovered = 'pid' in auth and sio.pid == auth['pid']
         self._pid = sio.pid
         self.connected.set()
-        for item in early:
+        arrived, early = early, None  # from here live() queues directly
+        for item in arrived:
             self._queue.put_nowait(item)
-        early = None
         if self.recovered:
             self.recoveries += 1
+            self.replayed += sum(1 for item in arrived if item[2])
             self._queue.put_nowait(Recovered())
         else:
             self._resumable = False
