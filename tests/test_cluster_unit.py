@@ -47,7 +47,7 @@ class Hosts:
     async def close(self):
         for cluster in self.all:
             await cluster.redis.aclose()
-            await cluster._sub_redis.aclose()
+            await cluster.sub_redis.aclose()
 
 
 @pytest.fixture

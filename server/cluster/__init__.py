@@ -2,7 +2,8 @@
 listener, re-registration) and what runs on it.
 
 - ``cluster.py``: ``Cluster``, this process's membership, handed to every
-  component that has a Redis form;
+  component that has a Redis form; ``listener.py`` its pub/sub listener
+  and the probe that proves it hears;
 - ``scripts.py``: every Lua script, with the one "is this host alive"
   helper they share;
 - ``clients.py``: Redis clients for a URL (single, Sentinel, Cluster);
