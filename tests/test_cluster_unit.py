@@ -14,6 +14,8 @@ from server.errors import RateLimited
 from server.services.limits import LocalConnections, TooManyConnections, \
     login_throttle
 from server.services.limits_redis import RedisConnections, RedisThrottle
+from server.services.live import LocalPresence
+from server.services.presence_redis import RedisPresence
 from server.services.ratelimit import Limiter
 from tests.redisproc import RedisProcess
 
@@ -136,6 +138,44 @@ async def test_presence_scripts_count_live_processes_only(hosts):
     assert text(gone) == ['7']
     assert await a.redis.get(seen) == b'2000'
     assert text(await a.redis.smembers(hosts_key)) == [a.host_id]
+
+
+@pytest.fixture(params=['local', 'redis'])
+async def presence_forms(request, hosts):
+    """Three processes' presence (local or Redis) and the changes they
+    announce, as (process number, user id, online)."""
+    changes = []
+
+    def announce(n):
+        async def on_change(user_id, online, last_seen):
+            changes.append((n, user_id, online))
+        return on_change
+    forms = []
+    for n in range(3):
+        if request.param == 'local':
+            forms.append(LocalPresence(None, 60, announce(n)))
+        else:
+            forms.append(RedisPresence(None, 60, announce(n),
+                                       await hosts.add()))
+    yield request.param, forms, changes
+    for presence in forms:
+        await presence.close()
+
+
+async def test_a_user_comes_online_once(presence_forms):
+    form, (one, two, three), changes = presence_forms
+    await one.connected(7)
+    await one.connected(7)  # a second socket: nothing new
+    await two.connected(7)
+    if form == 'redis':
+        # the first process announced it; the others see it online
+        assert changes == [(0, 7, True)]
+        assert (await three.status([7]))[7][0] is True
+    else:
+        # every process is on its own
+        assert changes == [(0, 7, True), (1, 7, True)]
+    assert (await one.status([7]))[7][0] is True
+    assert one.held() == {7}
 
 
 @pytest.fixture(params=['local', 'redis'])
