@@ -14,8 +14,8 @@ import tomllib
 
 from packaging.requirements import Requirement
 
-from client_demo.postbox_bot import socketio_async_client
-from tests.helpers import ROOT
+from client_demo.postbox_bot import Bot, socketio_async_client
+from tests.helpers import ROOT, register
 from tests.test_bots import bot_and_partner, dm
 from tests.test_upstream import (declared, resolve, source_names,
                                  upstream_classes, upstream_has)
@@ -117,6 +117,28 @@ async def test_group_made_while_away_comes_once(base):
     finally:
         await client.close()
         await bot.stop()
+
+
+async def test_catch_up_pages_the_inbox(base):
+    """The catch-up reads the inbox a page at a time: a new Bot for an
+    account in five dms, two rooms a page, knows all five."""
+    bot, seen, client, first = await bot_and_partner(base)
+    other = None
+    try:
+        users = [await register(base) for _ in range(4)]
+        rooms = [first['room_id']] + [
+            (await bot.send(to=user['username'], body='hi'))['room_id']
+            for user, _ in users]
+        other = Bot(base, bot.token)
+        other.inbox_page = 2
+        await other.start(timeout=10)
+        assert sorted(other.rooms) == sorted(rooms)
+        assert all(other.is_dm(room_id) for room_id in rooms)
+    finally:
+        await client.close()
+        await bot.stop()
+        if other is not None:
+            await other.stop()
 
 
 def test_the_python_socketio_override_has_not_drifted():

@@ -12,13 +12,16 @@ from .errors import RETRYABLE, BotError
 
 log = logging.getLogger(__name__)
 
-# Rooms per page of the inbox (``rooms`` with ``limit``).
+# Rooms per page of the inbox (``rooms`` with ``limit``): a bot in
+# thousands of rooms reads them in a few round trips of bounded size.
 ROOMS_PAGE = 200
 
 
 class ApiMixin:
     """The requests of :class:`postbox_bot.Bot`; they wait for a
     connection (up to ``request_timeout``) when there is none."""
+
+    inbox_page = ROOMS_PAGE  # rooms per page of inbox()
 
     async def call(self, event, data=None, timeout=None):
         """Emit ``event`` and return its successful ack; raises BotError
@@ -85,12 +88,13 @@ class ApiMixin:
         ack = await self.call('search', data)
         return ack['results'], ack['has_more']
 
-    async def inbox(self, page=ROOMS_PAGE, over_http=False):
+    async def inbox(self, page=None, over_http=False):
         """Every entry of the bot's inbox (``{room, last_message, unread,
         last_read_seq, muted}``), latest activity first, fetched ``page``
-        rooms at a time (``rooms`` with ``limit`` and ``before``; with
+        (default ``inbox_page``) rooms at a time (``rooms`` with ``limit`` and ``before``; with
         ``over_http``, ``GET /api/rooms``: no connection needed)."""
         entries, before = [], None
+        page = page or self.inbox_page
         while True:
             query = {'limit': page}
             if before is not None:
