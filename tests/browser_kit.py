@@ -117,6 +117,15 @@ def pair(people):
     return alice, bob, a_name, b_name
 
 
+def sync_calls(page):
+    """How many `sync` calls the page's connection made (its modules are
+    the page's own instances: an import from the page shares them)."""
+    return page.evaluate("""async () => {
+        const {page} = await import('/static/page.js');
+        return page.conn.syncPages;
+    }""")
+
+
 def api(server, method, path, token=None, body=None):
     """One HTTP API call from the test itself; returns the JSON answer."""
     request = urllib.request.Request(

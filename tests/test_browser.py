@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 
 from tests.browser_kit import (  # noqa: F401 (browser, people: fixtures)
     ARTIFACTS, PASSWORD, WAIT_MS, browser, open_dm, pair, people, send, serve,
-    shot, sign_up)
+    shot, sign_up, sync_calls)
 from tests.helpers import NO_RATE_LIMITS, unique_name
 
 DOCS = Path(__file__).resolve().parent.parent / 'docs'
@@ -663,6 +663,10 @@ def test_group_members_panel(people):
     for page in (alice, bob, carol, dan):
         assert page.errors == [] and page.console_errors == [], (
             page.errors, page.console_errors)
+    # Every live event came in seq order: none was taken for a sign of
+    # missed ones (which makes the page call `sync`).
+    for page in (alice, bob, carol):
+        assert sync_calls(page) == 0
 
 
 def test_inbox_loads_in_pages(people):

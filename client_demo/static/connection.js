@@ -55,6 +55,9 @@ export class Connection {
     this.lastSeq = new Map();  // room id -> highest seq applied
     this.outbox = new Map();   // client_msg_id -> {payload, resolve, reject}
     this.connects = 0;
+    this.behind = false;       // a gap was seen offline: sync on connect
+    this.syncing = null;       // the running resync()
+    this.again = false;
     this.syncPages = 0;        // sync calls made (for tests and metrics)
   }
 
@@ -133,7 +136,9 @@ export class Connection {
     this.connects += 1;
     const recovered = !first && !!socket.recovered;
     await this.emit('connecting', {first, recovered});
-    const synced = first || recovered ? 0 : await this.catchUp();
+    const behind = this.behind;
+    this.behind = false;
+    const synced = (first || recovered) && !behind ? 0 : await this.catchUp();
     if (this.socket !== socket) return;
     this.resend();
     await this.emit('connected', {first, recovered, synced});
@@ -167,31 +172,39 @@ export class Connection {
     this.lastSeq.delete(roomId);
   }
 
-  // Records `seq` for the room; false when it was already applied (a
-  // duplicate: the same event live and from sync, or replayed twice).
-  bump(roomId, seq) {
+  // Whether to apply an event with this seq, recording it. Not when it
+  // was applied already (the same event live and from sync, or replayed
+  // twice), nor when a live event jumps past the room's next seq: events
+  // were missed, and the `sync` that fetches them brings this one too.
+  bump(roomId, seq, live) {
     if (typeof seq !== 'number') return true;
     const last = this.lastSeq.get(roomId);
     if (last !== undefined && seq <= last) return false;
+    if (live && last !== undefined && seq > last + 1) {
+      this.resync();
+      return false;
+    }
     this.lastSeq.set(roomId, seq);
     return true;
   }
 
-  applyMessage(m) {
-    if (!this.bump(m.room_id, m.seq)) return;
+  // `live`: from the socket (false: from a sync answer).
+  applyMessage(m, live = true) {
+    if (!this.bump(m.room_id, m.seq, live)) return;
     this.emit('message', m, {isNew: true});
   }
 
-  applyUpdate(m) {
-    if (!this.bump(m.room_id, m.update_seq)) return;
+  applyUpdate(m, live = true) {
+    if (!this.bump(m.room_id, m.update_seq, live)) return;
     this.emit('message_updated', m);
   }
 
-  applyRoom(room) {
+  applyRoom(room, live = true) {
     // A room seen for the first time comes with its history from seq 1 in
     // a later sync, so its seq starts at what the room says now.
-    this.bump(room.id, room.last_seq);
-    this.emit('room', room);
+    if (this.bump(room.id, room.last_seq, live) || !this.lastSeq.has(room.id)) {
+      this.emit('room', room);
+    }
   }
 
   applyRoomLeft(ev) {
@@ -210,12 +223,37 @@ export class Connection {
       for (const ev of ack.events) {
         count += 1;
         if (ev.type === 'room_left') this.applyRoomLeft(ev);
-        else if (ev.type === 'message') this.applyMessage(ev.message);
-        else if (ev.type === 'message_updated') this.applyUpdate(ev.message);
-        else if (ev.type === 'room') this.applyRoom(ev.room);
+        else if (ev.type === 'message') this.applyMessage(ev.message, false);
+        else if (ev.type === 'message_updated') this.applyUpdate(ev.message, false);
+        else if (ev.type === 'room') this.applyRoom(ev.room, false);
       }
       if (!ack.has_more || !ack.events.length) return count;
     }
+  }
+
+  // A `sync` now, for a gap in the live events; one at a time (a gap seen
+  // meanwhile runs it again). Offline, the next connect syncs instead.
+  resync() {
+    if (!this.connected) {
+      this.behind = true;
+      return;
+    }
+    if (this.syncing) {
+      this.again = true;
+      return;
+    }
+    this.syncing = (async () => {
+      try {
+        do {
+          this.again = false;
+          await this.catchUp();
+        } while (this.again);
+      } catch (err) {
+        this.behind = true;
+      } finally {
+        this.syncing = null;
+      }
+    })();
   }
 
   // ---------- sends ----------

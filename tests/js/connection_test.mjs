@@ -5,6 +5,7 @@
 // and a send of his own made while offline, comes back, and ends with
 // exactly the server's messages, each once. Twice: without recovery (the
 // catch-up is `sync`, paged) and with recovery opted in (socket.recovered).
+// Then a live event that jumps past the next seq makes the client sync.
 //
 // Usage: node connection_test.mjs <server url>. MISSED (default 12) sets how
 // many messages are sent while Bob is away. Exits 0 and prints PASS.
@@ -160,9 +161,46 @@ async function scenario(recover) {
   bob.conn.close();
 }
 
+// Bob's socket loses two `message` events (as a dropped frame would): the
+// next one jumps past his seq, so he syncs and has all of them, once.
+async function gap() {
+  const [a, b] = [await register('alice'), await register('bob')];
+  const alice = new Person(a, false);
+  const bob = new Person(b, false);
+  alice.conn.connect();
+  bob.conn.connect();
+  await Promise.all([alice.connected(1), bob.connected(1)]);
+  const {room} = await alice.conn.call('open_dm', {username: bob.user.username});
+  await bob.until(() => bob.state.rooms.has(room.id), 'the room event');
+  store.applyJoin(bob.state, room.id, await bob.conn.call('join_room', {room_id: room.id}));
+  await alice.conn.send({room_id: room.id, body: 'one'});
+  await bob.until(() => bob.bodies(room.id).length === 1, 'one live message');
+
+  const socket = bob.conn.socket;
+  let lost = 0;
+  socket.off('message');
+  socket.on('message', () => { lost += 1; bob.recheck(); });
+  await alice.conn.send({room_id: room.id, body: 'two'});
+  await alice.conn.send({room_id: room.id, body: 'three'});
+  await bob.until(() => lost === 2, 'two lost events');
+  socket.off('message');
+  socket.on('message', (m) => bob.conn.applyMessage(m));
+  const pages = bob.conn.syncPages;
+  await alice.conn.send({room_id: room.id, body: 'four'});
+  const expected = ['1:one', '2:two', '3:three', '4:four'];
+  await bob.until(() => bob.bodies(room.id).join('|') === expected.join('|'),
+    `all four (has ${bob.bodies(room.id).join('|')})`);
+  check(bob.conn.syncPages > pages, 'the jump made Bob sync');
+  check(bob.state.rooms.get(room.id).unread === 4, `unread ${bob.state.rooms.get(room.id).unread}`);
+  log(`gap: synced after a jump, ${bob.conn.syncPages - pages} sync page(s)`);
+  alice.conn.close();
+  bob.conn.close();
+}
+
 try {
   await scenario(false);
   await scenario(true);
+  await gap();
   log('PASS');
   process.exit(0);
 } catch (err) {
