@@ -68,3 +68,14 @@ def test_demo_page_connection_under_node(node_modules, small_pages_server):
     assert done.returncode == 0, (f'connection_test.mjs failed:\n{output}\n'
                                   f'server log:\n{small_pages_server.read_log()}')
     assert 'PASS' in output
+
+
+def test_demo_page_store_reducers():
+    """client_demo/static/store.js alone under Node (node:test, no server):
+    unread counting, newest versions, inbox paging, mutes, rooms left."""
+    assert shutil.which('node'), 'node is required (tests/run.sh installs it)'
+    done = subprocess.run(['node', '--test', 'store_test.mjs'], cwd=JS_DIR,
+                          capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert '# fail 0' in output and '# pass 4' in output, output

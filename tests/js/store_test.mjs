@@ -1,0 +1,75 @@
+#!/usr/bin/env node
+// client_demo/static/store.js on its own (no server, no socket): the
+// reducers the page and connection_test.mjs build on, with node:test.
+// Run: node --test store_test.mjs
+import assert from 'node:assert/strict';
+import {test} from 'node:test';
+
+import * as store from '../../client_demo/static/store.js';
+
+const ME = {id: 1, username: 'me'};
+const BOB = {id: 2, username: 'bob'};
+
+function room(id, lastSeq = 0) {
+  return {id, kind: 'dm', members: [ME, BOB], last_seq: lastSeq,
+    created_at: `2026-01-01T00:00:0${id}Z`};
+}
+
+function message(roomId, seq, sender = BOB, extra = {}) {
+  return {id: roomId * 1000 + seq, room_id: roomId, seq, sender, body: `m${seq}`,
+    client_msg_id: `c${seq}`, created_at: `2026-01-02T00:00:${String(seq).padStart(2, '0')}Z`,
+    ...extra};
+}
+
+test('a new message from someone else counts as unread; mine does not', () => {
+  const state = store.createState(ME);
+  store.applyRoom(state, room(5));
+  assert.deepEqual(store.applyMessage(state, message(5, 1), true), {known: true, mine: false});
+  store.applyMessage(state, message(5, 2, ME), true);
+  store.applyMessage(state, message(5, 1), false);  // an ack's copy again
+  const entry = state.rooms.get(5);
+  assert.equal(entry.unread, 1);
+  assert.equal(entry.last_message.seq, 2);
+  assert.deepEqual(store.applyMessage(state, message(9, 1), true), {known: false, mine: false});
+});
+
+test('a loaded conversation keeps the newest version and drops my pending copy', () => {
+  const state = store.createState(ME);
+  store.applyRoom(state, room(5));
+  store.applyJoin(state, 5, {messages: [message(5, 1)], has_more: false, read: {2: 1}, room: room(5, 1)});
+  store.addPending(state, {...message(5, 0, ME), id: null, client_msg_id: 'mine'});
+  store.applyMessage(state, message(5, 2, ME, {client_msg_id: 'mine'}), true);
+  store.applyMessageUpdated(state, message(5, 1, BOB, {body: 'edited', update_seq: 3}));
+  store.applyMessageUpdated(state, message(5, 1, BOB, {body: 'older', update_seq: 2}));
+  const c = state.convos.get(5);
+  assert.deepEqual(store.timeline(c).map((m) => m.body), ['edited', 'm2']);
+  assert.equal(c.pending.size, 0);
+  assert.equal(c.read[2], 1);
+});
+
+test('inbox pages add up; a refresh of the first page keeps the cursor', () => {
+  const state = store.createState(ME);
+  const entry = (id) => ({room: room(id), last_message: null, unread: 0, last_read_seq: 0});
+  store.applyInboxPage(state, {rooms: [entry(3), entry(2)], has_more: true, next_before: 'x'}, true);
+  assert.deepEqual([state.inboxMore, state.inboxCursor], [true, 'x']);
+  store.applyInboxPage(state, {rooms: [entry(3), entry(2)], has_more: true, next_before: 'y'}, true);
+  assert.equal(state.inboxCursor, 'x');
+  store.applyInboxPage(state, {rooms: [entry(1)], has_more: false}, false);
+  assert.deepEqual([state.inboxMore, state.inboxCursor], [false, null]);
+  assert.deepEqual(store.inbox(state).map((e) => e.room.id), [3, 2, 1]);
+  assert.equal(state.rooms.get(1).muted, false);
+});
+
+test('a muted room does not count in the total; a room left goes entirely', () => {
+  const state = store.createState(ME);
+  store.applyRoom(state, room(5));
+  store.applyRoom(state, room(6));
+  store.applyMessage(state, message(5, 1), true);
+  store.applyMessage(state, message(6, 1), true);
+  store.applyMuted(state, 6, true);
+  assert.equal(store.totalUnread(state), 1);
+  store.convo(state, 5);
+  assert.equal(store.applyRoomLeft(state, 5).room.id, 5);
+  assert.equal(state.rooms.has(5) || state.convos.has(5), false);
+  assert.deepEqual(store.contacts(state), ['bob']);
+});
