@@ -9,6 +9,9 @@
   Cluster (``RedisCluster``); ``postgres``: a throwaway PostgreSQL cluster.
 - ``clients``: HTTP calls, registration, uploads and a Socket.IO client
   that queues events (``Client``, ``connect``, ``pair``, ``refused``).
+- ``wire``: the raw Socket.IO client of the benchmarks (``RawClient``,
+  ``FastReceiver``: the protocol spoken directly, cheap per packet); not
+  imported here (it needs orjson).
 
 The common names are importable from ``tests.kit`` itself.
 """
