@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser_kit import (  # noqa: F401 (browser, people: fixtures)
-    browser, open_room_id, pair, people, serve, shot, sign_up)
+    PASSWORD, api, browser, open_room_id, pair, people, serve, shot, sign_up)
 from tests.helpers import unique_name
 
 PUSH_SERVICE = r"""(() => {
@@ -71,7 +71,8 @@ def test_enable_notifications_and_a_push_shows_one(people, server):
         registrations.update({r['scopeURL']: r for r in ev['registrations']
                               if not r['isDeleted']})))
     devtools.send('ServiceWorker.enable')
-    sign_up(page, unique_name('dana'), 'Dana Reyes')
+    name = unique_name('dana')
+    sign_up(page, name, 'Dana Reyes')
 
     toggle = page.locator('#notify-toggle')
     expect(toggle).to_have_text('Enable notifications')
@@ -115,6 +116,19 @@ def test_enable_notifications_and_a_push_shows_one(people, server):
     toggle.click()
     expect(toggle).to_have_text('Enable notifications')
     assert page.evaluate(SUBSCRIPTIONS) == []
+
+    # So does signing out: whoever signs in next in this browser gets none
+    # of Dana's notifications (seen from a session of hers elsewhere).
+    toggle.click()
+    expect(toggle).to_have_text('Notifications on')
+    elsewhere = api(server, 'POST', '/api/login', body={
+        'username': name, 'password': PASSWORD})['token']
+    assert len(api(server, 'GET', '/api/push/subscriptions',
+                   elsewhere)['subscriptions']) == 1
+    page.click('#logout')
+    expect(page.locator('#auth')).to_be_visible()
+    assert api(server, 'GET', '/api/push/subscriptions',
+               elsewhere)['subscriptions'] == []
     assert page.errors == [] and page.console_errors == []
 
 
