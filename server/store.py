@@ -1,18 +1,18 @@
 """Storage off the event loop.
 
-``open_database(url, config)`` builds the Peewee database for a URL.
-``Store`` owns it while the app runs:
+``Store`` owns the database (opened by ``server.data.database``) while the
+app runs:
 
 - ``await store.write(fn, *args)`` queues ``fn(*args)`` for the single writer
   thread, which runs whatever is queued as one transaction (group commit),
   each operation inside its own savepoint so one failure does not spoil the
-  batch. An operation with a batched form (``fn.many``, the send path)
-  runs all its queued calls at once, in one savepoint. The future resolves only after COMMIT returned: an acked message is
-  a committed message.
+  batch. An operation declared ``Batched`` (the send path) runs all its
+  consecutive queued calls at once, in one savepoint. The future resolves
+  only after COMMIT returned: an acked message is a committed message.
 - ``await store.read(fn, *args)`` runs ``fn(*args)`` in a small reader pool.
 
-Operations are plain functions that use the models; they never touch the
-event loop.
+Operations are plain functions of the data layer and the models; they never
+touch the event loop.
 
 When the database goes away (a restart, an outage, a full disk) the store
 heals itself: a reader whose connection broke drops it and the next read
@@ -23,32 +23,32 @@ while the writer probes the database with a no-op write transaction every
 waiting at any time are capped (``queue_max``), and nothing escapes the
 writer's loop: whatever goes wrong fails that batch's operations with
 ``Unavailable`` and the loop goes on.
+
+What a database error is lives in ``server.data.faults``, the SQL in
+``server.data``. This module stays at about 500 lines: the writer, its
+breaker and the reader pool share one fault state and its counters, which
+one class keeps consistent.
 """
 import asyncio
-import errno
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 import peewee
-from playhouse.db_url import parse as parse_db_url
 
 import models
 from models import SchemaVersion
-from models import search as search_index
 from models.migrations import migrate
+from server.data.database import open_database  # noqa: F401 (the app's)
+from server.data.database import dialect_of, is_sqlite
+from server.data.faults import (BUSY, CONNECTION, DISK_FULL, ERROR,
+                                LOG_EVERY_SECONDS, Throttled, classify,
+                                drop_connection, one_line)
 from server.errors import Conflict, PostboxError, Unavailable
-
-try:
-    import psycopg2
-except ImportError:  # SQLite-only installs
-    psycopg2 = None
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +69,12 @@ PROBE_SECONDS = 0.25
 # What an `unavailable` answer tells the client to wait before retrying: a
 # couple of probes, so a retry after it finds the database back if it is.
 RETRY_AFTER_SECONDS = 0.5
-# libpq's connect timeout (whole seconds, 2 at least): a database host
-# that does not answer at all must not hold a probe or a read for long.
-PG_CONNECT_TIMEOUT = 2
 # After SQLite failed for lack of disk space, writes stay refused until
 # the database's filesystem has this much free again: a disk on the edge
 # of full lets a small write through now and then (a probe), and
 # flapping between up and down would tell operators nothing. Below it
 # /readyz also says the disk is full before a write fails.
 DISK_FREE_MIN_BYTES = 1024 * 1024
-# Failures of the same kind are logged at most once per this many seconds
-# (with a count of the ones not logged), so an outage under load is a few
-# clear lines, not one per failed read.
-LOG_EVERY_SECONDS = 10.0
-
-# Fault kinds, as counted in metrics and shown by /readyz.
-DISK_FULL = 'disk_full'      # SQLITE_FULL, ENOSPC, PostgreSQL disk_full
-BUSY = 'busy'                # lock timeout, deadlock, serialization failure
-CONNECTION = 'connection'    # no connection, or it was lost
-ERROR = 'error'              # any other failure of the transaction
 
 
 class StorageUnavailable(Unavailable):
@@ -99,166 +86,39 @@ class StorageUnavailable(Unavailable):
         self.retry_after = retry_after
 
 
-def classify(exc):
-    """The fault kind of a database failure, and the exception (``exc``
-    or one it was raised from) whose message says what happened. Peewee
-    wraps the driver's exception (first argument) and a failed rollback
-    can hide the error that caused it (SQLite's "cannot rollback - no
-    transaction is active" after SQLITE_FULL), so the whole chain is
-    searched."""
-    found = {}
-    seen = set()
-    stack = [exc]
-    while stack:
-        error = stack.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
-        kind = _kind_of(error)
-        if kind is not None:
-            found.setdefault(kind, error)
-        stack.extend(error.args)
-        stack.extend((error.__cause__, error.__context__))
-    for kind in (DISK_FULL, BUSY, CONNECTION):
-        if kind in found:
-            return kind, found[kind]
-    return ERROR, found.get(ERROR, exc)
+class Batched:
+    """A write operation with a batched form, declared as such: queued
+    calls ``store.write(op, item)`` that meet in one write batch run as a
+    single ``many([item, ...])`` in one savepoint, which returns per item
+    either its result or the ``PostboxError`` refusing it. Alone, a call
+    runs ``many([item])``. The send path is one: every send that queued
+    while the last commit ran costs a few statements together."""
 
+    def __init__(self, many):
+        self.many = many
+        self.__name__ = getattr(many, '__name__', 'batched')
 
-def _kind_of(error):
-    text = str(error).lower()
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or \
-            'no space left on device' in text or \
-            'database or disk is full' in text:
-        return DISK_FULL
-    if isinstance(error, sqlite3.Error):
-        name = getattr(error, 'sqlite_errorname', '') or ''
-        if name.startswith('SQLITE_FULL'):
-            return DISK_FULL
-        if name.startswith(('SQLITE_BUSY', 'SQLITE_LOCKED')) or \
-                'database is locked' in text:
-            return BUSY
-        return ERROR
-    if psycopg2 is not None and isinstance(error, psycopg2.Error):
-        code = error.pgcode or ''
-        if code == '53100':
-            return DISK_FULL
-        if code in ('40001', '40P01', '55P03'):
-            return BUSY
-        # Class 08 (connection exception), 57P (operator intervention:
-        # shutdown, crash, cannot connect now), or no code at all: libpq
-        # lost or could not make the connection.
-        if isinstance(error, psycopg2.InterfaceError) or \
-                code.startswith(('08', '57P')) or \
-                (isinstance(error, psycopg2.OperationalError) and not code):
-            return CONNECTION
-        return ERROR
-    if isinstance(error, peewee.InterfaceError):
-        return CONNECTION
-    if isinstance(error, peewee.PeeweeException):
-        return ERROR
-    return None
+    def __call__(self, item):
+        (outcome,) = self.many([item])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-
-def drop_connection(database):
-    """Close this thread's connection, whatever state it is in, so that
-    the next use opens a fresh one."""
-    try:
-        database.close()
-        return
-    except Exception:  # broken, or left inside a failed transaction
-        pass
-    try:
-        if not database.is_closed():
-            database.connection().close()
-    except Exception:
-        pass
-    database.dispose()
-
-
-class _Throttled:
-    """Logs a kind of failure at most once per LOG_EVERY_SECONDS, saying
-    how many were not logged since. Thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._last = {}    # kind -> monotonic time logged
-        self._quiet = {}   # kind -> failures since
-
-    def __call__(self, kind, message, *args):
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -LOG_EVERY_SECONDS) < \
-                    LOG_EVERY_SECONDS:
-                self._quiet[kind] = self._quiet.get(kind, 0) + 1
-                return
-            self._last[kind] = now
-            quiet = self._quiet.pop(kind, 0)
-        if quiet:
-            message += ' (%s more since the last such line)'
-            args += (quiet,)
-        log.warning(message, *args)
-
-
-def open_database(url: str, config) -> peewee.Database:
-    """Return an unconnected Peewee database for ``url``: ``sqlite:///rel``,
-    ``sqlite:////abs`` or ``postgresql://user:pw@host:port/db``."""
-    scheme = urlparse(url).scheme
-    if scheme == 'sqlite':
-        path = url[len('sqlite:///'):]
-        if path != ':memory:':
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # attach: the search index's dialect, and its fold function on
-        # every connection (the index's triggers call it).
-        return search_index.attach(peewee.SqliteDatabase(
-            path, timeout=30, pragmas={
-                'journal_mode': 'wal',
-                'synchronous': config.sqlite_synchronous.upper(),
-                'foreign_keys': 1,
-                'cache_size': -1024 * config.sqlite_cache_mib,  # KiB if < 0
-                'busy_timeout': 30000,
-            }))
-    if scheme in ('postgres', 'postgresql'):
-        params = parse_db_url(url)
-        name = params.pop('database')
-        params.setdefault('connect_timeout', PG_CONNECT_TIMEOUT)
-        return search_index.attach(
-            peewee.PostgresqlDatabase(name, autorollback=True, **params))
-    raise ValueError(f'unsupported database URL scheme {scheme!r}')
-
-
-_SQL_CACHE = {}
-
-
-def execute(sql, params=()):
-    """Run plain SQL written with ``?`` placeholders on the bound database
-    (inside the caller's transaction) and return the cursor. For the few
-    hot statements where Peewee's query builder costs more than the query.
-    Identifiers must be double-quoted, which both SQLite and PostgreSQL
-    accept."""
-    database = models.db.obj
-    key = (sql, database.param)
-    text = _SQL_CACHE.get(key)
-    if text is None:
-        text = _SQL_CACHE[key] = sql.replace('?', database.param)
-    return database.execute_sql(text, params)
+    def __repr__(self):
+        return f'Batched({self.__name__})'
 
 
 def _runs(batch):
     """Split a batch into runs of consecutive calls: (fn, [(args, future)]).
-    Calls of an operation with a batched form (``fn.many``) share a run;
-    any other call is a run of its own."""
+    Calls of the same ``Batched`` operation share a run; any other call
+    is a run of its own."""
     runs = []
     for fn, args, future in batch:
-        if runs and runs[-1][0] is fn and hasattr(fn, 'many'):
+        if runs and runs[-1][0] is fn and isinstance(fn, Batched):
             runs[-1][1].append((args, future))
         else:
             runs.append((fn, [(args, future)]))
     return runs
-
-
-def is_sqlite(database) -> bool:
-    return isinstance(database, peewee.SqliteDatabase)
 
 
 class Store:
@@ -275,8 +135,7 @@ class Store:
                                            thread_name_prefix='pb-read')
         self._writer = None
         self._loop = None
-        self._begin = ({'lock_type': 'IMMEDIATE'} if is_sqlite(database)
-                       else {})
+        self._begin = dialect_of(database).begin
         self.pending = 0  # writes queued or being committed
         # The breaker: None while writes go through, else the kind of
         # fault (DISK_FULL, CONNECTION, ...) and the database's own words.
@@ -294,7 +153,7 @@ class Store:
                                            ERROR), 0)
         self.read_errors = dict(self.write_errors)
         self._read_lock = threading.Lock()
-        self._log_read = _Throttled()
+        self._log_read = Throttled()
 
     def start(self):
         """Bind the models, create or upgrade the schema, start the writer.
@@ -436,7 +295,7 @@ class Store:
                 with self._read_lock:
                     self.read_errors[kind] += 1
                 self._log_read(kind, 'database read failed (%s): %s', kind,
-                               _one_line(cause))
+                               one_line(cause))
                 raise StorageUnavailable() from exc
 
     # -- writer thread -------------------------------------------------
@@ -516,7 +375,7 @@ class Store:
                     self._trip(kind, cause)
                     return self._refuse(batch)
                 log.warning('write batch of %s failed (attempt %s, %s): %s',
-                            len(batch), attempt, kind, _one_line(cause))
+                            len(batch), attempt, kind, one_line(cause))
                 if kind == BUSY:
                     time.sleep(0.05 * attempt)
 
@@ -564,7 +423,7 @@ class Store:
         when it opens or the kind of fault changes, not more than once per
         LOG_EVERY_SECONDS per kind (a disk on the edge of full may let
         every other write through)."""
-        detail = _one_line(cause)
+        detail = one_line(cause)
         if self.fault != kind:
             now = time.monotonic()
             if self.fault is None:
@@ -608,13 +467,12 @@ class Store:
             return future, None, exc
 
     def _run_many(self, fn, items):
-        """Run consecutive calls of an operation that has a batched form
-        (``fn.many(list of args) -> list of result or PostboxError``) in
-        one savepoint. If that hits an IntegrityError (another process
-        stored the same thing meanwhile), run them one by one instead."""
+        """Run consecutive calls of a ``Batched`` operation in one
+        savepoint. If that hits an IntegrityError (another process stored
+        the same thing meanwhile), run them one by one instead."""
         try:
             with self.database.atomic():
-                outcomes = fn.many([args for args, _ in items])
+                outcomes = fn.many([item for (item,), _ in items])
         except peewee.IntegrityError:
             return [self._outcome(fn, *item) for item in items]
         except (peewee.DatabaseError, peewee.InterfaceError):
@@ -649,8 +507,3 @@ class Store:
             else:
                 future.set_result(result)
 
-
-def _one_line(exc) -> str:
-    """An exception's message on one line, for logs and /readyz."""
-    text = ' '.join(str(exc).split()) or type(exc).__name__
-    return text[:300]

@@ -26,13 +26,12 @@ import filetype
 from peewee import fn
 from PIL import Image, UnidentifiedImageError
 
-import models
 from models import Attachment, Membership, Message
 from server.errors import (Invalid, NotFound, PostboxError, RateLimited,
                            TooLarge, UnsupportedType)
 from server.services.context import now_ms
 from server.services.serialize import attachment_dict
-from server.store import execute, is_sqlite
+from server.data.database import dialect
 
 log = logging.getLogger(__name__)
 
@@ -432,9 +431,7 @@ def _insert(user_id, filename, mime, size, key, width, height,
     # The quota is checked again here, in the writer's transaction, where
     # no other insert can come between the count and this row: with the
     # user's row locked on PostgreSQL, and under SQLite's write lock.
-    if not is_sqlite(models.db.obj):
-        execute('SELECT 1 FROM "user" WHERE "id" = ? FOR UPDATE',
-                (user_id,))
+    dialect().lock_rows('user', [user_id])
     count, held = held_uploads(user_id)
     check_quota(config, count, held, size)
     att = Attachment.create(

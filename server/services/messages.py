@@ -1,31 +1,32 @@
 """Messages and the room event log: send, edit, delete, react, history,
 read markers and catch-up (``sync``).
 
+Each action checks its input first (``check_*``, raising a typed
+PostboxError, before anything is queued), then does it in the writer's
+transaction, with every statement in ``server.data.messages``.
+
 Every change in a room takes the room's next seq in the same transaction
-that stores it (``_next_seq`` for an edit, delete or reaction; a block of
-seqs per room for a batch of sends, ``_take_seqs``), so seqs have no gaps
-and no repeats, across processes too: SQLite's write lock or PostgreSQL's
-row lock on the room serialises writers.
+that stores it (``data.next_seq`` for an edit, delete or reaction; a block
+of seqs per room for a batch of sends, ``data.take_seqs``), so seqs have no
+gaps and no repeats, across processes too: SQLite's write lock or
+PostgreSQL's row lock on the room serialises writers.
 """
 import dataclasses
 import json
 
-import peewee
-
-import models
-from models import Attachment, Event, Membership, Message, Reaction, Room
+from server.data import messages as data
 from server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import outbox
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
-from server.services.serialize import (attachment_dict, fetch_messages,
-                                       iso, load_users, message_dict,
-                                       message_dicts, new_message_dict,
-                                       placeholders)
-from server.store import execute, is_sqlite
+from server.services.emoji import check_emoji
+from server.services.serialize import (fetch_messages, iso, load_users,
+                                       message_dict, message_dicts,
+                                       new_message_dict, placeholders)
+from server.store import Batched
 
-EMOJI_MAX = 32  # characters: the longest tag or ZWJ sequences are ~14
+MAX_INT = 2**63 - 1
 
 
 @dataclasses.dataclass
@@ -40,6 +41,22 @@ class Sent:
     new_room: dict | None = None
     typing_stopped: bool = False
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One checked send, as the writer's batched ``store_sends`` takes it:
+    ``room`` is the RoomInfo the sender was found a member of (cached; a
+    group's membership is checked again in the transaction)."""
+    ctx: object
+    room: object
+    sender_id: int
+    body: str
+    client_msg_id: str
+    attachment_ids: tuple
+    reply_to: int | None
+
+
+# -- checks -----------------------------------------------------------------
 
 def check_body(ctx, body, allow_empty=False) -> str:
     if not isinstance(body, str):
@@ -57,9 +74,6 @@ def check_client_msg_id(value) -> str:
     return value
 
 
-MAX_INT = 2**63 - 1
-
-
 def check_int(value, name, minimum=0):
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f'{name} must be an integer')
@@ -70,77 +84,37 @@ def check_int(value, name, minimum=0):
     return value
 
 
-def _next_seq(room_id):
-    """Take the room's next seq (inside the writer's transaction)."""
-    return execute('UPDATE "room" SET "last_seq" = "last_seq" + 1 '
-                   'WHERE "id" = ? RETURNING "last_seq"',
-                   (room_id,)).fetchone()[0]
+def check_attachments(ctx, attachments) -> tuple:
+    """The distinct attachment ids of a send, in the order given."""
+    attachments = [] if attachments is None else attachments
+    if not isinstance(attachments, list) or not all(
+            isinstance(a, int) and not isinstance(a, bool)
+            for a in attachments):
+        raise Invalid('attachments must be a list of attachment ids')
+    attachments = tuple(dict.fromkeys(attachments))
+    if len(attachments) > ctx.config.attachments_per_message:
+        raise Invalid(f'at most {ctx.config.attachments_per_message} '
+                      f'attachments')
+    return attachments
 
 
-def _insert_message(*args):
-    """Store one message: the single form of ``_insert_messages``, which
-    the writer uses for a send that is alone in its run, and for each send
-    of a batch that hit a concurrent duplicate or an error."""
-    (outcome,) = _insert_messages([args])
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
-def _insert_messages(calls):
-    """Store many sends in a few statements: the writer thread calls this
-    with every send that queued while its last commit ran (``calls`` are
-    the argument tuples of ``_insert_message``). Returns, per call, either
-    ``(message dict, created)`` or the PostboxError that refuses it.
-
-    The hot path of Postbox. Every check comes before any write, so a
-    refused send writes nothing and needs no savepoint; then each room
-    takes its block of seqs in one UPDATE (rooms in id order, so two
-    processes lock them in the same order), and the messages and their
-    events are inserted a chunk of rows per statement. A retry of a
-    message stored earlier, or of one earlier in the same batch, returns
-    that message with ``created`` False; the same client_msg_id for
-    another room or another body is a Conflict."""
-    ctx = calls[0][0]
-    outcomes = [None] * len(calls)
-    stored = _stored_ids({(c[2], c[4]) for c in calls})
-    blocked = _blocks({c[1].other_member(c[2]) for c in calls
-                       if c[1].kind == 'dm'})
-    # The cached member list that let a send this far may be stale (a
-    # member removed meanwhile, on any process): group senders are checked
-    # here, inside the transaction. A dm's members never change.
-    members = _group_members({(c[1].id, c[2]) for c in calls
-                              if c[1].kind != 'dm'})
-    # What replies and attachments refer to, read once for the batch.
-    replies = _rooms_of({c[6] for c in calls if c[6] is not None})
-    unsent = _unsent_uploads({a for c in calls for a in c[5]})
-    accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
-    claimed = set()  # attachments of the sends accepted so far
-    for i, (_, info, sender_id, body, client_msg_id, attachment_ids,
-            reply_to) in enumerate(calls):
-        key = (sender_id, client_msg_id)
-        if info.kind != 'dm' and (info.id, sender_id) not in members:
-            outcomes[i] = Forbidden('you are not a member of this room')
-        elif key in stored:
-            outcomes[i] = _retry(ctx, stored[key], info.id, body)
-        elif key in first:
-            earlier = calls[first[key]]
-            # A retry is resolved to its message below.
-            outcomes[i] = (first[key] if (earlier[1].id, earlier[3]) ==
-                           (info.id, body) else _reused())
-        else:
-            outcomes[i] = _refusal(info, sender_id, attachment_ids, reply_to,
-                                   blocked, claimed, replies, unsent)
-            if outcomes[i] is None:
-                claimed.update(attachment_ids)
-                first[key] = i
-                accepted.append(i)
-    if accepted:
-        _store_new(ctx, calls, accepted, outcomes)
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, int):  # a retry within this batch
-            outcomes[i] = (outcomes[outcome][0], False)
-    return outcomes
+def _refusal(request, blocked, claimed, replies, unsent):
+    """The error refusing this send, or None (the checks that need the
+    database, read once for the whole batch). ``claimed``: attachments an
+    earlier send of the same batch takes (the database does not show them
+    taken yet); ``replies`` and ``unsent``: ``data.rooms_of`` and
+    ``data.unsent_uploads`` of the batch."""
+    room, sender_id = request.room, request.sender_id
+    if room.kind == 'dm' and (room.other_member(sender_id),
+                              sender_id) in blocked:
+        return Forbidden('this user does not accept your messages')
+    if request.reply_to is not None and \
+            replies.get(request.reply_to) != room.id:
+        return Invalid('reply_to: no such message in this room')
+    if any(unsent.get(a) != sender_id for a in request.attachment_ids) or \
+            claimed.intersection(request.attachment_ids):
+        return Invalid('attachments: only your own uploads, not yet sent')
+    return None
 
 
 def _reused():
@@ -152,7 +126,7 @@ def _retry(ctx, message_id, room_id, body):
     stored: the first message, not created again, if this is its retry
     (same room and body; an edited or deleted message no longer shows the
     body it was sent with, so there the room decides); else a Conflict."""
-    message = Message.get_by_id(message_id)
+    message = data.get_message(message_id)
     if message.room_id != room_id or (
             message.body != body and message.edited_at is None and
             not message.deleted):
@@ -160,217 +134,99 @@ def _retry(ctx, message_id, room_id, body):
     return message_dict(ctx, message), False
 
 
-def _stored_ids(keys) -> dict:
-    """{(sender_id, client_msg_id): message id} of the keys already stored.
-    A join with a VALUES list, since SQLite does not use the unique index
-    for a row-value IN."""
-    keys = list(keys)
-    found = {}
-    for chunk in _chunks(keys):
-        values = ', '.join(['(?, ?)'] * len(chunk))
-        found.update(((s, c), i) for i, s, c in execute(
-            f'WITH "k"("s", "c") AS (VALUES {values}) '
-            'SELECT "m"."id", "m"."sender_id", "m"."client_msg_id" '
-            'FROM "k" JOIN "message" AS "m" ON "m"."sender_id" = "k"."s" '
-            'AND "m"."client_msg_id" = "k"."c"',
-            [v for key in chunk for v in key]).fetchall())
-    return found
+# -- sending ----------------------------------------------------------------
+
+@Batched
+def store_sends(requests):
+    """Store many sends in a few statements: the writer thread calls this
+    with every send that queued while its last commit ran. Returns, per
+    request, either ``(message dict, created)`` or the PostboxError that
+    refuses it.
+
+    The hot path of Postbox. Every check comes before any write, so a
+    refused send writes nothing and needs no savepoint; then each room
+    takes its block of seqs in one UPDATE, and the messages and their
+    events are inserted a chunk of rows per statement. A retry of a
+    message stored earlier, or of one earlier in the same batch, returns
+    that message with ``created`` False; the same client_msg_id for
+    another room or another body is a Conflict."""
+    ctx = requests[0].ctx
+    outcomes = [None] * len(requests)
+    stored = data.stored_ids({(r.sender_id, r.client_msg_id)
+                              for r in requests})
+    blocked = data.blocks_by({r.room.other_member(r.sender_id)
+                              for r in requests if r.room.kind == 'dm'})
+    # The cached member list that let a send this far may be stale (a
+    # member removed meanwhile, on any process): group senders are checked
+    # here, inside the transaction. A dm's members never change.
+    members = data.memberships({(r.room.id, r.sender_id) for r in requests
+                                if r.room.kind != 'dm'})
+    # What replies and attachments refer to, read once for the batch.
+    replies = data.rooms_of({r.reply_to for r in requests
+                             if r.reply_to is not None})
+    unsent = data.unsent_uploads({a for r in requests
+                                  for a in r.attachment_ids})
+    accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
+    claimed = set()  # attachments of the sends accepted so far
+    for i, request in enumerate(requests):
+        key = (request.sender_id, request.client_msg_id)
+        room_id = request.room.id
+        if request.room.kind != 'dm' and \
+                (room_id, request.sender_id) not in members:
+            outcomes[i] = Forbidden('you are not a member of this room')
+        elif key in stored:
+            outcomes[i] = _retry(ctx, stored[key], room_id, request.body)
+        elif key in first:
+            earlier = requests[first[key]]
+            # A retry is resolved to its message below.
+            outcomes[i] = (first[key] if (earlier.room.id, earlier.body) ==
+                           (room_id, request.body) else _reused())
+        else:
+            outcomes[i] = _refusal(request, blocked, claimed, replies, unsent)
+            if outcomes[i] is None:
+                claimed.update(request.attachment_ids)
+                first[key] = i
+                accepted.append(i)
+    if accepted:
+        _store_new(ctx, requests, accepted, outcomes)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, int):  # a retry within this batch
+            outcomes[i] = (outcomes[outcome][0], False)
+    return outcomes
 
 
-def _group_members(pairs) -> set:
-    """The (room_id, user_id) pairs that are memberships, one query per
-    chunk on the unique (room, user) index."""
-    pairs = list(pairs)
-    found = set()
-    for chunk in _chunks(pairs):
-        values = ', '.join(['(?, ?)'] * len(chunk))
-        found.update(execute(
-            f'WITH "k"("r", "u") AS (VALUES {values}) '
-            'SELECT "mb"."room_id", "mb"."user_id" FROM "k" '
-            'JOIN "membership" AS "mb" ON "mb"."room_id" = "k"."r" '
-            'AND "mb"."user_id" = "k"."u"',
-            [v for pair in chunk for v in pair]).fetchall())
-    return found
-
-
-def _blocks(blocker_ids) -> set:
-    """The (blocker_id, blocked_id) pairs of blocks made by these users."""
-    blocker_ids = list(blocker_ids)
-    pairs = set()
-    for chunk in _chunks(blocker_ids):
-        pairs.update(execute(
-            'SELECT "blocker_id", "blocked_id" FROM "block" WHERE '
-            f'"blocker_id" IN ({placeholders(chunk)})', chunk).fetchall())
-    return pairs
-
-
-def _rooms_of(message_ids) -> dict:
-    """{message id: its room id} of the given messages that exist."""
-    found = {}
-    for chunk in _chunks(sorted(message_ids)):
-        found.update(execute(
-            'SELECT "id", "room_id" FROM "message" WHERE "id" IN '
-            f'({placeholders(chunk)})', chunk).fetchall())
-    return found
-
-
-def _unsent_uploads(attachment_ids) -> dict:
-    """{attachment id: uploader id} of the given uploads not sent yet."""
-    found = {}
-    for chunk in _chunks(sorted(attachment_ids)):
-        found.update(execute(
-            'SELECT "id", "uploader_id" FROM "attachment" WHERE "id" IN '
-            f'({placeholders(chunk)}) AND "message_id" IS NULL',
-            chunk).fetchall())
-    return found
-
-
-def _refusal(info, sender_id, attachment_ids, reply_to, blocked, claimed,
-             replies, unsent):
-    """The error refusing this send, or None. ``claimed``: attachments an
-    earlier send of the same batch takes (the database does not show them
-    taken yet); ``replies`` and ``unsent``: ``_rooms_of`` and
-    ``_unsent_uploads`` of the batch."""
-    if info.kind == 'dm' and (info.other_member(sender_id),
-                              sender_id) in blocked:
-        return Forbidden('this user does not accept your messages')
-    if reply_to is not None and replies.get(reply_to) != info.id:
-        return Invalid('reply_to: no such message in this room')
-    if any(unsent.get(a) != sender_id for a in attachment_ids) or \
-            claimed.intersection(attachment_ids):
-        return Invalid('attachments: only your own uploads, not yet sent')
-    return None
-
-
-def _store_new(ctx, calls, accepted, outcomes):
+def _store_new(ctx, requests, accepted, outcomes):
     """Insert the accepted sends and put their (message, True) outcomes."""
     now = now_ms()
     per_room = {}
     for i in accepted:
-        per_room.setdefault(calls[i][1].id, []).append(i)
-    lasts = _take_seqs({r: len(ix) for r, ix in per_room.items()}, now)
+        per_room.setdefault(requests[i].room.id, []).append(i)
+    lasts = data.take_seqs({r: len(ix) for r, ix in per_room.items()}, now)
     seqs = {}
     for room_id, indexes in per_room.items():
         first_seq = lasts[room_id] - len(indexes) + 1
         for offset, i in enumerate(indexes):
             seqs[i] = first_seq + offset
-    rows = [(calls[i][1].id, seqs[i], calls[i][2], calls[i][3], calls[i][4],
-             calls[i][6], now, False, seqs[i]) for i in accepted]
-    ids = {}
-    for chunk in _chunks(rows):
-        ids.update(_insert_message_rows(chunk))
-    events = [(row[0], row[1], 'message', ids[row[0], row[1]])
-              for row in rows]
-    for chunk in _chunks(events):
-        execute('INSERT INTO "event" ("room_id", "seq", "kind", '
-                '"message_id") VALUES '
-                + ', '.join(['(?, ?, ?, ?)'] * len(chunk)),
-                [v for row in chunk for v in row])
+    ids = data.insert_messages([
+        (requests[i].room.id, seqs[i], requests[i].sender_id,
+         requests[i].body, requests[i].client_msg_id, requests[i].reply_to,
+         now) for i in accepted])
+    message_ids = {i: ids[requests[i].room.id, seqs[i]] for i in accepted}
     # Pushes and webhook deliveries, in this same transaction: an acked
     # message never loses its notification.
     outbox.queue_messages(
-        ctx, [(row[0], row[1], ids[row[0], row[1]], row[2]) for row in rows],
-        now)
-    senders = load_users(ctx, [calls[i][2] for i in accepted])
-    files = _attach({ids[calls[i][1].id, seqs[i]]: calls[i][5]
-                     for i in accepted if calls[i][5]})
+        ctx, [(requests[i].room.id, seqs[i], message_ids[i],
+               requests[i].sender_id) for i in accepted], now)
+    senders = load_users(ctx, [requests[i].sender_id for i in accepted])
+    files = data.attach_uploads({message_ids[i]: requests[i].attachment_ids
+                                 for i in accepted
+                                 if requests[i].attachment_ids})
     for i in accepted:
-        _, info, sender_id, body, client_msg_id, attachment_ids, \
-            reply_to = calls[i]
-        message_id = ids[info.id, seqs[i]]
+        r = requests[i]
         outcomes[i] = (new_message_dict(
-            message_id, info.id, seqs[i], senders[sender_id], body,
-            client_msg_id, reply_to, now, files.get(message_id, [])), True)
-
-
-# Python's sqlite3 releases the GIL around every step of a statement, once
-# per result row. When the event loop is busy, getting the GIL back after
-# each costs the writer a forced switch, so on SQLite the batched send reads
-# nothing row by row: one UPDATE for every room's seqs, their new values in
-# a single aggregated row, message ids from the last rowid (SQLite numbers
-# the rows of one INSERT consecutively while the writer holds the write
-# lock). PostgreSQL returns whole results at once: RETURNING it is.
-
-
-def _take_seqs(counts, now) -> dict:
-    """Add ``counts[room_id]`` to each room's last_seq; {room_id: new
-    last_seq}."""
-    room_ids = sorted(counts)
-    values = ', '.join(['(?, ?)'] * len(room_ids))
-    params = [v for r in room_ids for v in (r, counts[r])] + [now]
-    update = (f'WITH "v"("id", "k") AS (VALUES {values}) UPDATE "room" SET '
-              '"last_seq" = "last_seq" + "v"."k", "last_activity_at" = ? '
-              'FROM "v" WHERE "room"."id" = "v"."id"')
-    marks = placeholders(room_ids)
-    if is_sqlite(models.db.obj):
-        execute(update, params)
-        text = execute('SELECT group_concat("id" || \':\' || "last_seq") '
-                       f'FROM "room" WHERE "id" IN ({marks})',
-                       room_ids).fetchone()[0]
-        return dict(map(int, pair.split(':')) for pair in text.split(','))
-    # Lock the rooms in id order first, so that two processes' runs of
-    # sends to the same rooms cannot deadlock each other. (A batch that also
-    # edits, locking a room between two runs, still can: PostgreSQL then
-    # aborts one transaction, and the writer retries that batch whole.)
-    execute(f'SELECT 1 FROM "room" WHERE "id" IN ({marks}) ORDER BY "id" '
-            'FOR UPDATE', room_ids)
-    return dict(execute(update + ' RETURNING "room"."id", "room"."last_seq"',
-                        params).fetchall())
-
-
-def _insert_message_rows(rows) -> dict:
-    """Insert message rows; {(room_id, seq): message id}."""
-    sql = ('INSERT INTO "message" ("room_id", "seq", "sender_id", "body", '
-           '"client_msg_id", "reply_to", "created_at", "deleted", '
-           '"update_seq") VALUES '
-           + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * len(rows)))
-    params = [v for row in rows for v in row]
-    if is_sqlite(models.db.obj):
-        last_id = execute(sql, params).lastrowid
-        return {(row[0], row[1]): last_id - len(rows) + 1 + n
-                for n, row in enumerate(rows)}
-    return {(room_id, seq): message_id for message_id, room_id, seq in
-            execute(sql + ' RETURNING "id", "room_id", "seq"',
-                    params).fetchall()}
-
-
-def _attach(wanted) -> dict:
-    """Tie uploads to their messages (``{message id: [attachment id]}``);
-    ``{message id: [attachment dict]}``, in upload order."""
-    pairs = [(message_id, a) for message_id, attachment_ids in wanted.items()
-             for a in attachment_ids]
-    for chunk in _chunks(pairs):
-        taken = execute(
-            'UPDATE "attachment" SET "message_id" = CASE "id" '
-            + ' '.join(['WHEN ? THEN ?'] * len(chunk)) +
-            f' END WHERE "id" IN ({placeholders(chunk)}) AND '
-            '"message_id" IS NULL',
-            [v for m, a in chunk for v in (a, m)] + [a for _, a in chunk]
-        ).rowcount
-        if taken != len(chunk):
-            # Another process sent one of them since the check
-            # (PostgreSQL): the writer runs the sends again one by one,
-            # and the check then refuses this one.
-            raise peewee.IntegrityError('attachment already sent')
-    if not pairs:
-        return {}
-    rows = {a.id: attachment_dict(a) for a in Attachment.select().where(
-        Attachment.id.in_([a for _, a in pairs]))}
-    return {message_id: [rows[a] for a in sorted(attachment_ids)]
-            for message_id, attachment_ids in wanted.items()}
-
-
-# Rows per multi-row statement: well under SQLite's limit of 32,766 bound
-# parameters at nine per message row.
-CHUNK_ROWS = 200
-
-
-def _chunks(items):
-    for start in range(0, len(items), CHUNK_ROWS):
-        yield items[start:start + CHUNK_ROWS]
-
-
-_insert_message.many = _insert_messages
+            message_ids[i], r.room.id, seqs[i], senders[r.sender_id], r.body,
+            r.client_msg_id, r.reply_to, now,
+            files.get(message_ids[i], [])), True)
 
 
 async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
@@ -382,16 +238,9 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     returns the first message with ``created`` False. Raises Invalid,
     TooLarge, NotFound, Forbidden (not a member, or blocked), RateLimited,
     Conflict (the client_msg_id was used for another room or body).
+    A new message ends the sender's typing in its room.
     """
-    attachments = [] if attachments is None else attachments
-    if not isinstance(attachments, list) or not all(
-            isinstance(a, int) and not isinstance(a, bool)
-            for a in attachments):
-        raise Invalid('attachments must be a list of attachment ids')
-    attachments = list(dict.fromkeys(attachments))
-    if len(attachments) > ctx.config.attachments_per_message:
-        raise Invalid(f'at most {ctx.config.attachments_per_message} '
-                      f'attachments')
+    attachments = check_attachments(ctx, attachments)
     body = check_body(ctx, body, allow_empty=bool(attachments))
     client_msg_id = check_client_msg_id(client_msg_id)
     if reply_to is not None:
@@ -403,37 +252,26 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     if to is not None:
         room_id, new_room = await rooms_service.dm_to(ctx, sender_id, to)
     info = await rooms_service.member_room(ctx, sender_id, room_id)
-    message, created = await ctx.store.write(
-        _insert_message, ctx, info, sender_id, body, client_msg_id,
-        attachments, reply_to)
+    message, created = await ctx.store.write(store_sends, SendRequest(
+        ctx, info, sender_id, body, client_msg_id, attachments, reply_to))
     # A message ends its sender's typing, whatever transport sent it.
     typing_stopped = created and ctx.typing.stop(info.id, sender_id)
     return Sent(message, created, info.member_ids, new_room, typing_stopped)
 
 
-def _member_message(user_id, message_id):
-    message = Message.get_or_none(Message.id == message_id)
-    if message is None or not Membership.select().where(
-            Membership.room == message.room_id,
-            Membership.user == user_id).exists():
-        # Same answer for "no such message" and "not yours to see".
-        raise NotFound('no such message')
-    return message
-
+# -- edits, deletions, reactions --------------------------------------------
 
 def _change(ctx, user_id, message_id, change):
     """Apply ``change(message, now)`` to a message the user can see; if it
     returns True the change takes the room's next seq. Returns the message
     dict and whether it changed."""
-    message = _member_message(user_id, message_id)
-    now = now_ms()
-    if not change(message, now):
+    message = data.member_message(user_id, message_id)
+    if message is None:
+        # Same answer for "no such message" and "not yours to see".
+        raise NotFound('no such message')
+    if not change(message, now_ms()):
         return message_dict(ctx, message), False
-    seq = _next_seq(message.room_id)
-    message.update_seq = seq
-    message.save()
-    Event.insert(room=message.room_id, seq=seq, kind='message_updated',
-                 message=message.id).execute()
+    seq = data.save_change(message)
     outbox.queue_event(ctx, message.room_id, seq, 'message_updated',
                        message.id, user_id)
     return message_dict(ctx, message), True
@@ -459,7 +297,7 @@ def _delete(user_id, removed_keys):
         if message.deleted:
             return False
         message.deleted, message.body = True, ''
-        Reaction.delete().where(Reaction.message == message.id).execute()
+        data.remove_reactions(message.id)
         # Assigned, not appended: a batch retried after a rollback runs
         # this again.
         removed_keys[:] = attachments_service.detach_message(message.id)
@@ -474,8 +312,7 @@ def _react(ctx, user_id, emoji, on):
         if rooms_service.dm_blocked(ctx, message.room_id, user_id):
             raise Forbidden('this user does not accept your reactions')
         if on:
-            present = list(Reaction.select(Reaction.user, Reaction.emoji)
-                           .where(Reaction.message == message.id).tuples())
+            present = data.reactions_on(message.id)
             if (user_id, emoji) in present:
                 return False
             config = ctx.config
@@ -488,12 +325,9 @@ def _react(ctx, user_id, emoji, on):
                     len(kinds) >= config.reactions_per_message_max:
                 raise TooLarge(f'at most {config.reactions_per_message_max} '
                                f'different reactions on one message')
-            Reaction.create(message=message.id, user=user_id, emoji=emoji,
-                            created_at=now)
+            data.add_reaction(message.id, user_id, emoji, now)
             return True
-        return bool(Reaction.delete().where(
-            Reaction.message == message.id, Reaction.user == user_id,
-            Reaction.emoji == emoji).execute())
+        return bool(data.remove_reactions(message.id, user_id, emoji))
     return change
 
 
@@ -535,90 +369,6 @@ async def react(ctx, user_id, message_id, emoji, on):
                         _react(ctx, user_id, emoji, on))
 
 
-# Code points that are emoji on their own (Unicode's Extended_Pictographic,
-# by blocks): the misc symbols, dingbats, arrows and the emoji planes.
-_PICTOGRAPHIC = ((0x00A9, 0x00A9), (0x00AE, 0x00AE), (0x203C, 0x203C),
-                 (0x2049, 0x2049), (0x2122, 0x2122), (0x2139, 0x2139),
-                 (0x2194, 0x2199), (0x21A9, 0x21AA), (0x231A, 0x231B),
-                 (0x2328, 0x2328), (0x23CF, 0x23CF), (0x23E9, 0x23F3),
-                 (0x23F8, 0x23FA), (0x24C2, 0x24C2), (0x25AA, 0x25AB),
-                 (0x25B6, 0x25B6), (0x25C0, 0x25C0), (0x25FB, 0x25FE),
-                 (0x2600, 0x27BF), (0x2934, 0x2935), (0x2B05, 0x2B07),
-                 (0x2B1B, 0x2B1C), (0x2B50, 0x2B50), (0x2B55, 0x2B55),
-                 (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3297),
-                 (0x3299, 0x3299), (0x1F000, 0x1F1E5), (0x1F200, 0x1F3FA),
-                 (0x1F400, 0x1FAFF))
-_VS16, _ZWJ, _KEYCAP = 0xFE0F, 0x200D, 0x20E3
-
-
-def _pictographic(cp) -> bool:
-    return any(lo <= cp <= hi for lo, hi in _PICTOGRAPHIC)
-
-
-def _is_emoji_element(cps) -> bool:
-    """One element of a ZWJ sequence: a pictographic code point, then
-    optionally VS16, a skin tone, or (a black flag) a tag sequence."""
-    if not cps or not _pictographic(cps[0]):
-        return False
-    rest = cps[1:]
-    if rest[:1] == [_VS16]:
-        rest = rest[1:]
-    if rest and 0x1F3FB <= rest[0] <= 0x1F3FF:
-        rest = rest[1:]
-    if rest and cps[0] == 0x1F3F4:  # subdivision flags: tags, then cancel
-        return (rest[-1] == 0xE007F and len(rest) > 1 and
-                all(0xE0020 <= c <= 0xE007E for c in rest[:-1]))
-    return not rest
-
-
-def is_emoji(text) -> bool:
-    """Whether ``text`` is exactly one emoji (one grapheme cluster of
-    emoji code points): a pictographic code point with its modifiers, a
-    ZWJ sequence of those, a flag (two regional indicators) or a keycap.
-    No library: the rules are few and stable, the code points a table."""
-    cps = [ord(c) for c in text]
-    if len(cps) == 2 and all(0x1F1E6 <= c <= 0x1F1FF for c in cps):
-        return True
-    if cps and chr(cps[0]) in '0123456789#*' and cps[1:] in (
-            [_VS16, _KEYCAP], [_KEYCAP]):
-        return True
-    elements, current = [], []
-    for cp in cps:
-        if cp == _ZWJ:
-            elements.append(current)
-            current = []
-        else:
-            current.append(cp)
-    elements.append(current)
-    return all(_is_emoji_element(e) for e in elements)
-
-
-def check_emoji(value) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= EMOJI_MAX or \
-            not is_emoji(value):
-        raise Invalid('emoji: exactly one emoji')
-    return value
-
-
-def _history(ctx, room_id, before, after, limit):
-    where, params = '"room_id" = ?', [room_id]
-    if after is not None:
-        where += ' AND "seq" > ?'
-        params.append(after)
-        order = 'ORDER BY "seq"'
-    else:
-        if before is not None:
-            where += ' AND "seq" < ?'
-            params.append(before)
-        order = 'ORDER BY "seq" DESC'
-    rows = fetch_messages(where, params + [limit + 1], order + ' LIMIT ?')
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    if after is None:
-        rows.reverse()
-    return {'messages': message_dicts(ctx, rows), 'has_more': has_more}
-
-
 async def history(ctx, user_id, room_id, before=None, after=None,
                   limit=None) -> dict:
     """Messages of a room in ascending seq: the latest ones, those before
@@ -638,20 +388,9 @@ async def history(ctx, user_id, room_id, before=None, after=None,
     return await ctx.store.read(_history, ctx, room_id, before, after, limit)
 
 
-def _mark_read(room_id, user_id, seq):
-    last_seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
-    seq = min(seq, last_seq)
-    moved = (Membership.update(last_read_seq=seq)
-             .where(Membership.room == room_id, Membership.user == user_id,
-                    Membership.last_read_seq < seq).execute())
-    marker = (Membership.select(Membership.last_read_seq)
-              .where(Membership.room == room_id, Membership.user == user_id)
-              .scalar())
-    unread = (Message.select().where(
-        Message.room == room_id, Message.seq > marker,
-        Message.sender != user_id, Message.deleted == False)  # noqa: E712
-        .count())
-    return marker, unread, bool(moved)
+def _history(ctx, room_id, before, after, limit):
+    rows, has_more = data.history(room_id, before, after, limit)
+    return {'messages': message_dicts(ctx, rows), 'has_more': has_more}
 
 
 async def mark_read(ctx, user_id, room_id, seq):
@@ -659,33 +398,18 @@ async def mark_read(ctx, user_id, room_id, seq):
     past the room's last seq). Returns (marker, unread, moved)."""
     check_int(seq, 'seq')
     await rooms_service.member_room(ctx, user_id, room_id)
-    return await ctx.store.write(_mark_read, room_id, user_id, seq)
+    return await ctx.store.write(data.mark_read, room_id, user_id, seq)
 
 
-def _room_seqs(user_id):
-    """(room id, last_seq) of every room the user is in, in one query on
-    the (user, room) index joined to the rooms."""
-    return execute('SELECT "mb"."room_id", "r"."last_seq" '
-                   'FROM "membership" AS "mb" '
-                   'JOIN "room" AS "r" ON "r"."id" = "mb"."room_id" '
-                   'WHERE "mb"."user_id" = ? ORDER BY "mb"."room_id"',
-                   (user_id,)).fetchall()
+async def room_positions(ctx, user_id) -> list:
+    """(room id, last_seq) of every room the user is in: where a new
+    recovery session starts from."""
+    return await ctx.store.read(data.room_seqs, user_id)
 
 
-def _departures(user_id, room_ids) -> list:
-    """(room id, seq) of the user's departures from these rooms."""
-    found = []
-    for chunk in _chunks(room_ids):
-        found.extend(execute(
-            'SELECT "room_id", "seq" FROM "departure" WHERE "user_id" = ? '
-            f'AND "room_id" IN ({placeholders(chunk)}) ORDER BY "room_id"',
-            [user_id, *chunk]).fetchall())
-    return found
-
-
-def _room_event(ctx, room_id, seq, data) -> dict:
+def _room_event(ctx, room_id, seq, stored) -> dict:
     """The room object of a 'room' event, from the state it stored."""
-    state = json.loads(data)
+    state = json.loads(stored)
     users = load_users(ctx, state['members'])
     return {'id': room_id, 'kind': 'group', 'name': state['name'],
             'members': [users[m] for m in state['members'] if m in users],
@@ -694,13 +418,13 @@ def _room_event(ctx, room_id, seq, data) -> dict:
 
 
 def _sync(ctx, user_id, known, page):
-    mine = _room_seqs(user_id)
+    mine = data.room_seqs(user_id)
     # Rooms the client lists but the user has left: say so, whatever the
     # seq the client has (it drops the room on this).
     member_of = {room_id for room_id, _ in mine}
     gone = sorted(r for r in known if r not in member_of)
     left = [{'type': 'room_left', 'room_id': room_id, 'seq': seq}
-            for room_id, seq in _departures(user_id, gone)] if gone else []
+            for room_id, seq in data.departures(user_id, gone)] if gone else []
     events = []
     # Only the rooms with something new are queried: a user in 10,000
     # rooms who missed little costs one query and a scan of the list.
@@ -712,10 +436,7 @@ def _sync(ctx, user_id, known, page):
         remaining = page + 1 - len(events)
         if remaining <= 0:
             break
-        rows = execute('SELECT "seq", "kind", "message_id", "data" '
-                       'FROM "event" WHERE "room_id" = ? AND "seq" > ? '
-                       'ORDER BY "seq" LIMIT ?',
-                       (room_id, after, remaining)).fetchall()
+        rows = data.events_after(room_id, after, remaining)
         events.extend((room_id, *row) for row in rows)
     has_more = len(events) > page
     events = events[:page]
@@ -723,10 +444,10 @@ def _sync(ctx, user_id, known, page):
     messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
         f'"id" IN ({placeholders(ids)})', ids))} if ids else {}
     answer = []
-    for room_id, seq, kind, mid, data in events:
+    for room_id, seq, kind, mid, stored in events:
         if kind == 'room':
             answer.append({'type': 'room', 'room_id': room_id, 'seq': seq,
-                           'room': _room_event(ctx, room_id, seq, data)})
+                           'room': _room_event(ctx, room_id, seq, stored)})
         else:
             answer.append({'type': kind, 'room_id': room_id, 'seq': seq,
                            'message': messages[mid]})

@@ -40,17 +40,10 @@ import asyncio
 import logging
 import random
 
-import models
+from server.data import outbox as data
 from server.services.context import now_ms
-from server.store import execute, is_sqlite
 
 log = logging.getLogger(__name__)
-
-CHUNK_ROWS = 200  # rows per multi-row INSERT (11 values a row)
-
-_COLUMNS = ('"kind", "target", "user_id", "room_id", "seq", "event", '
-            '"message_id", "created_at", "due_at", "attempts", '
-            '"claimed_until"')
 
 
 def connected_here(ctx, user_ids) -> set:
@@ -64,58 +57,14 @@ def connected_here(ctx, user_ids) -> set:
     return {u for u in user_ids if u in sockets}
 
 
-def _listening() -> tuple:
-    """(any webhook exists, any push subscription exists): two index
-    probes, so that a server where nobody uses them pays nothing more per
-    batch."""
-    return tuple(bool(v) for v in execute(
-        'SELECT EXISTS (SELECT 1 FROM "webhook"), '
-        'EXISTS (SELECT 1 FROM "push_subscription")').fetchone())
-
-
-# The room's bots with a webhook. Led by the webhook table (CROSS JOIN
-# fixes SQLite's join order; PostgreSQL plans by its statistics): a few
-# bots have webhooks, while a group may have thousands of members, so each
-# webhook is one probe of the unique (room, user) index per room.
-_WEBHOOK_TARGETS = (
-    'SELECT \'webhook\', "w"."bot_id", "mb"."room_id", "mb"."user_id" '
-    'FROM "v" CROSS JOIN "webhook" AS "w" CROSS JOIN "membership" AS "mb" '
-    'WHERE "mb"."room_id" = "v"."r" AND "mb"."user_id" = "w"."bot_id"')
-# The push subscriptions of members who have not muted the room: one pass
-# over the room's memberships (on the covering (room, user) index; muted
-# is read only for members with a subscription).
-_PUSH_TARGETS = (
-    'SELECT \'push\', "ps"."id", "mb"."room_id", "mb"."user_id" FROM "v" '
-    'JOIN "membership" AS "mb" ON "mb"."room_id" = "v"."r" '
-    'JOIN "push_subscription" AS "ps" ON "ps"."user_id" = "mb"."user_id" '
-    'WHERE NOT "mb"."muted"')
-
-
-def _listeners(room_ids, webhooks, pushes) -> dict:
-    """{room id: {(kind, target, user id)}}: the bots with a webhook and
-    the push subscriptions of members who have not muted the room, per
-    room of the batch (whatever the number of its messages)."""
-    parts = ([_WEBHOOK_TARGETS] if webhooks else []) + (
-        [_PUSH_TARGETS] if pushes else [])
-    found = {}
-    for start in range(0, len(room_ids), CHUNK_ROWS):
-        chunk = room_ids[start:start + CHUNK_ROWS]
-        values = ', '.join(['(?)'] * len(chunk))
-        for kind, target, room_id, user_id in execute(
-                f'WITH "v"("r") AS (VALUES {values}) '
-                + ' UNION ALL '.join(parts), chunk).fetchall():
-            found.setdefault(room_id, set()).add((kind, target, user_id))
-    return found
-
-
 def queue_messages(ctx, items, now):
     """Add the outbox rows of new messages (inside the sending
     transaction). ``items``: (room id, seq, message id, sender id)."""
-    webhooks, pushes = _listening() if items else (False, False)
+    webhooks, pushes = data.listening() if items else (False, False)
     if not (webhooks or pushes):
         return 0
-    listeners = _listeners(sorted({item[0] for item in items}), webhooks,
-                           pushes)
+    listeners = data.listeners(sorted({item[0] for item in items}),
+                               webhooks, pushes)
     found = [(kind, target, user_id, room_id, seq, message_id)
              for room_id, seq, message_id, sender_id in items
              for kind, target, user_id in sorted(listeners.get(room_id, ()))
@@ -127,12 +76,7 @@ def queue_messages(ctx, items, now):
              now, now, 0, 0)
             for kind, target, user_id, room_id, seq, message_id in found
             if not (kind == 'push' and user_id in here)]
-    for start in range(0, len(rows), CHUNK_ROWS):
-        chunk = rows[start:start + CHUNK_ROWS]
-        execute(f'INSERT INTO "outbox" ({_COLUMNS}) VALUES '
-                + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)']
-                            * len(chunk)),
-                [v for row in chunk for v in row])
+    data.insert(rows)
     if rows:
         # Thread-safe; the dispatcher's claim queues behind this commit.
         ctx.outbox_wake()
@@ -145,61 +89,12 @@ def queue_event(ctx, room_id, seq, event, message_id=None, actor_id=None,
     for ``message_updated`` and ``room``, the room's bots with a webhook
     but ``actor_id`` (a bot is not told of its own change); for
     ``room_left``, the bots among ``bot_ids`` (they are members no more)."""
-    now = now_ms()
-    values = ('webhook', room_id, seq, event, message_id, now, now)
-    select = ('SELECT ?, "w"."bot_id", "w"."bot_id", ?, ?, ?, ?, ?, ?, 0, 0 '
-              'FROM "webhook" AS "w" ')
-    if bot_ids is None:
-        cursor = execute(
-            f'INSERT INTO "outbox" ({_COLUMNS}) {select}'
-            'JOIN "membership" AS "mb" ON "mb"."user_id" = "w"."bot_id" '
-            'AND "mb"."room_id" = ? WHERE "w"."bot_id" <> ?',
-            (*values, room_id, -1 if actor_id is None else actor_id))
-    elif bot_ids:
-        ids = list(bot_ids)
-        cursor = execute(
-            f'INSERT INTO "outbox" ({_COLUMNS}) {select}'
-            f'WHERE "w"."bot_id" IN ({", ".join("?" * len(ids))})',
-            (*values, *ids))
-    else:
+    if bot_ids is not None and not bot_ids:
         return
-    if cursor.rowcount:
+    added = data.insert_webhook_event(room_id, seq, event, message_id,
+                                      now_ms(), but=actor_id, bot_ids=bot_ids)
+    if added:
         ctx.outbox_wake()
-
-
-def _claim(now, limit, claim_ms):
-    """Claim up to ``limit`` due rows for ``claim_ms``; their tuples
-    (id, kind, target, user_id, room_id, seq, event, message_id,
-    created_at, attempts)."""
-    lock = '' if is_sqlite(models.db.obj) else ' FOR UPDATE SKIP LOCKED'
-    return execute(
-        'UPDATE "outbox" SET "claimed_until" = ? WHERE "id" IN ('
-        'SELECT "o"."id" FROM "outbox" AS "o" WHERE "o"."due_at" <= ? '
-        'AND "o"."claimed_until" <= ? AND ("o"."kind" <> \'webhook\' OR '
-        'NOT EXISTS (SELECT 1 FROM "outbox" AS "p" WHERE '
-        '"p"."kind" = \'webhook\' AND "p"."target" = "o"."target" AND '
-        '"p"."room_id" = "o"."room_id" AND "p"."seq" < "o"."seq")) '
-        f'ORDER BY "o"."due_at" LIMIT ?{lock}) '
-        'RETURNING "id", "kind", "target", "user_id", "room_id", "seq", '
-        '"event", "message_id", "created_at", "attempts"',
-        (now + claim_ms, now, now, limit)).fetchall()
-
-
-def _done(row_ids):
-    if row_ids:
-        marks = ', '.join('?' * len(row_ids))
-        execute(f'DELETE FROM "outbox" WHERE "id" IN ({marks})',
-                list(row_ids))
-
-
-def _retry_later(row_id, due_at, error):
-    execute('UPDATE "outbox" SET "attempts" = "attempts" + 1, '
-            '"due_at" = ?, "claimed_until" = 0, "last_error" = ? '
-            'WHERE "id" = ?', (due_at, error[:500], row_id))
-
-
-def _pending():
-    return execute('SELECT COUNT(*) FROM "outbox"').fetchone()[0]
 
 
 class Later:
@@ -209,11 +104,6 @@ class Later:
 
     def __init__(self, due_at):
         self.due_at = due_at
-
-
-def _postpone(row_id, due_at):
-    execute('UPDATE "outbox" SET "due_at" = ?, "claimed_until" = 0 '
-            'WHERE "id" = ?', (due_at, row_id))
 
 
 class Row:
@@ -296,7 +186,7 @@ class Dispatcher:
 
     async def _claim_batch(self, limit) -> int:
         rows = [Row(r) for r in await self.ctx.store.write(
-            _claim, now_ms(), limit,
+            data.claim, now_ms(), limit,
             int(self.config.outbox_claim_seconds * 1000))]
         if rows:
             self._busy += len(rows)
@@ -338,7 +228,7 @@ class Dispatcher:
         for row in rows:
             error = results.get(row.id, 'no outcome')
             if isinstance(error, Later):
-                await self.ctx.store.write(_postpone, row.id, error.due_at)
+                await self.ctx.store.write(data.postpone, row.id, error.due_at)
                 continue
             if error is None:
                 done.append(row.id)
@@ -357,11 +247,11 @@ class Dispatcher:
                     self.metrics.outbox_dead.labels(row.kind).inc()
                 done.append(row.id)
                 continue
-            await self.ctx.store.write(_retry_later, row.id,
+            await self.ctx.store.write(data.retry_later, row.id,
                                        now + self.backoff_ms(row.attempts),
                                        error)
         if done:
-            await self.ctx.store.write(_done, done)
+            await self.ctx.store.write(data.done, done)
 
     def backoff_ms(self, attempts) -> int:
         """Exponential backoff with full jitter: a random wait up to
@@ -374,7 +264,7 @@ class Dispatcher:
         return int(1000 * random.uniform(ceiling / 2, ceiling))
 
     async def pending(self) -> int:
-        return await self.ctx.store.read(_pending)
+        return await self.ctx.store.read(data.pending)
 
 
 async def bounded(gate, calls, timeout=None):

@@ -4,7 +4,7 @@ import functools
 from typing import NamedTuple
 
 from models import Message
-from server.store import execute
+from server.data.database import execute, placeholders
 
 
 @functools.lru_cache(maxsize=4096)  # a batch of new messages shares one ms
@@ -112,10 +112,6 @@ class AttachmentRow(NamedTuple):
 
 MESSAGE_COLUMNS = ', '.join(f'"{f}"' for f in MessageRow._fields)
 ATTACHMENT_COLUMNS = ', '.join(f'"{f}"' for f in AttachmentRow._fields)
-
-
-def placeholders(values) -> str:
-    return ', '.join('?' * len(values))
 
 
 def fetch_messages(where: str, params=(), tail: str = '') -> list:

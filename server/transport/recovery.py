@@ -369,7 +369,7 @@ class Recovery:
         fresh = taken is None
         if fresh:
             try:
-                base = await self.ctx.store.read(messages._room_seqs, user_id)
+                base = await messages.room_positions(self.ctx, user_id)
             except PostboxError:
                 # No position to start from: this socket goes without.
                 self.live.pop(sid, None)

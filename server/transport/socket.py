@@ -8,7 +8,8 @@ import socketio
 
 from server.errors import Invalid, PostboxError, Unauthorized, Unavailable
 from server.logs import new_request_id
-from server.services import auth, limits, messages, presence, push, rooms
+from server.services import (auth, groups, inbox, limits, messages,
+                             presence, push, rooms)
 from server.services import search as search_service
 from server.transport.addresses import client_address
 from server.transport.realtime import room_room, user_room
@@ -203,35 +204,35 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @on_event('create_group')
     async def create_group(sid, user, data):
-        room = await rooms.create_group(ctx, user['id'], data.get('name'),
-                                        data.get('members'))
+        room = await groups.create_group(ctx, user['id'], data.get('name'),
+                                         data.get('members'))
         await realtime.room(room)
         return {'room': room}
 
     @on_event('add_members')
     async def add_members(sid, user, data):
-        change = await rooms.add_members(ctx, user['id'], data.get('room_id'),
-                                         data.get('members'))
+        change = await groups.add_members(ctx, user['id'], data.get('room_id'),
+                                          data.get('members'))
         await realtime.group_changed(change)
         return {'room': change.room}
 
     @on_event('remove_member')
     async def remove_member(sid, user, data):
-        change = await rooms.remove_member(
+        change = await groups.remove_member(
             ctx, user['id'], data.get('room_id'), data.get('username'))
         await realtime.group_changed(change)
         return {'room': change.room}
 
     @on_event('leave_group')
     async def leave_group(sid, user, data):
-        change = await rooms.leave_group(ctx, user['id'],
-                                         data.get('room_id'))
+        change = await groups.leave_group(ctx, user['id'],
+                                          data.get('room_id'))
         await realtime.group_changed(change)
         return {}
 
     @on_event('rename_group')
     async def rename_group(sid, user, data):
-        change = await rooms.rename_group(
+        change = await groups.rename_group(
             ctx, user['id'], data.get('room_id'), data.get('name'))
         await realtime.group_changed(change)
         return {'room': change.room}
@@ -297,7 +298,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @on_event('rooms')
     async def rooms_(sid, user, data):
-        return await rooms.inbox(ctx, user['id'], limit=data.get('limit'),
+        return await inbox.inbox(ctx, user['id'], limit=data.get('limit'),
                                  before=data.get('before'))
 
     @on_event('sync')

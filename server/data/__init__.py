@@ -1,0 +1,24 @@
+"""The data layer: every SQL statement of Postbox lives here, as named
+functions the services call (inside the writer's transaction or on a
+reader thread), the way Synapse keeps its SQL in ``storage/``.
+
+- ``database``: opening the database, ``execute`` for plain SQL, and the
+  ``Dialect`` chosen once when the database opens (SQLite or PostgreSQL):
+  the few statements that differ between them are its methods, so no
+  service branches on the backend.
+- ``faults``: what kind of failure a database error is.
+- ``messages``: the send path's batched statements, message events,
+  reactions, history, read markers and catch-up.
+- ``groups``: creating a group, locking it for a change, its memberships
+  and the 'room' events and departures of its changes.
+- ``rooms``: the inbox's set-based queries.
+- ``outbox``: who listens to a room, outbox rows, the dispatcher's claim.
+
+Still outside it: the reads of ``server.services.serialize`` (rows to
+dicts), the search index (``models.search``, per dialect), and the SQL
+of the rooms (dms, blocks, the room cache), attachments, auth, presence,
+push and webhook services.
+
+Functions here take and return plain values (ids, tuples, dicts); the
+rules (who may do what, what is refused) stay in ``server.services``.
+"""

@@ -1,0 +1,185 @@
+"""Opening the database, plain SQL, and the dialect chosen at open.
+
+``open_database(url, config)`` builds the Peewee database and attaches
+its ``Dialect`` (``database.dialect``) and search index: the one place
+that looks at which backend this is. ``dialect()`` is the bound
+database's, for the data functions that run inside a transaction.
+"""
+from pathlib import Path
+from urllib.parse import urlparse
+
+import peewee
+from playhouse.db_url import parse as parse_db_url
+
+import models
+from models import search as search_index
+
+# libpq's connect timeout (whole seconds, 2 at least): a database host
+# that does not answer at all must not hold a probe or a read for long.
+PG_CONNECT_TIMEOUT = 2
+# Rows per multi-row statement: well under SQLite's limit of 32,766 bound
+# parameters at nine per message row.
+CHUNK_ROWS = 200
+
+_SQL_CACHE = {}
+
+
+def execute(sql, params=()):
+    """Run plain SQL written with ``?`` placeholders on the bound database
+    (inside the caller's transaction) and return the cursor. For the few
+    hot statements where Peewee's query builder costs more than the query.
+    Identifiers must be double-quoted, which both SQLite and PostgreSQL
+    accept."""
+    database = models.db.obj
+    key = (sql, database.param)
+    text = _SQL_CACHE.get(key)
+    if text is None:
+        text = _SQL_CACHE[key] = sql.replace('?', database.param)
+    return database.execute_sql(text, params)
+
+
+def placeholders(values) -> str:
+    """'?, ?, ?' for an IN list of ``values``."""
+    return ', '.join(['?'] * len(values))
+
+
+def chunks(items, size=CHUNK_ROWS):
+    """``items`` (a list) in slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class SqliteDialect:
+    """SQLite: one writer holds the database's write lock for the whole
+    transaction, so rows need no locks of their own.
+
+    Python's sqlite3 releases the GIL around every step of a statement,
+    once per result row. When the event loop is busy, getting the GIL back
+    after each costs the writer a forced switch, so the batched send reads
+    nothing row by row here: one UPDATE for every room's seqs, their new
+    values in a single aggregated row, message ids from the last rowid
+    (SQLite numbers the rows of one INSERT consecutively while the writer
+    holds the write lock)."""
+
+    name = 'sqlite'
+    # BEGIN IMMEDIATE: take the write lock at the start of the writer's
+    # transaction, not at its first write (no upgrade deadlock).
+    begin = {'lock_type': 'IMMEDIATE'}
+    # Claiming queue rows: the write lock already keeps others out.
+    skip_locked = ''
+
+    def lock_rows(self, table, ids):
+        """Lock rows for the rest of the transaction: nothing to do."""
+
+    def take_seqs(self, counts, now) -> dict:
+        """Add ``counts[room_id]`` to each room's last_seq (and set its
+        last activity); {room_id: new last_seq}."""
+        room_ids = sorted(counts)
+        execute(*_take_seqs_update(counts, room_ids, now))
+        text = execute('SELECT group_concat("id" || \':\' || "last_seq") '
+                       f'FROM "room" WHERE "id" IN ({placeholders(room_ids)})',
+                       room_ids).fetchone()[0]
+        return dict(map(int, pair.split(':')) for pair in text.split(','))
+
+    def insert_returning_keys(self, sql, params, keys) -> dict:
+        """Run a multi-row INSERT of len(``keys``) rows; {key: new id}."""
+        last_id = execute(sql, params).lastrowid
+        first = last_id - len(keys) + 1
+        return {key: first + n for n, key in enumerate(keys)}
+
+
+class PostgresDialect:
+    """PostgreSQL: rows are locked explicitly (in id order, so two
+    processes cannot deadlock each other) and results come back whole, so
+    RETURNING it is."""
+
+    name = 'postgresql'
+    begin = {}
+    skip_locked = ' FOR UPDATE SKIP LOCKED'
+
+    def lock_rows(self, table, ids):
+        """Lock rows of ``table`` (by id, in id order) for the rest of the
+        transaction."""
+        ids = sorted(ids)
+        execute(f'SELECT 1 FROM "{table}" WHERE "id" IN '
+                f'({placeholders(ids)}) ORDER BY "id" FOR UPDATE', ids)
+
+    def take_seqs(self, counts, now) -> dict:
+        """As SqliteDialect.take_seqs."""
+        room_ids = sorted(counts)
+        # Lock the rooms in id order first, so that two processes' runs of
+        # sends to the same rooms cannot deadlock each other. (A batch that
+        # also edits, locking a room between two runs, still can:
+        # PostgreSQL then aborts one transaction, and the writer retries
+        # that batch whole.)
+        self.lock_rows('room', room_ids)
+        sql, params = _take_seqs_update(counts, room_ids, now)
+        return dict(execute(sql + ' RETURNING "room"."id", "room"."last_seq"',
+                            params).fetchall())
+
+    def insert_returning_keys(self, sql, params, keys) -> dict:
+        """``keys`` must be what the rows' ("room_id", "seq") are."""
+        rows = execute(sql + ' RETURNING "id", "room_id", "seq"',
+                       params).fetchall()
+        return {(room_id, seq): row_id for row_id, room_id, seq in rows}
+
+
+def _take_seqs_update(counts, room_ids, now):
+    values = ', '.join(['(?, ?)'] * len(room_ids))
+    params = [v for r in room_ids for v in (r, counts[r])] + [now]
+    return (f'WITH "v"("id", "k") AS (VALUES {values}) UPDATE "room" SET '
+            '"last_seq" = "last_seq" + "v"."k", "last_activity_at" = ? '
+            'FROM "v" WHERE "room"."id" = "v"."id"', params)
+
+
+def dialect_of(database):
+    """``database``'s dialect (one opened some other way than
+    ``open_database`` gets it here, once)."""
+    try:
+        return database.dialect
+    except AttributeError:
+        return attach(database).dialect
+
+
+def dialect():
+    """The dialect of the bound database."""
+    return dialect_of(models.db.obj)
+
+
+def is_sqlite(database) -> bool:
+    return isinstance(database, peewee.SqliteDatabase)
+
+
+def attach(database):
+    """Choose ``database``'s dialect and search index, once."""
+    database.dialect = (SqliteDialect() if is_sqlite(database)
+                        else PostgresDialect())
+    return search_index.attach(database)
+
+
+def open_database(url: str, config) -> peewee.Database:
+    """Return an unconnected Peewee database for ``url``: ``sqlite:///rel``,
+    ``sqlite:////abs`` or ``postgresql://user:pw@host:port/db``, with its
+    dialect attached."""
+    scheme = urlparse(url).scheme
+    if scheme == 'sqlite':
+        path = url[len('sqlite:///'):]
+        if path != ':memory:':
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # search_index.attach (in ``attach``): the fold function on every
+        # connection (the index's triggers call it).
+        return attach(peewee.SqliteDatabase(
+            path, timeout=30, pragmas={
+                'journal_mode': 'wal',
+                'synchronous': config.sqlite_synchronous.upper(),
+                'foreign_keys': 1,
+                'cache_size': -1024 * config.sqlite_cache_mib,  # KiB if < 0
+                'busy_timeout': 30000,
+            }))
+    if scheme in ('postgres', 'postgresql'):
+        params = parse_db_url(url)
+        name = params.pop('database')
+        params.setdefault('connect_timeout', PG_CONNECT_TIMEOUT)
+        return attach(
+            peewee.PostgresqlDatabase(name, autorollback=True, **params))
+    raise ValueError(f'unsupported database URL scheme {scheme!r}')

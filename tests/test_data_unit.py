@@ -1,0 +1,222 @@
+"""Fast tests of the writer's batching, the data layer's dialect and the
+message services, in this process against a temporary SQLite file (no
+server subprocess): what a caller of the services sees."""
+import asyncio
+import threading
+
+import pytest
+
+import models
+from models import Membership, Message, Room, User
+from server.config import Config
+from server.data import messages as data
+from server.data.database import SqliteDialect, open_database
+from server.errors import Conflict, Forbidden, Invalid, TooLarge
+from server.services import groups, messages, rooms
+from server.services.context import Context
+from server.services.live import Typing
+from server.store import Batched, Store
+
+
+def _context(store, config):
+    try:  # the context built once, with its services
+        return Context(store, config, 'x' * 32, typing=Typing(2.0))
+    except TypeError:  # the context services are attached to later
+        ctx = Context(store, config, 'x' * 32)
+        ctx.typing = Typing(2.0)
+        return ctx
+
+
+@pytest.fixture
+async def world(tmp_path):
+    """(ctx, alice id, bob id, their dm room id, batch sizes committed)."""
+    config = Config()
+    database = open_database(f'sqlite:///{tmp_path / "unit.db"}', config)
+    batches = []
+    store = Store(database, on_batch=lambda size, _: batches.append(size))
+    store.start()
+    ctx = _context(store, config)
+
+    def people():
+        return [User.create(username=name, display_name=name.title(),
+                            created_at=0).id for name in ('alice', 'bob')]
+    alice, bob = await store.write(people)
+    room, created = await rooms.open_dm(ctx, alice, 'bob')
+    assert created
+    await store.flush()
+    batches.clear()
+    yield ctx, alice, bob, room['id'], batches
+    await store.close()
+    database.close()
+    models.db.initialize(None)
+
+
+async def _queued(store, count):
+    """Wait (yielding to the loop) until ``count`` writes are queued."""
+    async def until():
+        while store.pending < count:
+            await asyncio.sleep(0)
+    await asyncio.wait_for(until(), 10)
+
+
+async def _blocked_writer(store):
+    """Hold the writer inside a write until the returned event is set, so
+    that what queues meanwhile meets in its next batch."""
+    running, release = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(10)
+    held = store.write(hold)
+    await asyncio.get_running_loop().run_in_executor(None, running.wait, 10)
+    return held, release
+
+
+async def test_queued_sends_commit_as_one_batch_with_gapless_seqs(
+        world, monkeypatch):
+    ctx, alice, bob, room_id, batches = world
+    runs = []
+    many = messages.store_sends.many
+    monkeypatch.setattr(messages.store_sends, 'many',
+                        lambda requests: runs.append(len(requests))
+                        or many(requests))
+    held, release = await _blocked_writer(ctx.store)
+    sends = [asyncio.ensure_future(messages.send_message(
+        ctx, alice if i % 2 else bob, f'm{i}', f'c{i}', room_id=room_id))
+        for i in range(20)]
+    # Every send checked and queued before the writer is let go.
+    await _queued(ctx.store, 21)
+    release.set()
+    await held
+    sent = await asyncio.gather(*sends)
+    assert batches == [1, 20] and runs == [20]
+    assert [s.message['seq'] for s in sent] == list(range(1, 21))
+    assert all(s.created for s in sent)
+    page = await messages.history(ctx, alice, room_id, limit=100)
+    assert [m['body'] for m in page['messages']] == \
+        [f'm{i}' for i in range(20)]
+
+
+async def test_a_batch_refuses_each_bad_send_alone(world):
+    ctx, alice, bob, room_id, batches = world
+    first = await messages.send_message(ctx, alice, 'hello', 'a1',
+                                        room_id=room_id)
+    held, release = await _blocked_writer(ctx.store)
+    calls = [
+        messages.send_message(ctx, bob, 'fine', 'b1', room_id=room_id),
+        messages.send_message(ctx, alice, 'hello', 'a1', room_id=room_id),
+        messages.send_message(ctx, alice, 'other', 'a1', room_id=room_id),
+        messages.send_message(ctx, bob, 're', 'b2', room_id=room_id,
+                              reply_to=first.message['id'] + 1000),
+        messages.send_message(ctx, bob, 'fine', 'b1', room_id=room_id),
+        messages.send_message(ctx, bob, 'also', 'b3', room_id=room_id,
+                              reply_to=first.message['id']),
+    ]
+    futures = [asyncio.ensure_future(c) for c in calls]
+    await _queued(ctx.store, 1 + len(calls))
+    release.set()
+    await held
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert batches[-1] == len(calls)
+    fine, retry, reused, bad_reply, retry_in_batch, also = results
+    assert fine.created and fine.message['seq'] == 2
+    assert not retry.created and retry.message['id'] == first.message['id']
+    assert isinstance(reused, Conflict) and reused.code == 'conflict'
+    assert isinstance(bad_reply, Invalid)
+    assert not retry_in_batch.created
+    assert retry_in_batch.message['id'] == fine.message['id']
+    assert also.message['seq'] == 3 and also.message['reply_to'] == \
+        first.message['id']
+    # Only what was stored took a seq.
+    assert await ctx.store.read(
+        lambda: Room.get_by_id(room_id).last_seq) == 3
+
+
+async def test_checks_refuse_before_anything_is_queued(world):
+    ctx, alice, bob, room_id, batches = world
+    for body, error in (('', Invalid), (5, Invalid),
+                        ('x' * (ctx.config.body_max_chars + 1), TooLarge)):
+        with pytest.raises(error):
+            await messages.send_message(ctx, alice, body, 'c',
+                                        room_id=room_id)
+    with pytest.raises(Invalid):
+        await messages.send_message(ctx, alice, 'hi', '', room_id=room_id)
+    with pytest.raises(Invalid):
+        await messages.send_message(ctx, alice, 'hi', 'c')
+    assert batches == [] and ctx.store.pending == 0
+
+
+async def test_a_removed_member_is_refused_inside_the_transaction(world):
+    ctx, alice, bob, room_id, batches = world
+    group = await groups.create_group(ctx, alice, 'g', ['bob'])
+    info = await rooms.member_room(ctx, bob, group['id'])  # cached
+    await ctx.store.write(lambda: Membership.delete().where(
+        Membership.room == group['id'], Membership.user == bob).execute())
+    with pytest.raises(Forbidden):
+        await ctx.store.write(messages.store_sends, messages.SendRequest(
+            ctx, info, bob, 'late', 'l1', (), None))
+
+
+async def test_sending_ends_the_senders_typing(world):
+    ctx, alice, bob, room_id, batches = world
+    assert ctx.typing.update(room_id, alice, 'sid', True)
+    sent = await messages.send_message(ctx, alice, 'hi', 't1',
+                                       room_id=room_id)
+    assert sent.typing_stopped
+    assert ctx.typing.update(room_id, alice, 'sid', True)
+    again = await messages.send_message(ctx, alice, 'hi', 't1',
+                                        room_id=room_id)
+    assert not again.created and not again.typing_stopped
+
+
+async def test_edit_react_delete_take_the_next_seqs(world):
+    ctx, alice, bob, room_id, batches = world
+    sent = await messages.send_message(ctx, alice, 'hi', 'e1',
+                                       room_id=room_id)
+    mid = sent.message['id']
+    edited, changed, _ = await messages.edit_message(ctx, alice, mid, 'hey')
+    assert changed and edited['update_seq'] == 2 and edited['body'] == 'hey'
+    with pytest.raises(Forbidden):
+        await messages.edit_message(ctx, bob, mid, 'mine now')
+    reacted, changed, _ = await messages.react(ctx, bob, mid, '👍', True)
+    assert changed and reacted['reactions'] == {'👍': [bob]}
+    gone, changed, _ = await messages.delete_message(ctx, alice, mid)
+    assert changed and gone['deleted'] and gone['reactions'] == {}
+    caught_up = await messages.sync(ctx, bob, {str(room_id): 1})
+    assert [(e['type'], e['seq']) for e in caught_up['events']] == [
+        ('message_updated', 2), ('message_updated', 3),
+        ('message_updated', 4)]
+    marker, unread, moved = await messages.mark_read(ctx, bob, room_id, 99)
+    assert (marker, unread, moved) == (4, 0, True)
+
+
+async def test_the_dialect_is_chosen_when_the_database_opens(tmp_path):
+    database = open_database(f'sqlite:///{tmp_path / "d.db"}', Config())
+    assert isinstance(database.dialect, SqliteDialect)
+    assert database.dialect.begin == {'lock_type': 'IMMEDIATE'}
+
+
+def test_batched_alone_raises_its_refusal():
+    op = Batched(lambda items: [Invalid('no') if i < 0 else i * 2
+                                for i in items])
+    assert op(4) == 8
+    with pytest.raises(Invalid):
+        op(-1)
+    assert 'Batched' in repr(op)
+
+
+async def test_data_functions_read_what_the_send_wrote(world):
+    ctx, alice, bob, room_id, batches = world
+    sent = await messages.send_message(ctx, alice, 'hi', 'd1',
+                                       room_id=room_id)
+
+    def read():
+        return (data.stored_ids({(alice, 'd1'), (bob, 'd1')}),
+                data.rooms_of({sent.message['id'], 10 ** 9}),
+                data.events_after(room_id, 0, 10),
+                Message.get_by_id(sent.message['id']).update_seq)
+    stored, where, events, update_seq = await ctx.store.read(read)
+    assert stored == {(alice, 'd1'): sent.message['id']}
+    assert where == {sent.message['id']: room_id}
+    assert events == [(1, 'message', sent.message['id'], None)]
+    assert update_seq == 1
