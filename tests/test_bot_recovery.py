@@ -6,10 +6,12 @@ bot was away comes from its start. Every message is handled exactly once
 either way. (The SIGTERM restart is test_bots.py's
 test_bot_survives_a_server_restart.) And the drift test of the SDK's one
 python-socketio override."""
+import ast
 import asyncio
 import hashlib
 import importlib.metadata
 import inspect
+import re
 import tomllib
 
 from packaging.requirements import Requirement
@@ -17,8 +19,6 @@ from packaging.requirements import Requirement
 from client_demo.postbox_bot import Bot, socketio_async_client
 from tests.helpers import ROOT, register
 from tests.test_bots import bot_and_partner, dm
-from tests.test_upstream import (declared, resolve, source_names,
-                                 upstream_classes, upstream_has)
 
 
 class Away:
@@ -141,23 +141,47 @@ async def test_catch_up_pages_the_inbox(base):
             await other.stop()
 
 
+def _upstream_has(cls, name) -> bool:
+    """Whether the upstream class has ``name``: as an attribute, or one
+    its code (or a base's) sets on ``self``."""
+    pattern = re.compile(rf'\bself\.{re.escape(name)}\s*[=:]')
+    return hasattr(cls, name) or any(
+        pattern.search(inspect.getsource(klass))
+        for klass in cls.__mro__ if klass is not object)
+
+
+def _private_names(source) -> set:
+    """Private (not dunder) attribute and method names in ``source``."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        name = node.attr if isinstance(node, ast.Attribute) else \
+            node.name if isinstance(node, (ast.FunctionDef,
+                                           ast.AsyncFunctionDef)) else ''
+        if name.startswith('_') and not name.startswith('__'):
+            names.add(name)
+    return names
+
+
 def test_the_python_socketio_override_has_not_drifted():
     """The SDK's override of python-socketio (fenced as server/upstream/
-    is, checked with tests/test_upstream.py's tools): its private names
-    exist in the installed version and none is used undeclared, the code
-    it relies on hashes as it did, and the installed version is within
-    the SDK's pin."""
+    is): its declared private names exist in the installed version, none
+    of the upstream class's private names is used undeclared, the code it
+    relies on hashes as it did, and the installed version is within the
+    SDK's pin."""
     module = socketio_async_client
-    missing = [f'{owner}.{attr}' for owner, attr in declared(module)
-               if not upstream_has(resolve(owner), attr)]
-    assert not missing
-    used, own = source_names(module)
-    names = {attr for _, attr in declared(module)}
-    undeclared = [attr for attr in sorted(used - names) if any(
-        upstream_has(c, attr) for c in upstream_classes(module))]
-    assert not undeclared
+    upstream = module.UPSTREAM
+    declared = {dotted.rpartition('.')[2] for dotted in module.PRIVATE_NAMES}
+    assert all(dotted.startswith('socketio.async_client.AsyncClient.')
+               for dotted in module.PRIVATE_NAMES)
+    assert [n for n in sorted(declared) if not _upstream_has(upstream, n)] \
+        == []
+    used = _private_names(inspect.getsource(module))
+    assert [n for n in sorted(used - declared)
+            if _upstream_has(upstream, n)] == []
     for dotted, expected in module.COPIED.items():
-        source = inspect.getsource(resolve(dotted))
+        owner, _, name = dotted.rpartition('.')
+        assert owner == 'socketio.async_client.AsyncClient'
+        source = inspect.getsource(getattr(upstream, name))
         assert hashlib.sha256(source.encode()).hexdigest()[:16] == expected, \
             f'{dotted} changed upstream: re-read the override'
     project = tomllib.loads((ROOT / 'client_demo' / 'postbox_bot' /
