@@ -12,7 +12,7 @@ from server.config import Config
 from server.data import messages as data
 from server.data.database import SqliteDialect, open_database
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
-from server.services import groups, messages, rooms
+from server.services import groups, messages, rooms, sending
 from server.services.context import Context
 from server.services.live import Typing
 from server.store import Batched, Store
@@ -76,8 +76,8 @@ async def test_queued_sends_commit_as_one_batch_with_gapless_seqs(
         world, monkeypatch):
     ctx, alice, bob, room_id, batches = world
     runs = []
-    many = messages.store_sends.many
-    monkeypatch.setattr(messages.store_sends, 'many',
+    many = sending.store_sends.many
+    monkeypatch.setattr(sending.store_sends, 'many',
                         lambda requests: runs.append(len(requests))
                         or many(requests))
     held, release = await _blocked_writer(ctx.store)
@@ -153,7 +153,7 @@ async def test_a_removed_member_is_refused_inside_the_transaction(world):
     await ctx.store.write(lambda: Membership.delete().where(
         Membership.room == group['id'], Membership.user == bob).execute())
     with pytest.raises(Forbidden):
-        await ctx.store.write(messages.store_sends, messages.SendRequest(
+        await ctx.store.write(sending.store_sends, sending.SendRequest(
             ctx, info, bob, 'late', 'l1', (), None))
 
 

@@ -15,16 +15,16 @@ import dataclasses
 import json
 
 from server.data import messages as data
-from server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import outbox
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
 from server.services.emoji import check_emoji
+from server.services.sending import SendRequest, store_sends
 from server.services.serialize import (fetch_messages, iso, load_users,
                                        message_dict, message_dicts,
-                                       new_message_dict, placeholders)
-from server.store import Batched
+                                       placeholders)
 
 MAX_INT = 2**63 - 1
 
@@ -40,20 +40,6 @@ class Sent:
     member_ids: tuple
     new_room: dict | None = None
     typing_stopped: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SendRequest:
-    """One checked send, as the writer's batched ``store_sends`` takes it:
-    ``room`` is the RoomInfo the sender was found a member of (cached; a
-    group's membership is checked again in the transaction)."""
-    ctx: object
-    room: object
-    sender_id: int
-    body: str
-    client_msg_id: str
-    attachment_ids: tuple
-    reply_to: int | None
 
 
 # -- checks -----------------------------------------------------------------
@@ -98,136 +84,7 @@ def check_attachments(ctx, attachments) -> tuple:
     return attachments
 
 
-def _refusal(request, blocked, claimed, replies, unsent):
-    """The error refusing this send, or None (the checks that need the
-    database, read once for the whole batch). ``claimed``: attachments an
-    earlier send of the same batch takes (the database does not show them
-    taken yet); ``replies`` and ``unsent``: ``data.rooms_of`` and
-    ``data.unsent_uploads`` of the batch."""
-    room, sender_id = request.room, request.sender_id
-    if room.kind == 'dm' and (room.other_member(sender_id),
-                              sender_id) in blocked:
-        return Forbidden('this user does not accept your messages')
-    if request.reply_to is not None and \
-            replies.get(request.reply_to) != room.id:
-        return Invalid('reply_to: no such message in this room')
-    if any(unsent.get(a) != sender_id for a in request.attachment_ids) or \
-            claimed.intersection(request.attachment_ids):
-        return Invalid('attachments: only your own uploads, not yet sent')
-    return None
-
-
-def _reused():
-    return Conflict('client_msg_id: already used for another message')
-
-
-def _retry(ctx, message_id, room_id, body):
-    """The outcome of a send whose (sender, client_msg_id) is already
-    stored: the first message, not created again, if this is its retry
-    (same room and body; an edited or deleted message no longer shows the
-    body it was sent with, so there the room decides); else a Conflict."""
-    message = data.get_message(message_id)
-    if message.room_id != room_id or (
-            message.body != body and message.edited_at is None and
-            not message.deleted):
-        return _reused()
-    return message_dict(ctx, message), False
-
-
 # -- sending ----------------------------------------------------------------
-
-@Batched
-def store_sends(requests):
-    """Store many sends in a few statements: the writer thread calls this
-    with every send that queued while its last commit ran. Returns, per
-    request, either ``(message dict, created)`` or the PostboxError that
-    refuses it.
-
-    The hot path of Postbox. Every check comes before any write, so a
-    refused send writes nothing and needs no savepoint; then each room
-    takes its block of seqs in one UPDATE, and the messages and their
-    events are inserted a chunk of rows per statement. A retry of a
-    message stored earlier, or of one earlier in the same batch, returns
-    that message with ``created`` False; the same client_msg_id for
-    another room or another body is a Conflict."""
-    ctx = requests[0].ctx
-    outcomes = [None] * len(requests)
-    stored = data.stored_ids({(r.sender_id, r.client_msg_id)
-                              for r in requests})
-    blocked = data.blocks_by({r.room.other_member(r.sender_id)
-                              for r in requests if r.room.kind == 'dm'})
-    # The cached member list that let a send this far may be stale (a
-    # member removed meanwhile, on any process): group senders are checked
-    # here, inside the transaction. A dm's members never change.
-    members = data.memberships({(r.room.id, r.sender_id) for r in requests
-                                if r.room.kind != 'dm'})
-    # What replies and attachments refer to, read once for the batch.
-    replies = data.rooms_of({r.reply_to for r in requests
-                             if r.reply_to is not None})
-    unsent = data.unsent_uploads({a for r in requests
-                                  for a in r.attachment_ids})
-    accepted, first = [], {}  # indexes to store; (sender, cmid) -> index
-    claimed = set()  # attachments of the sends accepted so far
-    for i, request in enumerate(requests):
-        key = (request.sender_id, request.client_msg_id)
-        room_id = request.room.id
-        if request.room.kind != 'dm' and \
-                (room_id, request.sender_id) not in members:
-            outcomes[i] = Forbidden('you are not a member of this room')
-        elif key in stored:
-            outcomes[i] = _retry(ctx, stored[key], room_id, request.body)
-        elif key in first:
-            earlier = requests[first[key]]
-            # A retry is resolved to its message below.
-            outcomes[i] = (first[key] if (earlier.room.id, earlier.body) ==
-                           (room_id, request.body) else _reused())
-        else:
-            outcomes[i] = _refusal(request, blocked, claimed, replies, unsent)
-            if outcomes[i] is None:
-                claimed.update(request.attachment_ids)
-                first[key] = i
-                accepted.append(i)
-    if accepted:
-        _store_new(ctx, requests, accepted, outcomes)
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, int):  # a retry within this batch
-            outcomes[i] = (outcomes[outcome][0], False)
-    return outcomes
-
-
-def _store_new(ctx, requests, accepted, outcomes):
-    """Insert the accepted sends and put their (message, True) outcomes."""
-    now = now_ms()
-    per_room = {}
-    for i in accepted:
-        per_room.setdefault(requests[i].room.id, []).append(i)
-    lasts = data.take_seqs({r: len(ix) for r, ix in per_room.items()}, now)
-    seqs = {}
-    for room_id, indexes in per_room.items():
-        first_seq = lasts[room_id] - len(indexes) + 1
-        for offset, i in enumerate(indexes):
-            seqs[i] = first_seq + offset
-    ids = data.insert_messages([
-        (requests[i].room.id, seqs[i], requests[i].sender_id,
-         requests[i].body, requests[i].client_msg_id, requests[i].reply_to,
-         now) for i in accepted])
-    message_ids = {i: ids[requests[i].room.id, seqs[i]] for i in accepted}
-    # Pushes and webhook deliveries, in this same transaction: an acked
-    # message never loses its notification.
-    outbox.queue_messages(
-        ctx, [(requests[i].room.id, seqs[i], message_ids[i],
-               requests[i].sender_id) for i in accepted], now)
-    senders = load_users(ctx, [requests[i].sender_id for i in accepted])
-    files = data.attach_uploads({message_ids[i]: requests[i].attachment_ids
-                                 for i in accepted
-                                 if requests[i].attachment_ids})
-    for i in accepted:
-        r = requests[i]
-        outcomes[i] = (new_message_dict(
-            message_ids[i], r.room.id, seqs[i], senders[r.sender_id], r.body,
-            r.client_msg_id, r.reply_to, now,
-            files.get(message_ids[i], [])), True)
-
 
 async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
                        to=None, attachments=None, reply_to=None) -> Sent:
