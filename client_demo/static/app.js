@@ -35,6 +35,10 @@ export function signedIn(token, user) {
 export function signOut(message) {
   if (page.conn) page.conn.close();
   page.conn = null;
+  // This browser's push subscription goes with the session, however it
+  // ended (if the token no longer works, the push service's subscription
+  // is dropped and the server forgets it at its next push).
+  disablePush().catch(() => {});
   localStorage.removeItem('postbox.token');
   localStorage.removeItem('postbox.user');
   for (const p of page.ui.blobs.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
