@@ -301,24 +301,25 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                 self._disconnected.set()
 
         # Events that come while connecting (a recovery's replay, then
-        # live ones) are queued once connect() has returned, so that
-        # handlers see the connection's counters and state set.
+        # live ones) are taken once connect() has returned, so that
+        # handlers see the connection's counters and state set, and the
+        # offsets of a connect that failed are not kept.
         early = []
 
         async def live(event, *args):
-            # Queued without awaiting anything first, so arrival order
+            # Taken without awaiting anything first, so arrival order
             # holds. Events before the CONNECT reply are a replay.
             if event == OFFSET_EVENT:
-                self._offset = args[0] if args else None
-                return
-            if event in TRACKED and len(args) > 1 and \
-                    isinstance(args[-1], str):
-                self._offset = args[-1]
-            item = (event, args[0] if args else None, not sio.replied)
-            if early is not None:
-                early.append(item)
+                entry = (None, args[0] if args else None)
             else:
-                self._queue.put_nowait(item)
+                offset = args[-1] if event in TRACKED and len(args) > 1 \
+                    and isinstance(args[-1], str) else None
+                entry = ((event, args[0] if args else None,
+                          not sio.replied), offset)
+            if early is not None:
+                early.append(entry)
+            else:
+                self._take(*entry)
 
         def forward(event):
             async def handler(*args):
@@ -347,17 +348,25 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self.recovered = 'pid' in auth and sio.pid == auth['pid']
         self._pid = sio.pid
         self.connected.set()
-        arrived, early = early, None  # from here live() queues directly
-        for item in arrived:
-            self._queue.put_nowait(item)
+        arrived, early = early, None  # from here live() takes directly
+        for entry in arrived:
+            self._take(*entry)
         if self.recovered:
             self.recoveries += 1
-            self.replayed += sum(1 for item in arrived if item[2])
+            self.replayed += sum(1 for item, _ in arrived if item and item[2])
             self._queue.put_nowait(Recovered())
         else:
             self._resumable = False
             # Catch up before any live event that arrives after this point.
             self._queue.put_nowait(Catchup())
+
+    def _take(self, item, offset):
+        """Queue a received event (None: the offset event only) and keep
+        its offset: the last one the bot has, for the next reconnect."""
+        if item is not None:
+            self._queue.put_nowait(item)
+        if offset is not None:
+            self._offset = offset
 
     def _auth(self) -> dict:
         """The CONNECT payload: the token, and with ``recover`` the opt-in
