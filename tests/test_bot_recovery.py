@@ -17,7 +17,7 @@ import tomllib
 from packaging.requirements import Requirement
 
 from client_demo.postbox_bot import Bot, socketio_async_client
-from tests.helpers import ROOT, register
+from tests.helpers import ROOT, connect, register
 from tests.test_bots import bot_and_partner, dm
 
 
@@ -96,26 +96,40 @@ async def test_unknown_session_falls_back_to_sync(base):
         await bot.stop()
 
 
-async def test_group_made_while_away_comes_once(base):
-    """The replay brings a group the bot did not know: the bot takes it
-    from the group's start (by a catch-up), each message once."""
+async def test_rooms_made_while_away_come_once(base):
+    """The replay brings rooms the bot did not know: a dm from someone new
+    comes whole from the replay; a group is taken from its start by a
+    catch-up after it (where the bot's part of a group starts is in the
+    inbox). Each message once."""
     bot, seen, client, first = await bot_and_partner(base)
+    stranger = None
     try:
+        user, token = await register(base)
+        stranger = await connect(base, token)
         async with Away(bot):
+            new_dm = [await dm(stranger, f'new dm {i}',
+                               to=bot.user['username'])
+                      for i in range(2)]
             ack = await client.call('create_group', {
                 'name': 'while away', 'members': [bot.user['username']]})
             assert ack['ok'], ack
             group = ack['room']
-            sent = [await dm(client, f'group {i}', room_id=group['id'])
-                    for i in range(3)]
-        await seen.until(sent[-1]['id'], timeout=20)
-        assert seen.seen == [first['id']] + [m['id'] for m in sent]
+            in_group = [await dm(client, f'group {i}', room_id=group['id'])
+                        for i in range(3)]
+        await seen.until(in_group[-1]['id'], timeout=20)
+        assert sorted(seen.seen) == sorted(
+            m['id'] for m in [first] + new_dm + in_group)
+        assert [m for m in seen.seen if m in {n['id'] for n in new_dm}] == [
+            m['id'] for m in new_dm]
+        assert bot.is_dm(new_dm[0]['room_id'])
         assert bot.rooms[group['id']]['kind'] == 'group'
         # Recovered, then the catch-up that places the new group.
         assert bot.recovered is True
         assert (bot.recoveries, bot.syncs) == (1, 2)
     finally:
         await client.close()
+        if stranger is not None:
+            await stranger.close()
         await bot.stop()
 
 
