@@ -57,6 +57,15 @@ def pg_cluster():
     cluster.stop()
 
 
+@pytest.fixture(params=['sqlite', 'postgres'])
+def database_url(request, tmp_path):
+    """The URL of a fresh database, once of each backend: a SQLite file in
+    the test's tmp_path, a database in the module's ``pg_cluster``."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path / "postbox.db"}'
+    return request.getfixturevalue('pg_cluster').create_database()
+
+
 @pytest.fixture(scope='module')
 def redis(tmp_path_factory):
     """A real redis-server on a free port, for the tests of one module."""

@@ -234,17 +234,13 @@ def run_sql(url, statements):
         database.close()
 
 
-@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
-async def test_version_3_database_upgrades_to_4(tmp_path, backend, request):
+async def test_version_3_database_upgrades_to_4(tmp_path, database_url):
     """Groups of a version 3 database get their creator as owner, their
     messages and sync stay, and the event log then takes room events
     (a null message_id) under the same unique (room, seq) index."""
-    if backend == 'sqlite':
-        url = f'sqlite:///{tmp_path / "postbox.db"}'
-        downgrade = V3_EVENT_SQLITE
-    else:
-        url = request.getfixturevalue('pg_cluster').create_database()
-        downgrade = V3_EVENT_POSTGRES
+    url = database_url
+    downgrade = V3_EVENT_SQLITE if url.startswith('sqlite:') \
+        else V3_EVENT_POSTGRES
     env = {'POSTBOX_DATABASE_URL': url}
     server = ServerProcess(tmp_path, env=env).start()
     alice, bob, a, b, dm = await pair(server.url)

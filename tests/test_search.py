@@ -278,18 +278,13 @@ V4_POSTGRES = ['DROP TRIGGER message_text_insert ON message',
                'DROP FUNCTION pb_message_text()']
 
 
-@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
 async def test_messages_from_before_the_upgrade_are_indexed(
-        tmp_path, backend, request):
+        tmp_path, database_url):
     """A version 4 database (no search index) upgraded: the migration
     makes the index and the messages already stored are indexed in
     batches (here of 3) while the server serves."""
-    if backend == 'sqlite':
-        url = f'sqlite:///{tmp_path / "postbox.db"}'
-        downgrade = V4_SQLITE
-    else:
-        url = request.getfixturevalue('pg_cluster').create_database()
-        downgrade = V4_POSTGRES
+    url = database_url
+    downgrade = V4_SQLITE if url.startswith('sqlite:') else V4_POSTGRES
     server = ServerProcess(tmp_path, env={'POSTBOX_DATABASE_URL': url})
     server.start()
     alice, bob, a, b, room = await pair(server.url)
