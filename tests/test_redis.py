@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from tests.kit import (FAST_REDIS_ENV, ROOT, RedisProcess, ServerProcess,
-                       connect, http, pair, register, running_servers,
-                       start_servers, stop_servers)
+                       connect, dm_across, http, pair, register,
+                       running_servers, start_servers, stop_servers)
 
 
 @pytest.fixture(scope='module')
@@ -43,17 +43,7 @@ async def test_ready_reports_redis(cluster):
 
 async def test_dm_between_processes(cluster):
     p1, p2, _ = cluster
-    alice, ta = await register(p1.url)
-    bob, tb = await register(p2.url)
-    a = await connect(p1.url, ta)
-    b = await connect(p2.url, tb)
-    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'hi bob',
-                                   'client_msg_id': 'c1'})
-    assert ack['ok'], ack
-    room = await b.next('room')
-    assert room['id'] == ack['message']['room_id']
-    got = await b.next('message')
-    assert got['body'] == 'hi bob' and got['sender']['id'] == alice['id']
+    alice, bob, a, b, room = await dm_across(p1.url, p2.url)
     reply = await b.call('send_dm', {'room_id': room['id'], 'body': 'hey',
                                      'client_msg_id': 'c2'})
     assert reply['ok']

@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from tests.kit import (FAST_REDIS_ENV, NO_RATE_LIMITS, connect, http, refused,
-                       register, running_servers)
+from tests.kit import (FAST_REDIS_ENV, NO_RATE_LIMITS, connect, dm_across,
+                       http, refused, register, running_servers)
 from tests.kit.redis_cluster import RedisCluster
 from tests.test_durability import check_stored
 from tests.test_redis import p_presence, wait_ready
@@ -42,16 +42,7 @@ async def test_ready_on_the_cluster(servers, redis_cluster):
 
 async def test_dm_between_processes_live_once(servers):
     p1, p2 = servers
-    alice, ta = await register(p1.url)
-    bob, tb = await register(p2.url)
-    a = await connect(p1.url, ta)
-    b = await connect(p2.url, tb)
-    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'hi bob',
-                                   'client_msg_id': 'c1'})
-    assert ack['ok'], ack
-    room = await b.next('room')
-    got = await b.next('message')
-    assert got['body'] == 'hi bob' and got['sender']['id'] == alice['id']
+    alice, bob, a, b, room = await dm_across(p1.url, p2.url)
     for i in range(20):
         sender, receiver = (b, a) if i % 2 else (a, b)
         ack = await sender.call('send_dm', {

@@ -129,6 +129,24 @@ async def pair(base):
     return alice, bob, a, b, ack['room']
 
 
+async def dm_across(url_a, url_b):
+    """Alice, connected to ``url_a``, writes "hi bob" to Bob by username
+    (a new dm room); Bob, connected to ``url_b``, gets the room and the
+    message. Returns (alice, bob, alice's Client, bob's Client, room)."""
+    alice, ta = await register(url_a)
+    bob, tb = await register(url_b)
+    a = await connect(url_a, ta)
+    b = await connect(url_b, tb)
+    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'hi bob',
+                                   'client_msg_id': 'c1'})
+    assert ack['ok'], ack
+    room = await b.next('room')
+    assert room['id'] == ack['message']['room_id']
+    got = await b.next('message')
+    assert got['body'] == 'hi bob' and got['sender']['id'] == alice['id']
+    return alice, bob, a, b, room
+
+
 async def refused(base, token):
     """Connect with ``token`` (None: no auth at all), expect a refusal, and
     return what ``connect_error`` said."""

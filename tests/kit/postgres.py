@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster for tests and benchmarks: initdb into a
-temp dir, started with pg_ctl on a free port, removed when stopped. The Debian binaries live
-under /usr/lib/postgresql/<version>/bin; as root the cluster runs as the
-``postgres`` user (PostgreSQL refuses to run as root)."""
+temp dir, started with pg_ctl on a free port, removed when stopped. The
+Debian binaries live under /usr/lib/postgresql/<version>/bin; as root the
+cluster runs as the ``postgres`` user (PostgreSQL refuses to run as
+root)."""
 import glob
 import os
 import pwd
