@@ -204,3 +204,22 @@ def test_the_python_socketio_override_has_not_drifted():
                                              project['dependencies'])}
     assert pins['python-socketio'].contains(
         importlib.metadata.version('python-socketio'))
+
+
+async def test_a_gap_longer_than_a_sync_page_is_recovered(tmp_path):
+    """The replay reads the log page after page: with sync pages of 2,
+    seven missed messages still come back by recovery, each once."""
+    from tests.kit import ServerProcess
+    server = ServerProcess(tmp_path, env={'POSTBOX_SYNC_PAGE_SIZE': '2'})
+    await asyncio.to_thread(server.start)
+    try:
+        bot, seen, client, first = await bot_and_partner(server.url)
+        try:
+            sent = await away_and_back(bot, seen, client, first['room_id'], 7)
+            assert seen.seen == [first['id']] + sent
+            assert bot.recovered is True and bot.replayed == 7
+        finally:
+            await client.close()
+            await bot.stop()
+    finally:
+        assert await server.astop() == 0, server.read_log()

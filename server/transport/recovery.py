@@ -419,11 +419,11 @@ class Recovery:
         as it is now, which is not in the log (key None)."""
         from server.services import rooms  # noqa: the services layer
         marks, extras = session.received(offset)
-        answer = await messages.sync(self.ctx, session.user_id, marks)
-        if answer['has_more']:
+        events = await self._read_log(session.user_id, marks, extras)
+        if events is None:
             return None
         replay = []
-        for e in answer['events']:
+        for e in events:
             room_id, seq = e['room_id'], e['seq']
             if seq <= marks.get(room_id, 0) or seq in extras.get(room_id, ()):
                 continue
@@ -443,6 +443,34 @@ class Recovery:
         if len(replay) > self.keep:
             return None
         return replay
+
+    async def _read_log(self, user_id, marks, extras):
+        """The log events past ``marks`` in the user's rooms, page after
+        page of ``sync``, in seq order per room; None once they are more
+        than a replay may hold (the received ``extras`` are among them)."""
+        limit = self.keep + sum(len(seqs) for seqs in extras.values())
+        events, seen, known = [], set(), dict(marks)
+        while True:
+            answer = await messages.sync(self.ctx, user_id, known)
+            new = 0
+            for e in answer['events']:
+                key = (e['room_id'], e['seq'])
+                if key in seen:  # a left room's room_left, on every page
+                    continue
+                seen.add(key)
+                events.append(e)
+                new += 1
+                if e['type'] == 'room_left':
+                    known.pop(e['room_id'], None)
+                else:
+                    known[e['room_id']] = max(known.get(e['room_id'], 0),
+                                              e['seq'])
+            if len(events) > limit:
+                return None
+            if not answer['has_more']:
+                return events
+            if not new:
+                return None  # no progress: never loop
 
     async def _rejoin(self, sid, user_id, room_ids):
         """Put the socket back in the rooms it had joined, those where the
