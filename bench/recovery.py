@@ -261,15 +261,17 @@ def run_profile(url, pid, args, workdir):
         return None
     users = asyncio.run(load.make_users(url, 'postbox', 2 * args.pairs))
     folded = Path(workdir) / 'recovery-profile.txt'
-    seconds = max(3, int(args.duration))
+    seconds = max(5, int(args.duration))
+    # From before the load's workers start (a few seconds) to its end:
+    # idle time takes no samples.
     proc = subprocess.Popen(
-        [spy, 'record', '--pid', str(pid), '--duration', str(seconds),
+        [spy, 'record', '--pid', str(pid), '--duration', str(seconds + 10),
          '--rate', '200', '--format', 'raw', '--nonblocking', '--output',
          str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load.run_dm(url, 'postbox', pid, pairs=args.pairs, mode='closed',
                 window=args.window, duration=seconds, warmup=0.5,
                 workers=args.workers, users=users, auth=RECOVER)
-    proc.wait(seconds + 60)
+    proc.wait(seconds + 70)
     total = recovery = send = 0
     for line in folded.read_text().splitlines():
         stack, _, count = line.rpartition(' ')
