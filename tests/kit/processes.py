@@ -117,6 +117,12 @@ class Process:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        elif self.proc.returncode:
+            # Dead before it was told to stop (a crash, the OOM killer):
+            # not to be mistaken for a kill after a stop timeout.
+            self._log.write(f'\n--- {self.name} had exited with '
+                            f'{self.proc.returncode} before its stop\n'
+                            .encode())
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
