@@ -653,3 +653,25 @@ async def test_outbox_connections_resolve_only_to_public_addresses():
         await resolver.resolve('localhost', 80)
     with pytest.raises(OSError):
         await resolver.resolve('127.0.0.1', 80)
+
+
+async def test_logout_everywhere_forgets_push_subscriptions(hooked, receiver):
+    """Signed out everywhere, no device may show the user's messages: the
+    subscriptions go (a plain logout of one token keeps them)."""
+    base = hooked.url
+    user, token = await register(base)
+    await subscribe(base, token, {
+        'kind': 'webpush', 'endpoint': receiver.url + '/wp-signed-out',
+        'keys': Browser().keys()})
+    status, _ = await http(base, 'POST', '/api/logout', token=token, json={})
+    status, listed = await http(base, 'GET', '/api/push/subscriptions', token)
+    assert status == 200 and len(listed['subscriptions']) == 1, listed
+    status, _ = await http(base, 'POST', '/api/logout', token=token,
+                           json={'all': True})
+    assert status == 200
+    status, login = await http(base, 'POST', '/api/login', json={
+        'username': user['username'], 'password': 'correct horse'})
+    assert status == 200, login
+    status, listed = await http(base, 'GET', '/api/push/subscriptions',
+                                login['token'])
+    assert status == 200 and listed['subscriptions'] == [], listed

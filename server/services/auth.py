@@ -11,7 +11,7 @@ import peewee
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
-from models import User
+from models import PushSubscription, User
 from server.errors import (Conflict, Forbidden, Invalid, NotFound,
                            PostboxError, Unauthorized)
 from server.services.context import now_ms
@@ -188,13 +188,18 @@ async def _check_login(ctx, username, password) -> dict:
 
 def _revoke(user_id, password_hash=None):
     """Revoke the tokens of ``user_id`` and of the bots they own (and set
-    a new password hash if given). Returns (revoked user ids, the time of
-    the revocation in ms)."""
+    a new password hash if given), and forget the user's push
+    subscriptions: every device is signed out, so none of them may show
+    the user's messages any more (each subscribes again after its next
+    sign-in). Returns (revoked user ids, the time of the revocation in
+    ms)."""
     at = now_ms()
     changes = {User.tokens_valid_after: at}
     if password_hash is not None:
         changes[User.password_hash] = password_hash
     User.update(changes).where(User.id == user_id).execute()
+    PushSubscription.delete().where(
+        PushSubscription.user == user_id).execute()
     bots = [row[0] for row in User.select(User.id)
             .where(User.owner == user_id).tuples()]
     if bots:
