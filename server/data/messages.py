@@ -90,7 +90,11 @@ def insert_messages(rows) -> dict:
                '"body", "client_msg_id", "reply_to", "created_at", '
                '"deleted", "update_seq") VALUES '
                + ', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * len(chunk)))
-        params = [v for row in chunk for v in (*row, False, row[1])]
+        params = []
+        for row in chunk:  # and "deleted" false, "update_seq" the seq
+            params.extend(row)
+            params.append(False)
+            params.append(row[1])
         ids.update(dialect().insert_returning_keys(
             sql, params, [(row[0], row[1]) for row in chunk]))
     events = [(row[0], row[1], 'message', ids[row[0], row[1]])
