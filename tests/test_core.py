@@ -6,7 +6,8 @@ import time
 import jwt
 import pytest
 
-from tests.kit import connect, http, pair, refused, register, unique_name
+from tests.kit import (connect, dm_across, http, pair, refused, register,
+                       unique_name)
 
 
 
@@ -193,16 +194,8 @@ async def test_message_shape_and_delivery_to_all_sockets(base):
 
 
 async def test_send_to_username_opens_dm(base):
-    alice, ta = await register(base)
-    bob, tb = await register(base)
-    a = await connect(base, ta)
-    b = await connect(base, tb)
-    ack = await a.call('send_dm', {'to': bob['username'], 'body': 'yo',
-                                   'client_msg_id': 'x'})
-    assert ack['ok']
-    room = await b.next('room')  # reaches bob without any join
-    msg = await b.next('message')
-    assert msg['room_id'] == room['id'] == ack['message']['room_id']
+    # The new room and the message reach bob without any join.
+    _, _, a, b, _ = await dm_across(base, base)
     await a.close()
     await b.close()
 

@@ -144,6 +144,7 @@ async def dm_across(url_a, url_b):
     assert room['id'] == ack['message']['room_id']
     got = await b.next('message')
     assert got['body'] == 'hi bob' and got['sender']['id'] == alice['id']
+    assert got['room_id'] == room['id']
     return alice, bob, a, b, room
 
 
