@@ -203,8 +203,12 @@ async def test_webhook_delivery_is_signed(hooked, receiver):
                                                 'client_msg_id': 'b1'})
         assert status == 201
         after = await send(client, room_id, 'after')
-        got = await receiver.wait('/hook-signed', 2)
+        got = await receiver.wait('/hook-signed', 3)
         events = [verify(secret, h, b) for h, b in got]
+        # First the new dm itself (seq 0: before its first message).
+        room = events.pop(0)
+        assert room['type'] == 'room' and room['id'] == f'{room_id}.0'
+        assert room['data']['id'] == room_id and room['data']['kind'] == 'dm'
         assert [e['data']['body'] for e in events] == ['hello bot', 'after']
         first = events[0]
         assert first['type'] == 'message'
@@ -225,14 +229,15 @@ async def test_webhook_retries_in_order(hooked, receiver):
         bodies = [f'm{n}' for n in range(5)]
         for body in bodies:
             await send(client, room_id, body)
-        got = await receiver.wait('/hook-retry', 5)
-        assert [verify(secret, h, b)['data']['body'] for h, b in got] == \
-            bodies
-        # The 5xx answers were for the first message, tried again.
+        got = await receiver.wait('/hook-retry', 6)
+        events = [verify(secret, h, b) for h, b in got]
+        assert events[0]['type'] == 'room'
+        assert [e['data']['body'] for e in events[1:]] == bodies
+        # The 5xx answers were for the first event (the new dm), tried
+        # again; the messages waited behind it, in order.
         tried = receiver.all_to('/hook-retry')
         assert [s for *_, s in tried[:4]] == [500, 503, 502, 200]
-        assert {json.loads(r[2])['data']['body'] for r in tried[:4]} == \
-            {'m0'}
+        assert {json.loads(r[2])['type'] for r in tried[:4]} == {'room'}
     finally:
         await client.close()
 
@@ -258,10 +263,15 @@ async def test_webhook_gets_edits_and_group_changes(hooked, receiver):
         ack = await client.call('remove_member', {
             'room_id': room_id, 'username': bot['username']})
         assert ack['ok'], ack
-        got = await receiver.wait('/hook-group', 4)
+        got = await receiver.wait('/hook-group', 5)
         events = [verify(secret, h, b) for h, b in got]
         assert [e['type'] for e in events] == [
-            'message', 'message_updated', 'room', 'room_left']
+            'room', 'message', 'message_updated', 'room', 'room_left']
+        created = events.pop(0)  # the new group, as the bot was added
+        assert created['data']['id'] == room_id
+        assert created['data']['name'] == 'ops'
+        assert {m['id'] for m in created['data']['members']} == \
+            {user['id'], bot['id']}
         assert events[0]['data']['id'] == message['id']
         assert events[1]['data']['body'] == 'deploy now?'
         assert events[2]['data']['name'] == 'ops-2'
@@ -433,16 +443,17 @@ async def test_pending_webhooks_survive_sigkill(tmp_path, database_env):
         proc.kill()
         receiver = Receiver(down).start()
         proc.start()
-        got = await receiver.wait('/hook-kill', 4)
-        assert [verify(secret, h, b)['data']['body'] for h, b in got] == \
-            bodies
+        got = await receiver.wait('/hook-kill', 5)
+        events = [verify(secret, h, b) for h, b in got]
+        assert events[0]['type'] == 'room'
+        assert [e['data']['body'] for e in events[1:]] == bodies
         # Once each: nothing more comes after a few more dispatch rounds.
         marker_client, _, _, marker_secret, marker_room = \
             await user_and_bot_room(proc.url, receiver, '/hook-marker')
         await send(marker_client, marker_room, 'marker')
-        await receiver.wait('/hook-marker', 1)
+        await receiver.wait('/hook-marker', 2)
         await marker_client.close()
-        assert len(receiver.all_to('/hook-kill')) == 4
+        assert len(receiver.all_to('/hook-kill')) == 5
     finally:
         if receiver is not None:
             receiver.stop()

@@ -7,6 +7,7 @@ import peewee
 from models import Block, Membership, Room, User
 from server.data.database import execute, placeholders
 from server.errors import Forbidden, Invalid, NotFound
+from server.services import outbox
 from server.services.auth import check_username
 from server.services.context import now_ms
 from server.services.limits import check_room_quota
@@ -202,6 +203,9 @@ def _open_dm(ctx, user_id, other_id):
                 Membership.insert_many(
                     [{'room': room.id, 'user': u, 'joined_at': now}
                      for u in (user_id, other_id)]).execute()
+                # A bot with a webhook hears of the new room (seq 0: no
+                # log event, it comes before the room's first message).
+                outbox.queue_event(ctx, room.id, 0, 'room', actor_id=user_id)
             created = True
         except peewee.IntegrityError:  # another process opened it first
             room = Room.get(Room.dm_key == key)

@@ -29,6 +29,7 @@ from models import Event, Outbox, User, Webhook
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
 from server.services.outbox import bounded
+from server.services.rooms import load_room, room_dict
 from server.services.messages import _room_event as room_event
 from server.services.serialize import fetch_messages, iso, message_dicts
 
@@ -162,6 +163,12 @@ def _load(ctx, rows):
                 data[key] = messages[row.message_id]
         elif row.event == 'room_left':
             data[key] = {'room_id': row.room_id, 'seq': row.seq}
+        elif row.event == 'room' and row.seq == 0:
+            # A new room (no log event): the room as it is now; the log's
+            # later 'room' events say how it changed since.
+            info = load_room(row.room_id)
+            if info is not None:
+                data[key] = room_dict(ctx, info, 0)
         elif row.event == 'room':
             state = (Event.select(Event.data).where(
                 Event.room == row.room_id, Event.seq == row.seq).scalar())
