@@ -83,17 +83,17 @@ def _stop_sessions(recovery, user_id, count):
 
 
 def test_a_user_looping_connects_keeps_only_the_newest_sessions():
-    from server.transport.recovery import SAVED_PER_USER
+    from server.transport.recovery_saved import SAVED_PER_USER
     recovery = Recovery(_Server(), None, Metrics(), 60, 100)
     looping = _stop_sessions(recovery, 1, SAVED_PER_USER + 5)
     other = _stop_sessions(recovery, 2, 1)
-    assert list(recovery.saved) == looping[5:] + other
+    assert list(recovery.frozen.local) == looping[5:] + other
 
 
 def test_a_user_looping_connects_keeps_only_the_newest_sessions_in_redis(
         tmp_path):
     import redis.asyncio as aioredis
-    from server.transport.recovery import SAVED_PER_USER
+    from server.transport.recovery_saved import SAVED_PER_USER
     from tests.redisproc import RedisProcess
 
     class Shared:
@@ -107,7 +107,7 @@ def test_a_user_looping_connects_keeps_only_the_newest_sessions_in_redis(
         async def taken(user_id, pids):
             recovery.shared.redis = aioredis.from_url(proc.url)
             try:
-                return [await recovery._saved(user_id, pid) is not None
+                return [await recovery.frozen.take(user_id, pid) is not None
                         for pid in pids]
             finally:
                 await recovery.shared.redis.aclose()

@@ -40,11 +40,7 @@ else in this process, and on SIGTERM the frozen sessions are written to
 (or Redis unreachable) loses them: the client gets ``recovered: false``
 and syncs, never a gap.
 """
-import collections
-import json
 import logging
-import math
-import os
 import secrets
 import time
 
@@ -53,158 +49,14 @@ from socketio import packet
 
 from server.errors import PostboxError
 from server.services import messages
+from server.transport.recovery_saved import Frozen
+from server.transport.recovery_session import (  # noqa: F401 (re-exported)
+    RECOVERY_FIELDS, TRACKED, Session, event_key, plain_payload)
 
 log = logging.getLogger(__name__)
 
-TRACKED = frozenset(('message', 'message_updated', 'room', 'room_left'))
-# Payload fields that only sockets with a recovery session get (the others
-# see no change): room_left's seq, the departure's, as sync gives it.
-RECOVERY_FIELDS = {'room_left': ('seq',)}
 OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
-SAVED_FILE = 'recovery.json'
-# Frozen sessions kept at once: per user (the devices and tabs of one
-# person that can be away together; a client that loops connects must not
-# grow memory or Redis), and in this process overall (each holds up to
-# recovery_max_events keys). The oldest go first: their clients sync.
-SAVED_PER_USER = 16
-SAVED_MAX = 20000
 _ROOM_PREFIX = 'room:'
-
-
-def plain_payload(event, data):
-    """``data`` as sockets without a recovery session get it."""
-    fields = RECOVERY_FIELDS.get(event)
-    if not fields or not isinstance(data, dict):
-        return data
-    return {k: v for k, v in data.items() if k not in fields}
-
-
-def event_key(event, data):
-    """The log event ``(room_id, seq)`` an emitted event is, or None for
-    one that is not in the log (a new dm's or a new group's ``room``)."""
-    if not isinstance(data, dict):
-        return None
-    try:
-        if event == 'message':
-            return int(data['room_id']), int(data['seq'])
-        if event == 'message_updated':
-            return int(data['room_id']), int(data['update_seq'])
-        if event == 'room':
-            # Only a group change is logged; its room carries the change's
-            # seq as last_seq. A new group (last_seq 0) and dms are not.
-            if data.get('kind') == 'group' and data.get('last_seq'):
-                return int(data['id']), int(data['last_seq'])
-            return None
-        if event == 'room_left' and data.get('seq'):
-            return int(data['room_id']), int(data['seq'])
-    except (KeyError, TypeError, ValueError):
-        pass
-    return None
-
-
-def _fold(marks, extras, key):
-    """Add a received log event to ``marks`` (room -> highest seq with
-    none missing before it) and ``extras`` (room -> received seqs above
-    that). A room first seen here starts just before its first event."""
-    if key is None:
-        return
-    room, seq = key
-    mark = marks.get(room)
-    if mark is None:
-        mark = marks[room] = seq - 1
-    if seq <= mark:
-        return
-    if seq == mark + 1:
-        above = extras.get(room)
-        mark = seq
-        while above and mark + 1 in above:
-            mark += 1
-            above.discard(mark)
-        if above is not None and not above:
-            del extras[room]
-        marks[room] = mark
-    else:
-        extras.setdefault(room, set()).add(seq)
-
-
-class Session:
-    """One recovery session: what was sent to it, by offset."""
-
-    def __init__(self, pid, user_id, base):
-        self.pid = pid
-        self.user_id = user_id
-        self.marks = dict(base)  # folded sends included
-        self.extras = {}
-        self.ring = collections.deque()  # (room, seq) or None, by offset
-        self.sent = collections.Counter()  # the log events in ring
-        self.count = 0  # the last offset given
-        self.joined = ()  # room ids joined (join_room), when frozen
-        self.saved_at = 0.0
-        self.buffer = None  # live events held while recovering
-
-    @property
-    def first(self) -> int:
-        """The offset of the oldest send kept one by one."""
-        return self.count - len(self.ring) + 1
-
-    def record(self, key, keep) -> str:
-        self.count += 1
-        self.ring.append(key)
-        self.sent[key] += 1
-        while len(self.ring) > keep:
-            old = self.ring.popleft()
-            self._forget(old)
-            _fold(self.marks, self.extras, old)
-        return str(self.count)
-
-    def _forget(self, key):
-        left = self.sent[key] - 1
-        if left > 0:
-            self.sent[key] = left
-        else:
-            del self.sent[key]
-
-    def has_sent(self, key) -> bool:
-        """Whether the log event ``key`` is among the sends kept one by
-        one (so the client has it, or gets it again by recovering)."""
-        return key is not None and key in self.sent
-
-    def received(self, offset):
-        """(marks, extras) of what a client that saw ``offset`` has; the
-        sends after it are dropped from the session (never received)."""
-        while self.count > offset:
-            self._forget(self.ring.pop())
-            self.count -= 1
-        marks = dict(self.marks)
-        extras = {r: set(s) for r, s in self.extras.items()}
-        for key in self.ring:
-            # A room new to the session (a new dm, a group the user was
-            # added to) counts from its start, as sync does: its first
-            # event received says nothing of the ones sent before it.
-            if key is not None and key[0] not in marks:
-                marks[key[0]] = 0
-            _fold(marks, extras, key)
-        return marks, extras
-
-    def to_json(self):
-        return {'pid': self.pid, 'user_id': self.user_id,
-                'marks': list(self.marks.items()),
-                'extras': [[r, sorted(s)] for r, s in self.extras.items()],
-                'ring': list(self.ring), 'count': self.count,
-                'joined': list(self.joined), 'saved_at': self.saved_at}
-
-    @classmethod
-    def from_json(cls, data):
-        session = cls(data['pid'], data['user_id'],
-                      {int(r): int(s) for r, s in data['marks']})
-        session.extras = {int(r): set(s) for r, s in data['extras']}
-        session.ring = collections.deque(
-            tuple(k) if k is not None else None for k in data['ring'])
-        session.sent.update(session.ring)
-        session.count = int(data['count'])
-        session.joined = tuple(data['joined'])
-        session.saved_at = float(data['saved_at'])
-        return session
 
 
 class Recovery:
@@ -219,10 +71,17 @@ class Recovery:
         self.window = window_seconds
         self.keep = max_events
         self.live = {}  # sid -> Session
-        self.saved = collections.OrderedDict()  # pid -> frozen Session
-        # With Redis (the RedisManager): frozen sessions are kept there
-        # instead, so that a reconnect to any process recovers.
-        self.shared = None
+        self.frozen = Frozen(window_seconds)  # dropped sockets' sessions
+
+    @property
+    def shared(self):
+        """The Redis fan-out manager frozen sessions are kept in, or None
+        (set by the app when the service has Redis)."""
+        return self.frozen.shared
+
+    @shared.setter
+    def shared(self, manager):
+        self.frozen.shared = manager
 
     @staticmethod
     def opted_in(auth_data) -> bool:
@@ -284,31 +143,6 @@ class Recovery:
         self.metrics.recoveries.labels('fallback', reason).inc()
         log.info('recovery refused: %s', reason)
 
-    def _key(self, user_id, pid=None):
-        # The user is in the key: someone else who learns a pid cannot
-        # take (and so spoil) that user's session. Without a pid: the
-        # list of the user's saved pids, newest first.
-        prefix = getattr(self.shared, 'key_prefix', None) or \
-            self.shared.channel
-        if pid is None:
-            return f'{prefix}:recovery:{user_id}'
-        return f'{prefix}:recovery:{user_id}:{pid}'
-
-    async def _saved(self, user_id, pid):
-        """Take the user's frozen session ``pid`` (it recovers once), or
-        None."""
-        if self.shared is None:
-            session = self.saved.get(pid)
-            if session is None or session.user_id != user_id:
-                return None
-            return self.saved.pop(pid, None)
-        try:
-            raw = await self.shared.redis.getdel(self._key(user_id, pid))
-            return Session.from_json(json.loads(raw)) if raw else None
-        except Exception as exc:  # Redis away: the client syncs instead
-            log.warning('recovery: session not read from redis (%s)', exc)
-            return None
-
     async def _take(self, user_id, auth_data):
         """The frozen session the client names and the offset it saw, or
         (None, reason)."""
@@ -318,7 +152,7 @@ class Recovery:
         self.metrics.recoveries.labels('attempted', '').inc()
         if not isinstance(pid, str) or len(pid) > 64:
             return None, 'unknown_session'
-        session = await self._saved(user_id, pid)
+        session = await self.frozen.take(user_id, pid)
         if session is None or session.user_id != user_id:
             return None, 'unknown_session'
         if time.time() - session.saved_at > self.window:
@@ -505,74 +339,15 @@ class Recovery:
         session.joined = tuple(joined)
         session.buffer = None
         session.saved_at = time.time()
-        if self.shared is not None:
-            try:
-                await self._save_shared(session)
-            except Exception as exc:  # lost: that client syncs instead
-                log.warning('recovery: session not saved to redis (%s)', exc)
-            return
-        self.saved[session.pid] = session
-        self._expire()
-        mine = [pid for pid, s in self.saved.items()
-                if s.user_id == session.user_id]
-        for pid in mine[:-SAVED_PER_USER]:
-            del self.saved[pid]
-        while len(self.saved) > SAVED_MAX:
-            self.saved.popitem(last=False)
-
-    async def _save_shared(self, session):
-        redis, ttl = self.shared.redis, max(1, math.ceil(self.window))
-        user = session.user_id
-        await redis.set(self._key(user, session.pid),
-                        json.dumps(session.to_json()), ex=ttl)
-        count = await redis.lpush(self._key(user), session.pid)
-        await redis.expire(self._key(user), ttl)
-        if count > SAVED_PER_USER:
-            for pid in await redis.rpop(self._key(user),
-                                        count - SAVED_PER_USER) or ():
-                if isinstance(pid, bytes):
-                    pid = pid.decode()
-                await redis.delete(self._key(user, pid))
-
-    def _expire(self):
-        cutoff = time.time() - self.window
-        while self.saved:
-            pid, session = next(iter(self.saved.items()))
-            if session.saved_at >= cutoff:
-                break
-            del self.saved[pid]
+        await self.frozen.put(session)
 
     # -- restarts ----------------------------------------------------
 
     def save(self, directory):
         """Write the frozen sessions (after a drain) to ``directory``."""
-        self._expire()
-        if not self.saved:
-            return
-        path = os.path.join(directory, SAVED_FILE)
-        tmp = path + '.tmp'
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, 'w') as f:
-            json.dump([s.to_json() for s in self.saved.values()], f)
-        os.replace(tmp, path)
-        log.info('recovery: %s sessions saved', len(self.saved))
+        self.frozen.save(directory)
 
     def load(self, directory):
         """Read the sessions a drain saved, once (the file goes)."""
-        path = os.path.join(directory, SAVED_FILE)
-        try:
-            with open(path) as f:
-                items = json.load(f)
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning('recovery: saved sessions unreadable (%s)', exc)
-            return
-        for data in items:
-            try:
-                session = Session.from_json(data)
-            except (KeyError, TypeError, ValueError):
-                continue
-            self.saved[session.pid] = session
-        self._expire()
+        self.frozen.load(directory)
+
