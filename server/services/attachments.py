@@ -7,196 +7,30 @@ runnable ending). The type is sniffed from the bytes (``Sniffer``): what a
 browser or a desktop would run is refused, a type in
 ``config.attachment_types`` keeps its name, anything else is
 application/octet-stream; the client's name and Content-Type are never
-trusted. Only images with a thumbnail are shown inline.
+trusted. Only images with a thumbnail are shown inline. The type rules
+are ``filetypes``, the thumbnails ``images``.
 """
 import asyncio
-import codecs
-import contextlib
 import errno
-import io
 import logging
-import mimetypes
-import re
-import threading
-import unicodedata
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 
-import filetype
 from peewee import fn
-from PIL import Image, UnidentifiedImageError
 
 from models import Attachment, Membership, Message
-from server.errors import (Invalid, NotFound, PostboxError, RateLimited,
-                           TooLarge, UnsupportedType)
-from server.services.context import now_ms
-from server.services.serialize import attachment_dict
 from server.data.database import dialect
+from server.errors import (Invalid, NotFound, PostboxError, RateLimited,
+                           TooLarge)
+from server.services import images
+from server.services.context import now_ms
+from server.services.filetypes import INLINE_TYPES, Sniffer, stored_filename
+from server.services.serialize import attachment_dict
 
 log = logging.getLogger(__name__)
 
-# filetype needs the first 261 bytes; the markup checks look a bit
-# further, as far as a browser's own sniffing does (1445 bytes, WHATWG
-# MIME Sniffing), after any leading whitespace.
-SNIFF_BYTES = 1445
-OCTET_STREAM = 'application/octet-stream'
-# Pictures a browser shows inline (with nosniff and a sandbox CSP) when
-# they have a thumbnail (so their size was checked); every other type is
-# only ever served as a download.
-INLINE_TYPES = frozenset({'image/png', 'image/jpeg', 'image/gif',
-                          'image/webp'})
-PILLOW_FORMATS = ['PNG', 'JPEG', 'GIF', 'WEBP']
-# Starts of text that a browser (or a careless viewer) would treat as a
-# page or a program rather than as plain text.
-ACTIVE_TEXT = (b'<!doctype', b'<html', b'<head', b'<body', b'<script',
-               b'<svg', b'<?xml', b'<iframe', b'<object', b'<embed',
-               b'<meta', b'<style', b'<link', b'#!')
-# Sniffed types that run when opened, whatever they are served as:
-# refused. Other types not in ``attachment_types`` are kept as
-# application/octet-stream.
-RUNNABLE_TYPES = frozenset({
-    'application/x-msdownload', 'application/x-executable',
-    'application/x-shockwave-flash', 'application/x-google-chrome-extension'})
-# File name endings that a browser or a desktop runs (or renders as a
-# page) when the downloaded file is opened. A file whose name ends in one
-# is stored with its type's own ending appended: invoice.html.txt.
-RUNNABLE_EXTENSIONS = frozenset({
-    'html', 'htm', 'xhtml', 'xht', 'shtml', 'mht', 'mhtml', 'svg', 'svgz',
-    'xml', 'xsl', 'xslt', 'js', 'mjs', 'hta', 'htc', 'swf', 'exe', 'com',
-    'bat', 'cmd', 'scr', 'pif', 'msi', 'vbs', 'vbe', 'jse', 'wsf', 'wsh',
-    'ps1', 'lnk', 'reg', 'jar', 'cpl', 'url', 'desktop', 'command'})
-# Sniffed types that are a variant of an allowed one.
-SAME_AS = {'image/apng': 'image/png'}
-# Skipped before looking at how a file starts (a byte order mark too).
-LEADING = b' \t\r\n\f\v\xef\xbb\xbf'
-FILENAME_MAX = 255
-# Endings for stored_filename where mimetypes has none or an odd one.
-TYPE_EXTENSIONS = {'text/plain': '.txt', OCTET_STREAM: '.bin',
-                   'image/jpeg': '.jpg'}
 THUMBNAIL_TYPE = 'image/webp'
-# Decoding images is CPU work: two threads; the memory they take is
-# bounded by _PixelBudget below.
-_images = ThreadPoolExecutor(2, thread_name_prefix='pb-image')
-# Sizes are checked from the header before anything is decoded, so
-# Pillow's warning about big images (logged once per process) says
-# nothing; its DecompressionBombError stays as a second guard.
-warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 # Rows removed per cleanup transaction, so one run never holds the writer
 # for long.
 CLEANUP_BATCH = 500
-
-
-def clean_filename(name) -> str:
-    """A display name: the last path component, no control characters,
-    at most 255 characters. Never used as a path."""
-    if not isinstance(name, str):
-        name = ''
-    name = unicodedata.normalize('NFC', name)
-    name = re.split(r'[/\\]', name)[-1]
-    name = ''.join(c for c in name
-                   if unicodedata.category(c)[0] != 'C').strip()
-    # Windows drops trailing dots and spaces: "a.html. " opens as a.html.
-    name = name.rstrip('. ')
-    if not name:
-        name = 'file'
-    return name[:FILENAME_MAX]
-
-
-def stored_filename(name: str, mime: str) -> str:
-    """``name`` (cleaned) as it is kept and offered for download: a name
-    ending in a runnable extension gets the ending of the file's real type
-    appended (``invoice.html`` holding text becomes ``invoice.html.txt``,
-    unknown bytes ``.bin``), so opening the download never runs it."""
-    name = clean_filename(name)
-    if name.rsplit('.', 1)[-1].lower() in RUNNABLE_EXTENSIONS and \
-            '.' in name:
-        ending = TYPE_EXTENSIONS.get(mime) or \
-            mimetypes.guess_extension(mime) or '.bin'
-        name = name[:FILENAME_MAX - len(ending)] + ending
-    return name
-
-
-def refuse_markup(start: bytes, head: bytes):
-    """Raise UnsupportedType if a file without magic bytes is a page, an
-    image a browser would render (SVG, XML) or a script: ``start`` is its
-    beginning after leading whitespace, ``head`` its first bytes."""
-    start = start.lstrip(b'\xef\xbb\xbf').lstrip().lower()
-    if start.startswith(b'#!'):
-        raise UnsupportedType('scripts are not allowed')
-    if start.startswith(ACTIVE_TEXT) or (b'\x00' not in head and any(
-            marker in head.lower() for marker in ACTIVE_TEXT[:9])):
-        raise UnsupportedType('HTML, SVG and XML documents are not allowed')
-
-
-class Sniffer:
-    """The type of an upload, from its bytes as they stream (``feed``),
-    final at ``result()``. Keeps at most twice ``SNIFF_BYTES``.
-
-    - Magic bytes (``filetype``): executables are refused; a type in
-      ``allowed`` keeps its name, any other is application/octet-stream.
-    - No magic bytes: a page, SVG, XML or script is refused (by how it
-      starts, after any whitespace); valid UTF-8 without NUL bytes is
-      text/plain; anything else is application/octet-stream.
-    Raises UnsupportedType as soon as the bytes seen decide a refusal."""
-
-    def __init__(self, allowed):
-        self.allowed = allowed
-        self.head = bytearray()    # the first SNIFF_BYTES
-        self.start = bytearray()   # the first SNIFF_BYTES after whitespace
-        self.magic = None          # the type from magic bytes, or ''
-        self.checked = False       # markup checked
-        self.text = codecs.getincrementaldecoder('utf-8')()
-        self.is_text = True
-
-    def feed(self, chunk: bytes):
-        if len(self.head) < SNIFF_BYTES:
-            self.head += chunk[:SNIFF_BYTES - len(self.head)]
-        if len(self.start) < SNIFF_BYTES:
-            lead = chunk if self.start else chunk.lstrip(LEADING)
-            self.start += lead[:SNIFF_BYTES - len(self.start)]
-        if self.magic is None and len(self.head) >= SNIFF_BYTES:
-            self._magic()
-        if self.magic == '' and not self.checked and \
-                len(self.start) >= SNIFF_BYTES:
-            self._markup()
-        if self.is_text and not self.magic:
-            try:
-                self.text.decode(chunk)
-            except UnicodeDecodeError:
-                self.is_text = False
-            if b'\x00' in chunk:
-                self.is_text = False
-
-    def _magic(self):
-        kind = filetype.guess(bytes(self.head))
-        if kind is None:
-            self.magic = ''
-            return
-        mime = SAME_AS.get(kind.mime, kind.mime)
-        if mime in RUNNABLE_TYPES:
-            raise UnsupportedType(f'executables are not allowed ({mime})')
-        self.magic = mime if mime in self.allowed else OCTET_STREAM
-
-    def _markup(self):
-        self.checked = True
-        refuse_markup(bytes(self.start), bytes(self.head))
-
-    def result(self) -> str:
-        """The type, once every byte was fed. Raises UnsupportedType."""
-        if self.magic is None:
-            self._magic()
-        if self.magic:
-            return self.magic
-        if not self.checked:
-            self._markup()
-        if self.is_text:
-            try:
-                self.text.decode(b'', True)
-            except UnicodeDecodeError:
-                self.is_text = False
-        if self.is_text and 'text/plain' in self.allowed:
-            return 'text/plain'
-        return OCTET_STREAM
 
 
 class DiskFull(PostboxError):
@@ -286,8 +120,8 @@ async def upload(ctx, user_id, filename, chunks, declared=0) -> dict:
             width = height = None
             if mime in INLINE_TYPES:
                 await _storing(writer.flush())
-                width, height, thumbnail = await _run_image(
-                    _thumbnail, writer.local_path,
+                width, height, thumbnail = await images.run_image(
+                    images.thumbnail, writer.local_path,
                     config.attachment_thumbnail_px,
                     config.attachment_thumbnail_max_pixels)
                 if thumbnail is not None:
@@ -348,82 +182,6 @@ def held_uploads(user_id):
             .where(Attachment.uploader == user_id,
                    Message.room.in_(alone)).tuples().get())
     return unsent[0] + kept[0], int(unsent[1]) + int(kept[1])
-
-
-async def _run_image(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(
-        _images, fn, *args)
-
-
-class _PixelBudget:
-    """Pixels being decoded at once in this process: at most ``limit``,
-    or one image of any allowed size. A decoded pixel takes up to 4 bytes,
-    so the memory thumbnails take stays under 4 x the pixel limit however
-    many images arrive together."""
-
-    def __init__(self):
-        self._free = threading.Condition()
-        self.in_use = 0
-
-    @contextlib.contextmanager
-    def take(self, pixels, limit):
-        with self._free:
-            self._free.wait_for(
-                lambda: not self.in_use or self.in_use + pixels <= limit)
-            self.in_use += pixels
-        try:
-            yield
-        finally:
-            with self._free:
-                self.in_use -= pixels
-                self._free.notify_all()
-
-
-_decoding = _PixelBudget()
-# EXIF orientations that swap width and height, and how to undo each.
-TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-             8: Image.Transpose.ROTATE_90}
-
-
-def _thumbnail(path, box, max_pixels):
-    """(width, height, thumbnail bytes or None) of the image at ``path``.
-    Runs in a thread: decoding is CPU work. The size comes from the
-    header; an image of more than ``max_pixels`` is never decoded and gets
-    no thumbnail (it is then only served as a download). Raises
-    UnsupportedType when the file is not a readable image after all."""
-    try:
-        with Image.open(path, formats=PILLOW_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                return width, height, None
-            # Only EXIF already read with the header: PNG's getexif()
-            # would decode the whole image to look after it.
-            orientation = image.getexif().get(0x0112) \
-                if 'exif' in image.info else None
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            image.draft('RGB', (box, box))  # JPEG: decode at a fraction
-            with _decoding.take(image.size[0] * image.size[1], max_pixels):
-                image.thumbnail((box, box))
-            if orientation in TRANSPOSE:
-                image = image.transpose(TRANSPOSE[orientation])
-            if image.mode not in ('RGB', 'RGBA'):
-                image = image.convert(
-                    'RGBA' if 'transparency' in image.info
-                    or image.mode in ('LA', 'PA') else 'RGB')
-            out = io.BytesIO()
-            image.save(out, 'WEBP', quality=80)
-            return width, height, out.getvalue()
-    except Image.DecompressionBombError:
-        # Past Pillow's own limit (which it checks in the header): kept
-        # as a download without a thumbnail, like any other huge image.
-        return None, None, None
-    except (UnidentifiedImageError, OSError, ValueError,
-            SyntaxError) as exc:
-        log.info('refused an image that does not decode: %s', exc)
-        raise UnsupportedType('the image could not be read') from None
 
 
 def _insert(user_id, filename, mime, size, key, width, height,
