@@ -19,7 +19,7 @@ class _Server:
     def __init__(self):
         self.sent = []
 
-    async def _send_eio_packet(self, eio_sid, pkt):
+    async def send_eio_packet(self, eio_sid, pkt):
         assert pkt.packet_type == eio_packet.MESSAGE
         decoded = packet.Packet(encoded_packet=pkt.data)
         self.sent.append(decoded.data)

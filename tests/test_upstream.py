@@ -11,6 +11,7 @@ server is started.
 """
 import ast
 import configparser
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -55,18 +56,20 @@ def resolve(dotted: str):
     raise LookupError(dotted)
 
 
+@functools.cache
+def _class_source(klass) -> str:
+    try:
+        return inspect.getsource(klass)
+    except (OSError, TypeError):
+        return ''
+
+
 def _sets_on_self(cls, name: str) -> bool:
     """Whether the code of ``cls`` or a base of it assigns ``self.name``
     (an instance attribute, which a class has no attribute for)."""
     pattern = re.compile(r'\bself\.' + re.escape(name) + r'\s*(=|:)')
     for klass in cls.__mro__:
-        if klass is object:
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        if pattern.search(source):
+        if klass is not object and pattern.search(_class_source(klass)):
             return True
     return False
 
@@ -92,10 +95,10 @@ def _private(name: str) -> bool:
     return name.startswith('_') and not name.startswith('__')
 
 
-def source_names(module):
-    """(private names the module's code uses or defines as methods,
-    private names the module itself defines)."""
-    tree = ast.parse(inspect.getsource(module))
+def source_names(source: str):
+    """(private names the code uses or defines as methods, private names
+    it defines itself)."""
+    tree = ast.parse(source)
     used, own = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
@@ -136,7 +139,8 @@ def upstream_classes(module):
 
 
 def test_the_package_has_modules():
-    assert 'socketio_packet' in MODULES
+    assert {'engineio_server', 'engineio_socket', 'socketio_server',
+            'socketio_manager', 'socketio_packet'} <= set(MODULES)
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -165,22 +169,48 @@ def test_declared_private_names_exist_upstream(name):
         f'does not have: {missing}')
 
 
-@pytest.mark.parametrize('name', MODULES)
-def test_no_undeclared_private_name(name):
-    """A private name in the module's source is declared, or its own (and
-    then not an upstream one it overrides without saying so)."""
-    module = _module(name)
-    used, own = source_names(module)
-    names = {attr for _, attr in declared(module)}
-    classes = upstream_classes(module)
+def undeclared(source: str, names, classes) -> list:
+    """What in ``source`` breaks the rule: a private name used is declared
+    (in ``names``), or defined in the source and not one of ``classes``
+    (an upstream name overridden without saying so)."""
+    used, own = source_names(source)
     problems = []
-    for attr in sorted(used - names):
+    for attr in sorted(used - set(names)):
         owners = [c.__qualname__ for c in classes if upstream_has(c, attr)]
         if owners:
             problems.append(f'{attr} (upstream {owners[0]}) undeclared')
         elif attr not in own:
             problems.append(f'{attr} neither declared nor defined here')
+    return problems
+
+
+@pytest.mark.parametrize('name', MODULES)
+def test_no_undeclared_private_name(name):
+    """A private name in the module's source is declared, or its own (and
+    then not an upstream one it overrides without saying so)."""
+    module = _module(name)
+    problems = undeclared(inspect.getsource(module),
+                          [attr for _, attr in declared(module)],
+                          upstream_classes(module))
     assert not problems, f'server/upstream/{name}.py: {problems}'
+
+
+def test_the_scan_finds_undeclared_names():
+    """The scan itself: an override, a call and a read of upstream private
+    names, and a private name from nowhere, are each caught."""
+    import engineio
+    source = '''
+class Engine(engineio.AsyncServer):
+    _mine = 1
+
+    async def _handle_connect(self, environ, transport):
+        self._trigger_event('connect')
+        return self._async, self._mine, self._gone
+'''
+    assert undeclared(source, ['_trigger_event'], [engineio.AsyncServer]) == [
+        '_async (upstream AsyncServer) undeclared',
+        '_gone neither declared nor defined here',
+        '_handle_connect (upstream AsyncServer) undeclared']
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -220,3 +250,56 @@ def test_installed_version_is_within_the_pin(project):
     installed = importlib.metadata.version(project)
     assert specifier.contains(installed), (
         f'{project} {installed} is installed; setup.cfg pins {specifier}')
+
+
+def _upstream_privates():
+    """Private names of the upstream classes the package overrides."""
+    names = set()
+    for name in MODULES:
+        for cls in upstream_classes(_module(name)):
+            for klass in cls.__mro__:
+                if klass is object:
+                    continue
+                names.update(n for n in vars(klass) if _private(n))
+                names.update(n for n in re.findall(
+                    r'\bself\.(_\w+)\s*[=:]', _class_source(klass))
+                    if _private(n))
+    return names
+
+
+def _subclasses_upstream(tree) -> list:
+    """Classes in ``tree`` with a python-engineio / python-socketio base."""
+    upstream = {alias.asname or alias.name
+                for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or '').split('.')[0] in ('engineio',
+                                                           'socketio')
+                for alias in node.names}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                text = ast.unparse(base)
+                if text.split('.')[0] in upstream | {'engineio', 'socketio'}:
+                    found.append(f'{node.name}({text})')
+    return found
+
+
+def test_nothing_outside_the_package_reaches_upstream_internals():
+    """Outside server/upstream/, no module subclasses a python-engineio or
+    python-socketio class or uses a private name of the upstream classes
+    the package overrides (a name of its own excepted)."""
+    privates = _upstream_privates()
+    problems = []
+    for path in sorted((ROOT / 'server').rglob('*.py')):
+        if 'upstream' in path.relative_to(ROOT / 'server').parts:
+            continue
+        source = path.read_text()
+        used, own = source_names(source)
+        where = path.relative_to(ROOT)
+        problems += [f'{where}: {attr}' for attr in sorted(
+            (used & privates) - own)]
+        problems += [f'{where}: subclasses {cls}'
+                     for cls in _subclasses_upstream(ast.parse(source))]
+    assert not problems, (
+        'upstream internals used outside server/upstream/: '
+        f'{problems}')

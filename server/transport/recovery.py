@@ -105,7 +105,7 @@ class Recovery:
             key = event_key(event, data)
         offset = session.record(key, self.keep)
         try:
-            await self.server._send_eio_packet(
+            await self.server.send_eio_packet(
                 eio_sid, self._encode(event, [data, offset]))
         except Exception:  # that socket is closing
             log.debug('send to %s failed', sid, exc_info=True)
@@ -236,8 +236,8 @@ class Recovery:
 
     async def _raw(self, eio_sid, event, args):
         try:
-            await self.server._send_eio_packet(eio_sid,
-                                               self._encode(event, args))
+            await self.server.send_eio_packet(eio_sid,
+                                              self._encode(event, args))
         except Exception:
             log.debug('send to %s failed', eio_sid, exc_info=True)
 
