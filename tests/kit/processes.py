@@ -95,9 +95,8 @@ class Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log = self.read_log()
-                self.stop()
-                raise RuntimeError(f'{self.name} exited: {log}')
+                # Left as it is: stop() returns the exit code.
+                raise RuntimeError(f'{self.name} exited: {self.read_log()}')
             if self.ready():
                 return self
             time.sleep(0.05)
