@@ -29,7 +29,9 @@ import base64
 import collections
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -242,7 +244,43 @@ def run_online(servers, receiver, args):
     ratios = [a['cpu_us_per_msg'] / b['cpu_us_per_msg']
               for a, b in zip(runs['push on'], runs['push off'])]
     return {'runs': runs, 'ratios': ratios,
-            'pushes': sum(receiver.arrivals.values())}
+            'pushes': sum(receiver.arrivals.values()),
+            'users': users['push on']}
+
+
+OUTBOX_FRAME = 'queue_messages ('  # the outbox's part of a send
+
+
+def run_profile(server, users, args, workdir):
+    """py-spy of the "push on" server during a closed-loop run: the share
+    of its CPU samples in the outbox's write path (a measure that does not
+    move with the machine's load as CPU per message does). None without
+    py-spy."""
+    spy = shutil.which('py-spy')
+    if not spy:
+        log('profile: py-spy not installed (pip install py-spy)')
+        return None
+    folded = Path(workdir) / 'push-profile.txt'
+    seconds = max(5, int(args.duration))
+    # From before the load's workers start (a few seconds) to its end.
+    proc = subprocess.Popen(
+        [spy, 'record', '--pid', str(server.pid), '--duration',
+         str(seconds + 10), '--rate', '200', '--format', 'raw',
+         '--nonblocking', '--output', str(folded)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load.run_dm(server.url, 'postbox', server.pid, pairs=args.pairs,
+                mode='closed', window=args.window, duration=seconds,
+                warmup=0.5, workers=args.workers, users=users)
+    proc.wait(seconds + 70)
+    total = outbox = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(' ')
+        total += int(count)
+        if OUTBOX_FRAME in stack:
+            outbox += int(count)
+    log(f'profile: {total} samples, the outbox write path '
+        f'{outbox / total:.2%} of them')
+    return {'samples': total, 'outbox_share': outbox / total}
 
 
 def scenario(args, results, workdir):
@@ -260,6 +298,8 @@ def scenario(args, results, workdir):
             Server('postbox', workdir, args.pin, env) as off:
         out['online'] = run_online({'push on': on, 'push off': off},
                                    receiver, args)
+        out['profile'] = run_profile(on, out['online'].pop('users'), args,
+                                     workdir)
     if not getattr(args, 'no_report', False):
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / 'push.md').write_text(report(out, args,
@@ -325,6 +365,15 @@ def report(res, args, note=''):
               + f'; median {_med(ratios):.3f}. Target at most 1.05: '
               f'{"met" if _med(ratios) <= 1.05 else "missed"}. Pushes sent '
               f'meanwhile: {online["pushes"]} (everyone was connected).', '']
+    prof = res.get('profile')
+    if prof:
+        lines += [
+            f'py-spy of the "push on" server during one more run '
+            f'({prof["samples"]:,} samples): the outbox\'s write path '
+            f'(`queue_messages`: the listener look-ups of each write batch) '
+            f'is {prof["outbox_share"]:.2%} of its CPU samples, the extra CPU '
+            f'per message push costs by this measure (target 5%: '
+            f'{"met" if prof["outbox_share"] <= 0.05 else "missed"}).', '']
     return '\n'.join(lines)
 
 
