@@ -21,7 +21,9 @@ nobody is offline.
   connected members) and nobody with one (push off). Server CPU per
   delivered message.
 
-Writes ``bench/results/push.md`` (unless ``--no-report``).
+Writes ``bench/results/push.md`` (unless ``--no-report``). A little over
+400 lines: the receiver, both parts, the profile and their report share
+one results dict.
 """
 import argparse
 import asyncio
@@ -29,9 +31,7 @@ import base64
 import collections
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +48,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import load  # noqa: E402
-from recovery import describe_load, load_mode  # noqa: E402
+from recovery import describe_load, load_mode, profiled_dm  # noqa: E402
 from run import Server, free_port, log  # noqa: E402
 
 RESULTS = BENCH / 'results'
@@ -256,28 +256,11 @@ def run_profile(server, users, args, workdir):
     of its CPU samples in the outbox's write path (a measure that does not
     move with the machine's load as CPU per message does). None without
     py-spy."""
-    spy = shutil.which('py-spy')
-    if not spy:
-        log('profile: py-spy not installed (pip install py-spy)')
+    stacks = profiled_dm(server.url, server.pid, args, workdir, users)
+    if stacks is None:
         return None
-    folded = Path(workdir) / 'push-profile.txt'
-    seconds = max(5, int(args.duration))
-    # From before the load's workers start (a few seconds) to its end.
-    proc = subprocess.Popen(
-        [spy, 'record', '--pid', str(server.pid), '--duration',
-         str(seconds + 10), '--rate', '200', '--format', 'raw',
-         '--nonblocking', '--output', str(folded)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    load.run_dm(server.url, 'postbox', server.pid, pairs=args.pairs,
-                mode='closed', window=args.window, duration=seconds,
-                warmup=0.5, workers=args.workers, users=users)
-    proc.wait(seconds + 70)
-    total = outbox = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count = line.rpartition(' ')
-        total += int(count)
-        if OUTBOX_FRAME in stack:
-            outbox += int(count)
+    total = sum(count for _, count in stacks)
+    outbox = sum(count for stack, count in stacks if OUTBOX_FRAME in stack)
     log(f'profile: {total} samples, the outbox write path '
         f'{outbox / total:.2%} of them')
     return {'samples': total, 'outbox_share': outbox / total}

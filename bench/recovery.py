@@ -252,17 +252,14 @@ RECOVERY_FRAME = 'Recovery.deliver ('
 SEND_FRAME = '_send_eio_packet ('
 
 
-def run_profile(url, pid, args, workdir):
-    """py-spy of the server during a closed-loop run where every socket
-    opted in: the share of the server's CPU samples spent in the recovery
-    path beyond the send itself (a measure that does not move with the
-    machine's load as CPU per message does). None without py-spy."""
+def profiled_dm(url, pid, args, workdir, users, auth=None):
+    """The stacks ``(frames, samples)`` of py-spy's record of the server
+    during a closed-loop dm run of ``users``; None without py-spy."""
     spy = shutil.which('py-spy')
     if not spy:
         log('profile: py-spy not installed (pip install py-spy)')
         return None
-    users = asyncio.run(load.make_users(url, 'postbox', 2 * args.pairs))
-    folded = Path(workdir) / 'recovery-profile.txt'
+    folded = Path(workdir) / f'profile-{pid}.txt'
     seconds = max(5, int(args.duration))
     # From before the load's workers start (a few seconds) to its end:
     # idle time takes no samples.
@@ -272,12 +269,24 @@ def run_profile(url, pid, args, workdir):
          str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load.run_dm(url, 'postbox', pid, pairs=args.pairs, mode='closed',
                 window=args.window, duration=seconds, warmup=0.5,
-                workers=args.workers, users=users, auth=RECOVER)
+                workers=args.workers, users=users, auth=auth)
     proc.wait(seconds + 70)
+    return [(stack, int(count)) for stack, _, count in
+            (line.rpartition(' ') for line in
+             folded.read_text().splitlines())]
+
+
+def run_profile(url, pid, args, workdir):
+    """py-spy of the server during a closed-loop run where every socket
+    opted in: the share of the server's CPU samples spent in the recovery
+    path beyond the send itself (a measure that does not move with the
+    machine's load as CPU per message does). None without py-spy."""
+    users = asyncio.run(load.make_users(url, 'postbox', 2 * args.pairs))
+    stacks = profiled_dm(url, pid, args, workdir, users, RECOVER)
+    if stacks is None:
+        return None
     total = recovery = send = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count = line.rpartition(' ')
-        count = int(count)
+    for stack, count in stacks:
         total += count
         if RECOVERY_FRAME in stack:
             recovery += count
