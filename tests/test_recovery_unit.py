@@ -129,3 +129,26 @@ def test_a_user_looping_connects_keeps_only_the_newest_sessions_in_redis(
             [True] * SAVED_PER_USER
     finally:
         proc.stop()
+
+
+def test_one_emit_to_many_opted_in_sockets_gives_each_its_own_offset():
+    """The payload is encoded once per emit; each socket still gets the
+    whole event with its own offset, and a changed payload is encoded
+    anew."""
+    server, metrics = _Server(), Metrics()
+    recovery = Recovery(server, None, metrics, 60, 100)
+    for sid, count in (('a', 0), ('b', 4)):
+        session = recovery.live[sid] = Session('p' + sid, 1, {7: 9})
+        for seq in range(count):
+            session.record((8, seq + 1), keep=100)
+    data = {'room_id': 7, 'seq': 10, 'body': 'é "quoted" ]'}
+
+    async def run():
+        for sid in ('a', 'b'):
+            await recovery.deliver(sid, 'eio', 'message', data)
+        await recovery.deliver('a', 'eio', 'message',
+                               {**data, 'seq': 11, 'body': 'next'})
+    asyncio.run(run())
+    assert server.sent == [['message', data, '1'], ['message', data, '5'],
+                           ['message', {**data, 'seq': 11, 'body': 'next'},
+                            '2']]

@@ -72,6 +72,7 @@ class Recovery:
         self.keep = max_events
         self.live = {}  # sid -> Session
         self.frozen = Frozen(window_seconds)  # dropped sockets' sessions
+        self._last_encoded = None  # (data, event, packet text but its ']')
 
     @property
     def shared(self):
@@ -98,6 +99,19 @@ class Recovery:
                                        data=[event, *args])
         return eio_packet.Packet(eio_packet.MESSAGE, pkt.encode())
 
+    def _encode_with_offset(self, event, data, offset):
+        """``[event, data, offset]`` as a packet. One emit reaches many
+        sockets with the same ``data``: it is encoded once and each
+        socket's offset (digits only) is put before the closing bracket."""
+        cached = self._last_encoded
+        if cached is None or cached[0] is not data or cached[1] != event:
+            text = self.server.packet_class(
+                packet.EVENT, namespace='/', data=[event, data]).encode()
+            # Holding ``data`` keeps its id from being reused.
+            cached = self._last_encoded = (data, event, text[:-1])
+        return eio_packet.Packet(eio_packet.MESSAGE,
+                                 f'{cached[2]},"{offset}"]')
+
     async def _send(self, sid, eio_sid, session, event, data, key=False):
         """Send with the next offset, recorded as the log event ``key``
         (by default worked out from the payload)."""
@@ -106,7 +120,7 @@ class Recovery:
         offset = session.record(key, self.keep)
         try:
             await self.server.send_eio_packet(
-                eio_sid, self._encode(event, [data, offset]))
+                eio_sid, self._encode_with_offset(event, data, offset))
         except Exception:  # that socket is closing
             log.debug('send to %s failed', sid, exc_info=True)
 
