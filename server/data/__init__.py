@@ -11,13 +11,13 @@ reader thread), the way Synapse keeps its SQL in ``storage/``.
   reactions, history, read markers and catch-up.
 - ``groups``: creating a group, locking it for a change, its memberships
   and the 'room' events and departures of its changes.
-- ``rooms``: the inbox's set-based queries.
+- ``rooms``: the room cache's loads, dms, blocks, read markers, and the
+  inbox's set-based queries.
 - ``outbox``: who listens to a room, outbox rows, the dispatcher's claim.
 
 Still outside it: the reads of ``server.services.serialize`` (rows to
 dicts), the search index (``models.search``, per dialect), and the SQL
-of the rooms (dms, blocks, the room cache), attachments, auth, presence,
-push and webhook services.
+of the attachments, auth, presence, push and webhook services.
 
 Functions here take and return plain values (ids, tuples, dicts); the
 rules (who may do what, what is refused) stay in ``server.services``.

@@ -1,8 +1,107 @@
-"""The SQL of the inbox: a user's rooms in activity order, their last
+"""The SQL of rooms: the rows the room cache loads, dms and blocks,
+read markers and contacts (the rules are ``server.services.rooms``), and
+the inbox's queries: a user's rooms in activity order, their last
 messages and unread counts, each one set-based query whatever the number
-of rooms."""
+of rooms (``server.services.inbox``)."""
+import peewee
+
+from models import Block, Membership, Room, User
 from server.data.database import execute, placeholders
 from server.services.serialize import MESSAGE_COLUMNS, MessageRow
+
+
+# -- rooms, dms and blocks ---------------------------------------------------
+
+def room_rows(room_ids) -> list:
+    """(id, kind, name, created_at, owner_id) of those of ``room_ids`` that
+    exist. Plain rows: Peewee's model objects cost ten times the query."""
+    return execute('SELECT "id", "kind", "name", "created_at", "owner_id" '
+                   f'FROM "room" WHERE "id" IN ({placeholders(room_ids)})',
+                   list(room_ids)).fetchall()
+
+
+def members_of(room_ids) -> dict:
+    """{room id: [member ids, longest-standing first]} of those of
+    ``room_ids`` with members."""
+    members = {}
+    for room_id, user_id in execute(
+            'SELECT "room_id", "user_id" FROM "membership" WHERE '
+            f'"room_id" IN ({placeholders(room_ids)}) ORDER BY "id"',
+            list(room_ids)).fetchall():
+        members.setdefault(room_id, []).append(user_id)
+    return members
+
+
+def last_seq(room_id) -> int:
+    """The room's last seq (0 if it has none or does not exist)."""
+    return Room.select(Room.last_seq).where(Room.id == room_id).scalar() or 0
+
+
+def user_id(username):
+    """The id of ``username``, or None."""
+    return User.select(User.id).where(User.username == username).scalar()
+
+
+def is_blocked(blocker_id, blocked_id) -> bool:
+    return (Block.select().where(Block.blocker == blocker_id,
+                                 Block.blocked == blocked_id).exists())
+
+
+def dm(key):
+    """(id, last_seq) of the dm room with this ``dm_key``, or None."""
+    return (Room.select(Room.id, Room.last_seq).where(Room.dm_key == key)
+            .tuples().first())
+
+
+def create_dm(key, user_ids, created_by, now):
+    """A new dm room of ``user_ids`` in a savepoint of its own: its id, or
+    None if the key is taken (another process opened it first)."""
+    try:
+        with Room._meta.database.atomic():
+            room = Room.create(kind='dm', dm_key=key, created_by=created_by,
+                               created_at=now, last_activity_at=now)
+            Membership.insert_many([{'room': room.id, 'user': u,
+                                     'joined_at': now}
+                                    for u in user_ids]).execute()
+    except peewee.IntegrityError:
+        return None
+    return room.id
+
+
+def read_markers(room_id) -> dict:
+    """{user id: last_read_seq} of every member."""
+    return dict(Membership.select(Membership.user, Membership.last_read_seq)
+                .where(Membership.room == room_id).tuples())
+
+
+def contacts(user_id) -> set:
+    """Ids of the users who share a room with ``user_id`` (itself
+    included)."""
+    mine = Membership.select(Membership.room).where(Membership.user == user_id)
+    return {u for (u,) in Membership.select(Membership.user).distinct()
+            .where(Membership.room.in_(mine)).tuples()}
+
+
+def add_block(blocker_id, blocked_id, now):
+    """Idempotent."""
+    (Block.insert(blocker=blocker_id, blocked=blocked_id, created_at=now)
+     .on_conflict_ignore().execute())
+
+
+def remove_block(blocker_id, blocked_id):
+    Block.delete().where(Block.blocker == blocker_id,
+                         Block.blocked == blocked_id).execute()
+
+
+def blocks_of(user_id) -> list:
+    """(blocked id, created_at) of the user's blocks, newest first."""
+    return list(Block.select(Block.blocked, Block.created_at)
+                .where(Block.blocker == user_id)
+                .order_by(Block.created_at.desc(), Block.id.desc())
+                .tuples())
+
+
+# -- the inbox ---------------------------------------------------------------
 
 
 def inbox_rows(user_id, limit, before) -> list:

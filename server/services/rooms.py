@@ -2,10 +2,7 @@
 cache (groups' life cycle is ``groups``, the inbox ``inbox``)."""
 import dataclasses
 
-import peewee
-
-from models import Block, Membership, Room, User
-from server.data.database import execute, placeholders
+from server.data import rooms as data
 from server.errors import Forbidden, Invalid, NotFound
 from server.services import outbox
 from server.services.auth import check_username
@@ -35,15 +32,20 @@ def dm_key(a: int, b: int) -> str:
     return f'{min(a, b)}:{max(a, b)}'
 
 
+def _infos(room_ids) -> list:
+    """The RoomInfo of those of ``room_ids`` that exist, read from the
+    database."""
+    members = data.members_of(room_ids)
+    return [RoomInfo(room_id, kind, name, created_at,
+                     tuple(members.get(room_id, ())), owner_id)
+            for room_id, kind, name, created_at, owner_id
+            in data.room_rows(room_ids)]
+
+
 def load_room(room_id):
-    room = Room.get_or_none(Room.id == room_id)
-    if room is None:
-        return None
-    members = [m for (m,) in Membership.select(Membership.user)
-               .where(Membership.room == room_id)
-               .order_by(Membership.id).tuples()]
-    return RoomInfo(room.id, room.kind, room.name, room.created_at,
-                    tuple(members), room.owner_id)
+    """The room's RoomInfo read from the database, or None."""
+    infos = _infos([room_id])
+    return infos[0] if infos else None
 
 
 def forget_room(ctx, room_id):
@@ -86,19 +88,10 @@ def room_dict(ctx, info: RoomInfo, last_seq: int) -> dict:
             'last_seq': last_seq, 'created_at': iso(info.created_at)}
 
 
-def _last_seq(room_id):
-    return Room.select(Room.last_seq).where(Room.id == room_id).scalar() or 0
-
-
 async def room_payload(ctx, info: RoomInfo) -> dict:
     """The contract's room object, with its current last_seq."""
-    last_seq = await ctx.store.read(_last_seq, info.id)
+    last_seq = await ctx.store.read(data.last_seq, info.id)
     return await ctx.store.read(room_dict, ctx, info, last_seq)
-
-
-def _find_user(username):
-    return (User.select(User.id).where(User.username == username)
-            .scalar())
 
 
 async def find_user_id(ctx, username) -> int:
@@ -107,16 +100,11 @@ async def find_user_id(ctx, username) -> int:
     username = check_username(username)
     user_id = ctx.user_ids.get(username)
     if user_id is None:
-        user_id = await ctx.store.read(_find_user, username)
+        user_id = await ctx.store.read(data.user_id, username)
         if user_id is None:
             raise NotFound(f'no user {username!r}')
         ctx.user_ids.put(username, user_id)
     return user_id
-
-
-def is_blocked(blocker_id, blocked_id) -> bool:
-    return (Block.select().where(Block.blocker == blocker_id,
-                                 Block.blocked == blocked_id).exists())
 
 
 def dm_blocked(ctx, room_id, user_id) -> bool:
@@ -124,7 +112,7 @@ def dm_blocked(ctx, room_id, user_id) -> bool:
     Runs on a database thread."""
     info = ctx.rooms.get(room_id) or load_room(room_id)
     return (info is not None and info.kind == 'dm' and
-            is_blocked(info.other_member(user_id), user_id))
+            data.is_blocked(info.other_member(user_id), user_id))
 
 
 async def check_not_blocked(ctx, info: RoomInfo, user_id):
@@ -132,12 +120,13 @@ async def check_not_blocked(ctx, info: RoomInfo, user_id):
     ``user_id``: while blocked, nothing of theirs reaches the blocker
     there (messages, reactions, typing). Groups are unaffected."""
     if info.kind == 'dm' and await ctx.store.read(
-            is_blocked, info.other_member(user_id), user_id):
+            data.is_blocked, info.other_member(user_id), user_id):
         raise Forbidden('this user does not accept anything from you')
 
 
 def _find_dm(key):
-    return Room.select(Room.id).where(Room.dm_key == key).scalar()
+    found = data.dm(key)
+    return found and found[0]
 
 
 async def _dm_id(ctx, user_id, other_id):
@@ -182,36 +171,32 @@ async def dm_to(ctx, user_id, username):
 
 
 def _dm_payload(ctx, info, user_id):
-    if is_blocked(info.other_member(user_id), user_id):
+    if data.is_blocked(info.other_member(user_id), user_id):
         raise Forbidden('this user does not accept your messages')
-    return room_dict(ctx, info, _last_seq(info.id))
+    return room_dict(ctx, info, data.last_seq(info.id))
 
 
 def _open_dm(ctx, user_id, other_id):
-    if is_blocked(other_id, user_id):
+    if data.is_blocked(other_id, user_id):
         raise Forbidden('this user does not accept your messages')
     key = dm_key(user_id, other_id)
-    room = Room.get_or_none(Room.dm_key == key)
+    found = data.dm(key)
     created = False
-    if room is None:
+    if found is None:
         check_room_quota(ctx, user_id)
-        now = now_ms()
-        try:
-            with Room._meta.database.atomic():
-                room = Room.create(kind='dm', dm_key=key, created_by=user_id,
-                                   created_at=now, last_activity_at=now)
-                Membership.insert_many(
-                    [{'room': room.id, 'user': u, 'joined_at': now}
-                     for u in (user_id, other_id)]).execute()
-                # A bot with a webhook hears of the new room (seq 0: no
-                # log event, it comes before the room's first message).
-                outbox.queue_event(ctx, room.id, 0, 'room', actor_id=user_id)
-            created = True
-        except peewee.IntegrityError:  # another process opened it first
-            room = Room.get(Room.dm_key == key)
-    info = load_room(room.id)
-    ctx.rooms[room.id] = info
-    return info, room_dict(ctx, info, room.last_seq), created
+        room_id = data.create_dm(key, (user_id, other_id), user_id, now_ms())
+        if room_id is not None:
+            # A bot with a webhook hears of the new room (seq 0: no log
+            # event, it comes before the room's first message). Should
+            # this fail, the writer rolls the operation back, room too.
+            outbox.queue_event(ctx, room_id, 0, 'room', actor_id=user_id)
+            created, found = True, (room_id, 0)
+        else:  # another process opened it first
+            found = data.dm(key)
+    room_id, last_seq = found
+    info = load_room(room_id)
+    ctx.rooms[room_id] = info
+    return info, room_dict(ctx, info, last_seq), created
 
 
 async def open_dm(ctx, user_id, username):
@@ -228,9 +213,7 @@ async def open_dm(ctx, user_id, username):
 
 
 def _read_markers(room_id):
-    return {str(u): s for u, s in Membership.select(
-        Membership.user, Membership.last_read_seq)
-        .where(Membership.room == room_id).tuples()}
+    return {str(u): s for u, s in data.read_markers(room_id).items()}
 
 
 async def read_markers(ctx, room_id) -> dict:
@@ -249,48 +232,29 @@ def room_infos(ctx, room_ids, groups_fresh=False) -> dict:
     missing = [r for r, info in infos.items() if info is None or
                (groups_fresh and info.kind != 'dm')]
     for start in range(0, len(missing), INBOX_CHUNK):
-        chunk = missing[start:start + INBOX_CHUNK]
-        marks = placeholders(chunk)
-        members = {}
-        for room_id, user_id in execute(
-                'SELECT "room_id", "user_id" FROM "membership" WHERE '
-                f'"room_id" IN ({marks}) ORDER BY "id"', chunk).fetchall():
-            members.setdefault(room_id, []).append(user_id)
-        # Plain rows: Peewee's model objects cost ten times the query.
-        for room_id, kind, name, created_at, owner_id in execute(
-                'SELECT "id", "kind", "name", "created_at", "owner_id" '
-                f'FROM "room" WHERE "id" IN ({marks})', chunk).fetchall():
-            info = RoomInfo(room_id, kind, name, created_at,
-                            tuple(members.get(room_id, ())), owner_id)
-            infos[room_id] = info
+        for info in _infos(missing[start:start + INBOX_CHUNK]):
+            infos[info.id] = info
             # Not cached if a group changed since this read began: it may
             # have read the old members (see forget_room).
             if ctx.rooms.epoch == epoch:
-                ctx.rooms[room_id] = info
+                ctx.rooms[info.id] = info
     return infos
 
 
 # Rooms per query when a list of rooms is read by id (the inbox).
 INBOX_CHUNK = 500
-def _rooms_sharing(user_id):
-    mine = Membership.select(Membership.room).where(Membership.user == user_id)
-    return {u for (u,) in Membership.select(Membership.user).distinct()
-            .where(Membership.room.in_(mine)).tuples()}
 
 
 async def contacts(ctx, user_id) -> set:
     """Ids of the users who share a room with ``user_id`` (itself included)."""
-    return await ctx.store.read(_rooms_sharing, user_id)
+    return await ctx.store.read(data.contacts, user_id)
 
 
 def _block(blocker_id, blocked_id, on):
     if on:
-        (Block.insert(blocker=blocker_id, blocked=blocked_id,
-                      created_at=now_ms())
-         .on_conflict_ignore().execute())
+        data.add_block(blocker_id, blocked_id, now_ms())
     else:
-        Block.delete().where(Block.blocker == blocker_id,
-                             Block.blocked == blocked_id).execute()
+        data.remove_block(blocker_id, blocked_id)
 
 
 async def set_block(ctx, user_id, username, on: bool):
@@ -302,10 +266,7 @@ async def set_block(ctx, user_id, username, on: bool):
 
 
 def _blocks_of(ctx, user_id):
-    rows = list(Block.select(Block.blocked, Block.created_at)
-                .where(Block.blocker == user_id)
-                .order_by(Block.created_at.desc(), Block.id.desc())
-                .tuples())
+    rows = data.blocks_of(user_id)
     users = load_users(ctx, [blocked for blocked, _ in rows])
     return [{'user': users[blocked], 'created_at': iso(created_at)}
             for blocked, created_at in rows if blocked in users]
