@@ -7,11 +7,11 @@ import time
 import unicodedata
 
 import jwt
-import peewee
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
-from models import PushSubscription, User
+from server.data import push as push_data
+from server.data import users as user_data
 from server.errors import (Conflict, Forbidden, Invalid, NotFound,
                            PostboxError, Unauthorized)
 from server.services.context import now_ms
@@ -123,15 +123,13 @@ async def _failures_throttled(throttle, keys, check):
 
 def _create_user(username, display_name, password_hash, is_bot=False,
                  owner_id=None):
-    if User.select().where(User.username == username).exists():
+    if user_data.username_taken(username):
         raise Conflict('username is taken')
-    try:
-        return user_dict(User.create(
-            username=username, display_name=display_name,
-            password_hash=password_hash, is_bot=is_bot, owner=owner_id,
-            created_at=now_ms()))
-    except peewee.IntegrityError:  # another process took it just now
-        raise Conflict('username is taken') from None
+    user = user_data.create(username, display_name, password_hash, is_bot,
+                            owner_id, now_ms())
+    if user is None:  # another process took it just now
+        raise Conflict('username is taken')
+    return user_dict(user)
 
 
 async def register(ctx, username, password, display_name=None,
@@ -159,12 +157,6 @@ async def register(ctx, username, password, display_name=None,
     return {'user': user, 'token': issue_token(ctx, user['id'])}
 
 
-def _find_login(username):
-    return (User.select().where(User.username == username,
-                                User.is_bot == False)  # noqa: E712
-            .first())
-
-
 async def login(ctx, username, password, ip=None) -> dict:
     """Check a username and password. Returns ``{user, token}``; raises
     Unauthorized for any mismatch (without saying which part was wrong),
@@ -178,7 +170,7 @@ async def login(ctx, username, password, ip=None) -> dict:
 
 
 async def _check_login(ctx, username, password) -> dict:
-    user = await ctx.store.read(_find_login, username)
+    user = await ctx.store.read(user_data.person, username)
     ok = await _verify(ctx, user.password_hash if user else _DUMMY_HASH,
                        password[:256])
     if not user or not ok:
@@ -194,17 +186,11 @@ def _revoke(user_id, password_hash=None):
     sign-in). Returns (revoked user ids, the time of the revocation in
     ms)."""
     at = now_ms()
-    changes = {User.tokens_valid_after: at}
-    if password_hash is not None:
-        changes[User.password_hash] = password_hash
-    User.update(changes).where(User.id == user_id).execute()
-    PushSubscription.delete().where(
-        PushSubscription.user == user_id).execute()
-    bots = [row[0] for row in User.select(User.id)
-            .where(User.owner == user_id).tuples()]
+    user_data.revoke_tokens([user_id], at, password_hash)
+    push_data.remove_subscriptions_of(user_id)
+    bots = user_data.bots_of(user_id)
     if bots:
-        User.update({User.tokens_valid_after: at}).where(
-            User.id.in_(bots)).execute()
+        user_data.revoke_tokens(bots, at)
     return [user_id] + bots, at
 
 
@@ -224,10 +210,6 @@ async def revoke_tokens(ctx, user_id) -> list:
     return revoked
 
 
-def _password_hash(user_id):
-    return User.select(User.password_hash).where(User.id == user_id).scalar()
-
-
 async def change_password(ctx, user_id, old_password, new_password,
                           ip=None) -> tuple:
     """Set a new password after checking the old one; every token issued
@@ -240,7 +222,7 @@ async def change_password(ctx, user_id, old_password, new_password,
     if not isinstance(old_password, str):
         raise Invalid('old_password must be a string')
     new_password = check_password(new_password)
-    current = await ctx.store.read(_password_hash, user_id)
+    current = await ctx.store.read(user_data.password_hash, user_id)
     if current is None:
         raise Forbidden('this account has no password')
     username = (await get_user(ctx, user_id))['username']
@@ -273,15 +255,9 @@ async def create_bot(ctx, owner_id, username, display_name=None) -> dict:
     return {'user': user, 'token': issue_token(ctx, user['id'])}
 
 
-def _find_bot(username):
-    return (User.select(User.id, User.is_bot, User.owner)
-            .where(User.username == username).first())
-
-
 def _revoke_bot(bot_id):
     at = now_ms()
-    User.update({User.tokens_valid_after: at}).where(
-        User.id == bot_id).execute()
+    user_data.revoke_tokens([bot_id], at)
     return at
 
 
@@ -292,19 +268,15 @@ async def rotate_bot_token(ctx, owner_id, username) -> tuple:
     the bot's live sockets."""
     if not isinstance(username, str):
         raise NotFound('no such bot')
-    bot = await ctx.store.read(_find_bot, username.strip().lower()[:64])
-    if bot is None or not bot.is_bot:
+    bot = await ctx.store.read(user_data.bot_row,
+                               username.strip().lower()[:64])
+    if bot is None or not bot[1]:
         raise NotFound('no such bot')
-    if bot.owner_id != owner_id:
+    bot_id, _, bot_owner = bot
+    if bot_owner != owner_id:
         raise Forbidden('only the owner of a bot can rotate its token')
-    at = await ctx.store.write(_revoke_bot, bot.id)
-    return {'token': await _token_after(ctx, bot.id, at)}, bot.id
-
-
-def _load_auth(user_id):
-    return (User.select(User.id, User.username, User.display_name,
-                        User.is_bot, User.tokens_valid_after)
-            .where(User.id == user_id).first())
+    at = await ctx.store.write(_revoke_bot, bot_id)
+    return {'token': await _token_after(ctx, bot_id, at)}, bot_id
 
 
 @functools.lru_cache(maxsize=4096)
@@ -332,7 +304,7 @@ async def authenticate(ctx, token) -> dict:
         raise Unauthorized('invalid or expired token') from None
     if expires <= time.time():  # as jwt.decode checks it, on every use
         raise Unauthorized('invalid or expired token')
-    user = await ctx.store.read(_load_auth, user_id)
+    user = await ctx.store.read(user_data.auth_row, user_id)
     # Revocation wins a tie: a token from the very millisecond of a logout
     # is refused (the new token of that logout is issued after its commit).
     if user is None or issued_ms <= user.tokens_valid_after:
@@ -342,15 +314,11 @@ async def authenticate(ctx, token) -> dict:
     return data
 
 
-def _get_user(user_id):
-    return User.get_or_none(User.id == user_id)
-
-
 async def get_user(ctx, user_id) -> dict:
     cached = ctx.users.get(user_id)
     if cached is not None:
         return cached
-    user = await ctx.store.read(_get_user, user_id)
+    user = await ctx.store.read(user_data.get, user_id)
     if user is None:
         raise Unauthorized('no such user')
     data = user_dict(user)
