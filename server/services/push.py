@@ -28,9 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid
 from pywebpush import WebPusher
 
-from peewee import fn
-
-from models import Membership, Message, PushSubscription
+from server.data import push as push_data
 from server.errors import Invalid, NotFound, TooLarge
 from server.services import rooms as rooms_service
 from server.services.context import now_ms
@@ -146,19 +144,11 @@ def _subscription_dict(row) -> dict:
 
 def _subscribe(user_id, fields, most):
     now = now_ms()
-    mine = PushSubscription.select().where(PushSubscription.user == user_id)
-    if mine.count() >= most and not mine.where(
-            PushSubscription.endpoint == fields['endpoint']).exists():
+    if push_data.subscription_count(user_id) >= most and \
+            not push_data.has_subscription(user_id, fields['endpoint']):
         raise TooLarge(f'at most {most} push subscriptions per user')
-    (PushSubscription.insert(user=user_id, created_at=now, **fields)
-     .on_conflict(conflict_target=[PushSubscription.user,
-                                   PushSubscription.endpoint],
-                  update={PushSubscription.p256dh: fields['p256dh'],
-                          PushSubscription.auth: fields['auth']})
-     .execute())
-    return _subscription_dict(PushSubscription.get(
-        PushSubscription.user == user_id,
-        PushSubscription.endpoint == fields['endpoint']))
+    row = push_data.save_subscription(user_id, fields, now)
+    return _subscription_dict(row)
 
 
 async def subscribe(ctx, user_id, data) -> dict:
@@ -173,8 +163,7 @@ async def subscribe(ctx, user_id, data) -> dict:
 
 
 def _list(user_id):
-    return [_subscription_dict(s) for s in PushSubscription.select().where(
-        PushSubscription.user == user_id).order_by(PushSubscription.id)]
+    return [_subscription_dict(s) for s in push_data.subscriptions_of(user_id)]
 
 
 async def subscriptions(ctx, user_id) -> list:
@@ -182,19 +171,12 @@ async def subscriptions(ctx, user_id) -> list:
 
 
 def _unsubscribe(user_id, subscription_id):
-    if not PushSubscription.delete().where(
-            PushSubscription.id == subscription_id,
-            PushSubscription.user == user_id).execute():
+    if not push_data.remove_subscription(user_id, subscription_id):
         raise NotFound('no such subscription')
 
 
 async def unsubscribe(ctx, user_id, subscription_id):
     await ctx.store.write(_unsubscribe, user_id, subscription_id)
-
-
-def _mute(user_id, room_id, muted):
-    Membership.update(muted=muted).where(
-        Membership.room == room_id, Membership.user == user_id).execute()
 
 
 async def mute_room(ctx, user_id, room_id, muted):
@@ -203,38 +185,16 @@ async def mute_room(ctx, user_id, room_id, muted):
     if not isinstance(muted, bool):
         raise Invalid('muted must be true or false')
     await rooms_service.member_room(ctx, user_id, room_id)
-    await ctx.store.write(_mute, user_id, room_id, muted)
-
-
-def _remove(subscription_ids):
-    PushSubscription.delete().where(
-        PushSubscription.id.in_(list(subscription_ids))).execute()
+    await ctx.store.write(push_data.set_muted, user_id, room_id, muted)
 
 
 def _load(ctx, rows):
     """The subscriptions, messages (with senders) and unread counts the
     rows need."""
-    subs = {s.id: s for s in PushSubscription.select().where(
-        PushSubscription.id.in_({r.target for r in rows}))}
-    messages = {m.id: m for m in Message.select(
-        Message.id, Message.room, Message.seq, Message.sender, Message.body,
-        Message.deleted).where(Message.id.in_({r.message_id for r in rows}))}
+    subs = push_data.subscriptions(r.target for r in rows)
+    messages = push_data.messages(r.message_id for r in rows)
     senders = load_users(ctx, list({m.sender_id for m in messages.values()}))
-    # Every (member, room) count in one query (a batch is mostly one
-    # room): two queries per row cost ~1 ms of CPU a push, most of it
-    # building the queries.
-    pairs = {(r.user_id, r.room_id) for r in rows}
-    count = Message.select(fn.COUNT(Message.id)).where(
-        Message.room == Membership.room,
-        Message.seq > Membership.last_read_seq,
-        Message.sender != Membership.user,
-        Message.deleted == False)  # noqa: E712
-    unread = {(user_id, room_id): n for user_id, room_id, n in
-              Membership.select(Membership.user, Membership.room,
-                                count.alias('unread')).where(
-                  Membership.room.in_({p[1] for p in pairs}),
-                  Membership.user.in_({p[0] for p in pairs})).tuples()
-              if (user_id, room_id) in pairs}
+    unread = push_data.unread_counts((r.user_id, r.room_id) for r in rows)
     return subs, messages, senders, unread
 
 
@@ -261,7 +221,7 @@ class PushSender:
             gate, calls, 2 * ctx.config.outbox_timeout_seconds)
         results.update((r.id, o) for r, o in zip(owed, outcomes))
         if gone:
-            await ctx.store.write(_remove, gone)
+            await ctx.store.write(push_data.remove_subscriptions, gone)
         return results
 
     async def _online(self, rows) -> tuple:
