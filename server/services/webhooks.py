@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.resolver
 
-from models import Event, Outbox, User, Webhook
+from server.data import users as user_data
+from server.data import webhooks as webhook_data
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
 from server.services.outbox import bounded
@@ -97,32 +98,27 @@ def sign(secret, timestamp, body: bytes) -> str:
 
 
 def _owned_bot(owner_id, username):
-    bot = (User.select(User.id, User.is_bot, User.owner)
-           .where(User.username == username).first())
-    if bot is None or not bot.is_bot:
+    bot = user_data.bot_row(username)
+    if bot is None or not bot[1]:
         raise NotFound('no such bot')
-    if bot.owner_id != owner_id:
+    bot_id, _, bot_owner = bot
+    if bot_owner != owner_id:
         raise Forbidden('only the owner of a bot can set its webhook')
-    return bot.id
+    return bot_id
 
 
 def _set(owner_id, username, url):
     bot_id = _owned_bot(owner_id, username)
     secret = secrets.token_hex(32)
-    (Webhook.insert(bot=bot_id, url=url, secret=secret,
-                    created_at=now_ms())
-     .on_conflict(conflict_target=[Webhook.bot],
-                  update={Webhook.url: url, Webhook.secret: secret})
-     .execute())
+    webhook_data.save(bot_id, url, secret, now_ms())
     return {'url': url, 'secret': secret}
 
 
 def _delete(owner_id, username):
     bot_id = _owned_bot(owner_id, username)
-    Webhook.delete().where(Webhook.bot == bot_id).execute()
+    webhook_data.remove(bot_id)
     # Deliveries still pending for it are dropped with it.
-    Outbox.delete().where(Outbox.kind == 'webhook',
-                          Outbox.target == bot_id).execute()
+    webhook_data.drop_deliveries(bot_id)
 
 
 def _username(value) -> str:
@@ -147,8 +143,7 @@ async def delete_webhook(ctx, owner_id, username):
 def _load(ctx, rows):
     """{bot id: (url, secret)} and {(room id, seq): event data} for rows:
     a message's current state, a room as it was after its change."""
-    hooks = {w.bot_id: (w.url, w.secret) for w in Webhook.select().where(
-        Webhook.bot.in_({r.target for r in rows}))}
+    hooks = webhook_data.hooks(r.target for r in rows)
     ids = list({r.message_id for r in rows if r.message_id is not None})
     messages = {}
     if ids:
@@ -170,8 +165,7 @@ def _load(ctx, rows):
             if info is not None:
                 data[key] = room_dict(ctx, info, 0)
         elif row.event == 'room':
-            state = (Event.select(Event.data).where(
-                Event.room == row.room_id, Event.seq == row.seq).scalar())
+            state = webhook_data.room_state(row.room_id, row.seq)
             if state is not None:
                 data[key] = room_event(ctx, row.room_id, row.seq, state)
     return hooks, data
