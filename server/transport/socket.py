@@ -1,5 +1,7 @@
 """Socket.IO event handlers. Each unpacks its payload, calls one service,
-returns the ack and emits; ``on_event`` is the single error path."""
+returns the ack and emits; ``on_event`` is the single error path, and
+``relay`` registers the handlers that do nothing but pass payload fields to
+their service (docs/protocol.md is the contract of every event)."""
 import functools
 import logging
 import time
@@ -202,41 +204,6 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             await realtime.room(room)
         return {'room': room}
 
-    @on_event('create_group')
-    async def create_group(sid, user, data):
-        room = await groups.create_group(ctx, user['id'], data.get('name'),
-                                         data.get('members'))
-        await realtime.room(room)
-        return {'room': room}
-
-    @on_event('add_members')
-    async def add_members(sid, user, data):
-        change = await groups.add_members(ctx, user['id'], data.get('room_id'),
-                                          data.get('members'))
-        await realtime.group_changed(change)
-        return {'room': change.room}
-
-    @on_event('remove_member')
-    async def remove_member(sid, user, data):
-        change = await groups.remove_member(
-            ctx, user['id'], data.get('room_id'), data.get('username'))
-        await realtime.group_changed(change)
-        return {'room': change.room}
-
-    @on_event('leave_group')
-    async def leave_group(sid, user, data):
-        change = await groups.leave_group(ctx, user['id'],
-                                          data.get('room_id'))
-        await realtime.group_changed(change)
-        return {}
-
-    @on_event('rename_group')
-    async def rename_group(sid, user, data):
-        change = await groups.rename_group(
-            ctx, user['id'], data.get('room_id'), data.get('name'))
-        await realtime.group_changed(change)
-        return {'room': change.room}
-
     @on_event('join_room')
     async def join_room(sid, user, data):
         info = await rooms.member_room(ctx, user['id'], data.get('room_id'))
@@ -284,27 +251,21 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             await realtime.read(room_id, user['id'], marker, info.member_ids)
         return {'unread': unread, 'seq': marker}
 
-    @on_event('mute_room')
-    async def mute_room(sid, user, data):
-        await push.mute_room(ctx, user['id'], data.get('room_id'),
-                             data.get('muted'))
-        return {}
-
-    @on_event('history')
-    async def history(sid, user, data):
-        return await messages.history(
-            ctx, user['id'], data.get('room_id'), before=data.get('before'),
-            after=data.get('after'), limit=data.get('limit'))
-
-    @on_event('rooms')
-    async def rooms_(sid, user, data):
-        return await inbox.inbox(ctx, user['id'], limit=data.get('limit'),
-                                 before=data.get('before'))
-
-    @on_event('sync')
-    async def sync(sid, user, data):
-        known = data.get('rooms', {})
-        return await messages.sync(ctx, user['id'], known)
+    def relay(event, service, *fields, key=None, then=None, **fixed):
+        """Register ``event`` as a handler that only passes the payload's
+        ``fields`` (in the service's order, a missing one as None) and the
+        ``fixed`` keyword arguments to ``service(ctx, user_id, ...)``. The
+        ack holds what it returns, under ``key`` if given, or what
+        ``then(result)`` makes of it (which emits what the change needs).
+        Validation is the service's, as in every handler."""
+        @on_event(event)
+        async def handler(sid, user, data):
+            result = await service(ctx, user['id'],
+                                   *[data.get(name) for name in fields],
+                                   **fixed)
+            if then is not None:
+                return await then(result)
+            return result if key is None else {key: result}
 
     async def updated(result):
         message, changed, member_ids = result
@@ -312,38 +273,44 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             await realtime.message_updated(message, member_ids)
         return {'message': message}
 
-    @on_event('edit_message')
-    async def edit_message(sid, user, data):
-        return await updated(await messages.edit_message(
-            ctx, user['id'], data.get('message_id'), data.get('body')))
+    async def new_room(room):
+        await realtime.room(room)
+        return {'room': room}
 
-    @on_event('delete_message')
-    async def delete_message(sid, user, data):
-        return await updated(await messages.delete_message(
-            ctx, user['id'], data.get('message_id')))
+    async def group_changed(change):
+        await realtime.group_changed(change)
+        return {'room': change.room}
 
-    @on_event('react')
-    async def react(sid, user, data):
-        return await updated(await messages.react(
-            ctx, user['id'], data.get('message_id'), data.get('emoji'),
-            data.get('on')))
+    async def left(change):
+        await realtime.group_changed(change)
+        return {}
 
-    for event, blocked in (('block', True), ('unblock', False)):
-        @on_event(event)
-        async def set_block(sid, user, data, blocked=blocked):
-            await rooms.set_block(ctx, user['id'], data.get('username'),
-                                  blocked)
-            return {}
+    relay('create_group', groups.create_group, 'name', 'members',
+          then=new_room)
+    relay('add_members', groups.add_members, 'room_id', 'members',
+          then=group_changed)
+    relay('remove_member', groups.remove_member, 'room_id', 'username',
+          then=group_changed)
+    relay('leave_group', groups.leave_group, 'room_id', then=left)
+    relay('rename_group', groups.rename_group, 'room_id', 'name',
+          then=group_changed)
+    relay('mute_room', push.mute_room, 'room_id', 'muted')
+    relay('history', messages.history, 'room_id', 'before', 'after', 'limit')
+    relay('rooms', inbox.inbox, 'limit', 'before')
+    relay('edit_message', messages.edit_message, 'message_id', 'body',
+          then=updated)
+    relay('delete_message', messages.delete_message, 'message_id',
+          then=updated)
+    relay('react', messages.react, 'message_id', 'emoji', 'on', then=updated)
+    relay('block', rooms.set_block, 'username', on=True)
+    relay('unblock', rooms.set_block, 'username', on=False)
+    relay('search', search_service.search, 'query', 'room_id', 'before',
+          'limit')
+    relay('presence', presence.query, 'usernames', key='presence')
 
-    @on_event('search')
-    async def search(sid, user, data):
-        return await search_service.search(
-            ctx, user['id'], data.get('query'), room_id=data.get('room_id'),
-            before=data.get('before'), limit=data.get('limit'))
-
-    @on_event('presence')
-    async def presence_(sid, user, data):
-        return {'presence': await presence.query(ctx, user['id'],
-                                                 data.get('usernames'))}
+    @on_event('sync')
+    async def sync(sid, user, data):
+        known = data.get('rooms', {})
+        return await messages.sync(ctx, user['id'], known)
 
     return sockets
