@@ -372,6 +372,12 @@ async def test_sdk_webhook_mode(hooked):
                        json={'body': 'echo: ' + message['body'],
                              'client_msg_id': f'echo-{message["id"]}'})
 
+    rooms = asyncio.Queue()
+
+    @bot.on_room
+    async def on_room(room):
+        rooms.put_nowait(room['id'])
+
     port = free_port()
     app = web.Application()
     secret_box = {}  # the secret comes with the webhook, set below
@@ -391,7 +397,10 @@ async def test_sdk_webhook_mode(hooked):
         ack = await client.call('open_dm', {'username': bot_user['username']})
         room_id = ack['room']['id']
         await send(client, room_id, 'ping')
+        # The new dm first (its event has seq 0), then the message.
+        assert await asyncio.wait_for(rooms.get(), 20) == room_id
         assert await asyncio.wait_for(got.get(), 20) == 'ping'
+        assert room_id in bot.rooms
         echo = await client.next('message', 20,
                                  where=lambda m: m['sender']['id'] ==
                                  bot_user['id'])

@@ -152,3 +152,20 @@ def test_one_emit_to_many_opted_in_sockets_gives_each_its_own_offset():
     assert server.sent == [['message', data, '1'], ['message', data, '5'],
                            ['message', {**data, 'seq': 11, 'body': 'next'},
                             '2']]
+
+
+def test_sessions_taken_or_expired_leave_nothing_behind():
+    """A process that saw many users come and go keeps nothing of those
+    whose sessions were taken back or expired."""
+    recovery = Recovery(_Server(), None, Metrics(), 60, 100)
+    pids = {user: _stop_sessions(recovery, user, 3) for user in (1, 2, 3)}
+
+    async def take_all():
+        for user in (1, 2):
+            for pid in pids[user]:
+                assert await recovery.frozen.take(user, pid) is not None
+    asyncio.run(take_all())
+    for session in recovery.frozen.local.values():
+        session.saved_at -= 61  # user 3's are past the window
+    recovery.frozen._expire()
+    assert not recovery.frozen.local and not recovery.frozen._mine

@@ -63,7 +63,10 @@ class WebhookMixin:
         per room (the bot's own messages are not sent, so seqs skip)."""
         kind, data = event['type'], event['data']
         room_id, seq = (int(v) for v in event['id'].split('.'))
-        if seq <= self.seqs.get(room_id, 0):
+        # A new room's event has seq 0 (it comes before the room's first
+        # event): new once, a retry when the room is known already.
+        if seq <= self.seqs.get(room_id, -1 if seq == 0 else 0) or \
+                (seq == 0 and room_id in self.rooms):
             return  # a retry of one handled already
         self.seqs[room_id] = seq
         if kind == 'room_left':

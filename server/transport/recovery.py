@@ -107,7 +107,12 @@ class Recovery:
         if cached is None or cached[0] is not data or cached[1] != event:
             text = self.server.packet_class(
                 packet.EVENT, namespace='/', data=[event, data]).encode()
-            # Holding ``data`` keeps its id from being reused.
+            if not isinstance(text, str) or not text.endswith(']'):
+                # Not a plain text packet (binary parts): no splicing.
+                return self._encode(event, [data, offset])
+            # Holding ``data`` keeps its id from being reused. An emitted
+            # payload is never changed afterwards (it is shared by every
+            # recipient of the emit already).
             cached = self._last_encoded = (data, event, text[:-1])
         return eio_packet.Packet(eio_packet.MESSAGE,
                                  f'{cached[2]},"{offset}"]')

@@ -30,6 +30,9 @@ class Frozen:
     def __init__(self, window_seconds):
         self.window = window_seconds
         self.local = collections.OrderedDict()  # pid -> Session
+        # user id -> that user's pids in ``local``, oldest first (pids
+        # taken or expired meanwhile are dropped when the list is trimmed).
+        self._mine = {}
         # With Redis (the cluster's fan-out manager: ``redis`` and
         # ``key_prefix``): sessions are kept there instead.
         self.shared = None
@@ -51,7 +54,9 @@ class Frozen:
             session = self.local.get(pid)
             if session is None or session.user_id != user_id:
                 return None
-            return self.local.pop(pid, None)
+            self.local.pop(pid, None)
+            self._forget(user_id)
+            return session
         try:
             raw = await self.shared.redis.getdel(self._key(user_id, pid))
             return Session.from_json(json.loads(raw)) if raw else None
@@ -69,12 +74,25 @@ class Frozen:
             return
         self.local[session.pid] = session
         self._expire()
-        mine = [pid for pid, s in self.local.items()
-                if s.user_id == session.user_id]
-        for pid in mine[:-SAVED_PER_USER]:
-            del self.local[pid]
+        mine = self._mine.setdefault(session.user_id, collections.deque())
+        mine.append(session.pid)
+        if len(mine) > SAVED_PER_USER:
+            # Cost bound by the user's own sessions, never by everyone's:
+            # a burst of disconnects must not stall the event loop.
+            live = [pid for pid in mine if pid in self.local]
+            for pid in live[:-SAVED_PER_USER]:
+                del self.local[pid]
+            mine.clear()
+            mine.extend(live[-SAVED_PER_USER:])
         while len(self.local) > SAVED_MAX:
-            self.local.popitem(last=False)
+            _, old = self.local.popitem(last=False)
+            self._forget(old.user_id)
+
+    def _forget(self, user_id):
+        """Drop the user's entry once none of their pids is kept."""
+        mine = self._mine.get(user_id)
+        if mine is not None and not any(pid in self.local for pid in mine):
+            del self._mine[user_id]
 
     async def _save_shared(self, session):
         redis, ttl = self.shared.redis, max(1, math.ceil(self.window))
@@ -97,6 +115,7 @@ class Frozen:
             if session.saved_at >= cutoff:
                 break
             del self.local[pid]
+            self._forget(session.user_id)
 
     # -- restarts ----------------------------------------------------
 
@@ -131,4 +150,6 @@ class Frozen:
             except (KeyError, TypeError, ValueError):
                 continue
             self.local[session.pid] = session
+            self._mine.setdefault(session.user_id,
+                                  collections.deque()).append(session.pid)
         self._expire()
