@@ -14,6 +14,7 @@ from server.data import push as push_data
 from server.data import users as user_data
 from server.errors import (Conflict, Forbidden, Invalid, NotFound,
                            PostboxError, Unauthorized)
+from server.services.checks import check_text
 from server.services.context import now_ms
 from server.services.serialize import user_dict
 
@@ -34,9 +35,7 @@ def check_username(username) -> str:
 
 
 def check_password(password) -> str:
-    if not isinstance(password, str) or not 8 <= len(password) <= 256:
-        raise Invalid('password: 8 to 256 characters')
-    return password
+    return check_text(password, 'password', 8, 256)
 
 
 # Characters refused in display names: they let a name impersonate
