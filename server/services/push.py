@@ -46,9 +46,12 @@ PUSH_TTL = 86400
 # push service: signing one per push was about a tenth of a push's CPU.
 VAPID_REUSE_SECONDS = 3600
 VAPID_CACHED_ORIGINS = 1000
-PUSHKEY_MAX = 512
 # Most of a push gateway's answer read ({"rejected": [pushkeys]}).
 GATEWAY_ANSWER_MAX = 64 * 1024
+# Longest gateway pushkey and Web Push endpoint URL a subscription may
+# have: real ones are a few hundred characters at most, and each is kept
+# in the subscription's row and sent with every push to it.
+PUSHKEY_MAX = 512
 ENDPOINT_MAX = 2000
 
 
