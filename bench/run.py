@@ -122,8 +122,12 @@ def Redis(workdir):
 
 
 def postbox_has_redis() -> bool:
-    return (ROOT / 'server' / 'cluster').is_dir() and \
-        'redis_url' in (ROOT / 'server' / 'config.py').read_text()
+    # The settings were declared in config.py, now in defaults.yaml.
+    settings = [ROOT / 'server' / name for name in ('config.py',
+                                                   'defaults.yaml')]
+    return (ROOT / 'server' / 'cluster').is_dir() and any(
+        path.exists() and 'redis_url' in path.read_text()
+        for path in settings)
 
 
 # --------------------------------------------------------------------------
