@@ -686,11 +686,19 @@ async def test_logout_everywhere_forgets_push_subscriptions(hooked, receiver):
     status, _ = await http(base, 'POST', '/api/logout', token=token, json={})
     status, listed = await http(base, 'GET', '/api/push/subscriptions', token)
     assert status == 200 and len(listed['subscriptions']) == 1, listed
+    # A password change keeps them: this device goes on with a new token.
+    status, changed = await http(base, 'POST', '/api/password', token=token,
+                                 json={'old_password': 'correct horse',
+                                       'new_password': 'correct horse 2'})
+    assert status == 200, changed
+    token = changed['token']
+    status, listed = await http(base, 'GET', '/api/push/subscriptions', token)
+    assert status == 200 and len(listed['subscriptions']) == 1, listed
     status, _ = await http(base, 'POST', '/api/logout', token=token,
                            json={'all': True})
     assert status == 200
     status, login = await http(base, 'POST', '/api/login', json={
-        'username': user['username'], 'password': 'correct horse'})
+        'username': user['username'], 'password': 'correct horse 2'})
     assert status == 200, login
     status, listed = await http(base, 'GET', '/api/push/subscriptions',
                                 login['token'])

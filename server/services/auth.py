@@ -179,14 +179,17 @@ async def _check_login(ctx, username, password) -> dict:
 
 def _revoke(user_id, password_hash=None):
     """Revoke the tokens of ``user_id`` and of the bots they own (and set
-    a new password hash if given), and forget the user's push
-    subscriptions: every device is signed out, so none of them may show
-    the user's messages any more (each subscribes again after its next
-    sign-in). Returns (revoked user ids, the time of the revocation in
-    ms)."""
+    a new password hash if given). Logging out everywhere (no new
+    password) also forgets the user's push subscriptions: every device is
+    signed out, so none of them may show the user's messages any more
+    (each subscribes again after its next sign-in). A password change
+    keeps them: the device that changed it goes on with a fresh token and
+    would never learn that its pushes stopped. Returns (revoked user ids,
+    the time of the revocation in ms)."""
     at = now_ms()
     user_data.revoke_tokens([user_id], at, password_hash)
-    push_data.remove_subscriptions_of(user_id)
+    if password_hash is None:
+        push_data.remove_subscriptions_of(user_id)
     bots = user_data.bots_of(user_id)
     if bots:
         user_data.revoke_tokens(bots, at)
