@@ -7,7 +7,8 @@ import peewee
 
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.data.database import chunks, dialect, execute, placeholders
-from server.services.serialize import attachment_dict, fetch_messages
+from server.data.rows import fetch_messages
+from server.services.serialize import attachment_dict
 
 
 # -- the batched send --------------------------------------------------------

@@ -7,7 +7,7 @@ import peewee
 
 from models import Block, Membership, Room, User
 from server.data.database import execute, placeholders
-from server.services.serialize import MESSAGE_COLUMNS, MessageRow
+from server.data.rows import MESSAGE_COLUMNS, MessageRow
 
 
 # -- rooms, dms and blocks ---------------------------------------------------

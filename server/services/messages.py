@@ -15,17 +15,16 @@ import dataclasses
 import json
 
 from server.data import messages as data
+from server.data.rows import messages_by_id
 from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import outbox
 from server.services import rooms as rooms_service
-from server.services.checks import check_text
 from server.services.context import now_ms
 from server.services.emoji import check_emoji
 from server.services.sending import SendRequest, store_sends
-from server.services.serialize import (fetch_messages, iso, load_users,
-                                       message_dict, message_dicts,
-                                       placeholders)
+from server.services.serialize import (iso, load_users, message_dict,
+                                       message_dicts)
 
 MAX_INT = 2**63 - 1
 
@@ -56,7 +55,9 @@ def check_body(ctx, body, allow_empty=False) -> str:
 
 
 def check_client_msg_id(value) -> str:
-    return check_text(value, 'client_msg_id', 1, 64)
+    if not isinstance(value, str) or not 1 <= len(value) <= 64:
+        raise Invalid('client_msg_id: a string of 1 to 64 characters')
+    return value
 
 
 def check_int(value, name, minimum=0):
@@ -297,8 +298,8 @@ def _sync(ctx, user_id, known, page):
     has_more = len(events) > page
     events = events[:page]
     ids = list({e[3] for e in events if e[3] is not None})
-    messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
-        f'"id" IN ({placeholders(ids)})', ids))} if ids else {}
+    messages = {m['id']: m for m in message_dicts(
+        ctx, messages_by_id(ids))}
     answer = []
     for room_id, seq, kind, mid, stored in events:
         if kind == 'room':

@@ -13,8 +13,8 @@ from models import search as search_index
 from server.errors import Invalid, PostboxError
 from server.services import rooms as rooms_service
 from server.services.messages import check_int
-from server.services.serialize import (fetch_messages, message_dicts,
-                                       placeholders)
+from server.data.rows import messages_by_id
+from server.services.serialize import message_dicts
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ def _find(ctx, user_id, query, room_id, before, limit):
     ids = ids[:limit]
     if not ids:
         return {'results': [], 'has_more': False}
-    rows = fetch_messages(f'"id" IN ({placeholders(ids)})', ids,
-                          'ORDER BY "id" DESC')
+    rows = messages_by_id(ids, newest_first=True)
     return {'results': message_dicts(ctx, rows), 'has_more': has_more}
 
 

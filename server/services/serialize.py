@@ -1,10 +1,10 @@
 """Turning rows into the contract's objects (plain dicts)."""
 import datetime
 import functools
-from typing import NamedTuple
 
 from models import Message
-from server.data.database import execute, placeholders
+from server.data import rows as row_data
+from server.data import users as user_data
 
 
 @functools.lru_cache(maxsize=4096)  # a batch of new messages shares one ms
@@ -56,20 +56,10 @@ def load_users(ctx, ids):
     # and Peewee's model objects cost ten times the query.
     for start in range(0, len(missing), 500):
         chunk = missing[start:start + 500]
-        for row in execute('SELECT "id", "username", "display_name", '
-                           f'"is_bot" FROM "user" WHERE "id" IN '
-                           f'({placeholders(chunk)})', chunk).fetchall():
-            users[row[0]] = found[row[0]] = user_dict(UserRow(*row))
+        for row in user_data.public_rows(chunk):
+            users[row.id] = found[row.id] = user_dict(row)
     return found if len(found) == len(ids) else \
         {i: found[i] for i in ids if i in found}
-
-
-class UserRow(NamedTuple):
-    """The public columns of a user row (read with plain SQL)."""
-    id: int
-    username: str
-    display_name: str
-    is_bot: bool
 
 
 def attachment_dict(att) -> dict:
@@ -84,45 +74,6 @@ def attachment_dict(att) -> dict:
     return data
 
 
-class MessageRow(NamedTuple):
-    """A message row read with plain SQL (same attributes as the model)."""
-    id: int
-    room_id: int
-    seq: int
-    sender_id: int
-    body: str
-    client_msg_id: str
-    reply_to: int | None
-    created_at: int
-    edited_at: int | None
-    deleted: bool
-    update_seq: int
-
-
-class AttachmentRow(NamedTuple):
-    id: int
-    message_id: int
-    filename: str
-    content_type: str
-    size: int
-    width: int | None
-    height: int | None
-    thumbnail_key: str | None
-
-
-MESSAGE_COLUMNS = ', '.join(f'"{f}"' for f in MessageRow._fields)
-ATTACHMENT_COLUMNS = ', '.join(f'"{f}"' for f in AttachmentRow._fields)
-
-
-def fetch_messages(where: str, params=(), tail: str = '') -> list:
-    """Message rows ``WHERE <where> <tail>`` (plain SQL with ``?``). Paging
-    through history and sync reads hundreds of rows a call: building the
-    query and model objects with Peewee cost more than the query itself."""
-    cursor = execute(f'SELECT {MESSAGE_COLUMNS} FROM "message" '
-                     f'WHERE {where} {tail}', params)
-    return [MessageRow(*row) for row in cursor.fetchall()]
-
-
 def message_dicts(ctx, messages):
     """Serialise messages (model objects or MessageRows) with their
     reactions and attachments, each fetched in one query. Runs on a
@@ -131,19 +82,12 @@ def message_dicts(ctx, messages):
     if not messages:
         return []
     ids = [m.id for m in messages]
-    marks = placeholders(ids)
     reactions = {}
-    for message_id, user_id, emoji in execute(
-            'SELECT "message_id", "user_id", "emoji" FROM "reaction" '
-            f'WHERE "message_id" IN ({marks}) ORDER BY "created_at", "id"',
-            ids).fetchall():
+    for message_id, user_id, emoji in row_data.reactions_of(ids):
         reactions.setdefault(message_id, {}).setdefault(emoji, []).append(
             user_id)
     attachments = {}
-    for row in execute(f'SELECT {ATTACHMENT_COLUMNS} FROM "attachment" '
-                       f'WHERE "message_id" IN ({marks}) ORDER BY "id"',
-                       ids).fetchall():
-        att = AttachmentRow(*row)
+    for att in row_data.attachments_of(ids):
         attachments.setdefault(att.message_id, []).append(
             attachment_dict(att))
     users = load_users(ctx, [m.sender_id for m in messages])

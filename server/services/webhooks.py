@@ -27,12 +27,13 @@ import aiohttp.resolver
 
 from server.data import users as user_data
 from server.data import webhooks as webhook_data
+from server.data.rows import messages_by_id
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
 from server.services.outbox import bounded
 from server.services.rooms import load_room, room_dict
 from server.services.messages import _room_event as room_event
-from server.services.serialize import fetch_messages, iso, message_dicts
+from server.services.serialize import iso, message_dicts
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,8 @@ def _load(ctx, rows):
     """{bot id: (url, secret)} and {(room id, seq): event data} for rows:
     a message's current state, a room as it was after its change."""
     hooks = webhook_data.hooks(r.target for r in rows)
-    ids = list({r.message_id for r in rows if r.message_id is not None})
-    messages = {}
-    if ids:
-        marks = ', '.join('?' * len(ids))
-        messages = {m['id']: m for m in message_dicts(ctx, fetch_messages(
-            f'"id" IN ({marks})', ids))}
+    messages = {m['id']: m for m in message_dicts(ctx, messages_by_id(
+        {r.message_id for r in rows if r.message_id is not None}))}
     data = {}
     for row in rows:
         key = (row.room_id, row.seq)
