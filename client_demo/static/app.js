@@ -1,16 +1,18 @@
-// Postbox demo client, the page's entry module: sign-in, the connection's
+// Postbox demo client, the page's entry module: the session, the connection's
 // events applied to the store and shown, the inbox (paged) and the open
 // conversation. The wire contract is docs/protocol.md. Modules: api.js
 // (HTTP), connection.js (socket, seqs, sync, sends; DOM-free), store.js
 // (state and reducers; DOM-free), page.js (this page's session),
-// composer.js and actions.js (what the user does), push.js (notifications),
-// views/ (rendering), wire.js (the page's event listeners).
+// signin.js (the sign-in form), composer.js and actions.js (what the user
+// does), push.js (notifications), views/ (rendering), wire.js (the page's
+// event listeners).
 import {loadBlocked} from './actions.js';
 import {cancelEdit, cancelReply, clearAllTyping, onTyping, stopTyping, stopTypingIndicator} from './composer.js';
 import {Connection} from './connection.js';
 import {api, call, page, resetUi} from './page.js';
 import {disablePush, listenToWorker, renderPushButton} from './push.js';
 import * as store from './store.js';
+import {setAuthMode} from './signin.js';
 import {$, paintAvatar, showError, userName} from './util.js';
 import {renderInbox, roomTitle} from './views/inbox.js';
 import {renderMessages} from './views/messages.js';
@@ -62,38 +64,6 @@ export async function logout() {
   await disablePush().catch(() => {});
   api('POST', '/api/logout', {}).catch(() => {});
   signOut();
-}
-
-let authMode = 'login';
-
-export function setAuthMode(mode) {
-  authMode = mode;
-  $('tab-login').classList.toggle('active', mode === 'login');
-  $('tab-register').classList.toggle('active', mode === 'register');
-  $('display-name-field').hidden = mode !== 'register';
-  $('auth-submit').textContent = mode === 'login' ? 'Sign in' : 'Create account';
-  $('auth-password').autocomplete = mode === 'login' ? 'current-password' : 'new-password';
-  showError('auth-error', '');
-}
-
-export async function submitAuth(event) {
-  event.preventDefault();
-  const body = {
-    username: $('auth-username').value.trim().toLowerCase(),
-    password: $('auth-password').value,
-  };
-  const display = $('auth-display-name').value.trim();
-  if (authMode === 'register' && display) body.display_name = display;
-  $('auth-submit').disabled = true;
-  try {
-    const data = await api('POST', authMode === 'login' ? '/api/login' : '/api/register', body);
-    signedIn(data.token, data.user);
-  } catch (err) {
-    showError('auth-error', err.status === 401 ? 'Wrong username or password.'
-      : err.status === 409 ? 'That username is taken.' : err.message);
-  } finally {
-    $('auth-submit').disabled = false;
-  }
 }
 
 // Revokes every token of the account: this page and every other session

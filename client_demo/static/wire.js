@@ -1,7 +1,8 @@
 // The page's event listeners: what each control and key does.
 import {addMembers, createGroup, leaveGroup, renameGroup, startDm, toggleBlock, toggleMute} from './actions.js';
-import {closeRoom, loadMoreInbox, loadOlder, logout, markRead, openRoom, setAuthMode,
-  signOutEverywhere, submitAuth} from './app.js';
+import {closeRoom, loadMoreInbox, loadOlder, logout, markRead, openRoom,
+  signOutEverywhere} from './app.js';
+import {setAuthMode, submitAuth} from './signin.js';
 import {addFiles, cancelEdit, cancelReply, editLastOwn, stopTyping, submitComposer,
   typed} from './composer.js';
 import {page} from './page.js';
