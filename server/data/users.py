@@ -7,7 +7,7 @@ from typing import NamedTuple
 import peewee
 
 from models import User
-from server.data.database import execute, placeholders
+from server.data.database import dialect, execute, placeholders
 
 
 def username_taken(username) -> bool:
@@ -23,6 +23,12 @@ def create(username, display_name, password_hash, is_bot, owner_id, now):
                            owner=owner_id, created_at=now)
     except peewee.IntegrityError:
         return None
+
+
+def lock(user_id):
+    """Lock the user's row for the rest of the transaction (a no-op where
+    the writer holds the database's write lock)."""
+    dialect().lock_rows('user', [user_id])
 
 
 def get(user_id):
@@ -82,6 +88,7 @@ class UserRow(NamedTuple):
 def public_rows(user_ids) -> list:
     """The UserRows of those of ``user_ids`` that exist. Plain rows:
     Peewee's model objects cost ten times the query."""
-    return [UserRow(*row) for row in execute('SELECT "id", "username", "display_name", "is_bot" '
-                   f'FROM "user" WHERE "id" IN ({placeholders(user_ids)})',
-                   list(user_ids)).fetchall()]
+    return [UserRow(*row) for row in execute(
+        'SELECT "id", "username", "display_name", "is_bot" FROM "user" '
+        f'WHERE "id" IN ({placeholders(user_ids)})',
+        list(user_ids)).fetchall()]

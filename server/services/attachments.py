@@ -14,10 +14,8 @@ import asyncio
 import errno
 import logging
 
-from peewee import fn
-
-from models import Attachment, Membership, Message
-from server.data.database import dialect
+from server.data import attachments as data
+from server.data import users as user_data
 from server.errors import (Invalid, NotFound, PostboxError, RateLimited,
                            TooLarge)
 from server.services import images
@@ -162,25 +160,13 @@ def held_uploads(user_id):
     """(count, bytes) of the user's uploads that nobody else can read:
     the unsent ones, and those sent only to rooms where the user is the
     only member (sending to such a room does not free the quota)."""
-    unsent = (Attachment.select(fn.COUNT(Attachment.id),
-                                fn.COALESCE(fn.SUM(Attachment.size), 0))
-              .where(Attachment.uploader == user_id,
-                     Attachment.message.is_null()).tuples().get())
-    others = Membership.alias()
+    unsent = data.unsent_totals(user_id)
     # Rooms first (at most rooms_per_user_max, usually none of them
     # alone), so the common case reads no sent attachment at all.
-    alone = [room for (room,) in Membership.select(Membership.room).where(
-        Membership.user == user_id,
-        ~fn.EXISTS(others.select(others.id).where(
-            others.room == Membership.room,
-            others.user != user_id))).tuples()]
+    alone = data.rooms_alone(user_id)
     if not alone:
         return unsent[0], int(unsent[1])
-    kept = (Attachment.select(fn.COUNT(Attachment.id),
-                              fn.COALESCE(fn.SUM(Attachment.size), 0))
-            .join(Message, on=(Attachment.message == Message.id))
-            .where(Attachment.uploader == user_id,
-                   Message.room.in_(alone)).tuples().get())
+    kept = data.sent_totals(user_id, alone)
     return unsent[0] + kept[0], int(unsent[1]) + int(kept[1])
 
 
@@ -189,23 +175,19 @@ def _insert(user_id, filename, mime, size, key, width, height,
     # The quota is checked again here, in the writer's transaction, where
     # no other insert can come between the count and this row: with the
     # user's row locked on PostgreSQL, and under SQLite's write lock.
-    dialect().lock_rows('user', [user_id])
+    user_data.lock(user_id)
     count, held = held_uploads(user_id)
     check_quota(config, count, held, size)
-    att = Attachment.create(
-        uploader=user_id, filename=filename, content_type=mime, size=size,
-        storage_key=key, width=width, height=height,
-        thumbnail_key=thumbnail_key, created_at=now_ms())
-    return attachment_dict(att)
+    return attachment_dict(data.create(user_id, filename, mime, size, key,
+                                       width, height, thumbnail_key,
+                                       now_ms()))
 
 
 def _readable(user_id, attachment_id):
-    att = Attachment.get_or_none(Attachment.id == attachment_id)
+    att = data.get(attachment_id)
     if att is not None and att.uploader_id != user_id and (
-            att.message_id is None or not Membership.select().join(
-                Message, on=(Message.room == Membership.room)).where(
-                Message.id == att.message_id,
-                Membership.user == user_id).exists()):
+            att.message_id is None or
+            not data.in_room_of(user_id, att.message_id)):
         att = None
     if att is None:
         # Same answer for "no such file" and "not yours to see".
@@ -235,11 +217,8 @@ def detach_message(message_id) -> list:
     """Delete the attachment rows of a message and return their storage
     keys, for ``remove_files`` after the commit. Runs on the writer, inside
     the transaction that deletes the message."""
-    rows = list(Attachment.select(Attachment.storage_key,
-                                  Attachment.thumbnail_key)
-                .where(Attachment.message == message_id).tuples())
-    Attachment.delete().where(Attachment.message == message_id).execute()
-    return [key for row in rows for key in row if key]
+    return [key for row in data.delete_of_message(message_id)
+            for key in row if key]
 
 
 async def remove_files(ctx, keys):
@@ -251,26 +230,12 @@ async def remove_files(ctx, keys):
         log.exception('removing %s stored files failed', len(keys))
 
 
-def _orphans(cutoff_ms, limit):
-    return list(Attachment.select(Attachment.id, Attachment.storage_key,
-                                  Attachment.thumbnail_key)
-                .where(Attachment.message.is_null(),
-                       Attachment.created_at < cutoff_ms)
-                # Oldest first: on SQLite the order of the (message,
-                # created_at) index, so no sort and the search stops after
-                # ``limit`` rows. PostgreSQL sorts the expired rows it
-                # finds through that index.
-                .order_by(Attachment.created_at, Attachment.id)
-                .limit(limit).tuples())
-
-
 def _delete_unsent(rows):
     keys = []
     for att_id, key, thumb in rows:
         # Re-checked in the DELETE: a send may have taken it since it was
         # found (the search runs on a reader, outside this transaction).
-        if Attachment.delete().where(Attachment.id == att_id,
-                                     Attachment.message.is_null()).execute():
+        if data.delete_unsent(att_id):
             keys.extend(k for k in (key, thumb) if k)
     return keys
 
@@ -284,8 +249,8 @@ async def cleanup(ctx) -> int:
     while True:
         # The search runs on a reader, so the writer (and every send
         # behind it) never waits on it.
-        rows = await ctx.store.read(_orphans, now_ms() - seconds * 1000,
-                                    CLEANUP_BATCH)
+        rows = await ctx.store.read(data.unsent_before,
+                                    now_ms() - seconds * 1000, CLEANUP_BATCH)
         if rows:
             keys = await ctx.store.write(_delete_unsent, rows)
             await remove_files(ctx, keys)
