@@ -8,7 +8,7 @@ form (this module: counts of this process) and a Redis form
 (``limits_redis.py``: counts shared by every process, so the limits hold
 across them); ``Limits(config, cluster)`` picks them.
 """
-from models import Membership
+from server.data.groups import room_counts
 from server.errors import Forbidden, RateLimited
 from server.services.ratelimit import Limiter, TokenBuckets
 
@@ -147,16 +147,12 @@ def registration_throttle(per_ip: int, refill_per_minute) -> Throttle:
                     'too many registrations from this address, try later')
 
 
-def _room_count(user_id):
-    return Membership.select().where(Membership.user == user_id).count()
-
-
 def check_room_quota(ctx, user_id):
     """Raises Forbidden when ``user_id`` is already in ``rooms_per_user_max``
     rooms. Called inside the write transaction that adds a room, so the
     count and the new room are one step."""
     limit = ctx.config.rooms_per_user_max
-    if _room_count(user_id) >= limit:
+    if room_counts([user_id]).get(user_id, 0) >= limit:
         raise Forbidden(f'you are in {limit} rooms, the most allowed')
 
 

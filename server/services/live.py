@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 
-from models import User
+from server.data import presence as presence_data
 from server.errors import PostboxError
 from server.services.context import now_ms
 
@@ -101,7 +101,8 @@ class Presence:
         the database is away neither can be done (the contacts are read
         from it): that is logged, not raised, as nobody awaits a timer."""
         try:
-            await self.store.write(_save_last_seen, user_id, last_seen)
+            await self.store.write(presence_data.save_last_seen, user_id,
+                                   last_seen)
             await self.on_change(user_id, False, last_seen)
         except PostboxError as exc:
             log.info('user %s went offline, not announced: %s', user_id, exc)
@@ -145,7 +146,7 @@ class Presence:
     async def _add_stored(self, result, user_ids) -> dict:
         """Add (offline, stored last seen) for users nobody has seen."""
         if user_ids:
-            stored = await self.store.read(_load_last_seen, user_ids)
+            stored = await self.store.read(presence_data.last_seen, user_ids)
             for user_id in user_ids:
                 result[user_id] = (False, stored.get(user_id))
         return result
@@ -175,12 +176,3 @@ def presence_for(cluster, store, grace: float, on_change) -> Presence:
     # Imported here: the Redis form builds on the interface above.
     from server.services.presence_redis import RedisPresence
     return RedisPresence(store, grace, on_change, cluster)
-
-
-def _save_last_seen(user_id, ms):
-    User.update(last_seen_at=ms).where(User.id == user_id).execute()
-
-
-def _load_last_seen(user_ids):
-    return dict(User.select(User.id, User.last_seen_at)
-                .where(User.id.in_(user_ids)).tuples())

@@ -1,9 +1,9 @@
 """Typing and presence rules on top of the live state."""
+from server.data import presence as data
 from server.errors import Invalid, TooLarge
 from server.services import rooms as rooms_service
 from server.services.auth import check_username
 from server.services.serialize import iso
-from models import Block, Membership, User
 
 
 async def set_typing(ctx, user_id, room_id, typing, sid):
@@ -19,27 +19,12 @@ async def set_typing(ctx, user_id, room_id, typing, sid):
     return None
 
 
-def _visible_ids(viewer_id, usernames):
-    """{username: id} of the named users whose presence ``viewer_id`` may
-    see: themselves, and users who share a room with them and do not block
-    them."""
-    rooms = Membership.select(Membership.room).where(
-        Membership.user == viewer_id)
-    sharing = Membership.select(Membership.user).where(
-        Membership.room.in_(rooms))
-    blocking = Block.select(Block.blocker).where(Block.blocked == viewer_id)
-    return dict(User.select(User.username, User.id).where(
-        User.username.in_(usernames),
-        User.id.in_(sharing) | (User.id == viewer_id),
-        User.id.not_in(blocking)).tuples())
-
-
 async def query(ctx, user_id, usernames) -> dict:
     """{username: {online, last_seen}} of the given usernames that
-    ``user_id`` may see (``_visible_ids``). Anyone else is left out, exactly
-    as an unknown username is, so the answer does not tell who has an
-    account. Raises Invalid, or TooLarge past ``presence_query_max``
-    usernames."""
+    ``user_id`` may see: themselves, and users who share a room with them
+    and do not block them. Anyone else is left out, exactly as an unknown
+    username is, so the answer does not tell who has an account. Raises
+    Invalid, or TooLarge past ``presence_query_max`` usernames."""
     if not isinstance(usernames, list):
         raise Invalid('usernames must be a list')
     limit = ctx.config.presence_query_max
@@ -48,25 +33,15 @@ async def query(ctx, user_id, usernames) -> dict:
     names = list({check_username(u) for u in usernames})
     if not names:
         return {}
-    ids = await ctx.store.read(_visible_ids, user_id, names)
+    ids = await ctx.store.read(data.visible_ids, user_id, names)
     status = await ctx.presence.status(list(ids.values()))
     return {name: {'online': status[uid][0], 'last_seen': iso(status[uid][1])}
             for name, uid in ids.items()}
 
 
-def _watchers(user_id):
-    """Users who share a room with ``user_id`` and are not blocked by
-    them."""
-    rooms = Membership.select(Membership.room).where(
-        Membership.user == user_id)
-    blocked = Block.select(Block.blocked).where(Block.blocker == user_id)
-    return {u for (u,) in Membership.select(Membership.user).distinct()
-            .where(Membership.room.in_(rooms),
-                   Membership.user.not_in(blocked)).tuples()}
-
-
 async def watchers(ctx, user_id) -> set:
     """Ids of the users told when ``user_id`` comes online or goes
     offline (``user_id`` itself included, for their other devices): the
-    same users who may ask for it with ``query``."""
-    return await ctx.store.read(_watchers, user_id)
+    same users who may ask for it with ``query``: those who share a room
+    with ``user_id`` and are not blocked by them."""
+    return await ctx.store.read(data.watchers, user_id)

@@ -1,0 +1,39 @@
+"""The SQL of presence: who may see whose presence, and the last-seen
+times kept in the user rows. The rules (who is told, the grace period)
+are ``server.services.presence`` and ``server.services.live``."""
+from models import Block, Membership, User
+
+
+def visible_ids(viewer_id, usernames) -> dict:
+    """{username: id} of the named users who are the viewer or share a
+    room with them, leaving out those who block the viewer."""
+    rooms = Membership.select(Membership.room).where(
+        Membership.user == viewer_id)
+    sharing = Membership.select(Membership.user).where(
+        Membership.room.in_(rooms))
+    blocking = Block.select(Block.blocker).where(Block.blocked == viewer_id)
+    return dict(User.select(User.username, User.id).where(
+        User.username.in_(usernames),
+        User.id.in_(sharing) | (User.id == viewer_id),
+        User.id.not_in(blocking)).tuples())
+
+
+def watchers(user_id) -> set:
+    """Users who share a room with ``user_id`` (itself included), leaving
+    out those it blocks."""
+    rooms = Membership.select(Membership.room).where(
+        Membership.user == user_id)
+    blocked = Block.select(Block.blocked).where(Block.blocker == user_id)
+    return {u for (u,) in Membership.select(Membership.user).distinct()
+            .where(Membership.room.in_(rooms),
+                   Membership.user.not_in(blocked)).tuples()}
+
+
+def save_last_seen(user_id, ms):
+    User.update(last_seen_at=ms).where(User.id == user_id).execute()
+
+
+def last_seen(user_ids) -> dict:
+    """{user id: last_seen_at} of those that exist."""
+    return dict(User.select(User.id, User.last_seen_at)
+                .where(User.id.in_(user_ids)).tuples())
