@@ -13,11 +13,18 @@ reader thread), the way Synapse keeps its SQL in ``storage/``.
   and the 'room' events and departures of its changes.
 - ``rooms``: the room cache's loads, dms, blocks, read markers, and the
   inbox's set-based queries.
+- ``rows``: messages, reactions and attachments as plain rows, which
+  ``server.services.serialize`` turns into the contract's objects.
+- ``users``: accounts, bots, sign-in rows and token revocation.
+- ``attachments``: uploads, the totals their quota counts, the sweep.
+- ``presence``: who may see whose presence, last-seen times.
+- ``push``, ``webhooks``: subscriptions, webhook rows, and what a batch
+  of deliveries reads.
 - ``outbox``: who listens to a room, outbox rows, the dispatcher's claim.
 
-Still outside it: the reads of ``server.services.serialize`` (rows to
-dicts), the search index (``models.search``, per dialect), and the SQL
-of the attachments, auth, presence, push and webhook services.
+Still outside it: the search index (``models.search``), a per-dialect
+object of the schema with its own migrations and backfill, which
+``server.services.search`` calls directly.
 
 Functions here take and return plain values (ids, tuples, dicts); the
 rules (who may do what, what is refused) stay in ``server.services``.
