@@ -8,7 +8,6 @@ import peewee
 from models import Attachment, Event, Membership, Message, Reaction, Room
 from server.data.database import chunks, dialect, execute, placeholders
 from server.data.rows import fetch_messages
-from server.services.serialize import attachment_dict
 
 
 # -- the batched send --------------------------------------------------------
@@ -110,7 +109,7 @@ def insert_messages(rows) -> dict:
 
 def attach_uploads(wanted) -> dict:
     """Tie uploads to their messages (``{message id: [attachment id]}``);
-    ``{message id: [attachment dict]}``, in upload order. Raises
+    ``{message id: [attachment row]}``, in upload order. Raises
     IntegrityError if one was sent meanwhile by another process
     (PostgreSQL): the writer then runs the sends again one by one."""
     pairs = [(message_id, a) for message_id, attachment_ids in wanted.items()
@@ -127,7 +126,7 @@ def attach_uploads(wanted) -> dict:
             raise peewee.IntegrityError('attachment already sent')
     if not pairs:
         return {}
-    rows = {a.id: attachment_dict(a) for a in Attachment.select().where(
+    rows = {a.id: a for a in Attachment.select().where(
         Attachment.id.in_([a for _, a in pairs]))}
     return {message_id: [rows[a] for a in sorted(attachment_ids)]
             for message_id, attachment_ids in wanted.items()}

@@ -9,8 +9,8 @@ from server.data import messages as data
 from server.errors import Conflict, Forbidden, Invalid
 from server.services import outbox
 from server.services.context import now_ms
-from server.services.serialize import (load_users, message_dict,
-                                       new_message_dict)
+from server.services.serialize import (attachment_dict, load_users,
+                                       message_dict, new_message_dict)
 from server.store import Batched
 
 
@@ -156,4 +156,5 @@ def _store_new(ctx, requests, accepted, outcomes):
         outcomes[i] = (new_message_dict(
             message_ids[i], r.room.id, seqs[i], senders[r.sender_id], r.body,
             r.client_msg_id, r.reply_to, now,
-            files.get(message_ids[i], [])), True)
+            [attachment_dict(a) for a in files.get(message_ids[i], ())]),
+            True)
