@@ -11,6 +11,7 @@ import models
 from models import Attachment, User
 from models.migrations import CURRENT_VERSION, migrate
 from server.config import Config
+from server.data import attachments as attachment_data
 from server.services import attachments as attachments_service
 from server.store import open_database
 from tests.kit import ServerProcess, connect, http, pair, upload
@@ -117,7 +118,7 @@ def test_orphan_cleanup_query_uses_the_index(fresh_db, caplog):
     unsent(9000)  # not old enough
     # The query exactly as the cleanup runs it, taken from Peewee's log.
     with caplog.at_level(logging.DEBUG, logger='peewee'):
-        rows = attachments_service._orphans(
+        rows = attachment_data.unsent_before(
             5000, attachments_service.CLEANUP_BATCH)
     assert [row[0] for row in rows] == [older, newer]  # oldest first
     (sql, params), = [r.msg for r in caplog.records if r.name == 'peewee']
