@@ -3,6 +3,7 @@ push subscriptions), its rows written in the transaction of the event they
 deliver, and the dispatcher's claim, retry and removal of them. The rules
 (who is owed what, backoff, dead letters) are ``server.services.outbox``.
 """
+from models import Event
 from server.data.database import chunks, dialect, execute, placeholders
 
 COLUMNS = ('"kind", "target", "user_id", "room_id", "seq", "event", '
@@ -80,6 +81,13 @@ def insert_webhook_event(room_id, seq, event, message_id, now, but=None,
         f'INSERT INTO "outbox" ({COLUMNS}) {select}'
         f'WHERE "w"."bot_id" IN ({placeholders(ids)})',
         (*values, *ids)).rowcount
+
+
+def save_room_state(room_id, seq, state):
+    """Keep a room's state (JSON) as the 'room' event ``seq`` of its log
+    (seq 0: the room as created, which only webhooks read; ``sync`` starts
+    after seq 0)."""
+    Event.insert(room=room_id, seq=seq, kind='room', data=state).execute()
 
 
 def claim(now, limit, claim_ms) -> list:

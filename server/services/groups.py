@@ -106,10 +106,9 @@ def _create_group(ctx, user_id, name, member_ids, names):
     _check_can_add(ctx, user_id, member_ids[1:], names)
     now = now_ms()
     room_id = data.create(user_id, name, member_ids, now)
-    # Bots with a webhook among the members hear of the new group (seq 0:
-    # no log event, it comes before the room's first one).
-    outbox.queue_event(ctx, room_id, 0, 'room', actor_id=user_id)
     info = RoomInfo(room_id, 'group', name, now, tuple(member_ids), user_id)
+    # Bots with a webhook among the members hear of the new group.
+    outbox.queue_new_room(ctx, info, user_id)
     ctx.rooms[room_id] = info
     return room_dict(ctx, info, 0)
 

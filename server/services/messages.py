@@ -268,7 +268,9 @@ def _room_event(ctx, room_id, seq, stored) -> dict:
     """The room object of a 'room' event, from the state it stored."""
     state = json.loads(stored)
     users = load_users(ctx, state['members'])
-    return {'id': room_id, 'kind': 'group', 'name': state['name'],
+    # A new room's state (seq 0, webhooks only) says its kind.
+    return {'id': room_id, 'kind': state.get('kind', 'group'),
+            'name': state['name'],
             'members': [users[m] for m in state['members'] if m in users],
             'owner_id': state['owner_id'], 'last_seq': seq,
             'created_at': iso(state['created_at'])}

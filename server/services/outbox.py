@@ -37,6 +37,7 @@ retries. Rows outlive the process: a SIGKILL leaves them to be claimed
 again once their claim runs out.
 """
 import asyncio
+import json
 import logging
 import random
 
@@ -94,6 +95,22 @@ def queue_event(ctx, room_id, seq, event, message_id=None, actor_id=None,
     added = data.insert_webhook_event(room_id, seq, event, message_id,
                                       now_ms(), but=actor_id, bot_ids=bot_ids)
     if added:
+        ctx.outbox_wake()
+
+
+def queue_new_room(ctx, info, creator_id):
+    """Add the webhook rows of a new dm or group (inside its
+    transaction) for its bots but ``creator_id``: a 'room' event under seq
+    0 (it comes before the room's first event), with the room as it was
+    created kept with it, so that a bot hears of the room as it was even
+    when it changes (or the bot is removed) before the delivery."""
+    added = data.insert_webhook_event(info.id, 0, 'room', None, now_ms(),
+                                      but=creator_id)
+    if added:
+        data.save_room_state(info.id, 0, json.dumps({
+            'kind': info.kind, 'name': info.name, 'owner_id': info.owner_id,
+            'members': list(info.member_ids),
+            'created_at': info.created_at}))
         ctx.outbox_wake()
 
 

@@ -186,15 +186,15 @@ def _open_dm(ctx, user_id, other_id):
         check_room_quota(ctx, user_id)
         room_id = data.create_dm(key, (user_id, other_id), user_id, now_ms())
         if room_id is not None:
-            # A bot with a webhook hears of the new room (seq 0: no log
-            # event, it comes before the room's first message). Should
-            # this fail, the writer rolls the operation back, room too.
-            outbox.queue_event(ctx, room_id, 0, 'room', actor_id=user_id)
             created, found = True, (room_id, 0)
         else:  # another process opened it first
             found = data.dm(key)
     room_id, last_seq = found
     info = load_room(room_id)
+    if created:
+        # A bot with a webhook hears of the new room. Should this fail,
+        # the writer rolls the operation back, room too.
+        outbox.queue_new_room(ctx, info, user_id)
     ctx.rooms[room_id] = info
     return info, room_dict(ctx, info, last_seq), created
 

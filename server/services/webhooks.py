@@ -31,7 +31,6 @@ from server.data.rows import messages_by_id
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
 from server.services.outbox import bounded
-from server.services.rooms import load_room, room_dict
 from server.services.messages import _room_event as room_event
 from server.services.serialize import iso, message_dicts
 
@@ -155,13 +154,7 @@ def _load(ctx, rows):
                 data[key] = messages[row.message_id]
         elif row.event == 'room_left':
             data[key] = {'room_id': row.room_id, 'seq': row.seq}
-        elif row.event == 'room' and row.seq == 0:
-            # A new room (no log event): the room as it is now; the log's
-            # later 'room' events say how it changed since.
-            info = load_room(row.room_id)
-            if info is not None:
-                data[key] = room_dict(ctx, info, 0)
-        elif row.event == 'room':
+        elif row.event == 'room':  # a group change, or a new room (seq 0)
             state = webhook_data.room_state(row.room_id, row.seq)
             if state is not None:
                 data[key] = room_event(ctx, row.room_id, row.seq, state)
