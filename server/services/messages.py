@@ -20,6 +20,7 @@ from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import attachments as attachments_service
 from server.services import outbox
 from server.services import rooms as rooms_service
+from server.services.checks import check_text
 from server.services.context import now_ms
 from server.services.emoji import check_emoji
 from server.services.sending import SendRequest, store_sends
@@ -55,9 +56,7 @@ def check_body(ctx, body, allow_empty=False) -> str:
 
 
 def check_client_msg_id(value) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        raise Invalid('client_msg_id: a string of 1 to 64 characters')
-    return value
+    return check_text(value, 'client_msg_id', 1, 64)
 
 
 def check_int(value, name, minimum=0):
