@@ -138,10 +138,9 @@ class Store:
         self._begin = dialect_of(database).begin
         self.pending = 0  # writes queued or being committed
         # The breaker: None while writes go through, else the kind of
-        # fault (DISK_FULL, CONNECTION, ...) and the database's own words.
-        # Set by the writer thread, read by the event loop.
+        # fault (DISK_FULL, CONNECTION, ...); the database's own words go
+        # to the log. Set by the writer thread, read by the event loop.
         self.fault = None
-        self.fault_detail = ''
         self._fault_since = 0.0
         self._refused_before = 0
         self._trip_logged = {}  # fault kind -> monotonic time last logged
@@ -246,7 +245,10 @@ class Store:
         (see ``disk_ready``), or a reader's query does not answer within
         ``timeout``."""
         if self.fault is not None and self.fault != DISK_FULL:
-            raise Unavailable(f'{self.fault}: {self.fault_detail}')
+            # The database's own words (hosts, users) are in the log only:
+            # /readyz answers without a token.
+            raise Unavailable(f'{self.fault}: writes are failing, see '
+                              f'the log')
         try:
             await asyncio.wait_for(self.read(self.ping), timeout)
         except asyncio.TimeoutError:
@@ -259,7 +261,8 @@ class Store:
         probes every PROBE_SECONDS), or while SQLite's filesystem has less
         than DISK_FREE_MIN_BYTES free."""
         if self.fault == DISK_FULL:
-            raise Unavailable(f'disk full: {self.fault_detail}')
+            raise Unavailable('disk full: a write found no space, see '
+                              'the log')
         free = self.disk_free()
         if free is not None and free < DISK_FREE_MIN_BYTES:
             raise Unavailable(f'disk full: {free} bytes free for the '
@@ -415,8 +418,7 @@ class Store:
                             time.monotonic() - self._fault_since, self.fault,
                             sum(self.refused.values()) - self._refused_before)
             self.fault = None
-            self.fault_detail = ''
-        return True
+            return True
 
     def _trip(self, kind, cause):
         """Open the breaker (or note what it is open for now). One log line
@@ -443,7 +445,6 @@ class Store:
                               'answered unavailable until it answers again '
                               '(probed every %s s)', kind, detail,
                               PROBE_SECONDS)
-        self.fault_detail = detail
         self.fault = kind
 
     def _outcome(self, fn, args, future):

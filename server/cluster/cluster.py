@@ -33,12 +33,14 @@ import uuid
 
 from server.cluster.clients import client, is_cluster_url
 from server.cluster.listener import Listener
+from server.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 
-class RedisNotReady(Exception):
-    """Raised by ``Cluster.ready`` with the reason."""
+class RedisNotReady(Unavailable):
+    """Raised by ``Cluster.ready`` with the reason, in Postbox's own words
+    (``/readyz`` shows it without a token)."""
 
 
 class Cluster:
@@ -158,8 +160,10 @@ class Cluster:
                 else:
                     await self.redis.ping()
         except Exception as exc:
+            # Redis's own words (its address) go to the log only.
+            log.debug('redis readiness ping failed: %s', exc)
             raise RedisNotReady(f'redis does not answer: '
-                                f'{exc or type(exc).__name__}') from None
+                                f'{type(exc).__name__}') from None
         return True
 
     # -- reachability ---------------------------------------------------

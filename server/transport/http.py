@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server.errors import Invalid, NotFound
+from server.errors import Invalid, NotFound, PostboxError
 from server.services import (auth, groups, inbox, messages, push, rooms,
                              webhooks)
 from server.services import search as search_service
@@ -262,8 +262,10 @@ async def _checked(named_checks, what) -> web.Response:
     """Run ``(name, check)`` pairs: a check returns (or returns an
     awaitable of) a truthy value, or raises saying why not. The answer is
     ``{ok, checks: {name: bool}, errors: {name: why}}``, 503 if any
-    failed."""
-    checks, errors = {}, {}
+    failed. These routes need no token: ``why`` is Postbox's own words
+    (a ``PostboxError``) or only the exception's type; anything a driver
+    says (hosts, users) goes to the log."""
+    checks, errors, details = {}, {}, {}
     for name, check in named_checks:
         try:
             result = check()
@@ -272,11 +274,13 @@ async def _checked(named_checks, what) -> web.Response:
             checks[name] = bool(result)
         except Exception as exc:  # any failure means not ready
             checks[name] = False
-            errors[name] = str(exc) or type(exc).__name__
+            details[name] = str(exc) or type(exc).__name__
+            errors[name] = details[name] if isinstance(exc, PostboxError) \
+                else type(exc).__name__
         # One log line when a check starts failing (or fails differently)
         # and one when it passes again, not one per probe.
         key = (id(named_checks), name)
-        reason = None if checks[name] else errors.get(name, 'false')
+        reason = None if checks[name] else details.get(name, 'false')
         if reason != _check_failures.get(key):
             if reason is None:
                 _check_failures.pop(key, None)
