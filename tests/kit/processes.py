@@ -109,7 +109,13 @@ class Process:
         except FileNotFoundError:
             return ''
 
-    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+    # A SIGTERM drain may take the server's DRAIN_SECONDS (20) for events
+    # in flight, then its cleanup; on a loaded CI machine 30 s was seen
+    # to be too short once. Past this the stacks are dumped and it is
+    # killed (the test then fails on the exit code).
+    STOP_SECONDS = 60
+
+    def stop(self, sig=signal.SIGTERM, timeout=STOP_SECONDS) -> int:
         """Send ``sig`` and wait up to ``timeout`` s for the exit (then
         SIGKILL); returns the exit code (0 if it was not running)."""
         if self.proc is None:
@@ -153,7 +159,7 @@ class Process:
         """SIGKILL: a crash, nothing said to the clients."""
         return self.stop(signal.SIGKILL)
 
-    async def astop(self, sig=signal.SIGTERM, timeout=30) -> int:
+    async def astop(self, sig=signal.SIGTERM, timeout=STOP_SECONDS) -> int:
         """``stop`` without blocking the event loop, so that clients in the
         same loop can answer the server's goodbye."""
         return await asyncio.get_running_loop().run_in_executor(
