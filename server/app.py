@@ -12,13 +12,14 @@ import functools
 import gc
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from server import cluster, fastjson
+from server import cluster, fastjson, logs
 from server.config import ConfigError, ensure_secret, load_config
 from server.logs import setup_logging
 from server.metrics import METRICS, Metrics, instrument_fanout, metrics_view
@@ -84,6 +85,7 @@ def create_app(config) -> web.Application:
     setup_routes(app)
     setup_background(app)
     app.on_startup.append(_settle_gc)
+    app.on_startup.append(_dump_tasks_on_usr2)
     app.on_shutdown.append(_drain)
     return app
 
@@ -299,6 +301,11 @@ async def _settle_gc(app):
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def _dump_tasks_on_usr2(app):
+    """SIGUSR2 writes every asyncio task's stack to the log."""
+    logs.dump_tasks_on(signal.SIGUSR2)
 
 
 async def _drain(app):

@@ -87,3 +87,23 @@ def setup_logging(config):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+
+
+def dump_tasks_on(signum):
+    """On ``signum``, write every asyncio task of the running loop with
+    where it waits to stderr: what a process that will not stop is waiting
+    for (the test kit asks before it kills one; ``kill -USR2 <pid>`` by
+    hand). Call from inside the loop."""
+    import asyncio
+    import io
+
+    def dump():
+        out = io.StringIO()
+        tasks = asyncio.all_tasks()
+        out.write(f'--- {len(tasks)} asyncio tasks ---\n')
+        for task in tasks:
+            task.print_stack(limit=12, file=out)
+        sys.stderr.write(out.getvalue())
+        sys.stderr.flush()
+
+    asyncio.get_running_loop().add_signal_handler(signum, dump)

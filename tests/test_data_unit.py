@@ -12,7 +12,7 @@ from server.config import Config
 from server.data import messages as data
 from server.data.database import SqliteDialect, open_database
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
-from server.services import groups, messages, rooms, sending
+from server.services import groups, messages, outbox, rooms, sending
 from server.services.context import Context
 from server.services.live import Typing
 from server.store import Batched, Store
@@ -220,3 +220,19 @@ async def test_data_functions_read_what_the_send_wrote(world):
     assert where == {sent.message['id']: room_id}
     assert events == [(1, 'message', sent.message['id'], None)]
     assert update_seq == 1
+
+
+async def test_the_outbox_stops_when_woken_as_it_is_closed(world):
+    """A delivery that finishes (and wakes the dispatcher) in the loop turn
+    where shutdown closes it: the dispatcher still stops. On Python 3.11
+    ``asyncio.wait_for`` swallowed that cancel and the server's SIGTERM
+    shutdown never finished."""
+    ctx = world[0]
+    for _ in range(3):
+        dispatcher = outbox.Dispatcher(ctx, {})
+        dispatcher.start()
+        while dispatcher.queued is None:  # claimed nothing, now waiting
+            await asyncio.sleep(0.01)
+        dispatcher.wake()
+        await asyncio.sleep(0)  # the wait ends in this turn...
+        await asyncio.wait_for(dispatcher.close(), 5)  # ...as it is closed

@@ -195,11 +195,18 @@ class Dispatcher:
                     raise
                 except Exception:
                     pass  # the claim above logged the database being away
-            try:
-                await asyncio.wait_for(self._wake.wait(),
-                                       config.outbox_poll_seconds)
-            except asyncio.TimeoutError:
-                pass
+            await self._woken_or(config.outbox_poll_seconds)
+
+    async def _woken_or(self, seconds):
+        """Wait for a wake or ``seconds``. Not ``asyncio.wait_for``: on
+        Python 3.11 it swallows a cancel that comes in the same loop turn
+        as the wake (a delivery finishing as ``close`` runs), and this loop
+        then never ended, so the server never finished its shutdown."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     async def _claim_batch(self, limit) -> int:
         rows = [Row(r) for r in await self.ctx.store.write(
@@ -294,10 +301,11 @@ async def bounded(gate, calls, timeout=None):
     async def one(call):
         async with gate:
             try:
-                return await asyncio.wait_for(call(), timeout)
+                async with asyncio.timeout(timeout):  # see _woken_or
+                    return await call()
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return f'no answer within {timeout} s'
             except Exception as exc:
                 log.warning('outbox: a delivery failed: %r', exc)

@@ -142,6 +142,11 @@ class Process:
         """Append where every thread of the process is (``py-spy dump``,
         when installed) to its log: a process killed for not exiting
         leaves a trace of what it waited on."""
+        try:  # the server writes its asyncio tasks to its log
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
+        except OSError:
+            pass
         spy = shutil.which('py-spy')
         dump = 'no py-spy to show its stacks'
         if spy:
