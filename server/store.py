@@ -136,6 +136,7 @@ class Store:
         self._writer = None
         self._loop = None
         self._begin = dialect_of(database).begin
+        self._turn = dialect_of(database).writer_turn
         self.pending = 0  # writes queued or being committed
         # The breaker: None while writes go through, else the kind of
         # fault (DISK_FULL, CONNECTION, ...); the database's own words go
@@ -385,7 +386,7 @@ class Store:
     def _run_batch(self, batch):
         results = []
         self.database.connect(reuse_if_open=True)
-        with self.database.atomic(**self._begin):
+        with self._turn, self.database.atomic(**self._begin):
             for fn, items in _runs(batch):
                 if len(items) > 1:
                     results.extend(self._run_many(fn, items))
@@ -403,7 +404,7 @@ class Store:
                 return False
         try:
             self.database.connect(reuse_if_open=True)
-            with self.database.atomic(**self._begin):
+            with self._turn, self.database.atomic(**self._begin):
                 (SchemaVersion.update(version=SchemaVersion.version)
                  .execute())
         except Exception as exc:
