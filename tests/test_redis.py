@@ -56,6 +56,20 @@ async def test_dm_between_processes(cluster):
     await b.close()
 
 
+async def test_messages_cross_processes_after_redis_lost_its_scripts(
+        cluster, redis):
+    """A Redis restarted empty (here: SCRIPT FLUSH) no longer knows the
+    routing script the processes send by its sha: the next message still
+    reaches the other process, once."""
+    p1, p2, _ = cluster
+    *_, a, b, _ = await dm_across(p1.url, p2.url)
+    redis.command('SCRIPT', 'FLUSH')
+    *_, a2, b2, _ = await dm_across(p1.url, p2.url)
+    await b2.nothing('message', 0.3, where=lambda m: m['body'] == 'hi bob')
+    for client in (a, b, a2, b2):
+        await client.close()
+
+
 async def test_user_on_two_processes_gets_every_message_on_both(cluster):
     p1, p2, p3 = cluster
     alice, ta = await register(p1.url)

@@ -36,6 +36,8 @@ SPUBLISHes it (one pipeline, which redis-py splits by node).
 import asyncio
 import logging
 
+from redis.exceptions import NoScriptError
+
 from server import fastjson
 from server.cluster.holders import Holders
 from server.cluster.scripts import HOLDER_SCRIPT, PUBLISH_SCRIPT, \
@@ -141,20 +143,7 @@ class Fanout:
                 if cluster.is_cluster:
                     await self._send_sharded(batch)
                 else:
-                    async with cluster.redis.pipeline(
-                            transaction=False) as pipe:
-                        routed = []
-                        for targets, payload in batch:
-                            if isinstance(targets, str):
-                                pipe.publish(targets, payload)
-                            else:
-                                routed.append((targets, payload))
-                        if routed:
-                            keys, args = script_arguments(routed)
-                            await self._script(
-                                keys=keys, client=pipe,
-                                args=[*self._script_head(), *args])
-                        await pipe.execute()
+                    await self._send_batch(batch)
                 self.published += len(batch)
                 cluster.recovered()
             except asyncio.CancelledError:
@@ -163,6 +152,29 @@ class Fanout:
                 self.publish_failures += len(batch)
                 cluster.failed('redis publish failed, %s messages not sent '
                                'to other processes: %s', len(batch), exc)
+
+    async def _send_batch(self, batch):
+        """A batch on one Redis, in one pipeline: messages for a known
+        channel are published, the rest go through the routing script by
+        its sha. Not as a redis-py Script in the pipeline: that asks
+        SCRIPT EXISTS first, a round trip of its own before every batch.
+        A Redis that lost its scripts (restarted) answers NOSCRIPT; the
+        routed part is sent once more through the Script, which loads it."""
+        routed = [(t, p) for t, p in batch if not isinstance(t, str)]
+        async with self.cluster.redis.pipeline(transaction=False) as pipe:
+            for targets, payload in batch:
+                if isinstance(targets, str):
+                    pipe.publish(targets, payload)
+            if routed:
+                keys, args = script_arguments(routed)
+                args = [*self._script_head(), *args]
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+        if routed and isinstance(results[-1], NoScriptError):
+            results[-1] = await self._script(keys=keys, args=args)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
 
     def _script_head(self):
         """The first ARGV of PUBLISH_SCRIPT and HOLDER_SCRIPT."""
