@@ -43,12 +43,22 @@ def person(username):
             .first())
 
 
+class AuthRow(NamedTuple):
+    id: int
+    username: str
+    display_name: str
+    is_bot: bool
+    tokens_valid_after: int
+
+
 def auth_row(user_id):
     """The user's id, username, display_name, is_bot and
-    tokens_valid_after, or None."""
-    return (User.select(User.id, User.username, User.display_name,
-                        User.is_bot, User.tokens_valid_after)
-            .where(User.id == user_id).first())
+    tokens_valid_after, or None. Read on every HTTP request: plain SQL,
+    which costs a reader thread a quarter of Peewee's query building."""
+    row = execute('SELECT "id", "username", "display_name", "is_bot", '
+                  '"tokens_valid_after" FROM "user" WHERE "id" = ?',
+                  (user_id,)).fetchone()
+    return AuthRow(*row) if row is not None else None
 
 
 def bot_row(username):

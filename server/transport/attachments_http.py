@@ -8,7 +8,8 @@ from aiohttp import web
 
 from server.errors import Invalid, NotFound, PostboxError, TooLarge
 from server.services import attachments
-from server.transport.http_base import current_user, path_int
+from server.transport.http_base import (current_user, json_response,
+                                        path_int)
 from server.typedefs import CTX
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ async def upload(request):
     declared = max(0, (request.content_length or 0) - MULTIPART_SLACK)
     attachment = await attachments.upload(ctx, user['id'], filename,
                                           _chunks(part, pace), declared)
-    return web.json_response({'attachment': attachment}, status=201)
+    return json_response({'attachment': attachment}, status=201)
 
 
 def content_disposition(kind: str, filename: str) -> str:

@@ -12,7 +12,8 @@ from server.errors import Invalid, NotFound, PostboxError
 from server.services import (auth, groups, inbox, messages, push, rooms,
                              webhooks)
 from server.services import search as search_service
-from server.transport.http_base import (current_user, json_body, path_int,
+from server.transport.http_base import (current_user, json_body,
+                                        json_response, path_int,
                                         query_int, request_address)
 from server.typedefs import (CTX, DISCONNECT_USER, HEALTH_CHECKS,
                              READY_CHECKS, REALTIME)
@@ -26,7 +27,7 @@ async def register(request):
                                  data.get('password'),
                                  data.get('display_name'),
                                  ip=request_address(request))
-    return web.json_response(result, status=201)
+    return json_response(result, status=201)
 
 
 async def login(request):
@@ -34,7 +35,7 @@ async def login(request):
     result = await auth.login(request.app[CTX], data.get('username'),
                               data.get('password'),
                               ip=request_address(request))
-    return web.json_response(result)
+    return json_response(result)
 
 
 async def logout(request):
@@ -47,15 +48,15 @@ async def logout(request):
     if not isinstance(revoke, bool):
         raise Invalid('all must be a boolean')
     if not revoke:
-        return web.json_response({'ok': True})
+        return json_response({'ok': True})
     for user_id in await auth.revoke_tokens(request.app[CTX], user['id']):
         await request.app[DISCONNECT_USER](user_id)  # the user's bots too
-    return web.json_response({'ok': True})
+    return json_response({'ok': True})
 
 
 async def refresh_token(request):
     user = await current_user(request)
-    return web.json_response(
+    return json_response(
         await auth.refresh_token(request.app[CTX], user['id']))
 
 
@@ -70,11 +71,11 @@ async def change_password(request):
         data.get('new_password'), ip=request_address(request))
     for user_id in revoked:
         await request.app[DISCONNECT_USER](user_id)
-    return web.json_response(result)
+    return json_response(result)
 
 
 async def me(request):
-    return web.json_response({'user': await current_user(request)})
+    return json_response({'user': await current_user(request)})
 
 
 async def create_bot(request):
@@ -83,7 +84,7 @@ async def create_bot(request):
     result = await auth.create_bot(request.app[CTX], user['id'],
                                    data.get('username'),
                                    data.get('display_name'))
-    return web.json_response(result, status=201)
+    return json_response(result, status=201)
 
 
 async def rotate_bot_token(request):
@@ -94,7 +95,7 @@ async def rotate_bot_token(request):
     result, bot_id = await auth.rotate_bot_token(
         request.app[CTX], user['id'], request.match_info['username'])
     await request.app[DISCONNECT_USER](bot_id)
-    return web.json_response(result)
+    return json_response(result)
 
 
 async def set_bot_webhook(request):
@@ -105,7 +106,7 @@ async def set_bot_webhook(request):
     webhook = await webhooks.set_webhook(
         request.app[CTX], user['id'], request.match_info['username'],
         data.get('url'))
-    return web.json_response({'webhook': webhook})
+    return json_response({'webhook': webhook})
 
 
 async def delete_bot_webhook(request):
@@ -117,7 +118,7 @@ async def delete_bot_webhook(request):
 
 async def vapid_key(request):
     await current_user(request)
-    return web.json_response(
+    return json_response(
         {'public_key': request.app[CTX].vapid_public_key})
 
 
@@ -125,12 +126,12 @@ async def add_push_subscription(request):
     user = await current_user(request)
     data = await json_body(request)
     subscription = await push.subscribe(request.app[CTX], user['id'], data)
-    return web.json_response({'subscription': subscription}, status=201)
+    return json_response({'subscription': subscription}, status=201)
 
 
 async def list_push_subscriptions(request):
     user = await current_user(request)
-    return web.json_response({'subscriptions': await push.subscriptions(
+    return json_response({'subscriptions': await push.subscriptions(
         request.app[CTX], user['id'])})
 
 
@@ -143,7 +144,7 @@ async def delete_push_subscription(request):
 
 async def list_rooms(request):
     user = await current_user(request)
-    return web.json_response(await inbox.inbox(
+    return json_response(await inbox.inbox(
         request.app[CTX], user['id'], limit=query_int(request, 'limit'),
         before=request.query.get('before') or None))
 
@@ -154,7 +155,7 @@ async def list_messages(request):
         request.app[CTX], user['id'], path_int(request, 'room_id'),
         before=query_int(request, 'before'), after=query_int(request, 'after'),
         limit=query_int(request, 'limit'))
-    return web.json_response(result)
+    return json_response(result)
 
 
 async def post_message(request):
@@ -165,7 +166,7 @@ async def post_message(request):
         data.get('client_msg_id'), room_id=path_int(request, 'room_id'),
         attachments=data.get('attachments'), reply_to=data.get('reply_to'))
     await request.app[REALTIME].deliver_sent(sent)
-    return web.json_response({'message': sent.message},
+    return json_response({'message': sent.message},
                              status=201 if sent.created else 200)
 
 
@@ -200,14 +201,14 @@ async def update_room(request):
 async def _group_changed(request, change) -> web.Response:
     """Tell the members (old and new) and answer ``{room}``."""
     await request.app[REALTIME].group_changed(change)
-    return web.json_response({'room': change.room})
+    return json_response({'room': change.room})
 
 
 async def list_blocks(request):
     """The caller's blocks, newest first (a Postbox addition to the
     contract: clients had no other way to learn them)."""
     user = await current_user(request)
-    return web.json_response(
+    return json_response(
         {'blocks': await rooms.list_blocks(request.app[CTX], user['id'])})
 
 
@@ -215,7 +216,7 @@ async def search(request):
     """``GET /api/search?q=&room_id=&before=&limit=`` -> ``{results,
     has_more}`` (the ``search`` event)."""
     user = await current_user(request)
-    return web.json_response(await search_service.search(
+    return json_response(await search_service.search(
         request.app[CTX], user['id'], request.query.get('q'),
         room_id=query_int(request, 'room_id'),
         before=query_int(request, 'before'),
@@ -292,7 +293,7 @@ async def _checked(named_checks, what) -> web.Response:
     body = {'ok': ok, 'checks': checks}
     if errors:
         body['errors'] = errors
-    return web.json_response(body, status=200 if ok else 503)
+    return json_response(body, status=200 if ok else 503)
 
 
 def add_routes(app: web.Application):

@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from server import fastjson
 from server.errors import Invalid, NotFound, PostboxError, Unauthorized
 from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
@@ -24,6 +25,13 @@ DEMO_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' "
             "base-uri 'none'; frame-ancestors 'none'")
 # API answers are data, never a page to render or frame.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def json_response(data, status=200, **kwargs) -> web.Response:
+    """``web.json_response`` encoded by orjson (``server/fastjson.py``):
+    the stdlib encoder was a tenth of an HTTP send's event-loop time."""
+    return web.json_response(data, status=status, dumps=fastjson.dumps,
+                             **kwargs)
 
 
 async def security_headers(request, response):
@@ -45,7 +53,7 @@ def error_response(error: PostboxError) -> web.Response:
     headers = {}
     if getattr(error, 'retry_after', None) is not None:
         headers['Retry-After'] = str(max(1, round(error.retry_after)))
-    return web.json_response({'error': error.to_dict()},
+    return json_response({'error': error.to_dict()},
                              status=error.status, headers=headers)
 
 
@@ -103,12 +111,12 @@ async def errors_middleware(request, handler):
         code = {401: 'unauthorized', 403: 'forbidden', 404: 'not_found',
                 409: 'conflict', 413: 'too_large', 429: 'rate_limited',
                 503: 'unavailable'}.get(exc.status, 'invalid')
-        return web.json_response(
+        return json_response(
             {'error': {'code': code, 'message': exc.reason}},
             status=exc.status)
     except Exception:
         log.exception('HTTP %s %s failed', request.method, route_name(request))
-        return web.json_response(
+        return json_response(
             {'error': {'code': 'internal', 'message': 'internal error'}},
             status=500)
 
@@ -118,7 +126,7 @@ async def json_body(request) -> dict:
     JSON, is nested deeper than ``json_max_depth`` (too deep for the
     parser, RecursionError, included) or is not an object."""
     try:
-        data = await request.json()
+        data = await request.json(loads=fastjson.loads)
     except (ValueError, RecursionError):
         raise Invalid('body must be JSON') from None
     if not isinstance(data, dict):
