@@ -98,6 +98,42 @@ def wait_idle(pid, threshold=0.05, interval=0.5, timeout=120.0) -> float:
     return time.monotonic() - start
 
 
+def ab_parser(description, command, **defaults):
+    """The arguments the same-run A/B scripts share (``bench/push.py``,
+    ``bench/recovery.py``); the caller adds its own and calls
+    ``ab_args``."""
+    p = argparse.ArgumentParser(description=description)
+    p.set_defaults(command=command)
+    p.add_argument('--quick', action='store_true')
+    p.add_argument('--repeats', type=int, default=defaults.get('repeats', 5))
+    p.add_argument('--duration', type=float, default=5.0)
+    p.add_argument('--warmup', type=float, default=1.0)
+    p.add_argument('--pairs', type=int, default=50)
+    p.add_argument('--window', type=int, default=4)
+    p.add_argument('--rate', type=float, default=0.0,
+                   help='open loop at this many msg/s for the CPU A/B '
+                        '(the same for each variant, so that write batches '
+                        'are alike even when the machine is busy); 0: '
+                        'closed loop')
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--pin', action='store_true')
+    p.add_argument('--note', default='')
+    p.add_argument('--no-report', action='store_true')
+    return p
+
+
+def ab_args(parser, argv):
+    """Parse ``argv``; ``--quick`` shortens what was left at its default
+    (3 repeats of 3 s)."""
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    if args.quick:
+        for key, value in (('repeats', 3), ('duration', 3.0)):
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
 def raise_nofile(want=65536) -> int:
     """Raise RLIMIT_NOFILE as far as allowed; returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

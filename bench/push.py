@@ -25,7 +25,6 @@ Writes ``bench/results/push.md`` (unless ``--no-report``). A little over
 400 lines: the receiver, both parts, the profile and their report share
 one results dict.
 """
-import argparse
 import asyncio
 import base64
 import collections
@@ -361,31 +360,9 @@ def report(res, args, note=''):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--quick', action='store_true')
+    p = load.ab_parser(__doc__.split('\n')[0], 'push.py')
     p.add_argument('--members', type=int, default=1000)
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--duration', type=float, default=5.0)
-    p.add_argument('--warmup', type=float, default=1.0)
-    p.add_argument('--pairs', type=int, default=50)
-    p.add_argument('--window', type=int, default=4)
-    p.add_argument('--rate', type=float, default=0.0,
-                   help='open loop at this many msg/s for the CPU A/B '
-                        '(the same for each variant, so that write batches '
-                        'are alike even when the machine is busy); 0: '
-                        'closed loop')
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--pin', action='store_true')
-    p.add_argument('--note', default='')
-    p.add_argument('--no-report', action='store_true')
-    args = p.parse_args(argv)
-    args.argv = list(argv)
-    args.command = 'push.py'
-    if args.quick:
-        for key, value in (('repeats', 3), ('duration', 3.0)):
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-    return args
+    return load.ab_args(p, argv)
 
 
 def main(argv=None):
