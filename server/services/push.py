@@ -31,6 +31,7 @@ from pywebpush import WebPusher
 from server.data import push as push_data
 from server.errors import Invalid, NotFound, TooLarge
 from server.services import rooms as rooms_service
+from server.services.checks import check_text
 from server.services.context import now_ms
 from server.services import outbox
 from server.services.outbox import bounded
@@ -94,18 +95,13 @@ def public_key(vapid) -> str:
         serialization.PublicFormat.UncompressedPoint))
 
 
-def _text(value, name, most):
-    if not isinstance(value, str) or not 0 < len(value) <= most:
-        raise Invalid(f'{name}: a string of 1 to {most} characters')
-    return value
-
-
 async def check_subscription(ctx, data) -> dict:
     """The PushSubscription fields of a ``POST /api/push/subscriptions``
     body; Invalid if anything is off."""
     kind = data.get('kind')
     if kind == 'webpush':
-        endpoint = _text(data.get('endpoint'), 'endpoint', ENDPOINT_MAX)
+        endpoint = check_text(data.get('endpoint'), 'endpoint', 1,
+                              ENDPOINT_MAX)
         if urlsplit(endpoint).scheme != 'https' and \
                 not ctx.config.webhook_allow_private:
             raise Invalid('endpoint: an https URL')
@@ -115,8 +111,10 @@ async def check_subscription(ctx, data) -> dict:
         if not isinstance(keys, dict):
             raise Invalid('keys: {p256dh, auth}')
         try:
-            p256dh = _unb64url(_text(keys.get('p256dh'), 'keys.p256dh', 200))
-            auth = _unb64url(_text(keys.get('auth'), 'keys.auth', 100))
+            p256dh = _unb64url(check_text(keys.get('p256dh'), 'keys.p256dh',
+                                          1, 200))
+            auth = _unb64url(check_text(keys.get('auth'), 'keys.auth', 1,
+                                        100))
         except (binascii.Error, ValueError):
             raise Invalid('keys: base64url') from None
         try:
@@ -133,8 +131,8 @@ async def check_subscription(ctx, data) -> dict:
                 'p256dh': _b64url(p256dh), 'auth': _b64url(auth),
                 'app_id': None, 'pushkey': None}
     if kind == 'gateway':
-        app_id = _text(data.get('app_id'), 'app_id', 128)
-        pushkey = _text(data.get('pushkey'), 'pushkey', PUSHKEY_MAX)
+        app_id = check_text(data.get('app_id'), 'app_id', 1, 128)
+        pushkey = check_text(data.get('pushkey'), 'pushkey', 1, PUSHKEY_MAX)
         return {'kind': kind, 'endpoint': f'{app_id} {pushkey}',
                 'p256dh': None, 'auth': None, 'app_id': app_id,
                 'pushkey': pushkey}
