@@ -111,6 +111,13 @@ class Presence:
         """Online as this process sees it."""
         return user_id in self._sockets or user_id in self._timers
 
+    def connected_here(self, user_ids) -> set:
+        """The users among ``user_ids`` with a socket open on this process
+        (not those in their grace period). Safe from another thread: one
+        dict lookup per user, atomic under the GIL."""
+        sockets = self._sockets
+        return {u for u in user_ids if u in sockets}
+
     def held(self) -> set:
         """The users this process counts as online."""
         return set(self._sockets) | set(self._timers)

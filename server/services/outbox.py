@@ -49,13 +49,12 @@ log = logging.getLogger(__name__)
 
 def connected_here(ctx, user_ids) -> set:
     """The users among ``user_ids`` with a socket on this process. Read
-    from the writer thread: a dict lookup per user is atomic under the
-    GIL, and a socket that opens meanwhile is caught at delivery time."""
+    from the writer thread; a socket that opens meanwhile is caught at
+    delivery time."""
     presence = ctx.presence
-    sockets = getattr(presence, '_sockets', None)
-    if not sockets:
+    if presence is None:
         return set()
-    return {u for u in user_ids if u in sockets}
+    return presence.connected_here(user_ids)
 
 
 def queue_messages(ctx, items, now):
