@@ -372,6 +372,9 @@ def serve(config, reuse_port=False) -> int:
         uvloop.install()
     except ImportError:
         pass
+    # Until the loop's task dump is installed (startup), SIGUSR2 is
+    # ignored rather than fatal (its default).
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     app = create_app(config)
     log.info('postbox serving on http://%s:%s (pid %s)', config.host,
              config.port, os.getpid())

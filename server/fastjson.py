@@ -1,7 +1,10 @@
-"""A ``json``-like module on orjson for python-socketio and Engine.IO
-(``AsyncServer(json=...)``): several times faster than the stdlib module for
-the small packets of a chat. Falls back to the stdlib for what orjson
-refuses (integers beyond 64 bits)."""
+"""A ``json``-like module on orjson for python-socketio, Engine.IO
+(``AsyncServer(json=...)``) and the HTTP API: several times faster than the
+stdlib module for the small packets of a chat. ``dumps`` falls back to the
+stdlib for what orjson refuses (integers beyond 64 bits, keys that are not
+strings). ``loads`` is orjson's alone: it refuses NaN and Infinity, and
+reads an integer beyond 64 bits as a float (the checks then refuse it as
+not an integer)."""
 import json as _json
 
 import orjson

@@ -90,20 +90,19 @@ def setup_logging(config):
 
 
 def dump_tasks_on(signum):
-    """On ``signum``, write every asyncio task of the running loop with
-    where it waits to stderr: what a process that will not stop is waiting
-    for (the test kit asks before it kills one; ``kill -USR2 <pid>`` by
-    hand). Call from inside the loop."""
+    """On ``signum``, log every asyncio task of the running loop with
+    where it waits: what a process that will not stop is waiting for (the
+    test kit asks before it kills one; ``kill -USR2 <pid>`` by hand). Call
+    from inside the loop."""
     import asyncio
     import io
 
     def dump():
         out = io.StringIO()
         tasks = asyncio.all_tasks()
-        out.write(f'--- {len(tasks)} asyncio tasks ---\n')
         for task in tasks:
             task.print_stack(limit=12, file=out)
-        sys.stderr.write(out.getvalue())
-        sys.stderr.flush()
+        logging.getLogger(__name__).warning(
+            '%s asyncio tasks:\n%s', len(tasks), out.getvalue())
 
     asyncio.get_running_loop().add_signal_handler(signum, dump)

@@ -175,6 +175,8 @@ class Store:
                 None, self._writer.join)
             self._writer = None
         self._readers.shutdown(wait=True)
+        if hasattr(self._turn, 'close'):
+            self._turn.close()
 
     async def read(self, fn, *args):
         """Run ``fn(*args)`` on a reader thread and return its result.

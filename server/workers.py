@@ -61,17 +61,22 @@ def run_workers(config, count: int, serve) -> int:
 
     stopping = False
 
-    def forward(signum, frame):
-        nonlocal stopping
-        stopping = True
+    def tell_children(signum):
         for pid in children:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def forward(signum, frame):
+        nonlocal stopping
+        stopping = True
+        tell_children(signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # Each worker logs its asyncio tasks (server/logs.py).
+    signal.signal(signal.SIGUSR2, lambda signum, frame: tell_children(signum))
     failed = False
     while children:
         try:

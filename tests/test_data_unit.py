@@ -2,6 +2,7 @@
 message services, in this process against a temporary SQLite file (no
 server subprocess): what a caller of the services sees."""
 import asyncio
+import sqlite3
 import threading
 
 import pytest
@@ -10,7 +11,8 @@ import models
 from models import Membership, Message, Room, User
 from server.config import Config
 from server.data import messages as data
-from server.data.database import SqliteDialect, open_database
+from server.data.database import SqliteDialect, WriterTurns, open_database
+from server.data.faults import BUSY, classify
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
 from server.services import groups, messages, outbox, rooms, sending
 from server.services.context import Context
@@ -236,3 +238,41 @@ async def test_the_outbox_stops_when_woken_as_it_is_closed(world):
         dispatcher.wake()
         await asyncio.sleep(0)  # the wait ends in this turn...
         await asyncio.wait_for(dispatcher.close(), 5)  # ...as it is closed
+
+
+def test_writer_turns_take_turns_across_handles(tmp_path):
+    """Two writers of one SQLite file (as two processes would: two open
+    file handles) take turns; a turn ends however its transaction ends;
+    one that is held too long fails the waiting write as busy, as SQLite's
+    own busy timeout does."""
+    path = str(tmp_path / 'db.sqlite-writer.lock')
+    first, second = WriterTurns(path), WriterTurns(path, wait=0.2)
+    order = []
+    with first:
+        waiter = threading.Thread(
+            target=lambda: second.__enter__() or order.append('second'))
+        waiter.start()
+        waiter.join(0.05)
+        order.append('first done')
+    waiter.join(5)
+    assert order == ['first done', 'second']
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        with WriterTurns(path, wait=0.05):
+            pass
+    assert classify(refused.value)[0] == BUSY
+    second.__exit__(None, None, None)
+    with pytest.raises(ZeroDivisionError):
+        with first:
+            1 / 0
+    with second:  # the failed transaction's turn ended
+        pass
+    for turns in (first, second):
+        turns.close()
+
+
+def test_an_unusable_lock_file_does_not_stop_writes(tmp_path):
+    turns = WriterTurns(str(tmp_path / 'missing-dir' / 'db-writer.lock'))
+    with turns:  # logged, and the write goes on without turns
+        pass
+    with turns:
+        pass

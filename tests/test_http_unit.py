@@ -158,3 +158,35 @@ async def test_metrics_count_requests_by_route(client):
     assert any(line.startswith('postbox_http_requests_total{') and
                '"/api/me"' in line and '"401"' in line
                for line in text.splitlines()), text[:2000]
+
+
+async def test_odd_bodies_are_invalid_never_internal(client):
+    """Bodies a hostile or sloppy client sends: a clean 400 ``invalid``
+    each, and JSON read as UTF-8 whatever charset the Content-Type names
+    (an unknown charset and an attachment id past 64 bits were 500s with a
+    traceback)."""
+    alice = await register(client, 'alice')
+    bob = await register(client, 'bob')
+    room = await dm(client, alice, bob)
+    url = f'/api/rooms/{room}/messages'
+
+    async def post(body, content_type='application/json'):
+        return await client.post(url, data=body, headers={
+            'Content-Type': content_type, **alice['headers']})
+
+    resp = await post('{"body": "h\u00e9", "client_msg_id": "c1"}'.encode(),
+                      'application/json; charset=no-such-charset')
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())['message']['body'] == 'h\u00e9'
+    for body in (
+            b'{"body": "hi", "client_msg_id": "c2", '
+            b'"attachments": [9223372036854775808]}',
+            b'{"body": "hi", "client_msg_id": "c3", "attachments": [0]}',
+            b'{"body": NaN, "client_msg_id": "c4"}',
+            b'{"body": "\\ud800", "client_msg_id": "c5"}',
+            b'\xff\xfe{}',
+            b'{"body": "hi", "client_msg_id": "c6", '
+            b'"reply_to": 123456789012345678901234567890}'):
+        resp = await post(body)
+        assert resp.status == 400, (body, await resp.text())
+        assert (await resp.json())['error']['code'] == 'invalid', body

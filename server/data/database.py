@@ -7,7 +7,10 @@ database's, for the data functions that run inside a transaction.
 """
 import contextlib
 import fcntl
+import logging
 import os
+import sqlite3
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,11 +23,18 @@ from models import search as search_index
 # libpq's connect timeout (whole seconds, 2 at least): a database host
 # that does not answer at all must not hold a probe or a read for long.
 PG_CONNECT_TIMEOUT = 2
+# How long a writer waits for its turn (WriterTurns) before its write
+# fails as busy (SQLite's busy_timeout below is the same), and how often
+# it tries meanwhile.
+TURN_WAIT_SECONDS = 30.0
+TURN_POLL_SECONDS = 0.001
 # Rows per multi-row statement: well under SQLite's limit of 32,766 bound
 # parameters at nine per message row.
 CHUNK_ROWS = 200
 
 _SQL_CACHE = {}
+
+log = logging.getLogger(__name__)
 
 
 def execute(sql, params=()):
@@ -54,24 +64,54 @@ def chunks(items, size=CHUNK_ROWS):
 
 class WriterTurns:
     """The writers of one SQLite file in several processes (``workers``
-    above 1) take turns in the kernel: an ``flock`` on a file beside the
-    database, held from BEGIN to COMMIT. Without it, a writer waiting for
-    SQLite's write lock polls in SQLite's busy handler, asleep for up to
-    100 ms between tries while the lock has long been free: with two
-    workers a DM's p99 went past a second. A dead process's turn ends
-    with it (the kernel drops its lock)."""
+    above 1) take turns: an ``flock`` on a file beside the database, held
+    from BEGIN to COMMIT. Without it, a writer waiting for SQLite's write
+    lock polls in SQLite's busy handler, asleep for up to 100 ms between
+    tries while the lock has long been free: with two workers a DM's p99
+    went past a second. Waiting here tries every millisecond. A dead
+    process's turn ends with it (the kernel drops its lock); one that
+    holds its turn past ``wait`` seconds (stopped, its disk hung) makes
+    the others' writes fail as busy, as SQLite's own busy timeout did. The
+    turns only make waits shorter: a lock file that cannot be used is
+    logged once and writes go on without it."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, wait=TURN_WAIT_SECONDS):
+        self.path = os.path.realpath(path)
+        self.wait = wait
         self._fd = None
+        self._usable = True
 
     def __enter__(self):
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL meanwhile
+        if not self._usable:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            deadline = time.monotonic() + self.wait
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise sqlite3.OperationalError(
+                            'database is locked: no writer turn within '
+                            f'{self.wait:g} s') from None
+                    time.sleep(TURN_POLL_SECONDS)
+        except OSError as exc:
+            self._usable = False
+            log.warning('writer turns off (%s: %s): writers of this '
+                        'database in other processes wait in SQLite',
+                        self.path, exc)
 
     def __exit__(self, *exc):
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._usable and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class SqliteDialect:
@@ -202,12 +242,12 @@ def open_database(url: str, config) -> peewee.Database:
         # search_index.attach (in ``attach``): the fold function on every
         # connection (the index's triggers call it).
         return attach(peewee.SqliteDatabase(
-            path, timeout=30, pragmas={
+            path, timeout=TURN_WAIT_SECONDS, pragmas={
                 'journal_mode': 'wal',
                 'synchronous': config.sqlite_synchronous.upper(),
                 'foreign_keys': 1,
                 'cache_size': -1024 * config.sqlite_cache_mib,  # KiB if < 0
-                'busy_timeout': 30000,
+                'busy_timeout': int(TURN_WAIT_SECONDS * 1000),
             }))
     if scheme in ('postgres', 'postgresql'):
         params = parse_db_url(url)

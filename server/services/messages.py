@@ -74,7 +74,7 @@ def check_attachments(ctx, attachments) -> tuple:
     attachments = [] if attachments is None else attachments
     if not isinstance(attachments, list) or not all(
             isinstance(a, int) and not isinstance(a, bool)
-            for a in attachments):
+            and 0 < a <= MAX_INT for a in attachments):
         raise Invalid('attachments must be a list of attachment ids')
     attachments = tuple(dict.fromkeys(attachments))
     if len(attachments) > ctx.config.attachments_per_message:

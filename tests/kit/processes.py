@@ -142,11 +142,6 @@ class Process:
         """Append where every thread of the process is (``py-spy dump``,
         when installed) to its log: a process killed for not exiting
         leaves a trace of what it waited on."""
-        try:  # the server writes its asyncio tasks to its log
-            self.proc.send_signal(signal.SIGUSR2)
-            time.sleep(1)
-        except OSError:
-            pass
         spy = shutil.which('py-spy')
         dump = 'no py-spy to show its stacks'
         if spy:
@@ -159,6 +154,12 @@ class Process:
         self._log.write(f'\n--- {self.name} {why}; killed. Its threads:\n'
                         f'{dump}\n'.encode())
         self._log.flush()
+        try:  # then a server logs its asyncio tasks (threads first: a
+            # process past its loop's close would die of the signal)
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
+        except OSError:
+            pass
 
     def kill(self) -> int:
         """SIGKILL: a crash, nothing said to the clients."""
