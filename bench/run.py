@@ -883,6 +883,7 @@ def parse_args(argv):
                         'results.json (and the profile text), run nothing')
     args = p.parse_args(argv)
     args.argv = list(argv)
+    args.command = 'run.py'  # the scenarios of push.py and recovery.py
     if args.quick:
         defaults = {'repeats': 1, 'duration': 3.0, 'warmup': 0.5,
                     'idle_connections': 500}
