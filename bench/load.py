@@ -98,14 +98,14 @@ def wait_idle(pid, threshold=0.05, interval=0.5, timeout=120.0) -> float:
     return time.monotonic() - start
 
 
-def ab_parser(description, command, **defaults):
+def ab_parser(description, command):
     """The arguments the same-run A/B scripts share (``bench/push.py``,
     ``bench/recovery.py``); the caller adds its own and calls
     ``ab_args``."""
     p = argparse.ArgumentParser(description=description)
     p.set_defaults(command=command)
     p.add_argument('--quick', action='store_true')
-    p.add_argument('--repeats', type=int, default=defaults.get('repeats', 5))
+    p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--duration', type=float, default=5.0)
     p.add_argument('--warmup', type=float, default=1.0)
     p.add_argument('--pairs', type=int, default=50)

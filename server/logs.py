@@ -6,7 +6,9 @@ What goes into a record is chosen by the caller through ``extra``: user id,
 sid, client address, event name, error code. Never passwords, tokens or
 message bodies.
 """
+import asyncio
 import contextvars
+import io
 import itertools
 import json
 import logging
@@ -94,9 +96,6 @@ def dump_tasks_on(signum):
     where it waits: what a process that will not stop is waiting for (the
     test kit asks before it kills one; ``kill -USR2 <pid>`` by hand). Call
     from inside the loop."""
-    import asyncio
-    import io
-
     def dump():
         out = io.StringIO()
         tasks = asyncio.all_tasks()

@@ -421,7 +421,7 @@ class Store:
                             time.monotonic() - self._fault_since, self.fault,
                             sum(self.refused.values()) - self._refused_before)
             self.fault = None
-            return True
+        return True
 
     def _trip(self, kind, cause):
         """Open the breaker (or note what it is open for now). One log line

@@ -54,7 +54,7 @@ def error_response(error: PostboxError) -> web.Response:
     if getattr(error, 'retry_after', None) is not None:
         headers['Retry-After'] = str(max(1, round(error.retry_after)))
     return json_response({'error': error.to_dict()},
-                             status=error.status, headers=headers)
+                         status=error.status, headers=headers)
 
 
 def websockets_pass(middleware, path='/socket.io/'):

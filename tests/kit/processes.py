@@ -154,12 +154,6 @@ class Process:
         self._log.write(f'\n--- {self.name} {why}; killed. Its threads:\n'
                         f'{dump}\n'.encode())
         self._log.flush()
-        try:  # then a server logs its asyncio tasks (threads first: a
-            # process past its loop's close would die of the signal)
-            self.proc.send_signal(signal.SIGUSR2)
-            time.sleep(1)
-        except OSError:
-            pass
 
     def kill(self) -> int:
         """SIGKILL: a crash, nothing said to the clients."""
@@ -203,6 +197,17 @@ class ServerProcess(Process):
                 # of the throttle set their own.
                 'POSTBOX_REGISTRATIONS_PER_IP': '1000000',
                 'POSTBOX_LOG_LEVEL': 'WARNING', **(env or {})})
+
+    def _log_stacks(self, why):
+        """The threads (py-spy), then the server's asyncio tasks: SIGUSR2
+        makes it log them (server/logs.py). Threads first: a process past
+        its loop's close would die of the signal."""
+        super()._log_stacks(why)
+        try:
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
+        except OSError:
+            pass
 
 
 def start_servers(data_dir, count, env):
