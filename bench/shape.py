@@ -106,6 +106,7 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     import models
     from models import search
     from models.migrations import migrate
+    from models.trigrams import TrigramFile
     rng = random.Random(seed_value)
     database = peewee.SqliteDatabase(str(path), pragmas={
         'journal_mode': 'wal', 'synchronous': 'OFF', 'foreign_keys': 0})
@@ -216,7 +217,19 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     conn.execute('ANALYZE')
     conn.close()
+    # The trigram file, as the server's indexer would have filled it.
+    trigrams = TrigramFile(trigram_path(path), str(path))
+    while max(trigrams.step(50_000)) == 50_000:
+        pass
+    trigrams.close()
     return {'users': users, 'rooms': len(rooms), 'messages': len(msgs)}
+
+
+def trigram_path(path) -> str:
+    """The trigram file of the SQLite database at ``path`` (it is made
+    and copied with the database)."""
+    from models.trigrams import path_of
+    return path_of(str(path))
 
 
 def seeded_database(args) -> Path:
@@ -236,8 +249,9 @@ def seeded_database(args) -> Path:
     print(f'seeding {path.name} ...', flush=True)
     shape = seed(tmp, args.users, args.messages, args.whale_rooms,
                  args.searcher_rooms, args.dms_per_user, args.groups)
-    for suffix in ('-wal', '-shm'):
+    for suffix in ('-wal', '-shm', '-search-wal', '-search-shm'):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
+    Path(trigram_path(tmp)).rename(trigram_path(path))
     tmp.rename(path)
     print(f'seeded {shape} in {time.monotonic() - started:.0f} s '
           f'({path.stat().st_size / 2**20:.0f} MiB)', flush=True)
@@ -496,6 +510,7 @@ async def supports(client, event, data):
 async def run_once(args, db_path, workdir, paths):
     copy = Path(workdir) / f'postbox-{uuid.uuid4().hex[:6]}.db'
     shutil.copyfile(db_path, copy)
+    shutil.copyfile(trigram_path(db_path), trigram_path(copy))
     env = {'POSTBOX_DATABASE_URL': f'sqlite:///{copy}',
            'POSTBOX_ATTACHMENT_UNSENT_MAX': '100000'}
     results = {}
@@ -530,7 +545,8 @@ async def run_once(args, db_path, workdir, paths):
                       f'ms  p99 {r["p99_ms"]:6.1f} ms', flush=True)
         finally:
             await bench.close()
-    copy.unlink(missing_ok=True)
+    for leftover in (copy, *copy.parent.glob(f'{copy.name}-*')):
+        leftover.unlink(missing_ok=True)
     return results
 
 

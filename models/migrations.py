@@ -84,8 +84,16 @@ def _v6_outbox(database, migrator):
     database.create_tables([Webhook, PushSubscription, Outbox], safe=True)
 
 
+def _v7_trigram_file(database, migrator):
+    """SQLite's trigram index moves out of the send's transaction, to a
+    file of its own (``models/trigrams.py``), refilled from
+    ``message_text`` in the background; PostgreSQL is unchanged."""
+    search.move_trigrams_out(database)
+
+
 MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
-              _v4_group_life_cycle, _v5_search_index, _v6_outbox]
+              _v4_group_life_cycle, _v5_search_index, _v6_outbox,
+              _v7_trigram_file]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 

@@ -8,11 +8,12 @@ every insert, edit, delete and cascade, in the writer's own transaction,
 so the send path does not know the index exists. The primary key (room_id,
 message_id) lets a search walk just the caller's rooms, newest first.
 
-- SQLite also keeps a contentless FTS5 trigram index of ``message_text``
-  (``message_fts``, rowid = message id, ``detail=none``: which messages
-  hold a trigram, no positions, so it is small and cheap to write). The
-  fold runs in Python (``pb_fold``, registered on every connection by
-  ``attach``): SQLite 3.40's trigram tokenizer cannot drop accents.
+- SQLite also keeps a trigram index (FTS5), in a file of its own next to
+  the database, written after the messages commit by an indexer thread
+  (``models/trigrams.py``, which says why). Edits reach it through the
+  ``search_changed`` log the update trigger writes. The fold runs in
+  Python (``pb_fold``, registered on every connection by ``attach``):
+  SQLite 3.40's trigram tokenizer cannot drop accents.
 - PostgreSQL keeps a GIN ``pg_trgm`` index on ``message_text.text``; the
   fold is an IMMUTABLE SQL function over ``unaccent``, ``lower`` and
   ``normalize``, and queries are folded by the same function, so both
@@ -26,10 +27,13 @@ What the fold does and what a query's words must match is
 """
 import json
 import logging
+import sqlite3
+import time
 
 import peewee
 
 from models.fold import fold, patterns  # noqa: F401 (patterns: the services)
+from models.trigrams import TrigramFile, path_of
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 SCAN_ROWS = 100_000
 # Trigram candidates checked per step when the index leads.
 CANDIDATES_STEP = 500
+# A trigram file that cannot be read is logged at most this often (the
+# searches walk meanwhile).
+LOG_EVERY_SECONDS = 60
 
 
 def _trigrams(patterns_) -> list:
@@ -73,26 +80,57 @@ class _Index:
 
 
 class SqliteIndex(_Index):
+    """Walks the caller's rooms, or lets the trigram file lead for a caller
+    whose rooms hold more than SCAN_ROWS messages (``trigrams``: None for
+    a database in memory, which always walks)."""
+
+    def __init__(self, trigrams=None):
+        self.trigrams = trigrams
+        self._logged = 0.0
 
     def find(self, database, user_id, patterns_, room_id, before, limit):
         below = before if before is not None else 2**63 - 1
         grams = _trigrams(patterns_)
-        events = self._events(database, user_id, room_id) if grams else 0
+        events = self._events(database, user_id, room_id) \
+            if grams and self.trigrams is not None else 0
         if events > SCAN_ROWS:
-            # Very many messages in the caller's rooms: let the trigram
-            # index lead, newest first, checking its candidates against
-            # membership and the words. If the words are common elsewhere
-            # and rare here it gives up (E / 16 candidates) and the rest
-            # is walked.
-            found, below = self._by_index(database, user_id, patterns_,
-                                          grams, room_id, below, limit,
-                                          max(events // 16, CANDIDATES_STEP))
-            if len(found) >= limit or below is None:
-                return found[:limit]
-            return found + self._scan(database, user_id, patterns_, room_id,
-                                      below, limit - len(found))
+            try:
+                return self._led(database, user_id, patterns_, grams,
+                                 room_id, below, limit, events)
+            except sqlite3.Error as exc:  # the file: walk instead
+                if time.monotonic() - self._logged > LOG_EVERY_SECONDS:
+                    self._logged = time.monotonic()
+                    log.warning('search index file unusable, walking: %s',
+                                exc)
         return self._scan(database, user_id, patterns_, room_id, below,
                           limit)
+
+    def _led(self, database, user_id, patterns_, grams, room_id, below,
+             limit, events):
+        """Very many messages in the caller's rooms: the messages not in
+        the trigram file yet are walked, then the file leads, newest
+        first, its candidates checked against membership and the words.
+        If the words are common elsewhere and rare here it gives up (E /
+        16 candidates) and the rest is walked."""
+        through, changes = self.trigrams.indexed()
+        found = []
+        if below > through + 1:
+            found = self._scan(database, user_id, patterns_, room_id, below,
+                               limit, above=through)
+            below = through + 1
+        if len(found) >= limit or through == 0:
+            return found[:limit]
+        edited = [r[0] for r in database.execute_sql(
+            'SELECT "message_id" FROM "search_changed" WHERE "seq" > ?',
+            (changes,)).fetchall()]
+        more, below = self._by_index(
+            database, user_id, patterns_, grams, room_id, below,
+            limit - len(found), max(events // 16, CANDIDATES_STEP), edited)
+        found += more
+        if len(found) >= limit or below is None:
+            return found[:limit]
+        return found + self._scan(database, user_id, patterns_, room_id,
+                                  below, limit - len(found))
 
     def _events(self, database, user_id, room_id):
         if room_id is not None:
@@ -104,25 +142,28 @@ class SqliteIndex(_Index):
                            'WHERE m."user_id" = ?', (user_id,))
         return database.execute_sql(sql, params).fetchone()[0] or 0
 
-    def _scan(self, database, user_id, patterns_, room_id, below, limit):
+    def _scan(self, database, user_id, patterns_, room_id, below, limit,
+              above=0):
         """Walk the folded texts of the caller's rooms (primary key
-        ranges, newest first within each room), keep the matches."""
+        ranges, newest first within each room), keep the matches with an
+        id between ``above`` and ``below``."""
         words = ''.join(' AND instr(t."text", ?) > 0' for _ in patterns_)
         rooms = 'AND m."room_id" = ? ' if room_id is not None else ''
         sql = ('SELECT t."message_id" FROM "membership" m '
                'CROSS JOIN "message_text" t '
                f'WHERE m."user_id" = ? {rooms}AND t."room_id" = m."room_id" '
-               f'AND t."message_id" < ?{words} '
+               f'AND t."message_id" < ? AND t."message_id" > ?{words} '
                'ORDER BY t."message_id" DESC LIMIT ?')
         params = [user_id, *([room_id] if room_id is not None else []),
-                  below, *patterns_, limit]
+                  below, above, *patterns_, limit]
         return [r[0] for r in database.execute_sql(sql, params).fetchall()]
 
     def _by_index(self, database, user_id, patterns_, grams, room_id, below,
-                  limit, budget):
-        """At most ``budget`` candidates from the trigram index, in steps,
-        newest first. Returns (matches, where to go on below, or None when
-        the index had no more candidates)."""
+                  limit, budget, edited):
+        """At most ``budget`` candidates from the trigram file, in steps,
+        newest first, with the messages ``edited`` since it was written
+        among them. Returns (matches, where to go on below, or None when
+        the file had no more candidates)."""
         match = ' AND '.join('"' + g.replace('"', '""') + '"' for g in grams)
         words = ''.join(' AND instr(t."text", ?) > 0' for _ in patterns_)
         rooms = ' AND x."room_id" = ?' if room_id is not None else ''
@@ -136,20 +177,19 @@ class SqliteIndex(_Index):
         found = []
         while budget > 0:
             step = min(CANDIDATES_STEP, budget)
-            ids = [r[0] for r in database.execute_sql(
-                'SELECT rowid FROM "message_fts" WHERE "message_fts" '
-                'MATCH ? AND rowid < ? ORDER BY rowid DESC LIMIT ?',
-                (match, below, step)).fetchall()]
+            ids = self.trigrams.candidates(match, below, step)
             budget -= len(ids)
+            low = ids[-1] if len(ids) == step else 0
+            ids += [i for i in edited if low <= i < below]
             if ids:
                 params = [user_id, json.dumps(ids),
                           *([room_id] if room_id is not None else []),
                           *patterns_]
                 found += [r[0] for r in
                           database.execute_sql(check, params).fetchall()]
-            if len(ids) < step:
+            if low == 0:
                 return found, None
-            below = ids[-1]
+            below = low
             if len(found) >= limit:
                 return found, below
         return found, below
@@ -189,7 +229,9 @@ def attach(database):
     SQLite, register the fold on every connection it will open."""
     if isinstance(database, peewee.SqliteDatabase):
         database.register_function(fold, 'pb_fold', 1, deterministic=True)
-        database.search_index = SqliteIndex()
+        path = path_of(database.database)
+        database.search_index = SqliteIndex(
+            TrigramFile(path, database.database) if path else None)
     else:
         database.search_index = PostgresIndex()
     return database
@@ -210,39 +252,38 @@ _SQLITE_SCHEMA = [
     '"room_id" INTEGER NOT NULL, "message_id" INTEGER NOT NULL, '
     '"text" TEXT NOT NULL, PRIMARY KEY ("room_id", "message_id")) '
     'WITHOUT ROWID',
-    'CREATE VIRTUAL TABLE IF NOT EXISTS "message_fts" USING fts5('
-    '"text", content=\'\', detail=none, columnsize=0, '
-    'tokenize=\'trigram case_sensitive 1\')',
+    # Edits, for the trigram file's indexer (models/trigrams.py), which
+    # deletes what it has read (``prune_changes``). AUTOINCREMENT: a seq
+    # is never used twice, even once every row is gone.
+    'CREATE TABLE IF NOT EXISTS "search_changed" ('
+    '"seq" INTEGER PRIMARY KEY AUTOINCREMENT, '
+    '"message_id" INTEGER NOT NULL)',
     'CREATE TRIGGER IF NOT EXISTS "message_text_insert" AFTER INSERT ON '
     '"message" WHEN NOT NEW."deleted" BEGIN '
     'INSERT INTO "message_text" VALUES '
-    '(NEW."room_id", NEW."id", pb_fold(NEW."body")); '
-    'INSERT INTO "message_fts" ("rowid", "text") SELECT "message_id", '
-    '"text" FROM "message_text" WHERE "room_id" = NEW."room_id" AND '
-    '"message_id" = NEW."id"; END',
+    '(NEW."room_id", NEW."id", pb_fold(NEW."body")); END',
     # Peewee's save() writes every column (a reaction too): only a real
     # change of the body or the deleted flag touches the index.
     'CREATE TRIGGER IF NOT EXISTS "message_text_update" AFTER UPDATE OF '
     '"body", "deleted" ON "message" WHEN OLD."body" IS NOT NEW."body" OR '
     'OLD."deleted" IS NOT NEW."deleted" BEGIN '
-    'INSERT INTO "message_fts" ("message_fts", "rowid", "text") '
-    'SELECT \'delete\', "message_id", "text" FROM "message_text" '
-    'WHERE "room_id" = OLD."room_id" AND "message_id" = OLD."id"; '
     'DELETE FROM "message_text" WHERE "room_id" = OLD."room_id" AND '
     '"message_id" = OLD."id"; '
     'INSERT INTO "message_text" SELECT NEW."room_id", NEW."id", '
     'pb_fold(NEW."body") WHERE NOT NEW."deleted"; '
-    'INSERT INTO "message_fts" ("rowid", "text") SELECT "message_id", '
-    '"text" FROM "message_text" WHERE "room_id" = NEW."room_id" AND '
-    '"message_id" = NEW."id"; END',
+    'INSERT INTO "search_changed" ("message_id") SELECT NEW."id" '
+    'WHERE NOT NEW."deleted"; END',
     'CREATE TRIGGER IF NOT EXISTS "message_text_delete" AFTER DELETE ON '
     '"message" BEGIN '
-    'INSERT INTO "message_fts" ("message_fts", "rowid", "text") '
-    'SELECT \'delete\', "message_id", "text" FROM "message_text" '
-    'WHERE "room_id" = OLD."room_id" AND "message_id" = OLD."id"; '
     'DELETE FROM "message_text" WHERE "room_id" = OLD."room_id" AND '
     '"message_id" = OLD."id"; END',
 ]
+# Version 6 kept the trigram index in the database, written by these
+# triggers in every send's transaction (``move_trigrams_out``).
+_SQLITE_V6 = ['DROP TRIGGER IF EXISTS "message_text_insert"',
+              'DROP TRIGGER IF EXISTS "message_text_update"',
+              'DROP TRIGGER IF EXISTS "message_text_delete"',
+              'DROP TABLE IF EXISTS "message_fts"']
 
 _POSTGRES_SCHEMA = [
     'CREATE EXTENSION IF NOT EXISTS pg_trgm',
@@ -323,13 +364,11 @@ def backfill_step(database, batch) -> bool:
         (low, below)).fetchall()
     if rows:
         if isinstance(database, peewee.SqliteDatabase):
-            texts = [(room, mid, fold(body)) for room, mid, body in rows]
-            cursor = database.cursor()
-            cursor.executemany('INSERT INTO "message_text" VALUES (?, ?, ?)',
-                               texts)
-            cursor.executemany('INSERT INTO "message_fts" ("rowid", "text") '
-                               'VALUES (?, ?)',
-                               [(mid, text) for _, mid, text in texts])
+            # The trigram file's indexer takes them from here once the
+            # backfill is done.
+            database.cursor().executemany(
+                'INSERT INTO "message_text" VALUES (?, ?, ?)',
+                [(room, mid, fold(body)) for room, mid, body in rows])
         else:
             database.execute_sql(
                 'INSERT INTO message_text SELECT room_id, id, pb_fold(body) '
@@ -341,6 +380,26 @@ def backfill_step(database, batch) -> bool:
     database.execute_sql('UPDATE "search_backfill" SET "below" = {p}'
                          .format(p=database.param), (low,))
     return True
+
+
+def move_trigrams_out(database):
+    """Version 7: SQLite's trigram index leaves the database for its own
+    file (``models/trigrams.py``), which the indexer fills from
+    ``message_text`` while the server serves. Inside the caller's
+    transaction."""
+    if isinstance(database, peewee.SqliteDatabase):
+        for sql in _SQLITE_V6:
+            database.execute_sql(sql)
+        install(database, backfill=False)
+
+
+def prune_changes(database):
+    """Forget the edits the trigram file has indexed (a write)."""
+    trigrams = index(database).trigrams
+    if trigrams is not None:
+        changes = trigrams.indexed()[1]
+        database.execute_sql('DELETE FROM "search_changed" WHERE "seq" <= ?',
+                             (changes,))
 
 
 def backfill_pending(database) -> bool:

@@ -254,9 +254,10 @@ def setup_routes(app):
 def setup_background(app):
     """Tasks that run while the app serves: expired uploads are removed;
     messages stored before the upgrade that added search are indexed, a
-    batch per write transaction; bot webhooks and pushes are delivered."""
+    batch per write transaction, and SQLite's trigram file is kept; bot
+    webhooks and pushes are delivered."""
     app.cleanup_ctx.append(_task_while_serving(attachments.cleanup_forever))
-    app.cleanup_ctx.append(_task_while_serving(search_service.backfill))
+    app.cleanup_ctx.append(_task_while_serving(search_service.maintain))
     app.cleanup_ctx.append(_outbox_life)
 
 

@@ -271,7 +271,7 @@ def run_sql(url, statements):
 V4_SQLITE = ['DROP TRIGGER "message_text_insert"',
              'DROP TRIGGER "message_text_update"',
              'DROP TRIGGER "message_text_delete"',
-             'DROP TABLE "message_fts"']
+             'DROP TABLE "search_changed"']
 V4_POSTGRES = ['DROP TRIGGER message_text_insert ON message',
                'DROP TRIGGER message_text_update ON message',
                'DROP TRIGGER message_text_delete ON message',
@@ -393,9 +393,8 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
     from models import Message
     from models import search
     database = _small_world(tmp_path)
+    index = search.index(database)
     try:
-        index = search.index(database)
-
         def both(user, query, room_id=None, before=None, limit=500):
             patterns = search.patterns(search.fold(query))
             monkeypatch.setattr(search, 'SCAN_ROWS', 10 ** 9)
@@ -405,40 +404,73 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
             monkeypatch.setattr(search, 'CANDIDATES_STEP', 7)
             led = index.find(database, user, patterns, room_id, before,
                              limit)
+            assert index._logged == 0.0  # the file led: no walk instead
             assert led == walked, (user, query)
             return walked
 
         def rooms_of(ids):
             return {Message.get_by_id(i).room_id for i in ids}
+
+        def index_all():
+            while max(index.trigrams.step(100)) == 100:
+                pass
+
+        # Nothing in the trigram file yet: the led search walks it all;
+        # then with part of it in the file, then all of it.
         needles = both(1, 'NEEDLE koln')
         assert len(needles) == 58 and rooms_of(needles) == {1, 2}
         assert needles == sorted(needles, reverse=True)
+        assert index.trigrams.step(250) == (250, 0)
+        assert both(1, 'NEEDLE koln') == needles
+        index_all()
+        assert index.trigrams.indexed() == (600, 0)
+        assert both(1, 'NEEDLE koln') == needles
         assert rooms_of(both(3, 'needle')) == {3}
         assert rooms_of(both(2, 'needle', room_id=3)) == {3}
         assert both(1, 'needle', limit=5) == needles[:5]
         assert both(1, 'needle', before=needles[4], limit=3) == needles[5:8]
         assert both(1, 'haystack') == []
-        # Edits and deletes through any path reach the index.
+        # Edits and deletes through any path are found at once (the
+        # edit log), and the same once the file has them.
         first = needles[0]
         Message.update(body='plain now').where(Message.id == first).execute()
         Message.update(deleted=True, body='').where(
             Message.id == needles[1]).execute()
-        assert both(1, 'needle') == needles[2:]
-        assert both(1, 'plain') == [first]
+        Message.update(body='Needle again').where(
+            Message.id == needles[-1]).execute()
+        for indexed in (False, True):
+            assert both(1, 'needle') == needles[2:], indexed
+            assert both(1, 'plain') == [first]
+            index_all()
+        assert index.trigrams.indexed() == (600, 2)
+        database.execute_sql('SELECT 1')
+        with database.atomic():
+            search.prune_changes(database)
+        assert database.execute_sql(
+            'SELECT COUNT(*) FROM "search_changed"').fetchone() == (0,)
         Message.delete().where(Message.id == first).execute()
         assert both(1, 'plain') == []
+        # A new message is found before the file has it.
+        new = Message.create(room=1, seq=201, sender=1, body='plain again',
+                             client_msg_id='n', created_at=0, update_seq=201)
+        assert both(1, 'plain') == [new.id]
+        index.trigrams.step(100)
+        assert both(1, 'plain') == [new.id]
         # The walk reads only the caller's rooms: the membership index,
         # then primary key ranges of message_text, never a scan.
         plan = ' / '.join(r[3] for r in database.execute_sql(
             'EXPLAIN QUERY PLAN SELECT t."message_id" FROM "membership" m '
             'CROSS JOIN "message_text" t WHERE m."user_id" = ? AND '
             't."room_id" = m."room_id" AND t."message_id" < ? AND '
-            'instr(t."text", ?) > 0 ORDER BY t."message_id" DESC LIMIT ?',
-            (1, 10, 'x', 5)).fetchall())
+            't."message_id" > ? AND instr(t."text", ?) > 0 '
+            'ORDER BY t."message_id" DESC LIMIT ?',
+            (1, 10, 0, 'x', 5)).fetchall())
         assert 'membership_user_id_room_id (user_id=?)' in plan, plan
-        assert 'PRIMARY KEY (room_id=? AND message_id<?)' in plan, plan
+        assert ('PRIMARY KEY (room_id=? AND message_id>? AND message_id<?)'
+                in plan), plan
         assert 'SCAN' not in plan, plan
     finally:
+        index.trigrams.close()
         database.close()
         models.db.initialize(None)
 
@@ -457,3 +489,52 @@ def test_fold_is_the_same_typed_any_way():
         # Decomposed input (as some keyboards and macOS file names
         # produce) folds like the composed text.
         assert fold(unicodedata.normalize('NFD', text)) == fold(text), text
+
+
+def _indexed(db_file):
+    """The trigram file's (through, changes), or None while it has none."""
+    try:
+        with closing(sqlite3.connect(f'{db_file}-search')) as db:
+            return db.execute(
+                'SELECT "through", "changes" FROM "indexed"').fetchone()
+    except sqlite3.Error:
+        return None
+
+
+async def _until_indexed(db_file, expected, timeout=30):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while _indexed(db_file) != expected:
+        assert asyncio.get_running_loop().time() < deadline, (
+            _indexed(db_file), expected)
+        await asyncio.sleep(0.05)
+
+
+async def test_trigram_file_is_filled_after_commits_and_made_again(tmp_path):
+    """SQLite: the server's indexer thread brings the trigram file up to
+    every message sent and edit made; a file that became unreadable is
+    made again and refilled, and searches answer meanwhile."""
+    db_file = tmp_path / 'p.db'
+    env = {'POSTBOX_DATABASE_URL': f'sqlite:///{db_file}'}
+    server = ServerProcess(tmp_path, env=env).start()
+    alice, bob, a, b, room = await pair(server.url)
+    sent = [await send(a, room, f'Grüße number {i}') for i in range(5)]
+    await _until_indexed(db_file, (sent[-1]['id'], 0))
+    ack = await a.call('edit_message', {'message_id': sent[0]['id'],
+                                        'body': 'rewritten'})
+    assert ack['ok'], ack
+    await _until_indexed(db_file, (sent[-1]['id'], 1))
+    await a.close()
+    await b.close()
+    assert await server.astop() == 0
+
+    (tmp_path / 'p.db-search').write_bytes(b'not a database at all' * 100)
+    server = ServerProcess(tmp_path, port=server.port, env=env).start()
+    try:
+        a = await connect(server.url, a.token)
+        assert await found(a, 'grusse') == [
+            f'Grüße number {i}' for i in (4, 3, 2, 1)]
+        await _until_indexed(db_file, (sent[-1]['id'], 1))
+        assert 'making it again' in server.read_log()
+        await a.close()
+    finally:
+        assert await server.astop() == 0, server.read_log()

@@ -7,6 +7,9 @@ and PostgreSQL.
 """
 import asyncio
 import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import models
 from models import search as search_index
@@ -19,6 +22,9 @@ from server.services.serialize import message_dicts
 log = logging.getLogger(__name__)
 
 LIMIT_MAX = 50  # the contract's page size limit
+# The log of edits the trigram file has taken is emptied at most this
+# often (one write transaction).
+PRUNE_SECONDS = 10
 QUERY_MIN_CHARS = 2  # the contract: shorter is invalid
 
 
@@ -68,6 +74,52 @@ async def search(ctx, user_id, query, room_id=None, before=None,
         room_id = info.id
     return await ctx.store.read(_find, ctx, user_id, query, room_id, before,
                                 limit)
+
+
+async def maintain(ctx):
+    """The index's background work while the app serves: the backfill
+    after the upgrade that added search, then (SQLite) the trigram file,
+    filled by its own thread a step every ``search_index_seconds``, or
+    at once while a step finds a full batch."""
+    database = ctx.store.database
+    trigrams = getattr(search_index.index(database), 'trigrams', None)
+    if trigrams is None:
+        await backfill(ctx)
+        return
+    batch = ctx.config.search_index_batch
+    thread = ThreadPoolExecutor(1, thread_name_prefix='pb-index')
+    loop = asyncio.get_running_loop()
+    logged = pruned = 0.0
+    edits = False  # indexed since the last prune: time to forget them
+    try:
+        try:
+            await loop.run_in_executor(thread, trigrams.create)
+        except sqlite3.Error as exc:  # the steps try again
+            log.warning('search index file: %s', exc)
+        await backfill(ctx)
+        while True:
+            try:
+                wrote, edited = await loop.run_in_executor(
+                    thread, trigrams.step, batch)
+            except sqlite3.Error as exc:  # busy, disk full, ...: later
+                wrote = edited = 0
+                if time.monotonic() - logged > 60:
+                    logged = time.monotonic()
+                    log.warning('search indexing paused: %s', exc)
+            edits = edits or edited > 0
+            if edits and time.monotonic() - pruned > PRUNE_SECONDS:
+                pruned = time.monotonic()
+                try:
+                    await ctx.store.write(search_index.prune_changes,
+                                          database)
+                    edits = False
+                except PostboxError:
+                    pass  # the database is away: the next prune
+            if max(wrote, edited) < batch:
+                await asyncio.sleep(ctx.config.search_index_seconds)
+    finally:
+        await loop.run_in_executor(thread, trigrams.close)
+        thread.shutdown()
 
 
 async def backfill(ctx):
