@@ -115,7 +115,8 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     migrate(database)
     database.close()
     conn = sqlite3.connect(str(path), isolation_level=None)
-    # The search index's triggers call the fold (models/search.py).
+    # The search index's triggers call the fold (models/search.py); new
+    # messages' text is written below, as the send path does.
     conn.create_function('pb_fold', 1, search.fold, deterministic=True)
     conn.execute('PRAGMA synchronous=OFF')
     conn.execute('PRAGMA foreign_keys=OFF')
@@ -211,6 +212,8 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
     _insert(conn, models.Message, msgs,
             ('id', 'room', 'seq', 'sender', 'body', 'client_msg_id',
              'created_at', 'update_seq'))
+    conn.executemany('INSERT INTO "message_text" VALUES (?, ?, ?)',
+                     ((m[1], m[0], search.fold(m[4])) for m in msgs))
     _insert(conn, models.Event, ((m[2], m[1], 'message', m[0]) for m in msgs),
             ('seq', 'room', 'kind', 'message'))
     conn.execute('COMMIT')

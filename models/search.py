@@ -3,9 +3,11 @@
 Every message that is not deleted has a row in ``message_text``: its room,
 its id and its body *folded* (``fold``: accents dropped, case folded,
 compatibility forms unified, punctuation turned into spaces, padded with
-one space each side). Triggers on ``message`` keep the rows in step with
-every insert, edit, delete and cascade, in the writer's own transaction,
-so the send path does not know the index exists. The primary key (room_id,
+one space each side), written in the same transaction as the message:
+triggers on ``message`` keep the rows in step with every edit, delete and
+cascade, and with every insert on PostgreSQL; on SQLite the send path
+writes a new message's row (``insert_texts`` of its dialect, in
+``server/data/database.py``, says why). The primary key (room_id,
 message_id) lets a search walk just the caller's rooms, newest first.
 
 - SQLite also keeps a trigram index (FTS5), in a file of its own next to
@@ -258,10 +260,8 @@ _SQLITE_SCHEMA = [
     'CREATE TABLE IF NOT EXISTS "search_changed" ('
     '"seq" INTEGER PRIMARY KEY AUTOINCREMENT, '
     '"message_id" INTEGER NOT NULL)',
-    'CREATE TRIGGER IF NOT EXISTS "message_text_insert" AFTER INSERT ON '
-    '"message" WHEN NOT NEW."deleted" BEGIN '
-    'INSERT INTO "message_text" VALUES '
-    '(NEW."room_id", NEW."id", pb_fold(NEW."body")); END',
+    # New messages get their row from the send path (the dialect's
+    # insert_texts, which says why), not from a trigger.
     # Peewee's save() writes every column (a reaction too): only a real
     # change of the body or the deleted flag touches the index.
     'CREATE TRIGGER IF NOT EXISTS "message_text_update" AFTER UPDATE OF '

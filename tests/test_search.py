@@ -268,7 +268,7 @@ def run_sql(url, statements):
 
 
 # What version 4 had instead of the search index.
-V4_SQLITE = ['DROP TRIGGER "message_text_insert"',
+V4_SQLITE = ['DROP TRIGGER IF EXISTS "message_text_insert"',
              'DROP TRIGGER "message_text_update"',
              'DROP TRIGGER "message_text_delete"',
              'DROP TABLE "search_changed"']
@@ -322,6 +322,57 @@ async def test_messages_from_before_the_upgrade_are_indexed(
     assert run_sql(url, ['SELECT COUNT(*) FROM "search_backfill"']) == [(0,)]
     # The index holds exactly the live messages: 9 old ones, 1 new.
     assert run_sql(url, ['SELECT COUNT(*) FROM "message_text"']) == [(10,)]
+
+
+# What version 6 had on SQLite: the trigram index in the database,
+# written by the insert trigger in the send's transaction.
+V6_SQLITE = [
+    'CREATE VIRTUAL TABLE "message_fts" USING fts5("text", content=\'\', '
+    'detail=none, columnsize=0, tokenize=\'trigram case_sensitive 1\')',
+    'INSERT INTO "message_fts" ("rowid", "text") '
+    'SELECT "message_id", "text" FROM "message_text"',
+    'CREATE TRIGGER "message_text_insert" AFTER INSERT ON "message" '
+    'WHEN NOT NEW."deleted" BEGIN INSERT INTO "message_text" VALUES '
+    '(NEW."room_id", NEW."id", pb_fold(NEW."body")); '
+    'INSERT INTO "message_fts" ("rowid", "text") SELECT "message_id", '
+    '"text" FROM "message_text" WHERE "room_id" = NEW."room_id" AND '
+    '"message_id" = NEW."id"; END',
+    'DROP TABLE "search_changed"',
+    'UPDATE "schemaversion" SET "version" = 6']
+
+
+async def test_version_6_database_moves_its_trigram_index_out(tmp_path):
+    """SQLite, version 6 to 7: the in-database trigram index and its insert
+    trigger go, sends and edits work and are found, the trigram file
+    is filled from the messages already stored."""
+    db_file = tmp_path / 'p.db'
+    env = {'POSTBOX_DATABASE_URL': f'sqlite:///{db_file}'}
+    server = ServerProcess(tmp_path, env=env).start()
+    alice, bob, a, b, room = await pair(server.url)
+    old = [await send(a, room, f'Ärger number {i}') for i in range(3)]
+    await a.close()
+    await b.close()
+    assert await server.astop() == 0
+    (tmp_path / 'p.db-search').unlink()
+    run_sql(f'sqlite:///{db_file}', V6_SQLITE)
+
+    server = ServerProcess(tmp_path, port=server.port, env=env).start()
+    try:
+        a = await connect(server.url, a.token)
+        new = await send(a, room, 'ärger after the upgrade')
+        ack = await a.call('edit_message', {'message_id': old[0]['id'],
+                                            'body': 'calm now'})
+        assert ack['ok'], ack
+        assert await found(a, 'arger') == [
+            'ärger after the upgrade', 'Ärger number 2', 'Ärger number 1']
+        assert await found(a, 'calm') == ['calm now']
+        await _until_indexed(db_file, (new['id'], 1))
+        await a.close()
+    finally:
+        assert await server.astop() == 0, server.read_log()
+    assert run_sql(f'sqlite:///{db_file}', [
+        'SELECT "name" FROM "sqlite_master" WHERE "name" LIKE '
+        '\'message_fts%\' OR "name" = \'message_text_insert\'']) == []
 
 
 async def test_bot_sdk_search(base):
@@ -382,10 +433,20 @@ def _small_world(tmp_path):
         for n in range(600):
             rid = n % 3 + 1
             body = f'Needle № {n} in Köln' if n % 7 == 0 else f'hay {n}'
-            Message.create(room=rid, seq=n // 3 + 1, sender=rid, body=body,
-                           client_msg_id=f'm{n}', created_at=n,
-                           update_seq=n // 3 + 1)
+            _new_message(rid, n // 3 + 1, body)
     return database
+
+
+def _new_message(room_id, seq, body):
+    """A message row with its searchable text, as the send path writes
+    them."""
+    from models import Message
+    from server.data.database import dialect
+    message = Message.create(room=room_id, seq=seq, sender=room_id,
+                             body=body, client_msg_id=f'm{room_id}-{seq}',
+                             created_at=seq, update_seq=seq)
+    dialect().insert_texts([(room_id, message.id, body)])
+    return message
 
 
 def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
@@ -451,8 +512,7 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
         Message.delete().where(Message.id == first).execute()
         assert both(1, 'plain') == []
         # A new message is found before the file has it.
-        new = Message.create(room=1, seq=201, sender=1, body='plain again',
-                             client_msg_id='n', created_at=0, update_seq=201)
+        new = _new_message(1, 201, 'plain again')
         assert both(1, 'plain') == [new.id]
         index.trigrams.step(100)
         assert both(1, 'plain') == [new.id]

@@ -19,6 +19,7 @@ from playhouse.db_url import parse as parse_db_url
 
 import models
 from models import search as search_index
+from models.fold import fold
 
 # libpq's connect timeout (whole seconds, 2 at least): a database host
 # that does not answer at all must not hold a probe or a read for long.
@@ -158,6 +159,19 @@ class SqliteDialect:
         first = last_id - len(keys) + 1
         return {key: first + n for n, key in enumerate(keys)}
 
+    def insert_texts(self, texts):
+        """The searchable text of new messages, ``[(room_id, message_id,
+        body)]`` (``models/search.py``), folded here and written in
+        multi-row INSERTs. Not by a trigger, as on PostgreSQL: the fold is
+        Python, and SQLite calling it from inside a statement takes the
+        GIL back once per message, each time waiting for the busy event
+        loop to let go of it."""
+        for chunk in chunks(texts):
+            execute('INSERT INTO "message_text" VALUES '
+                    + ', '.join(['(?, ?, ?)'] * len(chunk)),
+                    [v for room_id, message_id, body in chunk
+                     for v in (room_id, message_id, fold(body))])
+
 
 class PostgresDialect:
     """PostgreSQL: rows are locked explicitly (in id order, so two
@@ -195,6 +209,10 @@ class PostgresDialect:
         rows = execute(sql + ' RETURNING "id", "room_id", "seq"',
                        params).fetchall()
         return {(room_id, seq): row_id for row_id, room_id, seq in rows}
+
+    def insert_texts(self, texts):
+        """Nothing: a trigger folds new messages' text in SQL, in the same
+        statement (``models/search.py``)."""
 
 
 def _take_seqs_update(counts, room_ids, now):

@@ -82,8 +82,8 @@ def take_seqs(counts, now) -> dict:
 
 def insert_messages(rows) -> dict:
     """Insert new messages, each row (room_id, seq, sender_id, body,
-    client_msg_id, reply_to, created_at) with an event for it; {(room_id,
-    seq): message id}."""
+    client_msg_id, reply_to, created_at) with its searchable text and an
+    event for it; {(room_id, seq): message id}."""
     ids = {}
     for chunk in chunks(rows):
         sql = ('INSERT INTO "message" ("room_id", "seq", "sender_id", '
@@ -97,6 +97,8 @@ def insert_messages(rows) -> dict:
             params.append(row[1])
         ids.update(dialect().insert_returning_keys(
             sql, params, [(row[0], row[1]) for row in chunk]))
+    dialect().insert_texts([(row[0], ids[row[0], row[1]], row[3])
+                            for row in rows])
     events = [(row[0], row[1], 'message', ids[row[0], row[1]])
               for row in rows]
     for chunk in chunks(events):
