@@ -25,6 +25,8 @@ LIMIT_MAX = 50  # the contract's page size limit
 # The log of edits the trigram file has taken is emptied at most this
 # often (one write transaction).
 PRUNE_SECONDS = 10
+# A trigram file that cannot be written is logged at most this often.
+LOG_EVERY_SECONDS = 60
 QUERY_MIN_CHARS = 2  # the contract: shorter is invalid
 
 
@@ -101,11 +103,12 @@ async def maintain(ctx):
             try:
                 wrote, edited = await loop.run_in_executor(
                     thread, trigrams.step, batch)
-            except sqlite3.Error as exc:  # busy, disk full, ...: later
+            except Exception as exc:  # busy, disk full, ...: later
                 wrote = edited = 0
-                if time.monotonic() - logged > 60:
+                if time.monotonic() - logged > LOG_EVERY_SECONDS:
                     logged = time.monotonic()
-                    log.warning('search indexing paused: %s', exc)
+                    log.warning('search indexing paused: %s', exc,
+                                exc_info=not isinstance(exc, sqlite3.Error))
             edits = edits or edited > 0
             if edits and time.monotonic() - pruned > PRUNE_SECONDS:
                 pruned = time.monotonic()
@@ -113,8 +116,8 @@ async def maintain(ctx):
                     await ctx.store.write(search_index.prune_changes,
                                           database)
                     edits = False
-                except PostboxError:
-                    pass  # the database is away: the next prune
+                except Exception as exc:  # the next prune tries again
+                    log.info('search edit log not pruned: %s', exc)
             if max(wrote, edited) < batch:
                 await asyncio.sleep(ctx.config.search_index_seconds)
     finally:
