@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # A step waits this long for another process's step to commit.
 BUSY_MILLISECONDS = 30_000
+FILE_MODE = 0o600
 
 _SCHEMA = [
     'CREATE VIRTUAL TABLE IF NOT EXISTS "message_fts" USING fts5('
@@ -136,6 +137,7 @@ class TrigramFile:
 
     def _open_index(self):
         for attempt in (1, 2):
+            self._private()
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
                 conn.execute(f'PRAGMA busy_timeout = {BUSY_MILLISECONDS}')
@@ -157,6 +159,18 @@ class TrigramFile:
                         os.remove(self.path + suffix)
                     except FileNotFoundError:
                         pass
+
+    def _private(self):
+        """The file holds what messages say: readable by the server's user
+        only, as the database is (SQLite gives its -wal and -shm files the
+        database file's mode)."""
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        for path in (self.path, f'{self.path}-wal', f'{self.path}-shm'):
+            try:
+                if os.stat(path).st_mode & 0o077:
+                    os.chmod(path, FILE_MODE)
+            except FileNotFoundError:
+                pass
 
     def step(self, batch) -> tuple:
         """Index up to ``batch`` messages committed since the last step and
