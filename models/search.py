@@ -260,6 +260,10 @@ _SQLITE_SCHEMA = [
     'CREATE TABLE IF NOT EXISTS "search_changed" ('
     '"seq" INTEGER PRIMARY KEY AUTOINCREMENT, '
     '"message_id" INTEGER NOT NULL)',
+    # The last seq pruned: a trigram file that has not taken it is older
+    # than the database and starts again.
+    'CREATE TABLE IF NOT EXISTS "search_pruned" ("one" INTEGER PRIMARY KEY '
+    'CHECK ("one" = 1), "seq" INTEGER NOT NULL)',
     # New messages get their row from the send path (the dialect's
     # insert_texts, which says why), not from a trigger.
     # Peewee's save() writes every column (a reaction too): only a real
@@ -394,12 +398,18 @@ def move_trigrams_out(database):
 
 
 def prune_changes(database):
-    """Forget the edits the trigram file has indexed (a write)."""
+    """Forget the edits the trigram file has indexed (a write), and
+    remember how far."""
     trigrams = index(database).trigrams
-    if trigrams is not None:
-        changes = trigrams.indexed()[1]
+    try:
+        changes = trigrams.indexed()[1] if trigrams is not None else 0
+    except sqlite3.Error:  # unreadable: the next prune
+        return
+    if changes:
         database.execute_sql('DELETE FROM "search_changed" WHERE "seq" <= ?',
                              (changes,))
+        database.execute_sql('INSERT OR REPLACE INTO "search_pruned" '
+                             'VALUES (1, ?)', (changes,))
 
 
 def backfill_pending(database) -> bool:

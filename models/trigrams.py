@@ -29,9 +29,15 @@ against ``message_text``, so they cost a check, never a wrong answer.
 
 Several processes on one database share the file: a step holds its write
 lock (BEGIN IMMEDIATE) from reading ``indexed`` to committing it. The file
-may be lost at any time; a missing or unreadable one is made again and
-refilled from the database, oldest messages first, while searches walk.
+may be lost at any time: a missing, unreadable or replaced one is made
+again (or opened again) by the next step, and refilled from the database,
+oldest messages first, while searches walk. A file that does not match
+its database (one of them restored from a backup: the database's newest
+message is below ``through``, or edits the file never took were pruned
+from the log) is refilled from the start.
 """
+import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -58,6 +64,8 @@ _TOP = 'SELECT COALESCE(MAX("id"), 0) FROM "message"'
 _NEW = ('SELECT m."id", t."text" FROM "message" m JOIN "message_text" t '
         'ON t."room_id" = m."room_id" AND t."message_id" = m."id" '
         'WHERE m."id" > ? AND m."id" <= ? ORDER BY m."id" LIMIT ?')
+# The last edit pruned from the log (``models.search.prune_changes``).
+_PRUNED = 'SELECT COALESCE(MAX("seq"), 0) FROM "search_pruned"'
 # The log's last seq, even once its rows are pruned (AUTOINCREMENT).
 _LAST_CHANGE = ('SELECT COALESCE(MAX("seq"), 0) FROM "sqlite_sequence" '
                 'WHERE "name" = \'search_changed\'')
@@ -66,6 +74,13 @@ _CHANGED = ('SELECT c."seq", t."message_id", t."text" '
             'c."message_id" JOIN "message_text" t ON t."room_id" = '
             'm."room_id" AND t."message_id" = m."id" '
             'WHERE c."seq" > ? AND c."seq" <= ? ORDER BY c."seq" LIMIT ?')
+
+
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def path_of(database_path):
@@ -87,18 +102,30 @@ class TrigramFile:
         self._local = threading.local()
         self._readers = []
         self._readers_lock = threading.Lock()
+        self._opened = 0  # counts ``close`` calls: readers open again
         self._index = None  # the indexer's connections
+        self._index_inode = None
         self._source = None
 
     # -- readers ---------------------------------------------------------
 
     def _reader(self):
+        """This thread's connection to the file, opened again if the file
+        was replaced (made again by any process) since."""
+        inode = _inode(self.path)
+        if inode is None:
+            raise sqlite3.OperationalError('no search index file')
         conn = getattr(self._local, 'conn', None)
+        if conn is not None and (self._local.inode, self._local.opened) != \
+                (inode, self._opened):
+            conn.close()  # closed already if ``close`` ran since
+            conn = None
         if conn is None:
             conn = sqlite3.connect(self.path, check_same_thread=False,
                                    isolation_level=None)
             conn.execute('PRAGMA query_only = 1')
-            self._local.conn = conn
+            self._local.conn, self._local.inode = conn, inode
+            self._local.opened = self._opened
             with self._readers_lock:
                 self._readers.append(conn)
         return conn
@@ -107,11 +134,11 @@ class TrigramFile:
         """(through, changes): see the module's docstring; (0, 0) before
         the indexer made the file. Raises sqlite3.Error if the file cannot
         be read (the caller walks)."""
-        if getattr(self._local, 'conn', None) is None and \
-                not os.path.exists(self.path):
+        if _inode(self.path) is None:
             return 0, 0
-        return self._reader().execute(
+        row = self._reader().execute(
             'SELECT "through", "changes" FROM "indexed"').fetchone()
+        return row or (0, 0)
 
     def candidates(self, match, below, limit) -> list:
         """Ids below ``below`` of at most ``limit`` index rows holding every
@@ -129,36 +156,70 @@ class TrigramFile:
         self._connections()
 
     def _connections(self):
+        if self._index is not None and \
+                self._index_inode != _inode(self.path):
+            self._drop()  # deleted or made again by another process
         if self._index is None:
             self._index = self._open_index()
+            self._index_inode = _inode(self.path)
             self._source = sqlite3.connect(self.source, isolation_level=None)
             self._source.execute(f'PRAGMA busy_timeout = {BUSY_MILLISECONDS}')
         return self._index, self._source
 
-    def _open_index(self):
-        for attempt in (1, 2):
-            self._private()
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                conn.execute(f'PRAGMA busy_timeout = {BUSY_MILLISECONDS}')
-                conn.execute('PRAGMA journal_mode = wal')
-                # Derived data: a crash may lose its last steps (they are
-                # done again), never corrupt it.
-                conn.execute('PRAGMA synchronous = NORMAL')
-                for sql in _SCHEMA:
-                    conn.execute(sql)
-                return conn
-            except sqlite3.DatabaseError as exc:
+    def _drop(self):
+        for conn in (self._index, self._source):
+            if conn is not None:
                 conn.close()
-                if attempt == 2 or isinstance(exc, sqlite3.OperationalError):
-                    raise  # busy, locked, disk: the next step tries again
+        self._index = self._source = None
+
+    def _open_index(self):
+        """The indexer's connection, the schema made; an unreadable file is
+        made again, by one process at a time (the others then use it)."""
+        try:
+            return self._open_file()
+        except sqlite3.OperationalError:
+            raise  # busy, locked, disk: the next step tries again
+        except sqlite3.DatabaseError:
+            pass
+        with self._remaking():
+            try:
+                return self._open_file()  # made again by another process?
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as exc:
                 log.warning('search index file %s unreadable (%s): making '
                             'it again', self.path, exc)
-                for suffix in ('', '-wal', '-shm'):
-                    try:
-                        os.remove(self.path + suffix)
-                    except FileNotFoundError:
-                        pass
+            for suffix in ('', '-wal', '-shm'):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path + suffix)
+            return self._open_file()
+
+    @contextlib.contextmanager
+    def _remaking(self):
+        fd = os.open(f'{self.path}-lock', os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _open_file(self):
+        self._private()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute(f'PRAGMA busy_timeout = {BUSY_MILLISECONDS}')
+            conn.execute('PRAGMA journal_mode = wal')
+            # FULL: what a step committed is on disk before the edit log
+            # it read from is pruned (one fsync per step).
+            conn.execute('PRAGMA synchronous = FULL')
+            conn.execute('BEGIN IMMEDIATE')
+            for sql in _SCHEMA:
+                conn.execute(sql)
+            conn.execute('COMMIT')
+            return conn
+        except BaseException:
+            conn.close()
+            raise
 
     def _private(self):
         """The file holds what messages say: readable by the server's user
@@ -191,11 +252,14 @@ class TrigramFile:
                     index.execute('ROLLBACK')
                     return 0, 0
                 top = source.execute(_TOP).fetchone()[0]
-                if top < through:
-                    # The database is older than its index (restored from
-                    # a backup): ids below ``through`` will be reused.
-                    log.warning('search index is ahead of the database: '
-                                'indexing again from the start')
+                pruned = source.execute(_PRUNED).fetchone()[0]
+                if top < through or changes < pruned:
+                    # The database is older than the file (restored from
+                    # a backup: ids below ``through`` will be reused), or
+                    # the file older than the database (edits it never
+                    # took were pruned): start again.
+                    log.warning('search index file does not match the '
+                                'database: indexing again from the start')
                     index.execute('INSERT INTO "message_fts" '
                                   '("message_fts") VALUES (\'delete-all\')')
                     through = changes = 0
@@ -217,20 +281,21 @@ class TrigramFile:
             index.execute('UPDATE "indexed" SET "through" = ?, '
                           '"changes" = ?', (through, changes))
             index.execute('COMMIT')
-        except BaseException:
+        except BaseException as exc:
             if index.in_transaction:
                 index.execute('ROLLBACK')
+            if isinstance(exc, sqlite3.DatabaseError) and \
+                    not isinstance(exc, sqlite3.OperationalError):
+                self._drop()  # corrupt? the next step opens it again
             raise
         return len(new), len(edited)
 
     def close(self):
         """Close the indexer's connections (on its thread) and the
         readers'."""
-        for conn in (self._index, self._source):
-            if conn is not None:
-                conn.close()
-        self._index = self._source = None
+        self._drop()
         with self._readers_lock:
+            self._opened += 1
             for conn in self._readers:
                 try:
                     conn.close()

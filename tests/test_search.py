@@ -337,14 +337,37 @@ V6_SQLITE = [
     'INSERT INTO "message_fts" ("rowid", "text") SELECT "message_id", '
     '"text" FROM "message_text" WHERE "room_id" = NEW."room_id" AND '
     '"message_id" = NEW."id"; END',
-    'DROP TABLE "search_changed"',
+    'DROP TRIGGER "message_text_update"',
+    'CREATE TRIGGER "message_text_update" AFTER UPDATE OF "body", '
+    '"deleted" ON "message" WHEN OLD."body" IS NOT NEW."body" OR '
+    'OLD."deleted" IS NOT NEW."deleted" BEGIN '
+    'INSERT INTO "message_fts" ("message_fts", "rowid", "text") '
+    'SELECT \'delete\', "message_id", "text" FROM "message_text" '
+    'WHERE "room_id" = OLD."room_id" AND "message_id" = OLD."id"; '
+    'DELETE FROM "message_text" WHERE "room_id" = OLD."room_id" AND '
+    '"message_id" = OLD."id"; '
+    'INSERT INTO "message_text" SELECT NEW."room_id", NEW."id", '
+    'pb_fold(NEW."body") WHERE NOT NEW."deleted"; '
+    'INSERT INTO "message_fts" ("rowid", "text") SELECT "message_id", '
+    '"text" FROM "message_text" WHERE "room_id" = NEW."room_id" AND '
+    '"message_id" = NEW."id"; END',
+    'DROP TRIGGER "message_text_delete"',
+    'CREATE TRIGGER "message_text_delete" AFTER DELETE ON "message" BEGIN '
+    'INSERT INTO "message_fts" ("message_fts", "rowid", "text") '
+    'SELECT \'delete\', "message_id", "text" FROM "message_text" '
+    'WHERE "room_id" = OLD."room_id" AND "message_id" = OLD."id"; '
+    'DELETE FROM "message_text" WHERE "room_id" = OLD."room_id" AND '
+    '"message_id" = OLD."id"; END',
+    'DROP TABLE "search_changed"', 'DROP TABLE "search_pruned"',
     'UPDATE "schemaversion" SET "version" = 6']
 
 
 async def test_version_6_database_moves_its_trigram_index_out(tmp_path):
-    """SQLite, version 6 to 7: the in-database trigram index and its insert
-    trigger go, sends and edits work and are found, the trigram file
-    is filled from the messages already stored."""
+    """SQLite, version 6 to 7: the in-database trigram index and the
+    triggers that wrote it go (an edit or a delete would fail on the
+    dropped table otherwise), sends, edits and deletes work and are
+    found, the trigram file is filled from the messages already
+    stored."""
     db_file = tmp_path / 'p.db'
     env = {'POSTBOX_DATABASE_URL': f'sqlite:///{db_file}'}
     server = ServerProcess(tmp_path, env=env).start()
@@ -366,6 +389,10 @@ async def test_version_6_database_moves_its_trigram_index_out(tmp_path):
         assert await found(a, 'arger') == [
             'ärger after the upgrade', 'Ärger number 2', 'Ärger number 1']
         assert await found(a, 'calm') == ['calm now']
+        ack = await a.call('delete_message', {'message_id': old[1]['id']})
+        assert ack['ok'], ack
+        assert await found(a, 'arger') == [
+            'ärger after the upgrade', 'Ärger number 2']
         await _until_indexed(db_file, (new['id'], 1))
         await a.close()
     finally:
@@ -535,6 +562,53 @@ def test_index_led_and_room_walk_agree(tmp_path, monkeypatch):
         models.db.initialize(None)
 
 
+def test_a_trigram_file_older_than_its_database_starts_again(
+        tmp_path, monkeypatch, caplog):
+    """A trigram file put back from before edits that were since pruned
+    from the log (a backup restored, a crash that lost its last steps)
+    would never find those edits: the indexer notices and fills it again
+    from the start."""
+    import shutil
+    import models
+    from models import Message
+    from models import search
+    database = _small_world(tmp_path)
+    index = search.index(database)
+    monkeypatch.setattr(search, 'SCAN_ROWS', 0)
+
+    def led(query):
+        ids = index.find(database, 3, search.patterns(search.fold(query)),
+                         None, None, 50)
+        assert index._logged == 0.0  # the file led
+        return ids
+
+    def index_all():
+        while max(index.trigrams.step(100)) == 100:
+            pass
+    try:
+        index_all()
+        index.trigrams.close()  # its WAL checkpointed: one file to copy
+        shutil.copyfile(index.trigrams.path, tmp_path / 'old')
+        target = Message.select().where(Message.room == 3).first().id
+        Message.update(body='zebra crossing').where(
+            Message.id == target).execute()
+        assert led('zebra') == [target]  # from the edit log
+        index_all()
+        with database.atomic():
+            search.prune_changes(database)
+        assert led('zebra') == [target]  # from the file
+        index.trigrams.close()
+        shutil.copyfile(tmp_path / 'old', index.trigrams.path)
+        assert led('zebra') == []  # what the old file would say for good
+        index_all()
+        assert 'indexing again from the start' in caplog.text
+        assert led('zebra') == [target]
+    finally:
+        index.trigrams.close()
+        database.close()
+        models.db.initialize(None)
+
+
 def test_fold_is_the_same_typed_any_way():
     from models.search import fold
     import unicodedata
@@ -572,7 +646,7 @@ async def _until_indexed(db_file, expected, timeout=30):
 async def test_trigram_file_is_filled_after_commits_and_made_again(tmp_path):
     """SQLite: the server's indexer thread brings the trigram file up to
     every message sent and edit made; a file that became unreadable is
-    made again and refilled, and searches answer meanwhile."""
+    made again and refilled (searches walk meanwhile)."""
     db_file = tmp_path / 'p.db'
     env = {'POSTBOX_DATABASE_URL': f'sqlite:///{db_file}'}
     server = ServerProcess(tmp_path, env=env).start()

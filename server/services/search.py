@@ -96,7 +96,7 @@ async def maintain(ctx):
     try:
         try:
             await loop.run_in_executor(thread, trigrams.create)
-        except sqlite3.Error as exc:  # the steps try again
+        except Exception as exc:  # the steps try again
             log.warning('search index file: %s', exc)
         await backfill(ctx)
         while True:
