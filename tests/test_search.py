@@ -672,3 +672,33 @@ async def test_trigram_file_is_filled_after_commits_and_made_again(tmp_path):
         await a.close()
     finally:
         assert await server.astop() == 0, server.read_log()
+
+
+async def test_processes_sharing_a_database_share_its_trigram_file(
+        tmp_path):
+    """Two processes on one SQLite file (no Redis: each client stays on
+    its process) each run an indexer on the one trigram file: it ends up
+    with every message either sent; deleted while they run, it is made
+    again, refilled and used by both."""
+    from tests.kit import running_servers
+    db_file = tmp_path / 'p.db'
+    env = {'POSTBOX_DATABASE_URL': f'sqlite:///{db_file}'}
+    with running_servers(tmp_path, 2, env) as servers:
+        alice, bob, a, b, room = await pair(servers[0].url)
+        b2 = await connect(servers[1].url, b.token)
+        sent = []
+        for i in range(20):
+            sender = a if i % 2 else b2
+            sent.append(await send(sender, room, f'both ways {i}'))
+        top = max(m['id'] for m in sent)
+        await _until_indexed(db_file, (top, 0))
+        inode = (tmp_path / 'p.db-search').stat().st_ino
+        for suffix in ('', '-wal', '-shm'):
+            (tmp_path / f'p.db-search{suffix}').unlink(missing_ok=True)
+        sent.append(await send(a, room, 'both ways after'))
+        await _until_indexed(db_file, (sent[-1]['id'], 0))
+        assert (tmp_path / 'p.db-search').stat().st_ino != inode
+        for client in (a, b2):
+            assert len(await found(client, 'both ways', limit=50)) == 21
+        for client in (a, b, b2):
+            await client.close()
