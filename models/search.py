@@ -368,11 +368,10 @@ def backfill_step(database, batch) -> bool:
         (low, below)).fetchall()
     if rows:
         if isinstance(database, peewee.SqliteDatabase):
-            # The trigram file's indexer takes them from here once the
-            # backfill is done.
-            database.cursor().executemany(
-                'INSERT INTO "message_text" VALUES (?, ?, ?)',
-                [(room, mid, fold(body)) for room, mid, body in rows])
+            # Folded and written as the send path writes new messages'
+            # text (the dialect's insert_texts); the trigram file's
+            # indexer takes them from there once the backfill is done.
+            database.dialect.insert_texts(rows)
         else:
             database.execute_sql(
                 'INSERT INTO message_text SELECT room_id, id, pb_fold(body) '

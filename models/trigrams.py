@@ -1,7 +1,7 @@
 """SQLite's trigram index, kept in a file of its own next to the database.
 
-The index is derived data. What a search checks is ``message_text``, kept
-in the database by triggers in the send's own transaction
+The index is derived data. What a search checks is ``message_text``,
+written in the database in the send's own transaction
 (``models/search.py``); the trigram index only proposes candidates, for a
 caller whose rooms hold very many messages. So it is written after the
 messages commit, by an indexer thread (``step``), not in the send's
