@@ -53,14 +53,35 @@ PAGE = os.sysconf('SC_PAGE_SIZE')
 # OS measurements
 
 def proc_cpu_seconds(pid) -> float:
-    """utime + stime of a process (all its threads), in seconds; of all
-    of them summed for a list of pids (several servers and Redis)."""
+    """utime + stime of a process (all its threads) and of its live
+    descendants (Postbox's writer process), in seconds; of all of them
+    summed for a list of pids (several servers and Redis)."""
     if isinstance(pid, (list, tuple)):
         return sum(proc_cpu_seconds(p) for p in pid)
     with open(f'/proc/{pid}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
     # Fields after the command: state is [0], utime [11], stime [12].
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return own + sum(_cpu_or_zero(child) for child in child_pids(pid))
+
+
+def child_pids(pid) -> list:
+    """The process's children, from every thread's children list."""
+    found = []
+    try:
+        for task in os.listdir(f'/proc/{pid}/task'):
+            with open(f'/proc/{pid}/task/{task}/children') as f:
+                found.extend(int(c) for c in f.read().split())
+    except OSError:  # gone meanwhile
+        pass
+    return found
+
+
+def _cpu_or_zero(pid) -> float:
+    try:
+        return proc_cpu_seconds(pid)
+    except OSError:  # ended meanwhile
+        return 0.0
 
 
 def main_thread_cpu_seconds(pid) -> float:

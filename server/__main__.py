@@ -2,4 +2,5 @@ import sys
 
 from server.app import main
 
-sys.exit(main())
+if __name__ == '__main__':  # not when the writer process imports it
+    sys.exit(main())

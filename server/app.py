@@ -31,7 +31,8 @@ from server.services.limits import Limits
 from server.services.live import Typing, presence_for
 from server.services.serialize import load_users
 from server.storage import LocalStorage, private_data
-from server.store import Store, open_database
+from server.store import Store, is_sqlite, open_database
+from server.writer_process import WriterProcess
 from server.transport import attachments_http, http, http_base
 from server.transport import socket as socket_transport
 from server.transport.backpressure import bound_send_queues
@@ -97,11 +98,16 @@ def setup_database(app) -> Store:
     a database outage is not a reason to restart the process."""
     config, metrics = app[CONFIG], app[METRICS]
     private_data(config)  # data dir 0700, database and files 0600
-    database = open_database(config.effective_database_url, config)
+    url = config.effective_database_url
+    database = open_database(url, config)
+    in_memory = is_sqlite(database) and database.database == ':memory:'
     store = Store(database, batch_max=config.write_batch_max,
                   reader_threads=config.reader_threads,
                   queue_max=config.write_queue_max,
-                  on_batch=metrics.observe_batch)
+                  on_batch=metrics.observe_batch,
+                  process=(WriterProcess(url, config)
+                           if config.writer_process and not in_memory
+                           else None))
     metrics.store = store
     app[READY_CHECKS] = [
         ('database', lambda: store.database_ready(CHECK_SECONDS)),

@@ -14,6 +14,18 @@ class PostboxError(Exception):
     def to_dict(self):
         return {'code': self.code, 'message': self.message, **self.extra}
 
+    def __reduce__(self):
+        # Pickled as it is (the writer process sends refusals back), not
+        # rebuilt through __init__, whose arguments differ by class.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls, args, state):
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class Invalid(PostboxError):
     """The payload breaks the contract: a field missing, of the wrong type

@@ -174,6 +174,23 @@ class _StoreCollector:
             for key, value in dict(getattr(store, attr)).items():
                 family.add_metric([key], value)
             yield family
+        process = store.process
+        if process is not None:
+            alive = GaugeMetricFamily(
+                'postbox_writer_process_up', '1 while the writer process '
+                '(which commits the sends) runs; 0 while the writer thread '
+                'commits them itself')
+            alive.add_metric([], 1 if process.alive() else 0)
+            yield alive
+            for attr, help_text in (
+                    ('runs', 'Runs of sends the writer process answered'),
+                    ('failures', 'Runs of sends the writer thread ran '
+                     'itself: the writer process had failed, hung or was '
+                     'not started yet again')):
+                family = CounterMetricFamily(
+                    f'postbox_writer_process_{attr}', help_text)
+                family.add_metric([], getattr(process, attr))
+                yield family
 
 
 def instrument_fanout(realtime, metrics):

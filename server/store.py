@@ -46,8 +46,8 @@ from models.migrations import migrate
 from server.data.database import open_database  # noqa: F401 (the app's)
 from server.data.database import dialect_of, is_sqlite
 from server.data.faults import (BUSY, CONNECTION, DISK_FULL, ERROR,
-                                LOG_EVERY_SECONDS, Throttled, classify,
-                                drop_connection, one_line)
+                                LOG_EVERY_SECONDS, ProcessLost, Throttled,
+                                classify, drop_connection, one_line)
 from server.errors import Conflict, PostboxError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,31 @@ class Batched:
     single ``many([item, ...])`` in one savepoint, which returns per item
     either its result or the ``PostboxError`` refusing it. Alone, a call
     runs ``many([item])``. The send path is one: every send that queued
-    while the last commit ran costs a few statements together."""
+    while the last commit ran costs a few statements together.
+
+    ``Batched.portable``: the operation may run in the writer process
+    (``server.writer_process``): its items are named tuples whose ``ctx``
+    the process replaces, and it uses no more of the context than
+    ``ChildContext`` offers."""
+
+    portable = False
 
     def __init__(self, many):
         self.many = many
         self.__name__ = getattr(many, '__name__', 'batched')
+
+    @classmethod
+    def in_writer_process(cls, redone):
+        """Decorator: a Batched operation that is portable. ``redone(
+        results, since_ms)``: the (future, result, error) of a run the
+        writer thread ran again after the writer process failed during it
+        (having committed it, or not), as they must be answered."""
+        def portable(many):
+            batched = cls(many)
+            batched.portable = True
+            batched.redone = redone
+            return batched
+        return portable
 
     def __call__(self, item):
         (outcome,) = self.many([item])
@@ -121,12 +141,30 @@ def _runs(batch):
     return runs
 
 
+def _segments(batch):
+    """Split a batch into the parts that commit apart when a writer
+    process runs the portable operations: each run of consecutive calls of
+    a portable operation, and whatever lies between them."""
+    segments = []
+    for item in batch:
+        portable = getattr(item[0], 'portable', False)
+        if segments and segments[-1][0] == portable and (
+                not portable or segments[-1][1][-1][0] is item[0]):
+            segments[-1][1].append(item)
+        else:
+            segments.append((portable, [item]))
+    return [items for _, items in segments]
+
+
 class Store:
     """The database plus its writer thread and reader pool."""
 
     def __init__(self, database, *, batch_max=512, reader_threads=4,
-                 queue_max=10000, on_batch=None):
+                 queue_max=10000, on_batch=None, process=None):
         self.database = database
+        # The writer process (``server.writer_process.WriterProcess``) that
+        # commits the portable operations, or None: the writer thread does.
+        self.process = process
         self.batch_max = batch_max
         self.queue_max = queue_max
         self._on_batch = on_batch  # called (size, seconds) after each commit
@@ -163,6 +201,8 @@ class Store:
         migrate(self.database)
         self.database.close()
         self._loop = asyncio.get_running_loop()
+        if self.process is not None:
+            self.process.start()
         self._writer = threading.Thread(target=self._write_loop,
                                         name='pb-writer', daemon=True)
         self._writer.start()
@@ -174,6 +214,9 @@ class Store:
             await asyncio.get_running_loop().run_in_executor(
                 None, self._writer.join)
             self._writer = None
+        if self.process is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.process.close)
         self._readers.shutdown(wait=True)
         if hasattr(self._turn, 'close'):
             self._turn.close()
@@ -345,8 +388,11 @@ class Store:
         try:
             if self.fault is not None and not self._probe():
                 results = self._refuse(batch)
-            else:
+            elif self.process is None:
                 results = self._commit(batch)
+            else:
+                results = [result for segment in _segments(batch)
+                           for result in self._commit(segment)]
         except BaseException:  # a bug here must not lose the batch's acks
             log.exception('write batch of %s failed', len(batch))
             results = self._refuse(batch)
@@ -386,6 +432,26 @@ class Store:
                     time.sleep(0.05 * attempt)
 
     def _run_batch(self, batch):
+        fn = batch[0][0]
+        if self.process is not None and getattr(fn, 'portable', False):
+            return self._run_in_process(fn, batch)
+        return self._run_locally(batch)
+
+    def _run_in_process(self, fn, batch):
+        """A run of a portable operation, committed by the writer
+        process; by this thread if the process is not there, or failed
+        (then ``fn.redone`` corrects what it had committed already)."""
+        items = [args[0] for _, args, _ in batch]
+        try:
+            outcomes = self.process.run(fn, items, items[0].ctx)
+        except ProcessLost as lost:
+            return fn.redone(self._run_locally(batch), lost.since_ms)
+        if outcomes is None:
+            return self._run_locally(batch)
+        return [(future, result, error) for (_, _, future), (result, error)
+                in zip(batch, outcomes)]
+
+    def _run_locally(self, batch):
         results = []
         self.database.connect(reuse_if_open=True)
         with self._turn, self.database.atomic(**self._begin):
@@ -395,6 +461,14 @@ class Store:
                 else:
                     results.append(self._outcome(fn, *items[0]))
         return results
+
+    def run_here(self, fn, items) -> list:
+        """Run ``fn(item)`` for each item in one transaction in this thread
+        (``fn`` Batched: ``fn.many`` in one savepoint); per item (result,
+        error). Raises the database's error if the transaction fails. The
+        writer process's form of a write batch."""
+        return [(result, error) for _, result, error in
+                self._run_locally([(fn, (item,), None) for item in items])]
 
     def _probe(self) -> bool:
         """While the breaker is open: one no-op write transaction. Closes

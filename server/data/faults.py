@@ -27,6 +27,25 @@ CONNECTION = 'connection'    # no connection, or it was lost
 ERROR = 'error'              # any other failure of the transaction
 
 
+class RemoteFault(Exception):
+    """A database failure in the writer process (``server.writer_process``),
+    by kind; its message is the database's own words."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ProcessLost(Exception):
+    """The writer process failed during a run (gone, hung, a broken
+    reply): it may have committed the run or not. ``since_ms``: when the
+    run was handed to it."""
+
+    def __init__(self, since_ms):
+        super().__init__(since_ms)
+        self.since_ms = since_ms
+
+
 def classify(exc):
     """The fault kind of a database failure, and the exception (``exc``
     or one it was raised from) whose message says what happened. Peewee
@@ -54,6 +73,8 @@ def classify(exc):
 
 
 def _kind_of(error):
+    if isinstance(error, RemoteFault):
+        return error.kind
     text = str(error).lower()
     if isinstance(error, OSError) and error.errno == errno.ENOSPC or \
             'no space left on device' in text or \

@@ -1,6 +1,7 @@
 """The send path's writer half: the sends that queued while the writer's
 last commit ran, checked against the database and stored together in a
-few statements (``store_sends``, a ``Batched`` write operation).
+few statements (``store_sends``, a ``Batched`` write operation that runs
+in the writer process, ``server.writer_process``).
 ``server.services.messages.send_message`` checks a send and queues it.
 """
 from typing import NamedTuple
@@ -9,7 +10,7 @@ from server.data import messages as data
 from server.errors import Conflict, Forbidden, Invalid
 from server.services import outbox
 from server.services.context import now_ms
-from server.services.serialize import (attachment_dict, load_users,
+from server.services.serialize import (attachment_dict, iso, load_users,
                                        message_dict, new_message_dict)
 from server.store import Batched
 
@@ -66,10 +67,32 @@ def _retry(ctx, message_id, room_id, body):
     return message_dict(ctx, message), False
 
 
-@Batched
+def _redone(results, since_ms):
+    """The answers of a run of sends that the writer process failed
+    during (``Store._run_in_process``), run again by the writer thread.
+    What the process had committed came back as retries; a message created
+    since the run was handed over (``since_ms``) was this run's own (the
+    message of a client's retry is older), so its first send is answered
+    as new (``created``: it is delivered live) and only that one."""
+    since = iso(since_ms)
+    seen = set()
+    answered = []
+    for future, outcome, error in results:
+        if error is None:
+            message, created = outcome
+            if not created and message['id'] not in seen and \
+                    message['created_at'] >= since:
+                outcome = (message, True)
+            seen.add(message['id'])
+        answered.append((future, outcome, error))
+    return answered
+
+
+@Batched.in_writer_process(_redone)
 def store_sends(requests):
-    """Store many sends in a few statements: the writer thread calls this
-    with every send that queued while its last commit ran. Returns, per
+    """Store many sends in a few statements: the writer (its process, or
+    its thread) calls this with every send that queued while its last
+    commit ran. Returns, per
     request, either ``(message dict, created)`` or the PostboxError that
     refuses it.
 

@@ -1,0 +1,198 @@
+"""The writer process: the batched send's SQL runs in a child process of
+the server (``server/writer_process.py``). It must be invisible to
+clients: sends acked after their commit, every message delivered live
+once, and a writer process that dies or hangs is replaced while sends go
+on, nothing lost and nothing twice."""
+import asyncio
+import os
+import pickle
+import re
+import signal
+import time
+from typing import NamedTuple
+
+import pytest
+
+from server import writer_process
+from server.config import load_config
+from server.data.faults import ProcessLost
+from server.errors import Forbidden, RateLimited
+from server.services.sending import _redone
+from server.services.serialize import iso
+from server.store import Batched
+from server.writer_process import WriterProcess
+from tests.kit import NO_RATE_LIMITS as FAST, ServerProcess, connect, http
+from tests.test_durability import check_stored, sender_loop, setup_room
+
+
+def writer_processes(server_pid) -> list:
+    """The pids of the server's writer processes (its children started by
+    multiprocessing, not multiprocessing's resource tracker)."""
+    found = []
+    for task in os.listdir(f'/proc/{server_pid}/task'):
+        with open(f'/proc/{server_pid}/task/{task}/children') as f:
+            children = [int(c) for c in f.read().split()]
+        for child in children:
+            try:
+                with open(f'/proc/{child}/cmdline', 'rb') as f:
+                    argv = f.read().decode(errors='replace')
+            except OSError:
+                continue
+            if 'multiprocessing' in argv and 'resource_tracker' not in argv:
+                found.append(child)
+    return found
+
+
+async def metric(server, name) -> float:
+    status, text = await http(server.url, 'GET', '/metrics')
+    assert status == 200
+    found = re.search(rf'^{name} (\S+)$', text, re.M)
+    assert found, f'{name} not in /metrics'
+    return float(found.group(1))
+
+
+async def until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f'timed out waiting for {what}'
+        await asyncio.sleep(0.05)
+
+
+async def test_killed_writer_process_loses_nothing_and_comes_back(tmp_path):
+    server = ServerProcess(tmp_path, env=FAST).start()
+    ta, tb, room = await setup_room(server.url)
+    receiver = await connect(server.url, tb)
+    senders = [await connect(server.url, ta) for _ in range(4)]
+    acked, errors, stop = {}, {}, asyncio.Event()
+    tasks = [asyncio.ensure_future(sender_loop(
+        c, room['id'], f'c{n}', acked, errors, stop))
+        for n, c in enumerate(senders)]
+    await until(lambda: len(acked) >= 100, 30, '100 acks')
+    (first,) = writer_processes(server.pid)
+    assert await metric(server, 'postbox_writer_process_up') == 1
+    assert await metric(server, 'postbox_writer_process_runs_total') > 0
+    os.kill(first, signal.SIGKILL)
+    # Sends go on (the writer thread takes them), then a new process.
+    await until(lambda: len(acked) >= 300, 30, '300 acks')
+    await until(lambda: writer_processes(server.pid) not in ([], [first]),
+                30, 'a new writer process')
+    runs = await metric(server, 'postbox_writer_process_runs_total')
+    await until(lambda: len(acked) >= 450, 30, '450 acks')
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert errors == {}
+    assert await metric(server, 'postbox_writer_process_failures_total') >= 1
+    assert await metric(server, 'postbox_writer_process_up') == 1
+    assert await metric(server, 'postbox_writer_process_runs_total') > runs
+    # Stored once each, gapless; and each delivered live exactly once,
+    # those the killed process had committed included.
+    await check_stored(server.url, ta, room['id'], acked)
+    received = []
+    await until(lambda: received.extend(receiver.drain('message')) or
+                len(received) >= len(acked), 30, 'live deliveries')
+    ids = sorted(m['id'] for m in received)
+    assert ids == sorted(acked.values())
+    await receiver.nothing('message', 0.5)
+    for c in senders + [receiver]:
+        await c.close()
+    assert 'writer process' in server.read_log()
+    assert server.stop() == 0
+    assert writer_processes_gone(first)
+
+
+def writer_processes_gone(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_writer_process_ends_with_the_server(tmp_path):
+    server = ServerProcess(tmp_path, env=FAST).start()
+    ta, tb, room = await setup_room(server.url)
+    (child,) = writer_processes(server.pid)
+    assert server.stop() == 0  # SIGTERM reaches the whole group: clean
+    await until(lambda: writer_processes_gone(child), 10, 'its end')
+    server.start()
+    (child,) = writer_processes(server.pid)
+    server.kill()  # SIGKILL of the server alone: the child sees the pipe
+    await until(lambda: writer_processes_gone(child), 10, 'its end')
+
+
+class _Item(NamedTuple):
+    ctx: object
+    value: int
+
+
+def _double(items):
+    return [(item.value * 2, True) for item in items]
+
+
+# A portable operation for the tests below: the writer process imports
+# this module and runs it, as it runs the batched send.
+_double_op = Batched.in_writer_process(lambda results, since: results)(
+    _double)
+
+
+def test_hung_writer_process_is_killed(tmp_path, monkeypatch):
+    """A writer process that stops answering (here SIGSTOP) fails the run
+    as lost after ANSWER_SECONDS and is killed; the writer thread then runs
+    the sends itself until it may start a new one."""
+    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
+    process = WriterProcess(config.effective_database_url, config)
+    process.start()
+    try:
+        assert process.run(_double_op, [_Item(None, 3), _Item(None, 4)],
+                           ctx=None) == [((6, True), None), ((8, True), None)]
+        (pid,) = writer_processes(os.getpid())
+        monkeypatch.setattr(writer_process, 'ANSWER_SECONDS', 1.0)
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(ProcessLost) as lost:
+            process.run(_double_op, [_Item(None, 1)], ctx=None)
+        assert lost.value.since_ms > 0
+        assert writer_processes_gone(pid) or _zombie(pid)
+        assert not process.alive() and process.failures == 1
+        # Not started again at once: the writer thread has the sends.
+        assert process.run(_double_op, [_Item(None, 1)], ctx=None) is None
+    finally:
+        process.close()
+
+
+def _zombie(pid) -> bool:
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+        return True
+
+
+def test_a_lost_run_redone_answers_its_own_messages_as_new():
+    """The writer process committed a run and died before answering; the
+    writer thread ran it again and found the messages stored. Those made
+    since the run was handed over are this run's own: the first send of
+    each is new (delivered live); a client's retry of an older message,
+    and a second send of the same message, stay retries."""
+    since = 1_700_000_000_000
+    mine = {'id': 7, 'created_at': iso(since + 3)}
+    older = {'id': 5, 'created_at': iso(since - 1)}
+    refused = Forbidden('no')
+    results = [('f1', (mine, False), None), ('f2', (older, False), None),
+               ('f3', None, refused), ('f4', (mine, False), None),
+               ('f5', ({'id': 8, 'created_at': iso(since)}, True), None)]
+    assert _redone(results, since) == [
+        ('f1', (mine, True), None), ('f2', (older, False), None),
+        ('f3', None, refused), ('f4', (mine, False), None),
+        ('f5', ({'id': 8, 'created_at': iso(since)}, True), None)]
+
+
+def test_refusals_cross_the_pipe_whole():
+    """A refusal from the writer process reaches the client as it was
+    raised: code, message and extra fields (retry_after)."""
+    for error in (Forbidden('this user does not accept your messages'),
+                  RateLimited(1.25)):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error)
+        assert back.to_dict() == error.to_dict()
+        assert str(back) == str(error)
+    assert pickle.loads(pickle.dumps(RateLimited(2))).retry_after == 2
