@@ -2,5 +2,5 @@ import sys
 
 from server.app import main
 
-if __name__ == '__main__':  # not when the writer process imports it
+if __name__ == '__main__':
     sys.exit(main())

@@ -180,7 +180,7 @@ class _StoreCollector:
                 'postbox_writer_process_up', '1 while the writer process '
                 '(which commits the sends) runs; 0 while the writer thread '
                 'commits them itself')
-            alive.add_metric([], 1 if process.alive() else 0)
+            alive.add_metric([], 1 if process.up else 0)
             yield alive
             for attr, help_text in (
                     ('runs', 'Runs of sends the writer process answered'),

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # (the database may have restarted while the connection sat idle); a
 # database that is still away then opens the breaker.
 BATCH_ATTEMPTS = 5
+# A batch with sends and other writes interleaved commits in at most this
+# many transactions when a writer process takes the sends (see _segments).
+SEGMENTS_MAX = 4
 # Retries of one batch stop after this long, so that a client hears
 # `unavailable` within a second of the database going away.
 RETRY_SECONDS = 0.5
@@ -141,15 +144,18 @@ def _runs(batch):
     return runs
 
 
-def _segments(batch):
+def _segments(batch, most=SEGMENTS_MAX):
     """Split a batch into the parts that commit apart when a writer
     process runs the portable operations: each run of consecutive calls of
-    a portable operation, and whatever lies between them."""
+    a portable operation, and whatever lies between them; at most ``most``
+    parts (the last takes the rest, committed by the writer thread), so
+    sends interleaved with other writes do not cost a commit each."""
     segments = []
     for item in batch:
         portable = getattr(item[0], 'portable', False)
-        if segments and segments[-1][0] == portable and (
-                not portable or segments[-1][1][-1][0] is item[0]):
+        if segments and (len(segments) == most or (
+                segments[-1][0] == portable and (
+                    not portable or segments[-1][1][-1][0] is item[0]))):
             segments[-1][1].append(item)
         else:
             segments.append((portable, [item]))
@@ -391,8 +397,12 @@ class Store:
             elif self.process is None:
                 results = self._commit(batch)
             else:
-                results = [result for segment in _segments(batch)
-                           for result in self._commit(segment)]
+                results = []
+                for segment in _segments(batch):
+                    # Once a part failed, the rest is refused at once,
+                    # as the writes queued behind a failed batch are.
+                    results.extend(self._refuse(segment) if self.fault
+                                   else self._commit(segment))
         except BaseException:  # a bug here must not lose the batch's acks
             log.exception('write batch of %s failed', len(batch))
             results = self._refuse(batch)
@@ -414,9 +424,10 @@ class Store:
 
     def _commit(self, batch):
         deadline = time.monotonic() + RETRY_SECONDS
+        lost = []  # a writer process that failed during this batch
         for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
-                return self._run_batch(batch)
+                return self._run_batch(batch, lost)
             except Exception as exc:
                 kind, cause = classify(exc)
                 self.write_errors[kind] += 1
@@ -431,27 +442,31 @@ class Store:
                 if kind == BUSY:
                     time.sleep(0.05 * attempt)
 
-    def _run_batch(self, batch):
+    def _run_batch(self, batch, lost):
+        """Run a batch (a run of a portable operation: in the writer
+        process) in one transaction; its (future, result, error)s. Once
+        the process failed during the batch (``lost`` holds the
+        ProcessLost), this thread runs it, every later attempt too, and
+        ``fn.redone`` answers what the process had committed."""
         fn = batch[0][0]
-        if self.process is not None and getattr(fn, 'portable', False):
-            return self._run_in_process(fn, batch)
-        return self._run_locally(batch)
-
-    def _run_in_process(self, fn, batch):
-        """A run of a portable operation, committed by the writer
-        process; by this thread if the process is not there, or failed
-        (then ``fn.redone`` corrects what it had committed already)."""
-        items = [args[0] for _, args, _ in batch]
-        try:
-            outcomes = self.process.run(fn, items, items[0].ctx)
-        except ProcessLost as lost:
-            return fn.redone(self._run_locally(batch), lost.since_ms)
-        if outcomes is None:
+        if self.process is None or not getattr(fn, 'portable', False):
             return self._run_locally(batch)
-        return [(future, result, error) for (_, _, future), (result, error)
-                in zip(batch, outcomes)]
+        if not lost:
+            items = [args[0] for _, args, _ in batch]
+            try:
+                outcomes = self.process.run(fn, items, items[0].ctx)
+            except ProcessLost as exc:
+                lost.append(exc)
+            else:
+                if outcomes is not None:
+                    return [(future, result, error) for (_, _, future),
+                            (result, error) in zip(batch, outcomes)]
+        results = self._run_locally(batch)
+        if lost and lost[0].prepared is not None:
+            return fn.redone(results, lost[0].prepared)
+        return results
 
-    def _run_locally(self, batch):
+    def _run_locally(self, batch, before_commit=None):
         results = []
         self.database.connect(reuse_if_open=True)
         with self._turn, self.database.atomic(**self._begin):
@@ -460,15 +475,19 @@ class Store:
                     results.extend(self._run_many(fn, items))
                 else:
                     results.append(self._outcome(fn, *items[0]))
+            if before_commit is not None:
+                before_commit([(result, error)
+                               for _, result, error in results])
         return results
 
-    def run_here(self, fn, items) -> list:
+    def run_here(self, fn, items, before_commit=None):
         """Run ``fn(item)`` for each item in one transaction in this thread
-        (``fn`` Batched: ``fn.many`` in one savepoint); per item (result,
-        error). Raises the database's error if the transaction fails. The
-        writer process's form of a write batch."""
-        return [(result, error) for _, result, error in
-                self._run_locally([(fn, (item,), None) for item in items])]
+        (``fn`` Batched: ``fn.many`` in one savepoint), calling
+        ``before_commit`` with the outcomes, per item (result, error),
+        before the COMMIT. Raises the database's error if the transaction
+        fails. The writer process's form of a write batch."""
+        self._run_locally([(fn, (item,), None) for item in items],
+                          before_commit)
 
     def _probe(self) -> bool:
         """While the breaker is open: one no-op write transaction. Closes

@@ -16,9 +16,10 @@ keeps the breaker, counts the batch and resolves the futures after the
 child's COMMIT returned, so an ack still follows the commit. The child
 runs a run in one transaction of its own through ``Store.run_here`` (the
 same savepoints and one-by-one fallback), and takes SQLite's writer turn
-like a second worker process would. It answers either the outcomes or the
-kind of fault (``RemoteFault``), which the writer's retry logic reads as
-it reads the database's own errors.
+like a second worker process would. Before its COMMIT it sends the
+outcomes (``prepared``), after it a word that it committed; or, if the
+transaction failed, the kind of fault (``RemoteFault``), which the
+writer's retry logic reads as it reads the database's own errors.
 
 An item's ``ctx`` (the app's Context, which cannot cross a pipe) is
 replaced in the child by ``ChildContext``: its own cache of users' public
@@ -28,26 +29,33 @@ there), and ``outbox_wake`` remembered and done by the parent after the
 commit.
 
 The process is a speed-up, never a dependency. If the child is gone, or
-does not answer within ANSWER_SECONDS, the parent kills it, logs one line,
-runs that run in its own thread as before (``ProcessLost``), and starts a
-new child at most once every RESTART_SECONDS. A child that died after its
-COMMIT but before answering leaves its sends stored: the writer thread's
-own run finds them as already stored, and the operation's ``redone``
-tells its own from a client's retry (``sending._redone``), so nothing is
-stored twice and nothing is delivered twice or never.
+a message to or from it does not go through within ANSWER_SECONDS, the
+parent kills it, logs one line, runs that run in its own thread as before
+(``ProcessLost``), and starts a new child at most once every
+RESTART_SECONDS. A child that died after its COMMIT but before saying so
+leaves its sends stored: the writer thread's own run finds them already
+stored, and the operation's ``redone`` uses the outcomes the child had
+prepared to tell its messages from a client's retry
+(``sending._redone``), so nothing is stored twice and nothing is
+delivered twice or never.
 """
 import importlib
 import logging
-import multiprocessing
+import os
+import pickle
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import models
 from server.data.database import TURN_WAIT_SECONDS, open_database
 from server.data.faults import (ProcessLost, RemoteFault, classify,
                                 drop_connection, one_line)
 from server.errors import Internal, PostboxError
-from server.services.context import LruCache, now_ms
+from server.services.context import LruCache
 from server.services.outbox import connected_here
 
 log = logging.getLogger(__name__)
@@ -67,17 +75,55 @@ def operation_name(batched) -> str:
     return f'{many.__module__}:{many.__qualname__}'
 
 
+class Channel:
+    """Pickled messages over a socket, each prefixed with its length. A
+    send or receive given a timeout fails (``TimeoutError``) past it, so a
+    hung child cannot hold the writer thread however big the run."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, message, timeout=None):
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self.sock.settimeout(timeout)  # for the whole sendall
+        self.sock.sendall(len(data).to_bytes(8, 'big') + data)
+
+    def recv(self, timeout=None):
+        """The next message; EOFError once the other side is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        size = int.from_bytes(self._exactly(8, deadline), 'big')
+        return pickle.loads(self._exactly(size, deadline))
+
+    def _exactly(self, size, deadline) -> bytes:
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            if deadline is not None:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise EOFError('the other side closed')
+            got += n
+        return bytes(buffer)
+
+    def close(self):
+        self.sock.close()
+
+
 class WriterProcess:
     """The parent's handle on the child (used by the writer thread only)."""
 
     def __init__(self, url, config):
         self._url, self._config = url, config
         self._process = None
-        self._conn = None
+        self._channel = None
         self._next_start = 0.0
-        # For /metrics (written by the writer thread only).
-        self.runs = 0       # runs the child committed or refused
-        self.failures = 0   # runs it failed (ProcessLost) or could not take
+        # For /metrics, written by the writer thread only: whether a child
+        # runs, runs it answered, runs it failed (ProcessLost) or could
+        # not take.
+        self.up = False
+        self.runs = 0
+        self.failures = 0
 
     def start(self):
         """Start the child; it imports and connects in the background. If
@@ -86,31 +132,41 @@ class WriterProcess:
             self._start()
         except Exception as exc:
             log.error('writer process cannot start: %s', one_line(exc))
+            self._stop()
             self._next_start = time.monotonic() + RESTART_SECONDS
 
     def _start(self):
-        context = multiprocessing.get_context('spawn')
-        ours, theirs = context.Pipe()
-        self._process = context.Process(
-            target=serve, args=(theirs, self._url, self._config),
-            name='pb-write-process', daemon=True)
-        self._process.start()
-        theirs.close()
-        self._conn = ours
+        # A fresh interpreter (``python -m server.writer_process FD``), not
+        # a fork of this threaded process, nor multiprocessing's spawn,
+        # which would import the embedding program's main module again.
+        # The child sees the end of its socket when this process ends,
+        # however it ends, and then ends too.
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent)] +
+            [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
+             if p]))
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, '-m', 'server.writer_process',
+                 str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
+                stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._channel = Channel(ours)
+        self._channel.send((self._url, self._config), ANSWER_SECONDS)
+        self.up = True
 
     def close(self):
         """Stop the child (it finishes the run it has, if any)."""
         if self._process is None:
             return
         try:
-            self._conn.send(None)
-        except OSError:
+            self._channel.send(None, ANSWER_SECONDS)
+            self._process.wait(ANSWER_SECONDS)
+        except (OSError, subprocess.TimeoutExpired):
             pass
-        self._process.join(ANSWER_SECONDS)
         self._stop()
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
 
     def run(self, batched, requests, ctx):
         """The outcomes of ``batched.many(requests)`` committed by the
@@ -120,17 +176,20 @@ class WriterProcess:
         if not self._available():
             self.failures += 1
             return None
-        since_ms = now_ms()
+        prepared = None
         try:
-            self._conn.send((operation_name(batched),
-                             [r._replace(ctx=None) for r in requests]))
+            self._channel.send((operation_name(batched),
+                                [r._replace(ctx=None) for r in requests]),
+                               ANSWER_SECONDS)
             while True:
-                if not self._conn.poll(ANSWER_SECONDS):
-                    raise TimeoutError(f'no answer in {ANSWER_SECONDS} s')
-                answer = self._conn.recv()
-                if answer[0] != 'here':
+                answer = self._channel.recv(ANSWER_SECONDS)
+                if answer[0] == 'here':
+                    self._channel.send(connected_here(ctx, answer[1]),
+                                       ANSWER_SECONDS)
+                elif answer[0] == 'prepared':
+                    prepared = answer[1]
+                else:
                     break
-                self._conn.send(connected_here(ctx, answer[1]))
         except Exception as exc:  # gone, hung, or a reply that broke
             log.error('writer process failed (%s: %s); sends are written '
                       'by the writer thread until it is started again',
@@ -138,21 +197,21 @@ class WriterProcess:
             self._stop()
             self._next_start = time.monotonic() + RESTART_SECONDS
             self.failures += 1
-            raise ProcessLost(since_ms) from exc
+            raise ProcessLost(prepared) from exc
         self.runs += 1
         if answer[0] == 'fault':
             raise RemoteFault(answer[1], answer[2])
-        _, outcomes, woken = answer
+        woken = answer[1]
         if woken:
             ctx.outbox_wake()
-        return outcomes
+        return prepared
 
     def _available(self) -> bool:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             return True
         if self._process is not None:
             log.error('writer process ended (exit code %s)',
-                      self._process.exitcode)
+                      self._process.returncode)
             self._stop()
             self._next_start = time.monotonic() + RESTART_SECONDS
         if time.monotonic() < self._next_start:
@@ -161,34 +220,45 @@ class WriterProcess:
         return self._process is not None
 
     def _stop(self):
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
-        if self._conn is not None:
-            self._conn.close()
-        self._process = self._conn = None
+        self.up = False
+        process, channel = self._process, self._channel
+        self._process = self._channel = None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if channel is not None:
+            channel.close()
 
 
 # -- the child ----------------------------------------------------------------
 
+class ParentGone(BaseException):
+    """The parent closed its end mid-run. A BaseException, so that the
+    store's per-operation error handling lets it through: the transaction
+    rolls back and the child ends."""
+
+
 class _AskParent:
     """``presence`` in the child: who has a socket on the parent."""
 
-    def __init__(self, conn):
-        self._conn = conn
+    def __init__(self, channel):
+        self._channel = channel
 
     def connected_here(self, user_ids) -> set:
-        self._conn.send(('here', list(user_ids)))
-        return self._conn.recv()
+        try:
+            self._channel.send(('here', list(user_ids)))
+            return self._channel.recv()
+        except (EOFError, OSError) as exc:
+            raise ParentGone() from exc
 
 
 class ChildContext:
     """What the batched send uses of the app's Context, in the child."""
 
-    def __init__(self, config, conn):
+    def __init__(self, config, channel):
         self.config = config
         self.users = LruCache(config.user_cache_entries)
-        self.presence = _AskParent(conn)
+        self.presence = _AskParent(channel)
         self.woken = False
 
     def outbox_wake(self):
@@ -210,14 +280,14 @@ def _operation(name):
 
 
 def _sendable(error):
-    """An outcome's error as it can cross the pipe: a PostboxError as it
-    is, anything else (a bug, logged here) as ``internal``."""
+    """An outcome's error as it can cross to the parent: a PostboxError as
+    it is, anything else (a bug, logged here) as ``internal``."""
     if error is None or isinstance(error, PostboxError):
         return error
     return Internal('internal error')
 
 
-def serve(conn, url, config):
+def serve(sock):
     """The child's loop: take a run, commit it, answer. It ends when the
     parent says so or is gone; a Ctrl-C or SIGTERM meant for the server
     (sent to its whole process group) is the parent's to act on."""
@@ -225,14 +295,27 @@ def serve(conn, url, config):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from server.logs import setup_logging
     from server.store import Store
+    channel = Channel(sock)
+    try:
+        url, config = channel.recv()
+    except (EOFError, OSError):
+        return
     setup_logging(config)
     database = open_database(url, config)
     models.db.initialize(database)
     store = Store(database)
-    ctx = ChildContext(config, conn)
+    ctx = ChildContext(config, channel)
+
+    def prepared(results):  # inside the transaction, before its COMMIT
+        try:
+            channel.send(('prepared', [(result, _sendable(error))
+                                       for result, error in results]))
+        except OSError as exc:
+            raise ParentGone() from exc
+
     while True:
         try:
-            message = conn.recv()
+            message = channel.recv()
         except (EOFError, OSError):  # the parent is gone
             break
         if message is None:
@@ -240,16 +323,22 @@ def serve(conn, url, config):
         name, requests = message
         ctx.woken = False
         try:
-            results = store.run_here(
-                _operation(name), [r._replace(ctx=ctx) for r in requests])
-            answer = ('done', [(result, _sendable(error))
-                               for result, error in results], ctx.woken)
+            store.run_here(_operation(name),
+                           [r._replace(ctx=ctx) for r in requests],
+                           before_commit=prepared)
+            answer = ('committed', ctx.woken)
+        except ParentGone:  # rolled back: the parent went away meanwhile
+            break
         except Exception as exc:
             kind, cause = classify(exc)
             drop_connection(database)
             answer = ('fault', kind, one_line(cause))
         try:
-            conn.send(answer)
-        except (EOFError, OSError):
+            channel.send(answer)
+        except OSError:
             break
     drop_connection(database)
+
+
+if __name__ == '__main__':
+    serve(socket.socket(fileno=int(sys.argv[1])))

@@ -8,6 +8,8 @@ import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
 import time
 from typing import NamedTuple
 
@@ -18,16 +20,15 @@ from server.config import load_config
 from server.data.faults import ProcessLost
 from server.errors import Forbidden, RateLimited
 from server.services.sending import _redone
-from server.services.serialize import iso
 from server.store import Batched
 from server.writer_process import WriterProcess
-from tests.kit import NO_RATE_LIMITS as FAST, ServerProcess, connect, http
+from tests.kit import (NO_RATE_LIMITS as FAST, ROOT, ServerProcess, connect,
+                       http)
 from tests.test_durability import check_stored, sender_loop, setup_room
 
 
 def writer_processes(server_pid) -> list:
-    """The pids of the server's writer processes (its children started by
-    multiprocessing, not multiprocessing's resource tracker)."""
+    """The pids of the server's writer processes."""
     found = []
     for task in os.listdir(f'/proc/{server_pid}/task'):
         with open(f'/proc/{server_pid}/task/{task}/children') as f:
@@ -38,7 +39,7 @@ def writer_processes(server_pid) -> list:
                     argv = f.read().decode(errors='replace')
             except OSError:
                 continue
-            if 'multiprocessing' in argv and 'resource_tracker' not in argv:
+            if 'server.writer_process' in argv:
                 found.append(child)
     return found
 
@@ -148,11 +149,14 @@ def test_hung_writer_process_is_killed(tmp_path, monkeypatch):
         (pid,) = writer_processes(os.getpid())
         monkeypatch.setattr(writer_process, 'ANSWER_SECONDS', 1.0)
         os.kill(pid, signal.SIGSTOP)
+        # A run bigger than the socket's buffers: even its sending must
+        # not wait past the limit.
+        big = [_Item(None, 'x' * 4096 * n) for n in range(1, 200)]
         with pytest.raises(ProcessLost) as lost:
-            process.run(_double_op, [_Item(None, 1)], ctx=None)
-        assert lost.value.since_ms > 0
+            process.run(_double_op, big, ctx=None)
+        assert lost.value.prepared is None  # it never got that far
         assert writer_processes_gone(pid) or _zombie(pid)
-        assert not process.alive() and process.failures == 1
+        assert not process.up and process.failures == 1
         # Not started again at once: the writer thread has the sends.
         assert process.run(_double_op, [_Item(None, 1)], ctx=None) is None
     finally:
@@ -168,22 +172,22 @@ def _zombie(pid) -> bool:
 
 
 def test_a_lost_run_redone_answers_its_own_messages_as_new():
-    """The writer process committed a run and died before answering; the
-    writer thread ran it again and found the messages stored. Those made
-    since the run was handed over are this run's own: the first send of
-    each is new (delivered live); a client's retry of an older message,
+    """The writer process prepared a run, committed it and died before
+    saying so; the writer thread ran it again and found the messages
+    stored. Those the process had made are this run's own: the first send
+    of each is new (delivered live); a client's retry of an older message,
     and a second send of the same message, stay retries."""
-    since = 1_700_000_000_000
-    mine = {'id': 7, 'created_at': iso(since + 3)}
-    older = {'id': 5, 'created_at': iso(since - 1)}
+    mine, older, new = {'id': 7}, {'id': 5}, {'id': 8}
     refused = Forbidden('no')
+    prepared = [((mine, True), None), ((older, False), None),
+                (None, refused), ((mine, False), None), ((new, True), None)]
     results = [('f1', (mine, False), None), ('f2', (older, False), None),
                ('f3', None, refused), ('f4', (mine, False), None),
-               ('f5', ({'id': 8, 'created_at': iso(since)}, True), None)]
-    assert _redone(results, since) == [
+               ('f5', (new, True), None)]
+    assert _redone(results, prepared) == [
         ('f1', (mine, True), None), ('f2', (older, False), None),
         ('f3', None, refused), ('f4', (mine, False), None),
-        ('f5', ({'id': 8, 'created_at': iso(since)}, True), None)]
+        ('f5', (new, True), None)]
 
 
 def test_refusals_cross_the_pipe_whole():
@@ -196,3 +200,27 @@ def test_refusals_cross_the_pipe_whole():
         assert back.to_dict() == error.to_dict()
         assert str(back) == str(error)
     assert pickle.loads(pickle.dumps(RateLimited(2))).retry_after == 2
+
+
+def test_a_server_that_exits_without_closing_its_store_does_not_hang(
+        tmp_path):
+    """The writer process ignores SIGTERM (the group's signal is for its
+    parent), so an exit that skipped Store.close must still end it."""
+    env = {'POSTBOX_DATA_DIR': str(tmp_path)}
+    script = (
+        'import sys, time; sys.path.insert(0, ".")\n'
+        'from server.config import load_config\n'
+        'from server.writer_process import WriterProcess\n'
+        f'config = load_config(env={env!r})\n'
+        'process = WriterProcess(config.effective_database_url, config)\n'
+        'process.start()\n'
+        'time.sleep(1)\n'
+        'print(process._process.pid, flush=True)\n')
+    done = subprocess.run([sys.executable, '-c', script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    child = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not writer_processes_gone(child):
+        assert time.monotonic() < deadline, 'writer process left running'
+        time.sleep(0.05)

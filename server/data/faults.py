@@ -38,12 +38,12 @@ class RemoteFault(Exception):
 
 class ProcessLost(Exception):
     """The writer process failed during a run (gone, hung, a broken
-    reply): it may have committed the run or not. ``since_ms``: when the
-    run was handed to it."""
+    reply): it may have committed the run or not. ``prepared``: the
+    outcomes it sent before its COMMIT, if it got that far, else None."""
 
-    def __init__(self, since_ms):
-        super().__init__(since_ms)
-        self.since_ms = since_ms
+    def __init__(self, prepared):
+        super().__init__('writer process lost during a run')
+        self.prepared = prepared
 
 
 def classify(exc):

@@ -10,7 +10,7 @@ from server.data import messages as data
 from server.errors import Conflict, Forbidden, Invalid
 from server.services import outbox
 from server.services.context import now_ms
-from server.services.serialize import (attachment_dict, iso, load_users,
+from server.services.serialize import (attachment_dict, load_users,
                                        message_dict, new_message_dict)
 from server.store import Batched
 
@@ -67,21 +67,23 @@ def _retry(ctx, message_id, room_id, body):
     return message_dict(ctx, message), False
 
 
-def _redone(results, since_ms):
-    """The answers of a run of sends that the writer process failed
-    during (``Store._run_in_process``), run again by the writer thread.
-    What the process had committed came back as retries; a message created
-    since the run was handed over (``since_ms``) was this run's own (the
-    message of a client's retry is older), so its first send is answered
-    as new (``created``: it is delivered live) and only that one."""
-    since = iso(since_ms)
+def _redone(results, prepared):
+    """The answers of a run of sends that the writer process failed during
+    after preparing its COMMIT (``prepared``: its outcomes), run again by
+    the writer thread. If that COMMIT happened, the run's messages came
+    back as retries: a message the process had created is this run's own,
+    so its first send is answered as new (``created``: it is delivered
+    live), and only that one. A client's retry of an older message stays
+    a retry."""
+    made = {outcome[0]['id'] for outcome, error in prepared
+            if error is None and outcome[1]}
     seen = set()
     answered = []
     for future, outcome, error in results:
         if error is None:
             message, created = outcome
-            if not created and message['id'] not in seen and \
-                    message['created_at'] >= since:
+            if not created and message['id'] in made and \
+                    message['id'] not in seen:
                 outcome = (message, True)
             seen.add(message['id'])
         answered.append((future, outcome, error))
