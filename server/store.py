@@ -146,10 +146,11 @@ def _runs(batch):
 
 def _segments(batch, most=SEGMENTS_MAX):
     """Split a batch into the parts that commit apart when a writer
-    process runs the portable operations: each run of consecutive calls of
-    a portable operation, and whatever lies between them; at most ``most``
-    parts (the last takes the rest, committed by the writer thread), so
-    sends interleaved with other writes do not cost a commit each."""
+    process runs the portable operations: (in_process, items) for each
+    run of consecutive calls of one portable operation (True), and for
+    whatever lies between them (False); at most ``most`` parts, the last
+    taking the rest (False: the writer thread commits it), so sends
+    interleaved with other writes do not cost a commit each."""
     segments = []
     for item in batch:
         portable = getattr(item[0], 'portable', False)
@@ -157,9 +158,11 @@ def _segments(batch, most=SEGMENTS_MAX):
                 segments[-1][0] == portable and (
                     not portable or segments[-1][1][-1][0] is item[0]))):
             segments[-1][1].append(item)
+        elif len(segments) == most - 1:
+            segments.append((False, [item]))
         else:
             segments.append((portable, [item]))
-    return [items for _, items in segments]
+    return segments
 
 
 class Store:
@@ -398,11 +401,11 @@ class Store:
                 results = self._commit(batch)
             else:
                 results = []
-                for segment in _segments(batch):
+                for in_process, segment in _segments(batch):
                     # Once a part failed, the rest is refused at once,
                     # as the writes queued behind a failed batch are.
                     results.extend(self._refuse(segment) if self.fault
-                                   else self._commit(segment))
+                                   else self._commit(segment, in_process))
         except BaseException:  # a bug here must not lose the batch's acks
             log.exception('write batch of %s failed', len(batch))
             results = self._refuse(batch)
@@ -422,12 +425,12 @@ class Store:
         return [(future, None, self._unavailable())
                 for _, _, future in batch]
 
-    def _commit(self, batch):
+    def _commit(self, batch, in_process=False):
         deadline = time.monotonic() + RETRY_SECONDS
         lost = []  # a writer process that failed during this batch
         for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
-                return self._run_batch(batch, lost)
+                return self._run_batch(batch, in_process, lost)
             except Exception as exc:
                 kind, cause = classify(exc)
                 self.write_errors[kind] += 1
@@ -442,15 +445,15 @@ class Store:
                 if kind == BUSY:
                     time.sleep(0.05 * attempt)
 
-    def _run_batch(self, batch, lost):
-        """Run a batch (a run of a portable operation: in the writer
-        process) in one transaction; its (future, result, error)s. Once
-        the process failed during the batch (``lost`` holds the
-        ProcessLost), this thread runs it, every later attempt too, and
-        ``fn.redone`` answers what the process had committed."""
-        fn = batch[0][0]
-        if self.process is None or not getattr(fn, 'portable', False):
+    def _run_batch(self, batch, in_process, lost):
+        """Run a batch in one transaction (``in_process``: a run of one
+        portable operation, in the writer process); its (future, result,
+        error)s. Once the process failed during the batch (``lost`` holds
+        the ProcessLost), this thread runs it, every later attempt too,
+        and ``fn.redone`` answers what the process had committed."""
+        if not in_process:
             return self._run_locally(batch)
+        fn = batch[0][0]
         if not lost:
             items = [args[0] for _, args, _ in batch]
             try:

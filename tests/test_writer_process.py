@@ -20,7 +20,7 @@ from server.config import load_config
 from server.data.faults import ProcessLost
 from server.errors import Forbidden, RateLimited
 from server.services.sending import _redone
-from server.store import Batched
+from server.store import Batched, _segments
 from server.writer_process import WriterProcess
 from tests.kit import (NO_RATE_LIMITS as FAST, ROOT, ServerProcess, connect,
                        http)
@@ -224,3 +224,27 @@ def test_a_server_that_exits_without_closing_its_store_does_not_hang(
     while not writer_processes_gone(child):
         assert time.monotonic() < deadline, 'writer process left running'
         time.sleep(0.05)
+
+
+def test_a_batch_splits_into_at_most_four_commits_and_only_sends_move():
+    """Sends interleaved with other writes (read markers, say) commit in at
+    most four transactions per batch, in queue order, and only runs of one
+    portable operation go to the writer process: the mixed rest is
+    committed by the writer thread."""
+    def other():
+        pass
+
+    ops = {'S': _double_op, 'M': other}
+
+    def split(pattern):
+        batch = [(ops[c], (), None) for c in pattern]
+        return [(in_process, ''.join('S' if fn is _double_op else 'M'
+                                     for fn, _, _ in items))
+                for in_process, items in _segments(batch)]
+
+    assert split('SSS') == [(True, 'SSS')]
+    assert split('SSMSS') == [(True, 'SS'), (False, 'M'), (True, 'SS')]
+    assert split('SMSMSMSMS') == [(True, 'S'), (False, 'M'), (True, 'S'),
+                                  (False, 'MSMSMS')]
+    assert split('MSMSMSMS') == [(False, 'M'), (True, 'S'), (False, 'M'),
+                                 (False, 'SMSMS')]
