@@ -111,9 +111,11 @@ class Batched:
     @classmethod
     def in_writer_process(cls, redone):
         """Decorator: a Batched operation that is portable. ``redone(
-        results, since_ms)``: the (future, result, error) of a run the
+        results, prepared)``: the (future, result, error)s of a run the
         writer thread ran again after the writer process failed during it
-        (having committed it, or not), as they must be answered."""
+        having prepared its COMMIT (``prepared``: its outcomes, as it would
+        have answered them; it may have committed or not), as they must be
+        answered."""
         def portable(many):
             batched = cls(many)
             batched.portable = True

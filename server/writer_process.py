@@ -28,20 +28,22 @@ parent over the same pipe while the transaction runs (a dict lookup
 there), and ``outbox_wake`` remembered and done by the parent after the
 commit.
 
-The process is a speed-up, never a dependency. If the child is gone, or
-a message to or from it does not go through within ANSWER_SECONDS, the
+The process is a speed-up, never a dependency. If the child is gone, a
+message to or from it does not go through within ANSWER_SECONDS, or a run
+fails there for a reason that is not the database's (``broken``), the
 parent kills it, logs one line, runs that run in its own thread as before
-(``ProcessLost``), and starts a new child at most once every
-RESTART_SECONDS. A child that died after its COMMIT but before saying so
-leaves its sends stored: the writer thread's own run finds them already
-stored, and the operation's ``redone`` uses the outcomes the child had
-prepared to tell its messages from a client's retry
-(``sending._redone``), so nothing is stored twice and nothing is
-delivered twice or never.
+(``ProcessLost``), and starts a new child RESTART_SECONDS later (the pause
+doubles while new ones keep failing). A child that died after its COMMIT
+but before saying so leaves its sends stored: the writer thread's own run
+finds them already stored, and the operation's ``redone`` uses the
+outcomes the child had prepared to tell its messages from a client's
+retry (``sending._redone``), so nothing is stored twice and nothing is
+delivered twice or never. (Not covered: if the writer thread's own run
+then fails too, its sends are answered ``unavailable`` and a client's
+retry finds them stored: answered, but delivered by ``sync`` only.)
 """
 import importlib
 import logging
-import os
 import pickle
 import signal
 import socket
@@ -53,7 +55,8 @@ from pathlib import Path
 import models
 from server.data.database import TURN_WAIT_SECONDS, open_database
 from server.data.faults import (ProcessLost, RemoteFault, classify,
-                                drop_connection, one_line)
+                                drop_connection, is_database_error,
+                                one_line)
 from server.errors import Internal, PostboxError
 from server.services.context import LruCache
 from server.services.outbox import connected_here
@@ -64,9 +67,28 @@ log = logging.getLogger(__name__)
 # Longest the parent waits for one answer: a run may wait its turn behind
 # another process's writer for TURN_WAIT_SECONDS before failing as busy.
 ANSWER_SECONDS = TURN_WAIT_SECONDS + 10
-# A child that failed is started again at most this often; meanwhile the
-# writer thread runs the sends itself.
+# A child that failed is started again after this long, doubled after each
+# failure in a row up to RESTART_MAX_SECONDS (one that cannot start at all
+# costs a try every few minutes, not a log line every few seconds);
+# meanwhile the writer thread runs the sends itself.
 RESTART_SECONDS = 5.0
+RESTART_MAX_SECONDS = 300.0
+# How the child is started: a fresh interpreter, not a fork of this
+# threaded process, nor multiprocessing's spawn (it would run the
+# embedding program's main module again). ``-P``: nothing from the
+# current directory (a ``models.py`` there must not be imported). The
+# package's own directory goes on the path only if ``server`` would not be
+# found there otherwise (a source checkout run from its directory), and
+# then only to find this package.
+_BOOT = (
+    'import importlib.util, os, sys\n'
+    'root = sys.argv[2]\n'
+    'spec = importlib.util.find_spec("server")\n'
+    'if spec is None or os.path.dirname(os.path.dirname(spec.origin)) '
+    '!= root:\n'
+    '    sys.path.insert(0, root)\n'
+    'from server.writer_process import main\n'
+    'main(int(sys.argv[1]))\n')
 
 
 def operation_name(batched) -> str:
@@ -118,9 +140,10 @@ class WriterProcess:
         self._process = None
         self._channel = None
         self._next_start = 0.0
-        # For /metrics, written by the writer thread only: whether a child
-        # runs, runs it answered, runs it failed (ProcessLost) or could
-        # not take.
+        self._failed_in_row = 0
+        # For /metrics, written by the writer thread only: whether the
+        # last run was answered by the child, runs it answered, runs it
+        # failed (ProcessLost) or could not take.
         self.up = False
         self.runs = 0
         self.failures = 0
@@ -132,30 +155,32 @@ class WriterProcess:
             self._start()
         except Exception as exc:
             log.error('writer process cannot start: %s', one_line(exc))
-            self._stop()
-            self._next_start = time.monotonic() + RESTART_SECONDS
+            self._failed()
 
     def _start(self):
-        # A fresh interpreter (``python -m server.writer_process FD``), not
-        # a fork of this threaded process, nor multiprocessing's spawn,
-        # which would import the embedding program's main module again.
         # The child sees the end of its socket when this process ends,
-        # however it ends, and then ends too.
+        # however it ends, and then ends too. A session of its own: a
+        # Ctrl-C in the terminal is for the server, which stops it.
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parent.parent)] +
-            [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
-             if p]))
+        root = str(Path(__file__).resolve().parent.parent)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, '-m', 'server.writer_process',
-                 str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
-                stdin=subprocess.DEVNULL)
+                [sys.executable, '-P', '-c', _BOOT, str(theirs.fileno()),
+                 root], pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             theirs.close()
         self._channel = Channel(ours)
         self._channel.send((self._url, self._config), ANSWER_SECONDS)
-        self.up = True
+
+    def _failed(self):
+        """The child failed (or could not start): stop it, and start the
+        next one only after a pause that grows while they keep failing."""
+        self._stop()
+        self._failed_in_row += 1
+        self._next_start = time.monotonic() + min(
+            RESTART_SECONDS * 2 ** (self._failed_in_row - 1),
+            RESTART_MAX_SECONDS)
 
     def close(self):
         """Stop the child (it finishes the run it has, if any)."""
@@ -190,15 +215,18 @@ class WriterProcess:
                     prepared = answer[1]
                 else:
                     break
-        except Exception as exc:  # gone, hung, or a reply that broke
+            if answer[0] == 'broken':
+                raise RuntimeError(answer[1])
+        except Exception as exc:  # gone, hung, broken, or a bad reply
             log.error('writer process failed (%s: %s); sends are written '
                       'by the writer thread until it is started again',
                       type(exc).__name__, one_line(exc))
-            self._stop()
-            self._next_start = time.monotonic() + RESTART_SECONDS
+            self._failed()
             self.failures += 1
             raise ProcessLost(prepared) from exc
         self.runs += 1
+        self.up = True
+        self._failed_in_row = 0
         if answer[0] == 'fault':
             raise RemoteFault(answer[1], answer[2])
         woken = answer[1]
@@ -212,8 +240,7 @@ class WriterProcess:
         if self._process is not None:
             log.error('writer process ended (exit code %s)',
                       self._process.returncode)
-            self._stop()
-            self._next_start = time.monotonic() + RESTART_SECONDS
+            self._failed()
         if time.monotonic() < self._next_start:
             return False
         self.start()
@@ -330,9 +357,13 @@ def serve(sock):
         except ParentGone:  # rolled back: the parent went away meanwhile
             break
         except Exception as exc:
-            kind, cause = classify(exc)
             drop_connection(database)
-            answer = ('fault', kind, one_line(cause))
+            if not is_database_error(exc):  # a bug, not the database's
+                log.exception('writer process run failed')
+                answer = ('broken', one_line(exc))
+            else:
+                kind, cause = classify(exc)
+                answer = ('fault', kind, one_line(cause))
         try:
             channel.send(answer)
         except OSError:
@@ -340,5 +371,6 @@ def serve(sock):
     drop_connection(database)
 
 
-if __name__ == '__main__':
-    serve(socket.socket(fileno=int(sys.argv[1])))
+def main(fd):
+    """The child's entry (``_BOOT``): serve on the inherited socket."""
+    serve(socket.socket(fileno=fd))

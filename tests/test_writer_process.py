@@ -177,17 +177,25 @@ def test_a_lost_run_redone_answers_its_own_messages_as_new():
     stored. Those the process had made are this run's own: the first send
     of each is new (delivered live); a client's retry of an older message,
     and a second send of the same message, stay retries."""
-    mine, older, new = {'id': 7}, {'id': 5}, {'id': 8}
+    def message(id, seq):
+        return {'id': id, 'room_id': 1, 'seq': seq,
+                'created_at': f'2026-12-03T10:00:0{seq}.000Z'}
+
+    mine, older, new = message(7, 3), message(5, 1), message(8, 4)
+    # Stored by another process under the id the lost run had rolled back.
+    other = message(9, 6)
+    mine_id_reused = dict(message(9, 5))
     refused = Forbidden('no')
     prepared = [((mine, True), None), ((older, False), None),
-                (None, refused), ((mine, False), None), ((new, True), None)]
+                (None, refused), ((mine, False), None), ((new, True), None),
+                ((mine_id_reused, True), None)]
     results = [('f1', (mine, False), None), ('f2', (older, False), None),
                ('f3', None, refused), ('f4', (mine, False), None),
-               ('f5', (new, True), None)]
+               ('f5', (new, True), None), ('f6', (other, False), None)]
     assert _redone(results, prepared) == [
         ('f1', (mine, True), None), ('f2', (older, False), None),
         ('f3', None, refused), ('f4', (mine, False), None),
-        ('f5', (new, True), None)]
+        ('f5', (new, True), None), ('f6', (other, False), None)]
 
 
 def test_refusals_cross_the_pipe_whole():
@@ -248,3 +256,110 @@ def test_a_batch_splits_into_at_most_four_commits_and_only_sends_move():
                                   (False, 'MSMSMS')]
     assert split('MSMSMSMS') == [(False, 'M'), (True, 'S'), (False, 'M'),
                                  (False, 'SMSMS')]
+
+
+def test_a_child_that_fails_for_no_database_reason_hands_over(tmp_path):
+    """A run that fails in the child for a reason of its own (a bug, code
+    changed on disk under a running server) is not a database fault: the
+    child is stopped and the writer thread takes the sends, instead of
+    every send being refused as if the database were down."""
+    def not_in_the_child(items):  # the child cannot find it by name
+        return [(None, True) for _ in items]
+
+    unknown = Batched.in_writer_process(lambda results, prepared: results)(
+        not_in_the_child)
+    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
+    process = WriterProcess(config.effective_database_url, config)
+    process.start()
+    try:
+        with pytest.raises(ProcessLost) as lost:
+            process.run(unknown, [_Item(None, 1)], ctx=None)
+        assert lost.value.prepared is None
+        assert not process.up and process.failures == 1
+        assert process.run(_double_op, [_Item(None, 1)], ctx=None) is None
+    finally:
+        process.close()
+
+
+async def test_writer_process_ignores_the_current_directory(tmp_path):
+    """Started from a directory with its own ``models.py``, the server and
+    its writer process import their own modules."""
+    here = tmp_path / 'elsewhere'
+    here.mkdir()
+    (here / 'models.py').write_text(
+        "raise SystemExit('imported the wrong models')\n")
+    server = ServerProcess(tmp_path / 'data',
+                           env={**FAST, 'PYTHONPATH': str(ROOT)})
+    server.argv = [sys.executable, '-P', '-m', 'server']
+    server.cwd = here
+    server.start()
+    ta, tb, room = await setup_room(server.url)
+    sender = await connect(server.url, ta)
+    for n in range(5):
+        ack = await sender.call('send_dm', {
+            'room_id': room['id'], 'body': f'hi {n}',
+            'client_msg_id': f'm{n}'})
+        assert ack['ok'], ack
+    await sender.close()
+    assert await metric(server, 'postbox_writer_process_runs_total') >= 5
+    assert await metric(server, 'postbox_writer_process_failures_total') == 0
+    assert 'wrong models' not in server.read_log()
+    assert server.stop() == 0
+
+
+async def test_a_run_lost_after_its_commit_is_answered_as_new(
+        tmp_path, monkeypatch):
+    """The writer process commits a run of sends and dies before saying
+    so: the writer thread runs them again, finds them stored, and answers
+    them as new (so they are delivered live), each stored once."""
+    from models import Message, User
+    from server.data.database import open_database
+    from server.services import messages, rooms
+    from server.services.context import Context
+    from server.services.live import Typing
+    from server.store import Store
+
+    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
+    url = config.effective_database_url
+    process = WriterProcess(url, config)
+    store = Store(open_database(url, config), process=process)
+    store.start()
+    ctx = Context(store, config, 'x' * 32, typing=Typing(2.0))
+    try:
+        def people():
+            return [User.create(username=f'user{i}', display_name='x',
+                                created_at=0).id for i in range(2)]
+        alice, _ = await store.write(people)
+        room, _ = await rooms.open_dm(ctx, alice, 'user1')
+        first = await messages.send_message(ctx, alice, 'before', 'c0',
+                                            room_id=room['id'])
+        assert first.created and process.runs >= 1
+
+        # The child's word after its COMMIT never arrives: it is killed
+        # once that word is on its way (so the COMMIT has happened).
+        real_recv = writer_process.Channel.recv
+
+        def recv(channel, timeout=None):
+            answer = real_recv(channel, timeout)
+            if answer[0] == 'committed':
+                process._process.kill()
+                raise EOFError('the writer process died')
+            return answer
+
+        monkeypatch.setattr(writer_process.Channel, 'recv', recv)
+        sent = await messages.send_message(ctx, alice, 'lost', 'c1',
+                                           room_id=room['id'])
+        assert process.failures == 1
+        assert sent.created  # delivered live, not taken for a retry
+        assert sent.message['body'] == 'lost' and sent.message['seq'] == 2
+        stored = await store.read(lambda: [
+            (m.client_msg_id, m.seq) for m in Message.select().order_by(
+                Message.seq)])
+        assert stored == [('c0', 1), ('c1', 2)]
+        # A real retry of it afterwards is a retry.
+        again = await messages.send_message(ctx, alice, 'lost', 'c1',
+                                            room_id=room['id'])
+        assert not again.created and again.message['id'] == \
+            sent.message['id']
+    finally:
+        await store.close()

@@ -72,6 +72,12 @@ def classify(exc):
     return ERROR, found.get(ERROR, exc)
 
 
+def is_database_error(exc) -> bool:
+    """Whether a database error (a driver's, Peewee's, or a full disk) is
+    ``exc`` or among the exceptions it came from; not a bug elsewhere."""
+    return classify(exc)[1] is not exc or _kind_of(exc) is not None
+
+
 def _kind_of(error):
     if isinstance(error, RemoteFault):
         return error.kind

@@ -74,20 +74,27 @@ def _redone(results, prepared):
     back as retries: a message the process had created is this run's own,
     so its first send is answered as new (``created``: it is delivered
     live), and only that one. A client's retry of an older message stays
-    a retry."""
-    made = {outcome[0]['id'] for outcome, error in prepared
+    a retry; so does a message another process stored meanwhile under an
+    id the lost run had used and rolled back (SQLite reuses it), told
+    apart by its seq and time."""
+    made = {_identity(outcome[0]) for outcome, error in prepared
             if error is None and outcome[1]}
     seen = set()
     answered = []
     for future, outcome, error in results:
         if error is None:
             message, created = outcome
-            if not created and message['id'] in made and \
-                    message['id'] not in seen:
+            if not created and message['id'] not in seen and \
+                    _identity(message) in made:
                 outcome = (message, True)
             seen.add(message['id'])
         answered.append((future, outcome, error))
     return answered
+
+
+def _identity(message):
+    return message['id'], message['room_id'], message['seq'], \
+        message['created_at']
 
 
 @Batched.in_writer_process(_redone)
