@@ -23,8 +23,9 @@ Modes
 - idle (``idle_memory``): N idle websocket clients, server RSS growth / N.
 - fanout (``fanout``): one group, many members connected, a few senders.
 
-Server CPU is read from ``/proc/<pid>/stat`` (utime + stime, all threads)
-just before and after the measured window.
+Server CPU is read from ``/proc/<pid>/stat`` (utime + stime, all threads,
+and the same of its child processes: Postbox's writer process) just before
+and after the measured window.
 
 Run alone: ``python bench/load.py --url http://127.0.0.1:8080 --kind postbox
 --pairs 50 --mode closed --duration 10 --server-pid PID``.

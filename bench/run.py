@@ -413,7 +413,7 @@ def scenario_profile(args, kinds, results, workdir):
         spy_proc = subprocess.Popen(
             [spy, 'record', '--pid', str(server.pid), '--duration',
              str(seconds), '--rate', '200', '--format', 'raw', '--threads',
-             '--nonblocking', '--output', str(folded)],
+             '--subprocesses', '--nonblocking', '--output', str(folded)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         res = load.run_dm(server.url, 'postbox', server.pid, pairs=args.pairs,
                           mode='closed', window=args.window,
@@ -454,10 +454,13 @@ def summarize_profile(path, top=25):
         n = int(count)
         frames = stack.split(';')
         total += n
+        where = ''
         while frames and frames[0].startswith(('process ', 'thread ')):
+            if 'writer_process' in frames[0]:  # Postbox's child process
+                where = 'writer process '
             if frames[0].startswith('thread '):
                 # "thread (1234): pb-writer" -> "pb-writer"
-                threads[frames[0].split(': ', 1)[-1]] += n
+                threads[where + frames[0].split(': ', 1)[-1]] += n
             frames = frames[1:]
         if not frames:
             continue
@@ -520,7 +523,8 @@ def build_report(args, kinds, results):
                   f'cores: anything else running makes the numbers noisy).',
                   '']
     lines += ['Cells are median (min-max) over the repeats. Server CPU is '
-             'utime+stime of the server process from /proc over the '
+             'utime+stime of the server process and its children (the '
+             'writer process) from /proc over the '
              'measured window. Latency is receive time minus send time '
              '(open loop: minus the scheduled send time).', '']
     dm = results.get('dm', {})

@@ -177,9 +177,10 @@ class _StoreCollector:
         process = store.process
         if process is not None:
             alive = GaugeMetricFamily(
-                'postbox_writer_process_up', '1 while the writer process '
-                '(which commits the sends) runs; 0 while the writer thread '
-                'commits them itself')
+                'postbox_writer_process_up', '1 when the writer process '
+                '(which commits the sends) answered the last run of sends; '
+                '0 before the first, and while the writer thread commits '
+                'them itself')
             alive.add_metric([], 1 if process.up else 0)
             yield alive
             for attr, help_text in (
