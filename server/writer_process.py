@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 # Longest the parent waits for one answer: a run may wait its turn behind
 # another process's writer for TURN_WAIT_SECONDS before failing as busy.
 ANSWER_SECONDS = TURN_WAIT_SECONDS + 10
+# Longest a shutdown waits for the child to end before killing it.
+CLOSE_SECONDS = 5.0
 # A child that failed is started again after this long, doubled after each
 # failure in a row up to RESTART_MAX_SECONDS (one that cannot start at all
 # costs a try every few minutes, not a log line every few seconds);
@@ -183,12 +185,14 @@ class WriterProcess:
             RESTART_MAX_SECONDS)
 
     def close(self):
-        """Stop the child (it finishes the run it has, if any)."""
+        """Stop the child: it is idle (the writer thread, which alone
+        gives it runs, has stopped), so it ends at once; if not within
+        CLOSE_SECONDS, it is killed."""
         if self._process is None:
             return
         try:
-            self._channel.send(None, ANSWER_SECONDS)
-            self._process.wait(ANSWER_SECONDS)
+            self._channel.send(None, CLOSE_SECONDS)
+            self._process.wait(CLOSE_SECONDS)
         except (OSError, subprocess.TimeoutExpired):
             pass
         self._stop()
@@ -217,6 +221,9 @@ class WriterProcess:
                     break
             if answer[0] == 'broken':
                 raise RuntimeError(answer[1])
+            if answer[0] == 'committed' and (
+                    prepared is None or len(prepared) != len(requests)):
+                raise RuntimeError('committed without its outcomes')
         except Exception as exc:  # gone, hung, broken, or a bad reply
             log.error('writer process failed (%s: %s); sends are written '
                       'by the writer thread until it is started again',
