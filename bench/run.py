@@ -34,6 +34,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -429,6 +430,7 @@ def scenario_profile(args, kinds, results, workdir):
         log('profile: py-spy failed:', err.decode(errors='replace')[-500:])
         results['profile'] = {'available': False}
         return
+    folded.write_text(_name_processes(folded.read_text()))
     results['profile'] = {'available': True, 'rate': res['rate'],
                           **summarize_profile(folded)}
     log(f'profile: {results["profile"]["samples"]} samples at '
@@ -438,6 +440,16 @@ def scenario_profile(args, kinds, results, workdir):
     log('  by thread: ' + ', '.join(
         f'{name} {share:.0%}' for name, share in
         results['profile']['threads']))
+
+
+def _name_processes(text):
+    """py-spy names each process by its command line, which holds this
+    machine's paths: name them by role instead."""
+    def name(match):
+        role = ('writer process' if 'writer_process' in match.group(2)
+                else 'postbox')
+        return f'process {match.group(1)}:"{role}"'
+    return re.sub(r'process (\d+):"([^"]*)"', name, text)
 
 
 def summarize_profile(path, top=25):
@@ -456,7 +468,7 @@ def summarize_profile(path, top=25):
         total += n
         where = ''
         while frames and frames[0].startswith(('process ', 'thread ')):
-            if 'writer_process' in frames[0]:  # Postbox's child process
+            if 'writer process' in frames[0]:  # see _name_processes
                 where = 'writer process '
             if frames[0].startswith('thread '):
                 # "thread (1234): pb-writer" -> "pb-writer"

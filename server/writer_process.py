@@ -81,16 +81,14 @@ RESTART_MAX_SECONDS = 300.0
 # current directory (a ``models.py`` there must not be imported). The
 # package's own directory goes on the path only if ``server`` would not be
 # found there otherwise (a source checkout run from its directory), and
-# then only to find this package.
+# then only to find this package. One line, as ps and profilers show it.
 _BOOT = (
-    'import importlib.util, os, sys\n'
-    'root = sys.argv[2]\n'
-    'spec = importlib.util.find_spec("server")\n'
-    'if spec is None or os.path.dirname(os.path.dirname(spec.origin)) '
-    '!= root:\n'
-    '    sys.path.insert(0, root)\n'
-    'from server.writer_process import main\n'
-    'main(int(sys.argv[1]))\n')
+    'import importlib.util, os, sys; root = sys.argv[2]; '
+    "spec = importlib.util.find_spec('server'); "
+    '(spec is not None and '
+    'os.path.dirname(os.path.dirname(spec.origin)) == root) '
+    'or sys.path.insert(0, root); '
+    'from server.writer_process import main; main(int(sys.argv[1]))')
 
 
 def operation_name(batched) -> str:

@@ -59,8 +59,20 @@ async def until(predicate, timeout, what):
         await asyncio.sleep(0.05)
 
 
-async def test_killed_writer_process_loses_nothing_and_comes_back(tmp_path):
+@pytest.fixture
+def stop_later():
+    """Servers given to it are stopped after the test, even a failed one
+    (a server left running would load the rest of the run)."""
+    servers = []
+    yield servers.append
+    for server in servers:
+        server.stop()
+
+
+async def test_killed_writer_process_loses_nothing_and_comes_back(
+        tmp_path, stop_later):
     server = ServerProcess(tmp_path, env=FAST).start()
+    stop_later(server)
     ta, tb, room = await setup_room(server.url)
     receiver = await connect(server.url, tb)
     senders = [await connect(server.url, ta) for _ in range(4)]
@@ -109,11 +121,12 @@ def writer_processes_gone(pid) -> bool:
     return False
 
 
-async def test_writer_process_ends_with_the_server(tmp_path):
+async def test_writer_process_ends_with_the_server(tmp_path, stop_later):
     server = ServerProcess(tmp_path, env=FAST).start()
+    stop_later(server)
     ta, tb, room = await setup_room(server.url)
     (child,) = writer_processes(server.pid)
-    assert server.stop() == 0  # SIGTERM reaches the whole group: clean
+    assert server.stop() == 0  # SIGTERM: the server closes it
     await until(lambda: writer_processes_gone(child), 10, 'its end')
     server.start()
     (child,) = writer_processes(server.pid)
@@ -281,7 +294,8 @@ def test_a_child_that_fails_for_no_database_reason_hands_over(tmp_path):
         process.close()
 
 
-async def test_writer_process_ignores_the_current_directory(tmp_path):
+async def test_writer_process_ignores_the_current_directory(tmp_path,
+                                                            stop_later):
     """Started from a directory with its own ``models.py``, the server and
     its writer process import their own modules."""
     here = tmp_path / 'elsewhere'
@@ -293,6 +307,7 @@ async def test_writer_process_ignores_the_current_directory(tmp_path):
     server.argv = [sys.executable, '-P', '-m', 'server']
     server.cwd = here
     server.start()
+    stop_later(server)
     ta, tb, room = await setup_room(server.url)
     sender = await connect(server.url, ta)
     for n in range(5):
