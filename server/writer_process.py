@@ -350,6 +350,10 @@ def serve(sock):
             message = channel.recv()
         except (EOFError, OSError):  # the parent is gone
             break
+        except Exception as exc:  # a run it cannot read: not this code's
+            log.exception('writer process cannot read a run')
+            channel.send(('broken', one_line(exc)))
+            continue
         if message is None:
             break
         name, requests = message

@@ -60,6 +60,11 @@ async def until(predicate, timeout, what):
 
 
 @pytest.fixture
+def child_finds_tests(monkeypatch):
+    monkeypatch.setenv('PYTHONPATH', str(ROOT))
+
+
+@pytest.fixture
 def stop_later():
     """Servers given to it are stopped after the test, even a failed one
     (a server left running would load the rest of the run)."""
@@ -144,12 +149,14 @@ def _double(items):
 
 
 # A portable operation for the tests below: the writer process imports
-# this module and runs it, as it runs the batched send.
+# this module and runs it, as it runs the batched send (``child_finds_tests``
+# lets it find this module, which an installed server would not).
 _double_op = Batched.in_writer_process(lambda results, since: results)(
     _double)
 
 
-def test_hung_writer_process_is_killed(tmp_path, monkeypatch):
+def test_hung_writer_process_is_killed(tmp_path, monkeypatch,
+                                       child_finds_tests):
     """A writer process that stops answering (here SIGSTOP) fails the run
     as lost after ANSWER_SECONDS and is killed; the writer thread then runs
     the sends itself until it may start a new one."""
@@ -271,7 +278,8 @@ def test_a_batch_splits_into_at_most_four_commits_and_only_sends_move():
                                  (False, 'SMSMS')]
 
 
-def test_a_child_that_fails_for_no_database_reason_hands_over(tmp_path):
+def test_a_child_that_fails_for_no_database_reason_hands_over(
+        tmp_path, child_finds_tests):
     """A run that fails in the child for a reason of its own (a bug, code
     changed on disk under a running server) is not a database fault: the
     child is stopped and the writer thread takes the sends, instead of
