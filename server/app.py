@@ -31,7 +31,8 @@ from server.services.limits import Limits
 from server.services.live import Typing, presence_for
 from server.services.serialize import load_users
 from server.storage import LocalStorage, private_data
-from server.store import Store, is_sqlite, open_database
+from server.data.database import in_memory
+from server.store import Store, open_database
 from server.writer_process import WriterProcess
 from server.transport import attachments_http, http, http_base
 from server.transport import socket as socket_transport
@@ -100,13 +101,13 @@ def setup_database(app) -> Store:
     private_data(config)  # data dir 0700, database and files 0600
     url = config.effective_database_url
     database = open_database(url, config)
-    in_memory = is_sqlite(database) and database.database == ':memory:'
     store = Store(database, batch_max=config.write_batch_max,
                   reader_threads=config.reader_threads,
                   queue_max=config.write_queue_max,
                   on_batch=metrics.observe_batch,
                   process=(WriterProcess(url, config)
-                           if config.writer_process and not in_memory
+                           if config.writer_process and
+                           not in_memory(database)
                            else None))
     metrics.store = store
     app[READY_CHECKS] = [

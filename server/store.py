@@ -44,7 +44,7 @@ import models
 from models import SchemaVersion
 from models.migrations import migrate
 from server.data.database import open_database  # noqa: F401 (the app's)
-from server.data.database import dialect_of, is_sqlite
+from server.data.database import dialect_of, in_memory, is_sqlite
 from server.data.faults import (BUSY, CONNECTION, DISK_FULL, ERROR,
                                 LOG_EVERY_SECONDS, ProcessLost, Throttled,
                                 classify, drop_connection, one_line)
@@ -329,8 +329,7 @@ class Store:
     def disk_free(self):
         """Bytes free to SQLite on its file's filesystem; None for
         PostgreSQL (its disk is the database server's) or in memory."""
-        if not is_sqlite(self.database) or \
-                self.database.database in ('', ':memory:'):
+        if not is_sqlite(self.database) or in_memory(self.database):
             return None
         try:
             stat = os.statvfs(Path(self.database.database).parent)

@@ -241,6 +241,12 @@ def is_sqlite(database) -> bool:
     return isinstance(database, peewee.SqliteDatabase)
 
 
+def in_memory(database) -> bool:
+    """A SQLite database with no file: private to its connection, so no
+    other process (the writer process) can share it."""
+    return is_sqlite(database) and database.database in ('', ':memory:')
+
+
 def attach(database):
     """Choose ``database``'s dialect and search index, once."""
     database.dialect = (SqliteDialect(database.database)
