@@ -366,6 +366,38 @@ async def test_events_before_connect_close_the_session(strict):
             await ws.close()
 
 
+async def test_refused_long_polling_client_reads_why_then_is_closed(
+        strict):
+    """A CONNECT refused on long-polling: the next poll gets the
+    CONNECT_ERROR, not a 400 for a session already gone; then the session
+    is closed.
+    A browser on polling, or in the middle of its upgrade, would otherwise
+    never learn that its token was revoked and retry forever."""
+    endpoint = strict.url + '/socket.io/?EIO=4&transport=polling'
+    async with aiohttp.ClientSession() as session:
+        async with session.get(endpoint) as resp:
+            sid = json.loads((await resp.text())[1:])['sid']
+        async with session.post(f'{endpoint}&sid={sid}',
+                                data='40{"token":"revoked"}') as resp:
+            assert resp.status == 200
+        async with session.get(f'{endpoint}&sid={sid}') as resp:
+            assert resp.status == 200
+            answers = _polled(await resp.text())
+        assert answers[0].startswith('44'), answers
+        assert json.loads(answers[0][2:])['message'] == 'unauthorized'
+        # Then the session is closed (a CLOSE packet, if a poll is there
+        # to take it before the session goes).
+        for _ in range(10):  # each poll waits up to a ping interval
+            if '1' in answers:
+                break
+            async with session.get(f'{endpoint}&sid={sid}') as resp:
+                if resp.status == 400:
+                    break
+                answers += _polled(await resp.text())
+        async with session.get(f'{endpoint}&sid={sid}') as resp:
+            assert resp.status == 400
+
+
 async def test_lifecycle_event_names_are_unknown_events(tmp_path):
     """Events named ``connect`` or ``disconnect`` are answered as unknown
     events; they never reach the connect or disconnect handlers (which

@@ -116,6 +116,7 @@ class Server(socketio.AsyncServer):
         # [address counted or None, over-limit address or None, timer].
         self.waiting = {}
         self.over_limit = {}  # address -> sessions let in over its limit
+        self.closing_tasks = set()  # refused sessions, closed once read
         # Connection state recovery (``recovery.Recovery``), set by the app.
         self.recovery = None
 
@@ -206,6 +207,32 @@ class Server(socketio.AsyncServer):
         s.close_code = code
         await s.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
 
+    async def _refused(self, eio_sid):
+        """After a refused CONNECT: nothing more can happen on the session
+        (a client opens a new one to try again), so it is closed, but only
+        once its CONNECT_ERROR has been taken. A closed session answers a
+        poll 400, and a long-polling client (or one in the middle of its
+        upgrade) would never read why it was refused: socket.io-client
+        would then reconnect, be refused and lose the answer again. Until
+        then it waits like a session that never connected (its address's
+        place, ``connect_timeout``)."""
+        s = self.eio.sockets.get(eio_sid)
+        if s is None or s.closing or s.closed or not \
+                await self._wait_for_connect(eio_sid,
+                                             self.environ.get(eio_sid, {})):
+            return await self._close_session(eio_sid)
+        task = asyncio.ensure_future(self._close_when_taken(s))
+        self.closing_tasks.add(task)
+        task.add_done_callback(self.closing_tasks.discard)
+
+    async def _close_when_taken(self, s):
+        try:
+            await asyncio.wait_for(s.queue.join(), self.eio.connect_timeout)
+        except asyncio.TimeoutError:
+            return  # not polled: the connect timeout closes it
+        if not self._connected(s.sid):  # unless a later CONNECT got in
+            await self._close_session(s.sid)
+
     async def _left(self, eio_sid, count=True):
         """After a namespace disconnect: a session left without any
         Socket.IO connection waits for a connect again (counted against
@@ -274,10 +301,7 @@ class Server(socketio.AsyncServer):
             await self._stop_waiting(eio_sid)  # its place passes on
             await self._handle_connect(eio_sid, namespace, pkt.data)
             if not self._connected(eio_sid):
-                # Refused: nothing more can happen on this session (a
-                # client opens a new one to try again). Sent after the
-                # CONNECT_ERROR already queued.
-                await self._close_session(eio_sid)
+                await self._refused(eio_sid)
             return
         if kind == sio_packet.DISCONNECT:
             await self._handle_disconnect(eio_sid, namespace,
