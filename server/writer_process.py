@@ -16,10 +16,14 @@ keeps the breaker, counts the batch and resolves the futures after the
 child's COMMIT returned, so an ack still follows the commit. The child
 runs a run in one transaction of its own through ``Store.run_here`` (the
 same savepoints and one-by-one fallback), and takes SQLite's writer turn
-like a second worker process would. Before its COMMIT it sends the
-outcomes (``prepared``), after it a word that it committed; or, if the
-transaction failed, the kind of fault (``RemoteFault``), which the
-writer's retry logic reads as it reads the database's own errors.
+like a second worker process would. Before its COMMIT it writes the
+outcomes (``prepared``) to a memory file shared with the parent, after it
+sends them with a word that it committed; or, if the transaction failed,
+the kind of fault (``RemoteFault``), which the writer's retry logic reads
+as it reads the database's own errors. The parent reads the memory file
+only if the child is lost: every message the writer thread waits for is
+one more take-back of the GIL from the busy event loop, so a run costs
+it one send and one answer (read whole, in one call when it fits).
 
 An item's ``ctx`` (the app's Context, which cannot cross a pipe) is
 replaced in the child by ``ChildContext``: its own cache of users' public
@@ -44,7 +48,9 @@ retry finds them stored: answered, but delivered by ``sync`` only.)
 """
 import importlib
 import logging
+import os
 import pickle
+import tempfile
 import signal
 import socket
 import subprocess
@@ -75,6 +81,8 @@ CLOSE_SECONDS = 5.0
 # meanwhile the writer thread runs the sends itself.
 RESTART_SECONDS = 5.0
 RESTART_MAX_SECONDS = 300.0
+# What a receive asks of the socket at least: an answer arrives whole.
+READ_BYTES = 1 << 16
 # How the child is started: a fresh interpreter, not a fork of this
 # threaded process, nor multiprocessing's spawn (it would run the
 # embedding program's main module again). ``-P``: nothing from the
@@ -88,7 +96,8 @@ _BOOT = (
     '(spec is not None and '
     'os.path.dirname(os.path.dirname(spec.origin)) == root) '
     'or sys.path.insert(0, root); '
-    'from server.writer_process import main; main(int(sys.argv[1]))')
+    'from server.writer_process import main; '
+    'main(int(sys.argv[1]), int(sys.argv[3]))')
 
 
 def operation_name(batched) -> str:
@@ -104,6 +113,7 @@ class Channel:
 
     def __init__(self, sock):
         self.sock = sock
+        self._buffer = bytearray()  # received, not yet taken
 
     def send(self, message, timeout=None):
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
@@ -113,20 +123,21 @@ class Channel:
     def recv(self, timeout=None):
         """The next message; EOFError once the other side is gone."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        size = int.from_bytes(self._exactly(8, deadline), 'big')
-        return pickle.loads(self._exactly(size, deadline))
+        size = int.from_bytes(self._take(8, deadline), 'big')
+        return pickle.loads(self._take(size, deadline))
 
-    def _exactly(self, size, deadline) -> bytes:
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        while got < size:
+    def _take(self, size, deadline) -> bytes:
+        buffer = self._buffer
+        while len(buffer) < size:
             if deadline is not None:
                 self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            n = self.sock.recv_into(view[got:])
-            if not n:
+            chunk = self.sock.recv(max(size - len(buffer), READ_BYTES))
+            if not chunk:
                 raise EOFError('the other side closed')
-            got += n
-        return bytes(buffer)
+            buffer += chunk
+        taken = bytes(buffer[:size])
+        del buffer[:size]
+        return taken
 
     def close(self):
         self.sock.close()
@@ -139,6 +150,8 @@ class WriterProcess:
         self._url, self._config = url, config
         self._process = None
         self._channel = None
+        self._prepared = None  # the memory file the child prepares runs in
+        self._number = 0  # of the last run handed over
         self._next_start = 0.0
         self._failed_in_row = 0
         # For /metrics, written by the writer thread only: whether the
@@ -162,11 +175,13 @@ class WriterProcess:
         # however it ends, and then ends too. A session of its own: a
         # Ctrl-C in the terminal is for the server, which stops it.
         ours, theirs = socket.socketpair()
+        self._prepared = _memory_file()
         root = str(Path(__file__).resolve().parent.parent)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, '-P', '-c', _BOOT, str(theirs.fileno()),
-                 root], pass_fds=[theirs.fileno()],
+                 root, str(self._prepared)],
+                pass_fds=[theirs.fileno(), self._prepared],
                 stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             theirs.close()
@@ -203,30 +218,29 @@ class WriterProcess:
         if not self._available():
             self.failures += 1
             return None
-        prepared = None
+        self._number += 1
+        number = self._number
         try:
-            self._channel.send((operation_name(batched),
+            self._channel.send((number, operation_name(batched),
                                 [r._replace(ctx=None) for r in requests]),
                                ANSWER_SECONDS)
             while True:
                 answer = self._channel.recv(ANSWER_SECONDS)
-                if answer[0] == 'here':
-                    self._channel.send(connected_here(ctx, answer[1]),
-                                       ANSWER_SECONDS)
-                elif answer[0] == 'prepared':
-                    prepared = answer[1]
-                else:
+                if answer[0] != 'here':
                     break
+                self._channel.send(connected_here(ctx, answer[1]),
+                                   ANSWER_SECONDS)
             if answer[0] == 'broken':
                 raise RuntimeError(answer[1])
-            if answer[0] == 'committed' and (
-                    prepared is None or len(prepared) != len(requests)):
-                raise RuntimeError('committed without its outcomes')
+            if answer[0] == 'committed':
+                ran, prepared = pickle.loads(answer[2])
+                if ran != number or len(prepared) != len(requests):
+                    raise RuntimeError('committed without its outcomes')
         except Exception as exc:  # gone, hung, broken, or a bad reply
             log.error('writer process failed (%s: %s); sends are written '
                       'by the writer thread until it is started again',
                       type(exc).__name__, one_line(exc))
-            self._failed()
+            prepared = self._lost(number)
             self.failures += 1
             raise ProcessLost(prepared) from exc
         self.runs += 1
@@ -237,6 +251,25 @@ class WriterProcess:
         woken = answer[1]
         if woken:
             ctx.outbox_wake()
+        return prepared
+
+    def _lost(self, number):
+        """The child failed run ``number``: stop it, and return the
+        outcomes it had prepared for that run before its COMMIT, if it
+        got that far (None if not)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()  # it writes nothing more
+            process.wait()
+        prepared = None
+        try:
+            size = int.from_bytes(os.pread(self._prepared, 8, 0), 'big')
+            ran, outcomes = pickle.loads(os.pread(self._prepared, size, 8))
+            if ran == number:
+                prepared = outcomes
+        except Exception:  # nothing prepared (or not whole): not committed
+            pass
+        self._failed()
         return prepared
 
     def _available(self) -> bool:
@@ -254,12 +287,24 @@ class WriterProcess:
     def _stop(self):
         self.up = False
         process, channel = self._process, self._channel
+        prepared, self._prepared = self._prepared, None
         self._process = self._channel = None
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
         if channel is not None:
             channel.close()
+        if prepared is not None:
+            os.close(prepared)
+
+
+def _memory_file() -> int:
+    """A file descriptor of a file in memory (an unlinked temporary file
+    where Linux's memfd is not available), for the child to inherit."""
+    if hasattr(os, 'memfd_create'):
+        return os.memfd_create('postbox-prepared', 0)
+    with tempfile.TemporaryFile() as file:
+        return os.dup(file.fileno())
 
 
 # -- the child ----------------------------------------------------------------
@@ -319,7 +364,7 @@ def _sendable(error):
     return Internal('internal error')
 
 
-def serve(sock):
+def serve(sock, prepared_fd):
     """The child's loop: take a run, commit it, answer. It ends when the
     parent says so or is gone; a Ctrl-C or SIGTERM meant for the server
     (sent to its whole process group) is the parent's to act on."""
@@ -338,12 +383,14 @@ def serve(sock):
     store = Store(database)
     ctx = ChildContext(config, channel)
 
+    run = {}  # the run's number, and its outcomes once prepared
+
     def prepared(results):  # inside the transaction, before its COMMIT
-        try:
-            channel.send(('prepared', [(result, _sendable(error))
-                                       for result, error in results]))
-        except OSError as exc:
-            raise ParentGone() from exc
+        data = pickle.dumps((run['number'], [
+            (result, _sendable(error)) for result, error in results]),
+            pickle.HIGHEST_PROTOCOL)
+        os.pwrite(prepared_fd, len(data).to_bytes(8, 'big') + data, 0)
+        run['prepared'] = data
 
     while True:
         try:
@@ -356,13 +403,13 @@ def serve(sock):
             continue
         if message is None:
             break
-        name, requests = message
+        run['number'], name, requests = message
         ctx.woken = False
         try:
             store.run_here(_operation(name),
                            [r._replace(ctx=ctx) for r in requests],
                            before_commit=prepared)
-            answer = ('committed', ctx.woken)
+            answer = ('committed', ctx.woken, run.pop('prepared'))
         except ParentGone:  # rolled back: the parent went away meanwhile
             break
         except Exception as exc:
@@ -380,6 +427,7 @@ def serve(sock):
     drop_connection(database)
 
 
-def main(fd):
-    """The child's entry (``_BOOT``): serve on the inherited socket."""
-    serve(socket.socket(fileno=fd))
+def main(fd, prepared_fd):
+    """The child's entry (``_BOOT``): serve on the inherited socket,
+    preparing runs in the inherited memory file."""
+    serve(socket.socket(fileno=fd), prepared_fd)
