@@ -219,7 +219,7 @@ class WriterProcess:
             self.failures += 1
             return None
         self._number += 1
-        number = self._number
+        number, prepared = self._number, None
         try:
             self._channel.send((number, operation_name(batched),
                                 [r._replace(ctx=None) for r in requests]),
@@ -236,6 +236,8 @@ class WriterProcess:
                 ran, prepared = pickle.loads(answer[2])
                 if ran != number or len(prepared) != len(requests):
                     raise RuntimeError('committed without its outcomes')
+            elif answer[0] != 'fault':
+                raise RuntimeError(f'unexpected answer {answer[0]!r}')
         except Exception as exc:  # gone, hung, broken, or a bad reply
             log.error('writer process failed (%s: %s); sends are written '
                       'by the writer thread until it is started again',
@@ -302,7 +304,7 @@ def _memory_file() -> int:
     """A file descriptor of a file in memory (an unlinked temporary file
     where Linux's memfd is not available), for the child to inherit."""
     if hasattr(os, 'memfd_create'):
-        return os.memfd_create('postbox-prepared', 0)
+        return os.memfd_create('postbox-prepared')  # close-on-exec
     with tempfile.TemporaryFile() as file:
         return os.dup(file.fileno())
 
@@ -310,7 +312,8 @@ def _memory_file() -> int:
 # -- the child ----------------------------------------------------------------
 
 class ParentGone(BaseException):
-    """The parent closed its end mid-run. A BaseException, so that the
+    """The parent is gone mid-run (its end closed, or this process was
+    handed to another parent). A BaseException, so that the
     store's per-operation error handling lets it through: the transaction
     rolls back and the child ends."""
 
@@ -384,12 +387,17 @@ def serve(sock, prepared_fd):
     ctx = ChildContext(config, channel)
 
     run = {}  # the run's number, and its outcomes once prepared
+    parent = os.getppid()
 
     def prepared(results):  # inside the transaction, before its COMMIT
+        if os.getppid() != parent:  # never acked: roll back, a retry
+            raise ParentGone()      # elsewhere stores them as new
         data = pickle.dumps((run['number'], [
             (result, _sendable(error)) for result, error in results]),
             pickle.HIGHEST_PROTOCOL)
-        os.pwrite(prepared_fd, len(data).to_bytes(8, 'big') + data, 0)
+        record = len(data).to_bytes(8, 'big') + data
+        if os.pwrite(prepared_fd, record, 0) != len(record):
+            raise RuntimeError('the prepared outcomes were not written whole')
         run['prepared'] = data
 
     while True:

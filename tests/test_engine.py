@@ -398,6 +398,45 @@ async def test_refused_long_polling_client_reads_why_then_is_closed(
             assert resp.status == 400
 
 
+async def test_nothing_runs_on_a_session_after_its_refusal(strict):
+    """Attacker's test: one long-polling POST of a refused CONNECT, then
+    a CONNECT with a valid token, then more refused ones. Only the first
+    runs (refused); the session is closed by the next packet, so the
+    valid CONNECT never runs (it would be a connection on a session about
+    to close), nor does the connect handler run once per packet."""
+    user, token = await register(strict.url)
+    start = len(strict.read_log())
+    endpoint = strict.url + '/socket.io/?EIO=4&transport=polling'
+    body = '\x1e'.join(['40{"token":"bad"}', '40' + json.dumps(
+        {'token': token})] + ['40{"token":"bad"}'] * 10)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(endpoint) as resp:
+            sid = json.loads((await resp.text())[1:])['sid']
+        async with session.post(f'{endpoint}&sid={sid}', data=body) as resp:
+            assert resp.status in (200, 400)
+        answers = []
+        for _ in range(10):
+            async with session.get(f'{endpoint}&sid={sid}') as resp:
+                if resp.status != 200:
+                    break
+                answers += _polled(await resp.text())
+            if '1' in answers:
+                break
+    # At most the refusal was read before the next packet closed it.
+    assert all(a.startswith('44') or a in ('1', '6') for a in answers), \
+        answers
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f'{endpoint}&sid={sid}') as resp:
+            assert resp.status == 400  # closed
+    log = strict.read_log()[start:]
+    assert log.count('connection refused: unauthorized') == 1, log
+    assert f'connect user_id={user["id"]} ' not in log, log
+    # The user's places are all free.
+    client = await connect(strict.url, token)
+    assert (await client.call('ping', {}))['ok']
+    await client.close()
+
+
 async def test_lifecycle_event_names_are_unknown_events(tmp_path):
     """Events named ``connect`` or ``disconnect`` are answered as unknown
     events; they never reach the connect or disconnect handlers (which

@@ -183,6 +183,34 @@ def test_hung_writer_process_is_killed(tmp_path, monkeypatch,
         process.close()
 
 
+def test_an_answer_the_parent_does_not_know_is_a_lost_child(
+        tmp_path, monkeypatch, child_finds_tests):
+    """A reply the parent cannot read as an answer fails the run as lost
+    (the child stopped, the writer thread takes the sends, with what the
+    child had prepared) instead of escaping as an error that would trip
+    the breaker and refuse every write."""
+    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
+    process = WriterProcess(config.effective_database_url, config)
+    process.start()
+    try:
+        real_recv = writer_process.Channel.recv
+
+        def recv(channel, timeout=None):
+            real_recv(channel, timeout)  # the child's real 'committed'
+            return ('committed?',)
+
+        monkeypatch.setattr(writer_process.Channel, 'recv', recv)
+        with pytest.raises(ProcessLost) as lost:
+            process.run(_double_op, [_Item(None, 3), _Item(None, 4)],
+                        ctx=None)
+        # It had committed: its prepared outcomes come from the memory
+        # file it shares with the parent.
+        assert lost.value.prepared == [((6, True), None), ((8, True), None)]
+        assert not process.up and process.failures == 1
+    finally:
+        process.close()
+
+
 def _zombie(pid) -> bool:
     try:
         with open(f'/proc/{pid}/stat') as f:

@@ -74,6 +74,7 @@ class Socket(async_socket.AsyncSocket):
     ws = None  # the WebSocketResponse, once the socket is on websocket
     writer = None  # the task sending queued packets, while there are any
     tcp_transport = None  # what backpressure aborts to cut a stalled socket
+    refused = False  # its Socket.IO CONNECT was refused: closing soon
     close_code = WSCloseCode.OK  # what the websocket is closed with
 
     async def send(self, pkt):

@@ -182,7 +182,12 @@ class Server(socketio.AsyncServer):
             await self.connections.release_address(counted)
 
     def _connect_timed_out(self, eio_sid):
-        if eio_sid in self.waiting:
+        s = self.eio.sockets.get(eio_sid)
+        if eio_sid in self.waiting and (s is None or s.closing or s.closed):
+            # Closed while its place was being taken (a Redis round trip),
+            # after its disconnect had given back nothing yet.
+            asyncio.ensure_future(self._stop_waiting(eio_sid))
+        elif eio_sid in self.waiting:
             log.info('%s: no Socket.IO connect within %ss, closing', eio_sid,
                      self.eio.connect_timeout)
             asyncio.ensure_future(self._close_session(eio_sid))
@@ -209,18 +214,19 @@ class Server(socketio.AsyncServer):
 
     async def _refused(self, eio_sid):
         """After a refused CONNECT: nothing more can happen on the session
-        (a client opens a new one to try again), so it is closed, but only
-        once its CONNECT_ERROR has been taken. A closed session answers a
-        poll 400, and a long-polling client (or one in the middle of its
-        upgrade) would never read why it was refused: socket.io-client
-        would then reconnect, be refused and lose the answer again. Until
-        then it waits like a session that never connected (its address's
-        place, ``connect_timeout``)."""
+        (a client opens a new one to try again; any packet it sends now
+        closes it at once), so it is closed, but only once its
+        CONNECT_ERROR has been taken. A closed session answers a poll 400,
+        and a long-polling client (or one in the middle of its upgrade)
+        would never read why it was refused: socket.io-client would then
+        reconnect, be refused and lose the answer again. Until then it
+        holds its address's place like a session that never connected
+        (if one is left), for ``connect_timeout`` at most."""
         s = self.eio.sockets.get(eio_sid)
-        if s is None or s.closing or s.closed or not \
-                await self._wait_for_connect(eio_sid,
-                                             self.environ.get(eio_sid, {})):
-            return await self._close_session(eio_sid)
+        if s is None or s.closing or s.closed:
+            return
+        s.refused = True
+        await self._wait_for_connect(eio_sid, self.environ.get(eio_sid, {}))
         task = asyncio.ensure_future(self._close_when_taken(s))
         self.closing_tasks.add(task)
         task.add_done_callback(self.closing_tasks.discard)
@@ -229,9 +235,8 @@ class Server(socketio.AsyncServer):
         try:
             await asyncio.wait_for(s.queue.join(), self.eio.connect_timeout)
         except asyncio.TimeoutError:
-            return  # not polled: the connect timeout closes it
-        if not self._connected(s.sid):  # unless a later CONNECT got in
-            await self._close_session(s.sid)
+            pass  # never polled
+        await self._close_session(s.sid)
 
     async def _left(self, eio_sid, count=True):
         """After a namespace disconnect: a session left without any
@@ -283,6 +288,8 @@ class Server(socketio.AsyncServer):
         s = self.eio.sockets.get(eio_sid)
         if s is None or s.closing or s.closed:
             return  # sent before the session was closed
+        if s.refused:  # anything after a refusal: not a real client's
+            return await self._close_session(eio_sid)
         if isinstance(data, (bytes, bytearray)):
             return  # attachments of a refused binary packet, or junk
         if not isinstance(data, str):  # a JSON Engine.IO message
