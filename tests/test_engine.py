@@ -180,6 +180,20 @@ def _polled(body: str) -> list:
     return body.split('\x1e')
 
 
+async def _poll_until_closed(session, url, answers=None) -> list:
+    """Poll ``url`` (a session's) until it answers the CLOSE packet or
+    no longer answers 200; the packets polled, after ``answers``."""
+    answers = list(answers or [])
+    for _ in range(10):  # each poll waits up to a ping interval
+        if '1' in answers:
+            break
+        async with session.get(url) as resp:
+            if resp.status != 200:
+                break
+            answers += _polled(await resp.text())
+    return answers
+
+
 async def test_undecodable_upgrade_probe_leaves_polling_working(base):
     """A websocket upgrade whose probe is not an Engine.IO packet is
     refused; the client's polling goes on as before (its polls are not
@@ -387,13 +401,7 @@ async def test_refused_long_polling_client_reads_why_then_is_closed(
         assert json.loads(answers[0][2:])['message'] == 'unauthorized'
         # Then the session is closed (a CLOSE packet, if a poll is there
         # to take it before the session goes).
-        for _ in range(10):  # each poll waits up to a ping interval
-            if '1' in answers:
-                break
-            async with session.get(f'{endpoint}&sid={sid}') as resp:
-                if resp.status == 400:
-                    break
-                answers += _polled(await resp.text())
+        await _poll_until_closed(session, f'{endpoint}&sid={sid}', answers)
         async with session.get(f'{endpoint}&sid={sid}') as resp:
             assert resp.status == 400
 
@@ -414,14 +422,7 @@ async def test_nothing_runs_on_a_session_after_its_refusal(strict):
             sid = json.loads((await resp.text())[1:])['sid']
         async with session.post(f'{endpoint}&sid={sid}', data=body) as resp:
             assert resp.status in (200, 400)
-        answers = []
-        for _ in range(10):
-            async with session.get(f'{endpoint}&sid={sid}') as resp:
-                if resp.status != 200:
-                    break
-                answers += _polled(await resp.text())
-            if '1' in answers:
-                break
+        answers = await _poll_until_closed(session, f'{endpoint}&sid={sid}')
     # At most the refusal was read before the next packet closed it.
     assert all(a.startswith('44') or a in ('1', '6') for a in answers), \
         answers
@@ -498,14 +499,7 @@ async def test_session_without_connect_is_closed(strict):
         endpoint = strict.url + '/socket.io/?EIO=4&transport=polling'
         async with session.get(endpoint) as resp:
             sid = json.loads((await resp.text())[1:])['sid']
-        answers = []
-        for _ in range(10):  # each poll waits up to a ping interval
-            async with session.get(f'{endpoint}&sid={sid}') as resp:
-                if resp.status != 200:
-                    break
-                answers += _polled(await resp.text())
-            if '1' in answers:
-                break
+        answers = await _poll_until_closed(session, f'{endpoint}&sid={sid}')
         assert '1' in answers, answers
         async with session.get(f'{endpoint}&sid={sid}') as resp:
             assert resp.status == 400
