@@ -265,7 +265,8 @@ def profiled_dm(url, pid, args, workdir, users, auth=None):
     proc = subprocess.Popen(
         [spy, 'record', '--pid', str(pid), '--duration', str(seconds + 10),
          '--rate', '200', '--format', 'raw', '--nonblocking',
-         '--subprocesses', '--output', str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         '--subprocesses', '--output', str(folded)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load.run_dm(url, 'postbox', pid, pairs=args.pairs, mode='closed',
                 window=args.window, duration=seconds, warmup=0.5,
                 workers=args.workers, users=users, auth=auth)

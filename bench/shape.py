@@ -10,10 +10,11 @@ Seeds a SQLite database shaped like a social app a few months in (default:
 on a copy of it (``python -m server``, default durability), and drives each
 documented path with real Socket.IO / HTTP clients on loopback. Prints, per
 path: operations per second, server CPU per operation (utime + stime of the
-server process, all threads, and of its writer process), and client-observed latency p50/p99. The read
-paths run one request at a time, so their latency is the server's time plus
-a loopback round trip; the send paths keep ``--inflight`` sends in flight
-(the same for every send path, so their CPU per message compares).
+server process, all threads, and of its writer process), and
+client-observed latency p50/p99. The read paths run one request at a time,
+so their latency is the server's time plus a loopback round trip; the send
+paths keep ``--inflight`` sends in flight (the same for every send path, so
+their CPU per message compares).
 
 The seeded database is cached under ``bench/.cache/`` (keyed by its shape
 and the schema version), so later runs skip the seeding (about a minute at

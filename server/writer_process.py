@@ -259,10 +259,7 @@ class WriterProcess:
         """The child failed run ``number``: stop it, and return the
         outcomes it had prepared for that run before its COMMIT, if it
         got that far (None if not)."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()  # it writes nothing more
-            process.wait()
+        self._kill()  # it writes nothing more
         prepared = None
         try:
             size = int.from_bytes(os.pread(self._prepared, 8, 0), 'big')
@@ -286,14 +283,17 @@ class WriterProcess:
         self.start()
         return self._process is not None
 
-    def _stop(self):
-        self.up = False
-        process, channel = self._process, self._channel
-        prepared, self._prepared = self._prepared, None
-        self._process = self._channel = None
+    def _kill(self):
+        process = self._process
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+
+    def _stop(self):
+        self.up = False
+        self._kill()
+        channel, prepared = self._channel, self._prepared
+        self._process = self._channel = self._prepared = None
         if channel is not None:
             channel.close()
         if prepared is not None:

@@ -65,6 +65,17 @@ def child_finds_tests(monkeypatch):
 
 
 @pytest.fixture
+def child(tmp_path, child_finds_tests):
+    """A started writer process on a fresh database, closed after the
+    test."""
+    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
+    process = WriterProcess(config.effective_database_url, config)
+    process.start()
+    yield process
+    process.close()
+
+
+@pytest.fixture
 def stop_later():
     """Servers given to it are stopped after the test, even a failed one
     (a server left running would load the rest of the run)."""
@@ -155,60 +166,46 @@ _double_op = Batched.in_writer_process(lambda results, since: results)(
     _double)
 
 
-def test_hung_writer_process_is_killed(tmp_path, monkeypatch,
-                                       child_finds_tests):
+def test_hung_writer_process_is_killed(child, monkeypatch):
     """A writer process that stops answering (here SIGSTOP) fails the run
     as lost after ANSWER_SECONDS and is killed; the writer thread then runs
     the sends itself until it may start a new one."""
-    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
-    process = WriterProcess(config.effective_database_url, config)
-    process.start()
-    try:
-        assert process.run(_double_op, [_Item(None, 3), _Item(None, 4)],
-                           ctx=None) == [((6, True), None), ((8, True), None)]
-        (pid,) = writer_processes(os.getpid())
-        monkeypatch.setattr(writer_process, 'ANSWER_SECONDS', 1.0)
-        os.kill(pid, signal.SIGSTOP)
-        # A run bigger than the socket's buffers: even its sending must
-        # not wait past the limit.
-        big = [_Item(None, 'x' * 4096 * n) for n in range(1, 200)]
-        with pytest.raises(ProcessLost) as lost:
-            process.run(_double_op, big, ctx=None)
-        assert lost.value.prepared is None  # it never got that far
-        assert writer_processes_gone(pid) or _zombie(pid)
-        assert not process.up and process.failures == 1
-        # Not started again at once: the writer thread has the sends.
-        assert process.run(_double_op, [_Item(None, 1)], ctx=None) is None
-    finally:
-        process.close()
+    assert child.run(_double_op, [_Item(None, 3), _Item(None, 4)],
+                     ctx=None) == [((6, True), None), ((8, True), None)]
+    (pid,) = writer_processes(os.getpid())
+    monkeypatch.setattr(writer_process, 'ANSWER_SECONDS', 1.0)
+    os.kill(pid, signal.SIGSTOP)
+    # A run bigger than the socket's buffers: even its sending must
+    # not wait past the limit.
+    big = [_Item(None, 'x' * 4096 * n) for n in range(1, 200)]
+    with pytest.raises(ProcessLost) as lost:
+        child.run(_double_op, big, ctx=None)
+    assert lost.value.prepared is None  # it never got that far
+    assert writer_processes_gone(pid) or _zombie(pid)
+    assert not child.up and child.failures == 1
+    # Not started again at once: the writer thread has the sends.
+    assert child.run(_double_op, [_Item(None, 1)], ctx=None) is None
 
 
 def test_an_answer_the_parent_does_not_know_is_a_lost_child(
-        tmp_path, monkeypatch, child_finds_tests):
+        child, monkeypatch):
     """A reply the parent cannot read as an answer fails the run as lost
     (the child stopped, the writer thread takes the sends, with what the
     child had prepared) instead of escaping as an error that would trip
     the breaker and refuse every write."""
-    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
-    process = WriterProcess(config.effective_database_url, config)
-    process.start()
-    try:
-        real_recv = writer_process.Channel.recv
+    real_recv = writer_process.Channel.recv
 
-        def recv(channel, timeout=None):
-            real_recv(channel, timeout)  # the child's real 'committed'
-            return ('committed?',)
+    def recv(channel, timeout=None):
+        real_recv(channel, timeout)  # the child's real 'committed'
+        return ('committed?',)
 
-        monkeypatch.setattr(writer_process.Channel, 'recv', recv)
-        with pytest.raises(ProcessLost) as lost:
-            process.run(_double_op, [_Item(None, 3), _Item(None, 4)],
-                        ctx=None)
-        # It had committed: its prepared outcomes come from the memory
-        # file it shares with the parent.
-        assert lost.value.prepared == [((6, True), None), ((8, True), None)]
-        assert not process.up and process.failures == 1
-    finally:
-        process.close()
+    monkeypatch.setattr(writer_process.Channel, 'recv', recv)
+    with pytest.raises(ProcessLost) as lost:
+        child.run(_double_op, [_Item(None, 3), _Item(None, 4)], ctx=None)
+    # It had committed: its prepared outcomes come from the memory
+    # file it shares with the parent.
+    assert lost.value.prepared == [((6, True), None), ((8, True), None)]
+    assert not child.up and child.failures == 1
 
 
 def _zombie(pid) -> bool:
@@ -232,7 +229,7 @@ def test_a_lost_run_redone_answers_its_own_messages_as_new():
     mine, older, new = message(7, 3), message(5, 1), message(8, 4)
     # Stored by another process under the id the lost run had rolled back.
     other = message(9, 6)
-    mine_id_reused = dict(message(9, 5))
+    mine_id_reused = message(9, 5)
     refused = Forbidden('no')
     prepared = [((mine, True), None), ((older, False), None),
                 (None, refused), ((mine, False), None), ((new, True), None),
@@ -306,8 +303,7 @@ def test_a_batch_splits_into_at_most_four_commits_and_only_sends_move():
                                  (False, 'SMSMS')]
 
 
-def test_a_child_that_fails_for_no_database_reason_hands_over(
-        tmp_path, child_finds_tests):
+def test_a_child_that_fails_for_no_database_reason_hands_over(child):
     """A run that fails in the child for a reason of its own (a bug, code
     changed on disk under a running server) is not a database fault: the
     child is stopped and the writer thread takes the sends, instead of
@@ -317,17 +313,11 @@ def test_a_child_that_fails_for_no_database_reason_hands_over(
 
     unknown = Batched.in_writer_process(lambda results, prepared: results)(
         not_in_the_child)
-    config = load_config(env={'POSTBOX_DATA_DIR': str(tmp_path)})
-    process = WriterProcess(config.effective_database_url, config)
-    process.start()
-    try:
-        with pytest.raises(ProcessLost) as lost:
-            process.run(unknown, [_Item(None, 1)], ctx=None)
-        assert lost.value.prepared is None
-        assert not process.up and process.failures == 1
-        assert process.run(_double_op, [_Item(None, 1)], ctx=None) is None
-    finally:
-        process.close()
+    with pytest.raises(ProcessLost) as lost:
+        child.run(unknown, [_Item(None, 1)], ctx=None)
+    assert lost.value.prepared is None
+    assert not child.up and child.failures == 1
+    assert child.run(_double_op, [_Item(None, 1)], ctx=None) is None
 
 
 async def test_writer_process_ignores_the_current_directory(tmp_path,

@@ -182,15 +182,17 @@ class Server(socketio.AsyncServer):
             await self.connections.release_address(counted)
 
     def _connect_timed_out(self, eio_sid):
+        if eio_sid not in self.waiting:
+            return
         s = self.eio.sockets.get(eio_sid)
-        if eio_sid in self.waiting and (s is None or s.closing or s.closed):
+        if s is None or s.closing or s.closed:
             # Closed while its place was being taken (a Redis round trip),
             # after its disconnect had given back nothing yet.
             asyncio.ensure_future(self._stop_waiting(eio_sid))
-        elif eio_sid in self.waiting:
-            log.info('%s: no Socket.IO connect within %ss, closing', eio_sid,
-                     self.eio.connect_timeout)
-            asyncio.ensure_future(self._close_session(eio_sid))
+            return
+        log.info('%s: no Socket.IO connect within %ss, closing', eio_sid,
+                 self.eio.connect_timeout)
+        asyncio.ensure_future(self._close_session(eio_sid))
 
     def _connected(self, eio_sid, namespace=None) -> bool:
         """Whether the session has a Socket.IO connection (to
