@@ -105,6 +105,7 @@ def setup_database(app) -> Store:
                   reader_threads=config.reader_threads,
                   queue_max=config.write_queue_max,
                   on_batch=metrics.observe_batch,
+                  gather_seconds=config.write_gather_ms / 1000,
                   process=(WriterProcess(url, config)
                            if config.writer_process and
                            not in_memory(database)

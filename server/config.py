@@ -29,6 +29,8 @@ SECRET_MIN_BYTES = 32
 # Every setting, its default and the reason for it are declared once, in
 # defaults.yaml beside this module (a data file operators can read).
 DEFAULTS_PATH = Path(__file__).with_name('defaults.yaml')
+# The most write_gather_ms may be: it is added to a write's wait.
+GATHER_MS_MAX = 50.0
 
 
 def _defaults() -> dict:
@@ -127,6 +129,9 @@ def load_config(path=None, env=None, **overrides) -> Config:
     if config.sqlite_synchronous.upper() not in ('OFF', 'NORMAL', 'FULL',
                                                  'EXTRA'):
         raise ConfigError('sqlite_synchronous: OFF, NORMAL, FULL or EXTRA')
+    if not 0 <= config.write_gather_ms <= GATHER_MS_MAX:
+        raise ConfigError(f'write_gather_ms: 0 to {GATHER_MS_MAX:g} '
+                          '(each write may wait this long)')
     if config.secret:
         check_secret(config.secret)
     return config

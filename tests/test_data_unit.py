@@ -2,6 +2,7 @@
 message services, in this process against a temporary SQLite file (no
 server subprocess): what a caller of the services sees."""
 import asyncio
+import contextlib
 import sqlite3
 import threading
 
@@ -9,7 +10,7 @@ import pytest
 
 import models
 from models import Membership, Message, Room, User
-from server.config import Config
+from server.config import Config, ConfigError, load_config
 from server.data import messages as data
 from server.data.database import SqliteDialect, WriterTurns, open_database
 from server.data.faults import BUSY, classify
@@ -17,7 +18,7 @@ from server.errors import Conflict, Forbidden, Invalid, TooLarge
 from server.services import groups, messages, outbox, rooms, sending
 from server.services.context import Context
 from server.services.live import Typing
-from server.store import Batched, Store
+from server.store import GATHER_BELOW, Batched, Store
 
 
 def _context(store, config):
@@ -276,3 +277,70 @@ def test_an_unusable_lock_file_does_not_stop_writes(tmp_path):
         pass
     with turns:
         pass
+
+
+@contextlib.asynccontextmanager
+async def gathering(tmp_path, seconds):
+    """(store, batch sizes committed) of a store whose writer waits
+    ``seconds`` for company."""
+    database = open_database(f'sqlite:///{tmp_path / "g.db"}', Config())
+    batches = []
+    store = Store(database, gather_seconds=seconds,
+                  on_batch=lambda size, _: batches.append(size))
+    store.start()
+    try:
+        yield store, batches
+    finally:
+        await store.close()
+        database.close()
+        models.db.initialize(None)
+
+
+def _nothing():
+    return None
+
+
+async def test_a_lone_write_never_waits_for_company(tmp_path):
+    # A minute: a write that waited would hang the test.
+    async with gathering(tmp_path, 60.0) as (store, batches):
+        for _ in range(3):
+            await store.write(_nothing)
+        assert batches == [1, 1, 1]
+
+
+async def test_under_load_a_write_waits_for_company(tmp_path):
+    """After a batch of several writes the writer waits before the next
+    transaction: a write queued while it waits joins the one it took."""
+    async with gathering(tmp_path, 3.0) as (store, batches):
+        held, release = await _blocked_writer(store)
+        two = [store.write(_nothing), store.write(_nothing)]
+        await _queued(store, 3)
+        release.set()
+        await held
+        await asyncio.gather(*two)
+        assert batches == [1, 2]
+        first = store.write(_nothing)
+        while store._queue.qsize():  # taken: the writer waits for company
+            await asyncio.sleep(0.001)
+        second = store.write(_nothing)
+        await asyncio.gather(first, second)
+        assert batches == [1, 2, 2]
+
+
+async def test_after_a_big_batch_a_write_does_not_wait(tmp_path):
+    async with gathering(tmp_path, 60.0) as (store, batches):
+        held, release = await _blocked_writer(store)
+        many = [store.write(_nothing) for _ in range(GATHER_BELOW)]
+        await _queued(store, GATHER_BELOW + 1)
+        release.set()
+        await held
+        await asyncio.gather(*many)
+        await store.write(_nothing)  # a minute, if it waited
+        assert batches == [1, GATHER_BELOW, 1]
+
+
+@pytest.mark.parametrize('value', ['-1', '51', 'nan', 'soon'])
+def test_a_gather_wait_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={'POSTBOX_WRITE_GATHER_MS': value})
+    assert 'write_gather_ms' in str(refused.value)
