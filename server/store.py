@@ -63,9 +63,13 @@ BATCH_ATTEMPTS = 5
 # many transactions when a writer process takes the sends (see _segments).
 SEGMENTS_MAX = 4
 # A batch of this many writes spreads its COMMIT thin enough: the writer
-# waits for company (``gather_seconds``) only before smaller ones. Under a
-# heavy load batches are far bigger, and waiting would only slow it.
+# waits for company (``gather_seconds``, ``Store._gather``) only before
+# smaller ones. Under a heavy load batches are far bigger, and waiting
+# would only slow it. A wait that brought nothing is not tried again for
+# GATHER_SKIP batches; a wait is at most GATHER_SECONDS_MAX.
 GATHER_BELOW = 16
+GATHER_SKIP = 8
+GATHER_SECONDS_MAX = 1.0
 # Retries of one batch stop after this long, so that a client hears
 # `unavailable` within a second of the database going away.
 RETRY_SECONDS = 0.5
@@ -192,8 +196,13 @@ class Store:
         self._begin = dialect_of(database).begin
         self._turn = dialect_of(database).writer_turn
         self.pending = 0  # writes queued or being committed
+        if not 0 <= gather_seconds <= GATHER_SECONDS_MAX:
+            raise ValueError(f'gather_seconds: 0 to {GATHER_SECONDS_MAX}')
         self.gather_seconds = gather_seconds
-        self._last_taken = 0  # writes queued when the writer last looked
+        # The writer thread's own: writes it found queued last time, and
+        # batches left before it tries gathering again (``_gather``).
+        self._last_taken = 0
+        self._skip_gather = 0
         # The breaker: None while writes go through, else the kind of
         # fault (DISK_FULL, CONNECTION, ...); the database's own words go
         # to the log. Set by the writer thread, read by the event loop.
@@ -380,6 +389,7 @@ class Store:
         """Take the next batch and answer it; True once told to stop.
         While the breaker is open, probe the database whenever nothing
         arrives for PROBE_SECONDS, and before running a batch."""
+        idle = self._queue.empty()  # the writer waits for the next write
         try:
             item = self._queue.get(
                 timeout=PROBE_SECONDS if self.fault is not None else None)
@@ -391,19 +401,7 @@ class Store:
         batch = [item]
         # Everything that queued while the last commit ran goes into
         # this one: the batch grows with the load on its own.
-        stop = self._take_queued(batch)
-        taken, self._last_taken = self._last_taken, len(batch)
-        if not stop and 1 < taken < GATHER_BELOW and \
-                len(batch) < GATHER_BELOW and self.gather_seconds > 0:
-            # Under a moderate concurrent load, wait a moment for company:
-            # each transaction costs its COMMIT (a WAL write and fsync)
-            # and a round trip to the writer process whatever it holds,
-            # so fewer, larger ones leave more CPU to the event loop. One
-            # sleep, not a wait per arrival: each wake-up takes the GIL
-            # back from the busy event loop. When the writer last found
-            # one write queued, or a batch big enough, it does not wait.
-            time.sleep(self.gather_seconds)
-            stop = self._take_queued(batch)
+        stop = self._take_queued(batch) or self._gather(batch, idle)
         started = time.perf_counter()
         try:
             if self.fault is not None and not self._probe():
@@ -429,6 +427,38 @@ class Store:
             self._loop.call_soon_threadsafe(self._resolve, results)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
+        return stop
+
+    def _gather(self, batch, idle) -> bool:
+        """Under a moderate concurrent load, wait a moment for company,
+        then add what queued meanwhile to ``batch``; True if the stop mark
+        was among it. Each transaction costs its COMMIT (a WAL write and
+        fsync) and a round trip to the writer process whatever it holds,
+        so fewer, larger ones leave more CPU to the event loop. One
+        sleep, not a wait per arrival: each wake-up takes the GIL back
+        from the busy event loop.
+
+        The load is moderate when the writer found writes queued, 2 to
+        GATHER_BELOW - 1 of them, the last time too (a writer that waited
+        for this batch, or found one write, has no company coming), and
+        this batch can still grow. A wait that brought nothing (a few
+        clients each waiting for its ack) is not tried again for the next
+        GATHER_SKIP batches. Never while the breaker is open: no write
+        can join then."""
+        taken = 0 if idle else self._last_taken
+        self._last_taken = len(batch)
+        if self._skip_gather:
+            self._skip_gather -= 1
+            return False
+        if not (1 < taken < GATHER_BELOW and
+                len(batch) < min(GATHER_BELOW, self.batch_max) and
+                self.gather_seconds > 0 and self.fault is None):
+            return False
+        before = len(batch)
+        time.sleep(self.gather_seconds)
+        stop = self._take_queued(batch)
+        if len(batch) == before:
+            self._skip_gather = GATHER_SKIP
         return stop
 
     def _take_queued(self, batch) -> bool:

@@ -280,12 +280,14 @@ def test_an_unusable_lock_file_does_not_stop_writes(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def gathering(tmp_path, seconds):
-    """(store, batch sizes committed) of a store whose writer waits
-    ``seconds`` for company."""
+async def gathering(tmp_path, batch_max=512):
+    """(store, batch sizes committed) of a store whose writer waits a
+    second for company, the most it may: long enough that a write queued
+    just after the writer took a batch joins that batch if, and only if,
+    the writer waited (``_then_one``)."""
     database = open_database(f'sqlite:///{tmp_path / "g.db"}', Config())
     batches = []
-    store = Store(database, gather_seconds=seconds,
+    store = Store(database, gather_seconds=1.0, batch_max=batch_max,
                   on_batch=lambda size, _: batches.append(size))
     store.start()
     try:
@@ -300,43 +302,112 @@ def _nothing():
     return None
 
 
+class Gate:
+    """A write that holds the writer inside it until ``opened``."""
+
+    def __init__(self):
+        self.running, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self):
+        self.running.set()
+        self.opened.wait(10)
+
+    async def entered(self):
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.running.wait, 10)
+
+
+async def _then_one(store, batches):
+    """Once the writer has taken what is queued, queue one more write;
+    the batches committed, once everything is. The write joins the batch
+    taken if the writer waited for company, else it commits alone."""
+    while store._queue.qsize():
+        await asyncio.sleep(0.001)
+    await store.write(_nothing)
+    while store.pending:
+        await asyncio.sleep(0.001)
+    return batches
+
+
+async def _two_in_a_row(store, first):
+    """Make the writer find writes queued twice in a row: ``first`` (a
+    list of writes, the first a Gate) taken together, then, while the
+    Gate holds the writer, what the returned writes queue; the returned
+    Gate releases it. Batches so far: [1 (a held write), len(first)]."""
+    held, release = await _blocked_writer(store)
+    futures = [store.write(fn) for fn in first]
+    await _queued(store, 1 + len(first))
+    release.set()
+    await held
+    await first[0].entered()
+    return futures
+
+
 async def test_a_lone_write_never_waits_for_company(tmp_path):
-    # A minute: a write that waited would hang the test.
-    async with gathering(tmp_path, 60.0) as (store, batches):
+    async with gathering(tmp_path) as (store, batches):
         for _ in range(3):
             await store.write(_nothing)
-        assert batches == [1, 1, 1]
+        assert await _then_one(store, batches) == [1, 1, 1, 1]
 
 
 async def test_under_load_a_write_waits_for_company(tmp_path):
-    """After a batch of several writes the writer waits before the next
-    transaction: a write queued while it waits joins the one it took."""
-    async with gathering(tmp_path, 3.0) as (store, batches):
-        held, release = await _blocked_writer(store)
-        two = [store.write(_nothing), store.write(_nothing)]
-        await _queued(store, 3)
-        release.set()
-        await held
-        await asyncio.gather(*two)
-        assert batches == [1, 2]
-        first = store.write(_nothing)
-        while store._queue.qsize():  # taken: the writer waits for company
+    """The writer found two writes queued, then finds one more: it waits,
+    and a write queued meanwhile joins them."""
+    async with gathering(tmp_path) as (store, batches):
+        gate = Gate()
+        await _two_in_a_row(store, [gate, _nothing])
+        store.write(_nothing)
+        gate.opened.set()
+        assert await _then_one(store, batches) == [1, 2, 2]
+
+
+async def test_a_writer_that_waited_for_its_batch_does_not_wait(tmp_path):
+    async with gathering(tmp_path) as (store, batches):
+        gate = Gate()
+        await _two_in_a_row(store, [gate, _nothing])
+        gate.opened.set()
+        while store.pending:
             await asyncio.sleep(0.001)
-        second = store.write(_nothing)
-        await asyncio.gather(first, second)
-        assert batches == [1, 2, 2]
+        await asyncio.sleep(0.2)  # the writer waits for the next write
+        store.write(_nothing)
+        assert await _then_one(store, batches) == [1, 2, 1, 1]
 
 
-async def test_after_a_big_batch_a_write_does_not_wait(tmp_path):
-    async with gathering(tmp_path, 60.0) as (store, batches):
-        held, release = await _blocked_writer(store)
-        many = [store.write(_nothing) for _ in range(GATHER_BELOW)]
-        await _queued(store, GATHER_BELOW + 1)
-        release.set()
-        await held
-        await asyncio.gather(*many)
-        await store.write(_nothing)  # a minute, if it waited
-        assert batches == [1, GATHER_BELOW, 1]
+@pytest.mark.parametrize('batch_max, last, now', [
+    (512, GATHER_BELOW, 1),  # the last batch was big enough
+    (512, 2, GATHER_BELOW),  # this one is
+    (4, 2, 4)])              # this one is full
+async def test_a_big_batch_does_not_wait(tmp_path, batch_max, last, now):
+    async with gathering(tmp_path, batch_max) as (store, batches):
+        gate = Gate()
+        await _two_in_a_row(store, [gate] + [_nothing] * (last - 1))
+        for _ in range(now):
+            store.write(_nothing)
+        gate.opened.set()
+        assert await _then_one(store, batches) == [1, last, now, 1]
+
+
+async def test_a_wait_that_brought_nothing_is_not_repeated(tmp_path):
+    """A few clients each waiting for its ack: nobody joins a wait, so
+    the writer stops waiting for a while."""
+    async with gathering(tmp_path) as (store, batches):
+        first, second = Gate(), Gate()
+        await _two_in_a_row(store, [first, _nothing])
+        store.write(second)
+        store.write(_nothing)
+        first.opened.set()
+        await second.entered()  # taken with its company after a wait
+        store.write(_nothing)
+        second.opened.set()
+        assert await _then_one(store, batches) == [1, 2, 2, 1, 1]
+
+
+def test_a_store_refuses_a_wait_out_of_range(tmp_path):
+    database = open_database(f'sqlite:///{tmp_path / "r.db"}', Config())
+    for seconds in (-0.001, 1.5, float('inf'), float('nan')):
+        with pytest.raises(ValueError):
+            Store(database, gather_seconds=seconds)
+    database.close()
 
 
 @pytest.mark.parametrize('value', ['-1', '51', 'nan', 'soon'])
