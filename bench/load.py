@@ -127,8 +127,9 @@ def ab_parser(description, command):
     p = argparse.ArgumentParser(description=description)
     p.set_defaults(command=command)
     p.add_argument('--quick', action='store_true')
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--duration', type=float, default=5.0)
+    p.add_argument('--repeats', type=int, help='5 (with --quick: 3)')
+    p.add_argument('--duration', type=float,
+                   help='seconds measured per run: 5 (with --quick: 3)')
     p.add_argument('--warmup', type=float, default=1.0)
     p.add_argument('--pairs', type=int, default=50)
     p.add_argument('--window', type=int, default=4)
@@ -145,14 +146,13 @@ def ab_parser(description, command):
 
 
 def ab_args(parser, argv):
-    """Parse ``argv``; ``--quick`` shortens what was left at its default
-    (3 repeats of 3 s)."""
+    """Parse ``argv``; ``--quick`` shortens what was not given (3 repeats
+    of 3 s instead of 5 of 5 s)."""
     args = parser.parse_args(argv)
     args.argv = list(argv)
-    if args.quick:
-        for key, value in (('repeats', 3), ('duration', 3.0)):
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+    for key, full, quick in (('repeats', 5, 3), ('duration', 5.0, 3.0)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     return args
 
 
