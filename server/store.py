@@ -65,8 +65,9 @@ SEGMENTS_MAX = 4
 # A batch of this many writes spreads its COMMIT thin enough: the writer
 # waits for company (``gather_seconds``, ``Store._gather``) only before
 # smaller ones. Under a heavy load batches are far bigger, and waiting
-# would only slow it. A wait that brought nothing is not tried again for
-# GATHER_SKIP batches; a wait is at most GATHER_SECONDS_MAX.
+# would only slow it. After a wait that brought nothing the next
+# GATHER_SKIP chances to wait are let go; a wait is at most
+# GATHER_SECONDS_MAX.
 GATHER_BELOW = 16
 GATHER_SKIP = 8
 GATHER_SECONDS_MAX = 1.0
@@ -181,6 +182,8 @@ class Store:
     def __init__(self, database, *, batch_max=512, reader_threads=4,
                  queue_max=10000, on_batch=None, process=None,
                  gather_seconds=0.0):
+        if not 0 <= gather_seconds <= GATHER_SECONDS_MAX:
+            raise ValueError(f'gather_seconds: 0 to {GATHER_SECONDS_MAX}')
         self.database = database
         # The writer process (``server.writer_process.WriterProcess``) that
         # commits the portable operations, or None: the writer thread does.
@@ -196,13 +199,13 @@ class Store:
         self._begin = dialect_of(database).begin
         self._turn = dialect_of(database).writer_turn
         self.pending = 0  # writes queued or being committed
-        if not 0 <= gather_seconds <= GATHER_SECONDS_MAX:
-            raise ValueError(f'gather_seconds: 0 to {GATHER_SECONDS_MAX}')
         self.gather_seconds = gather_seconds
-        # The writer thread's own: writes it found queued last time, and
-        # batches left before it tries gathering again (``_gather``).
+        # The writer thread's own (``_gather``): writes it found already
+        # queued last time, chances to wait it still lets go, and how it
+        # waits (the tests' hook).
         self._last_taken = 0
         self._skip_gather = 0
+        self._sleep = time.sleep
         # The breaker: None while writes go through, else the kind of
         # fault (DISK_FULL, CONNECTION, ...); the database's own words go
         # to the log. Set by the writer thread, read by the event loop.
@@ -399,11 +402,13 @@ class Store:
         if item is None:
             return True
         batch = [item]
-        # Everything that queued while the last commit ran goes into
-        # this one: the batch grows with the load on its own.
-        stop = self._take_queued(batch) or self._gather(batch, idle)
+        stop = False
         started = time.perf_counter()
         try:
+            # Everything that queued while the last commit ran goes into
+            # this one: the batch grows with the load on its own.
+            stop = self._take_queued(batch) or self._gather(batch, idle)
+            started = time.perf_counter()
             if self.fault is not None and not self._probe():
                 results = self._refuse(batch)
             elif self.process is None:
@@ -438,24 +443,24 @@ class Store:
         sleep, not a wait per arrival: each wake-up takes the GIL back
         from the busy event loop.
 
-        The load is moderate when the writer found writes queued, 2 to
-        GATHER_BELOW - 1 of them, the last time too (a writer that waited
-        for this batch, or found one write, has no company coming), and
-        this batch can still grow. A wait that brought nothing (a few
-        clients each waiting for its ack) is not tried again for the next
-        GATHER_SKIP batches. Never while the breaker is open: no write
-        can join then."""
-        taken = 0 if idle else self._last_taken
-        self._last_taken = len(batch)
+        The load is moderate when the writer found 2 to GATHER_BELOW - 1
+        writes already queued last time and finds writes queued again
+        (``idle``: it had to wait for this batch's first), and this batch
+        can still grow. After a wait that brought nothing (a few clients
+        each waiting for its ack) the next GATHER_SKIP chances to wait
+        are let go. Never while the breaker is open: no write can join
+        then."""
+        last = self._last_taken
+        self._last_taken = 0 if idle else len(batch)
+        if idle or not (1 < last < GATHER_BELOW and
+                        len(batch) < min(GATHER_BELOW, self.batch_max) and
+                        self.gather_seconds > 0 and self.fault is None):
+            return False
         if self._skip_gather:
             self._skip_gather -= 1
             return False
-        if not (1 < taken < GATHER_BELOW and
-                len(batch) < min(GATHER_BELOW, self.batch_max) and
-                self.gather_seconds > 0 and self.fault is None):
-            return False
         before = len(batch)
-        time.sleep(self.gather_seconds)
+        self._sleep(self.gather_seconds)
         stop = self._take_queued(batch)
         if len(batch) == before:
             self._skip_gather = GATHER_SKIP

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from typing import NamedTuple
 
 import pytest
 
@@ -13,12 +14,12 @@ from models import Membership, Message, Room, User
 from server.config import Config, ConfigError, load_config
 from server.data import messages as data
 from server.data.database import SqliteDialect, WriterTurns, open_database
-from server.data.faults import BUSY, classify
+from server.data.faults import BUSY, ERROR, classify
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
 from server.services import groups, messages, outbox, rooms, sending
 from server.services.context import Context
 from server.services.live import Typing
-from server.store import GATHER_BELOW, Batched, Store
+from server.store import GATHER_BELOW, GATHER_SKIP, Batched, Store
 
 
 def _context(store, config):
@@ -279,19 +280,62 @@ def test_an_unusable_lock_file_does_not_stop_writes(tmp_path):
         pass
 
 
+class Gathering(NamedTuple):
+    """A store whose writer's wait for company is watched: ``waits``
+    counts them, and each wait queues one write (``company``: a write
+    that arrived meanwhile) unless ``company`` is False. ``idle`` is set
+    when the writer finds the queue empty and waits for the next write."""
+    store: Store
+    batches: list
+    waits: list
+    company: list
+    idle: threading.Event
+
+
+class _WatchedQueue:
+    """The store's queue, telling when the writer found it empty; while
+    ``paused`` is clear, the writer's blocking get waits for it."""
+
+    def __init__(self, queue, idle):
+        self._queue, self._idle = queue, idle
+        self.paused = threading.Event()
+        self.paused.set()
+
+    def empty(self):
+        empty = self._queue.empty()
+        if empty:
+            self._idle.set()
+        return empty
+
+    def get(self, *args, **kwargs):
+        self.paused.wait(10)
+        return self._queue.get(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
 @contextlib.asynccontextmanager
 async def gathering(tmp_path, batch_max=512):
-    """(store, batch sizes committed) of a store whose writer waits a
-    second for company, the most it may: long enough that a write queued
-    just after the writer took a batch joins that batch if, and only if,
-    the writer waited (``_then_one``)."""
     database = open_database(f'sqlite:///{tmp_path / "g.db"}', Config())
-    batches = []
-    store = Store(database, gather_seconds=1.0, batch_max=batch_max,
+    batches, waits, company = [], [], [True]
+    store = Store(database, gather_seconds=0.002, batch_max=batch_max,
                   on_batch=lambda size, _: batches.append(size))
+    loop = asyncio.get_running_loop()
+
+    def wait(seconds):  # on the writer thread
+        waits.append(seconds)
+        if company[-1]:
+            queued = threading.Event()
+            loop.call_soon_threadsafe(
+                lambda: store.write(_nothing) and queued.set())
+            queued.wait(10)
+    store._sleep = wait
     store.start()
+    idle = threading.Event()
+    store._queue = _WatchedQueue(store._queue, idle)
     try:
-        yield store, batches
+        yield Gathering(store, batches, waits, company, idle)
     finally:
         await store.close()
         database.close()
@@ -317,60 +361,76 @@ class Gate:
             None, self.running.wait, 10)
 
 
-async def _then_one(store, batches):
-    """Once the writer has taken what is queued, queue one more write;
-    the batches committed, once everything is. The write joins the batch
-    taken if the writer waited for company, else it commits alone."""
-    while store._queue.qsize():
+async def _committed(g):
+    """The batches, once every write queued is committed."""
+    while g.store.pending:
         await asyncio.sleep(0.001)
-    await store.write(_nothing)
-    while store.pending:
-        await asyncio.sleep(0.001)
-    return batches
+    return g.batches
 
 
-async def _two_in_a_row(store, first):
-    """Make the writer find writes queued twice in a row: ``first`` (a
-    list of writes, the first a Gate) taken together, then, while the
-    Gate holds the writer, what the returned writes queue; the returned
-    Gate releases it. Batches so far: [1 (a held write), len(first)]."""
-    held, release = await _blocked_writer(store)
-    futures = [store.write(fn) for fn in first]
-    await _queued(store, 1 + len(first))
+async def _two_in_a_row(g, first):
+    """Make the writer find ``first`` (writes, the first a Gate) already
+    queued, and hold it in that Gate, so that what the caller queues next
+    is found queued too. Batches so far: [1 (a held write), len(first)]."""
+    held, release = await _blocked_writer(g.store)
+    for fn in first:
+        g.store.write(fn)
+    await _queued(g.store, 1 + len(first))
     release.set()
     await held
     await first[0].entered()
-    return futures
 
 
-async def test_a_lone_write_never_waits_for_company(tmp_path):
-    async with gathering(tmp_path) as (store, batches):
+async def test_a_write_that_reaches_an_idle_writer_never_waits(tmp_path):
+    async with gathering(tmp_path) as g:
         for _ in range(3):
-            await store.write(_nothing)
-        assert await _then_one(store, batches) == [1, 1, 1, 1]
+            await g.store.write(_nothing)
+        # Found queued twice in a row, but the writer had to wait for the
+        # second batch: it was idle, so no company is coming.
+        gate = Gate()
+        await _two_in_a_row(g, [gate, _nothing])
+        g.idle.clear()
+        gate.opened.set()
+        await asyncio.get_running_loop().run_in_executor(None, g.idle.wait,
+                                                         10)
+        g.store.write(_nothing)
+        assert await _committed(g) == [1, 1, 1, 1, 2, 1]
+        assert g.waits == []
+
+
+async def test_a_batch_the_writer_waited_for_is_not_load(tmp_path):
+    """Two writes reach an idle writer together, then one more is found
+    queued: nobody was queued the first time, so no wait."""
+    async with gathering(tmp_path) as g:
+        first = Gate()
+        g.store.write(first)
+        await first.entered()
+        g.store._queue.paused.clear()  # its next get waits
+        g.idle.clear()
+        first.opened.set()
+        await asyncio.get_running_loop().run_in_executor(None, g.idle.wait,
+                                                         10)
+        gate = Gate()
+        g.store.write(gate)
+        g.store.write(_nothing)
+        g.store._queue.paused.set()  # both found at once, by an idle writer
+        await gate.entered()
+        g.store.write(_nothing)
+        gate.opened.set()
+        assert await _committed(g) == [1, 2, 1]
+        assert g.waits == []
 
 
 async def test_under_load_a_write_waits_for_company(tmp_path):
     """The writer found two writes queued, then finds one more: it waits,
     and a write queued meanwhile joins them."""
-    async with gathering(tmp_path) as (store, batches):
+    async with gathering(tmp_path) as g:
         gate = Gate()
-        await _two_in_a_row(store, [gate, _nothing])
-        store.write(_nothing)
+        await _two_in_a_row(g, [gate, _nothing])
+        g.store.write(_nothing)
         gate.opened.set()
-        assert await _then_one(store, batches) == [1, 2, 2]
-
-
-async def test_a_writer_that_waited_for_its_batch_does_not_wait(tmp_path):
-    async with gathering(tmp_path) as (store, batches):
-        gate = Gate()
-        await _two_in_a_row(store, [gate, _nothing])
-        gate.opened.set()
-        while store.pending:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.2)  # the writer waits for the next write
-        store.write(_nothing)
-        assert await _then_one(store, batches) == [1, 2, 1, 1]
+        assert await _committed(g) == [1, 2, 2]
+        assert g.waits == [0.002]
 
 
 @pytest.mark.parametrize('batch_max, last, now', [
@@ -378,28 +438,45 @@ async def test_a_writer_that_waited_for_its_batch_does_not_wait(tmp_path):
     (512, 2, GATHER_BELOW),  # this one is
     (4, 2, 4)])              # this one is full
 async def test_a_big_batch_does_not_wait(tmp_path, batch_max, last, now):
-    async with gathering(tmp_path, batch_max) as (store, batches):
+    async with gathering(tmp_path, batch_max) as g:
         gate = Gate()
-        await _two_in_a_row(store, [gate] + [_nothing] * (last - 1))
+        await _two_in_a_row(g, [gate] + [_nothing] * (last - 1))
         for _ in range(now):
-            store.write(_nothing)
+            g.store.write(_nothing)
         gate.opened.set()
-        assert await _then_one(store, batches) == [1, last, now, 1]
+        assert await _committed(g) == [1, last, now]
+        assert g.waits == []
 
 
 async def test_a_wait_that_brought_nothing_is_not_repeated(tmp_path):
     """A few clients each waiting for its ack: nobody joins a wait, so
-    the writer stops waiting for a while."""
-    async with gathering(tmp_path) as (store, batches):
-        first, second = Gate(), Gate()
-        await _two_in_a_row(store, [first, _nothing])
-        store.write(second)
-        store.write(_nothing)
-        first.opened.set()
-        await second.entered()  # taken with its company after a wait
-        store.write(_nothing)
-        second.opened.set()
-        assert await _then_one(store, batches) == [1, 2, 2, 1, 1]
+    the writer lets the next chances to wait go."""
+    async with gathering(tmp_path) as g:
+        g.company.append(False)
+        gates = [Gate() for _ in range(GATHER_SKIP + 3)]
+        await _two_in_a_row(g, [gates[0], _nothing])
+        for gate, after in zip(gates[1:], gates):
+            g.store.write(gate)  # found queued with a write, each time
+            g.store.write(_nothing)
+            after.opened.set()
+            await gate.entered()
+        gates[-1].opened.set()
+        # The first chance waited for nothing, the next GATHER_SKIP did
+        # not wait, the one after waited again.
+        assert await _committed(g) == [1] + [2] * (GATHER_SKIP + 3)
+        assert len(g.waits) == 2
+
+
+async def test_no_wait_while_the_breaker_is_open(tmp_path):
+    async with gathering(tmp_path) as g:
+        gate = Gate()
+        await _two_in_a_row(g, [gate, _nothing])
+        third = g.store.write(_nothing)
+        g.store.fault = ERROR  # as if the last batch had failed
+        gate.opened.set()
+        await third  # the probe before the batch closes the breaker
+        assert await _committed(g) == [1, 2, 1]
+        assert g.waits == [] and g.store.fault is None
 
 
 def test_a_store_refuses_a_wait_out_of_range(tmp_path):
