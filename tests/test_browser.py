@@ -567,6 +567,18 @@ def test_sign_out_everywhere_ends_other_sessions(people):
     expect(phone.locator('#logout-all')).to_be_visible()
     token = laptop.evaluate("localStorage.getItem('postbox.token')")
 
+    # It asks first: it signs out the account's bots too. Cancelled,
+    # nothing ends.
+    asked = []
+    laptop.once('dialog', lambda d: asked.append(d.message) or d.dismiss())
+    laptop.click('#logout-all')
+    expect(laptop.locator('#logout-all')).to_be_enabled()
+    assert len(asked) == 1 and 'Bots you own are signed out too' in asked[0]
+    assert laptop.evaluate("localStorage.getItem('postbox.token')") == token
+    expect(laptop.locator('#app')).to_be_visible()
+    expect(phone.locator('#app')).to_be_visible()
+
+    laptop.once('dialog', lambda d: d.accept())
     laptop.click('#logout-all')
     expect(laptop.locator('#auth')).to_be_visible()
     expect(laptop.locator('#auth-error')).to_have_text(
@@ -584,6 +596,10 @@ def test_sign_out_everywhere_ends_other_sessions(people):
     laptop.fill('#auth-password', PASSWORD)
     laptop.click('#auth-submit')
     expect(laptop.locator('#me-name')).to_have_text('Erin Park')
+    # The two confirmations were the only dialogs (the kit records each).
+    dialogs = [e for e in laptop.errors if e.startswith('dialog: ')]
+    assert dialogs == [f'dialog: {asked[0]}'] * 2
+    laptop.errors = [e for e in laptop.errors if e not in dialogs]
     for page in (laptop, phone):
         assert page.errors == []
 

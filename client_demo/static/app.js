@@ -67,8 +67,11 @@ export async function logout() {
 }
 
 // Revokes every token of the account: this page and every other session
-// (other tabs, devices) end; the others see "Your session has ended".
+// (other tabs, devices) end; the others see "Your session has ended". The
+// account's bots lose their tokens too, so it asks first.
 export async function signOutEverywhere() {
+  if (!window.confirm('Sign out on every device? Bots you own are signed '
+                      + 'out too: each will need a new token.')) return;
   $('logout-all').disabled = true;
   try {
     await disablePush().catch(() => {});
