@@ -43,6 +43,7 @@ import peewee
 import models
 from models import SchemaVersion
 from models.migrations import migrate
+from server.config import GATHER_MS_MAX
 from server.data.database import open_database  # noqa: F401 (the app's)
 from server.data.database import dialect_of, in_memory, is_sqlite
 from server.data.faults import (BUSY, CONNECTION, DISK_FULL, ERROR,
@@ -66,11 +67,10 @@ SEGMENTS_MAX = 4
 # waits for company (``gather_seconds``, ``Store._gather``) only before
 # smaller ones. Under a heavy load batches are far bigger, and waiting
 # would only slow it. After a wait that brought nothing the next
-# GATHER_SKIP chances to wait are let go; a wait is at most
-# GATHER_SECONDS_MAX.
+# GATHER_SKIP chances to wait are let go; a wait is at most the
+# configuration's GATHER_MS_MAX.
 GATHER_BELOW = 16
 GATHER_SKIP = 8
-GATHER_SECONDS_MAX = 1.0
 # Retries of one batch stop after this long, so that a client hears
 # `unavailable` within a second of the database going away.
 RETRY_SECONDS = 0.5
@@ -182,8 +182,8 @@ class Store:
     def __init__(self, database, *, batch_max=512, reader_threads=4,
                  queue_max=10000, on_batch=None, process=None,
                  gather_seconds=0.0):
-        if not 0 <= gather_seconds <= GATHER_SECONDS_MAX:
-            raise ValueError(f'gather_seconds: 0 to {GATHER_SECONDS_MAX}')
+        if not 0 <= gather_seconds * 1000 <= GATHER_MS_MAX:
+            raise ValueError(f'gather_seconds: 0 to {GATHER_MS_MAX:g} ms')
         self.database = database
         # The writer process (``server.writer_process.WriterProcess``) that
         # commits the portable operations, or None: the writer thread does.
