@@ -215,8 +215,6 @@ def seed(path, users, messages, whale_rooms, searcher_rooms, dms_per_user,
              'created_at', 'update_seq'))
     conn.executemany('INSERT INTO "message_text" VALUES (?, ?, ?)',
                      ((m[1], m[0], search.fold(m[4])) for m in msgs))
-    _insert(conn, models.Event, ((m[2], m[1], 'message', m[0]) for m in msgs),
-            ('seq', 'room', 'kind', 'message'))
     conn.execute('COMMIT')
     conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     conn.execute('ANALYZE')

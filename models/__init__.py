@@ -92,9 +92,10 @@ class Message(BaseModel):
 
 
 class Event(BaseModel):
-    """The room event log: one row per seq. ``kind`` is 'message' for a new
-    message, 'message_updated' for an edit, delete or reaction change
-    (both with ``message``), 'room' for a change of a group's members,
+    """The room event log: one row per seq that is not a new message (a
+    new message's seq is its own row's, in ``message``; sync merges the
+    two). ``kind`` is 'message_updated' for an edit, delete or reaction
+    change (with ``message``), 'room' for a change of a group's members,
     owner or name (``message`` null; ``data`` the room's state right after
     it, as JSON ``{"name", "owner_id", "members": [user ids]}``, so that
     ``sync`` replays it exactly as it was)."""

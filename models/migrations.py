@@ -91,9 +91,20 @@ def _v7_trigram_file(database, migrator):
     search.move_trigrams_out(database)
 
 
+def _v8_messages_out_of_the_event_log(database, migrator):
+    """A new message no longer writes a row to the event log (three
+    B-trees: the table and its two indexes): ``sync`` reads new messages
+    from the message table's own (room, seq) index and merges them with
+    the log. The log's 'message' rows would now be read twice, so they
+    go (one DELETE, in this migration's transaction)."""
+    deleted = database.execute_sql(
+        'DELETE FROM "event" WHERE "kind" = \'message\'').rowcount
+    log.info('removed %s new-message rows from the event log', deleted)
+
+
 MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
               _v4_group_life_cycle, _v5_search_index, _v6_outbox,
-              _v7_trigram_file]
+              _v7_trigram_file, _v8_messages_out_of_the_event_log]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 

@@ -100,7 +100,7 @@ async def test_version_1_database_upgrades_in_place(tmp_path):
 
 def test_fresh_database_has_the_cleanup_index(fresh_db):
     statements, version = index_statements(fresh_db)
-    assert version == CURRENT_VERSION == 7
+    assert version == CURRENT_VERSION == 8
     assert statements[V3_INDEX] == (
         f'CREATE INDEX "{V3_INDEX}" ON "attachment" '
         '("message_id", "created_at")')
@@ -292,3 +292,82 @@ async def test_version_3_database_upgrades_to_4(tmp_path, database_url):
     with pytest.raises(Exception, match='(?i)unique'):
         run_sql(url, ['INSERT INTO "event" ("room_id", "seq", "kind") '
                       f'VALUES ({group["id"]}, 3, \'room\')'])
+
+
+async def test_version_7_database_upgrades_to_8(tmp_path, database_url):
+    """Version 7 logged every new message in the event log too; version 8
+    reads new messages from the message table. After the upgrade, sync
+    (paged two events at a time, so that both sides of the merge are cut
+    short) still replays each message once, in seq order with the edits
+    and the group's changes, and so do messages sent after it."""
+    url = database_url
+    env = {'POSTBOX_DATABASE_URL': url, 'POSTBOX_SYNC_PAGE_SIZE': '2'}
+    server = ServerProcess(tmp_path, env=env).start()
+    alice, bob, a, b, dm = await pair(server.url)
+    for i in range(3):
+        ack = await a.call('send_dm', {'room_id': dm['id'], 'body': f'm{i}',
+                                       'client_msg_id': f'v7-{i}'})
+        assert ack['ok'], ack
+        if i == 1:
+            second = ack['message']['id']
+    ack = await a.call('edit_message', {'message_id': second,
+                                        'body': 'edited'})
+    assert ack['ok'], ack
+    ack = await a.call('send_dm', {'room_id': dm['id'], 'body': 'm3',
+                                   'client_msg_id': 'v7-3'})
+    assert ack['ok'], ack
+    group = (await a.call('create_group', {
+        'name': 'old', 'members': [bob['username']]}))['room']
+    ack = await a.call('send_dm', {'room_id': group['id'], 'body': 'g0',
+                                   'client_msg_id': 'v7-g0'})
+    assert ack['ok'], ack
+    assert (await a.call('rename_group', {'room_id': group['id'],
+                                          'name': 'new'}))['ok']
+    await a.close()
+    await b.close()
+    assert await server.astop() == 0
+    # What version 7 wrote: a 'message' row in the log for every message.
+    run_sql(url, [
+        'INSERT INTO "event" ("room_id", "seq", "kind", "message_id") '
+        'SELECT "room_id", "seq", \'message\', "id" FROM "message"',
+        'UPDATE "schemaversion" SET "version" = 7'])
+
+    server = ServerProcess(tmp_path, env=env, port=server.port).start()
+    try:
+        b = await connect(server.url, b.token)
+        events = await all_events(b)
+        assert [(e['type'], e['room_id'], e['seq']) for e in events] == [
+            ('message', dm['id'], 1), ('message', dm['id'], 2),
+            ('message', dm['id'], 3), ('message_updated', dm['id'], 4),
+            ('message', dm['id'], 5),
+            ('message', group['id'], 1), ('room', group['id'], 2)]
+        bodies = [e['message']['body'] for e in events
+                  if e['type'] == 'message']
+        assert bodies == ['m0', 'edited', 'm2', 'm3', 'g0']
+        assert events[-1]['room']['name'] == 'new'
+        a = await connect(server.url, a.token)
+        ack = await a.call('send_dm', {'room_id': dm['id'], 'body': 'v8',
+                                       'client_msg_id': 'v8'})
+        assert ack['ok'] and ack['message']['seq'] == 6, ack
+        known = {str(dm['id']): 5, str(group['id']): 2}
+        later = await all_events(b, known)
+        assert [(e['type'], e['message']['body']) for e in later] == [
+            ('message', 'v8')]
+        await a.close()
+        await b.close()
+    finally:
+        assert await server.astop() == 0, server.read_log()
+
+
+async def all_events(client, known=None):
+    """Page through sync until has_more is false; the events."""
+    known = dict(known or {})
+    events = []
+    while True:
+        ack = await client.call('sync', {'rooms': known})
+        assert ack['ok'], ack
+        events.extend(ack['events'])
+        for e in ack['events']:
+            known[str(e['room_id'])] = e['seq']
+        if not ack['has_more']:
+            return events

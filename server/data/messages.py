@@ -82,8 +82,9 @@ def take_seqs(counts, now) -> dict:
 
 def insert_messages(rows) -> dict:
     """Insert new messages, each row (room_id, seq, sender_id, body,
-    client_msg_id, reply_to, created_at) with its searchable text and an
-    event for it; {(room_id, seq): message id}."""
+    client_msg_id, reply_to, created_at) with its searchable text;
+    {(room_id, seq): message id}. A new message has no row in the event
+    log: its seq is its own (``events_after`` reads it from here)."""
     ids = {}
     for chunk in chunks(rows):
         sql = ('INSERT INTO "message" ("room_id", "seq", "sender_id", '
@@ -99,13 +100,6 @@ def insert_messages(rows) -> dict:
             sql, params, [(row[0], row[1]) for row in chunk]))
     dialect().insert_texts([(row[0], ids[row[0], row[1]], row[3])
                             for row in rows])
-    events = [(row[0], row[1], 'message', ids[row[0], row[1]])
-              for row in rows]
-    for chunk in chunks(events):
-        execute('INSERT INTO "event" ("room_id", "seq", "kind", '
-                '"message_id") VALUES '
-                + ', '.join(['(?, ?, ?, ?)'] * len(chunk)),
-                [v for row in chunk for v in row])
     return ids
 
 
@@ -253,8 +247,15 @@ def departures(user_id, room_ids) -> list:
 
 def events_after(room_id, after, limit) -> list:
     """(seq, kind, message_id, data) of a room's events after seq
-    ``after``, ascending, at most ``limit``."""
-    return execute('SELECT "seq", "kind", "message_id", "data" '
-                   'FROM "event" WHERE "room_id" = ? AND "seq" > ? '
-                   'ORDER BY "seq" LIMIT ?',
-                   (room_id, after, limit)).fetchall()
+    ``after``, ascending, at most ``limit``: its new messages ('message',
+    at each message's own seq, on the message table's (room, seq) index)
+    merged with its event log (changes to messages, room events), each
+    side read no further than ``limit``."""
+    return execute(
+        'SELECT * FROM (SELECT "seq", \'message\' AS "kind", '
+        '"id" AS "message_id", NULL AS "data" FROM "message" '
+        'WHERE "room_id" = ? AND "seq" > ? ORDER BY "seq" LIMIT ?) AS "m" '
+        'UNION ALL SELECT * FROM (SELECT "seq", "kind", "message_id", '
+        '"data" FROM "event" WHERE "room_id" = ? AND "seq" > ? '
+        'ORDER BY "seq" LIMIT ?) AS "e" ORDER BY "seq" LIMIT ?',
+        (room_id, after, limit) * 2 + (limit,)).fetchall()
