@@ -13,8 +13,10 @@ an ``asyncio.Queue`` per socket (four deques, about 3 KB while empty); and
 a WSGI ``environ`` dict that copies every request header and is kept for
 the life of the socket. Here the protocol stays and the machinery goes:
 
-- the websocket is read in a plain loop by the request's own task; a
-  writer task exists only while packets wait to be sent;
+- the websocket is read in a plain loop by the request's own task;
+  packets are written at once, in the sender's own call, and a writer
+  task exists only while a write has to wait (the socket's buffer full,
+  a large frame compressed in a thread, the close handshake);
 - pings are sent from one schedule for all sockets (``PingSchedule``),
   not by a sleeping task per socket; a client that stops answering is
   still closed by python-engineio's service task, and its websocket is
@@ -64,6 +66,35 @@ COPIED = {
 }
 
 log = logging.getLogger(__name__)
+
+
+class _Resumed:
+    """Awaiting it drives ``coro``, a coroutine whose first step has run
+    outside any task and left it waiting on ``waiting`` (what it yielded),
+    on to its end, as if a task had run it from the start: the task that
+    awaits this gets what ``coro`` yields and passes back what it is sent
+    or thrown (a cancellation included)."""
+
+    def __init__(self, coro, waiting):
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self):
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                try:
+                    sent = yield waiting
+                except BaseException as exc:
+                    waiting = coro.throw(exc)
+                else:
+                    waiting = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _resume(coro, waiting):
+    return await _Resumed(coro, waiting)
 
 
 class Socket(async_socket.AsyncSocket):
@@ -262,9 +293,21 @@ class Socket(async_socket.AsyncSocket):
         return True
 
     def _start_writer(self):
-        if self.ws is not None and self.writer is None and \
-                not self.queue.empty():
-            self.writer = asyncio.ensure_future(self._write(self.ws))
+        """Write what is queued now, unless a writer is at it already. A
+        write that has to wait goes on in a task (``writer`` until done),
+        so the sender never waits for a slow client. Most writes never
+        wait (aiohttp hands the frame to the transport and returns):
+        running ``_write``'s first step here saves a task per send (in an
+        open-loop run at 4,200 DMs/s, creating tasks fell from 10% to 6%
+        of the event loop's samples)."""
+        if self.ws is None or self.writer is not None or self.queue.empty():
+            return
+        write = self._write(self.ws)
+        try:
+            waiting = write.send(None)
+        except StopIteration:  # all written
+            return
+        self.writer = asyncio.ensure_future(_resume(write, waiting))
 
     async def _write(self, ws):
         """Send queued packets until the queue is empty, then end. A None
