@@ -40,7 +40,8 @@ class Room(BaseModel):
     created_by = ForeignKeyField(User, backref='+', on_delete='CASCADE')
     created_at = BigIntegerField()
     # Highest seq taken in this room; the writer increments it in the same
-    # transaction that inserts the event, so seqs have no gaps.
+    # transaction that inserts what takes the seq (a new message, or an
+    # event), so seqs have no gaps.
     last_seq = BigIntegerField(default=0)
     last_message_id = BigIntegerField(null=True)
     last_activity_at = BigIntegerField()

@@ -353,6 +353,13 @@ async def test_version_7_database_upgrades_to_8(tmp_path, database_url):
         later = await all_events(b, known)
         assert [(e['type'], e['message']['body']) for e in later] == [
             ('message', 'v8')]
+        # A version-7 process still running beside the upgraded one logs
+        # its message in the event log too: read once all the same.
+        run_sql(url, [
+            'INSERT INTO "event" ("room_id", "seq", "kind", "message_id") '
+            f'VALUES ({dm["id"]}, 6, \'message\', {ack["message"]["id"]})'])
+        again = await all_events(b, known)
+        assert [(e['type'], e['seq']) for e in again] == [('message', 6)]
         await a.close()
         await b.close()
     finally:

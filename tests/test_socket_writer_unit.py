@@ -38,6 +38,7 @@ class Websocket:
 
     async def close(self, code=None):
         self.closed_with = code
+        self.closed_in = asyncio.current_task()
 
 
 class Engine:
@@ -87,13 +88,16 @@ async def test_a_write_that_waits_goes_on_in_a_task_in_order():
     assert ws.sent[-1] == '4four' and sock.writer is None
 
 
-async def test_a_waiting_write_is_cancelled_with_its_task():
+@pytest.mark.parametrize('started', [True, False])
+async def test_a_waiting_write_is_cancelled_with_its_task(started):
+    """Cancelled after the task's first step, or before it ran at all."""
     ws = Websocket()
     ws.gate.clear()
     sock = socket_on(ws)
     send(sock, 'one')
     writer = sock.writer
-    await asyncio.sleep(0)
+    if started:
+        await asyncio.sleep(0)
     writer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(writer, 5)
@@ -113,3 +117,20 @@ async def test_the_close_waits_in_the_writer_after_what_was_queued():
     assert ws.sent == ['4last'] and ws.closed_with is not None
     # The writer stays set once closing: no other one starts.
     assert sock.writer is writer
+
+
+async def test_a_close_runs_in_the_writer_task_and_keeps_it_set():
+    ws = Websocket()  # nothing waits: data and close could finish at once
+    sock = socket_on(ws)
+    send(sock, 'bye')
+    sock.queue.put_nowait(None)
+    sock._start_writer()  # no writer yet: this call starts one
+    assert ws.sent == ['4bye'] and ws.closed_with is None
+    writer = sock.writer
+    assert isinstance(writer, asyncio.Task)
+    await asyncio.wait_for(writer, 5)
+    # Closed by the writer task (aiohttp's close timeout cancels the task
+    # it runs in), not by this test's task; the writer stays set.
+    assert ws.closed_in is writer and sock.writer is writer
+    send(sock, 'after')
+    assert ws.sent == ['4bye'] and sock.writer is writer

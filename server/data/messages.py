@@ -250,12 +250,15 @@ def events_after(room_id, after, limit) -> list:
     ``after``, ascending, at most ``limit``: its new messages ('message',
     at each message's own seq, on the message table's (room, seq) index)
     merged with its event log (changes to messages, room events), each
-    side read no further than ``limit``."""
+    side read no further than ``limit``. A 'message' row in the log (a
+    version-7 process writing while the upgraded ones read) is not read
+    twice."""
     return execute(
         'SELECT * FROM (SELECT "seq", \'message\' AS "kind", '
         '"id" AS "message_id", NULL AS "data" FROM "message" '
         'WHERE "room_id" = ? AND "seq" > ? ORDER BY "seq" LIMIT ?) AS "m" '
         'UNION ALL SELECT * FROM (SELECT "seq", "kind", "message_id", '
         '"data" FROM "event" WHERE "room_id" = ? AND "seq" > ? '
-        'ORDER BY "seq" LIMIT ?) AS "e" ORDER BY "seq" LIMIT ?',
+        'AND "kind" <> \'message\' ORDER BY "seq" LIMIT ?) AS "e" '
+        'ORDER BY "seq" LIMIT ?',
         (room_id, after, limit) * 2 + (limit,)).fetchall()
