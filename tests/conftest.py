@@ -2,7 +2,18 @@ import os
 
 import pytest
 
-from tests.kit import NO_RATE_LIMITS, ServerProcess
+from tests.kit import NO_RATE_LIMITS, Process, ServerProcess
+
+
+@pytest.fixture(scope='session', autouse=True)
+def stop_leftover_processes():
+    """At the end of the session (after every other fixture's teardown),
+    stop the servers and other processes that tests started and never
+    stopped: a test that fails before its own stop would otherwise leave
+    them running after pytest has exited."""
+    yield
+    for proc in list(Process.live):
+        proc.stop(timeout=10)
 
 
 @pytest.fixture(scope='session')

@@ -48,6 +48,10 @@ class Process:
 
     name = 'process'
     start_timeout = 20
+    # Every one started and not stopped yet, in this interpreter: the test
+    # session stops those left over at its end (a test that failed before
+    # its own stop would leave its server running after pytest exits).
+    live = set()
 
     def __init__(self, argv, log_path, cwd=ROOT, env=None, port=None,
                  pin=False, ready_path=None):
@@ -92,6 +96,7 @@ class Process:
         self.proc = subprocess.Popen(
             self.argv, cwd=self.cwd, env=self.env, stdout=self._log,
             stderr=subprocess.STDOUT, preexec_fn=preexec if pin else None)
+        Process.live.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -136,6 +141,7 @@ class Process:
             code = self.proc.wait()
         self._log.close()
         self.proc = None
+        Process.live.discard(self)
         return code
 
     def _log_stacks(self, why):
