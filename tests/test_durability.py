@@ -3,23 +3,8 @@ idempotent sends, clean shutdown."""
 import asyncio
 import signal
 
-
-from tests.kit import (NO_RATE_LIMITS as FAST, ServerProcess, connect, http,
-                       pair, register, upload)
-
-
-async def all_events(client, known=None):
-    """Page through sync until has_more is false; returns the events."""
-    known = dict(known or {})
-    events = []
-    while True:
-        ack = await client.call('sync', {'rooms': known}, timeout=30)
-        assert ack['ok'], ack
-        events.extend(ack['events'])
-        for e in ack['events']:
-            known[str(e['room_id'])] = e['seq']
-        if not ack['has_more']:
-            return events
+from tests.kit import (NO_RATE_LIMITS as FAST, ServerProcess, all_events,
+                       connect, http, pair, register, upload)
 
 
 async def sender_loop(client, room_id, tag, acked, errors, stop):

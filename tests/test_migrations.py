@@ -14,7 +14,7 @@ from server.config import Config
 from server.data import attachments as attachment_data
 from server.services import attachments as attachments_service
 from server.store import open_database
-from tests.kit import ServerProcess, connect, http, pair, upload
+from tests.kit import ServerProcess, all_events, connect, http, pair, upload
 
 OLD_INDEXES = {  # version 1 created these; version 2 drops them
     'message_room_id': 'CREATE INDEX "message_room_id" ON "message" '
@@ -365,16 +365,3 @@ async def test_version_7_database_upgrades_to_8(tmp_path, database_url):
     finally:
         assert await server.astop() == 0, server.read_log()
 
-
-async def all_events(client, known=None):
-    """Page through sync until has_more is false; the events."""
-    known = dict(known or {})
-    events = []
-    while True:
-        ack = await client.call('sync', {'rooms': known})
-        assert ack['ok'], ack
-        events.extend(ack['events'])
-        for e in ack['events']:
-            known[str(e['room_id'])] = e['seq']
-        if not ack['has_more']:
-            return events

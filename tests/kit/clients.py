@@ -159,3 +159,18 @@ async def refused(base, token):
                           else None, transports=['websocket'],
                           wait_timeout=5)
     return errors[0]
+
+
+async def all_events(client, known=None):
+    """Page through ``sync`` from ``known`` ({room id: seq}, as strings
+    or ints) until ``has_more`` is false; every event, in order."""
+    known = {str(room): seq for room, seq in (known or {}).items()}
+    events = []
+    while True:
+        ack = await client.call('sync', {'rooms': known}, timeout=30)
+        assert ack['ok'], ack
+        events.extend(ack['events'])
+        for e in ack['events']:
+            known[str(e['room_id'])] = e['seq']
+        if not ack['has_more']:
+            return events
