@@ -44,14 +44,14 @@ def test_a_process_left_running_by_a_failed_test_ends_with_the_session(
         'from tests.conftest import stop_leftover_processes  # noqa: F401\n')
     (session / 'test_leak.py').write_text(
         textwrap.dedent(LEAKING_TEST).format(pid_file=str(pid_file)))
-    run = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         str(session)], cwd=session, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
-    assert '1 failed' in run.stdout, run.stdout + run.stderr
-    pid = int(pid_file.read_text())
     try:
+        run = subprocess.run(
+            [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+             str(session)], cwd=session, capture_output=True, text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+        assert '1 failed' in run.stdout, run.stdout + run.stderr
+        pid = int(pid_file.read_text())
         assert not running(pid), 'the leaked process outlived its session'
     finally:
-        if running(pid):
-            os.kill(pid, signal.SIGKILL)
+        if pid_file.exists() and running(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

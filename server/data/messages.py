@@ -250,9 +250,9 @@ def events_after(room_id, after, limit) -> list:
     ``after``, ascending, at most ``limit``: its new messages ('message',
     at each message's own seq, on the message table's (room, seq) index)
     merged with its event log (changes to messages, room events), each
-    side read no further than ``limit``. A 'message' row in the log (a
-    version-7 process writing while the upgraded ones read) is not read
-    twice."""
+    side read no further than ``limit``. A 'message' row in the log is
+    not read twice: a version-7 process left running through the upgrade
+    (the README says to stop them all) still writes them."""
     return execute(
         'SELECT * FROM (SELECT "seq", \'message\' AS "kind", '
         '"id" AS "message_id", NULL AS "data" FROM "message" '

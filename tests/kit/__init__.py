@@ -16,16 +16,17 @@
 
 The common names are importable from ``tests.kit`` itself.
 """
-from tests.kit.clients import (Client, all_events, connect, dm_across, http,
-                               pair, refused, register, unique_name, upload)
+from tests.kit.clients import (Client, all_events, connect, dm_across,
+                               http, pair, refused, register, unique_name,
+                               upload)
 from tests.kit.processes import (NO_RATE_LIMITS, ROOT, Process, ServerProcess,
                                  astop_servers, free_port, rss_kib,
                                  running_servers, start_servers,
                                  stop_servers)
 from tests.kit.redis import FAST_REDIS_ENV, DeafeningProxy, RedisProcess
 
-__all__ = ['Client', 'all_events', 'connect', 'dm_across', 'http', 'pair', 'refused',
-           'register', 'unique_name', 'upload', 'NO_RATE_LIMITS', 'ROOT',
-           'Process', 'ServerProcess', 'astop_servers', 'free_port',
+__all__ = ['Client', 'all_events', 'connect', 'dm_across', 'http', 'pair',
+           'refused', 'register', 'unique_name', 'upload', 'NO_RATE_LIMITS',
+           'ROOT', 'Process', 'ServerProcess', 'astop_servers', 'free_port',
            'rss_kib', 'running_servers', 'start_servers', 'stop_servers',
            'FAST_REDIS_ENV', 'DeafeningProxy', 'RedisProcess']
