@@ -80,6 +80,8 @@ async def test_a_write_that_waits_goes_on_in_a_task_in_order():
     assert sock.writer is writer
     await asyncio.sleep(0.01)
     assert ws.sent == [] and not writer.done()
+    # A dump of the tasks shows where the writer waits.
+    assert [f.f_code.co_name for f in writer.get_stack()] == ['_write']
     ws.gate.set()
     await asyncio.wait_for(writer, 5)
     assert ws.sent == ['4one', '4two', '4three']

@@ -92,6 +92,12 @@ class _Started(collections.abc.Coroutine):
     def close(self):
         self._coro.close()
 
+    @property
+    def cr_frame(self):
+        """Where ``coro`` is: what a task's ``get_stack`` (the SIGUSR2
+        dump of tasks) shows for it."""
+        return self._coro.cr_frame
+
     def __await__(self):  # a task runs it; nothing awaits it
         raise TypeError('_Started is run by a task, not awaited')
 
