@@ -266,3 +266,32 @@ def test_limiter_allows_a_burst_then_refuses():
         limiter.take('u')
     assert 0 < refused.value.retry_after <= 1
     limiter.take('other')
+
+
+async def test_stop_ends_the_heartbeat_when_the_cancel_becomes_an_error(
+        redis_url):
+    """A cancellation that lands as a Redis call's own timeout expires
+    comes out of Python 3.11's asyncio.timeout as a TimeoutError: the
+    heartbeat must end all the same, or stop() (the server's SIGTERM)
+    waits for it forever."""
+    cluster = Cluster(redis_url, f'u{uuid.uuid4().hex[:8]}', heartbeat=0.01)
+    in_call = asyncio.Event()
+
+    async def set_that_times_out(*args, **kwargs):
+        in_call.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise TimeoutError('Timeout reading from redis') from None
+
+    cluster.redis.set = set_that_times_out
+    cluster._heartbeat = asyncio.create_task(cluster._heartbeat_loop())
+    try:
+        await asyncio.wait_for(in_call.wait(), 5)
+        stopping = asyncio.ensure_future(cluster.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        assert done, 'stop() waits for a heartbeat that never ends'
+        assert cluster._heartbeat is None
+    finally:
+        await cluster.redis.aclose()
+        await cluster.sub_redis.aclose()

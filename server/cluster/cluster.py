@@ -240,7 +240,13 @@ class Cluster:
                 raise
 
     async def _heartbeat_loop(self):
-        while True:
+        # Until cancelled, however the cancellation ends: one that lands
+        # as a Redis call's own timeout expires comes out of Python 3.11's
+        # asyncio.timeout as a TimeoutError, an Exception caught below;
+        # looping on, the task never ended and stop() waited on it until
+        # the process was killed.
+        task = asyncio.current_task()
+        while not task.cancelling():
             await asyncio.sleep(self.heartbeat)
             try:
                 # NX: the key is missing only if Redis lost it (restart,
