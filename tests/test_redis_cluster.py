@@ -150,6 +150,8 @@ async def test_failover_of_the_shared_shard_under_load(servers,
     senders = [asyncio.create_task(sender(a, 'a')),
                asyncio.create_task(sender(b, 'b'))]
     await b.next('message', where=lambda m: m['body'].startswith('a'))
+    # Its replica has a copy to take over with.
+    await asyncio.to_thread(redis_cluster.wait_ok)
     doomed = redis_cluster.primary_for('{postbox}')
     await asyncio.to_thread(doomed.kill)
     for server in servers:

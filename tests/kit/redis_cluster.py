@@ -22,7 +22,10 @@ class ClusterNode(RedisProcess):
     def options(self, port) -> list:
         return super().options(port) + [
             '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
-            '--cluster-node-timeout', str(self.node_timeout_ms)]
+            '--cluster-node-timeout', str(self.node_timeout_ms),
+            # A replica copies its primary at once, not after 5 s: one
+            # that never did refuses to take over when the primary dies.
+            '--repl-diskless-sync-delay', '0']
 
 
 def cluster_port() -> int:
@@ -82,20 +85,31 @@ class RedisCluster:
         return self
 
     def wait_ok(self, timeout=30):
-        """Until every running node says cluster_state:ok and all 16384
-        slots are served by a primary that runs."""
+        """Until every running node says cluster_state:ok, all 16384
+        slots are served by a primary that runs, and every running replica
+        has copied its primary (a replica that never did is not promoted
+        when its primary dies: "Disconnected from master for longer than
+        allowed")."""
         deadline = time.monotonic() + timeout
         while True:
             try:
+                running = [n for n in self.nodes if n.proc is not None]
                 if all('cluster_state:ok' in n.command('CLUSTER', 'INFO')
-                       for n in self.nodes if n.proc is not None) and \
+                       for n in running) and \
                         all(self.primary_for_slot(s) is not None
-                            for s in (0, 8000, 16383)):
+                            for s in (0, 8000, 16383)) and \
+                        all(self.in_sync(n) for n in running):
                     return
             except OSError:
                 pass
             assert time.monotonic() < deadline, 'cluster not ok in time'
             time.sleep(0.1)
+
+    @staticmethod
+    def in_sync(node) -> bool:
+        """A primary, or a replica whose link to its primary is up."""
+        info = node.command('INFO', 'replication')
+        return 'role:master' in info or 'master_link_status:up' in info
 
     def primary_for_slot(self, slot):
         """The running node that is a primary serving ``slot``, or None."""
