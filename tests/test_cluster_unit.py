@@ -3,10 +3,12 @@ scripts against a real redis-server, and the connection counting and
 throttle interfaces in both their local and Redis forms."""
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
 from server.cluster import Cluster
+from server.cluster.fanout import Fanout
 from server.cluster.scripts import HOLDER_SCRIPT, PRESENCE_ADD_SCRIPT, \
     PRESENCE_REAP_SCRIPT, PRESENCE_REMOVE_SCRIPT, PRESENCE_STATUS_SCRIPT, \
     PUBLISH_SCRIPT, script_arguments
@@ -15,6 +17,7 @@ from server.services.limits import LocalConnections, TooManyConnections, \
     login_throttle
 from server.services.limits_redis import RedisConnections, RedisThrottle
 from server.services.live import LocalPresence
+from server.services.outbox import Dispatcher
 from server.services.presence_redis import RedisPresence
 from server.services.ratelimit import Limiter
 from tests.redisproc import RedisProcess
@@ -268,30 +271,92 @@ def test_limiter_allows_a_burst_then_refuses():
     limiter.take('other')
 
 
-async def test_stop_ends_the_heartbeat_when_the_cancel_becomes_an_error(
-        redis_url):
-    """A cancellation that lands as a Redis call's own timeout expires
-    comes out of Python 3.11's asyncio.timeout as a TimeoutError: the
-    heartbeat must end all the same, or stop() (the server's SIGTERM)
-    waits for it forever."""
-    cluster = Cluster(redis_url, f'u{uuid.uuid4().hex[:8]}', heartbeat=0.01)
-    in_call = asyncio.Event()
+def _loop_of(name, cluster, call):
+    """Start the background loop ``name`` of ``cluster``'s parts with
+    ``call`` standing in for the Redis call (or claim) it makes; returns
+    ``stop`` (the coroutine function that ends it as the server does)."""
+    if name == 'heartbeat':
+        cluster.redis.set = call
+        cluster._heartbeat = asyncio.create_task(cluster._heartbeat_loop())
+        return cluster.stop
+    if name == 'listener':
+        cluster.listener.start(lambda: _drain(cluster.listen()))
+        cluster.sub_redis.pubsub = lambda **kw: _Subscribing(call)
+        return cluster.listener.stop
+    if name == 'probe':
+        cluster.listener.listening = True
+        cluster.redis.publish = call
+        cluster.listener._prober = asyncio.create_task(
+            cluster.listener._probe_loop())
+        return cluster.listener.stop
+    if name == 'fanout':
+        fanout = Fanout(cluster, lambda *a: False, lambda: [])
+        fanout._send_batch = call
+        fanout.start()
+        fanout.to_all({'method': 'x'})
+        return fanout.close
+    if name == 'presence reaper':
+        presence = RedisPresence(None, 60, None, cluster)
+        presence._reap = call
+        presence.start()
+        return presence.close
+    if name == 'outbox':
+        config = SimpleNamespace(outbox_concurrency=1, outbox_batch=10,
+                                 outbox_poll_seconds=0.01)
+        dispatcher = Dispatcher(SimpleNamespace(config=config), {})
+        dispatcher._claim_batch = call
+        dispatcher.start()
+        return dispatcher.close
+    raise AssertionError(name)
 
-    async def set_that_times_out(*args, **kwargs):
+
+async def _drain(messages):
+    async for _ in messages:
+        pass
+
+
+class _Subscribing:
+    """A pub/sub whose SUBSCRIBE is ``call``."""
+
+    def __init__(self, call):
+        self.subscribe = call
+
+    async def aclose(self):
+        pass
+
+
+@pytest.mark.parametrize('loop_name', ['heartbeat', 'listener', 'probe',
+                                       'fanout', 'presence reaper',
+                                       'outbox'])
+async def test_stop_ends_a_loop_whose_cancel_becomes_an_error(redis_url,
+                                                              loop_name):
+    """A cancellation that lands as a Redis call's own timeout expires
+    can come out of Python 3.11's asyncio.timeout as a TimeoutError: each
+    background loop that retries on errors must end all the same, or its
+    stop() (the server's SIGTERM) waits for it forever."""
+    cluster = Cluster(redis_url, f'u{uuid.uuid4().hex[:8]}', heartbeat=0.01,
+                      probe_interval=0.01)
+    in_call, converting = asyncio.Event(), [True]
+
+    async def call_that_times_out(*args, **kwargs):
         in_call.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            raise TimeoutError('Timeout reading from redis') from None
+            if converting[0]:
+                raise TimeoutError('Timeout reading from redis') from None
+            raise
 
-    cluster.redis.set = set_that_times_out
-    cluster._heartbeat = asyncio.create_task(cluster._heartbeat_loop())
+    stop = _loop_of(loop_name, cluster, call_that_times_out)
     try:
         await asyncio.wait_for(in_call.wait(), 5)
-        stopping = asyncio.ensure_future(cluster.stop())
+        stopping = asyncio.ensure_future(stop())
         done, _ = await asyncio.wait({stopping}, timeout=5)
-        assert done, 'stop() waits for a heartbeat that never ends'
-        assert cluster._heartbeat is None
+        if not done:  # end the loop (a second, plain cancel) and fail
+            converting[0] = False
+            await asyncio.wait({asyncio.ensure_future(stop())}, timeout=5)
+        assert done, f'stop() waits for a {loop_name} loop that never ends'
+        stopping.result()
     finally:
         await cluster.redis.aclose()
         await cluster.sub_redis.aclose()

@@ -34,6 +34,7 @@ import uuid
 from server.cluster.clients import client, is_cluster_url
 from server.cluster.listener import Listener
 from server.errors import Unavailable
+from server.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +241,7 @@ class Cluster:
                 raise
 
     async def _heartbeat_loop(self):
-        # Until cancelled, however the cancellation ends: one that lands
-        # as a Redis call's own timeout expires comes out of Python 3.11's
-        # asyncio.timeout as a TimeoutError, an Exception caught below;
-        # looping on, the task never ended and stop() waited on it until
-        # the process was killed.
-        task = asyncio.current_task()
-        while not task.cancelling():
+        while not cancelled():  # not while True: see server/tasks.py
             await asyncio.sleep(self.heartbeat)
             try:
                 # NX: the key is missing only if Redis lost it (restart,

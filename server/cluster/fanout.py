@@ -42,6 +42,7 @@ from server import fastjson
 from server.cluster.holders import Holders
 from server.cluster.scripts import HOLDER_SCRIPT, PUBLISH_SCRIPT, \
     script_arguments
+from server.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Fanout:
 
     async def _send_loop(self):
         cluster = self.cluster
-        while True:
+        while not cancelled():  # not while True: see server/tasks.py
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < 512:
                 batch.append(self._queue.get_nowait())

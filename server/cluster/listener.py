@@ -15,6 +15,7 @@ import logging
 
 from server import fastjson
 from server.cluster.clients import ShardedSubscription
+from server.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Listener:
         cluster = self.cluster
         channels = [cluster.channel, cluster.host_channel]
         delay = 0.1
-        while True:
+        while not cancelled():  # not while True: see server/tasks.py
             if cluster.is_cluster:
                 pubsub = ShardedSubscription(cluster.redis, channels,
                                              cluster.sub_options)
@@ -170,7 +171,7 @@ class Listener:
         publish a probe to our own channel; if the oldest probe not heard
         back is older than ``probe_timeout``, the listener is deaf."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not cancelled():  # not while True: see server/tasks.py
             started = loop.time()
             try:
                 async with asyncio.timeout(self.cluster.probe_interval):

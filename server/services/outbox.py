@@ -43,6 +43,7 @@ import random
 
 from server.data import outbox as data
 from server.services.context import now_ms
+from server.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class Dispatcher:
         batch is delivered by a task of its own, so a slow receiver holds
         up only its own rows, not the next claims."""
         config = self.config
-        while True:
+        while not cancelled():  # not while True: see server/tasks.py
             # Cleared before the claim: a wake during it is kept.
             self._wake.clear()
             room = config.outbox_batch - self._busy

@@ -27,6 +27,7 @@ from server.cluster.scripts import PRESENCE_ADD_SCRIPT, \
     PRESENCE_STATUS_SCRIPT
 from server.services.context import now_ms
 from server.services.live import Presence
+from server.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class RedisPresence(Presence):
                              args=[self.me, self._online, *self.held()])
 
     async def _reap_loop(self):
-        while True:
+        while not cancelled():  # not while True: see server/tasks.py
             await asyncio.sleep(self.cluster.heartbeat)
             if not self.cluster.reachable:
                 continue
