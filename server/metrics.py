@@ -9,6 +9,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry,
                                Counter, Gauge, Histogram, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from server.data.checkpoints import SAFETY_NET_PAGES
+
 SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -174,6 +176,18 @@ class _StoreCollector:
             for key, value in dict(getattr(store, attr)).items():
                 family.add_metric([key], value)
             yield family
+        checkpointer = store.checkpointer
+        if checkpointer is not None:
+            for attr, help_text in (
+                    ('runs', 'Checkpoints of the SQLite write-ahead log run '
+                     'by the checkpoint thread, off the writers\' COMMIT'),
+                    ('failures', 'Checkpoints that failed (full disk, ...); '
+                     'the writers checkpoint themselves past '
+                     f'{SAFETY_NET_PAGES} pages of log')):
+                family = CounterMetricFamily(
+                    f'postbox_wal_checkpoint_{attr}', help_text)
+                family.add_metric([], getattr(checkpointer, attr))
+                yield family
         process = store.process
         if process is not None:
             alive = GaugeMetricFamily(

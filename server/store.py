@@ -44,6 +44,7 @@ import models
 from models import SchemaVersion
 from models.migrations import migrate
 from server.config import GATHER_MS_MAX
+from server.data.checkpoints import Checkpointer
 from server.data.database import open_database  # noqa: F401 (the app's)
 from server.data.database import dialect_of, in_memory, is_sqlite
 from server.data.faults import (BUSY, CONNECTION, DISK_FULL, ERROR,
@@ -195,6 +196,8 @@ class Store:
         self._readers = ThreadPoolExecutor(reader_threads,
                                            thread_name_prefix='pb-read')
         self._writer = None
+        # Checkpoints of a SQLite file's log, off the COMMIT (None: other).
+        self.checkpointer = None
         self._loop = None
         self._begin = dialect_of(database).begin
         self._turn = dialect_of(database).writer_turn
@@ -233,6 +236,9 @@ class Store:
         self._loop = asyncio.get_running_loop()
         if self.process is not None:
             self.process.start()
+        if is_sqlite(self.database) and not in_memory(self.database):
+            self.checkpointer = Checkpointer(self.database.database)
+            self.checkpointer.start()
         self._writer = threading.Thread(target=self._write_loop,
                                         name='pb-writer', daemon=True)
         self._writer.start()
@@ -248,6 +254,10 @@ class Store:
             await asyncio.get_running_loop().run_in_executor(
                 None, self.process.close)
         self._readers.shutdown(wait=True)
+        if self.checkpointer is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.checkpointer.stop)
+            self.checkpointer = None
         if hasattr(self._turn, 'close'):
             self._turn.close()
 
@@ -423,6 +433,8 @@ class Store:
         except BaseException:  # a bug here must not lose the batch's acks
             log.exception('write batch of %s failed', len(batch))
             results = self._refuse(batch)
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
         if self._on_batch:
             try:
                 self._on_batch(len(batch), time.perf_counter() - started)

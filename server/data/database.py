@@ -20,6 +20,7 @@ from playhouse.db_url import parse as parse_db_url
 import models
 from models import search as search_index
 from models.fold import fold
+from server.data.checkpoints import SAFETY_NET_PAGES
 
 # libpq's connect timeout (whole seconds, 2 at least): a database host
 # that does not answer at all must not hold a probe or a read for long.
@@ -272,6 +273,8 @@ def open_database(url: str, config) -> peewee.Database:
                 'foreign_keys': 1,
                 'cache_size': -1024 * config.sqlite_cache_mib,  # KiB if < 0
                 'busy_timeout': int(TURN_WAIT_SECONDS * 1000),
+                # A checkpointer thread copies the log (checkpoints.py).
+                'wal_autocheckpoint': SAFETY_NET_PAGES,
             }))
     if scheme in ('postgres', 'postgresql'):
         params = parse_db_url(url)
