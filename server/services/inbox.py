@@ -4,9 +4,12 @@ message, unread count and read marker; paged by an opaque cursor.
 Built from a few set-based queries (``server.data.rooms``) whatever the
 number of rooms, and from per-process entries (``ctx.inbox_rooms``,
 ``ctx.inbox_unread``) that stay valid while the room's last_seq and the
-reader's marker are what the database says.
+reader's marker are what the database says. A room's entry keeps its room
+and last message serialized (``fastjson.fragment``): the answer is for
+the transports' JSON only, which copy them as they are.
 """
 from server.data import rooms as data
+from server.fastjson import fragment
 from server.errors import Invalid
 from server.services import rooms
 from server.services.rooms import INBOX_CHUNK
@@ -61,8 +64,10 @@ def _inbox(ctx, user_id, limit=None, before=None):
         for room_id, _, last_seq, *_ in rows:
             if room_id not in cached:
                 room = rooms.room_dict(ctx, infos[room_id], last_seq)
-                cached[room_id] = entry = (last_seq, room,
-                                           last_messages.get(room_id))
+                # Kept serialized: the answer copies them as they are.
+                cached[room_id] = entry = (
+                    last_seq, fragment(room),
+                    fragment(last_messages.get(room_id)))
                 ctx.inbox_rooms.put(room_id, entry)
     unread, count = {}, []
     for room_id, last_read, last_seq, *_ in rows:
