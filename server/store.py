@@ -232,12 +232,16 @@ class Store:
         models.db.initialize(self.database)
         self.database.connect(reuse_if_open=True)
         migrate(self.database)
+        if is_sqlite(self.database) and not in_memory(self.database):
+            synchronous = self.database.execute_sql(
+                'PRAGMA synchronous').fetchone()[0]
+            self.checkpointer = Checkpointer(self.database.database,
+                                             synchronous)
         self.database.close()
         self._loop = asyncio.get_running_loop()
         if self.process is not None:
             self.process.start()
-        if is_sqlite(self.database) and not in_memory(self.database):
-            self.checkpointer = Checkpointer(self.database.database)
+        if self.checkpointer is not None:
             self.checkpointer.start()
         self._writer = threading.Thread(target=self._write_loop,
                                         name='pb-writer', daemon=True)

@@ -58,11 +58,12 @@ async def test_acked_messages_reach_the_database_file_soon(tmp_path):
 
 async def test_a_failed_checkpoint_is_logged_and_the_next_commit_retries(
         tmp_path, caplog):
-    """A checkpoint that fails (here: no database there yet) is counted
-    and logged once; the thread goes on, and the next commit's checkpoint
-    runs once the database is back. stop() ends it."""
-    folder = tmp_path / 'later'
-    checkpointer = Checkpointer(str(folder / 'x.db'), interval=0)
+    """A checkpoint that fails (here: the database is not there) is
+    counted and logged once, and makes no empty database; the thread goes
+    on, and the next commit's checkpoint runs once the database is back.
+    stop() ends it."""
+    path = tmp_path / 'x.db'
+    checkpointer = Checkpointer(str(path), interval=0)
     checkpointer.start()
     try:
         with caplog.at_level(logging.WARNING):
@@ -71,17 +72,44 @@ async def test_a_failed_checkpoint_is_logged_and_the_next_commit_retries(
                 await until(lambda n=checkpointer.failures + 1:
                             checkpointer.failures >= n)
         assert checkpointer.runs == 0
+        assert not path.exists()
         lines = [r for r in caplog.records if 'checkpoint failed' in
                  r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in lines]
-        folder.mkdir()
-        with sqlite3.connect(folder / 'x.db') as db:
+        with sqlite3.connect(path) as db:
             db.execute('PRAGMA journal_mode=wal')
             db.execute('CREATE TABLE t (x)')
         checkpointer.committed()
         await until(lambda: checkpointer.runs == 1)
     finally:
         assert stops(checkpointer)
+
+
+async def test_a_checkpoint_a_reader_holds_back_is_finished_later(tmp_path):
+    """A reader still on an old snapshot keeps a checkpoint from copying
+    the whole log: the thread tries again by itself, with no commit
+    asking, and finishes once the reader is done."""
+    path = tmp_path / 'x.db'
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute('PRAGMA journal_mode=wal')
+    writer.execute('PRAGMA wal_autocheckpoint=0')
+    writer.execute('CREATE TABLE t (x)')
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute('BEGIN')
+    reader.execute('SELECT count(*) FROM t').fetchone()  # its snapshot
+    writer.execute('INSERT INTO t VALUES (1)')
+    checkpointer = Checkpointer(str(path), interval=0.01)
+    checkpointer.start()
+    try:
+        checkpointer.committed()
+        await asyncio.sleep(0.3)  # tries, again and again
+        assert checkpointer.runs == 0 and checkpointer.failures == 0
+        reader.execute('COMMIT')
+        await until(lambda: checkpointer.runs == 1)
+    finally:
+        assert stops(checkpointer)
+        reader.close()
+        writer.close()
 
 
 async def test_stop_while_a_checkpoint_is_due(tmp_path):

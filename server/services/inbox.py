@@ -4,9 +4,10 @@ message, unread count and read marker; paged by an opaque cursor.
 Built from a few set-based queries (``server.data.rooms``) whatever the
 number of rooms, and from per-process entries (``ctx.inbox_rooms``,
 ``ctx.inbox_unread``) that stay valid while the room's last_seq and the
-reader's marker are what the database says. A room's entry keeps its room
-and last message serialized (``fastjson.fragment``): the answer is for
-the transports' JSON only, which copy them as they are.
+reader's marker are what the database says. A room's entry keeps its last
+message, and the room itself unless it is a big group, serialized
+(``fastjson.fragment``): the answer is for the transports' JSON only, which
+copy them as they are.
 """
 from server.data import rooms as data
 from server.fastjson import fragment
@@ -29,6 +30,9 @@ def _last_messages(ctx, user_id, room_ids):
 
 # Largest page of the inbox a client may ask for.
 INBOX_PAGE_MAX = 500
+# Rooms of at most this many members (dms, small groups) are cached
+# serialized whole.
+SERIALIZED_MEMBERS_MAX = 8
 
 
 def _inbox(ctx, user_id, limit=None, before=None):
@@ -64,10 +68,13 @@ def _inbox(ctx, user_id, limit=None, before=None):
         for room_id, _, last_seq, *_ in rows:
             if room_id not in cached:
                 room = rooms.room_dict(ctx, infos[room_id], last_seq)
-                # Kept serialized: the answer copies them as they are.
+                # Kept serialized, the answer copies them as they are; a
+                # big group's members stay the user cache's shared dicts
+                # (its JSON would be 86 bytes a member, in every entry).
+                if len(room['members']) <= SERIALIZED_MEMBERS_MAX:
+                    room = fragment(room)
                 cached[room_id] = entry = (
-                    last_seq, fragment(room),
-                    fragment(last_messages.get(room_id)))
+                    last_seq, room, fragment(last_messages.get(room_id)))
                 ctx.inbox_rooms.put(room_id, entry)
     unread, count = {}, []
     for room_id, last_read, last_seq, *_ in rows:
