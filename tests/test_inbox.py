@@ -164,3 +164,40 @@ async def test_inbox_shows_every_change_after_it_was_read(tmp_path):
     finally:
         assert one.stop() == 0, one.read_log()
         assert two.stop() == 0, two.read_log()
+
+
+async def test_a_big_group_and_a_small_one_list_every_member(base):
+    """Inbox entries keep rooms serialized: a small group whole, a big one
+    (more than 8 members) member by member, each user's JSON shared with
+    every room. Both list every member as the users see themselves, on
+    the first read and from the cache, over a socket and over HTTP."""
+    users = [await register(base) for _ in range(12)]
+    (owner, token), others = users[0], users[1:]
+    c = await connect(base, token)
+    big = (await c.call('create_group', {
+        'name': 'big', 'members': [u['username'] for u, _ in others]}))
+    small = (await c.call('create_group', {
+        'name': 'small', 'members': [u['username'] for u, _ in others[:2]]}))
+    assert big['ok'] and small['ok'], (big, small)
+    expected = {
+        big['room']['id']: {u['id']: u for u, _ in users},
+        small['room']['id']: {u['id']: u for u, _ in users[:3]}}
+    for _ in range(2):  # built, then from the cache
+        answers = [(await c.call('rooms', {}))['rooms']]
+        status, body = await http(base, 'GET', '/api/rooms', token=token)
+        assert status == 200, body
+        answers.append(body['rooms'])
+        for rooms in answers:
+            for entry in rooms:
+                members = {m['id']: m for m in entry['room']['members']}
+                assert members == expected[entry['room']['id']]
+            assert {e['room']['id'] for e in rooms} == set(expected)
+    # The other members' inboxes reuse the same cached users.
+    for user, user_token in others[:3]:
+        status, body = await http(base, 'GET', '/api/rooms',
+                                  token=user_token)
+        mine = {e['room']['id']: e for e in body['rooms']}
+        members = {m['id']: m for m in
+                   mine[big['room']['id']]['room']['members']}
+        assert members == expected[big['room']['id']]
+    await c.close()

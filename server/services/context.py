@@ -149,6 +149,7 @@ class Context:
     dm_rooms: LruCache = dataclasses.field(init=False)
     inbox_rooms: LruCache = dataclasses.field(init=False)
     inbox_unread: LruCache = dataclasses.field(init=False)
+    user_json: LruCache = dataclasses.field(init=False)
     send_limiter: Limiter = dataclasses.field(init=False)
     argon2_slots: asyncio.Semaphore = dataclasses.field(init=False)
 
@@ -168,6 +169,9 @@ class Context:
             # room, its members included, takes a seq.
             'inbox_rooms': LruCache(config.inbox_cache_rooms),
             'inbox_unread': LruCache(config.inbox_cache_rooms),
+            # user id -> the public user dict serialized (a big group's
+            # inbox entry lists its members so; they never change).
+            'user_json': LruCache(config.user_cache_entries),
             'send_limiter': Limiter(config.send_rate_per_second,
                                     config.send_burst),
             # The bound on Argon2 work running at once (64 MiB each): a

@@ -5,7 +5,7 @@ Built from a few set-based queries (``server.data.rooms``) whatever the
 number of rooms, and from per-process entries (``ctx.inbox_rooms``,
 ``ctx.inbox_unread``) that stay valid while the room's last_seq and the
 reader's marker are what the database says. A room's entry keeps its last
-message, and the room itself unless it is a big group, serialized
+message, and the room itself (a big group: each member) serialized
 (``fastjson.fragment``): the answer is for the transports' JSON only, which
 copy them as they are.
 """
@@ -25,6 +25,15 @@ def _last_messages(ctx, user_id, room_ids):
     for start in range(0, len(rows), INBOX_CHUNK):
         for message in message_dicts(ctx, rows[start:start + INBOX_CHUNK]):
             found[message['room_id']] = message
+    return found
+
+
+def _user_json(ctx, user):
+    """The public ``user`` dict serialized, once per process."""
+    found = ctx.user_json.get(user['id'])
+    if found is None:
+        found = fragment(user)
+        ctx.user_json.put(user['id'], found)
     return found
 
 
@@ -69,10 +78,13 @@ def _inbox(ctx, user_id, limit=None, before=None):
             if room_id not in cached:
                 room = rooms.room_dict(ctx, infos[room_id], last_seq)
                 # Kept serialized, the answer copies them as they are; a
-                # big group's members stay the user cache's shared dicts
-                # (its JSON would be 86 bytes a member, in every entry).
+                # big group's members as each user's own JSON, shared by
+                # every room (a whole 256-member room would be 22 KB).
                 if len(room['members']) <= SERIALIZED_MEMBERS_MAX:
                     room = fragment(room)
+                else:
+                    room['members'] = [_user_json(ctx, u)
+                                       for u in room['members']]
                 cached[room_id] = entry = (
                     last_seq, room, fragment(last_messages.get(room_id)))
                 ctx.inbox_rooms.put(room_id, entry)
