@@ -179,8 +179,9 @@ class _StoreCollector:
         checkpointer = store.checkpointer
         if checkpointer is not None:
             for attr, help_text in (
-                    ('runs', 'Checkpoints of the SQLite write-ahead log run '
-                     'by the checkpoint thread, off the writers\' COMMIT'),
+                    ('runs', 'Checkpoints by the checkpoint thread, off '
+                     'the writers\' COMMIT, that copied the whole SQLite '
+                     'write-ahead log (one that could not is tried again)'),
                     ('failures', 'Checkpoints that failed (full disk, ...); '
                      'the writers checkpoint themselves past '
                      f'{SAFETY_NET_PAGES} pages of log')):

@@ -10,8 +10,8 @@ message, and the room itself (a big group: each member) serialized
 copy them as they are.
 """
 from server.data import rooms as data
-from server.fastjson import fragment
 from server.errors import Invalid
+from server.fastjson import fragment
 from server.services import rooms
 from server.services.rooms import INBOX_CHUNK
 from server.services.serialize import load_users, message_dicts
