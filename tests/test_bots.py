@@ -4,6 +4,7 @@ catching up exactly once after a stop or a dropped connection, resuming from
 the state file, and the webhook script posting over HTTP."""
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -237,9 +238,10 @@ async def test_bot_survives_a_server_restart(tmp_path):
         assert await asyncio.to_thread(server.stop) == 0, server.read_log()
 
 
-async def test_password_bot_logs_in_again_after_logout_everywhere(base):
+async def test_password_bot_logs_in_again_after_logout_everywhere(base, caplog):
     """A bot run with a username and password whose tokens are revoked
     (logout everywhere closes its socket) logs in again and carries on."""
+    caplog.set_level(logging.INFO, logger=Bot.__module__)  # shown on failure
     user, _ = await register(base, password='bot password 2')
     bot = Bot(base, username=user['username'], password='bot password 2',
               backoff=0.2)
