@@ -13,10 +13,12 @@ import models
 from models import Membership, Message, Room, User
 from server.config import Config, ConfigError, load_config
 from server.data import messages as data
-from server.data.database import SqliteDialect, WriterTurns, open_database
+from server.data.database import (CHUNK_ROWS, SqliteDialect, WriterTurns,
+                                   open_database)
 from server.data.faults import BUSY, ERROR, classify
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
-from server.services import groups, messages, outbox, rooms, sending
+from server.services import (groups, messages, outbox, rooms, search,
+                             sending)
 from server.services.context import Context
 from server.services.live import Typing
 from server.store import GATHER_BELOW, GATHER_SKIP, Batched, Store
@@ -171,6 +173,46 @@ async def test_sending_ends_the_senders_typing(world):
     again = await messages.send_message(ctx, alice, 'hi', 't1',
                                         room_id=room_id)
     assert not again.created and not again.typing_stopped
+
+
+async def test_a_batch_wider_than_one_statement_stores_every_send(world):
+    """One batch of sends to more rooms than a multi-row statement holds
+    (``CHUNK_ROWS``), its rows written in slices of 128, 16, 4 and 2:
+    each room takes its next seq, each message its own id and text, and
+    a retry in the next batch finds its message."""
+    ctx, alice, bob, room_id, batches = world
+    count = CHUNK_ROWS + 22
+
+    def people():
+        return [User.create(username=f'wide{i}', display_name='W',
+                            created_at=0).id for i in range(count)]
+    others = await ctx.store.write(people)
+    room_ids = [(await rooms.open_dm(ctx, alice, f'wide{i}'))[0]['id']
+                for i in range(count)]
+    held, release = await _blocked_writer(ctx.store)
+    sends = [asyncio.ensure_future(messages.send_message(
+        ctx, others[i], f'wide body {i}', f'w{i}', room_id=r))
+        for i, r in enumerate(room_ids)]
+    await _queued(ctx.store, count + 1)
+    release.set()
+    await held
+    sent = [s.message for s in await asyncio.gather(*sends)]
+    assert batches[-1] == count
+    assert [(m['room_id'], m['seq'], m['body']) for m in sent] == \
+        [(r, 1, f'wide body {i}') for i, r in enumerate(room_ids)]
+    assert len({m['id'] for m in sent}) == count
+    again = await asyncio.gather(*(messages.send_message(
+        ctx, others[i], f'wide body {i}', f'w{i}', room_id=r)
+        for i, r in enumerate(room_ids)))
+    assert [(a.message['id'], a.created) for a in again] == \
+        [(m['id'], False) for m in sent]
+    last = await messages.send_message(ctx, alice, 'and back', 'b1',
+                                       room_id=room_ids[-1])
+    assert last.message['seq'] == 2
+    for i in (0, CHUNK_ROWS, count - 1):  # a search finds each one's text
+        found = await search.search(ctx, alice, f'body {i}',
+                                    room_id=room_ids[i])
+        assert [m['id'] for m in found['results']] == [sent[i]['id']]
 
 
 async def test_edit_react_delete_take_the_next_seqs(world):

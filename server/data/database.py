@@ -32,7 +32,10 @@ TURN_WAIT_SECONDS = 30.0
 TURN_POLL_SECONDS = 0.001
 # Rows per multi-row statement: well under SQLite's limit of 32,766 bound
 # parameters at nine per message row.
-CHUNK_ROWS = 200
+CHUNK_ROWS = 128
+# Prepared statements kept per connection (Python's default is 128): the
+# writer's multi-row statements (see ``chunks``) and every other query.
+STATEMENTS = 512
 
 _SQL_CACHE = {}
 
@@ -59,9 +62,23 @@ def placeholders(values) -> str:
 
 
 def chunks(items, size=CHUNK_ROWS):
-    """``items`` (a list) in slices of at most ``size``."""
-    for start in range(0, len(items), size):
+    """``items`` (a list) in slices of ``size``, the rest in slices of
+    decreasing powers of two (77 rows: 64, 8, 4, 1). A multi-row
+    statement's SQL depends on its row count: this way few distinct
+    statements are ever made, and each is parsed once per connection
+    and then found in its statement cache (``STATEMENTS``). Parsing a
+    statement of every batch size the writer saw took a tenth of the
+    writer process's samples at 5,300 DMs/s. PostgreSQL (no statement
+    cache, a round trip per statement) gets plain slices of ``size``."""
+    start, end = 0, len(items)
+    while end - start >= size:
         yield items[start:start + size]
+        start += size
+    exact = dialect().name == 'sqlite'
+    while start < end:
+        step = 1 << ((end - start).bit_length() - 1) if exact else size
+        yield items[start:start + step]
+        start += step
 
 
 class WriterTurns:
@@ -147,12 +164,16 @@ class SqliteDialect:
     def take_seqs(self, counts, now) -> dict:
         """Add ``counts[room_id]`` to each room's last_seq (and set its
         last activity); {room_id: new last_seq}."""
-        room_ids = sorted(counts)
-        execute(*_take_seqs_update(counts, room_ids, now))
-        text = execute('SELECT group_concat("id" || \':\' || "last_seq") '
-                       f'FROM "room" WHERE "id" IN ({placeholders(room_ids)})',
-                       room_ids).fetchone()[0]
-        return dict(map(int, pair.split(':')) for pair in text.split(','))
+        lasts = {}
+        for room_ids in chunks(sorted(counts)):
+            execute(*_take_seqs_update(counts, room_ids, now))
+            text = execute(
+                'SELECT group_concat("id" || \':\' || "last_seq") FROM '
+                f'"room" WHERE "id" IN ({placeholders(room_ids)})',
+                room_ids).fetchone()[0]
+            lasts.update(map(int, pair.split(':'))
+                         for pair in text.split(','))
+        return lasts
 
     def insert_returning_keys(self, sql, params, keys) -> dict:
         """Run a multi-row INSERT of len(``keys``) rows; {key: new id}."""
@@ -267,7 +288,8 @@ def open_database(url: str, config) -> peewee.Database:
         # search_index.attach (in ``attach``): the fold function on every
         # connection (the index's triggers call it).
         return attach(peewee.SqliteDatabase(
-            path, timeout=TURN_WAIT_SECONDS, pragmas={
+            path, timeout=TURN_WAIT_SECONDS, cached_statements=STATEMENTS,
+            pragmas={
                 'journal_mode': 'wal',
                 'synchronous': config.sqlite_synchronous.upper(),
                 'foreign_keys': 1,
