@@ -85,6 +85,22 @@ def _cpu_or_zero(pid) -> float:
         return 0.0
 
 
+def cpu_parts(server_pids, redis_pids=()) -> dict:
+    """CPU seconds so far by part, summed over the servers: their event
+    loops (main threads), their other threads, their child processes
+    (Postbox's writer process), and ``redis_pids``."""
+    loops = main_thread_cpu_seconds(list(server_pids))
+    own = children = 0.0
+    for pid in server_pids:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        own += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        children += sum(_cpu_or_zero(child) for child in child_pids(pid))
+    return {'event loop': loops, 'other threads': own - loops,
+            'writer process': children,
+            'redis': sum(_cpu_or_zero(pid) for pid in redis_pids)}
+
+
 def main_thread_cpu_seconds(pid) -> float:
     """utime + stime of the process's main thread (the event loop for
     Postbox and the python relay), from /proc/<pid>/task/<pid>/stat."""
@@ -561,10 +577,14 @@ def _cpu_for(index, pin):
 def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
            rate=1000.0, duration=10.0, warmup=1.0, workers=2, body_size=100,
            deflate=True, max_messages=2_000_000, pin=False, users=None,
-           auth=None):
+           auth=None, redis_pids=()):
     """N pairs exchanging DMs. Returns a dict: delivered/s, latency
-    percentiles (ms), server CPU s per 1000 deliveries and µs/message.
-    ``auth``: more CONNECT auth fields for every client."""
+    percentiles (ms), server CPU s per 1000 deliveries and µs/message,
+    and that CPU split by part (``parts_us_per_msg``). ``auth``: more
+    CONNECT auth fields for every client. ``redis_pids``: Redis servers
+    whose CPU counts too (their own part)."""
+    server_pids = list(server_pid) if isinstance(server_pid, (list, tuple)) \
+        else [server_pid]
     if users is None:
         users = asyncio.run(make_users(url, kind, 2 * pairs))
     pair_list = [(users[2 * i][0], users[2 * i][1],
@@ -588,18 +608,17 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
         pool.send_all(t0)
         start, end = t0 + warmup, t0 + warmup + duration
         time.sleep(max(0.0, start - time.monotonic()))
-        cpu0 = proc_cpu_seconds(server_pid)
-        main0 = main_thread_cpu_seconds(server_pid)
+        parts0 = cpu_parts(server_pids, redis_pids)
         time.sleep(max(0.0, end - time.monotonic()))
-        cpu1 = proc_cpu_seconds(server_pid)
-        main1 = main_thread_cpu_seconds(server_pid)
+        parts1 = cpu_parts(server_pids, redis_pids)
         results = pool.recv_all(timeout=duration + warmup + 60)
     finally:
         pool.join()
     delivered = sum(r['delivered'] for r in results)
-    main_cpu = main1 - main0
+    parts = {name: parts1[name] - parts0[name] for name in parts0}
+    main_cpu = parts['event loop']
     latencies = [x for r in results for x in r['latencies']]
-    cpu = cpu1 - cpu0
+    cpu = sum(parts.values())
     out = {
         'kind': kind, 'mode': mode, 'pairs': pairs, 'window': window,
         'offered': rate if mode == 'open' else None,
@@ -618,6 +637,9 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
         # (Postbox: the writer, the readers, the executor).
         'main_thread_us_per_msg': 1e6 * main_cpu / delivered if delivered
         else None,
+        'parts_us_per_msg': {name: 1e6 * value / delivered
+                             for name, value in parts.items()}
+        if delivered else None,
         # Cores' worth of CPU the generator processes used while sending
         # (1.0 = one core busy): near the core count, the load is the limit.
         'gen_cpu_util': sum(r['gen_cpu'] for r in results) /

@@ -361,15 +361,17 @@ def scenario_scaleout(args, kinds, results, workdir):
                     urls = [s.url for s in servers]
                     res = load.run_dm(
                         urls if len(urls) > 1 else urls[0], 'postbox',
-                        [s.pid for s in servers] + redis_pids,
+                        [s.pid for s in servers], redis_pids=redis_pids,
                         pairs=args.pairs, mode='closed', window=args.window,
                         duration=args.duration, warmup=args.warmup,
                         workers=args.workers, deflate=not args.no_deflate,
                         pin=args.pin, users=users[name])
                     log(f'scaleout {name} #{r + 1}: {res["rate"]:,.0f} '
                         f'msg/s, {fmt(res["cpu_us_per_msg"], 0)} us/msg CPU '
-                        f'(all processes), p99 {res["p99_ms"]} ms, errors '
-                        f'{res["errors"]}')
+                        f'(all processes: ' + ', '.join(
+                            f'{part} {fmt(v, 0)}' for part, v in
+                            (res['parts_us_per_msg'] or {}).items()) +
+                        f'), p99 {res["p99_ms"]} ms, errors {res["errors"]}')
                     runs[name].append(res)
     finally:
         for servers, _ in setups.values():
@@ -385,6 +387,29 @@ def scenario_scaleout(args, kinds, results, workdir):
             f'alternation: {", ".join(f"{v:.2f}" for v in values)}')
     results['scaleout'] = {'available': True, 'runs': runs,
                            'ratios': ratios}
+
+
+def _scaleout_parts(runs_by_setup):
+    """The report's table of where each setup's CPU per message goes."""
+    parts = ['event loop', 'other threads', 'writer process', 'redis']
+    lines = ['', 'Where that CPU goes, in us per delivered message (medians; '
+             'summed over both processes): the event loops, the servers\' '
+             'other threads (the writer thread, the search indexer, the '
+             'checkpoint), their writer processes, and Redis. Two processes '
+             'on two shared cores with the load generator: what each part '
+             'adds is partly its own work (Redis: publish, listen, decode; '
+             'the writers: half the batch per commit) and partly the '
+             'cost of more busy processes than cores.', '',
+             '| setup | ' + ' | '.join(parts) + ' |',
+             '|---|' + '---|' * len(parts)]
+    rows = []
+    for name, runs in runs_by_setup.items():
+        split = [r.get('parts_us_per_msg') or {} for r in runs]
+        if any(split):  # not in results from before the split was kept
+            rows.append(f'| {name} | ' + ' | '.join(
+                fmt(summary([s.get(part, 0.0) for s in split]), 0)
+                for part in parts) + ' |')
+    return lines + rows + [''] if rows else ['']
 
 
 def scenario_recovery(args, kinds, results, workdir):
@@ -660,7 +685,7 @@ def build_report(args, kinds, results):
                 f'{fmt(summary([r["cpu_us_per_msg"] for r in runs]))} | '
                 f'{fmt(summary(ratios), 2) if ratios else "1"} | '
                 f'{fmt(summary([r["p99_ms"] for r in runs]), 1)} |')
-        lines.append('')
+        lines += _scaleout_parts(scaleout['runs'])
     redis = results.get('redis')
     if redis:
         lines += ['## Redis configured, all recipients local', '']
