@@ -591,7 +591,7 @@ def run_dm(url, kind, server_pid, pairs=50, mode='closed', window=4,
                   users[2 * i + 1][0], users[2 * i + 1][1])
                  for i in range(pairs)]
     workers = max(1, min(workers, pairs))
-    idle_wait = wait_idle(server_pid)
+    idle_wait = wait_idle(server_pids + list(redis_pids))
     specs = []
     for w in range(workers):
         specs.append({

@@ -59,7 +59,8 @@ import time
 from pathlib import Path
 
 import models
-from server.data.database import TURN_WAIT_SECONDS, open_database
+from server.data.database import (TURN_WAIT_SECONDS, WRITER_STATEMENTS,
+                                   open_database)
 from server.data.faults import (ProcessLost, RemoteFault, classify,
                                 drop_connection, is_database_error,
                                 one_line)
@@ -381,7 +382,7 @@ def serve(sock, prepared_fd):
     except (EOFError, OSError):
         return
     setup_logging(config)
-    database = open_database(url, config)
+    database = open_database(url, config, statements=WRITER_STATEMENTS)
     models.db.initialize(database)
     store = Store(database)
     ctx = ChildContext(config, channel)

@@ -13,8 +13,8 @@ import models
 from models import Membership, Message, Room, User
 from server.config import Config, ConfigError, load_config
 from server.data import messages as data
-from server.data.database import (CHUNK_ROWS, SqliteDialect, WriterTurns,
-                                   open_database)
+from server.data.database import (SQLITE_CHUNK_ROWS, SqliteDialect,
+                                   WriterTurns, open_database)
 from server.data.faults import BUSY, ERROR, classify
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
 from server.services import (groups, messages, outbox, rooms, search,
@@ -177,11 +177,11 @@ async def test_sending_ends_the_senders_typing(world):
 
 async def test_a_batch_wider_than_one_statement_stores_every_send(world):
     """One batch of sends to more rooms than a multi-row statement holds
-    (``CHUNK_ROWS``), its rows written in slices of 128, 16, 4 and 2:
+    (``SQLITE_CHUNK_ROWS``), its rows written in slices of 128, 16, 4 and 2:
     each room takes its next seq, each message its own id and text, and
     a retry in the next batch finds its message."""
     ctx, alice, bob, room_id, batches = world
-    count = CHUNK_ROWS + 22
+    count = SQLITE_CHUNK_ROWS + 22
 
     def people():
         return [User.create(username=f'wide{i}', display_name='W',
@@ -209,7 +209,7 @@ async def test_a_batch_wider_than_one_statement_stores_every_send(world):
     last = await messages.send_message(ctx, alice, 'and back', 'b1',
                                        room_id=room_ids[-1])
     assert last.message['seq'] == 2
-    for i in (0, CHUNK_ROWS, count - 1):  # a search finds each one's text
+    for i in (0, SQLITE_CHUNK_ROWS, count - 1):  # a search finds each one's text
         found = await search.search(ctx, alice, f'body {i}',
                                     room_id=room_ids[i])
         assert [m['id'] for m in found['results']] == [sent[i]['id']]

@@ -12,8 +12,11 @@ import pytest
 import socketio
 from aiohttp.test_utils import make_mocked_request
 from engineio.async_drivers import aiohttp as engineio_aiohttp
+from socketio import packet as sio_packet
 
-from server.upstream.engineio_server import RequestEnviron
+from server.upstream.engineio_server import Engine, RequestEnviron
+from server.upstream.engineio_socket import Utf8Text
+from server.upstream.socketio_packet import JsonPacket
 from tests.kit import (ServerProcess, connect, http, pair, refused, register,
                        rss_kib)
 from tests.test_limits import raw_socket
@@ -668,3 +671,78 @@ async def test_sessions_without_connect_count_per_address_across_processes(
     finally:
         codes = await astop_servers(servers)
     assert codes == [0, 0], [server.read_log() for server in servers]
+
+
+def test_a_big_ack_is_encoded_once_to_utf8_a_small_one_as_before():
+    """An ack of 16 KB of JSON and more is UTF-8 bytes (sent as a text
+    frame as it is); a smaller one, and every event, is the str it was."""
+    big = [{'ok': True, 'body': 'héllo 😀 ' * 4000}]
+    encoded = JsonPacket(sio_packet.ACK, data=big, id=12).encode()
+    assert type(encoded) is Utf8Text
+    assert encoded.startswith(b'312[')
+    assert json.loads(encoded[3:]) == big
+    small = [{'ok': True, 'body': 'héllo 😀'}]
+    assert JsonPacket(sio_packet.ACK, data=small, id=7).encode() == \
+        '37' + json.dumps(small, ensure_ascii=False, separators=(',', ':'))
+    event = JsonPacket(sio_packet.EVENT, data=['message', big[0]]).encode()
+    assert isinstance(event, str) and json.loads(event[1:])[1] == big[0]
+    on_a_namespace = JsonPacket(sio_packet.ACK, namespace='/x', id=3,
+                                data=big).encode()
+    assert on_a_namespace.startswith(b'3/x,3[')
+
+
+async def test_a_big_ack_arrives_whole_over_websocket_and_polling(base):
+    """History of 20 KB and more of non-ASCII text: a websocket client
+    gets it in a text frame, a long-polling client in its poll, a client
+    mid-upgrade either way, each the same messages as sent."""
+    alice, bob, a, b, room = await pair(base)
+    bodies = [f'{i} ' + 'ünïcødé 😀 ' * 300 for i in range(6)]
+    for i, body in enumerate(bodies):
+        assert (await a.call('send_dm', {
+            'room_id': room['id'], 'body': body,
+            'client_msg_id': f'big{i}'}))['ok']
+    await b.close()
+    polling = await connect(base, b.token, transports=['polling'])
+    upgrading = await connect(base, b.token,
+                              transports=['polling', 'websocket'])
+    for client in (a, polling, upgrading):
+        ack = await client.call('join_room', {'room_id': room['id']})
+        assert ack['ok'], ack
+        assert [m['body'] for m in ack['messages']] == bodies
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_socket(base, a.token, session)
+        await ws.send_str('421' + json.dumps(
+            ['join_room', {'room_id': room['id']}]))
+        msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.TEXT
+        assert msg.data.startswith('431') and len(msg.data.encode()) > 20000
+        assert [m['body'] for m in json.loads(msg.data[3:])[0]['messages']] \
+            == bodies
+        await ws.close()
+    for client in (a, polling, upgrading):
+        await client.close()
+
+
+async def test_a_big_ack_for_a_socket_not_on_a_websocket_is_made_text():
+    """``Engine.send_packet``: a ``Utf8Text`` message is queued as it is
+    for a socket on a websocket, and as its str for one that polls (or is
+    still upgrading), since polling would send bytes as binary."""
+    engine = Engine(async_mode='aiohttp')
+    queued = {}
+
+    class Stub:
+        closed = False
+
+        def __init__(self, sid, ws):
+            self.sid, self.ws = sid, ws
+
+        async def send(self, pkt):
+            queued[self.sid] = pkt
+
+    text = Utf8Text('[{"body":"ünï 😀"}]'.encode())
+    for sid, ws in (('on-ws', object()), ('polling', None)):
+        engine.sockets[sid] = Stub(sid, ws)
+        await engine.send(sid, text)
+    assert queued['on-ws'].data is text
+    assert type(queued['polling'].data) is str
+    assert queued['polling'].encode(b64=True) == '4[{"body":"ünï 😀"}]'

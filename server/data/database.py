@@ -32,10 +32,13 @@ TURN_WAIT_SECONDS = 30.0
 TURN_POLL_SECONDS = 0.001
 # Rows per multi-row statement: well under SQLite's limit of 32,766 bound
 # parameters at nine per message row.
-CHUNK_ROWS = 128
-# Prepared statements kept per connection (Python's default is 128): the
-# writer's multi-row statements (see ``chunks``) and every other query.
-STATEMENTS = 512
+CHUNK_ROWS = 200
+# SQLite's: full slices of this, then powers of two (see ``chunks``).
+SQLITE_CHUNK_ROWS = 128
+# Prepared statements the writer process's connection keeps (Python's
+# default, which every other connection keeps, is 128): its multi-row
+# statements in every size ``chunks`` makes, and every other write.
+WRITER_STATEMENTS = 512
 
 _SQL_CACHE = {}
 
@@ -61,20 +64,21 @@ def placeholders(values) -> str:
     return ', '.join(['?'] * len(values))
 
 
-def chunks(items, size=CHUNK_ROWS):
-    """``items`` (a list) in slices of ``size``, the rest in slices of
-    decreasing powers of two (77 rows: 64, 8, 4, 1). A multi-row
-    statement's SQL depends on its row count: this way few distinct
-    statements are ever made, and each is parsed once per connection
-    and then found in its statement cache (``STATEMENTS``). Parsing a
-    statement of every batch size the writer saw took a tenth of the
+def chunks(items):
+    """``items`` (a list) in slices for multi-row statements. On SQLite,
+    slices of ``SQLITE_CHUNK_ROWS``, the rest in decreasing powers of two
+    (77 rows: 64, 8, 4, 1): a statement's SQL depends on its row count,
+    and this way few distinct statements are ever made, each parsed once
+    and then found in the connection's statement cache. Parsing a
+    statement of every batch size the writer met took a tenth of the
     writer process's samples at 5,300 DMs/s. PostgreSQL (no statement
-    cache, a round trip per statement) gets plain slices of ``size``."""
+    cache, a round trip per statement) gets slices of ``CHUNK_ROWS``."""
     start, end = 0, len(items)
+    exact = dialect().name == 'sqlite'
+    size = SQLITE_CHUNK_ROWS if exact else CHUNK_ROWS
     while end - start >= size:
         yield items[start:start + size]
         start += size
-    exact = dialect().name == 'sqlite'
     while start < end:
         step = 1 << ((end - start).bit_length() - 1) if exact else size
         yield items[start:start + step]
@@ -140,10 +144,10 @@ class SqliteDialect:
     Python's sqlite3 releases the GIL around every step of a statement,
     once per result row. When the event loop is busy, getting the GIL back
     after each costs the writer a forced switch, so the batched send reads
-    nothing row by row here: one UPDATE for every room's seqs, their new
-    values in a single aggregated row, message ids from the last rowid
-    (SQLite numbers the rows of one INSERT consecutively while the writer
-    holds the write lock)."""
+    nothing row by row here: one UPDATE for the seqs of a slice of rooms
+    (``chunks``), their new values in a single aggregated row, message ids
+    from the last rowid (SQLite numbers the rows of one INSERT
+    consecutively while the writer holds the write lock)."""
 
     name = 'sqlite'
     # BEGIN IMMEDIATE: take the write lock at the start of the writer's
@@ -276,10 +280,11 @@ def attach(database):
     return search_index.attach(database)
 
 
-def open_database(url: str, config) -> peewee.Database:
+def open_database(url: str, config, statements=128) -> peewee.Database:
     """Return an unconnected Peewee database for ``url``: ``sqlite:///rel``,
     ``sqlite:////abs`` or ``postgresql://user:pw@host:port/db``, with its
-    dialect attached."""
+    dialect attached. ``statements``: prepared statements each SQLite
+    connection keeps (``WRITER_STATEMENTS`` for the writer process)."""
     scheme = urlparse(url).scheme
     if scheme == 'sqlite':
         path = url[len('sqlite:///'):]
@@ -288,7 +293,7 @@ def open_database(url: str, config) -> peewee.Database:
         # search_index.attach (in ``attach``): the fold function on every
         # connection (the index's triggers call it).
         return attach(peewee.SqliteDatabase(
-            path, timeout=TURN_WAIT_SECONDS, cached_statements=STATEMENTS,
+            path, timeout=TURN_WAIT_SECONDS, cached_statements=statements,
             pragmas={
                 'journal_mode': 'wal',
                 'synchronous': config.sqlite_synchronous.upper(),

@@ -22,7 +22,7 @@ from engineio import exceptions, packet
 from server.transport.pings import PingSchedule
 from server.transport.sendqueue import SendQueue
 from server.upstream.aiohttp_websocket import CoalescingWebSocketResponse
-from server.upstream.engineio_socket import Socket
+from server.upstream.engineio_socket import Socket, Utf8Text
 
 UPSTREAM = engineio.AsyncServer
 PRIVATE_NAMES = {
@@ -159,10 +159,16 @@ class Engine(engineio.AsyncServer):
 
     async def send_packet(self, sid, pkt):
         """python-engineio's, unless ``send_bound`` refuses the packet (its
-        socket stopped reading and is being cut off)."""
+        socket stopped reading and is being cut off). A ``Utf8Text``
+        message for a socket not on a websocket (long-polling, or still
+        upgrading) is made a str: polling would send bytes as binary."""
+        socket = self.sockets.get(sid)
         bound = self.send_bound
-        if bound is not None and not bound.admit(self.sockets.get(sid)):
+        if bound is not None and not bound.admit(socket):
             return
+        if type(pkt.data) is Utf8Text and (socket is None or
+                                           socket.ws is None):
+            pkt = packet.Packet(packet.MESSAGE, data=pkt.data.decode())
         await super().send_packet(sid, pkt)
 
     def websocket_response(self) -> web.WebSocketResponse:

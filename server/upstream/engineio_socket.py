@@ -25,6 +25,9 @@ the life of the socket. Here the protocol stays and the machinery goes:
 - ``environ`` is a read-only view of the aiohttp request that works the
   WSGI keys out when they are read (``RequestEnviron``);
 - the handshake's response headers are dropped once sent;
+- a message already encoded to UTF-8 (``Utf8Text``: a big Socket.IO ack)
+  goes out as a text frame as it is, not decoded to a str and encoded
+  back;
 - a new websocket is served from the endpoint's handler with one
   coroutine of ours, and the HTTP middlewares let it pass
   (``http.websockets_pass``).
@@ -64,9 +67,23 @@ PRIVATE_NAMES = {
 COPIED = {
     'engineio.async_socket.AsyncSocket': 'af72dafc541d46e6',
     'engineio.base_socket.BaseSocket': 'd787ee3666d08b7a',
+    # A Utf8Text (bytes) is a MESSAGE's data as python-engineio takes any
+    # bytes: accepted, marked binary (``Engine.send_packet`` relies on it
+    # being queued as it is).
+    'engineio.packet.Packet.__init__': '26559aaf4a6f4ddd',
 }
 
 log = logging.getLogger(__name__)
+
+
+class Utf8Text(bytes):
+    """The payload of an Engine.IO MESSAGE that is text already encoded to
+    UTF-8 (``socketio_packet.JsonPacket.encode`` makes them): a websocket
+    sends it as a text frame as it is. Python-engineio takes any bytes
+    for binary, so ``Engine.send_packet`` hands a socket that is not on a
+    websocket its str instead."""
+
+    __slots__ = ()
 
 
 class _Started(collections.abc.Coroutine):
@@ -325,6 +342,9 @@ class Socket(async_socket.AsyncSocket):
                 queue.task_done()
                 if pkt is None:
                     break
+                if type(pkt.data) is Utf8Text:
+                    await ws.send_frame(b'4' + pkt.data, WSMsgType.TEXT)
+                    continue
                 data = pkt.encode()
                 if isinstance(data, bytes):
                     await ws.send_bytes(data)

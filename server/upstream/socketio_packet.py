@@ -13,21 +13,35 @@ checks of the reference parser, socket.io-parser's ``isPayloadValid``):
 deeper than the JSON parser allows decodes as ``too_deep`` instead of
 failing, so that the event can still be answered.
 
+An ack of at least ``TEXT_BYTES_FROM`` bytes of JSON (an inbox, a page
+of history or of ``sync``) is encoded to UTF-8 bytes, a ``Utf8Text``, and
+never made a str: the socket's writer sends it as a text frame as it is
+(``engineio_socket``). Decoding megabytes of JSON to a str and encoding
+it back cost several times serializing it.
+
 Upstream names touched: ``Packet.data_is_binary`` (overridden: never
 binary), ``Packet.decode`` (overridden: a payload too deep decodes as
 ``too_deep``; relies on the header being decoded before the data, hence
-its hash in ``COPIED``), ``Packet.attachment_count`` (read).
+its hash in ``COPIED``), ``Packet.encode`` (overridden for acks: mirrors
+its header, hence its hash), ``Packet.attachment_count`` (read).
 """
 from socketio import packet
 
+from server import fastjson
 from server.transport.json_depth import is_depth_error
+from server.upstream.engineio_socket import Utf8Text
 
 UPSTREAM = packet.Packet
 PRIVATE_NAMES = {}
 COPIED = {
     # JsonPacket.decode reads the header decoded before the data failed.
     'socketio.packet.Packet.decode': '61ad7904b539f472',
+    # JsonPacket.encode writes an ack's header as this does.
+    'socketio.packet.Packet.encode': '513c45be75181da2',
 }
+
+# An ack whose JSON is at least this long goes out as UTF-8 bytes.
+TEXT_BYTES_FROM = 16 * 1024
 
 BINARY = (packet.BINARY_EVENT, packet.BINARY_ACK)
 
@@ -44,6 +58,21 @@ class JsonPacket(packet.Packet):
     @classmethod
     def data_is_binary(cls, data):
         return False
+
+    def encode(self):
+        """python-socketio's; an ack of ``TEXT_BYTES_FROM`` bytes of JSON
+        and more as a ``Utf8Text``."""
+        if self.packet_type != packet.ACK or self.data is None:
+            return super().encode()
+        head = str(packet.ACK)
+        if self.namespace is not None and self.namespace != '/':
+            head += self.namespace + ','
+        if self.id is not None:
+            head += str(self.id)
+        body = fastjson.dumps_bytes(self.data)
+        if len(body) < TEXT_BYTES_FROM:
+            return head + body.decode()
+        return Utf8Text(head.encode() + body)
 
     def decode(self, encoded_packet):
         try:
