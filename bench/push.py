@@ -229,8 +229,10 @@ def run_online(servers, receiver, args):
             asyncio.run(subscribe_all(server.url, users[name], receiver,
                                       'webpush', 'online'))
     runs = {name: [] for name in servers}
+    order = list(servers.items())
     for r in range(args.repeats):
-        for name, server in servers.items():
+        # ABBA: every other round starts with the other server.
+        for name, server in (order if r % 2 == 0 else order[::-1]):
             res = load.run_dm(server.url, 'postbox', server.pid,
                               pairs=args.pairs, window=args.window,
                               duration=args.duration, warmup=args.warmup,
@@ -335,7 +337,8 @@ def report(res, args, note=''):
     lines += [
         '## Nobody offline: CPU per message, push on vs off', '',
         f'{describe_load(args)}, two servers alternating, '
-        f'{args.repeats} rounds; on "push on" every user has a Web Push '
+        f'{args.repeats} rounds (every other one starting with the other '
+        f'server); on "push on" every user has a Web Push '
         f'subscription and is connected:', '',
         '| server | msg/s | us CPU/msg |', '|---|---|---|']
     for name, runs in online['runs'].items():
