@@ -13,8 +13,9 @@ import models
 from models import Membership, Message, Room, User
 from server.config import Config, ConfigError, load_config
 from server.data import messages as data
-from server.data.database import (SQLITE_CHUNK_ROWS, SqliteDialect,
-                                   WriterTurns, open_database)
+from server.data import database as database_module
+from server.data.database import (SQL_CACHE_MAX, SQLITE_CHUNK_ROWS,
+                                   SqliteDialect, WriterTurns, open_database)
 from server.data.faults import BUSY, ERROR, classify
 from server.errors import Conflict, Forbidden, Invalid, TooLarge
 from server.services import (groups, messages, outbox, rooms, search,
@@ -213,6 +214,21 @@ async def test_a_batch_wider_than_one_statement_stores_every_send(world):
         found = await search.search(ctx, alice, f'body {i}',
                                     room_id=room_ids[i])
         assert [m['id'] for m in found['results']] == [sent[i]['id']]
+
+
+async def test_the_sql_text_cache_stays_bounded(world):
+    """``execute`` keeps at most ``SQL_CACHE_MAX`` translated texts: IN
+    lists of ever new lengths do not grow it for good, and a text past
+    the bound still runs."""
+    ctx, alice, bob, room_id, batches = world
+
+    def many():
+        return [data.execute(
+            f'SELECT "id" FROM "user" WHERE "id" IN ({", ".join("?" * n)})',
+            [alice] * n).fetchone()[0] for n in range(1, SQL_CACHE_MAX + 50)]
+    found = await ctx.store.read(many)
+    assert found == [alice] * (SQL_CACHE_MAX + 49)
+    assert len(database_module._SQL_CACHE) <= SQL_CACHE_MAX
 
 
 async def test_edit_react_delete_take_the_next_seqs(world):

@@ -40,7 +40,11 @@ SQLITE_CHUNK_ROWS = 128
 # statements in every size ``chunks`` makes, and every other write.
 WRITER_STATEMENTS = 512
 
+# ``execute``'s SQL texts with the database's placeholders, by text: at
+# most this many (IN lists of every length would otherwise add one each,
+# for good); past it, a text is translated on every call.
 _SQL_CACHE = {}
+SQL_CACHE_MAX = 2048
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ def execute(sql, params=()):
     key = (sql, database.param)
     text = _SQL_CACHE.get(key)
     if text is None:
-        text = _SQL_CACHE[key] = sql.replace('?', database.param)
+        text = sql.replace('?', database.param)
+        if len(_SQL_CACHE) < SQL_CACHE_MAX:
+            _SQL_CACHE[key] = text
     return database.execute_sql(text, params)
 
 
