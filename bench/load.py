@@ -53,17 +53,26 @@ PAGE = os.sysconf('SC_PAGE_SIZE')
 # --------------------------------------------------------------------------
 # OS measurements
 
+def _stat_cpu_seconds(path) -> float:
+    """utime + stime, in seconds, from a /proc ``stat`` file (a process's
+    or one thread's)."""
+    with open(path) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    # Fields after the command: state is [0], utime [11], stime [12].
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_cpu_seconds(pid) -> float:
     """utime + stime of a process (all its threads) and of its live
     descendants (Postbox's writer process), in seconds; of all of them
     summed for a list of pids (several servers and Redis)."""
     if isinstance(pid, (list, tuple)):
         return sum(proc_cpu_seconds(p) for p in pid)
-    with open(f'/proc/{pid}/stat') as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    # Fields after the command: state is [0], utime [11], stime [12].
-    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return own + sum(_cpu_or_zero(child) for child in child_pids(pid))
+    return _stat_cpu_seconds(f'/proc/{pid}/stat') + _children_cpu(pid)
+
+
+def _children_cpu(pid) -> float:
+    return sum(_cpu_or_zero(child) for child in child_pids(pid))
 
 
 def child_pids(pid) -> list:
@@ -90,14 +99,9 @@ def cpu_parts(server_pids, redis_pids=()) -> dict:
     loops (main threads), their other threads, their child processes
     (Postbox's writer process), and ``redis_pids``."""
     loops = main_thread_cpu_seconds(list(server_pids))
-    own = children = 0.0
-    for pid in server_pids:
-        with open(f'/proc/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-        own += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        children += sum(_cpu_or_zero(child) for child in child_pids(pid))
+    own = sum(_stat_cpu_seconds(f'/proc/{pid}/stat') for pid in server_pids)
     return {'event loop': loops, 'other threads': own - loops,
-            'writer process': children,
+            'writer process': sum(map(_children_cpu, server_pids)),
             'redis': sum(_cpu_or_zero(pid) for pid in redis_pids)}
 
 
@@ -107,11 +111,9 @@ def main_thread_cpu_seconds(pid) -> float:
     if isinstance(pid, (list, tuple)):
         return sum(main_thread_cpu_seconds(p) for p in pid)
     try:
-        with open(f'/proc/{pid}/task/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
+        return _stat_cpu_seconds(f'/proc/{pid}/task/{pid}/stat')
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def proc_rss_bytes(pid) -> int:

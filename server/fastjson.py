@@ -15,16 +15,14 @@ JSONDecodeError = ValueError
 
 
 def dumps(obj, **kwargs) -> str:
-    try:
-        return orjson.dumps(obj, default=_as_fragment).decode()
-    except TypeError:
-        return _json.dumps(obj, separators=(',', ':'), default=_as_value)
+    """``dumps_bytes`` as a str (what python-socketio's packets take)."""
+    return dumps_bytes(obj).decode()
 
 
 def dumps_bytes(obj) -> bytes:
-    """``dumps`` as UTF-8, without a str in between: for an answer of
-    megabytes (a big inbox), decoding to a str and encoding it back is
-    several times the cost of serializing it."""
+    """``obj``'s JSON as UTF-8 bytes, for senders that take bytes: for an
+    answer of megabytes (a big inbox), decoding to a str and encoding it
+    back is several times the cost of serializing it."""
     try:
         return orjson.dumps(obj, default=_as_fragment)
     except TypeError:
@@ -48,10 +46,7 @@ def fragment(obj):
     (``Serialized``). None stays None."""
     if obj is None:
         return None
-    try:
-        return Serialized(orjson.dumps(obj))
-    except TypeError:
-        return Serialized(_json.dumps(obj, separators=(',', ':')).encode())
+    return Serialized(dumps_bytes(obj))
 
 
 def _as_fragment(obj):
