@@ -5,6 +5,7 @@ and ``people`` fixtures from here and define their own ``server``."""
 import json
 import re
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,21 @@ def api(server, method, path, token=None, body=None):
     with urllib.request.urlopen(request, timeout=15) as resp:
         data = resp.read()
         return json.loads(data) if data else None
+
+
+def poll(page, expression, until, timeout_ms=WAIT_MS):
+    """Evaluates the (possibly async) ``expression`` in ``page`` every
+    50 ms until ``until(value)`` holds; returns that value. Playwright's
+    wait_for_function cannot wait on a Promise: it takes the Promise
+    itself as truthy and returns at once."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        value = page.evaluate(expression)
+        if until(value):
+            return value
+        assert time.monotonic() < deadline, (
+            f'still {value!r} after {timeout_ms} ms: {expression}')
+        page.wait_for_timeout(50)
 
 
 def shot(page, name):

@@ -16,7 +16,8 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser_kit import (  # noqa: F401 (browser, people: fixtures)
-    PASSWORD, api, browser, open_room_id, pair, people, serve, shot, sign_up)
+    PASSWORD, api, browser, open_room_id, pair, people, poll, serve, shot,
+    sign_up)
 from tests.helpers import unique_name
 
 PUSH_SERVICE = r"""(() => {
@@ -84,9 +85,8 @@ def test_enable_notifications_and_a_push_shows_one(people, server):
 
     # A push as the server sends it (docs/protocol.md, "Push"), delivered
     # to the worker the page registered.
-    page.wait_for_function(
-        "navigator.serviceWorker.getRegistration('/static/')"
-        ".then((r) => !!(r && r.active))")
+    poll(page, "navigator.serviceWorker.getRegistration('/static/')"
+               ".then((r) => !!(r && r.active))", bool)
     scope = server.url + '/static/'
     assert scope in registrations, registrations
     devtools.send('ServiceWorker.deliverPushMessage', {
@@ -96,8 +96,7 @@ def test_enable_notifications_and_a_push_shows_one(people, server):
             'type': 'message', 'room_id': 7, 'seq': 3, 'message_id': 31,
             'sender': {'id': 2, 'username': 'bob', 'display_name': 'Bob Chen'},
             'body': 'Lunch at 12:30?', 'unread': 2})})
-    page.wait_for_function(f'({NOTIFICATIONS})().then((n) => n.length > 0)')
-    assert page.evaluate(NOTIFICATIONS) == [{
+    assert poll(page, NOTIFICATIONS, len) == [{
         'title': 'Bob Chen', 'body': 'Lunch at 12:30? (2 unread)',
         'tag': 'room-7'}]
 
@@ -108,9 +107,8 @@ def test_enable_notifications_and_a_push_shows_one(people, server):
         'data': json.dumps({
             'type': 'message', 'room_id': 8, 'seq': 1, 'message_id': 32,
             'sender': {'id': 3, 'username': 'erin'}, 'unread': 1})})
-    page.wait_for_function(f'({NOTIFICATIONS})().then((n) => n.length > 1)')
-    assert {'title': 'erin', 'body': 'New message', 'tag': 'room-8'} in (
-        page.evaluate(NOTIFICATIONS))
+    assert {'title': 'erin', 'body': 'New message', 'tag': 'room-8'} in poll(
+        page, NOTIFICATIONS, lambda shown: len(shown) > 1)
 
     # Turning them off removes the subscription from the server too.
     toggle.click()
