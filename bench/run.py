@@ -323,7 +323,10 @@ def scenario_scaleout(args, kinds, results, workdir):
     """The same closed-loop DM load on one process, on two processes with
     one Redis and on two with a Redis Cluster, in alternating runs; every
     DM pair has a user on each process, so every message crosses Redis.
-    CPU per delivered message counts every server process and Redis."""
+    A fourth setup, two processes with one Redis where each pair has both
+    users on the same process, tells what crossing costs from what two
+    busy processes on shared cores cost anyway. CPU per delivered message
+    counts every server process and Redis."""
     if not postbox_has_redis() or not shutil.which('redis-cli') or \
             not shutil.which('redis-server'):
         log('scaleout: not available (no Redis support or no redis-server)')
@@ -349,9 +352,12 @@ def scenario_scaleout(args, kinds, results, workdir):
                 [redis.proc.pid])
             setups['two + cluster'] = (two('cluster', cluster.url),
                                        [n.proc.pid for n in cluster.nodes])
-            for servers, _ in setups.values():
-                for server in servers:
-                    server.start()
+            # The same servers as "two + redis", each pair on one process.
+            setups[LOCAL_PAIRS] = setups['two + redis']
+            for name, (servers, _) in setups.items():
+                if name != LOCAL_PAIRS:
+                    for server in servers:
+                        server.start()
             runs = {name: [] for name in setups}
             users = {name: load.asyncio.run(load.make_users(
                 servers[0].url, 'postbox', 2 * args.pairs))
@@ -362,6 +368,10 @@ def scenario_scaleout(args, kinds, results, workdir):
                 for name, (servers, redis_pids) in (
                         order if r % 2 == 0 else order[::-1]):
                     urls = [s.url for s in servers]
+                    if name == LOCAL_PAIRS:
+                        # Client i goes to urls[i % 4]: a pair's two users
+                        # (adjacent) to the same process.
+                        urls = [u for u in urls for _ in range(2)]
                     res = load.run_dm(
                         urls if len(urls) > 1 else urls[0], 'postbox',
                         [s.pid for s in servers], redis_pids=redis_pids,
@@ -377,9 +387,10 @@ def scenario_scaleout(args, kinds, results, workdir):
                         f'), p99 {res["p99_ms"]} ms, errors {res["errors"]}')
                     runs[name].append(res)
     finally:
-        for servers, _ in setups.values():
-            for server in servers:
-                server.stop()
+        for name, (servers, _) in setups.items():
+            if name != LOCAL_PAIRS:
+                for server in servers:
+                    server.stop()
         cluster.stop()
     base = [r['cpu_us_per_msg'] for r in runs['one process']]
     ratios = {name: [a['cpu_us_per_msg'] / b for a, b in zip(rs, base)
@@ -390,6 +401,10 @@ def scenario_scaleout(args, kinds, results, workdir):
             f'alternation: {", ".join(f"{v:.2f}" for v in values)}')
     results['scaleout'] = {'available': True, 'runs': runs,
                            'ratios': ratios}
+
+
+# The scale-out setup whose pairs do not cross Redis.
+LOCAL_PAIRS = 'two + redis, pairs on one process'
 
 
 def _scaleout_parts(runs_by_setup):
@@ -675,9 +690,13 @@ def build_report(args, kinds, results):
     scaleout = results.get('scaleout')
     if scaleout and scaleout.get('available'):
         lines += ['## Two processes: one Redis and a Redis Cluster', '',
-                  'Every DM pair has a user on each process. CPU per '
-                  'delivered message sums the servers and Redis (all '
-                  'cluster nodes: 3 primaries, no replicas); ratios are '
+                  'Every DM pair has a user on each process, so every '
+                  'message crosses Redis, except in the last setup ("pairs '
+                  'on one process": the same two servers and Redis, each '
+                  'pair on one of them), which shows what two busy '
+                  'processes on these shared cores cost without crossing. '
+                  'CPU per delivered message sums the servers and Redis '
+                  '(all cluster nodes: 3 primaries, no replicas); ratios are '
                   'against one process in the same alternation (every other '
                   'round in reverse order).', '',
                   '| setup | msg/s | us/msg CPU | x one process | p99 ms |',
