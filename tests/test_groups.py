@@ -474,4 +474,25 @@ async def test_bot_sdk_follows_its_groups(base, tmp_path):
     assert room['id'] not in bot.rooms
     await bot.stop()
     assert seen.empty(), seen
+    # Rooms made while it is away, a group with the bot in it and a dm:
+    # restarted, it hears of each (on_room) before its messages, as live.
+    made_group = await group_of(a, 'made while away', made['user'])
+    assert (await send(a, made_group['id'], 'in the new group'))['ok']
+    dm = await b.call('send_dm', {'to': made['user']['username'],
+                                  'body': 'hi bot', 'client_msg_id': 'dm1'})
+    assert dm['ok'], dm
+    bot = Bot(base, made['token'], state_path=state)
+    follow(bot)
+    await bot.start(timeout=10)
+    heard = [await asyncio.wait_for(seen.get(), 10) for _ in range(4)]
+    rooms = [got for kind, got in heard if kind == 'room']
+    assert sorted(r['id'] for r in rooms) == sorted(
+        [made_group['id'], dm['message']['room_id']]), heard
+    for room_id, body in ((made_group['id'], 'in the new group'),
+                          (dm['message']['room_id'], 'hi bot')):
+        announced = next(n for n, (kind, got) in enumerate(heard)
+                         if kind == 'room' and got['id'] == room_id)
+        assert heard.index(('message', body)) > announced, heard
+    await bot.stop()
+    assert seen.empty(), seen
     await close(a, b)

@@ -435,6 +435,17 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
                 token, json={'url': url})
             assert status == 400, (url, data)
             assert data['error']['code'] == 'invalid'
+            if url in ('http://127.0.0.1:9/hook', 'http://10.1.2.3/hook'):
+                # The refusal names the setting that allows it.
+                assert 'webhook_allow_private' in data['error']['message']
+        # A push endpoint too: plain http is refused, saying how to allow it.
+        status, data = await http(
+            proc.url, 'POST', '/api/push/subscriptions', token, json={
+                'kind': 'webpush', 'endpoint': 'http://push.example/x',
+                'keys': {'p256dh': 'x', 'auth': 'y'}})
+        assert status == 400 and data['error']['code'] == 'invalid', data
+        assert 'https' in data['error']['message'] and \
+            'webhook_allow_private' in data['error']['message']
     finally:
         assert await proc.astop() == 0, proc.read_log()
 

@@ -135,17 +135,25 @@ class EventsMixin:
         self.syncs += 1
         session = self._pid
         self._deferred.clear()
+        known = set(self.rooms) | set(self.seqs)
         for entry in await self.inbox():
             room = entry['room']
+            new = self._have_state and room['id'] not in known
             self.rooms[room['id']] = room
             if not self._have_state and self.skip_history:
                 self.seqs[room['id']] = room['last_seq']
-            elif self._have_state and room['id'] not in self.seqs and \
-                    room['kind'] == 'group':
+            elif new and room['kind'] == 'group' and entry['last_read_seq']:
                 # A group the bot was added to while away: from its
                 # arrival (the server starts an added member's read
-                # marker at the seq of the change that added it).
+                # marker at the seq of the change that added it). The
+                # sync below replays that change: the room handlers run
+                # then.
                 self.seqs[room['id']] = max(0, entry['last_read_seq'] - 1)
+            elif new:
+                # A dm opened, or a group made with the bot in it, while
+                # the bot was away: announced as live, before its
+                # messages.
+                await self._call_handlers('room', room)
         if not self._have_state:
             self._have_state = True
             await self._save_state()

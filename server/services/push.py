@@ -104,7 +104,8 @@ async def check_subscription(ctx, data) -> dict:
                               ENDPOINT_MAX)
         if urlsplit(endpoint).scheme != 'https' and \
                 not ctx.config.webhook_allow_private:
-            raise Invalid('endpoint: an https URL')
+            raise Invalid('endpoint: an https URL (plain http only with '
+                          'the server\'s webhook_allow_private set)')
         await check_url(endpoint, ctx.config.webhook_allow_private,
                         'endpoint')
         keys = data.get('keys')

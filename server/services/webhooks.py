@@ -85,7 +85,8 @@ async def check_url(url, allow_private, what='url') -> str:
         raise Invalid(f'{what}: the host does not resolve') from None
     if not infos or not all(_public(info[4][0]) for info in infos):
         raise Invalid(f'{what}: the host is a loopback, private or '
-                      'link-local address')
+                      'link-local address (the server allows those only '
+                      'with webhook_allow_private set)')
     return url
 
 
