@@ -484,3 +484,33 @@ async def test_only_the_owner_rotates_a_bot_token(base):
     assert status == 401
     # Nothing was revoked by the refused tries.
     assert (await http(base, 'GET', '/api/me', bot_token))[0] == 200
+
+
+async def test_bot_uploads_sends_and_downloads_a_file(base, tmp_path):
+    """The SDK's attachments: upload (a path, or bytes), send with a
+    message, download; a refused type is a BotError saying why."""
+    bot, seen, client, first = await bot_and_partner(base)
+    try:
+        report = tmp_path / 'report.csv'
+        report.write_bytes(b'day,messages\nmon,12\ntue,30\n')
+        stored = await bot.upload(report)
+        assert (stored['filename'], stored['size']) == (
+            'report.csv', len(report.read_bytes()))
+        sent = await bot.send('the report', room_id=first['room_id'],
+                              attachments=[stored['id']])
+        got = await client.next('message', where=lambda m: m['id'] ==
+                                sent['id'])
+        assert [a['id'] for a in got['attachments']] == [stored['id']]
+        # Back as bytes, whole (not None, not decoded as JSON).
+        assert await bot.download(stored['id']) == report.read_bytes()
+        # Bytes need a name; a type the server refuses says why.
+        with pytest.raises(ValueError):
+            await bot.upload(b'no name')
+        with pytest.raises(BotError) as no:
+            await bot.upload(b'<!DOCTYPE html><html><script>x()</script>',
+                             filename='page.txt')
+        assert (no.value.code, no.value.status) == ('invalid', 415)
+        assert no.value.message
+    finally:
+        await client.close()
+        await bot.stop()

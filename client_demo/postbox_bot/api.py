@@ -1,9 +1,11 @@
 """Requests: Socket.IO calls with their acks (``send`` with retries,
 ``search``, group changes, inbox pages) and the HTTP API."""
 import asyncio
+import json as _json
 import logging
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import aiohttp
 import socketio
@@ -131,26 +133,67 @@ class ApiMixin:
         return (await self.call('rename_group', {
             'room_id': room_id, 'name': name}))['room']
 
-    async def http(self, method, path, json=None, authenticated=True):
+    async def http(self, method, path, json=None, authenticated=True,
+                   data=None):
         """One HTTP API request; returns ``(status, data)`` for a 2xx answer
-        and raises BotError with the server's error code otherwise."""
+        (``data``: the decoded JSON, or the body's bytes when the answer is
+        not JSON, e.g. a file) and raises BotError with the server's error
+        code otherwise. ``data``: a body other than JSON (aiohttp's
+        ``FormData`` for a multipart upload)."""
         headers = {}
         if authenticated:
             headers['Authorization'] = f'Bearer {self.token}'
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)
         async with self._session().request(
-                method, self.url + path, json=json, headers=headers,
-                timeout=timeout) as resp:
-            try:
-                data = await resp.json(content_type=None)
-            except ValueError:
-                data = None  # e.g. a proxy's HTML error page
+                method, self.url + path, json=json, data=data,
+                headers=headers, timeout=timeout) as resp:
+            body = await resp.read()
+            answer = body if resp.content_type != 'application/json' \
+                and resp.status < 400 else None
+            if answer is None and body:
+                try:
+                    answer = _json.loads(body)
+                except ValueError:
+                    answer = None  # e.g. a proxy's HTML error page
             if resp.status >= 400:
-                error = (data or {}).get('error') or {}
+                error = (answer if isinstance(answer, dict) else {}).get(
+                    'error') or {}
                 raise BotError(error.get('code', str(resp.status)),
                                error.get('message', ''),
                                error.get('retry_after'), resp.status)
-            return resp.status, data
+            return resp.status, answer
+
+    # Attachments.
+
+    async def upload(self, file, filename=None, content_type=None) -> dict:
+        """Upload a file (a path, or bytes with ``filename``) to send with
+        a message: ``await bot.send('the report', room_id=...,
+        attachments=[(await bot.upload('report.pdf'))['id']])``. Returns
+        the stored attachment (``{id, filename, content_type, size, url}``);
+        the server sniffs the type from the bytes and may refuse it
+        (BotError ``invalid``, status 415)."""
+        if isinstance(file, (bytes, bytearray)):
+            if not filename:
+                raise ValueError('give the filename of the bytes')
+            body = bytes(file)
+        else:
+            path = Path(file)
+            body = await asyncio.to_thread(path.read_bytes)
+            filename = filename or path.name
+        form = aiohttp.FormData()
+        form.add_field('file', body, filename=filename,
+                       content_type=content_type or
+                       'application/octet-stream')
+        _, answer = await self.http('POST', '/api/attachments', data=form)
+        return answer['attachment']
+
+    async def download(self, attachment_id, thumbnail=False) -> bytes:
+        """The bytes of an attachment of a message the bot can see (its
+        thumbnail with ``thumbnail``: images only)."""
+        path = f'/api/attachments/{int(attachment_id)}'
+        _, body = await self.http(
+            'GET', path + ('/thumbnail' if thumbnail else ''))
+        return body
 
     async def close(self):
         """Close the HTTP session of a Bot used only for :meth:`http`

@@ -44,7 +44,10 @@ class WebhookMixin:
         the same handlers a socket would (``on_message``, ``on``,
         ``on_room``, ``on_room_left``), once per room and seq, and answers
         204 after they ran, so the server retries what was not handled.
-        Mount it with ``app.router.add_post(path, handler)``."""
+        Mount it with ``app.router.add_post(path, handler)``. One
+        difference from a socket: webhooks leave out the bot's own edits,
+        deletes and reactions (``message_updated``), which a socket
+        delivers as to every member."""
         async def handle(request):
             body = await request.read()
             if not verify_signature(secret, request.headers.get(
