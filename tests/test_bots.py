@@ -336,6 +336,54 @@ async def test_webhook_post_is_delivered_live(base):
         await client.close()
 
 
+async def test_webhook_post_opens_a_dm_with_someone_new(base):
+    """The README's walkthrough: a bot nobody wrote to posts to alice by
+    name; she gets the dm (``room``) and the message live; an unknown name
+    or one who blocks the bot is refused, saying so."""
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        done = await asyncio.to_thread(
+            run_script, 'client_demo.bot.webhook_post', '--url', base,
+            '--token', token, '--to', alice['username'],
+            input='deploy finished\n')
+        assert done.returncode == 0, done.stderr
+        posted = json.loads(done.stdout)
+        room = await client.next('room')
+        assert room['id'] == posted['room_id'] and room['kind'] == 'dm'
+        got = await client.next('message', where=from_user(bot_user['id']))
+        assert (got['id'], got['body']) == (posted['id'], 'deploy finished')
+
+        # Over HTTP directly: room_id or to, not both, not neither.
+        for data in ({'room_id': posted['room_id'], 'to': alice['username']},
+                     {}):
+            status, answer = await http(base, 'POST', '/api/messages', token,
+                                        json={'body': 'x',
+                                              'client_msg_id': 'x', **data})
+            assert status == 400 and answer['error']['code'] == 'invalid'
+        done = await asyncio.to_thread(
+            run_script, 'client_demo.bot.webhook_post', '--url', base,
+            '--token', token, '--to', unique_name('nobody'), '--body', 'x')
+        assert done.returncode == 1 and 'not_found' in done.stderr
+        carol, carol_token = await register(base)
+        assert (await http(base, 'POST', '/api/messages', carol_token, json={
+            'to': bot_user['username'], 'body': 'hi',
+            'client_msg_id': 'c1'}))[0] == 201
+        blocker = await connect(base, carol_token)
+        ack = await blocker.call('block', {'username': bot_user['username']})
+        await blocker.close()
+        assert ack['ok'], ack
+        status, answer = await http(base, 'POST', '/api/messages', token,
+                                    json={'to': carol['username'],
+                                          'body': 'still there?',
+                                          'client_msg_id': 'c2'})
+        assert status == 403 and answer['error']['code'] == 'forbidden'
+    finally:
+        await client.close()
+
+
 class ScriptBot:
     """An example bot run as ``python -m ...`` with ``-v``; its log lines
     are collected so a test can wait for "caught up"."""

@@ -208,6 +208,7 @@ ENDPOINTS = [
     ('POST', '/api/register'), ('POST', '/api/login'), ('GET', '/api/me'),
     ('POST', '/api/bots'), ('GET', '/api/rooms'),
     ('GET', '/api/rooms/{}/messages'), ('POST', '/api/rooms/{}/messages'),
+    ('POST', '/api/messages'),
     ('POST', '/api/token/refresh'), ('POST', '/api/logout'),
     ('POST', '/api/password'), ('POST', '/api/attachments'),
     ('GET', '/api/attachments/{}'), ('GET', '/api/attachments/{}/thumbnail'),
@@ -231,6 +232,7 @@ def test_http_endpoints_survive_any_input(world, method, path):
                k: field_value(w) for k in (
                    'username', 'password', 'display_name', 'body',
                    'client_msg_id', 'attachments', 'reply_to', 'all',
+                   'room_id', 'to',
                    'old_password', 'new_password')})),
            raw=st.none() | st.binary(max_size=200),
            query=st.dictionaries(st.sampled_from(['before', 'after',

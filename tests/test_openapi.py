@@ -118,9 +118,15 @@ async def test_answers_have_the_documented_shapes(base):
         check(document, '/api/rooms/{room_id}/messages', 'post', status,
               body)
         assert status == 201
+        status, body = await http(
+            base, 'POST', '/api/messages', token=ta,
+            json={'to': bob['username'], 'body': 'by name',
+                  'client_msg_id': str(uuid.uuid4())})
+        check(document, '/api/messages', 'post', status, body)
+        assert status == 201 and body['message']['room_id'] == room['id']
         status, body = await http(base, 'GET', '/api/rooms', token=ta)
         check(document, '/api/rooms', 'get', status, body)
-        assert body['rooms'][0]['last_message']['body'] == 'hello'
+        assert body['rooms'][0]['last_message']['body'] == 'by name'
         status, body = await http(base, 'GET', '/api/rooms?limit=1',
                                   token=ta)
         check(document, '/api/rooms', 'get', status, body)

@@ -4,8 +4,8 @@
         --token BOT_TOKEN --room 12 --body "build 841 passed"
     echo "deploy done" | python -m client_demo.bot.webhook_post --to alice
 
-``--to USERNAME`` posts in the bot's dm with that user (the dm must exist:
-the user has written to the bot, or the bot opened it). The body comes from
+``--to USERNAME`` posts in the bot's dm with that user (opened if there is
+none yet, unless the user blocks the bot). The body comes from
 --body or stdin. Retries on 5xx, 429 and network errors with the same
 client_msg_id, so a retry never posts twice. POSTBOX_URL and POSTBOX_TOKEN
 are the fallbacks for --url and --token. Prints the stored message as JSON.
@@ -27,30 +27,18 @@ class PostFailed(Exception):
     """The server refused the message (or never answered)."""
 
 
-async def find_dm(bot: Bot, username) -> int:
-    """The id of the bot's dm room with ``username``."""
-    for entry in await bot.inbox(over_http=True):
-        room = entry['room']
-        if room['kind'] == 'dm' and any(
-                m['username'] == username.lower() for m in room['members']):
-            return room['id']
-    raise PostFailed(f'no dm with {username}; they must write to the bot first')
-
-
 async def post(url, token, body, room_id=None, to=None, client_msg_id=None,
                attempts=5, timeout=10.0) -> dict:
     """Post ``body`` to ``room_id`` (or the dm with ``to``); returns the
     stored message. Retries with the same client_msg_id."""
     bot = Bot(url, token, request_timeout=timeout)
-    data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4())}
+    data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4()),
+            **({'room_id': room_id} if room_id is not None else {'to': to})}
     delay = 0.5
     try:
-        if room_id is None:
-            room_id = await find_dm(bot, to)
         for attempt in range(attempts):
             try:
-                _, answer = await bot.http(
-                    'POST', f'/api/rooms/{room_id}/messages', json=data)
+                _, answer = await bot.http('POST', '/api/messages', json=data)
                 return answer['message']
             except BotError as exc:
                 failure, wait = exc, exc.retry_after

@@ -159,11 +159,26 @@ async def list_messages(request):
 
 
 async def post_message(request):
+    """A message to the room in the path."""
+    return await _send(request, room_id=path_int(request, 'room_id'))
+
+
+async def post_dm(request):
+    """A message to ``room_id`` or to the user ``to`` (the dm with them,
+    opened if needed): the ``send_dm`` event over HTTP."""
+    return await _send(request)
+
+
+async def _send(request, room_id=None):
     user = await current_user(request)
     data = await json_body(request)
+    if room_id is None:
+        room_id, to = data.get('room_id'), data.get('to')
+    else:
+        to = None
     sent = await messages.send_message(
         request.app[CTX], user['id'], data.get('body'),
-        data.get('client_msg_id'), room_id=path_int(request, 'room_id'),
+        data.get('client_msg_id'), room_id=room_id, to=to,
         attachments=data.get('attachments'), reply_to=data.get('reply_to'))
     await request.app[REALTIME].deliver_sent(sent)
     return json_response({'message': sent.message},
@@ -314,6 +329,7 @@ def add_routes(app: web.Application):
     app.router.add_delete(r'/api/push/subscriptions/{subscription_id}',
                           delete_push_subscription)
     app.router.add_get('/api/rooms', list_rooms)
+    app.router.add_post('/api/messages', post_dm)
     app.router.add_get(r'/api/rooms/{room_id}/messages', list_messages)
     app.router.add_post(r'/api/rooms/{room_id}/messages', post_message)
     app.router.add_post(r'/api/rooms/{room_id}/members', add_room_members)
