@@ -66,6 +66,12 @@ class UnsupportedType(PostboxError):
     code, status = 'invalid', 415
 
 
+class TooSlow(PostboxError):
+    """A request body that stalled, or came too slowly to be a real one
+    (HTTP 408; the contract's code list has no own code for it)."""
+    code, status = 'invalid', 408
+
+
 class RateLimited(PostboxError):
     code, status = 'rate_limited', 429
 

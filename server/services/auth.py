@@ -34,8 +34,21 @@ def check_username(username) -> str:
     return username
 
 
-def check_password(password) -> str:
-    return check_text(password, 'password', 8, 256)
+# Longest password; one that is longer never matches (a stored one is
+# at most this long), and only this much of it is ever hashed.
+PASSWORD_MAX = 256
+
+
+def check_password(password, name='password') -> str:
+    return check_text(password, name, 8, PASSWORD_MAX)
+
+
+async def _matches(ctx, password_hash, password) -> bool:
+    """Whether ``password`` is the one hashed in ``password_hash``. The
+    hash costs the same whatever the length: a longer one is hashed
+    cut, and then refused."""
+    ok = await _verify(ctx, password_hash, password[:PASSWORD_MAX])
+    return ok and len(password) <= PASSWORD_MAX
 
 
 # Characters refused in display names: they let a name impersonate
@@ -170,8 +183,8 @@ async def login(ctx, username, password, ip=None) -> dict:
 
 async def _check_login(ctx, username, password) -> dict:
     user = await ctx.store.read(user_data.person, username)
-    ok = await _verify(ctx, user.password_hash if user else _DUMMY_HASH,
-                       password[:256])
+    ok = await _matches(ctx, user.password_hash if user else _DUMMY_HASH,
+                        password)
     if not user or not ok:
         raise Unauthorized('wrong username or password')
     return {'user': user_dict(user), 'token': issue_token(ctx, user.id)}
@@ -223,14 +236,14 @@ async def change_password(ctx, user_id, old_password, new_password,
     be used to guess the password either)."""
     if not isinstance(old_password, str):
         raise Invalid('old_password must be a string')
-    new_password = check_password(new_password)
+    new_password = check_password(new_password, 'new_password')
     current = await ctx.store.read(user_data.password_hash, user_id)
     if current is None:
         raise Forbidden('this account has no password')
     username = (await get_user(ctx, user_id))['username']
 
     async def check():
-        if not await _verify(ctx, current, old_password[:256]):
+        if not await _matches(ctx, current, old_password):
             raise Unauthorized('wrong password')
 
     await _failures_throttled(ctx.limits.logins, (username, ip), check)
@@ -304,7 +317,9 @@ async def authenticate(ctx, token) -> dict:
         user_id, issued_ms, expires = _verified_claims(ctx.secret, token)
     except (jwt.PyJWTError, ValueError, TypeError):
         raise Unauthorized('invalid or expired token') from None
-    if expires <= time.time():  # as jwt.decode checks it, on every use
+    if expires <= time.time() or not 0 < user_id < 2**63:
+        # Expiry as jwt.decode checks it, on every use; an id no row can
+        # have (only a holder of the secret could sign one).
         raise Unauthorized('invalid or expired token')
     user = await ctx.store.read(user_data.auth_row, user_id)
     # Revocation wins a tie: a token from the very millisecond of a logout

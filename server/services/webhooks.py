@@ -132,9 +132,12 @@ async def set_webhook(ctx, owner_id, username, url) -> dict:
     """Set (or replace, with a new secret) the webhook of the bot
     ``username``, owned by ``owner_id``: ``{url, secret}``. Raises
     Invalid (not an http(s) URL, or a non-public address), NotFound,
-    Forbidden."""
+    Forbidden. Whose bot it is is checked first: no address lookup for
+    someone who may not set it."""
+    username = _username(username)
+    await ctx.store.read(_owned_bot, owner_id, username)
     url = await check_url(url, ctx.config.webhook_allow_private)
-    return await ctx.store.write(_set, owner_id, _username(username), url)
+    return await ctx.store.write(_set, owner_id, username, url)
 
 
 async def delete_webhook(ctx, owner_id, username):

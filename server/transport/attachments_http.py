@@ -4,9 +4,10 @@ import asyncio
 import logging
 from urllib.parse import quote, unquote
 
-from aiohttp import web
+from aiohttp import MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from server.errors import Invalid, NotFound, PostboxError, TooLarge
+from server.errors import Invalid, NotFound, TooLarge, TooSlow
 from server.services import attachments
 from server.transport.http_base import (current_user, json_response,
                                         path_int)
@@ -21,15 +22,10 @@ CHUNK_BYTES = 64 * 1024
 MULTIPART_SLACK = 64 * 1024
 # Parts looked at before the one named ``file`` must have come.
 MAX_PARTS = 8
+NOT_MULTIPART = 'send multipart/form-data with a "file" field'
 # Whatever the file holds, the page that shows it may run nothing, load
 # nothing and is its own origin.
 FILE_CSP = "default-src 'none'; sandbox"
-
-
-class UploadTimeout(PostboxError):
-    """The client stopped sending the upload, or sends it too slowly to
-    be a real upload (HTTP 408)."""
-    code, status = 'invalid', 408
 
 
 class _Pace:
@@ -58,7 +54,7 @@ class _Pace:
         except asyncio.TimeoutError:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
-            raise UploadTimeout(
+            raise TooSlow(
                 f'the upload came too slowly: at least {self.rate} bytes '
                 f'a second, no pause over {self.idle:g} s') from None
 
@@ -67,12 +63,19 @@ async def _file_part(request, pace):
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError):
-        raise Invalid('send multipart/form-data with a "file" field') \
-            from None
+        raise Invalid(NOT_MULTIPART) from None
     for _ in range(MAX_PARTS):
-        part = await pace.read(reader.next())
+        try:
+            part = await pace.read(reader.next())
+        except (ValueError, HttpProcessingError):
+            # A part's headers that do not parse: no colon, a control
+            # character in the filename, a missing boundary.
+            raise Invalid(f'{NOT_MULTIPART} (a part does not parse)') \
+                from None
         if part is None:
             break
+        if isinstance(part, MultipartReader):
+            raise Invalid(f'{NOT_MULTIPART} (not a nested multipart)')
         if part.name == 'file' and getattr(part, 'filename', None) \
                 is not None:
             encoding = part.headers.get('Content-Transfer-Encoding', '')
@@ -80,7 +83,7 @@ async def _file_part(request, pace):
                 raise Invalid('Content-Transfer-Encoding is not supported')
             return part
         await pace.read(part.release())
-    raise Invalid('send multipart/form-data with a "file" field')
+    raise Invalid(NOT_MULTIPART)
 
 
 async def _chunks(part, pace):

@@ -231,8 +231,10 @@ async def search(request):
     """``GET /api/search?q=&room_id=&before=&limit=`` -> ``{results,
     has_more}`` (the ``search`` event)."""
     user = await current_user(request)
+    if 'q' not in request.query:
+        raise Invalid('q: the words to search for')
     return json_response(await search_service.search(
-        request.app[CTX], user['id'], request.query.get('q'),
+        request.app[CTX], user['id'], request.query['q'],
         room_id=query_int(request, 'room_id'),
         before=query_int(request, 'before'),
         limit=query_int(request, 'limit')))

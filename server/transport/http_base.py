@@ -1,13 +1,15 @@
 """What every HTTP view shares: the middlewares (request ids and metrics,
 the one error path), the security headers of every response, and the
 helpers that read a request (JSON body, bearer token, ids in the path)."""
+import asyncio
 import functools
 import logging
 
 from aiohttp import web
 
 from server import fastjson
-from server.errors import Invalid, NotFound, PostboxError, Unauthorized
+from server.errors import Invalid, NotFound, PostboxError, TooSlow, \
+    Unauthorized
 from server.logs import new_request_id, request_id
 from server.metrics import METRICS, route_name
 from server.services import auth
@@ -79,6 +81,11 @@ def websockets_pass(middleware, path='/socket.io/'):
     return wrapper
 
 
+# The status counted for a request whose client hung up before the
+# answer (nginx's "client closed request"); nothing is sent.
+CLIENT_GONE = 499
+
+
 @web.middleware
 async def metrics_middleware(request, handler):
     """Give the request an id (``X-Request-Id``, for the logs) and count
@@ -114,9 +121,20 @@ async def errors_middleware(request, handler):
         code = {401: 'unauthorized', 403: 'forbidden', 404: 'not_found',
                 409: 'conflict', 413: 'too_large', 429: 'rate_limited',
                 503: 'unavailable'}.get(exc.status, 'invalid')
-        return json_response(
+        response = json_response(
             {'error': {'code': code, 'message': exc.reason}},
             status=exc.status)
+        if 'Allow' in exc.headers:  # a 405 says which methods are
+            response.headers['Allow'] = exc.headers['Allow']
+        return response
+    except ConnectionResetError:
+        # The client went away mid-request (aiohttp's "Connection lost"):
+        # nobody to answer, not a fault of ours. An answer nobody reads,
+        # counted as nginx counts it; re-raised, aiohttp would log a
+        # traceback per hang-up.
+        log.debug('HTTP %s %s: the client went away', request.method,
+                  route_name(request))
+        return web.Response(status=CLIENT_GONE)
     except Exception:
         log.exception('HTTP %s %s failed', request.method, route_name(request))
         return json_response(
@@ -128,8 +146,15 @@ async def json_body(request) -> dict:
     """The request's JSON object. Invalid (400) when the body is not
     JSON, is nested deeper than ``json_max_depth`` (too deep for the
     parser, RecursionError, included) or is not an object."""
+    seconds = request.app[CTX].config.attachment_upload_idle_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            raw = await request.read()
+    except TimeoutError:
+        raise TooSlow(f'the request body did not come within {seconds:g} s') \
+            from None
     try:  # JSON is UTF-8, whatever charset the Content-Type names
-        data = fastjson.loads(await request.read())
+        data = fastjson.loads(raw)
     except (ValueError, RecursionError):
         raise Invalid('body must be JSON') from None
     if not isinstance(data, dict):
@@ -165,23 +190,30 @@ def request_address(request):
     return client_address(request, request.app[CTX].config.trusted_proxies)
 
 
+def _decimal(text):
+    """``text`` as an int if it is written as one in ASCII digits (an
+    optional minus first), else None. Python's int() also takes "1_0",
+    " 1", "+1" and other scripts' digits ("１"): one id, many URLs."""
+    digits = text[1:] if text[:1] == '-' else text
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(text)
+
+
 def query_int(request, name):
     value = request.query.get(name)
     if value is None or value == '':
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise Invalid(f'{name} must be an integer') from None
+    number = _decimal(value)
+    if number is None:
+        raise Invalid(f'{name} must be an integer')
+    return number
 
 
 def path_int(request, name):
-    try:
-        value = int(request.match_info[name])
-    except ValueError:
-        raise NotFound('not found') from None
-    if not 0 < value < 2**63:  # ids are positive 64-bit integers
-        raise NotFound('not found')
+    value = _decimal(request.match_info[name])
+    if value is None or not 0 < value < 2**63:
+        raise NotFound('not found')  # ids are positive 64-bit integers
     return value
 
 
