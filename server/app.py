@@ -263,10 +263,14 @@ def setup_background(app):
     """Tasks that run while the app serves: expired uploads are removed;
     messages stored before the upgrade that added search are indexed, a
     batch per write transaction, and SQLite's trigram file is kept; bot
-    webhooks and pushes are delivered."""
+    webhooks and pushes are delivered; sockets whose token expired are
+    closed."""
     app.cleanup_ctx.append(_task_while_serving(attachments.cleanup_forever))
     app.cleanup_ctx.append(_task_while_serving(search_service.maintain))
     app.cleanup_ctx.append(_outbox_life)
+    app.cleanup_ctx.append(_task_while_serving(
+        lambda ctx: socket_transport.disconnect_expired(app[SIO],
+                                                        app[SOCKETS])))
 
 
 def _task_while_serving(run):

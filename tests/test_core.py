@@ -544,3 +544,77 @@ async def test_event_loop_not_blocked_by_storage(loaded):
     assert answered_while_storing >= 3
     for c in (a, b, pinger):
         await c.close()
+
+
+async def test_a_refused_first_send_still_announces_the_new_dm(base):
+    """send_dm by username opens the dm before it stores the message: a
+    refused message (here a reply_to that cannot be in a new dm) leaves
+    the dm, and both members still get its `room` event, before the
+    message of the next send."""
+    alice, ta = await register(base)
+    carol, tc = await register(base)
+    a, c = await connect(base, ta), await connect(base, tc)
+    ack = await a.call('send_dm', {'to': carol['username'], 'body': 'first',
+                                   'client_msg_id': 'r1', 'reply_to': 1})
+    assert ack['ok'] is False and ack['error']['code'] == 'invalid', ack
+    room = await c.next('room')
+    assert room['kind'] == 'dm' and (await a.next('room'))['id'] == room['id']
+    ack = await a.call('send_dm', {'to': carol['username'], 'body': 'second',
+                                   'client_msg_id': 'r2'})
+    assert ack['ok'] and ack['message']['room_id'] == room['id'], ack
+    assert (await c.next('message'))['body'] == 'second'
+    await c.nothing('room', 0.2)
+    # Over HTTP the same.
+    dave, td = await register(base)
+    d = await connect(base, td)
+    status, body = await http(base, 'POST', '/api/messages', ta, json={
+        'to': dave['username'], 'body': 'x', 'client_msg_id': 'r3',
+        'attachments': [10**12]})
+    assert status == 404 or status == 400, body
+    assert (await d.next('room'))['kind'] == 'dm'
+    for client in (a, c, d):
+        await client.close()
+
+
+async def test_typing_false_does_not_reopen_the_throttle(base):
+    alice, bob, a, b, room = await pair(base)
+    assert (await b.call('join_room', {'room_id': room['id']}))['ok']
+    for _ in range(5):
+        for typing in (True, False):
+            assert (await a.call('typing', {'room_id': room['id'],
+                                            'typing': typing}))['ok']
+    got = [await b.next('typing') for _ in range(2)]
+    assert [g['typing'] for g in got] == [True, False]
+    await b.nothing('typing', 0.3)
+    await a.close()
+    await b.close()
+
+
+async def test_a_socket_loses_access_when_its_token_expires(base, server):
+    """A token is checked on every use: a socket that connected with it
+    gets `unauthorized` for its events once it expired, and is closed."""
+    user, _ = await register(base)
+    peer, peer_token = await register(base)
+    now = time.time()
+    short = jwt.encode({'sub': str(user['id']), 'iat': now,
+                        'exp': int(now) + 2}, server.env['POSTBOX_SECRET'],
+                       algorithm='HS256')
+    a = await connect(base, short)
+    gone = asyncio.Event()
+    a.sio.on('disconnect', lambda *args: gone.set())
+    ack = await a.call('send_dm', {'to': peer['username'], 'body': 'while ok',
+                                   'client_msg_id': 'e1'})
+    assert ack['ok'], ack
+    while time.time() < int(now) + 2.2:
+        await asyncio.sleep(0.2)
+    ack = await a.call('send_dm', {'to': peer['username'], 'body': 'late',
+                                   'client_msg_id': 'e2'})
+    assert ack['ok'] is False and ack['error']['code'] == 'unauthorized', ack
+    assert 'expired' in ack['error']['message']
+    await asyncio.wait_for(gone.wait(), 15)
+    b = await connect(base, peer_token)
+    inbox = (await b.call('rooms', {}))['rooms']
+    history = await b.call('history', {'room_id': inbox[0]['room']['id']})
+    assert [m['body'] for m in history['messages']] == ['while ok']
+    await b.close()
+    await a.close()

@@ -331,6 +331,12 @@ async def authenticate(ctx, token) -> dict:
     return data
 
 
+def token_expires(ctx, token) -> float:
+    """When ``token``, which ``authenticate`` accepted, expires (unix
+    seconds): a socket's access ends then (server/transport/socket.py)."""
+    return _verified_claims(ctx.secret, token)[2]
+
+
 async def get_user(ctx, user_id) -> dict:
     cached = ctx.users.get(user_id)
     if cached is not None:

@@ -3,6 +3,7 @@
 the database (except a user's last-seen time)."""
 import asyncio
 import logging
+import math
 import time
 
 from server.data import presence as presence_data
@@ -11,15 +12,23 @@ from server.services.context import now_ms
 
 log = logging.getLogger(__name__)
 
+# Past this many remembered (room, user) typing times, the old ones are
+# forgotten.
+SENT_PRUNE_AT = 10_000
+
 
 class Typing:
     """Typing state per (room, user), with the throttle that keeps a
-    chatty client from flooding a room: a refresh of ``typing: true`` is
-    forwarded at most once per ``throttle`` seconds."""
+    chatty client from flooding a room: a ``typing: true`` is forwarded at
+    most once per ``throttle`` seconds, whatever came between (a
+    ``false`` in between does not start a new period: true, false, true
+    would otherwise forward every true). A sent message does: the next
+    message's typing shows at once."""
 
     def __init__(self, throttle: float):
         self.throttle = throttle
-        self._state = {}  # (room_id, user_id) -> (sid, monotonic time sent)
+        self._state = {}  # (room_id, user_id) -> sid, while shown typing
+        self._sent = {}  # (room_id, user_id) -> monotonic time of last true
 
     def update(self, room_id, user_id, sid, typing: bool) -> bool:
         """Record a typing change; True if it should be broadcast."""
@@ -27,20 +36,30 @@ class Typing:
         if not typing:
             return self._state.pop(key, None) is not None
         now = time.monotonic()
-        previous = self._state.get(key)
-        if previous and now - previous[1] < self.throttle:
-            self._state[key] = (sid, previous[1])
+        if now - self._sent.get(key, -math.inf) < self.throttle:
+            if key in self._state:
+                self._state[key] = sid  # a refresh, from this socket now
             return False
-        self._state[key] = (sid, now)
+        if len(self._sent) >= SENT_PRUNE_AT:
+            self._prune(now)
+        self._sent[key] = now
+        self._state[key] = sid
         return True
+
+    def _prune(self, now):
+        """Forget the times of trues older than the throttle: they stop
+        nothing any more (the map stays as large as the active typists)."""
+        self._sent = {k: t for k, t in self._sent.items()
+                      if now - t < self.throttle}
 
     def stop(self, room_id, user_id) -> bool:
         """The user sent a message: True if a ``typing: false`` is due."""
+        self._sent.pop((room_id, user_id), None)
         return self._state.pop((room_id, user_id), None) is not None
 
     def drop_socket(self, sid) -> list:
         """The socket closed: the (room, user) pairs it was typing in."""
-        keys = [k for k, (s, _) in self._state.items() if s == sid]
+        keys = [k for k, s in self._state.items() if s == sid]
         for key in keys:
             del self._state[key]
         return keys

@@ -16,7 +16,8 @@ import json
 
 from server.data import messages as data
 from server.data.rows import messages_by_id
-from server.errors import Forbidden, Invalid, NotFound, TooLarge
+from server.errors import Forbidden, Invalid, NotFound, PostboxError, \
+    TooLarge
 from server.services import attachments as attachments_service
 from server.services import outbox
 from server.services import rooms as rooms_service
@@ -94,7 +95,10 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     returns the first message with ``created`` False. Raises Invalid,
     TooLarge, NotFound, Forbidden (not a member, or blocked), RateLimited,
     Conflict (the client_msg_id was used for another room or body).
-    A new message ends the sender's typing in its room.
+    A new message ends the sender's typing in its room. A send refused
+    after ``to`` opened a new dm (a bad ``reply_to``, attachment or
+    ``client_msg_id``) raises with that dm in the error's ``opened_room``:
+    the dm stays, and its members must still hear of it.
     """
     attachments = check_attachments(ctx, attachments)
     body = check_body(ctx, body, allow_empty=bool(attachments))
@@ -107,9 +111,14 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
     new_room = None
     if to is not None:
         room_id, new_room = await rooms_service.dm_to(ctx, sender_id, to)
-    info = await rooms_service.member_room(ctx, sender_id, room_id)
-    message, created = await ctx.store.write(store_sends, SendRequest(
-        ctx, info, sender_id, body, client_msg_id, attachments, reply_to))
+    try:
+        info = await rooms_service.member_room(ctx, sender_id, room_id)
+        message, created = await ctx.store.write(store_sends, SendRequest(
+            ctx, info, sender_id, body, client_msg_id, attachments,
+            reply_to))
+    except PostboxError as exc:
+        exc.opened_room = new_room
+        raise
     # A message ends its sender's typing, whatever transport sent it.
     typing_stopped = created and ctx.typing.stop(info.id, sender_id)
     return Sent(message, created, info.member_ids, new_room, typing_stopped)

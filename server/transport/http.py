@@ -176,11 +176,10 @@ async def _send(request, room_id=None):
         room_id, to = data.get('room_id'), data.get('to')
     else:
         to = None
-    sent = await messages.send_message(
+    sent = await request.app[REALTIME].send(messages.send_message(
         request.app[CTX], user['id'], data.get('body'),
         data.get('client_msg_id'), room_id=room_id, to=to,
-        attachments=data.get('attachments'), reply_to=data.get('reply_to'))
-    await request.app[REALTIME].deliver_sent(sent)
+        attachments=data.get('attachments'), reply_to=data.get('reply_to')))
     return json_response({'message': sent.message},
                              status=201 if sent.created else 200)
 

@@ -4,6 +4,7 @@ and devices without any join); ``room:<id>:<user_id>`` the sockets of one
 member that joined a room (for typing and read events). Joined sockets are
 kept per member so that a typing event can go to every member but the
 typist, on every process, without knowing the typist's socket ids there."""
+from server.errors import PostboxError
 from server.services.serialize import iso
 
 
@@ -101,6 +102,21 @@ class Realtime:
         room_id = notice.get('room_changed')
         if room_id is not None:
             self.room_changed_here(room_id, notice.get('left') or ())
+
+    async def send(self, sending):
+        """Await ``sending`` (a ``messages.send_message`` call), deliver
+        what it stored and return it. Refused after it opened a new dm,
+        the dm is still announced (it exists now: a later send to it would
+        not announce it again) before the refusal goes on to the
+        sender."""
+        try:
+            sent = await sending
+        except PostboxError as exc:
+            if getattr(exc, 'opened_room', None) is not None:
+                await self.room(exc.opened_room)
+            raise
+        await self.deliver_sent(sent)
+        return sent
 
     async def deliver_sent(self, sent):
         """Emit what a send_message outcome calls for: the new dm room

@@ -2,8 +2,10 @@
 returns the ack and emits; ``on_event`` is the single error path, and
 ``relay`` registers the handlers that do nothing but pass payload fields to
 their service (docs/protocol.md is the contract of every event)."""
+import asyncio
 import functools
 import logging
+import math
 import time
 
 import socketio
@@ -13,6 +15,7 @@ from server.logs import new_request_id
 from server.services import (auth, groups, inbox, limits, messages,
                              presence, push, rooms)
 from server.services import search as search_service
+from server.tasks import cancelled
 from server.transport.addresses import client_address
 from server.transport.realtime import room_room, user_room
 
@@ -20,20 +23,28 @@ log = logging.getLogger(__name__)
 
 
 class Sockets:
-    """Connected sockets of this process: sid -> user dict."""
+    """Connected sockets of this process: sid -> user dict, and when the
+    token each connected with expires."""
 
     def __init__(self):
         self.users = {}
         self.by_user = {}  # user id -> set of sids
         self.ips = {}  # sid -> client address, for the connection limits
+        self.expires = {}  # sid -> unix time its token expires
         self.in_flight = 0
         self.draining = False
 
-    def add(self, sid, user):
+    def add(self, sid, user, expires=math.inf):
         self.users[sid] = user
         self.by_user.setdefault(user['id'], set()).add(sid)
+        self.expires[sid] = expires
+
+    def expired(self, now) -> list:
+        """The sids whose token has expired by ``now``."""
+        return [sid for sid, at in self.expires.items() if at <= now]
 
     def remove(self, sid):
+        self.expires.pop(sid, None)
         user = self.users.pop(sid, None)
         if user is not None:
             sids = self.by_user.get(user['id'], set())
@@ -41,6 +52,27 @@ class Sockets:
             if not sids:
                 self.by_user.pop(user['id'], None)
         return user
+
+
+# What an event of a socket whose token expired is answered.
+EXPIRED = 'token expired: connect again with a fresh token'
+# How often sockets whose token expired are looked for and closed.
+EXPIRY_SWEEP_SECONDS = 5.0
+
+
+async def disconnect_expired(sio, sockets):
+    """Close, every EXPIRY_SWEEP_SECONDS, the sockets whose token has
+    expired: a token is checked on every use, and a socket that only
+    listens would otherwise go on receiving for as long as it stays up.
+    The client's reconnect with that token is refused ``unauthorized``."""
+    while not cancelled():  # not while True: see server/tasks.py
+        await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+        for sid in sockets.expired(time.time()):
+            log.info('disconnect: token expired', extra={'sid': sid})
+            try:
+                await sio.disconnect(sid)
+            except Exception:  # closing already; the next sweep retries
+                log.debug('closing %s failed', sid, exc_info=True)
 
 
 def error_ack(error: PostboxError) -> dict:
@@ -73,6 +105,10 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                         raise Unavailable('server is shutting down, retry')
                     if user is None:
                         raise Unauthorized('not connected')
+                    if sockets.expires[sid] <= time.time():
+                        # Checked on every use, as over HTTP; the sweep
+                        # (disconnect_expired) closes the socket soon.
+                        raise Unauthorized(EXPIRED)
                     # Every event costs a token, reads included: a client
                     # looping on `rooms` or `sync` is as costly as spam.
                     ctx.limits.events.take(user['id'])
@@ -140,7 +176,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                      extra={'user_id': user['id'], 'sid': sid, 'ip': ip})
             raise refuse('rate_limited', str(exc))
         sockets.ips[sid] = ip
-        sockets.add(sid, user)
+        sockets.add(sid, user, auth.token_expires(ctx, token))
         recovery = sio.recovery if sio.recovery is not None and \
             sio.recovery.opted_in(auth_data) else None
         if recovery is not None:  # holds live events until resume
@@ -223,12 +259,11 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
 
     @on_event('send_dm')
     async def send_dm(sid, user, data):
-        sent = await messages.send_message(
+        sent = await realtime.send(messages.send_message(
             ctx, user['id'], data.get('body'), data.get('client_msg_id'),
             room_id=data.get('room_id'), to=data.get('to'),
             attachments=data.get('attachments'),
-            reply_to=data.get('reply_to'))
-        await realtime.deliver_sent(sent)
+            reply_to=data.get('reply_to')))
         return {'message': sent.message}
 
     @on_event('typing')
