@@ -9,10 +9,14 @@ import threading
 import time
 import urllib.request
 
+import asyncio
+
 import pytest
 
+from client_demo.postbox_bot.socketio_async_client import RecoveringClient
 from tests.kit import (FAST_REDIS_ENV, NO_RATE_LIMITS, Client,
-                       ServerProcess, pair, start_servers, stop_servers)
+                       ServerProcess, connect, pair, register, start_servers,
+                       stop_servers)
 from tests.test_js_client import JS_DIR, node_modules  # noqa: F401 fixture
 
 SCRIPT = JS_DIR / 'recovery_test.js'
@@ -203,5 +207,182 @@ async def test_offsets_only_for_sockets_that_opt_in(base):
         assert message == plain and offset == '1'
     finally:
         await opted.close()
+        await a.close()
+        await b.close()
+
+
+class _Opted:
+    """A Python socket that opts in to recovery as the JS client does: it
+    keeps the CONNECT reply's pid (the bot SDK's ``RecoveringClient``) and
+    the last offset it saw, and reconnects naming both. ``replay`` holds
+    the ``(event, payload, offset)`` that came before the CONNECT reply,
+    ``events`` everything of the last connection."""
+
+    def __init__(self, base, token):
+        self.base, self.token = base, token
+        self.pid = self.offset = self.sio = None
+        self.replay, self.events = [], []
+
+    async def connect(self) -> bool:
+        """Connect (naming the last session, if any); True if it was
+        recovered."""
+        sio = self.sio = RecoveringClient(reconnection=False)
+        replay, events = self.replay, self.events = [], []
+
+        async def record(event, *args):
+            offset = args[-1] if args and isinstance(args[-1], str) else None
+            if offset is not None:
+                self.offset = offset
+            item = (event, args[0] if args else None, offset)
+            events.append(item)
+            if not sio.replied:
+                replay.append(item)
+        sio.on('*', record)
+        auth = {'token': self.token, 'recover': True}
+        if self.pid is not None:
+            auth.update(pid=self.pid, offset=self.offset)
+        await sio.connect(self.base, auth=auth, transports=['websocket'],
+                          wait_timeout=10)
+        recovered = self.pid is not None and sio.pid == self.pid
+        self.pid = sio.pid
+        return recovered
+
+    async def until(self, what, check, timeout=10):
+        for _ in range(int(timeout / 0.05)):
+            if any(check(*item) for item in self.events):
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f'no {what}: {self.events}')
+
+    async def close(self):
+        await self.sio.disconnect()
+
+
+def _room_events(replay):
+    return [(room, offset) for event, room, offset in replay
+            if event == 'room']
+
+
+async def test_rooms_made_while_away_are_replayed_without_a_message(base):
+    """A group made with b and a dm opened to b while b's socket is away,
+    neither with a message yet (no seq, nothing in the log): the recovery
+    replays the room event of each, with its offset, before connect. A
+    room b's session already heard of is not sent again."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = _Opted(base, tb)
+    try:
+        assert not await b.connect()
+        heard = (await a.call('create_group', {
+            'name': 'heard live', 'members': [bob['username']]}))['room']
+        await b.until('live room', lambda event, room, _: event == 'room'
+                      and room['id'] == heard['id'])
+        await b.close()
+        ack = await a.call('create_group', {
+            'name': 'made while away', 'members': [bob['username']]})
+        assert ack['ok'], ack
+        group = ack['room']
+        ack = await a.call('open_dm', {'username': bob['username']})
+        assert ack['ok'], ack
+        dm = ack['room']
+        assert await b.connect(), 'same pid: recovered'
+        replayed = _room_events(b.replay)
+        assert sorted(room['id'] for room, _ in replayed) == \
+            sorted([group['id'], dm['id']]), b.replay
+        assert all(room['last_seq'] == 0 and offset for room, offset
+                   in replayed), replayed
+        # The session now knows both: a drop replays nothing again.
+        await b.close()
+        assert await b.connect()
+        assert b.replay == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_too_many_rooms_made_while_away_fall_back_to_sync(
+        recovery_server):
+    """Rooms made while away count against ``recovery_max_events`` (6
+    here) like any missed event: 6 are replayed, 7 are a fallback."""
+    base = recovery_server.url
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = _Opted(base, tb)
+
+    async def groups(count):
+        for i in range(count):
+            ack = await a.call('create_group', {
+                'name': f'g{i}', 'members': [bob['username']]})
+            assert ack['ok'], ack
+    try:
+        assert not await b.connect()
+        await b.close()
+        await groups(6)
+        assert await b.connect()
+        assert len(_room_events(b.replay)) == 6, b.replay
+        await b.close()
+        await groups(7)
+        assert not await b.connect(), 'more than the cap: a new session'
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _applied(replay):
+    """The messages a client following the contract applies from a
+    replay: a room's ``last_seq`` counts as applied, and a (room_id, seq)
+    at or below what it has is skipped."""
+    have, shown = {}, []
+    for event, payload, _ in replay:
+        if event == 'room':
+            room_id = payload['id']
+            have[room_id] = max(have.get(room_id, 0), payload['last_seq'])
+        elif event == 'message':
+            room_id, seq = payload['room_id'], payload['seq']
+            if seq > have.get(room_id, 0):
+                have[room_id] = seq
+                shown.append(payload['body'])
+    return shown
+
+
+async def test_replayed_new_room_does_not_claim_the_seqs_replayed_after_it(
+        base):
+    """A group made with b while away, with a message in it, and a group b
+    is added to while away, after and before messages: the room event that
+    introduces each says nothing of the seqs the replay then carries, so a
+    client that takes ``last_seq`` as applied shows every message."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = _Opted(base, tb)
+
+    async def send(room_id, body):
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': body,
+                                       'client_msg_id': body})
+        assert ack['ok'], ack
+    try:
+        assert not await b.connect()
+        await b.close()
+        made = (await a.call('create_group', {
+            'name': 'with b', 'members': [bob['username']]}))['room']
+        await send(made['id'], 'made 1')
+        joined = (await a.call('create_group', {
+            'name': 'without b', 'members': []}))['room']
+        await send(joined['id'], 'before b')
+        ack = await a.call('add_members', {'room_id': joined['id'],
+                                           'members': [bob['username']]})
+        assert ack['ok'], ack
+        await send(joined['id'], 'after b')
+        assert await b.connect()
+        assert sorted(_applied(b.replay)) == \
+            ['after b', 'before b', 'made 1'], b.replay
+        firsts = {}
+        for event, payload, _ in b.replay:
+            if event == 'room':
+                firsts.setdefault(payload['id'], payload['last_seq'])
+        assert firsts == {made['id']: 0, joined['id']: 0}, b.replay
+    finally:
         await a.close()
         await b.close()

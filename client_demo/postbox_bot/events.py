@@ -87,14 +87,17 @@ class EventsMixin:
             return
         if event == 'room' and isinstance(payload, dict):
             seq = payload.get('last_seq') or 0
+            if replayed and payload.get('kind') == 'group' and \
+                    room_id not in self.seqs and room_id not in self.rooms:
+                # A group new to the bot, made or joined while it was
+                # away: the replay brings its whole log, from before the
+                # bot's arrival too. Where its part starts is in the
+                # inbox, which the catch-up after the replay reads.
+                self._deferred.add(room_id)
+                return
             if seq > 0 and payload.get('kind') == 'group':
                 # A group change, numbered like messages.
                 if room_id not in self.seqs:
-                    if replayed:
-                        # Added while away: the replay brings the group
-                        # as it is now, then its whole log.
-                        self._deferred.add(room_id)
-                        return
                     # Added to a group: it starts here for the bot, the
                     # messages from before are history, not news.
                     self.seqs[room_id] = seq - 1

@@ -13,7 +13,8 @@ across sessions otherwise).
 
 The session knows, for what it sent, which log event each offset was:
 ``(room_id, seq)`` (``seq`` of the message, ``update_seq`` of an update,
-``last_seq`` of a group's ``room`` event, ``seq`` of ``room_left``). Its
+``last_seq`` of a group's ``room`` event, ``seq`` of ``room_left``; 0 for
+the ``room`` event of a new dm or group, not in the log). Its
 ``base`` is the log position of every room of the user when the session
 started (a client catches up to there with ``sync``); the last
 ``recovery_max_events`` sends are kept one by one, older ones are folded
@@ -22,9 +23,12 @@ seqs above it). The transport is ordered, so the offset a client returns
 says exactly what it received: the folded state plus the sends up to that
 offset. Everything else the log holds for the user's rooms past that is
 what it missed; it is read with ``messages.sync`` and sent, with offsets,
-before the CONNECT reply, which the JS client buffers and hands to the app
-before ``connect`` (as Node's server does). Live events that arrive for
-the socket meanwhile wait and follow, without those already replayed.
+together with the ``room`` event of each room the user is in that the
+session never heard of (a dm or group made meanwhile has nothing in the
+log until its first message), before the CONNECT reply, which the JS
+client buffers and hands to the app before ``connect`` (as Node's server
+does). Live events that arrive for the socket meanwhile wait and
+follow, without those already replayed.
 
 When a session cannot say that (unknown pid or offset, an offset older
 than the sends kept, older than ``recovery_window_seconds``, more than
@@ -57,6 +61,22 @@ log = logging.getLogger(__name__)
 
 OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
 _ROOM_PREFIX = 'room:'
+
+
+def _key(event, data):
+    """What a send is recorded as: its log event (``event_key``), or for a
+    ``room`` event that is not in the log (a new dm's, a new group's)
+    ``(room id, 0)``. No log event has seq 0: it folds into the room's
+    marks at 0, so the session knows the client heard of the room (a
+    recovery does not send it again; a live copy of a replayed one is a
+    duplicate)."""
+    key = event_key(event, data)
+    if key is None and event == 'room' and isinstance(data, dict):
+        try:
+            return int(data['id']), 0
+        except (KeyError, TypeError, ValueError):
+            pass
+    return key
 
 
 class Recovery:
@@ -121,7 +141,7 @@ class Recovery:
         """Send with the next offset, recorded as the log event ``key``
         (by default worked out from the payload)."""
         if key is False:
-            key = event_key(event, data)
+            key = _key(event, data)
         offset = session.record(key, self.keep)
         try:
             await self.server.send_eio_packet(
@@ -139,7 +159,7 @@ class Recovery:
         if session.buffer is not None:
             session.buffer.append((event, data))
             return True
-        key = event_key(event, data)
+        key = _key(event, data)
         if session.has_sent(key):
             # Already replayed: its live copy was still on the way when
             # the replay read the log (the send's emit follows its
@@ -245,7 +265,7 @@ class Recovery:
         # (or, for a live event that arrives twice, the buffer) sent.
         while session.buffer:
             event, data = session.buffer.pop(0)
-            key = event_key(event, data)
+            key = _key(event, data)
             if session.has_sent(key):
                 self.metrics.recovery_duplicates.inc()
             else:
@@ -267,11 +287,16 @@ class Recovery:
     async def _missed(self, session, offset):
         """The events a client of ``session`` that saw ``offset`` missed,
         as (event, payload, log key) in seq order per room; None if more
-        than ``recovery_max_events``. A room the session never sent
-        anything of (a new dm, a new group) starts with its ``room`` event
-        as it is now, which is not in the log (key None)."""
-        from server.services import rooms  # noqa: the services layer
+        than ``recovery_max_events``. A room the session never heard of
+        starts with its ``room`` event as it is now, but with ``last_seq``
+        just below its first event replayed (a client takes ``last_seq``
+        as applied: it must not skip what follows). That includes a room
+        with nothing in the log yet (a new dm, a new group: they take no
+        seq), found in the user's rooms as of now, one indexed query."""
         marks, extras = session.received(offset)
+        # Read before the log: a room made after this read is either in
+        # the log or among the live events held for the socket.
+        current = await messages.room_positions(self.ctx, session.user_id)
         events = await self._read_log(session.user_id, marks, extras)
         if events is None:
             return None
@@ -282,9 +307,7 @@ class Recovery:
                 continue
             if room_id not in marks:
                 marks[room_id] = 0  # its room event goes first, once
-                info = await rooms.room_info(self.ctx, room_id)
-                replay.append(('room', await rooms.room_payload(
-                    self.ctx, info), None))
+                replay.append(await self._new_room(room_id, seq - 1))
             kind, key = e['type'], (room_id, seq)
             if kind == 'room_left':
                 replay.append(('room_left', {'room_id': room_id, 'seq': seq},
@@ -293,9 +316,22 @@ class Recovery:
                 replay.append(('room', e['room'], key))
             else:
                 replay.append((kind, e['message'], key))
-        if len(replay) > self.keep:
+        quiet = [room_id for room_id, _ in current if room_id not in marks]
+        if len(replay) + len(quiet) > self.keep:
             return None
+        for room_id in quiet:
+            replay.append(await self._new_room(room_id, 0))
         return replay
+
+    async def _new_room(self, room_id, last_seq):
+        """The replayed ``room`` event of a room new to the session, with
+        ``last_seq`` given. Not a log event: it is recorded as ``(room,
+        0)`` (see ``_key``)."""
+        from server.services import rooms  # noqa: the services layer
+        info = await rooms.room_info(self.ctx, room_id)
+        room = await self.ctx.store.read(rooms.room_dict, self.ctx, info,
+                                         last_seq)
+        return 'room', room, (room_id, 0)
 
     async def _read_log(self, user_id, marks, extras):
         """The log events past ``marks`` in the user's rooms, page after

@@ -9,9 +9,14 @@ load, so this class skips it.
 
 Incoming packets are held to what the Socket.IO v5 protocol allows (the
 checks of the reference parser, socket.io-parser's ``isPayloadValid``):
-``JsonPacket.problem`` names what is wrong with one, and a payload nested
-deeper than the JSON parser allows decodes as ``too_deep`` instead of
-failing, so that the event can still be answered.
+``JsonPacket.problem`` names what is wrong with one. Two payloads are
+valid JSON that orjson refuses: one nested deeper than it allows decodes
+as ``too_deep``, and one holding a lone surrogate escape (``"\\ud800"``,
+what JS's ``JSON.stringify`` makes of half an emoji) as
+``lone_surrogate``, instead of failing, so that the event can still be
+answered. Their data is not decoded: a string with a lone surrogate would
+reach no handler anyway (orjson cannot encode it back, PostgreSQL refuses
+it).
 
 An ack of at least ``TEXT_BYTES_FROM`` bytes of JSON (an inbox, a page
 of history or of ``sync``) is encoded to UTF-8 bytes, a ``Utf8Text``, and
@@ -20,11 +25,14 @@ never made a str: the socket's writer sends it as a text frame as it is
 it back cost several times serializing it.
 
 Upstream names touched: ``Packet.data_is_binary`` (overridden: never
-binary), ``Packet.decode`` (overridden: a payload too deep decodes as
-``too_deep``; relies on the header being decoded before the data, hence
-its hash in ``COPIED``), ``Packet.encode`` (overridden for acks: mirrors
-its header, hence its hash), ``Packet.attachment_count`` (read).
+binary), ``Packet.decode`` (overridden: a payload too deep, or with a
+lone surrogate, decodes as ``too_deep`` or ``lone_surrogate``; relies on
+the header being decoded before the data, hence its hash in ``COPIED``),
+``Packet.encode`` (overridden for acks: mirrors its header, hence its
+hash), ``Packet.attachment_count`` (read).
 """
+import json
+
 from socketio import packet
 
 from server import fastjson
@@ -46,6 +54,21 @@ TEXT_BYTES_FROM = 16 * 1024
 BINARY = (packet.BINARY_EVENT, packet.BINARY_ACK)
 
 
+def _lone_surrogate(exc: ValueError) -> bool:
+    """Whether orjson refused its text (``exc.doc``) only for a lone
+    surrogate escape: the text is JSON all the same (the stdlib reads
+    it), or a nesting too deep for the stdlib too."""
+    if 'surrogate' not in str(exc) or not getattr(exc, 'doc', None):
+        return False
+    try:
+        json.loads(exc.doc)
+    except ValueError:
+        return False  # not JSON anyway: malformed
+    except RecursionError:
+        pass  # lone surrogates nested very deep: refused all the same
+    return True
+
+
 def _event_name_ok(name) -> bool:
     # socket.io-parser accepts a string or a number (not a boolean)
     return isinstance(name, str) or (
@@ -54,6 +77,7 @@ def _event_name_ok(name) -> bool:
 
 class JsonPacket(packet.Packet):
     too_deep = False  # the data did not decode: nested beyond the parser
+    lone_surrogate = False  # nor this: a string with a lone surrogate
 
     @classmethod
     def data_is_binary(cls, data):
@@ -74,20 +98,30 @@ class JsonPacket(packet.Packet):
             return head + body.decode()
         return Utf8Text(head.encode() + body)
 
+    @property
+    def undecoded(self) -> bool:
+        """Whether the data, valid JSON, was left undecoded (``too_deep``
+        or ``lone_surrogate``): an event to answer, an ack to drop."""
+        return self.too_deep or self.lone_surrogate
+
     def decode(self, encoded_packet):
         try:
             return super().decode(encoded_packet)
         except (ValueError, RecursionError) as exc:
-            if not is_depth_error(exc):
+            if is_depth_error(exc):
+                self.too_deep = True
+            elif _lone_surrogate(exc):
+                self.lone_surrogate = True
+            else:
                 raise
             # The header (type, namespace, id) decoded before the data.
             self.data = None
-            self.too_deep = True
             return 0
 
     def problem(self) -> str | None:
         """What makes this decoded packet from a client invalid, or None.
-        A ``too_deep`` event or ack is not invalid here: it is answered."""
+        An ``undecoded`` event or ack is not invalid here: it is answered
+        (or dropped)."""
         kind, data = self.packet_type, self.data
         if self.attachment_count and kind not in BINARY:
             return 'attachments on a text packet'
@@ -96,10 +130,11 @@ class JsonPacket(packet.Packet):
                                            isinstance(data, dict)):
                 return 'connect payload must be an object'
         elif kind == packet.DISCONNECT:
-            if self.id is not None or data is not None:
+            if self.id is not None or data is not None or \
+                    self.undecoded:
                 return 'disconnect takes no payload'
         elif kind in (packet.EVENT, packet.BINARY_EVENT):
-            if self.too_deep:
+            if self.undecoded:
                 return None
             if not isinstance(data, list) or not data or \
                     not _event_name_ok(data[0]):
@@ -107,7 +142,7 @@ class JsonPacket(packet.Packet):
         elif kind in (packet.ACK, packet.BINARY_ACK):
             if self.id is None:
                 return 'ack without an id'
-            if not self.too_deep and not isinstance(data, list):
+            if not self.undecoded and not isinstance(data, list):
                 return 'ack payload must be an array'
         else:
             return 'unexpected packet type'

@@ -76,10 +76,16 @@ log = logging.getLogger(__name__)
 OVER_LIMIT_SESSIONS = 8
 
 # Client events with these names would reach the server's own lifecycle
-# handlers: they are answered as unknown events instead.
-RESERVED_EVENTS = frozenset(('connect', 'disconnect'))
+# handlers, or ('*') the catch-all handler without the event's name first
+# (python-socketio's ``_get_event_handler`` passes a name only to a
+# catch-all it falls back to): they are answered as unknown events, with
+# their name, instead.
+RESERVED_EVENTS = frozenset(('connect', 'disconnect', '*'))
 
 BINARY_REFUSED = 'binary payloads are not supported; send JSON'
+# JSON lets a string hold a lone surrogate escape; the handlers (and
+# orjson, and PostgreSQL) take only valid Unicode.
+NOT_UNICODE = 'a string is not valid Unicode (a lone surrogate)'
 
 
 class Server(socketio.AsyncServer):
@@ -98,9 +104,11 @@ class Server(socketio.AsyncServer):
       catch-all ``*`` handler, the application's charge for junk), its
       attachments and every other binary message are dropped as they come,
       and the connection goes on with JSON.
-    - An event whose payload nests deeper than ``json_max_depth`` is
-      answered ``invalid`` the same way; so is one named after a lifecycle
-      event (``connect``, ``disconnect``).
+    - An event whose payload nests deeper than ``json_max_depth``, or
+      holds a string with a lone surrogate (``JsonPacket.lone_surrogate``),
+      is answered ``invalid`` the same way; so is one named after a
+      lifecycle event (``connect``, ``disconnect``) or the catch-all
+      (``*``), as an unknown event.
     - An Engine.IO session with no Socket.IO connection is closed after
       ``eio.connect_timeout`` seconds, and, once ``count_sessions`` has been
       called, holds a place of its address's connection limit meanwhile.
@@ -321,8 +329,11 @@ class Server(socketio.AsyncServer):
             return await self._invalid(eio_sid, 'not connected to ' +
                                        namespace, data)
         if kind == sio_packet.EVENT:
-            name = pkt.data[0] if not pkt.too_deep else None
-            if pkt.too_deep or (
+            name = pkt.data[0] if not pkt.undecoded else None
+            if pkt.lone_surrogate:
+                await self._refuse(eio_sid, namespace, pkt.id, None,
+                                   NOT_UNICODE)
+            elif pkt.too_deep or (
                     data.count('[') + data.count('{') > self.json_max_depth
                     and deeper_than(pkt.data, self.json_max_depth + 1)):
                 await self._refuse(eio_sid, namespace, pkt.id, name,
@@ -335,11 +346,11 @@ class Server(socketio.AsyncServer):
                                          pkt.data)
         elif kind == sio_packet.BINARY_EVENT:
             await self._refuse(eio_sid, namespace, pkt.id,
-                               None if pkt.too_deep else pkt.data[0],
+                               None if pkt.undecoded else pkt.data[0],
                                BINARY_REFUSED)
-        elif kind == sio_packet.ACK and not pkt.too_deep:
+        elif kind == sio_packet.ACK and not pkt.undecoded:
             await self._handle_ack(eio_sid, namespace, pkt.id, pkt.data)
-        # A binary or too deep ack answers nothing Postbox asked: dropped.
+        # A binary or undecoded ack answers nothing Postbox asked: dropped.
 
     async def _refuse(self, eio_sid, namespace, id, event, why=None):
         """Answer an event without running its handler: the catch-all
