@@ -241,8 +241,11 @@ async def test_bot_survives_a_server_restart(tmp_path):
 async def test_password_bot_logs_in_again_after_logout_everywhere(base, caplog):
     """A bot run with a username and password whose tokens are revoked
     (logout everywhere closes its socket) logs in again and carries on."""
-    # The SDK's INFO lines (refusals, retries, catch-up): shown on failure.
-    caplog.set_level(logging.INFO, logger='client_demo.postbox_bot')
+    # The SDK's steps (refusals, logins, connects, catch-up) and its
+    # Socket.IO client's: shown on failure.
+    for logger in ('client_demo.postbox_bot', 'socketio.client',
+                   'engineio.client'):
+        caplog.set_level(logging.DEBUG, logger=logger)
     user, _ = await register(base, password='bot password 2')
     bot = Bot(base, username=user['username'], password='bot password 2',
               backoff=0.2)

@@ -481,13 +481,14 @@ async def test_bot_sdk_follows_its_groups(base, tmp_path):
     dm = await b.call('send_dm', {'to': made['user']['username'],
                                   'body': 'hi bot', 'client_msg_id': 'dm1'})
     assert dm['ok'], dm
+    quiet = await group_of(a, 'nothing said yet', made['user'])
     bot = Bot(base, made['token'], state_path=state)
     follow(bot)
     await bot.start(timeout=10)
-    heard = [await asyncio.wait_for(seen.get(), 10) for _ in range(4)]
+    heard = [await asyncio.wait_for(seen.get(), 10) for _ in range(5)]
     rooms = [got for kind, got in heard if kind == 'room']
     assert sorted(r['id'] for r in rooms) == sorted(
-        [made_group['id'], dm['message']['room_id']]), heard
+        [made_group['id'], dm['message']['room_id'], quiet['id']]), heard
     for room_id, body in ((made_group['id'], 'in the new group'),
                           (dm['message']['room_id'], 'hi bot')):
         announced = next(n for n, (kind, got) in enumerate(heard)
@@ -495,4 +496,10 @@ async def test_bot_sdk_follows_its_groups(base, tmp_path):
         assert heard.index(('message', body)) > announced, heard
     await bot.stop()
     assert seen.empty(), seen
+    # Restarted once more: nothing is new (not even the quiet group).
+    bot = Bot(base, made['token'], state_path=state)
+    follow(bot)
+    await bot.start(timeout=10)
+    await bot.stop()
+    assert seen.empty(), seen.get_nowait()
     await close(a, b)

@@ -130,6 +130,16 @@ async def test_ids_are_plain_decimal_numbers(base):
     status, body = await http(base, 'GET', '/api/rooms?limit=%EF%BC%92',
                               token)
     assert status == 400 and 'limit' in body['error']['message'], body
+    # Longer than int() reads (4,300 digits): not found / invalid, not 500;
+    # and without a token, 401 before the path is looked at.
+    long = '9' * 5000
+    for path, want in ((f'/api/rooms/{long}/messages', 404),
+                       (f'/api/rooms?limit={long}', 400)):
+        status, body = await http(base, 'GET', path, token)
+        assert status == want, (path[:30], status, body)
+    status, body = await http(base, 'POST', f'/api/rooms/{long}/messages',
+                              json={'body': 'x', 'client_msg_id': 'x'})
+    assert status == 401, body
     # Search names its missing parameter.
     status, body = await http(base, 'GET', '/api/search', token)
     assert status == 400 and body['error']['message'].startswith('q'), body

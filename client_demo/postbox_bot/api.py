@@ -134,22 +134,26 @@ class ApiMixin:
             'room_id': room_id, 'name': name}))['room']
 
     async def http(self, method, path, json=None, authenticated=True,
-                   data=None):
+                   data=None, stream=False):
         """One HTTP API request; returns ``(status, data)`` for a 2xx answer
-        (``data``: the decoded JSON, or the body's bytes when the answer is
-        not JSON, e.g. a file) and raises BotError with the server's error
-        code otherwise. ``data``: a body other than JSON (aiohttp's
-        ``FormData`` for a multipart upload)."""
+        (``data``: the decoded JSON, the body's bytes when the answer is
+        not JSON, e.g. a file, or None when there is no body) and raises
+        BotError with the server's error code otherwise. ``data``: a body
+        other than JSON (aiohttp's ``FormData`` for a multipart upload).
+        ``stream``: a file's transfer, which may take longer than
+        ``request_timeout`` as long as it never stalls that long."""
         headers = {}
         if authenticated:
             headers['Authorization'] = f'Bearer {self.token}'
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None if stream else self.request_timeout,
+            sock_read=self.request_timeout)
         async with self._session().request(
                 method, self.url + path, json=json, data=data,
                 headers=headers, timeout=timeout) as resp:
             body = await resp.read()
-            answer = body if resp.content_type != 'application/json' \
-                and resp.status < 400 else None
+            answer = body if body and resp.status < 400 and \
+                resp.content_type != 'application/json' else None
             if answer is None and body:
                 try:
                     answer = _json.loads(body)
@@ -184,7 +188,8 @@ class ApiMixin:
         form.add_field('file', body, filename=filename,
                        content_type=content_type or
                        'application/octet-stream')
-        _, answer = await self.http('POST', '/api/attachments', data=form)
+        _, answer = await self.http('POST', '/api/attachments', data=form,
+                                    stream=True)
         return answer['attachment']
 
     async def download(self, attachment_id, thumbnail=False) -> bytes:
@@ -192,8 +197,8 @@ class ApiMixin:
         thumbnail with ``thumbnail``: images only)."""
         path = f'/api/attachments/{int(attachment_id)}'
         _, body = await self.http(
-            'GET', path + ('/thumbnail' if thumbnail else ''))
-        return body
+            'GET', path + ('/thumbnail' if thumbnail else ''), stream=True)
+        return body or b''
 
     async def close(self):
         """Close the HTTP session of a Bot used only for :meth:`http`

@@ -40,6 +40,13 @@ from .webhook import WebhookMixin
 log = logging.getLogger(__name__)
 
 
+def _retrieved(task):
+    """Done callback of a task nobody awaits: its outcome is read, so
+    asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
     """A Postbox client that never misses or repeats an event.
 
@@ -279,6 +286,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
 
     async def _connect(self):
         if not self.token:
+            log.debug('logging in as %s', self.username)
             await self._login()
         if self.user is None:
             self.user = (await self.http('GET', '/api/me'))[1]['user']
@@ -289,10 +297,12 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         sio = RecoveringClient(reconnection=False, handle_sigint=False,
                                http_session=self._session())
         refused = {}
+        rejected = asyncio.Event()
 
         async def connect_error(data=None):
             if isinstance(data, dict):
                 refused.update(data)
+            rejected.set()
 
         async def disconnect(*args):
             if sio is self.sio:
@@ -334,17 +344,31 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self._disconnected.clear()
         self.sio = sio
         auth = self._auth()
+        log.debug('connecting (recovering: %s)', 'pid' in auth)
+        connecting = asyncio.create_task(sio.connect(
+            self.url, auth=auth, transports=self.transports,
+            wait_timeout=self.request_timeout))
+        refusal = asyncio.create_task(rejected.wait())
+        await asyncio.wait({connecting, refusal},
+                           return_when=asyncio.FIRST_COMPLETED)
+        refusal.cancel()
+        code = (refused.get('data') or {}).get('code') \
+            or refused.get('message')
+        if rejected.is_set():
+            # Refused: go on at once. After a refusal python-engineio's
+            # client may wait for its write loop's idle timeout (30 s)
+            # before connect() returns; it ends by itself.
+            connecting.add_done_callback(_retrieved)
+            raise BotError(code if isinstance(code, str) else 'unavailable',
+                           'connection refused')
         try:
-            await sio.connect(self.url, auth=auth,
-                              transports=self.transports,
-                              wait_timeout=self.request_timeout)
+            await connecting
         except socketio.exceptions.ConnectionError:
-            code = (refused.get('data') or {}).get('code') \
-                or refused.get('message')
             if code in ('unauthorized', 'unavailable'):
                 raise BotError(code, 'connection refused') from None
             raise
         self.connects += 1
+        log.debug('connected, %d events before the reply', len(early))
         self.recovered = 'pid' in auth and sio.pid == auth['pid']
         self._pid = sio.pid
         self.connected.set()

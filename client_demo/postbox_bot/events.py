@@ -95,6 +95,10 @@ class EventsMixin:
                 # inbox, which the catch-up after the replay reads.
                 self._deferred.add(room_id)
                 return
+            if seq == 0 and room_id in self.rooms:
+                # A new room's event the catch-up announced already (it
+                # was on its way while the inbox was read).
+                return
             if seq > 0 and payload.get('kind') == 'group':
                 # A group change, numbered like messages.
                 if room_id not in self.seqs:
@@ -155,7 +159,9 @@ class EventsMixin:
             elif new:
                 # A dm opened, or a group made with the bot in it, while
                 # the bot was away: announced as live, before its
-                # messages.
+                # messages; kept in the state from here (a room with no
+                # message yet would be new again at every restart).
+                self.seqs.setdefault(room['id'], 0)
                 await self._call_handlers('room', room)
         if not self._have_state:
             self._have_state = True

@@ -333,8 +333,12 @@ async def authenticate(ctx, token) -> dict:
 
 def token_expires(ctx, token) -> float:
     """When ``token``, which ``authenticate`` accepted, expires (unix
-    seconds): a socket's access ends then (server/transport/socket.py)."""
-    return _verified_claims(ctx.secret, token)[2]
+    seconds): a socket's access ends then (server/transport/socket.py).
+    Unauthorized if it no longer checks out."""
+    try:
+        return _verified_claims(ctx.secret, token)[2]
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise Unauthorized('invalid or expired token') from None
 
 
 async def get_user(ctx, user_id) -> dict:

@@ -19,16 +19,18 @@ SENT_PRUNE_AT = 10_000
 
 class Typing:
     """Typing state per (room, user), with the throttle that keeps a
-    chatty client from flooding a room: a ``typing: true`` is forwarded at
-    most once per ``throttle`` seconds, whatever came between (a
-    ``false`` in between does not start a new period: true, false, true
-    would otherwise forward every true). A sent message does: the next
-    message's typing shows at once."""
+    chatty client from flooding a room: a refresh of ``typing: true`` is
+    forwarded at most once per ``throttle`` seconds. After a ``false``
+    (the user cleared the box), a ``true`` shows again, but no sooner
+    than a quarter of that after the last one: true, false, true as fast
+    as the event bucket allows would otherwise forward every true. A sent
+    message ends the period: the next message's typing shows at once."""
 
     def __init__(self, throttle: float):
         self.throttle = throttle
         self._state = {}  # (room_id, user_id) -> sid, while shown typing
         self._sent = {}  # (room_id, user_id) -> monotonic time of last true
+        self._pruned = time.monotonic()
 
     def update(self, room_id, user_id, sid, typing: bool) -> bool:
         """Record a typing change; True if it should be broadcast."""
@@ -36,11 +38,14 @@ class Typing:
         if not typing:
             return self._state.pop(key, None) is not None
         now = time.monotonic()
-        if now - self._sent.get(key, -math.inf) < self.throttle:
-            if key in self._state:
+        showing = key in self._state
+        wait = self.throttle if showing else self.throttle / 4
+        if now - self._sent.get(key, -math.inf) < wait:
+            if showing:
                 self._state[key] = sid  # a refresh, from this socket now
             return False
-        if len(self._sent) >= SENT_PRUNE_AT:
+        if len(self._sent) >= SENT_PRUNE_AT and \
+                now - self._pruned >= self.throttle:
             self._prune(now)
         self._sent[key] = now
         self._state[key] = sid
@@ -48,7 +53,9 @@ class Typing:
 
     def _prune(self, now):
         """Forget the times of trues older than the throttle: they stop
-        nothing any more (the map stays as large as the active typists)."""
+        nothing any more (the map stays as large as the active typists).
+        At most once per throttle period: a scan of the whole map."""
+        self._pruned = now
         self._sent = {k: t for k, t in self._sent.items()
                       if now - t < self.throttle}
 

@@ -160,22 +160,22 @@ async def list_messages(request):
 
 async def post_message(request):
     """A message to the room in the path."""
-    return await _send(request, room_id=path_int(request, 'room_id'))
+    return await _send(request, in_path=True)
 
 
 async def post_dm(request):
     """A message to ``room_id`` or to the user ``to`` (the dm with them,
     opened if needed): the ``send_dm`` event over HTTP."""
-    return await _send(request)
+    return await _send(request, in_path=False)
 
 
-async def _send(request, room_id=None):
-    user = await current_user(request)
+async def _send(request, in_path):
+    user = await current_user(request)  # first: 401 before anything else
     data = await json_body(request)
-    if room_id is None:
-        room_id, to = data.get('room_id'), data.get('to')
+    if in_path:
+        room_id, to = path_int(request, 'room_id'), None
     else:
-        to = None
+        room_id, to = data.get('room_id'), data.get('to')
     sent = await request.app[REALTIME].send(messages.send_message(
         request.app[CTX], user['id'], data.get('body'),
         data.get('client_msg_id'), room_id=room_id, to=to,

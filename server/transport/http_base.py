@@ -190,12 +190,17 @@ def request_address(request):
     return client_address(request, request.app[CTX].config.trusted_proxies)
 
 
+# More digits than any 64-bit integer has (int() refuses past 4,300).
+MAX_DIGITS = 19
+
+
 def _decimal(text):
     """``text`` as an int if it is written as one in ASCII digits (an
     optional minus first), else None. Python's int() also takes "1_0",
     " 1", "+1" and other scripts' digits ("１"): one id, many URLs."""
     digits = text[1:] if text[:1] == '-' else text
-    if not (digits.isascii() and digits.isdigit()):
+    if not (digits.isascii() and digits.isdigit()) or \
+            len(digits) > MAX_DIGITS:
         return None
     return int(text)
 

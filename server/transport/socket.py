@@ -68,6 +68,10 @@ async def disconnect_expired(sio, sockets):
     while not cancelled():  # not while True: see server/tasks.py
         await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
         for sid in sockets.expired(time.time()):
+            if not sio.manager.is_connected(sid, '/'):
+                # Its connect failed after it was added: nothing to close.
+                sockets.remove(sid)
+                continue
             log.info('disconnect: token expired', extra={'sid': sid})
             try:
                 await sio.disconnect(sid)
@@ -158,6 +162,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         token = auth_data.get('token') if isinstance(auth_data, dict) else None
         try:
             user = await auth.authenticate(ctx, token)
+            expires = auth.token_expires(ctx, token)
         except Unauthorized:
             log.info('connection refused: unauthorized',
                      extra={'sid': sid, 'ip': ip})
@@ -176,7 +181,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                      extra={'user_id': user['id'], 'sid': sid, 'ip': ip})
             raise refuse('rate_limited', str(exc))
         sockets.ips[sid] = ip
-        sockets.add(sid, user, auth.token_expires(ctx, token))
+        sockets.add(sid, user, expires)
         recovery = sio.recovery if sio.recovery is not None and \
             sio.recovery.opted_in(auth_data) else None
         if recovery is not None:  # holds live events until resume

@@ -52,16 +52,24 @@ COPIED = {
 TEXT_BYTES_FROM = 16 * 1024
 
 BINARY = (packet.BINARY_EVENT, packet.BINARY_ACK)
+# Longest text checked for lone surrogates (a message body is at most
+# 4,000 characters: its event, escaped, well under this).
+SURROGATE_CHECK_MAX = 64 * 1024
 
 
 def _lone_surrogate(exc: ValueError) -> bool:
     """Whether orjson refused its text (``exc.doc``) only for a lone
     surrogate escape: the text is JSON all the same (the stdlib reads
-    it), or a nesting too deep for the stdlib too."""
-    if 'surrogate' not in str(exc) or not getattr(exc, 'doc', None):
+    it), or a nesting too deep for the stdlib too. Only for a text of at
+    most SURROGATE_CHECK_MAX characters: the stdlib parses ten times
+    slower than orjson, before the event spends a token. A longer one
+    is malformed (no event that long is valid anyway)."""
+    doc = getattr(exc, 'doc', None)
+    if 'surrogate' not in str(exc) or not doc or \
+            len(doc) > SURROGATE_CHECK_MAX:
         return False
     try:
-        json.loads(exc.doc)
+        json.loads(doc)
     except ValueError:
         return False  # not JSON anyway: malformed
     except RecursionError:
