@@ -107,6 +107,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self._state_user_id = None
         self._dispatcher = None
         self._runner = None
+        self._abandoned = set()  # refused connects still closing
         self._http = None           # aiohttp session while running
         self._load_state()
 
@@ -232,6 +233,8 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                     pass
         finally:
             await self._finish_dispatcher()
+            for task in list(self._abandoned):
+                task.cancel()  # nothing to wait for: it was refused
             self.connected.clear()
             self.ready.clear()
             if self.sio is not None and self.sio.connected:
@@ -358,6 +361,8 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
             # Refused: go on at once. After a refusal python-engineio's
             # client may wait for its write loop's idle timeout (30 s)
             # before connect() returns; it ends by itself.
+            self._abandoned.add(connecting)
+            connecting.add_done_callback(self._abandoned.discard)
             connecting.add_done_callback(_retrieved)
             raise BotError(code if isinstance(code, str) else 'unavailable',
                            'connection refused')
