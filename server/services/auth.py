@@ -313,10 +313,7 @@ async def authenticate(ctx, token) -> dict:
     Returns the public user dict; raises Unauthorized."""
     if not isinstance(token, str) or not token:
         raise Unauthorized('missing token')
-    try:
-        user_id, issued_ms, expires = _verified_claims(ctx.secret, token)
-    except (jwt.PyJWTError, ValueError, TypeError):
-        raise Unauthorized('invalid or expired token') from None
+    user_id, issued_ms, expires = _claims(ctx, token)
     if expires <= time.time() or not 0 < user_id < 2**63:
         # Expiry as jwt.decode checks it, on every use; an id no row can
         # have (only a holder of the secret could sign one).
@@ -335,8 +332,14 @@ def token_expires(ctx, token) -> float:
     """When ``token``, which ``authenticate`` accepted, expires (unix
     seconds): a socket's access ends then (server/transport/socket.py).
     Unauthorized if it no longer checks out."""
+    return _claims(ctx, token)[2]
+
+
+def _claims(ctx, token) -> tuple:
+    """``_verified_claims`` of ``token``; Unauthorized if it does not
+    check out."""
     try:
-        return _verified_claims(ctx.secret, token)[2]
+        return _verified_claims(ctx.secret, token)
     except (jwt.PyJWTError, ValueError, TypeError):
         raise Unauthorized('invalid or expired token') from None
 

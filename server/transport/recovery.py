@@ -63,22 +63,6 @@ OFFSET_EVENT = 'offset'  # a fresh session's first event: offset "0"
 _ROOM_PREFIX = 'room:'
 
 
-def _key(event, data):
-    """What a send is recorded as: its log event (``event_key``), or for a
-    ``room`` event that is not in the log (a new dm's, a new group's)
-    ``(room id, 0)``. No log event has seq 0: it folds into the room's
-    marks at 0, so the session knows the client heard of the room (a
-    recovery does not send it again; a live copy of a replayed one is a
-    duplicate)."""
-    key = event_key(event, data)
-    if key is None and event == 'room' and isinstance(data, dict):
-        try:
-            return int(data['id']), 0
-        except (KeyError, TypeError, ValueError):
-            pass
-    return key
-
-
 class Recovery:
     """Recovery sessions of this process: live ones by sid, frozen ones by
     pid. ``server`` is the Socket.IO server (sends and rooms), ``ctx`` the
@@ -141,7 +125,7 @@ class Recovery:
         """Send with the next offset, recorded as the log event ``key``
         (by default worked out from the payload)."""
         if key is False:
-            key = _key(event, data)
+            key = event_key(event, data)
         offset = session.record(key, self.keep)
         try:
             await self.server.send_eio_packet(
@@ -159,7 +143,7 @@ class Recovery:
         if session.buffer is not None:
             session.buffer.append((event, data))
             return True
-        key = _key(event, data)
+        key = event_key(event, data)
         if session.has_sent(key):
             # Already replayed: its live copy was still on the way when
             # the replay read the log (the send's emit follows its
@@ -265,7 +249,7 @@ class Recovery:
         # (or, for a live event that arrives twice, the buffer) sent.
         while session.buffer:
             event, data = session.buffer.pop(0)
-            key = _key(event, data)
+            key = event_key(event, data)
             if session.has_sent(key):
                 self.metrics.recovery_duplicates.inc()
             else:
@@ -326,7 +310,7 @@ class Recovery:
     async def _new_room(self, room_id, last_seq):
         """The replayed ``room`` event of a room new to the session, with
         ``last_seq`` given. Not a log event: it is recorded as ``(room,
-        0)`` (see ``_key``)."""
+        0)`` (see ``event_key``)."""
         from server.services import rooms  # noqa: the services layer
         info = await rooms.room_info(self.ctx, room_id)
         room = await self.ctx.store.read(rooms.room_dict, self.ctx, info,

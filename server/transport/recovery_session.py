@@ -19,8 +19,12 @@ def plain_payload(event, data):
 
 
 def event_key(event, data):
-    """The log event ``(room_id, seq)`` an emitted event is, or None for
-    one that is not in the log (a new dm's or a new group's ``room``)."""
+    """The log event ``(room_id, seq)`` an emitted event is; for a
+    ``room`` event that is not in the log (a new dm's, a new group's)
+    ``(room_id, 0)``. No log event has seq 0: it folds into the room's
+    marks at 0, so the session knows the client heard of the room (a
+    recovery does not send it again; a live copy of a replayed one is a
+    duplicate). None for anything else."""
     if not isinstance(data, dict):
         return None
     try:
@@ -33,7 +37,7 @@ def event_key(event, data):
             # seq as last_seq. A new group (last_seq 0) and dms are not.
             if data.get('kind') == 'group' and data.get('last_seq'):
                 return int(data['id']), int(data['last_seq'])
-            return None
+            return int(data['id']), 0
         if event == 'room_left' and data.get('seq'):
             return int(data['room_id']), int(data['seq'])
     except (KeyError, TypeError, ValueError):
