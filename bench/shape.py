@@ -11,10 +11,13 @@ on a copy of it (``python -m server``, default durability), and drives each
 documented path with real Socket.IO / HTTP clients on loopback. Prints, per
 path: operations per second, server CPU per operation (utime + stime of the
 server process, all threads, and of its writer process), and
-client-observed latency p50/p99. The read paths run one request at a time,
-so their latency is the server's time plus a loopback round trip; the send
-paths keep ``--inflight`` sends in flight (the same for every send path, so
-their CPU per message compares).
+client-observed latency p50/p99. The read paths and the other writes and
+events (read markers, edits, deletes, reactions, typing, presence, group
+changes, mutes, blocks) run one request at a time, so their latency is the
+server's time plus a loopback round trip; the send paths keep
+``--inflight`` sends in flight (the same for every send path, so their CPU
+per message compares). Every answer is checked: a path whose answers are
+wrong shows as FAILED, not as fast.
 
 The seeded database is cached under ``bench/.cache/`` (keyed by its shape
 and the schema version), so later runs skip the seeding (about a minute at
@@ -266,6 +269,25 @@ def token(user_id):
                        'exp': int(now) + 86400}, SECRET, algorithm='HS256')
 
 
+def name(user_id) -> str:
+    """The seeded username of a user id."""
+    return f'user{user_id}'
+
+
+def expect(condition, what):
+    """A wrong answer fails the path (RuntimeError) instead of timing it."""
+    if not condition:
+        raise RuntimeError(what)
+
+
+def in_room(room, user_id) -> bool:
+    return any(m['id'] == user_id for m in room['members'])
+
+
+def search_query(i) -> str:
+    return f'{WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]}'
+
+
 # --------------------------------------------------------------------------
 # The paths
 
@@ -280,6 +302,8 @@ class Bench:
         self.args = args
         self.session = None
         self.rng = random.Random(11)
+        self.picks = random.Random(13)  # strangers (group members to be)
+        self.tokens = {}
 
     def query(self, sql, params=()):
         conn = sqlite3.connect(f'file:{self.db_path}?mode=ro', uri=True)
@@ -287,6 +311,46 @@ class Bench:
             return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
+
+    def members(self, room, limit):
+        """The room's first ``limit`` members (a group's owner first)."""
+        return [u for (u,) in self.query(
+            'SELECT user_id FROM membership WHERE room_id = ? '
+            'ORDER BY id LIMIT ?', (room, limit))]
+
+    def bearer(self, user):
+        if user not in self.tokens:
+            self.tokens[user] = token(user)
+        return self.tokens[user]
+
+    async def client(self, user):
+        """A connected client of ``user``, connected on first use."""
+        if user not in self.clients:
+            self.clients[user] = await load.RawClient(
+                self.session, self.url, self.bearer(user),
+                deflate=False).connect()
+        return self.clients[user]
+
+    async def http(self, method, path, user, status=200, **kwargs):
+        """One HTTP request as ``user`` (``json=``, ``params=``): the body,
+        bytes. RuntimeError unless the status is ``status``."""
+        async with self.session.request(
+                method, self.url + path, **kwargs,
+                headers={'Authorization': 'Bearer ' + self.bearer(user)}
+        ) as r:
+            body = await r.read()
+            if r.status != status:
+                raise RuntimeError(f'{method} {path}: {r.status} '
+                                   f'{body[:200]!r}')
+            return body
+
+    def dm_partners(self, user, limit):
+        """Users with whom ``user`` has a dm."""
+        return [u for (u,) in self.query(
+            'SELECT b.user_id FROM membership a JOIN room r ON r.id = '
+            "a.room_id AND r.kind = 'dm' JOIN membership b ON b.room_id = "
+            'r.id AND b.user_id != a.user_id WHERE a.user_id = ? LIMIT ?',
+            (user, limit))]
 
     async def setup(self):
         self.session = load.new_session()
@@ -302,19 +366,12 @@ class Bench:
             "SELECT r.id FROM room r WHERE r.kind = 'group' AND "
             '(SELECT COUNT(*) FROM membership m WHERE m.room_id = r.id) '
             '>= 200 LIMIT ?', (self.args.senders,))]
-        self.group_members = {
-            g: [u for (u,) in self.query(
-                'SELECT user_id FROM membership WHERE room_id = ? '
-                'ORDER BY id LIMIT 1', (g,))] for g in self.groups}
+        self.group_members = {g: self.members(g, 1) for g in self.groups}
         self.clients = {}
         for _, a, _ in self.pairs:
-            self.clients[a] = await load.RawClient(
-                self.session, self.url, token(a), deflate=False).connect()
+            await self.client(a)
         for g in self.groups:
-            u = self.group_members[g][0]
-            if u not in self.clients:
-                self.clients[u] = await load.RawClient(
-                    self.session, self.url, token(u), deflate=False).connect()
+            await self.client(self.group_members[g][0])
         self.whale = await load.RawClient(
             self.session, self.url, token(WHALE), deflate=False).connect()
         self.searcher = await load.RawClient(
@@ -350,7 +407,11 @@ class Bench:
                 specs.append((client, lambda i, r=room, ids=ids:
                               {'room_id': r, 'attachments': [ids[i]]}))
             elif path == 'send_http':
-                specs.append((a, lambda i, r=room: r))
+                specs.append((a, lambda i, r=room:
+                              (f'/api/rooms/{r}/messages', {})))
+            elif path == 'send_http_to':
+                specs.append((a, lambda i, b=b:
+                              ('/api/messages', {'to': name(b)})))
         if path == 'send_group':
             for g in self.groups:
                 client = self.clients[self.group_members[g][0]]
@@ -387,26 +448,20 @@ class Bench:
             await client.call('send_dm', data)
             latencies.append(time.perf_counter() - start)
 
-        async def one_http(user, room, i):
+        async def one_http(user, payload, i):
+            url, fields = payload(i)
             start = time.perf_counter()
-            async with self.session.post(
-                    f'{self.url}/api/rooms/{room}/messages',
-                    json={'body': body, 'client_msg_id': uuid.uuid4().hex},
-                    headers={'Authorization': 'Bearer ' + tokens[user]}) as r:
-                await r.read()
-                if r.status != 201:
-                    raise RuntimeError(f'http send: {r.status}')
+            await self.http('POST', url, user, 201, json={
+                **fields, 'body': body, 'client_msg_id': uuid.uuid4().hex})
             latencies.append(time.perf_counter() - start)
-
-        tokens = {a: token(a) for _, a, _ in self.pairs}
 
         async def sender(client, payload):
             sem = asyncio.Semaphore(inflight)
 
             async def slot(i):
                 async with sem:
-                    if path == 'send_http':
-                        await one_http(client, payload(i), i)
+                    if path in HTTP_SENDS:
+                        await one_http(client, payload, i)
                     else:
                         await one_socket(client, payload, i)
             await asyncio.gather(*(slot(i) for i in range(per)))
@@ -417,7 +472,6 @@ class Bench:
     # -- reads: one request at a time ---------------------------------
 
     async def run_reads(self, path, count):
-        latencies = []
         whale_rooms = self.whale_rooms
         known = None
         if path in ('sync_whale',):
@@ -438,16 +492,12 @@ class Bench:
             if path == 'rooms_typical':
                 return await self.clients[self.typical].call('rooms', {})
             if path == 'rooms_http':
-                async with self.session.get(
-                        self.url + '/api/rooms',
-                        headers={'Authorization': 'Bearer ' + whale_token}
-                ) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f'GET /api/rooms: {r.status}')
-                    return
+                return await self.http('GET', '/api/rooms', WHALE)
             if path == 'history':
                 return await self.whale.call('history', {'room_id': room})
+            if path == 'history_http':
+                return await self.http('GET', f'/api/rooms/{room}/messages',
+                                       WHALE)
             if path == 'join_room':
                 return await self.whale.call('join_room', {'room_id': room})
             if path == 'open_dm':
@@ -460,24 +510,293 @@ class Bench:
                 return await self.clients[self.typical].call(
                     'sync', {'rooms': {}})
             if path == 'search':
-                word = WORDS[i % len(WORDS)]
                 return await self.searcher.call(
-                    'search', {'query': f'{word} {WORDS[(i * 7) % len(WORDS)]}'})
+                    'search', {'query': search_query(i)})
+            if path == 'search_http':
+                return await self.http('GET', '/api/search', SEARCHER,
+                                       params={'q': search_query(i)})
             raise ValueError(path)
 
-        whale_token = token(WHALE)
-        partners = [u for (u,) in self.query(
-            'SELECT b.user_id FROM membership a JOIN room r ON r.id = '
-            "a.room_id AND r.kind = 'dm' JOIN membership b ON b.room_id = "
-            'r.id AND b.user_id != a.user_id WHERE a.user_id = ? LIMIT ?',
-            (WHALE, count))] if path == 'open_dm' else []
+        partners = self.dm_partners(WHALE, count) if path == 'open_dm' \
+            else []
+        return await self._sequential(op, count)
 
-        async def sequential():
+    async def _sequential(self, op, count):
+        """Measure ``op(i)`` for i in range(count), one at a time."""
+        latencies = []
+
+        async def work():
             for i in range(count):
                 start = time.perf_counter()
                 await op(i)
                 latencies.append(time.perf_counter() - start)
-        return await self._measure(sequential, count, latencies)
+        return await self._measure(work, count, latencies)
+
+    # -- other writes and events: one at a time, every answer checked --
+    #
+    # prepare_<path>(count) does a path's setup (not measured) and returns
+    # its op(i), i in range(count). Writes can be repeated: each marks,
+    # edits or deletes another message, reactions, mutes and blocks go on
+    # and off in turn, each add or removal is of another user.
+
+    async def run_writes(self, path, count):
+        op = await getattr(self, 'prepare_' + path)(count)
+        return await self._sequential(op, count)
+
+    def big_group(self, k):
+        """The k-th group of 200+ members that ``setup`` found, and its
+        owner (connected). Each path that adds members has a group of its
+        own; the others use group 0, which keeps its seeded members."""
+        group = self.groups[k % len(self.groups)]
+        return group, self.group_members[group][0]
+
+    def busiest_big_group(self):
+        """The group of 200+ members with the most messages."""
+        return self.query(
+            "SELECT r.id FROM room r WHERE r.kind = 'group' AND "
+            '(SELECT COUNT(*) FROM membership m WHERE m.room_id = r.id) '
+            '>= 200 ORDER BY r.last_seq DESC LIMIT 1')[0][0]
+
+    def strangers(self, count, exclude=()):
+        """``count`` distinct random users outside ``exclude`` (never the
+        whale or the searcher: they are in too many rooms to be added)."""
+        taken = {WHALE, SEARCHER, *exclude}
+        found = []
+        while len(found) < count:
+            user = self.picks.randint(1, self.args.users)
+            if user not in taken:
+                taken.add(user)
+                found.append(user)
+        return found
+
+    async def _fill(self, user, room, count):
+        """``user`` sends ``count`` messages to ``room``: their seqs."""
+        client = await self.client(user)
+        acks = await load.gather_limited([client.call('send_dm', {
+            'room_id': room, 'body': f'unread {i}',
+            'client_msg_id': uuid.uuid4().hex}) for i in range(count)],
+            self.args.inflight)
+        return sorted(a['message']['seq'] for a in acks)
+
+    async def _mark_read(self, room, writer, reader, count):
+        """``writer`` sends ``count`` messages; then each op is ``reader``,
+        with the room open, reading one more of them (the marker moves and
+        ``read`` goes out every time)."""
+        seqs = await self._fill(writer, room, count)
+        client = await self.client(reader)
+        await client.call('join_room', {'room_id': room})
+
+        async def op(i):
+            r = await client.call('mark_read', {'room_id': room,
+                                                'seq': seqs[i]})
+            expect(r['seq'] == seqs[i] and r['unread'] == count - 1 - i,
+                   f'mark_read to {seqs[i]}: {r}')
+        return op
+
+    async def prepare_mark_read_dm(self, count):
+        room, writer, reader = self.pairs[0]
+        return await self._mark_read(room, writer, reader, count)
+
+    async def prepare_mark_read_group(self, count):
+        group, _ = self.big_group(0)
+        writer, reader = self.members(group, 2)
+        return await self._mark_read(group, writer, reader, count)
+
+    def biggest_room(self):
+        """The room with the most messages (a dm, in the seeded shape) and
+        its first two members."""
+        room = self.query('SELECT id FROM room ORDER BY last_seq DESC '
+                          'LIMIT 1')[0][0]
+        return room, self.members(room, 2)
+
+    def own_messages(self, room, sender, count):
+        """``sender``'s latest ``count`` messages in ``room``, newest
+        first."""
+        ids = [m for (m,) in self.query(
+            'SELECT id FROM message WHERE room_id = ? AND sender_id = ? '
+            'AND deleted = 0 ORDER BY seq DESC LIMIT ?',
+            (room, sender, count))]
+        expect(len(ids) == count, f'room {room} has {len(ids)} messages '
+               f'of user{sender}, {count} wanted')
+        return ids
+
+    async def prepare_edit_message(self, count):
+        room, (editor, _) = self.biggest_room()
+        ids = self.own_messages(room, editor, count)
+        client = await self.client(editor)
+
+        async def op(i):
+            body = f'edited {i}: real-world shape'
+            r = await client.call('edit_message', {'message_id': ids[i],
+                                                   'body': body})
+            expect(r['message']['body'] == body, f'edit_message: {r}')
+        return op
+
+    async def prepare_delete_message(self, count):
+        room, (_, deleter) = self.biggest_room()
+        ids = self.own_messages(room, deleter, count)
+        client = await self.client(deleter)
+
+        async def op(i):
+            r = await client.call('delete_message', {'message_id': ids[i]})
+            expect(r['message']['deleted'] is True, f'delete_message: {r}')
+        return op
+
+    async def prepare_react(self, count):
+        """The owner of the busiest big group reacts on its messages, newest
+        first: op 2k puts a reaction on message k, op 2k+1 takes it off."""
+        group = self.busiest_big_group()
+        ids = [m for (m,) in self.query(
+            'SELECT id FROM message WHERE room_id = ? AND deleted = 0 '
+            'ORDER BY seq DESC', (group,))]
+        user = self.members(group, 1)[0]
+        client = await self.client(user)
+
+        async def op(i):
+            on = i % 2 == 0
+            message = ids[i // 2 % len(ids)]
+            r = await client.call('react', {'message_id': message,
+                                            'emoji': '👍', 'on': on})
+            expect((user in r['message']['reactions'].get('👍', ())) == on,
+                   f'react {on}: {r}')
+        return op
+
+    async def _typing(self, typists):
+        """Op 2k is typist k's ``typing: true`` in its room, op 2k+1 its
+        ``false``: a (room, user) not seen before each time, so the
+        throttle forwards every one, as it does a first keystroke and its
+        end. ``typists``: (client, room). Before the window each sends a
+        ``false`` there (forwards nothing), as a client that opened the
+        room would have loaded it."""
+        for client, room in typists:
+            await client.call('typing', {'room_id': room, 'typing': False})
+
+        async def op(i):
+            client, room = typists[i // 2]
+            await client.call('typing', {'room_id': room,
+                                         'typing': i % 2 == 0})
+        return op
+
+    async def prepare_typing_dm(self, count):
+        rooms = [r for (r,) in self.query(
+            'SELECT m.room_id FROM membership m JOIN room r ON r.id = '
+            "m.room_id WHERE m.user_id = ? AND r.kind = 'dm' LIMIT ?",
+            (WHALE, (count + 1) // 2))]
+        return await self._typing([(self.whale, r) for r in rooms])
+
+    async def prepare_typing_group(self, count):
+        group = self.busiest_big_group()
+        members = self.members(group, (count + 1) // 2)
+        expect(len(members) * 2 >= count, f'group {group}: too few members')
+        return await self._typing([(await self.client(u), group)
+                                   for u in members])
+
+    async def prepare_presence(self, count):
+        """The whale asks for 50 of its dm partners at a time."""
+        partners = self.dm_partners(WHALE, 50 * count)
+
+        async def op(i):
+            names = [name(partners[(i * 50 + j) % len(partners)])
+                     for j in range(50)]
+            r = await self.whale.call('presence', {'usernames': names})
+            expect(len(r['presence']) == 50, f'presence: {len(r["presence"])}'
+                   ' of 50 answered')
+        return op
+
+    async def prepare_create_group(self, count):
+        """Each sender in turn creates a group with 50 random users."""
+        creators = [a for _, a, _ in self.pairs]
+        lists = [self.strangers(50, creators) for _ in range(count)]
+
+        async def op(i):
+            client = self.clients[creators[i % len(creators)]]
+            r = await client.call('create_group', {
+                'name': f'shape group {i}',
+                'members': [name(u) for u in lists[i]]})
+            expect(len(r['room']['members']) == 51,
+                   f'create_group: {len(r["room"]["members"])} members')
+        return op
+
+    async def _add_members(self, k, count, http):
+        """The owner of big group ``k`` adds another user at each op."""
+        group, owner = self.big_group(k)
+        users = self.strangers(count, self.members(group, 10_000))
+        client = await self.client(owner)
+
+        async def op(i):
+            payload = {'members': [name(users[i])]}
+            if http:
+                room = json.loads(await self.http(
+                    'POST', f'/api/rooms/{group}/members', owner,
+                    json=payload))['room']
+            else:
+                room = (await client.call('add_members', {
+                    'room_id': group, **payload}))['room']
+            expect(in_room(room, users[i]), f'user{users[i]} not added')
+        return op
+
+    async def prepare_add_members(self, count):
+        return await self._add_members(1, count, http=False)
+
+    async def prepare_add_members_http(self, count):
+        return await self._add_members(2, count, http=True)
+
+    async def prepare_remove_member(self, count):
+        """``count`` users are added to a big group at once, then its owner
+        removes one at each op."""
+        group, owner = self.big_group(3)
+        users = self.strangers(count, self.members(group, 10_000))
+        client = await self.client(owner)
+        await client.call('add_members', {
+            'room_id': group, 'members': [name(u) for u in users]})
+
+        async def op(i):
+            r = await client.call('remove_member', {
+                'room_id': group, 'username': name(users[i])})
+            expect(not in_room(r['room'], users[i]),
+                   f'user{users[i]} not removed')
+        return op
+
+    async def prepare_rename_group(self, count):
+        group, owner = self.big_group(0)
+        client = await self.client(owner)
+
+        async def op(i):
+            r = await client.call('rename_group', {'room_id': group,
+                                                   'name': f'renamed {i}'})
+            expect(r['room']['name'] == f'renamed {i}', f'rename: {r}')
+        return op
+
+    async def prepare_mute_room(self, count):
+        """A big group's owner mutes it and unmutes it, in turn."""
+        group, owner = self.big_group(0)
+        client = await self.client(owner)
+
+        async def op(i):
+            await client.call('mute_room', {'room_id': group,
+                                            'muted': i % 2 == 0})
+        return op
+
+    async def prepare_leave_room(self, count):
+        """The whale joins ``count`` of its rooms, then leaves one at each
+        op."""
+        rooms = self.whale_rooms[:count]
+        for room in rooms:
+            await self.whale.call('join_room', {'room_id': room})
+
+        async def op(i):
+            await self.whale.call('leave_room', {'room_id': rooms[i]})
+        return op
+
+    async def prepare_block_unblock(self, count):
+        """A sender blocks its dm partner and unblocks them, in turn."""
+        _, user, other = self.pairs[-1]
+        client = await self.client(user)
+
+        async def op(i):
+            await client.call('block' if i % 2 == 0 else 'unblock',
+                              {'username': name(other)})
+        return op
 
     async def _measure(self, work, count, latencies):
         pid = self.server.pid
@@ -493,11 +812,18 @@ class Bench:
                 'p99_ms': load.percentile(latencies, 99) * 1000}
 
 
-SEND_PATHS = ['send_room', 'send_to', 'send_http', 'send_attach',
-              'send_reply', 'send_group']
+SEND_PATHS = ['send_room', 'send_to', 'send_http', 'send_http_to',
+              'send_attach', 'send_reply', 'send_group']
+HTTP_SENDS = ('send_http', 'send_http_to')
 READ_PATHS = ['rooms_whale', 'rooms_whale_page', 'rooms_typical',
-              'rooms_http', 'history', 'join_room', 'open_dm', 'sync_whale',
-              'sync_fresh', 'search']
+              'rooms_http', 'history', 'history_http', 'join_room', 'open_dm',
+              'sync_whale', 'sync_fresh', 'search', 'search_http']
+# The other writes and events, one at a time (Bench.prepare_<path>).
+OTHER_PATHS = ['mark_read_dm', 'mark_read_group', 'edit_message',
+               'delete_message', 'react', 'typing_dm', 'typing_group',
+               'presence', 'create_group', 'add_members', 'add_members_http',
+               'remove_member', 'rename_group', 'mute_room', 'leave_room',
+               'block_unblock']
 
 
 async def supports(client, event, data):
@@ -535,10 +861,10 @@ async def run_once(args, db_path, workdir, paths):
                     except (load.CallError, RuntimeError):
                         pass  # its measured run says what is wrong
             for path in paths:
-                if path == 'search' and not await supports(
+                if path in ('search', 'search_http') and not await supports(
                         bench.searcher, 'search', {'query': 'hello'}):
-                    print('  search: not supported by this server, skipped',
-                          flush=True)
+                    print(f'  {path}: not supported by this server, '
+                          'skipped', flush=True)
                     continue
                 if path == 'rooms_whale_page' and not await supports(
                         bench.whale, 'rooms', {'limit': 50}):
@@ -546,8 +872,10 @@ async def run_once(args, db_path, workdir, paths):
                 try:
                     if path in SEND_PATHS:
                         r = await bench.run_sends(path, args.sends)
-                    else:
+                    elif path in READ_PATHS:
                         r = await bench.run_reads(path, args.reads)
+                    else:
+                        r = await bench.run_writes(path, args.reads)
                 except (load.CallError, RuntimeError) as exc:
                     print(f'  {path:17} FAILED: {str(exc)[:200]}', flush=True)
                     results[path] = {'error': str(exc)[:200]}
@@ -568,14 +896,9 @@ def median_of(runs, path, key):
     return statistics.median(values) if values else None
 
 
-def report(args, runs, paths, shape_note):
-    lines = ['# Real-world-shape benchmark', '',
-             f'`python bench/shape.py` — {shape_note}; '
-             f'{len(runs)} repeat(s), medians. Server CPU is the whole '
-             'process (event loop, writer and readers). Sends keep '
-             f'{args.inflight} in flight over {args.senders} senders; reads '
-             'run one at a time (latency = server time + loopback).', '',
-             '| path | ops/s | server CPU/op (us) | p50 (ms) | p99 (ms) |',
+def table(runs, paths) -> list:
+    """The report's table of ``paths``: medians, or the first error."""
+    lines = ['| path | ops/s | server CPU/op (us) | p50 (ms) | p99 (ms) |',
              '|---|---:|---:|---:|---:|']
     for path in paths:
         errors = [r[path]['error'] for r in runs if 'error' in r.get(path, {})]
@@ -589,6 +912,23 @@ def report(args, runs, paths, shape_note):
             f'{median_of(runs, path, "cpu_us"):.0f} | '
             f'{median_of(runs, path, "p50_ms"):.1f} | '
             f'{median_of(runs, path, "p99_ms"):.1f} |')
+    return lines
+
+
+def report(args, runs, paths, shape_note):
+    lines = ['# Real-world-shape benchmark', '',
+             f'`python bench/shape.py` — {shape_note}; '
+             f'{len(runs)} repeat(s), medians. Server CPU is the whole '
+             'process (event loop, writer and readers). Sends keep '
+             f'{args.inflight} in flight over {args.senders} senders; reads '
+             'run one at a time (latency = server time + loopback).', '']
+    lines += table(runs, [p for p in paths if p not in OTHER_PATHS])
+    others = [p for p in paths if p in OTHER_PATHS]
+    if others:
+        lines += ['', 'Other writes and events, one at a time as the reads '
+                  f'({args.reads} of each; a write waits for its own '
+                  'commit, with no other write to share it):', '']
+        lines += table(runs, others)
     sends = {p: median_of(runs, p, 'cpu_us') for p in SEND_PATHS
              if p != 'send_group' and median_of(runs, p, 'cpu_us')}
     if sends:
@@ -640,7 +980,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     load.raise_nofile()
-    paths = SEND_PATHS + READ_PATHS
+    paths = SEND_PATHS + READ_PATHS + OTHER_PATHS
     if args.only:
         wanted = args.only.split(',')
         unknown = set(wanted) - set(paths)
