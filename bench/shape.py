@@ -26,7 +26,6 @@ the default shape). Writes ``bench/results/shape.md`` and ``shape.json``.
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import sqlite3

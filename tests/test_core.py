@@ -390,6 +390,37 @@ async def test_typing_stops_when_the_typist_sends_over_http(base):
     await b.close()
 
 
+async def test_reading_on_one_device_clears_unread_on_the_others(base):
+    alice, bob, a, b, room = await pair(base)
+    b_phone = await connect(base, b.token)
+    for i in range(2):
+        await a.call('send_dm', {'room_id': room['id'], 'body': f'm{i}',
+                                 'client_msg_id': f'd{i}'})
+    await a.call('join_room', {'room_id': room['id']})
+    assert (await b.call('join_room', {'room_id': room['id']}))['ok']
+    ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 1})
+    assert ack['unread'] == 1
+    mine = {'room_id': room['id'], 'user_id': bob['id'], 'seq': 1,
+            'unread': 1}
+    # Bob's phone never joined the room, and hears it with his count; his
+    # reading socket (joined) hears it once.
+    assert await b_phone.next('read') == mine
+    assert await b.next('read') == mine
+    await b.nothing('read', 0.3)
+    # Alice hears the marker, never bob's count.
+    assert await a.next('read') == {'room_id': room['id'],
+                                    'user_id': bob['id'], 'seq': 1}
+    # Muting is bob's on every device too.
+    assert (await b_phone.call('mute_room', {'room_id': room['id'],
+                                             'muted': True}))['ok']
+    for client in (b, b_phone):
+        assert await client.next('muted') == {'room_id': room['id'],
+                                              'muted': True}
+    await a.nothing('muted', 0.3)
+    for client in (a, b, b_phone):
+        await client.close()
+
+
 async def test_unread_and_mark_read(base):
     alice, bob, a, b, room = await pair(base)
     for i in range(3):
@@ -407,6 +438,7 @@ async def test_unread_and_mark_read(base):
     assert ack['ok'] and ack['unread'] == 1
     read = await a.next('read')
     assert read == {'room_id': room['id'], 'user_id': bob['id'], 'seq': 2}
+    assert await b.next('read') == {**read, 'unread': 1}
     ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 1})
     assert ack['unread'] == 1  # never moves back
     ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 999})

@@ -73,6 +73,11 @@ async def test_a_blocker_coming_and_going_is_not_announced_to_the_blocked(
         'name': 'team', 'members': [bob['username'], carol['username']]})
     assert ack['ok'], ack
     assert (await c.call('block', {'username': alice['username']}))['ok']
+    # Alice saw carol online: the block hides that at once, the last seen
+    # time included.
+    hidden = await a.next('presence', 10, where=about(carol))
+    assert (hidden['online'], hidden['last_seen']) == (False, None)
+    await b.nothing('presence', 0.3, where=about(carol))
     await c.close()
     offline = await b.next('presence', 10, where=about(carol))
     assert offline['online'] is False
@@ -87,6 +92,31 @@ async def test_a_blocker_coming_and_going_is_not_announced_to_the_blocked(
     assert gone['online'] is False
     await b.close()
     await c.close()
+
+
+async def test_unblocking_shows_presence_again_to_room_mates_only(urls):
+    (alice, a), (bob, b), (stranger, s) = await people(urls, 3)
+    assert (await a.call('open_dm', {'username': bob['username']}))['ok']
+    for blocked in (bob, stranger):
+        assert (await a.call('block', {'username': blocked['username']}))[
+            'ok']
+    assert (await b.next('presence', 10, where=about(alice)))[
+        'online'] is False
+    for blocked in (bob, stranger):
+        assert (await a.call('unblock', {'username': blocked['username']}))[
+            'ok']
+    shown = await b.next('presence', 10, where=about(alice))
+    assert shown['online'] is True and shown['last_seen']
+    # The stranger shares no room with alice: told nothing either time, so
+    # a block does not tell them that alice exists.
+    await s.nothing('presence', 0.5, where=about(alice))
+    # Blocking twice hides nothing more: no second event.
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    await b.next('presence', 10, where=about(alice))
+    assert (await a.call('block', {'username': bob['username']}))['ok']
+    await b.nothing('presence', 0.5, where=about(alice))
+    for client in (a, b, s):
+        await client.close()
 
 
 async def test_presence_asks_about_at_most_100_usernames(urls):

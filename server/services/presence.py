@@ -39,6 +39,21 @@ async def query(ctx, user_id, usernames) -> dict:
             for name, uid in ids.items()}
 
 
+async def set_block(ctx, user, username, on: bool):
+    """Block (or unblock) ``username`` as ``rooms.set_block`` does, and say
+    what the other user is to hear of ``user``'s presence now: a block
+    hides it (offline, last seen unknown) from a user who could see it;
+    an unblock shows it again to a user who now may. Returns (the other
+    user's id, ``{online, last_seen}`` or None for nothing to tell)."""
+    other_id = await rooms_service.find_user_id(ctx, username)
+    saw = await query(ctx, other_id, [user['username']])
+    await rooms_service.set_block(ctx, user['id'], username, on)
+    if on:
+        return other_id, {'online': False, 'last_seen': None} if saw else None
+    sees = await query(ctx, other_id, [user['username']])
+    return other_id, sees.get(user['username'])
+
+
 async def watchers(ctx, user_id) -> set:
     """Ids of the users told when ``user_id`` comes online or goes
     offline (``user_id`` itself included, for their other devices): the

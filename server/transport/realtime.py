@@ -48,15 +48,30 @@ class Realtime:
                          [room_room(room_id, m) for m in member_ids
                           if m != user['id']])
 
-    async def read(self, room_id, user_id, seq, member_ids):
-        await self._emit('read', {'room_id': room_id, 'user_id': user_id,
-                                  'seq': seq},
-                         [room_room(room_id, m) for m in member_ids])
+    async def read(self, room_id, user_id, seq, unread, member_ids):
+        """To every socket of the reader, with their unread count (so
+        their other tabs and devices clear it too), and to the joined
+        sockets of the other members."""
+        data = {'room_id': room_id, 'user_id': user_id, 'seq': seq}
+        await self._emit('read', {**data, 'unread': unread},
+                         [user_room(user_id)])
+        await self._emit('read', data, [room_room(room_id, m)
+                                        for m in member_ids if m != user_id])
+
+    async def muted(self, user_id, room_id, muted):
+        """To every socket of the user who muted or unmuted the room."""
+        await self._emit('muted', {'room_id': room_id, 'muted': muted},
+                         [user_room(user_id)])
 
     async def presence(self, user, online, last_seen_ms, contact_ids):
-        await self._emit('presence', {'user': user, 'online': online,
-                                      'last_seen': iso(last_seen_ms)},
-                         [user_room(u) for u in contact_ids])
+        await self.presence_seen(user, {'online': online,
+                                        'last_seen': iso(last_seen_ms)},
+                                 contact_ids)
+
+    async def presence_seen(self, user, seen, user_ids):
+        """``seen``: ``{online, last_seen}`` as ``presence`` queries it."""
+        await self._emit('presence', {'user': user, **seen},
+                         [user_room(u) for u in user_ids])
 
     async def room_left(self, room_id, user_ids, seq=None):
         """``seq``: the departure's seq (as ``sync`` gives it), which

@@ -288,8 +288,28 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             ctx, user['id'], room_id, data.get('seq'))
         if moved:
             info = await rooms.room_info(ctx, room_id)
-            await realtime.read(room_id, user['id'], marker, info.member_ids)
+            await realtime.read(room_id, user['id'], marker, unread,
+                                info.member_ids)
         return {'unread': unread, 'seq': marker}
+
+    @on_event('mute_room')
+    async def mute_room(sid, user, data):
+        room_id, muted = data.get('room_id'), data.get('muted')
+        await push.mute_room(ctx, user['id'], room_id, muted)
+        await realtime.muted(user['id'], room_id, muted)
+        return {}
+
+    def block_handler(on):
+        async def handler(sid, user, data):
+            other_id, seen = await presence.set_block(
+                ctx, user, data.get('username'), on)
+            if seen is not None:
+                await realtime.presence_seen(user, seen, [other_id])
+            return {}
+        return handler
+
+    on_event('block')(block_handler(True))
+    on_event('unblock')(block_handler(False))
 
     def relay(event, service, *fields, key=None, then=None, **fixed):
         """Register ``event`` as a handler that only passes the payload's
@@ -334,7 +354,6 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     relay('leave_group', groups.leave_group, 'room_id', then=left)
     relay('rename_group', groups.rename_group, 'room_id', 'name',
           then=group_changed)
-    relay('mute_room', push.mute_room, 'room_id', 'muted')
     relay('history', messages.history, 'room_id', 'before', 'after', 'limit')
     relay('rooms', inbox.inbox, 'limit', 'before')
     relay('edit_message', messages.edit_message, 'message_id', 'body',
@@ -342,8 +361,6 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     relay('delete_message', messages.delete_message, 'message_id',
           then=updated)
     relay('react', messages.react, 'message_id', 'emoji', 'on', then=updated)
-    relay('block', rooms.set_block, 'username', on=True)
-    relay('unblock', rooms.set_block, 'username', on=False)
     relay('search', search_service.search, 'query', 'room_id', 'before',
           'limit')
     relay('presence', presence.query, 'usernames', key='presence')
