@@ -16,6 +16,8 @@ import secrets
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 request_id = contextvars.ContextVar('request_id', default=None)
 
 # Attributes every LogRecord has; anything else came in through ``extra``.
@@ -77,6 +79,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a malformed Content-Length,
+    a header line too long) as an ERROR with a traceback; anyone can send
+    those, so they would flood the log. They become one DEBUG line (the
+    client got its 400)."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = '%s: %s', (record.getMessage(), exc)
+        record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(config):
     """Configure the root logger from ``log_level`` and ``log_json``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -89,6 +109,9 @@ def setup_logging(config):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+    server_log = logging.getLogger('aiohttp.server')
+    if not any(isinstance(f, _BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(_BadRequestFilter())
 
 
 def dump_tasks_on(signum):

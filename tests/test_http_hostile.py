@@ -197,3 +197,22 @@ async def test_a_webhook_of_someone_elses_bot_is_refused_before_the_url(
                               f'/api/bots/{unique_name("nobody")}/webhook',
                               stranger, json={'url': 'http://localhost/'})
     assert status == 404 and body['error']['code'] == 'not_found', body
+
+
+async def test_malformed_http_is_a_400_without_a_traceback(tmp_path):
+    proc = ServerProcess(tmp_path).start()
+    try:
+        host = urllib.parse.urlsplit(proc.url).netloc
+        for length in ('-1', 'x', '9' * 40, '5\r\nContent-Length: 6'):
+            head = (f'POST /api/login HTTP/1.1\r\nHost: {host}\r\n'
+                    f'Content-Length: {length}\r\n\r\n').encode()
+            answer = await raw_request(proc.url, head, b'{}')
+            assert answer.split(b'\r\n')[0].endswith(b' 400 Bad Request'), (
+                length, answer)
+        # The server goes on serving.
+        status, _ = await http(proc.url, 'GET', '/healthz')
+        assert status == 200
+    finally:
+        assert await proc.astop() == 0, proc.read_log()
+    log = proc.read_log()
+    assert 'Traceback' not in log and 'ERROR' not in log, log
