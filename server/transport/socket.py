@@ -173,6 +173,13 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             raise refuse('unavailable', exc.message)
         if sockets.draining:
             raise refuse('unavailable')
+        if sio.closed(sid):
+            # Closed while the token was checked: take nothing. (Closed
+            # any later, the server undoes the connect through
+            # ``disconnect``: socketio_server.Server._connect.)
+            log.info('connection closed while connecting',
+                     extra={'user_id': user['id'], 'sid': sid, 'ip': ip})
+            return False
         try:
             await ctx.limits.connections.acquire(user['id'], ip)
         except limits.TooManyConnections as exc:

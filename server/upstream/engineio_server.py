@@ -11,7 +11,11 @@ Upstream names touched (``PRIVATE_NAMES`` says why for each private one):
 the driver's ``translate_request`` (mirrored by ``RequestEnviron``); the
 hashes in ``COPIED`` are of the upstream code copied or mirrored.
 """
+import asyncio
+import json
+import logging
 import sys
+import time
 import urllib.parse
 from collections.abc import Mapping
 
@@ -21,6 +25,7 @@ from engineio import exceptions, packet
 
 from server.transport.pings import PingSchedule
 from server.transport.sendqueue import SendQueue
+from server.typedefs import CTX
 from server.upstream.aiohttp_websocket import CoalescingWebSocketResponse
 from server.upstream.engineio_socket import Socket, Utf8Text
 
@@ -59,6 +64,14 @@ COPIED = {
     'engineio.AsyncServer.send_packet': 'c54317440865030d',
     'engineio.async_drivers.aiohttp.translate_request': '20aa782740060790',
 }
+
+log = logging.getLogger(__name__)
+
+# How long a long-polling POST's body may pause, and how slowly it may
+# come on average past that, when the app has no config (the unit tests'
+# bare Engine): the config's attachment_upload_* values otherwise.
+BODY_IDLE_SECONDS = 30.0
+BODY_MIN_BYTES_PER_SECOND = 1024
 
 
 def _wsgi_name(header: str) -> str:
@@ -172,8 +185,10 @@ class Engine(engineio.AsyncServer):
         await super().send_packet(sid, pkt)
 
     def websocket_response(self) -> web.WebSocketResponse:
+        # aiohttp refuses a frame of max_msg_size bytes (it compares >=);
+        # the OPEN packet's maxPayload, and polling, accept exactly it.
         return CoalescingWebSocketResponse(
-            max_msg_size=self.max_http_buffer_size,
+            max_msg_size=self.max_http_buffer_size + 1,
             compress=self.websocket_compress,
             timeout=self.websocket_close_timeout)
 
@@ -181,8 +196,11 @@ class Engine(engineio.AsyncServer):
         """The aiohttp handler of the Engine.IO endpoint. A new websocket
         connection is served from here, so that the coroutines it holds
         for its whole life are few (python-engineio's path would hold four
-        more); everything else, refusals included, takes python-engineio's
-        path."""
+        more); a long-polling POST to a session is served by
+        ``_handle_post``; everything else, refusals included, takes
+        python-engineio's path."""
+        if request.method == 'POST':
+            return await self._handle_post(request)
         if not self._is_websocket_connect(request):
             return await super().handle_request(request)
         environ = RequestEnviron(request)
@@ -195,6 +213,108 @@ class Engine(engineio.AsyncServer):
             if s.closed:
                 self.sockets.pop(s.sid, None)
 
+    async def _handle_post(self, request):
+        """A long-polling POST to a session, python-engineio's POST branch
+        with the checks it lacks: a session closed but not yet removed is
+        refused (400) like one that is gone, the body is read here with
+        a deadline (a stalled one: 408), whole (chunked, to its end),
+        within ``max_http_buffer_size`` (413 ``too_large``) and not
+        compressed (415), and a client that hangs up mid-body is no
+        error. Anything else (a bad origin, a POST without a session,
+        JSONP) takes python-engineio's path."""
+        query = urllib.parse.parse_qs(request.query_string)
+        environ = RequestEnviron(request)
+        if 'sid' not in query or 'j' in query or \
+                query.get('transport', ['polling']) != ['polling'] or \
+                self._origin_refused(request):
+            return await super().handle_request(request)
+        sid = query['sid'][0]
+        s = self.sockets.get(sid)
+        if s is None or s.closing or s.closed:
+            return await self._refuse(environ, 400, 'invalid',
+                                      f'Invalid session {sid}')
+        if not s.connected or s.upgraded:
+            return await self._refuse(environ, 400, 'invalid',
+                                      'Unexpected HTTP request')
+        encoding = request.headers.get('Content-Encoding', 'identity')
+        if encoding.strip().lower() != 'identity':
+            # aiohttp would inflate it: the size limit would count the
+            # inflated bytes. Engine.IO clients never compress a POST.
+            return await self._refuse(
+                environ, 415, 'invalid',
+                f'Content-Encoding {encoding} is not supported')
+        try:
+            body = await self._read_body(request)
+        except _BodyError as exc:
+            if exc.status == 413:
+                await s.close(wait=False,
+                              reason=self.reason.TRANSPORT_ERROR)
+            log.info('%s: polling POST refused: %s', sid, exc.message)
+            return await self._refuse(environ, exc.status, exc.code,
+                                      exc.message)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            # aiohttp's payload errors are ConnectionErrors too.
+            log.debug('%s: polling POST: the client went away (%r)', sid,
+                      exc)
+            return web.Response(status=400)
+        if not await s.receive_payload(body):
+            if s.closed and self.sockets.get(sid) is s:
+                del self.sockets[sid]
+            return await self._refuse(environ, 400, 'invalid',
+                                      'Bad Request')
+        return await self._make_response(self._ok(), environ)
+
+    async def _read_body(self, request) -> bytes:
+        """The whole body of ``request``, a chunked one to its end.
+        Raises _BodyError: 413 past ``max_http_buffer_size``, 408 when
+        it pauses longer than the idle time or, past that time, has come
+        slower on average than the minimum rate."""
+        limit = self.max_http_buffer_size
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _BodyError(413, 'too_large',
+                             f'a payload is at most {limit} bytes')
+        idle, rate = BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
+        ctx = request.app.get(CTX)
+        if ctx is not None:
+            idle = ctx.config.attachment_upload_idle_seconds
+            rate = ctx.config.attachment_upload_min_bytes_per_second
+        chunks, size, started = [], 0, time.monotonic()
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await request.content.read(limit + 1 - size)
+            except TimeoutError:
+                raise _BodyError(
+                    408, 'invalid',
+                    f'the request body paused for over {idle:g} s') from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise _BodyError(413, 'too_large',
+                                 f'a payload is at most {limit} bytes')
+            elapsed = time.monotonic() - started
+            if elapsed > idle and size < rate * elapsed:
+                raise _BodyError(408, 'invalid',
+                                 'the request body came too slowly')
+        if length is not None and size < length:
+            raise asyncio.IncompleteReadError(b''.join(chunks), length)
+        return b''.join(chunks)
+
+    async def _refuse(self, environ, status: int, code: str, message: str):
+        """A JSON error answer, ``{error: {code, message}}`` as every
+        HTTP error of Postbox; the connection is closed after it (the
+        body may be left unread)."""
+        response = await self._make_response({
+            'status': f'{status} {_REASONS[status]}',
+            'headers': [('Content-Type', 'application/json')],
+            'response': json.dumps({'error': {
+                'code': code, 'message': message}}).encode()}, environ)
+        response.force_close()
+        return response
+
     def _is_websocket_connect(self, request) -> bool:
         """Whether python-engineio would take ``request`` as a valid new
         websocket connection (its ``handle_request``, the ``sid is None``
@@ -206,12 +326,16 @@ class Engine(engineio.AsyncServer):
         if query.get('transport') != ['websocket'] or \
                 query.get('EIO') != ['4'] or 'sid' in query or 'j' in query:
             return False
+        return not self._origin_refused(request)
+
+    def _origin_refused(self, request) -> bool:
+        """Whether python-engineio refuses ``request`` for its Origin."""
         origin = request.headers.get('Origin')
         if self.cors_allowed_origins != [] and origin:
             allowed = self._cors_allowed_origins(RequestEnviron(request))
             if allowed is not None and origin not in allowed:
-                return False
-        return True
+                return True
+        return False
 
     async def _handle_connect(self, environ, transport, jsonp_index=None):
         """python-engineio 4.x's ``_handle_connect``, with the socket
@@ -279,6 +403,19 @@ class Engine(engineio.AsyncServer):
     async def shutdown(self):
         self.pings.stop()
         await super().shutdown()
+
+
+_REASONS = {400: 'Bad Request', 408: 'Request Timeout',
+            413: 'Payload Too Large', 415: 'Unsupported Media Type'}
+
+
+class _BodyError(Exception):
+    """A long-polling POST body refused: the HTTP status and the error
+    code and message of the answer."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 class TooManySessions(str):

@@ -44,7 +44,7 @@ changes, so an upgrade gets this module re-read against it.
 
 Upstream names touched (``PRIVATE_NAMES`` says why for each private one):
 ``AsyncSocket.send``, ``close``, ``schedule_ping``, ``handle_post_request``
-and ``_upgrade_websocket`` are replaced; ``receive``, ``check_ping_timeout``,
+and ``_upgrade_websocket`` are replaced, ``handle_get_request`` wrapped; ``receive``, ``check_ping_timeout``,
 ``poll``, ``queue``, ``last_ping``, ``connected``, ``upgraded``,
 ``upgrading``, ``closing``, ``closed`` are used as python-engineio does. The
 whole upstream class is hashed in ``COPIED``: these overrides depend on how
@@ -63,6 +63,10 @@ PRIVATE_NAMES = {
     'engineio.async_socket.AsyncSocket._upgrade_websocket':
         'replaced: serves the websocket in a read loop, no tasks while '
         'idle',
+    'engineio.AsyncServer._bad_request':
+        'the refusal of a second upgrade under way',
+    'engineio.AsyncServer._make_response':
+        'turns that refusal into the aiohttp response',
 }
 COPIED = {
     'engineio.async_socket.AsyncSocket': 'af72dafc541d46e6',
@@ -84,6 +88,32 @@ class Utf8Text(bytes):
     websocket its str instead."""
 
     __slots__ = ()
+
+
+def decode_packet(data):
+    """The Engine.IO packet a websocket frame's ``data`` encodes, or None
+    when it is not one: it does not decode, or its type is none of
+    Engine.IO's (python-engineio decodes any digit as a type, and its
+    ``receive`` then fails on 7, 8 or 9 with an IndexError)."""
+    try:
+        pkt = packet.Packet(encoded_packet=data)
+    except ValueError:
+        return None
+    return pkt if _known_type(pkt) else None
+
+
+def decode_payload(body: bytes):
+    """The packets of a long-polling POST's ``body``, or None when it is
+    not an Engine.IO payload (as ``decode_packet``)."""
+    try:
+        packets = payload.Payload(encoded_payload=body.decode('utf-8')).packets
+    except (ValueError, KeyError, IndexError):  # KeyError: a bare 'd='
+        return None
+    return packets if all(_known_type(pkt) for pkt in packets) else None
+
+
+def _known_type(pkt) -> bool:
+    return 0 <= pkt.packet_type < len(packet.packet_names)
 
 
 class _Started(collections.abc.Coroutine):
@@ -129,6 +159,8 @@ class Socket(async_socket.AsyncSocket):
     tcp_transport = None  # what backpressure aborts to cut a stalled socket
     refused = False  # its Socket.IO CONNECT was refused: closing soon
     close_code = WSCloseCode.OK  # what the websocket is closed with
+    upgrade_ws = None  # the websocket of an upgrade under way
+    poll_pending = False  # a long-polling GET is waiting for packets
 
     async def send(self, pkt):
         """Queue ``pkt``; on a websocket, start a writer if none runs."""
@@ -166,6 +198,34 @@ class Socket(async_socket.AsyncSocket):
             # client closed it or stayed silent for a ping cycle.
             self.queue.put_nowait(None)
             self._start_writer()
+        if self.closed and self.upgrade_ws is not None:
+            # An upgrade under way would otherwise wait for its probe, or
+            # its UPGRADE packet, after the session is gone (a connection
+            # held outside every per-address count). Closed in a task of
+            # its own: the close handshake may wait for the client.
+            self.server.start_background_task(
+                self.upgrade_ws.close, code=WSCloseCode.GOING_AWAY)
+            self.upgrade_ws = None
+
+    async def handle_get_request(self, environ):
+        """python-engineio's, except that a poll while another one is
+        waiting closes the session, as the reference server does: the
+        first poll may be on a connection that is gone (aiohttp does not
+        cancel its handler), and the packets it takes would be lost.
+        The waiting poll gets the CLOSE packet, the new one a 400
+        (EngineIOError); the client reconnects."""
+        if 'HTTP_UPGRADE' in environ or self.upgrading or self.upgraded:
+            return await super().handle_get_request(environ)
+        if self.poll_pending:
+            log.info('%s: overlapping polls, closing', self.sid)
+            await self.close(wait=False,
+                             reason=self.server.reason.TRANSPORT_ERROR)
+            raise exceptions.EngineIOError()
+        self.poll_pending = True
+        try:
+            return await super().handle_get_request(environ)
+        finally:
+            self.poll_pending = False
 
     async def _upgrade_websocket(self, environ):
         """Take the request onto a websocket, a new socket's or a polling
@@ -175,6 +235,11 @@ class Socket(async_socket.AsyncSocket):
         response once the websocket is closed."""
         if self.upgraded:
             raise OSError('Socket has been upgraded already')
+        if self.upgrading or self.closing or self.closed:
+            # Two upgrades at once would both succeed, each with a read
+            # loop of its own.
+            return await self.server._make_response(
+                self.server._bad_request('Upgrade refused'), environ)
         request = environ['aiohttp.request']
         ws = self.server.websocket_response()
         try:
@@ -195,18 +260,22 @@ class Socket(async_socket.AsyncSocket):
             # broken mid-way), polling must work again after it, or the
             # client polls in a tight loop until the ping timeout.
             self.upgrading = True
+            self.upgrade_ws = ws  # closed by ``close`` meanwhile
             try:
                 if not await self._expect(ws, packet.PING, 'probe'):
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION)
                     return ws
                 await ws.send_str(packet.Packet(packet.PONG, data='probe')
                                   .encode())
                 # ends the poll waiting, so that the client sends UPGRADE
                 self.queue.put_nowait(packet.Packet(packet.NOOP))
                 if not await self._expect(ws, packet.UPGRADE):
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION)
                     return ws
                 self.upgraded = True
             finally:
                 self.upgrading = False
+                self.upgrade_ws = None
         else:
             self.connected = True
             self.upgraded = True
@@ -222,9 +291,8 @@ class Socket(async_socket.AsyncSocket):
             # websocket already.
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
-            try:
-                pkt = packet.Packet(encoded_packet=msg.data)
-            except ValueError:
+            pkt = decode_packet(msg.data)
+            if pkt is None:
                 # Engine.IO clients never send a frame that does not
                 # decode, so whatever sent this is not one: one line and
                 # the socket is closed. A traceback per frame, the socket
@@ -257,13 +325,14 @@ class Socket(async_socket.AsyncSocket):
         return ws
 
     async def handle_post_request(self, environ):
-        """A long-polling POST: python-engineio's, except that the whole
-        body is read (not the part that has arrived), a body that does not
-        decode closes the session with one log line (not a
-        traceback per request, the session left open), packets a client
-        never sends (PING, OPEN, NOOP) are ignored, and nothing is read
-        once the session is closed. Raises EngineIOError (the server
-        answers 400) when the session is closed here."""
+        """A long-polling POST as python-engineio's path hands it over
+        (``Engine.handle_request`` reads the body of every other one and
+        calls ``receive_payload``): the whole body is read, not the part
+        that has arrived. Raises EngineIOError (the server answers 400)
+        when the session is closed here; a session closed already is left
+        alone (python-engineio would then fail on its own answer)."""
+        if self.closing or self.closed:
+            return
         length = int(environ.get('CONTENT_LENGTH', '0'))
         if length > self.server.max_http_buffer_size:
             # Closed without waiting for a poll to take the CLOSE packet:
@@ -272,22 +341,27 @@ class Socket(async_socket.AsyncSocket):
                              reason=self.server.reason.TRANSPORT_ERROR)
             raise exceptions.ContentTooLongError()
         try:
-            # python-engineio's read(length) returns what has arrived, the
-            # first part of a large body.
             body = await environ['wsgi.input'].readexactly(length)
-            packets = payload.Payload(
-                encoded_payload=body.decode('utf-8')).packets
         except asyncio.IncompleteReadError as exc:  # shorter than announced
-            body = exc.partial
-            packets = None
-        except ValueError:
-            packets = None
+            body = exc.partial + b'\xff'  # does not decode
+        if not await self.receive_payload(body):
+            raise exceptions.EngineIOError()
+
+    async def receive_payload(self, body: bytes) -> bool:
+        """Take the packets of a long-polling POST's ``body``. A body that
+        does not decode closes the session with one log line (not a
+        traceback per request, the session left open): returns False
+        then. Packets a client never sends (PING, OPEN, NOOP) are
+        ignored, and nothing is read once the session is closed."""
+        if self.closing or self.closed:
+            return False
+        packets = decode_payload(body)
         if packets is None:
             log.info('%s: undecodable polling payload %r, closing', self.sid,
                      body[:40])
             await self.close(wait=False,
                              reason=self.server.reason.TRANSPORT_ERROR)
-            raise exceptions.EngineIOError() from None
+            return False
         for pkt in packets:
             try:
                 await self.receive(pkt)
@@ -295,18 +369,23 @@ class Socket(async_socket.AsyncSocket):
                 pass
             if self.closing or self.closed:
                 break
+        return True
 
     async def _expect(self, ws, packet_type, data=None) -> bool:
         """Whether the next frame on ``ws``, a step of an upgrade, is a
         ``packet_type`` packet (with ``data``, if given). A frame that
-        does not decode is a refusal like any wrong one."""
-        msg = await ws.receive()
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return False
+        does not decode is a refusal like any wrong one, and so is no
+        frame within the ping timeout (the client sends them at once),
+        or the socket closed meanwhile (``close`` closes ``ws``)."""
         try:
-            pkt = packet.Packet(encoded_packet=msg.data)
-        except ValueError:
-            pkt = None
+            msg = await ws.receive(timeout=self.server.ping_timeout)
+        except asyncio.TimeoutError:
+            log.info('%s: websocket upgrade timed out', self.sid)
+            return False
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY) or \
+                self.closing or self.closed:
+            return False
+        pkt = decode_packet(msg.data)
         if pkt is None or pkt.packet_type != packet_type or \
                 (data is not None and pkt.data != data):
             log.info('%s: failed websocket upgrade, got %r', self.sid,

@@ -34,11 +34,13 @@ PRIVATE_NAMES = {
     'socketio.AsyncServer._handle_eio_connect':
         'extended: starts the connect timeout, takes an address place',
     'socketio.AsyncServer._handle_eio_disconnect':
-        'extended: gives the place back',
+        'extended: gives the place back, marks a CONNECT being handled',
     'socketio.AsyncServer._send_packet':
-        "extended: the recovery session's pid in the CONNECT reply",
+        "extended: the recovery session's pid in the CONNECT reply, no "
+        'answer to a CONNECT whose session closed',
     'socketio.AsyncServer._handle_connect':
-        'called by _handle_eio_message, as upstream',
+        'called by _handle_eio_message, as upstream, then undone if the '
+        'session closed meanwhile',
     'socketio.AsyncServer._handle_disconnect':
         'called by _handle_eio_message, as upstream',
     'socketio.AsyncServer._handle_event':
@@ -81,6 +83,13 @@ OVER_LIMIT_SESSIONS = 8
 # catch-all it falls back to): they are answered as unknown events, with
 # their name, instead.
 RESERVED_EVENTS = frozenset(('connect', 'disconnect', '*'))
+
+# python-socketio refuses a CONNECT to an unknown namespace, or a second
+# one, with this bare string; a client reads ``err.data`` as our other
+# refusals' {code, message}, so it gets one too.
+UPSTREAM_REFUSAL = 'Unable to connect'
+NOT_CONNECTABLE = {'code': 'invalid', 'message': 'Unable to connect: an '
+                   'unknown namespace, or connected to it already'}
 
 BINARY_REFUSED = 'binary payloads are not supported; send JSON'
 # JSON lets a string hold a lone surrogate escape; the handlers (and
@@ -125,6 +134,9 @@ class Server(socketio.AsyncServer):
         self.waiting = {}
         self.over_limit = {}  # address -> sessions let in over its limit
         self.closing_tasks = set()  # refused sessions, closed once read
+        # Sessions whose CONNECT is being handled: eio sid -> [how many
+        # CONNECTs, why the session closed meanwhile (None while open)].
+        self.connecting = {}
         # Connection state recovery (``recovery.Recovery``), set by the app.
         self.recovery = None
 
@@ -202,6 +214,17 @@ class Server(socketio.AsyncServer):
                  self.eio.connect_timeout)
         asyncio.ensure_future(self._close_session(eio_sid))
 
+    def _gone(self, eio_sid) -> bool:
+        s = self.eio.sockets.get(eio_sid)
+        return s is None or s.closing or s.closed
+
+    def closed(self, sid, namespace='/') -> bool:
+        """Whether the Engine.IO session of ``sid``, a socket whose connect
+        handler is running, has closed: its handler should then take
+        nothing (its disconnect has found no connection to undo)."""
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace)
+        return eio_sid is None or self._gone(eio_sid)
+
     def _connected(self, eio_sid, namespace=None) -> bool:
         """Whether the session has a Socket.IO connection (to
         ``namespace``, or to any)."""
@@ -277,12 +300,24 @@ class Server(socketio.AsyncServer):
             return TooManySessions('too many connections from this address')
 
     async def _handle_eio_disconnect(self, eio_sid, reason):
+        entry = self.connecting.get(eio_sid)
+        if entry is not None:  # its CONNECT is undone when handled
+            entry[1] = reason
         await super()._handle_eio_disconnect(eio_sid, reason)
         await self._stop_waiting(eio_sid)
 
     async def _send_packet(self, eio_sid, pkt):
         """python-socketio's, with the recovery session's ``pid`` in the
-        CONNECT reply of a socket that has one."""
+        CONNECT reply of a socket that has one; no answer to a CONNECT
+        whose session closed while it was handled (see ``_connect``); its
+        bare-string refusal made {code, message} (``NOT_CONNECTABLE``)."""
+        if pkt.packet_type in (sio_packet.CONNECT,
+                               sio_packet.CONNECT_ERROR) and \
+                self._gone(eio_sid):
+            return
+        if pkt.packet_type == sio_packet.CONNECT_ERROR and \
+                pkt.data == UPSTREAM_REFUSAL:
+            pkt.data = NOT_CONNECTABLE
         if pkt.packet_type == sio_packet.CONNECT and \
                 self.recovery is not None and isinstance(pkt.data, dict):
             pid = self.recovery.pid_of(pkt.data.get('sid'))
@@ -315,11 +350,7 @@ class Server(socketio.AsyncServer):
         kind = pkt.packet_type
         namespace = pkt.namespace or '/'
         if kind == sio_packet.CONNECT:
-            await self._stop_waiting(eio_sid)  # its place passes on
-            await self._handle_connect(eio_sid, namespace, pkt.data)
-            if not self._connected(eio_sid):
-                await self._refused(eio_sid)
-            return
+            return await self._connect(eio_sid, namespace, pkt.data)
         if kind == sio_packet.DISCONNECT:
             await self._handle_disconnect(eio_sid, namespace,
                                           self.reason.CLIENT_DISCONNECT)
@@ -351,6 +382,32 @@ class Server(socketio.AsyncServer):
         elif kind == sio_packet.ACK and not pkt.undecoded:
             await self._handle_ack(eio_sid, namespace, pkt.id, pkt.data)
         # A binary or undecoded ack answers nothing Postbox asked: dropped.
+
+    async def _connect(self, eio_sid, namespace, data):
+        """python-socketio's ``_handle_connect``, undone if the session
+        closed while the connect handler awaited (the token check, the
+        connection count, presence). Its disconnect found no connection
+        then (python-socketio marks it connected only once the handler
+        returns), so nothing would give back what the handler took: the
+        user's connection places, the socket's count, its rooms, the
+        user's presence. The disconnect handler runs now instead, and no
+        CONNECT reply goes out (``_send_packet``)."""
+        entry = self.connecting.setdefault(eio_sid, [0, None])
+        entry[0] += 1
+        try:
+            await self._stop_waiting(eio_sid)  # its place passes on
+            await self._handle_connect(eio_sid, namespace, data)
+        finally:
+            entry[0] -= 1
+            if not entry[0]:
+                self.connecting.pop(eio_sid, None)
+        if entry[1] is not None or self._gone(eio_sid):
+            # Connected (the handler succeeded) or not (refused: nothing
+            # is left to undo, and _handle_disconnect does nothing).
+            await self._handle_disconnect(
+                eio_sid, namespace, entry[1] or self.reason.TRANSPORT_CLOSE)
+        elif not self._connected(eio_sid):
+            await self._refused(eio_sid)
 
     async def _refuse(self, eio_sid, namespace, id, event, why=None):
         """Answer an event without running its handler: the catch-all
