@@ -36,7 +36,7 @@ from server.store import Store, open_database
 from server.writer_process import WriterProcess
 from server.transport import attachments_http, http, http_base
 from server.transport import socket as socket_transport
-from server.transport.backpressure import bound_send_queues
+from server.transport.backpressure import bound_send_queues, pace_reads
 from server.upstream.socketio_server import Server
 from server.upstream.socketio_manager import LocalManager
 from server.upstream.socketio_packet import JsonPacket
@@ -205,6 +205,8 @@ def setup_socketio(app, manager):
     bound_send_queues(sio, config.socket_send_queue_max,
                       config.socket_send_stall_seconds,
                       on_cut=lambda sid: metrics.slow_clients.inc())
+    pace_reads(sio, config.event_rate_per_second, config.event_burst,
+               on_pause=metrics.reads_paused.inc)
     metrics.manager = sio.manager
     realtime = Realtime(sio)
     # With Redis, dropped sockets' recovery sessions are kept there (any

@@ -56,6 +56,10 @@ class Metrics:
             'postbox_slow_client_disconnects', 'Sockets cut off because '
             'their send queue was full (the client stopped reading)',
             registry=registry)
+        self.reads_paused = Counter(
+            'postbox_socket_reads_paused', 'Times a socket\'s reading '
+            'waited: it sent frames faster than twice the event rate',
+            registry=registry)
         self.http = Counter(
             'postbox_http_requests', 'HTTP requests by route and status',
             ['method', 'route', 'status'], registry=registry)

@@ -12,7 +12,7 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from tests.kit import ServerProcess, connect, register
+from tests.kit import ServerProcess, connect, http, register
 from tests.test_limits import raw_socket
 
 MAX_PAYLOAD = 4000  # POSTBOX_MAX_PAYLOAD_BYTES of the server here
@@ -296,3 +296,33 @@ async def test_a_payload_of_exactly_the_maximum_is_accepted(hostile):
         async with session.post(url, data='4' * (MAX_PAYLOAD + 1)) as resp:
             assert resp.status == 413
             assert (await resp.json())['error']['code'] == 'too_large'
+
+
+async def test_a_flood_of_frames_is_read_at_the_sockets_own_pace(hostile):
+    """Frames that spend no event token (NOOP, PONG, UPGRADE, refused
+    events) cost the event loop all the same: one socket sending them as
+    fast as it can is read at its own pace (about twice the event rate),
+    so the others' share stays theirs. Nothing it sent is dropped: its
+    CONNECT after the flood is answered."""
+    base = hostile.url
+    _, token = await register(base)
+    other = await connect(base, (await register(base))[1])
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            base + '/socket.io/?EIO=4&transport=websocket')
+        assert (await ws.receive_str(timeout=5)).startswith('0')
+        for kind in '635' * 80:
+            await ws.send_str(kind)
+        await ws.send_str('40' + json.dumps({'token': token}))
+        answer = await ws.receive_str(timeout=30)
+        while answer.startswith(('6', '42')):  # NOOPs for the UPGRADEs
+            answer = await ws.receive_str(timeout=30)
+        assert answer.startswith('40{'), answer
+        assert (await other.call('ping', {}))['ok']
+        await ws.close()
+    await other.close()
+    status, text = await http(base, 'GET', '/metrics')
+    assert status == 200
+    paused = [line for line in text.splitlines()
+              if line.startswith('postbox_socket_reads_paused_total ')]
+    assert paused and float(paused[0].split()[1]) > 0, paused

@@ -14,6 +14,7 @@ it had queued is dropped. The client reconnects and catches up with
 """
 import asyncio
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,13 @@ def bound_send_queues(sio, max_packets: int, stall_seconds: float,
     sio.eio.send_bound = SendBound(max_packets, stall_seconds, on_cut)
 
 
+def pace_reads(sio, event_rate: float, event_burst: float, on_pause=None):
+    """Read each socket of ``sio`` at twice the user's event rate (and
+    burst), plus the few frames the protocol adds: see ``ReadBudget``."""
+    sio.eio.read_budget = ReadBudget(2 * event_rate + 10,
+                                     2 * event_burst + 20, on_pause)
+
+
 async def _cut(eio_socket):
     log.warning('socket %s stopped reading (%s packets queued): '
                 'disconnecting', eio_socket.sid, eio_socket.queue.qsize())
@@ -93,3 +101,31 @@ async def _cut(eio_socket):
         eio_socket.queue.get_nowait()
         eio_socket.queue.task_done()
     eio_socket.queue.put_nowait(None)  # wakes a writer or poll to exit
+
+
+class ReadBudget:
+    """How fast one socket's frames are read: ``rate`` a second, ``burst``
+    at once. Frames that spend no event token (NOOP, PONG, UPGRADE, or
+    events refused once the user's bucket is empty) cost the event loop
+    all the same, and one client sending them as fast as it can would
+    take it from everyone. Past its budget, a socket's reading waits
+    (``wait``): its TCP window fills and the client slows down; nothing
+    it sent is dropped. ``on_pause()`` is called at each wait."""
+
+    def __init__(self, rate: float, burst: float, on_pause=None):
+        self.rate = rate
+        self.burst = burst
+        self.on_pause = on_pause
+
+    async def spend(self, eio_socket, frames=1):
+        """Take ``frames`` from ``eio_socket``'s budget; past it, wait
+        until the budget has them again."""
+        now = time.monotonic()
+        tokens = getattr(eio_socket, 'read_tokens', self.burst)
+        at = getattr(eio_socket, 'read_at', now)
+        tokens = min(self.burst, tokens + (now - at) * self.rate) - frames
+        eio_socket.read_tokens, eio_socket.read_at = tokens, now
+        if tokens < 0:
+            if self.on_pause is not None:
+                self.on_pause()
+            await asyncio.sleep(-tokens / self.rate)

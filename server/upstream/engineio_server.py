@@ -164,8 +164,10 @@ class Engine(engineio.AsyncServer):
         self.connect_timeout = connect_timeout
         self.pings = PingSchedule(self.ping_interval)
         self._async = dict(self._async, translate_request=RequestEnviron)
-        # What may be queued for a socket (``transport.backpressure``).
+        # What may be queued for a socket, and how fast its frames are
+        # read (``transport.backpressure``).
         self.send_bound = None
+        self.read_budget = None
 
     def create_queue(self, *args, **kwargs):
         return SendQueue()

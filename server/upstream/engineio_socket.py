@@ -314,6 +314,9 @@ class Socket(async_socket.AsyncSocket):
                 # Closed by what it sent (an invalid packet, a CLOSE): what
                 # else it has sent is not read, nor logged again.
                 break
+            budget = self.server.read_budget
+            if budget is not None:
+                await budget.spend(self)
         self.ws = None
         writer = self.writer
         if writer is not None:
@@ -356,6 +359,11 @@ class Socket(async_socket.AsyncSocket):
         if self.closing or self.closed:
             return False
         packets = decode_payload(body)
+        budget = self.server.read_budget
+        if packets and budget is not None:
+            await budget.spend(self, len(packets))
+            if self.closing or self.closed:
+                return False
         if packets is None:
             log.info('%s: undecodable polling payload %r, closing', self.sid,
                      body[:40])
