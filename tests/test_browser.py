@@ -158,9 +158,14 @@ def test_edit_and_delete_own_messages(people):
 
     second = alice.locator('.msg.mine', has_text='Bring the slides')
     second.hover()
+    # It asks first (the kit records the dialog: taken out below).
+    asked = []
+    alice.once('dialog', lambda d: asked.append(d.message) or d.accept())
     second.locator('button.delete').click()
     expect(bubbles(bob).last).to_have_text('This message was deleted')
     expect(bob.locator('.msg.deleted')).to_have_count(1)
+    assert asked == ['Delete this message for everyone?']
+    alice.errors.remove(f'dialog: {asked[0]}')
     # Only one's own messages can be changed.
     expect(bob.locator('.msg button.edit')).to_have_count(0)
     for page in (alice, bob):
@@ -517,8 +522,11 @@ def test_block_refuses_messages_until_unblocked(people):
     # Alice's next message is refused, and she is told why.
     send(alice, 'Hello?')
     refused = alice.locator('.msg.failed')
-    expect(refused.locator('.retry')).to_have_text(
-        "Not sent: Bob Chen isn't accepting messages from you. Retry")
+    expect(refused.locator('.failure-text')).to_have_text(
+        "Not sent: Bob Chen isn't accepting messages from you.")
+    # A block can be lifted: Retry, or Discard.
+    expect(refused.locator('.failure button')).to_have_text(
+        ['Retry', 'Discard'])
     shot(alice, 'blocked.png')
     # The blocker can still write; the state survives a reload.
     send(bob, 'Busy, later')
@@ -651,6 +659,8 @@ def test_group_members_panel(people):
     for page in (alice, bob, carol, dan):
         expect(page.locator('#room-title')).to_have_text('Sci-fi club')
     shot(alice, 'group-members.png')
+    # Removing asks first (the kit records the dialog: taken out below).
+    alice.once('dialog', lambda d: d.accept())
     apanel.locator('.member', has_text=names[dan]).locator(
         '.member-remove').click()
     expect(apanel.locator('.member-name')).to_have_count(3)
@@ -667,6 +677,8 @@ def test_group_members_panel(people):
     # The owner leaves: Bob, the longest-standing member, owns it now.
     alice.click('#leave-group')
     expect(alice.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
+    # Leaving on purpose is no news.
+    expect(alice.locator('#sidebar-error')).to_be_hidden()
     expect(panel.locator('.owner-badge')).to_have_count(1)
     expect(panel.locator('.member', has=bob.locator('.owner-badge'))).to_contain_text(
         'Bob Chen (you)')
@@ -676,6 +688,8 @@ def test_group_members_panel(people):
     dan.reload()
     expect(dan.locator('#me-name')).to_have_text('Dan Okafor')
     expect(dan.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
+    alice.errors = [e for e in alice.errors if not e.startswith(
+        'dialog: Remove Dan Okafor')]
     for page in (alice, bob, carol, dan):
         assert page.errors == [] and page.console_errors == [], (
             page.errors, page.console_errors)

@@ -1,16 +1,16 @@
 // Rooms: starting dms and groups, the members panel's actions, blocking
 // and muting. Each runs one ack'ed call and updates the view from its ack.
 import {onRoom, onRoomLeft, openRoom} from './app.js';
-import {alertInline} from './composer.js';
+import {showNotice} from './composer.js';
 import {api, call, page} from './page.js';
 import {applyMuted, otherMember} from './store.js';
-import {$, showError, splitNames, userName} from './util.js';
+import {$, friendly, showError, splitNames, typedUsername, userName} from './util.js';
 import {renderInbox} from './views/inbox.js';
 import {currentGroup, renderRoomHeader} from './views/room.js';
 
 export async function startDm(event) {
   event.preventDefault();
-  const username = $('new-dm-username').value.trim().toLowerCase();
+  const username = typedUsername($('new-dm-username').value);
   if (!username) return;
   showError('sidebar-error', '');
   try {
@@ -20,7 +20,7 @@ export async function startDm(event) {
     openRoom(ack.room.id);
   } catch (err) {
     showError('sidebar-error', err.code === 'not_found' ? `No user named “${username}”.`
-      : err.code === 'forbidden' ? `@${username} isn't accepting messages from you.` : err.message);
+      : err.code === 'forbidden' ? `@${username} isn't accepting messages from you.` : friendly(err));
   }
 }
 
@@ -28,6 +28,11 @@ export async function createGroup(event) {
   event.preventDefault();
   const name = $('new-group-name').value.trim();
   const members = splitNames($('new-group-members').value);
+  if (!name) {
+    showError('sidebar-error', 'Give the group a name.');
+    $('new-group-name').focus();
+    return;
+  }
   showError('sidebar-error', '');
   try {
     const ack = await call('create_group', {name, members});
@@ -37,7 +42,7 @@ export async function createGroup(event) {
     onRoom(ack.room);
     openRoom(ack.room.id);
   } catch (err) {
-    showError('sidebar-error', err.message);
+    showError('sidebar-error', friendly(err));
   }
 }
 
@@ -51,7 +56,7 @@ async function groupCall(event, data, button) {
     if (ack.room) onRoom(ack.room);
     return ack;
   } catch (err) {
-    showError('members-error', err.message);
+    showError('members-error', friendly(err));
     return null;
   } finally {
     if (button) button.disabled = false;
@@ -71,21 +76,28 @@ export async function addMembers(event) {
 export async function renameGroup(event) {
   event.preventDefault();
   const room = currentGroup();
+  const name = $('rename-input').value.trim();
   if (!room) return;
-  await groupCall('rename_group', {room_id: room.id, name: $('rename-input').value.trim()},
-    $('rename-submit'));
+  if (!name) {
+    showError('members-error', 'Give the group a name.');
+    return;
+  }
+  await groupCall('rename_group', {room_id: room.id, name}, $('rename-submit'));
 }
 
-export function removeMember(roomId, username, button) {
-  return groupCall('remove_member', {room_id: roomId, username}, button);
+export async function removeMember(roomId, user, button) {
+  if (!window.confirm(`Remove ${userName(user)} (@${user.username}) from the group?`)) return null;
+  return groupCall('remove_member', {room_id: roomId, username: user.username}, button);
 }
 
 export async function leaveGroup() {
   const room = currentGroup();
   if (!room) return;
+  // The room_left event may come before the ack: it is no news to me.
+  page.ui.leaving.add(room.id);
   if (await groupCall('leave_group', {room_id: room.id}, $('leave-group'))) {
     onRoomLeft({room_id: room.id});
-  }
+  } else page.ui.leaving.delete(room.id);
 }
 
 // Whom I block comes from the server (GET /api/blocks), so every device
@@ -112,7 +124,7 @@ export async function toggleBlock() {
     if (on) page.state.blocked.add(other.username);
     else page.state.blocked.delete(other.username);
   } catch (err) {
-    alertInline(err.message);
+    showNotice(`Could not ${on ? 'block' : 'unblock'} ${userName(other)}. ${friendly(err)}`);
   }
   $('block-toggle').disabled = false;
   $('block-notice-undo').disabled = false;
@@ -138,7 +150,7 @@ export async function toggleMute() {
     await call('mute_room', {room_id: entry.room.id, muted});
     applyMuted(page.state, entry.room.id, muted);
   } catch (err) {
-    alertInline(err.message);
+    showNotice(`Could not ${muted ? 'mute' : 'unmute'} this conversation. ${friendly(err)}`);
   }
   $('mute-toggle').disabled = false;
   renderInbox();

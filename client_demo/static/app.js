@@ -7,7 +7,8 @@
 // does), push.js (notifications), views/ (rendering), wire.js (the page's
 // event listeners).
 import {loadBlocked} from './actions.js';
-import {cancelEdit, cancelReply, clearAllTyping, onTyping, stopTyping, stopTypingIndicator} from './composer.js';
+import {autoGrow, cancelEdit, cancelReply, clearAllTyping, hideNotice, onTyping, stopTyping,
+  stopTypingIndicator, updateSendButton} from './composer.js';
 import {Connection} from './connection.js';
 import {api, call, page, resetUi} from './page.js';
 import {disablePush, listenToWorker, renderPushButton} from './push.js';
@@ -35,16 +36,23 @@ export function signedIn(token, user) {
 }
 
 export function signOut(message) {
-  if (page.conn) page.conn.close();
-  page.conn = null;
   // This browser's push subscription goes with the session, however it
   // ended (if the token no longer works, the push service's subscription
   // is dropped and the server forgets it at its next push).
   disablePush().catch(() => {});
   localStorage.removeItem('postbox.token');
   localStorage.removeItem('postbox.user');
+  endSession(message);
+}
+
+// Ends this tab's session and shows the sign-in form; the browser's
+// storage is left as it is (signOut clears it).
+function endSession(message) {
+  if (page.conn) page.conn.close();
+  page.conn = null;
   for (const p of page.ui.blobs.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
   clearAllTyping();
+  hideNotice();
   page.token = null;
   page.state = store.createState(null);
   resetUi();
@@ -56,6 +64,20 @@ export function signOut(message) {
   $('auth').hidden = false;
   setAuthMode('login');
   showError('auth-error', message || '');
+}
+
+// Another tab of this browser signed out, or in as someone else: the
+// session this tab holds is no longer the browser's, so it ends here too
+// (its storage already says so: nothing to clear, and clearing it would
+// sign out the other tab's new session). The user, written after the
+// token, tells who (the token's own event may come before it).
+export function onStorage(event) {
+  if (!page.token || (event.key !== 'postbox.user' && event.key !== null)) return;
+  const user = event.key ? JSON.parse(event.newValue || 'null') : null;
+  // Signed in again as me: this tab's token still works.
+  if (user && page.state.me && user.id === page.state.me.id) return;
+  endSession(user ? 'You signed in as someone else in another tab.'
+    : 'You signed out in another tab.');
 }
 
 // Signs this browser out: its push subscription goes first (while the
@@ -99,6 +121,7 @@ function connect() {
       typing: onTyping,
       read: onRead,
       presence: onPresence,
+      muted: onMuted,
       connecting: onConnecting,
       connected: onConnected,
       disconnected: onDisconnected,
@@ -183,21 +206,44 @@ export async function loadMoreInbox() {
 
 // A new room, or a group whose members, owner or name changed.
 export function onRoom(room) {
-  store.applyRoom(page.state, room);
+  const isNew = store.applyRoom(page.state, room);
   if (page.conn) page.conn.seed(room.id, room.last_seq);
   renderInbox();
   queryPresence();
   if (room.id === page.state.current) renderRoomHeader();
+  // A group I was added to may have a history: its latest message is the
+  // inbox line's preview and time.
+  if (isNew && room.last_seq > 0) loadLatest(room.id);
 }
 
-// I left the group, or was removed: it goes from this view entirely.
+async function loadLatest(roomId) {
+  const state = page.state;
+  try {
+    const ack = await call('history', {room_id: roomId, limit: 1});
+    if (store.applyLatest(state, roomId, ack.messages[0]) && page.state === state) renderInbox();
+  } catch (err) { /* the preview stays empty until the next message */ }
+}
+
+// I left the group, or was removed: it goes from this view entirely. Only
+// a removal is news (leaving was my own click here).
 export function onRoomLeft(ev) {
   const entry = store.applyRoomLeft(page.state, ev.room_id);
   if (page.conn) page.conn.forget(ev.room_id);
   page.ui.typing.delete(ev.room_id);
   if (page.state.current === ev.room_id) closeRoom();
+  page.ui.drafts.delete(ev.room_id);
   renderInbox();
-  if (entry) showError('sidebar-error', `You are no longer in “${roomTitle(entry.room)}”.`);
+  const onPurpose = page.ui.leaving.delete(ev.room_id);
+  if (entry && !onPurpose) {
+    showError('sidebar-error', `You are no longer in “${roomTitle(entry.room)}”.`);
+  }
+}
+
+// I muted or unmuted a room, here or on another tab or device.
+function onMuted(ev) {
+  store.applyMuted(page.state, ev.room_id, ev.muted);
+  renderInbox();
+  if (ev.room_id === page.state.current) renderRoomHeader();
 }
 
 // ---------- presence and receipts ----------
@@ -223,7 +269,7 @@ function onPresence(ev) {
 }
 
 function onRead(ev) {
-  store.applyRead(page.state, ev);
+  if (store.applyRead(page.state, ev)) renderInbox();
   if (ev.room_id === page.state.current) renderMessages('keep');
 }
 
@@ -279,6 +325,8 @@ export async function openRoom(roomId, rejoin) {
     }
     cancelEdit();
     cancelReply();
+    saveDraft();
+    hideNotice();
     page.ui.picker = null;
     state.current = roomId;
     page.ui.nodes.clear();
@@ -287,7 +335,9 @@ export async function openRoom(roomId, rejoin) {
     $('app').classList.add('in-room');
     $('no-room').hidden = true;
     $('room').hidden = false;
-    $('composer-input').value = '';
+    $('composer-input').value = page.ui.drafts.get(roomId) || '';
+    autoGrow();
+    updateSendButton();
     renderTyping();
     renderInbox();
     renderRoomHeader();
@@ -305,6 +355,7 @@ export async function openRoom(roomId, rejoin) {
   // A room beyond the loaded inbox pages (a link, a search result).
   if (!state.rooms.has(roomId)) onRoom(ack.room);
   const wasLoaded = store.applyJoin(state, roomId, ack);
+  renderInbox();
   renderRoomHeader();
   renderMessages(wasLoaded && rejoin ? 'keep' : 'bottom');
   markRead();
@@ -317,6 +368,7 @@ export function closeRoom() {
     stopTyping();
     cancelEdit();
     cancelReply();
+    saveDraft();
     call('leave_room', {room_id: page.state.current}).catch(() => {});
   }
   page.state.current = null;
@@ -328,6 +380,14 @@ export function closeRoom() {
   $('room').hidden = true;
   $('no-room').hidden = false;
   renderInbox();
+}
+
+// What I was writing in the open room, kept for when I come back (after
+// cancelEdit: an edit's text is not a draft).
+function saveDraft() {
+  const text = $('composer-input').value;
+  if (text) page.ui.drafts.set(page.state.current, text);
+  else page.ui.drafts.delete(page.state.current);
 }
 
 export async function loadOlder() {

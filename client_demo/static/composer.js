@@ -1,12 +1,13 @@
 // The composer: writing, sending (shown at once, marked while it waits
-// for its ack, retried after a refusal), editing, replying, deleting and
-// reacting, attachments, and the typing indicator both ways.
+// for its ack, retried or discarded after a refusal), editing, replying,
+// deleting and reacting, attachments, the notice that says what went
+// wrong, and the typing indicator both ways.
 import {onMessage, onMessageUpdated} from './app.js';
 import {refusalText} from './actions.js';
 import {newClientMsgId} from './connection.js';
 import {api, call, page} from './page.js';
 import {addPending, timeline} from './store.js';
-import {$, el, snippet, userName} from './util.js';
+import {$, el, friendly, snippet, userName} from './util.js';
 import {renderMessages, closePicker} from './views/messages.js';
 import {renderTyping} from './views/room.js';
 
@@ -14,6 +15,10 @@ import {renderTyping} from './views/room.js';
 // receivers drop the indicator 8 s after the last refresh.
 const TYPING_REFRESH_MS = 3000;
 const TYPING_EXPIRE_MS = 8000;
+// How long the notice over the composer stays (long enough to read it).
+const NOTICE_MS = 8000;
+// Refusals that the same send would get again: retrying cannot help.
+const FINAL_CODES = new Set(['invalid', 'too_large', 'not_found', 'conflict']);
 
 export function onTyping(ev) {
   let room = page.ui.typing.get(ev.room_id);
@@ -125,13 +130,18 @@ export function sendPending(m) {
     if (page.conn === conn) onMessage(stored, {isNew: false});
   }, (err) => {
     m.status = 'failed';
-    m.error = err.code === 'forbidden' ? refusalText(m.room_id) : err.message;
+    m.error = err.code === 'forbidden' ? refusalText(m.room_id) : friendly(err).replace(/\.$/, '');
+    // A block can be lifted, a rate limit or an outage passes; a message
+    // the server finds invalid or too long stays so.
+    m.final = FINAL_CODES.has(err.code);
     if (m.room_id === page.state.current) renderMessages('keep');
   });
 }
 
 export function startEdit(m) {
   cancelReply();
+  // What I was writing comes back when the edit ends.
+  if (!page.ui.editing) page.ui.draftBeforeEdit = $('composer-input').value;
   page.ui.editing = m.id;
   $('editing').hidden = false;
   const input = $('composer-input');
@@ -145,7 +155,8 @@ export function cancelEdit() {
   if (!page.ui.editing) return;
   page.ui.editing = null;
   $('editing').hidden = true;
-  $('composer-input').value = '';
+  $('composer-input').value = page.ui.draftBeforeEdit;
+  page.ui.draftBeforeEdit = '';
   autoGrow();
   updateSendButton();
 }
@@ -169,25 +180,37 @@ async function saveEdit() {
   const body = $('composer-input').value;
   try {
     const ack = await call('edit_message', {message_id: id, body});
-    cancelEdit();
+    if (page.ui.editing === id) cancelEdit();
     onMessageUpdated(ack.message);
   } catch (err) {
-    alertInline(err.message);
+    showNotice(`Could not save the edit. ${friendly(err)}`);
   }
 }
 
 export async function deleteMessage(m) {
+  if (!window.confirm('Delete this message for everyone?')) return;
   try {
     const ack = await call('delete_message', {message_id: m.id});
     if (page.ui.editing === m.id) cancelEdit();
     onMessageUpdated(ack.message);
   } catch (err) {
-    alertInline(err.message);
+    showNotice(`Could not delete the message. ${friendly(err)}`);
   }
 }
 
-export function alertInline(text) {
-  $('history-status').textContent = text;
+// Says what went wrong with something the user just did, over the
+// composer (where they are looking), for a few seconds; renders of the
+// conversation leave it alone.
+export function showNotice(text) {
+  clearTimeout(page.ui.noticeTimer);
+  $('notice-text').textContent = text;
+  $('notice').hidden = false;
+  page.ui.noticeTimer = setTimeout(hideNotice, NOTICE_MS);
+}
+
+export function hideNotice() {
+  clearTimeout(page.ui.noticeTimer);
+  $('notice').hidden = true;
 }
 
 export function editLastOwn() {
@@ -218,7 +241,9 @@ async function upload(file) {
     item.status = 'ready';
   } catch (err) {
     item.status = 'failed';
-    item.error = err.status === 413 ? 'too large' : err.status === 415 ? 'type not allowed' : err.message;
+    // The server says why (415: "HTML, SVG and XML documents are not
+    // allowed"); a proxy's bare 413 says nothing.
+    item.error = err.code ? err.message : err.status === 413 ? 'too large' : err.message;
   }
   renderFiles();
   updateSendButton();
@@ -256,7 +281,7 @@ export async function toggleReaction(m, emoji) {
     const ack = await call('react', {message_id: m.id, emoji, on});
     onMessageUpdated(ack.message);
   } catch (err) {
-    alertInline(err.message);
+    showNotice(`Could not ${on ? 'add' : 'remove'} the reaction. ${friendly(err)}`);
   }
 }
 

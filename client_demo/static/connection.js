@@ -10,7 +10,8 @@
 //                              isNew: its seq is past what the room had
 //   message_updated(m)         an edit, delete or reaction
 //   room(room) / room_left(ev) a room appeared or changed / I am out of it
-//   typing(ev) / read(ev) / presence(ev)   never stored, never replayed
+//   typing(ev) / read(ev) / presence(ev) / muted(ev)   never stored, never
+//                              replayed
 //   connecting({first, recovered})  awaited before catching up: the place
 //                              to load the inbox (and seed() its seqs)
 //   connected({first, recovered, synced})  caught up, queued sends resent
@@ -95,7 +96,7 @@ export class Connection {
     socket.on('message_updated', (m) => this.applyUpdate(m));
     socket.on('room', (room) => this.applyRoom(room));
     socket.on('room_left', (ev) => this.applyRoomLeft(ev));
-    for (const name of ['typing', 'read', 'presence']) {
+    for (const name of ['typing', 'read', 'presence', 'muted']) {
       socket.on(name, (ev) => this.emit(name, ev));
     }
     return this;

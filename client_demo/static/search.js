@@ -1,8 +1,12 @@
 // Postbox demo client: message search (GET /api/search). A native ES
-// module on its own: it reads the signed-in token from localStorage and
-// asks app.js to show a message by dispatching `postbox:show-message`
-// ({room_id, id}) on window. User text only ever goes into the page as
-// text nodes; the match is wrapped in <mark> elements made here.
+// module of its own: it searches with this tab's session (page.js: another
+// tab may have signed in as someone else since) and asks app.js to show a
+// message by dispatching `postbox:show-message` ({room_id, id}) on window.
+// User text only ever goes into the page as text nodes; the match is
+// wrapped in <mark> elements made here.
+import {api, page} from './page.js';
+import {userName} from './util.js';
+import {roomTitle} from './views/inbox.js';
 
 const PAGE = 20;
 // Accents on Latin, Greek and Cyrillic letters, as the server drops them.
@@ -54,6 +58,7 @@ export function pieces(body, query) {
 
 function highlighted(body, query) {
   const span = el('span', 'search-body');
+  span.dir = 'auto';
   for (const [text, match] of pieces(body, query)) {
     span.append(match ? el('mark', null, text) : document.createTextNode(text));
   }
@@ -66,15 +71,17 @@ function when(iso) {
     d.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'});
 }
 
-async function fetchPage(query, before) {
+function fetchPage(query, before) {
   const params = new URLSearchParams({q: query, limit: String(PAGE)});
   if (before) params.set('before', String(before));
-  const resp = await fetch(`/api/search?${params}`, {
-    headers: {Authorization: `Bearer ${localStorage.getItem('postbox.token') || ''}`},
-  });
-  const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new Error((data.error && data.error.message) || `search failed (${resp.status})`);
-  return data;
+  return api('GET', `/api/search?${params}`);
+}
+
+// Which conversation a result is from: its inbox title (a group's name,
+// the other person of a dm), when the room is among the loaded ones.
+function conversationOf(m) {
+  const entry = page.state.rooms.get(m.room_id);
+  return entry ? roomTitle(entry.room) : 'Another conversation';
 }
 
 function build() {
@@ -124,7 +131,12 @@ function start() {
       li.tabIndex = 0;
       li.dataset.id = m.id;
       const head = el('div', 'search-head small');
-      head.append(el('strong', null, m.sender.display_name || m.sender.username),
+      const room = el('strong', 'search-room', conversationOf(m));
+      room.dir = 'auto';
+      const mine = page.state.me && m.sender.id === page.state.me.id;
+      const sender = el('span', 'muted', mine ? 'You' : userName(m.sender));
+      sender.dir = 'auto';
+      head.append(room, el('span', 'muted', ' · '), sender,
         el('span', 'muted', ` · ${when(m.created_at)}`));
       li.append(head, highlighted(m.body, query));
       const open = () => {

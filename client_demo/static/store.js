@@ -77,11 +77,24 @@ export function applyInboxPage(state, ack, refresh) {
   state.inboxCursor = ack.has_more ? ack.next_before : null;
 }
 
-// A new room, or a group whose members, owner or name changed.
+// A new room, or a group whose members, owner or name changed. Returns
+// whether the room is new here (its latest message, if it has one, is
+// then unknown: see applyLatest).
 export function applyRoom(state, room) {
   const entry = state.rooms.get(room.id);
   if (entry) entry.room = room;
   else state.rooms.set(room.id, {room, last_message: null, unread: 0, last_read_seq: 0, muted: false});
+  return !entry;
+}
+
+// The room's latest message as `history` or `join_room` gave it: the
+// inbox preview, unless a newer message came meanwhile. Returns whether
+// the preview changed.
+export function applyLatest(state, roomId, m) {
+  const entry = state.rooms.get(roomId);
+  if (!entry || !m || (entry.last_message && entry.last_message.seq >= m.seq)) return false;
+  entry.last_message = m;
+  return true;
 }
 
 // I left the room or was removed: it goes entirely. Returns its old entry.
@@ -114,21 +127,39 @@ export function applyMessage(state, m, isNew) {
 
 // An edit, delete or reaction. A change to a message older than the loaded
 // pages waits until that page loads (it then comes in its new version).
-// Returns whether the inbox preview changed.
+// A message of someone else that I had not read, deleted, no longer
+// counts as unread (its `message` counted it; a message is deleted once).
+// Returns whether the inbox line changed.
 export function applyMessageUpdated(state, m) {
   const c = state.convos.get(m.room_id);
   if (c && c.messages.has(m.id)) putMessage(state, c, m);
   const entry = state.rooms.get(m.room_id);
-  if (entry && entry.last_message && entry.last_message.id === m.id) {
-    entry.last_message = m;
-    return true;
+  if (!entry) return false;
+  let changed = false;
+  if (m.deleted && !isMine(state, m) && m.seq > (entry.last_read_seq || 0) && entry.unread > 0) {
+    entry.unread -= 1;
+    changed = true;
   }
-  return false;
+  if (entry.last_message && entry.last_message.id === m.id) {
+    entry.last_message = m;
+    changed = true;
+  }
+  return changed;
 }
 
+// A read marker moved. Mine (from any of my tabs or devices) carries my
+// unread count in the room after the move. Returns whether the inbox line
+// changed.
 export function applyRead(state, ev) {
-  const c = convo(state, ev.room_id);
-  c.read[ev.user_id] = Math.max(c.read[ev.user_id] || 0, ev.seq);
+  // Receipts of a room not loaded here come with its join_room.
+  const c = state.convos.get(ev.room_id);
+  if (c) c.read[ev.user_id] = Math.max(c.read[ev.user_id] || 0, ev.seq);
+  const entry = state.rooms.get(ev.room_id);
+  if (!entry || !state.me || ev.user_id !== state.me.id || typeof ev.unread !== 'number'
+      || ev.seq < (entry.last_read_seq || 0)) return false;
+  entry.last_read_seq = ev.seq;
+  entry.unread = ev.unread;
+  return true;
 }
 
 export function applyPresence(state, username, presence) {
@@ -149,6 +180,7 @@ export function applyJoin(state, roomId, ack) {
   }
   const entry = state.rooms.get(roomId);
   if (entry && ack.room) entry.room = ack.room;
+  applyLatest(state, roomId, ack.messages[ack.messages.length - 1]);
   return wasLoaded;
 }
 
@@ -162,6 +194,12 @@ export function applyOlder(state, roomId, ack) {
 // A send of mine, shown while it waits for its ack.
 export function addPending(state, m) {
   convo(state, m.room_id).pending.set(m.client_msg_id, m);
+}
+
+// A refused send I gave up on.
+export function discardPending(state, m) {
+  const c = state.convos.get(m.room_id);
+  if (c) c.pending.delete(m.client_msg_id);
 }
 
 // The room's members other than me; in a dm, the other person.

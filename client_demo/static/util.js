@@ -17,9 +17,18 @@ export function showError(id, text) {
   node.hidden = !text;
 }
 
+// The first grapheme of a word: a whole emoji (with its skin tone or ZWJ
+// sequence) or a letter with its accents, never half of a surrogate pair.
+const graphemes = typeof Intl !== 'undefined' && Intl.Segmenter
+  ? new Intl.Segmenter(undefined, {granularity: 'grapheme'}) : null;
+function firstGrapheme(word) {
+  if (graphemes) return graphemes.segment(word)[Symbol.iterator]().next().value.segment;
+  return Array.from(word)[0];
+}
+
 function initials(name) {
   const parts = (name || '?').trim().split(/[\s._]+/).filter(Boolean);
-  return ((parts[0] || '?')[0] + (parts[1] ? parts[1][0] : '')).toUpperCase();
+  return (firstGrapheme(parts[0] || '?') + (parts[1] ? firstGrapheme(parts[1]) : '')).toUpperCase();
 }
 
 const PALETTE = ['#5b6cf0', '#e0607e', '#1fa38a', '#f08a3c', '#8a5cf0',
@@ -89,14 +98,37 @@ const SNIPPET_CHARS = 90;
 export function snippet(m) {
   if (m.deleted) return 'Deleted message';
   if (m.body) {
-    const text = m.body.replace(/\s+/g, ' ').trim();
-    return text.length > SNIPPET_CHARS ? `${text.slice(0, SNIPPET_CHARS - 1)}…` : text;
+    // By code point: a cut never splits an emoji's surrogate pair.
+    const chars = Array.from(m.body.replace(/\s+/g, ' ').trim());
+    return chars.length > SNIPPET_CHARS ? `${chars.slice(0, SNIPPET_CHARS - 1).join('')}…` : chars.join('');
   }
   const a = (m.attachments || [])[0];
   if (a) return a.content_type.startsWith('image/') ? 'Photo' : a.filename;
   return '';
 }
 
+// A username as typed: trimmed, folded, one leading "@" dropped ("@bob").
+export function typedUsername(text) {
+  return text.trim().replace(/^@/, '').toLowerCase();
+}
+
 export function splitNames(text) {
-  return text.split(/[\s,]+/).map((s) => s.trim().toLowerCase()).filter(Boolean);
+  return text.split(/[\s,]+/).map(typedUsername).filter(Boolean);
+}
+
+// A server error in words for people: the messages that name a payload
+// field ("name: 1 to 100 characters") said plainly, the rest as a
+// sentence.
+export function friendly(err) {
+  const text = (err && err.message) || String(err || 'Something went wrong.');
+  const missing = /^no such user: (.+)$/.exec(text);
+  if (missing) return `No user named ${missing[1]}.`;
+  if (/^usernames?: /.test(text)) return 'A username is 3 to 32 characters: a-z, 0-9, _ and .';
+  if (/^name: /.test(text)) return 'A group name is 1 to 100 characters.';
+  const long = /^body: at most (\d+) characters$/.exec(text);
+  if (long) return `A message can be at most ${long[1]} characters.`;
+  // "display_name: 1 to 64 characters" -> "Display name: 1 to 64 characters."
+  const plain = text.replace(/^([a-z]+(?:_[a-z]+)+):/, (field) => field.replace(/_/g, ' '));
+  const sentence = plain.charAt(0).toUpperCase() + plain.slice(1);
+  return /[.!?…]$/.test(sentence) ? sentence : `${sentence}.`;
 }

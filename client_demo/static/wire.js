@@ -1,9 +1,9 @@
 // The page's event listeners: what each control and key does.
 import {addMembers, createGroup, leaveGroup, renameGroup, startDm, toggleBlock, toggleMute} from './actions.js';
-import {closeRoom, loadMoreInbox, loadOlder, logout, markRead, openRoom,
+import {closeRoom, loadMoreInbox, loadOlder, logout, markRead, onStorage, openRoom,
   signOutEverywhere} from './app.js';
 import {setAuthMode, submitAuth} from './signin.js';
-import {addFiles, cancelEdit, cancelReply, editLastOwn, stopTyping, submitComposer,
+import {addFiles, cancelEdit, cancelReply, editLastOwn, hideNotice, stopTyping, submitComposer,
   typed} from './composer.js';
 import {page} from './page.js';
 import {togglePush} from './push.js';
@@ -63,12 +63,18 @@ export function wire() {
       addFiles(files);
     }
   });
-  $('edit-cancel').addEventListener('click', cancelEdit);
+  $('edit-cancel').addEventListener('click', () => {
+    cancelEdit();
+    input.focus();
+  });
+  $('notice-close').addEventListener('click', hideNotice);
   $('back').addEventListener('click', closeRoom);
   document.addEventListener('keydown', (event) => {
     const overlay = document.querySelector('.lightbox');
-    if (event.key === 'Escape' && overlay) overlay.remove();
-    else if (event.key === 'Escape') closePicker();
+    if (event.key !== 'Escape') return;
+    if (overlay) overlay.remove();
+    else if (page.ui.picker !== null) closePicker();
+    else if (!event.target.closest('#composer')) toggleMembers(false);
   });
   document.addEventListener('click', (event) => {
     if (page.ui.picker !== null && !event.target.closest('.picker, .react-open')) closePicker();
@@ -87,6 +93,8 @@ export function wire() {
     if ($('messages').scrollTop < 120) loadOlder();
   });
   document.addEventListener('visibilitychange', markRead);
+  // Another tab signed out (or in as someone else).
+  window.addEventListener('storage', onStorage);
   window.addEventListener('focus', markRead);
   // static/search.js asks for a message: open its room, page back to it.
   window.addEventListener('postbox:show-message', async ({detail}) => {

@@ -10,9 +10,16 @@ export function roomTitle(room) {
   return room.name || room.members.map(userName).join(', ');
 }
 
+// The inbox line's preview: who (me, or a group's sender) and what, each
+// in its own direction (a Hebrew message from "You" still reads right to
+// left).
 function preview(entry) {
+  const line = el('span', 'inbox-preview');
   const m = entry.last_message;
-  if (!m) return 'No messages yet';
+  if (!m) {
+    line.textContent = 'No messages yet';
+    return line;
+  }
   const me = page.state.me;
   let text;
   if (m.deleted) text = 'Message deleted';
@@ -21,9 +28,12 @@ function preview(entry) {
     const a = m.attachments[0];
     text = a.content_type.startsWith('image/') ? 'Photo' : a.filename;
   } else text = '';
-  if (me && m.sender.id === me.id) return `You: ${text}`;
-  if (entry.room.kind === 'group') return `${userName(m.sender)}: ${text}`;
-  return text;
+  let who = null;
+  if (me && m.sender.id === me.id) who = 'You';
+  else if (entry.room.kind === 'group') who = userName(m.sender);
+  if (who) line.append(el('bdi', null, who), ': ');
+  line.append(el('bdi', null, text));
+  return line;
 }
 
 export function renderInbox() {
@@ -50,9 +60,10 @@ export function renderInbox() {
     const main = el('div', 'inbox-main');
     const top = el('div', 'inbox-top');
     const name = el('span', 'inbox-name', roomTitle(room));
+    name.dir = 'auto';
     top.append(name, el('span', 'inbox-time', shortTime(entry.last_message && entry.last_message.created_at)));
     const bottom = el('div', 'inbox-bottom');
-    bottom.append(el('span', 'inbox-preview', preview(entry)));
+    bottom.append(preview(entry));
     if (entry.muted) {
       const mark = el('span', 'muted-mark', '🔕');
       mark.title = 'Muted: no notifications';
@@ -64,10 +75,14 @@ export function renderInbox() {
     li.addEventListener('click', () => openRoom(room.id));
     return li;
   });
-  $('inbox').replaceChildren(...items);
-  $('inbox-more').hidden = !state.inboxMore;
-  $('inbox-more').disabled = page.ui.loadingInbox;
+  // "More conversations" stays the list's last line, under the last row.
+  const more = $('inbox-more');
+  $('inbox').replaceChildren(...items, more.parentElement);
+  $('inbox').classList.toggle('no-rooms', !entries.length);
+  more.hidden = more.parentElement.hidden = !state.inboxMore;
+  more.disabled = page.ui.loadingInbox;
   $('inbox-empty').hidden = entries.length > 0 || state.inboxMore;
+  // Rooms on pages not loaded yet may have unread messages too.
   const unread = totalUnread(state);
-  document.title = unread ? `(${unread}) Postbox` : 'Postbox';
+  document.title = unread ? `(${unread}${state.inboxMore ? '+' : ''}) Postbox` : 'Postbox';
 }

@@ -2,9 +2,11 @@
 // attachments (thumbnails fetched with the token, shown as blob: URLs),
 // reactions and their picker, receipts, and the sending/failed states.
 // Rendered <li> nodes are reused while their message is unchanged.
+// Names and bodies take their direction from their own text (dir=auto):
+// a Hebrew or Arabic message reads right to left in an English page.
 import {deleteMessage, sendPending, startEdit, startReply, toggleReaction} from '../composer.js';
 import {page} from '../page.js';
-import {timeline} from '../store.js';
+import {discardPending, timeline} from '../store.js';
 import {$, clock, dayLabel, el, humanSize, sameDay, snippet, userName} from '../util.js';
 
 // The quick reactions offered by the picker (any emoji works on the wire).
@@ -55,7 +57,7 @@ export function renderMessages(scroll) {
     const showSeen = m === myLast ? seen : '';
     // The quoted original, when it is loaded (its changes show in the quote).
     const orig = m.reply_to ? c.messages.get(m.reply_to) || null : null;
-    const version = [m.update_seq, m.edited_at, m.deleted, m.status, m.error, first, showSeen,
+    const version = [m.update_seq, m.edited_at, m.deleted, m.status, m.error, m.final, first, showSeen,
       entry.room.kind, JSON.stringify(m.reactions || {}), page.ui.picker === m.id,
       orig ? `${orig.update_seq || orig.seq}` : ''].join('|');
     let node = page.ui.nodes.get(key);
@@ -67,7 +69,13 @@ export function renderMessages(scroll) {
     nodes.push(node);
     prev = m;
   }
+  // Moving the nodes takes the focus away (a bubble tapped to show its
+  // actions, a reaction chip): give it back.
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
   list.replaceChildren(...nodes);
+  if (focused && focused.isConnected && document.activeElement !== focused) {
+    focused.focus({preventScroll: true});
+  }
   $('history-status').textContent = c.loadingOlder ? 'Loading earlier messages…'
     : (c.loaded && !c.hasMore && items.length ? 'This is the start of the conversation.'
       : (c.loaded && !items.length ? 'No messages yet. Say hello!' : ''));
@@ -85,10 +93,16 @@ function renderMessage(m, first, seen, room, orig) {
   li.classList.toggle('failed', m.status === 'failed');
   if (m.id) li.dataset.id = m.id;
   li.dataset.cmid = m.client_msg_id || '';
-  if (first && !mine && room.kind === 'group') li.append(el('div', 'msg-sender', userName(m.sender)));
+  if (first && !mine && room.kind === 'group') li.append(textOf('div', 'msg-sender', userName(m.sender)));
 
   const row = el('div', 'msg-row');
   const bubble = el('div', 'bubble');
+  if (!m.deleted && m.id) {
+    // The Tab key shows the message's actions (CSS :focus-within); so
+    // does a tap on a touch screen, which has no hover (.selected).
+    bubble.tabIndex = 0;
+    bubble.addEventListener('click', () => select(li));
+  }
   if (m.deleted) {
     bubble.append(el('div', 'body', 'This message was deleted'));
   } else {
@@ -97,7 +111,7 @@ function renderMessage(m, first, seen, room, orig) {
     for (const a of m.attachments || []) atts.append(renderAttachment(a));
     if ((m.attachments || []).some((a) => a.content_type.startsWith('image/'))) bubble.classList.add('has-image');
     bubble.append(atts);
-    if (m.body) bubble.append(el('div', 'body', m.body));
+    if (m.body) bubble.append(textOf('div', 'body', m.body));
     else if (!m.reply_to && (m.attachments || []).every((a) => a.content_type.startsWith('image/'))) {
       bubble.classList.add('bare');
     }
@@ -127,14 +141,41 @@ function renderMessage(m, first, seen, room, orig) {
   if (m.edited_at && !m.deleted) meta += ' · edited';
   if (m.status === 'sending') meta = 'Sending…';
   li.append(el('div', 'meta', meta));
-  if (m.status === 'failed') {
-    const retry = el('button', 'retry link', `Not sent: ${m.error || 'error'}. Retry`);
-    retry.type = 'button';
-    retry.addEventListener('click', () => sendPending(m));
-    li.append(retry);
-  }
+  if (m.status === 'failed') li.append(renderFailure(m));
   if (seen) li.append(el('div', 'seen', seen));
   return li;
+}
+
+// One message at a time shows its actions on a touch screen: a tap on
+// its bubble, and again to hide them.
+function select(li) {
+  for (const other of document.querySelectorAll('#message-list .msg.selected')) {
+    if (other !== li) other.classList.remove('selected');
+  }
+  li.classList.toggle('selected');
+}
+
+// Under a refused send: why, Retry when sending again may work, Discard.
+function renderFailure(m) {
+  const box = el('div', 'failure small');
+  box.append(el('span', 'failure-text', `Not sent: ${m.error || 'error'}.`
+    + (m.final ? " It can't be sent as it is." : '')));
+  if (!m.final) {
+    box.append(' ', actionButton('retry link', 'Retry', 'Send this message again', () => sendPending(m)));
+  }
+  box.append(' ', actionButton('discard link', 'Discard', 'Remove this unsent message', () => {
+    discardPending(page.state, m);
+    page.ui.nodes.delete(`p${m.client_msg_id}`);
+    renderMessages('keep');
+  }));
+  return box;
+}
+
+// A text element whose direction comes from its own text.
+function textOf(tag, cls, text) {
+  const node = el(tag, cls, text);
+  node.dir = 'auto';
+  return node;
 }
 
 export function actionButton(cls, label, title, onClick) {
@@ -154,8 +195,8 @@ function renderQuote(orig) {
     quote.type = 'button';
     quote.title = 'Show the original message';
     quote.addEventListener('click', () => scrollToMessage(orig.id));
-    quote.append(el('span', 'quote-sender', orig.sender.id === page.state.me.id ? 'You' : userName(orig.sender)),
-      el('span', 'quote-text', snippet(orig)));
+    const sender = orig.sender.id === page.state.me.id ? 'You' : userName(orig.sender);
+    quote.append(textOf('span', 'quote-sender', sender), textOf('span', 'quote-text', snippet(orig)));
   } else {
     quote.classList.add('missing');
     quote.append(el('span', 'quote-text', 'Reply to an earlier message'));

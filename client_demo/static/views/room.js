@@ -21,7 +21,7 @@ export function renderRoomHeader() {
     $('room-status').textContent = p ? `${lastSeenText(p)} · @${other.username}` : `@${other.username}`;
   } else {
     dot.hidden = true;
-    $('room-status').textContent = `${room.members.length} members: ${room.members.map(userName).join(', ')}`;
+    $('room-status').textContent = membersSummary(room.members);
   }
   renderBlock(other);
   renderMute(entry);
@@ -29,6 +29,16 @@ export function renderRoomHeader() {
   $('members-toggle').textContent = `Members (${room.members.length})`;
   if (room.kind !== 'group') toggleMembers(false);
   else renderMembers();
+}
+
+// How many members are in, and the first few by name: one line (CSS
+// ellipsis cuts what does not fit), however big the group.
+const NAMED_MEMBERS = 4;
+export function membersSummary(members) {
+  const count = `${members.length} ${members.length === 1 ? 'member' : 'members'}`;
+  const named = members.slice(0, NAMED_MEMBERS).map(userName).join(', ');
+  const rest = members.length - NAMED_MEMBERS;
+  return rest > 0 ? `${count}: ${named} and ${rest} more` : `${count}: ${named}`;
 }
 
 // Muted rooms send no push notifications (and do not count in the title).
@@ -50,6 +60,7 @@ export function currentGroup() {
 export function toggleMembers(open) {
   const show = !!currentGroup() && (open === undefined ? $('members-panel').hidden : open);
   $('members-panel').hidden = !show;
+  $('room').classList.toggle('members-open', show);
   $('members-toggle').setAttribute('aria-expanded', String(show));
   showError('members-error', '');
   if (show) renderMembers();
@@ -69,7 +80,12 @@ export function renderMembers() {
     const av = el('div', 'avatar');
     paintAvatar(av, userName(u), u.username);
     const text = el('div', 'member-text');
-    const name = el('div', 'member-name', userName(u) + (me && u.id === me.id ? ' (you)' : ''));
+    // A long name is cut short; "(you)" and the owner badge always show.
+    const name = el('div', 'member-name');
+    const label = el('span', 'member-label', userName(u));
+    label.dir = 'auto';
+    name.append(label);
+    if (me && u.id === me.id) name.append(el('span', 'member-you', ' (you)'));
     if (u.id === room.owner_id) name.append(el('span', 'owner-badge', 'owner'));
     text.append(name, el('div', 'muted small', `@${u.username}`));
     li.append(av, text);
@@ -77,7 +93,7 @@ export function renderMembers() {
       const remove = el('button', 'member-remove', 'Remove');
       remove.type = 'button';
       remove.title = `Remove @${u.username} from the group`;
-      remove.addEventListener('click', () => removeMember(room.id, u.username, remove));
+      remove.addEventListener('click', () => removeMember(room.id, u, remove));
       li.append(remove);
     }
     return li;
