@@ -4,6 +4,7 @@ are ``server.services.presence`` and ``server.services.live``."""
 from peewee import SQL, fn
 
 from models import Block, Membership, User
+from server.data.database import execute
 
 
 def visible_ids(viewer_id, usernames) -> dict:
@@ -27,13 +28,14 @@ def visible_ids(viewer_id, usernames) -> dict:
 
 def watchers(user_id) -> set:
     """Users who share a room with ``user_id`` (itself included), leaving
-    out those it blocks."""
-    rooms = Membership.select(Membership.room).where(
-        Membership.user == user_id)
-    blocked = Block.select(Block.blocked).where(Block.blocker == user_id)
-    return {u for (u,) in Membership.select(Membership.user).distinct()
-            .where(Membership.room.in_(rooms),
-                   Membership.user.not_in(blocked)).tuples()}
+    out those it blocks. Plain SQL: for a user in 5,000 rooms (21,000
+    room mates) Peewee's rows cost more than the query (50 ms against
+    19), at every connect and disconnect."""
+    return {u for (u,) in execute(
+        'SELECT DISTINCT m."user_id" FROM "membership" m WHERE m."room_id" '
+        'IN (SELECT "room_id" FROM "membership" WHERE "user_id" = ?) AND '
+        'm."user_id" NOT IN (SELECT "blocked_id" FROM "block" WHERE '
+        '"blocker_id" = ?)', (user_id, user_id)).fetchall()}
 
 
 def save_last_seen(user_id, ms):
