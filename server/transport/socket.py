@@ -23,14 +23,19 @@ log = logging.getLogger(__name__)
 
 
 class Sockets:
-    """Connected sockets of this process: sid -> user dict, and when the
-    token each connected with expires."""
+    """Connected sockets of this process: sid -> user dict, when the
+    token each connected with expires, and which are counted in presence."""
 
     def __init__(self):
         self.users = {}
         self.by_user = {}  # user id -> set of sids
         self.ips = {}  # sid -> client address, for the connection limits
         self.expires = {}  # sid -> unix time its token expires
+        # Sids counted in presence (``count_present``): only those are
+        # uncounted at their disconnect. A connect undone before its
+        # CONNECT reply never counted, and must not take a count that
+        # another socket of the user holds.
+        self.present = set()
         self.in_flight = 0
         self.draining = False
 
@@ -39,12 +44,22 @@ class Sockets:
         self.by_user.setdefault(user['id'], set()).add(sid)
         self.expires[sid] = expires
 
+    def count_present(self, sid):
+        """The user of ``sid``, counted in presence from now on; None if
+        it is gone or counted already (nothing to count)."""
+        user = self.users.get(sid)
+        if user is None or sid in self.present:
+            return None
+        self.present.add(sid)
+        return user
+
     def expired(self, now) -> list:
         """The sids whose token has expired by ``now``."""
         return [sid for sid, at in self.expires.items() if at <= now]
 
     def remove(self, sid):
         self.expires.pop(sid, None)
+        self.present.discard(sid)
         user = self.users.pop(sid, None)
         if user is not None:
             sids = self.by_user.get(user['id'], set())
@@ -202,6 +217,17 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             # Missed events, restored rooms, a pid for the CONNECT reply.
             await recovery.resume(sid, sio.manager.eio_sid_from_sid(sid, '/'),
                                   user['id'], auth_data)
+        # Presence waits for ``connected``: this socket is in its user's
+        # room already, and the user's coming online is sent there too.
+
+    async def connected(sid):
+        """After the CONNECT reply of ``sid`` (``Server._connect``): the
+        user is counted online, and their watchers, this socket among
+        them, told if they came online. Before the reply, the ``presence``
+        event would reach this socket ahead of it."""
+        user = sockets.count_present(sid)
+        if user is None:
+            return
         try:
             await ctx.presence.connected(user['id'])
         except Unavailable:
@@ -211,8 +237,11 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                         'unavailable', extra={'user_id': user['id'],
                                               'sid': sid})
 
+    sio.after_connect = connected
+
     @sio.on('disconnect')
     async def disconnect(sid, reason=None):
+        present = sid in sockets.present
         user = sockets.remove(sid)
         if user is None:
             return
@@ -226,7 +255,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         for room_id, user_id in ctx.typing.drop_socket(sid):
             info = await rooms.room_info(ctx, room_id)
             await realtime.typing(room_id, user, False, info.member_ids)
-        await ctx.presence.disconnected(user['id'])
+        if present:
+            await ctx.presence.disconnected(user['id'])
 
     @sio.on('*')
     async def unknown(event, sid, *args):

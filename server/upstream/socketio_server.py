@@ -139,6 +139,9 @@ class Server(socketio.AsyncServer):
         self.connecting = {}
         # Connection state recovery (``recovery.Recovery``), set by the app.
         self.recovery = None
+        # Awaited with the sid once a connect succeeded and its reply is
+        # queued (the app marks presence there), set by the app.
+        self.after_connect = None
 
     # An Engine.IO packet, encoded once, to one session: for the emit paths
     # that encode a packet once for many sockets (``socketio_manager.
@@ -386,12 +389,18 @@ class Server(socketio.AsyncServer):
     async def _connect(self, eio_sid, namespace, data):
         """python-socketio's ``_handle_connect``, undone if the session
         closed while the connect handler awaited (the token check, the
-        connection count, presence). Its disconnect found no connection
+        connection count, recovery). Its disconnect found no connection
         then (python-socketio marks it connected only once the handler
         returns), so nothing would give back what the handler took: the
-        user's connection places, the socket's count, its rooms, the
-        user's presence. The disconnect handler runs now instead, and no
-        CONNECT reply goes out (``_send_packet``)."""
+        user's connection places, the socket's count, its rooms. The
+        disconnect handler runs now instead, and no CONNECT reply goes
+        out (``_send_packet``).
+
+        Connected, with the session open, the CONNECT reply is queued:
+        then ``after_connect(sid)``, if the application set one, is
+        awaited, for what must reach the client after that reply (events
+        sent to the socket from its connect handler would go ahead of
+        it). It is not awaited for a connect undone here."""
         entry = self.connecting.setdefault(eio_sid, [0, None])
         entry[0] += 1
         try:
@@ -408,6 +417,12 @@ class Server(socketio.AsyncServer):
                 eio_sid, namespace, entry[1] or self.reason.TRANSPORT_CLOSE)
         elif not self._connected(eio_sid):
             await self._refused(eio_sid)
+        else:
+            after = self.after_connect
+            sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+            if after is not None and sid is not None and \
+                    self.manager.is_connected(sid, namespace):
+                await after(sid)
 
     async def _refuse(self, eio_sid, namespace, id, event, why=None):
         """Answer an event without running its handler: the catch-all
