@@ -326,3 +326,93 @@ async def test_a_flood_of_frames_is_read_at_the_sockets_own_pace(hostile):
     paused = [line for line in text.splitlines()
               if line.startswith('postbox_socket_reads_paused_total ')]
     assert paused and float(paused[0].split()[1]) > 0, paused
+
+
+def paused_count(text) -> float:
+    found = [line for line in text.splitlines()
+             if line.startswith('postbox_socket_reads_paused_total ')]
+    return float(found[0].split()[1]) if found else 0.0
+
+
+async def test_websocket_pings_and_empty_posts_spend_the_read_budget(
+        hostile):
+    """Websocket PING control frames (aiohttp used to answer them all
+    itself) and empty polling POSTs cost the loop like any frame: a flood
+    of either is paced, and the flooding socket still gets its answers."""
+    base = hostile.url
+    _, text = await http(base, 'GET', '/metrics')
+    before = paused_count(text)
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            base + '/socket.io/?EIO=4&transport=websocket', autoping=False)
+        assert (await ws.receive_str(timeout=5)).startswith('0')
+        for n in range(300):
+            await ws.ping(str(n).encode())
+        await ws.send_str('40' + json.dumps({'token': token}))
+        pongs = 0
+        while True:
+            msg = await ws.receive(timeout=30)
+            if msg.type == aiohttp.WSMsgType.PONG:
+                pongs += 1
+            elif msg.data.startswith('40{'):
+                break
+        assert pongs == 300
+        await ws.close()
+        _, text = await http(base, 'GET', '/metrics')
+        after_pings = paused_count(text)
+        assert after_pings > before
+        sid = await handshake(session, base)
+        url = f'{polling(base)}&sid={sid}'
+        for _ in range(160):
+            async with session.post(url, data=b'') as resp:
+                assert resp.status == 200
+    _, text = await http(base, 'GET', '/metrics')
+    assert paused_count(text) > after_pings
+
+
+async def test_a_polling_post_of_many_packets_is_taken_whole(hostile):
+    """engine.io-client sends whatever it has buffered in one POST:
+    python-engineio refused more than 16 packets, and the session was
+    closed with every emit in it."""
+    base = hostile.url
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        sid = await connected(session, base, token)
+        url = f'{polling(base)}&sid={sid}'
+        emits = [f'42{n}["ping",{{}}]' for n in range(1, 31)]
+        async with session.post(url, data='\x1e'.join(emits)) as resp:
+            assert resp.status == 200
+        acked = set()
+        while len(acked) < 30:
+            async with session.get(url) as resp:
+                assert resp.status == 200
+                for p in (await resp.text()).split('\x1e'):
+                    if p.startswith('43'):
+                        n, _, body = p[2:].partition('[')
+                        assert json.loads('[' + body) == [{'ok': True}], p
+                        acked.add(int(n))
+        assert acked == set(range(1, 31))
+
+
+async def test_overlapping_posts_close_the_session(hostile):
+    """A second POST while one is still being read is refused and the
+    session closed, as the reference server does: clients wait for a
+    POST's answer before the next."""
+    base = hostile.url
+    _, token = await register(base)
+    async with aiohttp.ClientSession() as session:
+        sid = await connected(session, base, token)
+        url = f'{polling(base)}&sid={sid}'
+        head = (f'POST /socket.io/?EIO=4&transport=polling&sid={sid} '
+                'HTTP/1.1\r\nContent-Type: text/plain\r\n'
+                'Content-Length: 100\r\n\r\n')
+        reader, writer = await raw_http(base, head, b'42')
+        await asyncio.sleep(1)  # the first is being read
+        async with session.post(url, data='42["ping",{}]') as resp:
+            assert resp.status == 400
+            assert (await resp.json())['error']['code'] == 'invalid'
+        writer.close()
+        async with session.get(url) as resp:
+            assert resp.status == 400 or (await resp.text()) == '1'
+    await still_serving(base)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import engineio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from engineio import exceptions, packet
 
 from server.transport.pings import PingSchedule
@@ -192,7 +193,10 @@ class Engine(engineio.AsyncServer):
         return CoalescingWebSocketResponse(
             max_msg_size=self.max_http_buffer_size + 1,
             compress=self.websocket_compress,
-            timeout=self.websocket_close_timeout)
+            timeout=self.websocket_close_timeout,
+            # PINGs are answered by ``Socket._receive``, within the
+            # socket's read budget.
+            autoping=False)
 
     async def handle_request(self, request):
         """The aiohttp handler of the Engine.IO endpoint. A new websocket
@@ -245,6 +249,25 @@ class Engine(engineio.AsyncServer):
             return await self._refuse(
                 environ, 415, 'invalid',
                 f'Content-Encoding {encoding} is not supported')
+        if s.post_pending:
+            # Engine.IO clients wait for a POST's answer before the next
+            # (the reference server refuses an overlap the same way);
+            # overlapping ones would each wait out the read budget,
+            # outside every per-address count.
+            log.info('%s: overlapping POSTs, closing', sid)
+            await s.close(wait=False, reason=self.reason.TRANSPORT_ERROR)
+            return await self._refuse(environ, 400, 'invalid',
+                                      'a POST is under way already')
+        s.post_pending = True
+        try:
+            return await self._take_post(s, request, environ)
+        finally:
+            s.post_pending = False
+
+    async def _take_post(self, s, request, environ):
+        """The body of a long-polling POST to ``s``, read and received
+        (``_handle_post``'s checks passed)."""
+        sid = s.sid
         try:
             body = await self._read_body(request)
         except _BodyError as exc:
@@ -259,6 +282,10 @@ class Engine(engineio.AsyncServer):
             log.debug('%s: polling POST: the client went away (%r)', sid,
                       exc)
             return web.Response(status=400)
+        except HttpProcessingError as exc:  # a broken chunked body
+            log.info('%s: polling POST refused: %s', sid, exc)
+            return await self._refuse(environ, 400, 'invalid',
+                                      'the request body is malformed')
         if not await s.receive_payload(body):
             if s.closed and self.sockets.get(sid) is s:
                 del self.sockets[sid]

@@ -102,11 +102,20 @@ def decode_packet(data):
     return pkt if _known_type(pkt) else None
 
 
+class _Payload(payload.Payload):
+    # python-engineio refuses a payload of more than 16 packets, and the
+    # session was closed then; engine.io-client sends whatever it has
+    # buffered in one POST (up to maxPayload bytes), so a client flushing
+    # 17 emits lost them. The body's size bounds it already; this bounds
+    # the parse (about 1 us a packet, on the event loop).
+    max_decode_packets = 1000
+
+
 def decode_payload(body: bytes):
     """The packets of a long-polling POST's ``body``, or None when it is
     not an Engine.IO payload (as ``decode_packet``)."""
     try:
-        packets = payload.Payload(encoded_payload=body.decode('utf-8')).packets
+        packets = _Payload(encoded_payload=body.decode('utf-8')).packets
     except (ValueError, KeyError, IndexError):  # KeyError: a bare 'd='
         return None
     return packets if all(_known_type(pkt) for pkt in packets) else None
@@ -161,6 +170,7 @@ class Socket(async_socket.AsyncSocket):
     close_code = WSCloseCode.OK  # what the websocket is closed with
     upgrade_ws = None  # the websocket of an upgrade under way
     poll_pending = False  # a long-polling GET is waiting for packets
+    post_pending = False  # a long-polling POST is being read or taken
 
     async def send(self, pkt):
         """Queue ``pkt``; on a websocket, start a writer if none runs."""
@@ -285,10 +295,9 @@ class Socket(async_socket.AsyncSocket):
         # Every await here is a frame held for the life of the connection:
         # the loop reads with ``receive`` rather than ``async for``.
         while True:
-            msg = await ws.receive()
-            # PING/PONG frames are answered inside aiohttp; an ERROR (a
-            # frame over max_msg_size, a broken frame) has closed the
-            # websocket already.
+            msg = await self._receive(ws)
+            # An ERROR (a frame over max_msg_size, a broken frame) has
+            # closed the websocket already.
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
             pkt = decode_packet(msg.data)
@@ -314,9 +323,7 @@ class Socket(async_socket.AsyncSocket):
                 # Closed by what it sent (an invalid packet, a CLOSE): what
                 # else it has sent is not read, nor logged again.
                 break
-            budget = self.server.read_budget
-            if budget is not None:
-                await budget.spend(self)
+            await self._spend(1)
         self.ws = None
         writer = self.writer
         if writer is not None:
@@ -359,11 +366,11 @@ class Socket(async_socket.AsyncSocket):
         if self.closing or self.closed:
             return False
         packets = decode_payload(body)
-        budget = self.server.read_budget
-        if packets and budget is not None:
-            await budget.spend(self, len(packets))
-            if self.closing or self.closed:
-                return False
+        # An empty POST is charged too: a client looping them would cost
+        # the loop a request each.
+        await self._spend(max(1, len(packets or ())))
+        if self.closing or self.closed:
+            return False
         if packets is None:
             log.info('%s: undecodable polling payload %r, closing', self.sid,
                      body[:40])
@@ -379,6 +386,24 @@ class Socket(async_socket.AsyncSocket):
                 break
         return True
 
+    async def _receive(self, ws):
+        """The next frame of ``ws`` that is not a websocket PING or PONG.
+        aiohttp would answer PINGs itself (``autoping``), where no read
+        budget sees them, so a flood of them cost the event loop nothing
+        to send: here each is answered and charged (``read_budget``)."""
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type is not WSMsgType.PONG:
+                return msg
+            await self._spend(1)
+
+    async def _spend(self, frames):
+        budget = self.server.read_budget
+        if budget is not None:
+            await budget.spend(self, frames)
+
     async def _expect(self, ws, packet_type, data=None) -> bool:
         """Whether the next frame on ``ws``, a step of an upgrade, is a
         ``packet_type`` packet (with ``data``, if given). A frame that
@@ -386,8 +411,9 @@ class Socket(async_socket.AsyncSocket):
         frame within the ping timeout (the client sends them at once),
         or the socket closed meanwhile (``close`` closes ``ws``)."""
         try:
-            msg = await ws.receive(timeout=self.server.ping_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.server.ping_timeout):
+                msg = await self._receive(ws)
+        except TimeoutError:
             log.info('%s: websocket upgrade timed out', self.sid)
             return False
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY) or \
