@@ -399,9 +399,11 @@ async def test_reading_on_one_device_clears_unread_on_the_others(base):
     await a.call('join_room', {'room_id': room['id']})
     assert (await b.call('join_room', {'room_id': room['id']}))['ok']
     ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 1})
-    assert ack['unread'] == 1
+    # One unread of the room's 2 messages: a client counts only messages
+    # above last_seq as new.
+    assert (ack['unread'], ack['seq'], ack['last_seq']) == (1, 1, 2)
     mine = {'room_id': room['id'], 'user_id': bob['id'], 'seq': 1,
-            'unread': 1}
+            'unread': 1, 'last_seq': 2}
     # Bob's phone never joined the room, and hears it with his count; his
     # reading socket (joined) hears it once.
     assert await b_phone.next('read') == mine
@@ -438,7 +440,7 @@ async def test_unread_and_mark_read(base):
     assert ack['ok'] and ack['unread'] == 1
     read = await a.next('read')
     assert read == {'room_id': room['id'], 'user_id': bob['id'], 'seq': 2}
-    assert await b.next('read') == {**read, 'unread': 1}
+    assert await b.next('read') == {**read, 'unread': 1, 'last_seq': 4}
     ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 1})
     assert ack['unread'] == 1  # never moves back
     ack = await b.call('mark_read', {'room_id': room['id'], 'seq': 999})

@@ -248,7 +248,8 @@ async def test_edit_react_delete_take_the_next_seqs(world):
     assert [(e['type'], e['seq']) for e in caught_up['events']] == [
         ('message_updated', 2), ('message_updated', 3),
         ('message_updated', 4)]
-    marker, unread, moved = await messages.mark_read(ctx, bob, room_id, 99)
+    marker, unread, moved, _ = await messages.mark_read(ctx, bob, room_id,
+                                                        99)
     assert (marker, unread, moved) == (4, 0, True)
 
 

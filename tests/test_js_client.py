@@ -78,4 +78,4 @@ def test_demo_page_store_reducers():
                           capture_output=True, text=True, timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert '# fail 0' in output and '# pass 4' in output, output
+    assert '# fail 0' in output and '# pass 5' in output, output

@@ -284,7 +284,7 @@ export async function markRead() {
   renderInbox();
   try {
     const ack = await call('mark_read', {room_id: roomId, seq});
-    entry.unread = ack.unread;
+    store.applyRead(page.state, {room_id: roomId, user_id: page.state.me.id, ...ack});
     renderInbox();
   } catch (err) {
     entry.last_read_seq = 0;  // try again on the next chance

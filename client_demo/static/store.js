@@ -70,7 +70,10 @@ export function totalUnread(state) {
 // first page loaded again (after a reconnect): it does not rewind the
 // paging cursor once paging has started.
 export function applyInboxPage(state, ack, refresh) {
-  for (const entry of ack.rooms) state.rooms.set(entry.room.id, {muted: false, ...entry});
+  // Each count covers the room's messages through its last_seq.
+  for (const entry of ack.rooms) {
+    state.rooms.set(entry.room.id, {muted: false, ...entry, counted_through: entry.room.last_seq, counted: []});
+  }
   if (refresh && state.inboxPaged) return;
   state.inboxPaged = true;
   state.inboxMore = !!ack.has_more;
@@ -121,7 +124,11 @@ export function applyMessage(state, m, isNew) {
   const mine = isMine(state, m);
   if (!entry) return {known: false, mine};
   if (!entry.last_message || m.seq >= entry.last_message.seq) entry.last_message = m;
-  if (!mine && isNew && m.seq > (entry.last_read_seq || 0)) entry.unread = (entry.unread || 0) + 1;
+  if (!mine && isNew && m.seq > (entry.last_read_seq || 0) && m.seq > (entry.counted_through || 0)
+      && !(entry.counted || []).includes(m.seq)) {
+    entry.unread = (entry.unread || 0) + 1;
+    (entry.counted ||= []).push(m.seq);
+  }
   return {known: true, mine};
 }
 
@@ -147,8 +154,11 @@ export function applyMessageUpdated(state, m) {
   return changed;
 }
 
-// A read marker moved. Mine (from any of my tabs or devices) carries my
-// unread count in the room after the move. Returns whether the inbox line
+// A read marker moved. Mine (from any of my tabs or devices, or my own
+// mark_read's ack) carries my unread count in the room after the move,
+// counted through the room's `last_seq`: a message above it that came
+// live was not in that count (it is added), and one at or below it that
+// comes live after is not counted again. Returns whether the inbox line
 // changed.
 export function applyRead(state, ev) {
   // Receipts of a room not loaded here come with its join_room.
@@ -158,7 +168,10 @@ export function applyRead(state, ev) {
   if (!entry || !state.me || ev.user_id !== state.me.id || typeof ev.unread !== 'number'
       || ev.seq < (entry.last_read_seq || 0)) return false;
   entry.last_read_seq = ev.seq;
-  entry.unread = ev.unread;
+  const through = ev.last_seq ?? ev.seq;
+  entry.counted = (entry.counted || []).filter((s) => s > through && s > ev.seq);
+  entry.unread = ev.unread + entry.counted.length;
+  entry.counted_through = Math.max(entry.counted_through || 0, through);
   return true;
 }
 

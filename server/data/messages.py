@@ -208,7 +208,8 @@ def history(room_id, before, after, limit) -> tuple:
 
 def mark_read(room_id, user_id, seq) -> tuple:
     """Move the user's marker forward to ``seq`` (never back, never past
-    the room's last seq); (marker, unread count, moved)."""
+    the room's last seq); (marker, unread count, moved, the room's last
+    seq, which the count covers: a message above it was not counted)."""
     last_seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
     seq = min(seq, last_seq)
     moved = (Membership.update(last_read_seq=seq)
@@ -219,9 +220,10 @@ def mark_read(room_id, user_id, seq) -> tuple:
               .scalar())
     unread = (Message.select().where(
         Message.room == room_id, Message.seq > marker,
+        Message.seq <= last_seq,  # another process may have sent since
         Message.sender != user_id, Message.deleted == False)  # noqa: E712
         .count())
-    return marker, unread, bool(moved)
+    return marker, unread, bool(moved), last_seq
 
 
 def room_seqs(user_id) -> list:

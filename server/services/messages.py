@@ -260,7 +260,8 @@ def _history(ctx, room_id, before, after, limit):
 
 async def mark_read(ctx, user_id, room_id, seq):
     """Move the user's read marker forward to ``seq`` (never back, never
-    past the room's last seq). Returns (marker, unread, moved)."""
+    past the room's last seq). Returns (marker, unread, moved, the room's
+    last seq the unread count covers)."""
     check_int(seq, 'seq')
     await rooms_service.member_room(ctx, user_id, room_id)
     return await ctx.store.write(data.mark_read, room_id, user_id, seq)

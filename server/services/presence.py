@@ -46,11 +46,14 @@ async def set_block(ctx, user, username, on: bool):
     an unblock shows it again to a user who now may. Returns (the other
     user's id, ``{online, last_seen}`` or None for nothing to tell)."""
     other_id = await rooms_service.find_user_id(ctx, username)
-    saw = await query(ctx, other_id, [user['username']])
+    me = [user['username']]
+    saw = await ctx.store.read(data.visible_ids, other_id, me)
     await rooms_service.set_block(ctx, user['id'], username, on)
     if on:
         return other_id, {'online': False, 'last_seen': None} if saw else None
-    sees = await query(ctx, other_id, [user['username']])
+    if saw:  # was not blocked: nothing changes for them
+        return other_id, None
+    sees = await query(ctx, other_id, me)
     return other_id, sees.get(user['username'])
 
 

@@ -48,13 +48,13 @@ class Realtime:
                          [room_room(room_id, m) for m in member_ids
                           if m != user['id']])
 
-    async def read(self, room_id, user_id, seq, unread, member_ids):
-        """To every socket of the reader, with their unread count (so
-        their other tabs and devices clear it too), and to the joined
-        sockets of the other members."""
+    async def read(self, room_id, user_id, seq, counts, member_ids):
+        """To every socket of the reader, with ``counts`` (their unread
+        count and the room's last seq it covers, so their other tabs and
+        devices clear it too), and to the joined sockets of the other
+        members."""
         data = {'room_id': room_id, 'user_id': user_id, 'seq': seq}
-        await self._emit('read', {**data, 'unread': unread},
-                         [user_room(user_id)])
+        await self._emit('read', {**data, **counts}, [user_room(user_id)])
         await self._emit('read', data, [room_room(room_id, m)
                                         for m in member_ids if m != user_id])
 

@@ -321,13 +321,14 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
     @on_event('mark_read')
     async def mark_read(sid, user, data):
         room_id = data.get('room_id')
-        marker, unread, moved = await messages.mark_read(
+        marker, unread, moved, last_seq = await messages.mark_read(
             ctx, user['id'], room_id, data.get('seq'))
         if moved:
             info = await rooms.room_info(ctx, room_id)
-            await realtime.read(room_id, user['id'], marker, unread,
+            await realtime.read(room_id, user['id'], marker,
+                                {'unread': unread, 'last_seq': last_seq},
                                 info.member_ids)
-        return {'unread': unread, 'seq': marker}
+        return {'unread': unread, 'seq': marker, 'last_seq': last_seq}
 
     @on_event('mute_room')
     async def mute_room(sid, user, data):

@@ -405,6 +405,11 @@ class Server(socketio.AsyncServer):
         entry[0] += 1
         try:
             await self._stop_waiting(eio_sid)  # its place passes on
+            if entry[1] is not None or self._gone(eio_sid):
+                # Closed meanwhile (with Redis, the place is given back
+                # over the network): python-socketio would look for the
+                # session's environ, gone with it.
+                return
             await self._handle_connect(eio_sid, namespace, data)
         finally:
             entry[0] -= 1

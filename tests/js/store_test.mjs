@@ -73,3 +73,22 @@ test('a muted room does not count in the total; a room left goes entirely', () =
   assert.equal(state.rooms.has(5) || state.convos.has(5), false);
   assert.deepEqual(store.contacts(state), ['bob']);
 });
+
+test('my read from another device and a new message, in either order, leave the right count', () => {
+  for (const readFirst of [true, false]) {
+    for (const countedIt of [true, false]) {
+      // The server counted 1 unread through seq 4 (countedIt: the new
+      // message 4 was in) or 0 through seq 3 (it came after the count).
+      const state = store.createState(ME);
+      store.applyInboxPage(state, {rooms: [{room: room(5, 3), last_message: message(5, 3),
+        unread: 3, last_read_seq: 0}], has_more: false});
+      const read = countedIt ? {room_id: 5, user_id: ME.id, seq: 3, unread: 1, last_seq: 4}
+        : {room_id: 5, user_id: ME.id, seq: 3, unread: 0, last_seq: 3};
+      const steps = [() => store.applyRead(state, read), () => store.applyMessage(state, message(5, 4), true)];
+      if (!readFirst) steps.reverse();
+      for (const step of steps) step();
+      assert.equal(state.rooms.get(5).unread, 1, `read first: ${readFirst}, counted: ${countedIt}`);
+      assert.equal(state.rooms.get(5).last_read_seq, 3);
+    }
+  }
+});
