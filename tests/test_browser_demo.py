@@ -80,6 +80,17 @@ def second_tab(page, server):
     return tab
 
 
+def group_with_a_message(page, name, member, body):
+    """``page``'s user makes the group ``name`` with ``member`` and says
+    ``body`` in it (stored: no longer "Sending…")."""
+    page.click('#new-group-toggle')
+    page.fill('#new-group-name', name)
+    page.fill('#new-group-members', member)
+    page.click('#new-group button[type=submit]')
+    expect(page.locator('#room-title')).to_have_text(name)
+    send(page, body)
+    expect(page.locator('.msg.mine .meta').last).not_to_have_text('Sending…')
+
 def test_search_uses_this_tabs_session(people, server):
     """Another tab signed in as someone else (here: the token in
     storage replaced behind this tab's back) does not change whose
@@ -284,13 +295,8 @@ def test_added_to_a_group_with_history_shows_its_latest_message(people,
     sign_up(alice, unique_name('alice'), 'Alice Martin')
     carol_name = unique_name('carol')
     sign_up(carol, carol_name, 'Carol Diaz')
-    alice.click('#new-group-toggle')
-    alice.fill('#new-group-name', 'Book club')
-    alice.fill('#new-group-members', bob['user']['username'])
-    alice.click('#new-group button[type=submit]')
-    expect(alice.locator('#room-title')).to_have_text('Book club')
-    send(alice, 'First book: Dune')
-    expect(alice.locator('.msg.mine .meta').last).not_to_have_text('Sending…')
+    group_with_a_message(alice, 'Book club', bob['user']['username'],
+                         'First book: Dune')
 
     alice.click('#members-toggle')
     alice.fill('#add-input', f'@{carol_name}')
@@ -476,13 +482,8 @@ def test_leaving_a_group_is_no_error_and_remove_asks(people, server):
     bob = register(server, 'bob', 'Bob Chen')
     alice = people()
     sign_up(alice, unique_name('alice'), 'Alice Martin')
-    alice.click('#new-group-toggle')
-    alice.fill('#new-group-name', 'Walkers')
-    alice.fill('#new-group-members', bob['user']['username'])
-    alice.click('#new-group button[type=submit]')
-    expect(alice.locator('#room-title')).to_have_text('Walkers')
-    send(alice, 'Sunday walk?')
-    expect(alice.locator('.msg.mine .meta').last).not_to_have_text('Sending…')
+    group_with_a_message(alice, 'Walkers', bob['user']['username'],
+                         'Sunday walk?')
     alice.click('#members-toggle')
     newest = alice.locator('#message-list .msg .bubble').last
     expect(newest).to_be_in_viewport()
