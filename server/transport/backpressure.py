@@ -117,15 +117,18 @@ class ReadBudget:
         self.burst = burst
         self.on_pause = on_pause
 
-    async def spend(self, eio_socket, frames=1):
-        """Take ``frames`` from ``eio_socket``'s budget; past it, wait
-        until the budget has them again."""
+    def take(self, eio_socket, frames=1) -> float:
+        """Take ``frames`` from ``eio_socket``'s budget: how long to wait
+        (``pause``) before reading it again, 0.0 within the budget. Not a
+        coroutine: it runs for every frame read."""
         now = time.monotonic()
         tokens = getattr(eio_socket, 'read_tokens', self.burst)
         at = getattr(eio_socket, 'read_at', now)
         tokens = min(self.burst, tokens + (now - at) * self.rate) - frames
         eio_socket.read_tokens, eio_socket.read_at = tokens, now
-        if tokens < 0:
-            if self.on_pause is not None:
-                self.on_pause()
-            await asyncio.sleep(-tokens / self.rate)
+        return -tokens / self.rate if tokens < 0 else 0.0
+
+    async def pause(self, seconds):
+        if self.on_pause is not None:
+            self.on_pause()
+        await asyncio.sleep(seconds)

@@ -292,6 +292,7 @@ class Socket(async_socket.AsyncSocket):
         self.ws = ws
         self._start_writer()  # what was queued before (the OPEN packet)
         reason = self.server.reason.TRANSPORT_CLOSE
+        budget = self.server.read_budget
         # Every await here is a frame held for the life of the connection:
         # the loop reads with ``receive`` rather than ``async for``.
         while True:
@@ -323,7 +324,10 @@ class Socket(async_socket.AsyncSocket):
                 # Closed by what it sent (an invalid packet, a CLOSE): what
                 # else it has sent is not read, nor logged again.
                 break
-            await self._spend(1)
+            if budget is not None:
+                wait = budget.take(self)
+                if wait:
+                    await budget.pause(wait)
         self.ws = None
         writer = self.writer
         if writer is not None:
@@ -402,7 +406,9 @@ class Socket(async_socket.AsyncSocket):
     async def _spend(self, frames):
         budget = self.server.read_budget
         if budget is not None:
-            await budget.spend(self, frames)
+            wait = budget.take(self, frames)
+            if wait:
+                await budget.pause(wait)
 
     async def _expect(self, ws, packet_type, data=None) -> bool:
         """Whether the next frame on ``ws``, a step of an upgrade, is a
