@@ -109,8 +109,9 @@ class ReadBudget:
     events refused once the user's bucket is empty) cost the event loop
     all the same, and one client sending them as fast as it can would
     take it from everyone. Past its budget, a socket's reading waits
-    (``wait``): its TCP window fills and the client slows down; nothing
-    it sent is dropped. ``on_pause()`` is called at each wait."""
+    (``take`` says how long, ``pause`` waits): its TCP window fills and
+    the client slows down; nothing it sent is dropped. ``on_pause()`` is
+    called at each wait."""
 
     def __init__(self, rate: float, burst: float, on_pause=None):
         self.rate = rate
@@ -122,9 +123,9 @@ class ReadBudget:
         (``pause``) before reading it again, 0.0 within the budget. Not a
         coroutine: it runs for every frame read."""
         now = time.monotonic()
-        tokens = getattr(eio_socket, 'read_tokens', self.burst)
-        at = getattr(eio_socket, 'read_at', now)
-        tokens = min(self.burst, tokens + (now - at) * self.rate) - frames
+        # A new socket's read_tokens is infinite: a full budget.
+        refill = (now - eio_socket.read_at) * self.rate
+        tokens = min(self.burst, eio_socket.read_tokens + refill) - frames
         eio_socket.read_tokens, eio_socket.read_at = tokens, now
         return -tokens / self.rate if tokens < 0 else 0.0
 

@@ -44,7 +44,8 @@ changes, so an upgrade gets this module re-read against it.
 
 Upstream names touched (``PRIVATE_NAMES`` says why for each private one):
 ``AsyncSocket.send``, ``close``, ``schedule_ping``, ``handle_post_request``
-and ``_upgrade_websocket`` are replaced, ``handle_get_request`` wrapped; ``receive``, ``check_ping_timeout``,
+and ``_upgrade_websocket`` are replaced, ``__init__`` and
+``handle_get_request`` extended; ``receive``, ``check_ping_timeout``,
 ``poll``, ``queue``, ``last_ping``, ``connected``, ``upgraded``,
 ``upgrading``, ``closing``, ``closed`` are used as python-engineio does. The
 whole upstream class is hashed in ``COPIED``: these overrides depend on how
@@ -53,6 +54,7 @@ the rest of it uses the queue and the flags.
 import asyncio
 import collections.abc
 import logging
+import math
 import time
 
 from aiohttp import WSCloseCode, WSMsgType
@@ -169,6 +171,15 @@ class Socket(async_socket.AsyncSocket):
     refused = False  # its Socket.IO CONNECT was refused: closing soon
     close_code = WSCloseCode.OK  # what the websocket is closed with
     upgrade_ws = None  # the websocket of an upgrade under way
+
+    def __init__(self, server, sid):
+        super().__init__(server, sid)
+        # The read budget's state (``transport.backpressure.ReadBudget``),
+        # set here in the same order for every socket so that their
+        # instance dicts keep sharing keys: set at the first frame read,
+        # the two cost 750 bytes a socket, not 50.
+        self.read_tokens = math.inf
+        self.read_at = 0.0
     poll_pending = False  # a long-polling GET is waiting for packets
     post_pending = False  # a long-polling POST is being read or taken
 
@@ -296,7 +307,17 @@ class Socket(async_socket.AsyncSocket):
         # Every await here is a frame held for the life of the connection:
         # the loop reads with ``receive`` rather than ``async for``.
         while True:
-            msg = await self._receive(ws)
+            msg = await ws.receive()
+            if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                # As ``_receive``, inline: a coroutine awaited here would
+                # be one more frame held by every idle socket (1 KB).
+                if msg.type is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                if budget is not None:
+                    wait = budget.take(self)
+                    if wait:
+                        await budget.pause(wait)
+                continue
             # An ERROR (a frame over max_msg_size, a broken frame) has
             # closed the websocket already.
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
