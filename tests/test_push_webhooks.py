@@ -466,7 +466,13 @@ async def test_pending_webhooks_survive_sigkill(tmp_path, database_env):
         proc.kill()
         receiver = Receiver(down).start()
         proc.start()
-        got = await receiver.wait('/hook-kill', 5)
+        try:
+            got = await receiver.wait('/hook-kill', 5)
+        except AssertionError as exc:
+            # Seen once in CI (2 of 5 within 20 s), never reproduced: keep
+            # what the server said for the next one.
+            raise AssertionError(f'{exc}\n--- server log ---\n'
+                                 f'{proc.read_log()[-20000:]}') from None
         events = [verify(secret, h, b) for h, b in got]
         assert events[0]['type'] == 'room'
         assert [e['data']['body'] for e in events[1:]] == bodies
@@ -480,7 +486,7 @@ async def test_pending_webhooks_survive_sigkill(tmp_path, database_env):
     finally:
         if receiver is not None:
             receiver.stop()
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.read_log()[-20000:]
 
 
 def _b64(data: bytes) -> str:
