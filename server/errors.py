@@ -14,6 +14,10 @@ class PostboxError(Exception):
     def to_dict(self):
         return {'code': self.code, 'message': self.message, **self.extra}
 
+    def http_headers(self) -> dict:
+        """Headers an HTTP refusal carries besides its JSON body."""
+        return {}
+
     def __reduce__(self):
         # Pickled as it is (the writer process sends refusals back), not
         # rebuilt through __init__, whose arguments differ by class.
@@ -70,6 +74,21 @@ class TooSlow(PostboxError):
     """A request body that stalled, or came too slowly to be a real one
     (HTTP 408; the contract's code list has no own code for it)."""
     code, status = 'invalid', 408
+
+
+class RangeNotSatisfiable(PostboxError):
+    """A byte range of a file that starts past its end (HTTP 416, with
+    the file's size in ``Content-Range``; the contract's code list has no
+    own code for it)."""
+    code, status = 'invalid', 416
+
+    def __init__(self, size):
+        super().__init__(f'the range starts past the end of the file '
+                         f'({size} bytes)')
+        self.size = size
+
+    def http_headers(self):
+        return {'Content-Range': f'bytes */{self.size}'}
 
 
 class RateLimited(PostboxError):

@@ -351,6 +351,18 @@ async def test_range_request(server):
     status, headers, content = await fetch(
         base, url, token, {'Range': f'bytes={len(data) - 10}-'})
     assert status == 206 and content == data[-10:]
+    # Past the end, or not a range at all: refused as JSON, with the size.
+    for bad in (f'bytes={len(data)}-', f'bytes={len(data) + 5}-{len(data) + 9}',
+                'bytes=abc', 'bytes=9-3'):
+        status, headers, content = await fetch(base, url, token,
+                                               {'Range': bad})
+        assert status == 416, bad
+        assert headers['Content-Range'] == f'bytes */{len(data)}'
+        assert json.loads(content)['error']['code'] == 'invalid', bad
+    # A suffix longer than the file is the whole file.
+    status, headers, content = await fetch(
+        base, url, token, {'Range': f'bytes=-{len(data) + 100}'})
+    assert status == 206 and content == data
 
 
 async def test_deleting_a_message_removes_its_files(server):

@@ -7,7 +7,8 @@ from urllib.parse import quote, unquote
 from aiohttp import MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from server.errors import Invalid, NotFound, TooLarge, TooSlow
+from server.errors import Invalid, NotFound, RangeNotSatisfiable, \
+    TooLarge, TooSlow
 from server.services import attachments
 from server.transport.http_base import (current_user, json_response,
                                         path_int)
@@ -127,10 +128,36 @@ def content_disposition(kind: str, filename: str) -> str:
             f"filename*=UTF-8''{quote(filename, safe='')}")
 
 
-def _file_response(ctx, key, content_type, disposition):
+def _check_range(request, path):
+    """Refuse a byte range the file cannot serve, as JSON like every other
+    refusal (aiohttp's own 416 has an empty body). The same rules as
+    aiohttp's ``FileResponse``: a range is ignored when If-Range names an
+    older version, a suffix range is clamped to the file, and a range
+    starting at or past the end is unsatisfiable."""
+    if 'Range' not in request.headers:
+        return
+    stat = path.stat()
+    if_range = request.if_range
+    if if_range is not None and stat.st_mtime > if_range.timestamp():
+        return  # the whole file is sent
+    try:
+        start, end = request.http_range.start, request.http_range.stop
+    except ValueError:
+        start = end = stat.st_size  # unreadable: refused below
+    if start is None:
+        return
+    if start < 0 and end is None:
+        start = max(0, start + stat.st_size)
+    if start >= stat.st_size:
+        raise RangeNotSatisfiable(stat.st_size)
+
+
+def _file_response(request, key, content_type, disposition):
+    ctx = request.app[CTX]
     path = ctx.storage.local_path(key)
     if path is None or not path.is_file():
         raise NotFound('no such attachment')
+    _check_range(request, path)
     if content_type == 'text/plain':
         content_type = 'text/plain; charset=utf-8'
     return web.FileResponse(path, headers={
@@ -156,7 +183,7 @@ async def download(request):
                                      path_int(request, 'attachment_id'))
     kind = 'inline' if attachments.is_inline(
         att['content_type'], att['thumbnail_key']) else 'attachment'
-    return _file_response(ctx, att['storage_key'], att['content_type'],
+    return _file_response(request, att['storage_key'], att['content_type'],
                           content_disposition(kind, att['filename']))
 
 
@@ -170,7 +197,7 @@ async def thumbnail(request):
     if not att['thumbnail_key']:
         raise NotFound('this attachment has no thumbnail')
     name = att['filename'].rsplit('.', 1)[0] + '.thumb.webp'
-    return _file_response(ctx, att['thumbnail_key'],
+    return _file_response(request, att['thumbnail_key'],
                           attachments.THUMBNAIL_TYPE,
                           content_disposition('inline', name))
 

@@ -55,7 +55,7 @@ async def security_headers(request, response):
 
 
 def error_response(error: PostboxError) -> web.Response:
-    headers = {}
+    headers = error.http_headers()
     if getattr(error, 'retry_after', None) is not None:
         headers['Retry-After'] = str(max(1, round(error.retry_after)))
     return json_response({'error': error.to_dict()},
