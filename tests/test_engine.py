@@ -17,8 +17,8 @@ from socketio import packet as sio_packet
 from server.upstream.engineio_server import Engine, RequestEnviron
 from server.upstream.engineio_socket import Utf8Text
 from server.upstream.socketio_packet import JsonPacket
-from tests.kit import (ServerProcess, connect, http, pair, refused, register,
-                       rss_kib)
+from tests.kit import (ServerProcess, closed_as_protocol_error, connect, http,
+                       pair, refused, register, rss_kib)
 from tests.test_limits import raw_socket
 
 
@@ -158,15 +158,7 @@ async def test_undecodable_frames_close_the_websocket_quietly(tmp_path):
         base = server.url
         async with aiohttp.ClientSession() as session:
             for garbage in UNDECODABLE:
-                ws = await session.ws_connect(
-                    base + '/socket.io/?EIO=4&transport=websocket')
-                assert (await ws.receive_str(timeout=5)).startswith('0')
-                for _ in range(100):
-                    await ws.send_str(garbage)
-                msg = await ws.receive(timeout=5)
-                assert msg.type == aiohttp.WSMsgType.CLOSE, (garbage, msg)
-                assert msg.data == aiohttp.WSCloseCode.PROTOCOL_ERROR
-                await ws.close()
+                await closed_as_protocol_error(session, base, garbage, 100)
         _, token = await register(base)
         client = await connect(base, token)
         assert (await client.call('rooms', {}))['ok']

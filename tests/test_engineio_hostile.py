@@ -12,7 +12,8 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from tests.kit import ServerProcess, connect, http, register
+from tests.kit import ServerProcess, closed_as_protocol_error, connect, \
+    http, register
 from tests.test_limits import raw_socket
 
 MAX_PAYLOAD = 4000  # POSTBOX_MAX_PAYLOAD_BYTES of the server here
@@ -90,15 +91,7 @@ async def test_packet_types_that_do_not_exist_close_quietly(hostile):
     start = len(hostile.read_log())
     async with aiohttp.ClientSession() as session:
         for kind in '789':
-            ws = await session.ws_connect(
-                base + '/socket.io/?EIO=4&transport=websocket')
-            assert (await ws.receive_str(timeout=5)).startswith('0')
-            for _ in range(200):
-                await ws.send_str(kind)
-            msg = await ws.receive(timeout=5)
-            assert msg.type == aiohttp.WSMsgType.CLOSE, msg
-            assert msg.data == aiohttp.WSCloseCode.PROTOCOL_ERROR
-            await ws.close()
+            await closed_as_protocol_error(session, base, kind, 200)
         _, token = await register(base)
         sid = await connected(session, base, token)
         url = f'{polling(base)}&sid={sid}'

@@ -161,6 +161,21 @@ async def refused(base, token):
     return errors[0]
 
 
+async def closed_as_protocol_error(session, base, frame, times):
+    """Open a raw Engine.IO websocket (no Socket.IO connect), send
+    ``frame`` ``times`` times, and assert the server closes it as a
+    protocol error (1002)."""
+    ws = await session.ws_connect(
+        base + '/socket.io/?EIO=4&transport=websocket')
+    assert (await ws.receive_str(timeout=5)).startswith('0')
+    for _ in range(times):
+        await ws.send_str(frame)
+    msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE, (frame, msg)
+    assert msg.data == aiohttp.WSCloseCode.PROTOCOL_ERROR, (frame, msg)
+    await ws.close()
+
+
 async def all_events(client, known=None):
     """Page through ``sync`` from ``known`` ({room id: seq}, as strings
     or ints) until ``has_more`` is false; every event, in order."""
