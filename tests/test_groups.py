@@ -370,6 +370,43 @@ async def test_a_stale_cache_never_lets_a_removed_member_post(
     await close(a, b)
 
 
+async def test_a_stale_cache_never_delivers_to_the_wrong_members(
+        two_processes):
+    """What a message or a change reaches live is the members as of its
+    seq, not a cache: on a process whose cache still shows carol in the
+    group and not dan, bob's message after carol's removal and dan's
+    addition (made on the other process) reaches dan live and not carol;
+    so does his edit."""
+    p1, p2 = two_processes
+    alice, ta = await register(p1.url)
+    bob, tb = await register(p1.url)
+    carol, tc = await register(p1.url)
+    dan, td = await register(p1.url)
+    a = await connect(p1.url, ta)
+    b, c, d = [await connect(p2.url, t) for t in (tb, tc, td)]
+    room = await group_of(a, 'g', bob, carol)
+    # p2 caches the room as it is: alice, bob, carol.
+    first = await send(b, room['id'], 'first')
+    assert first['ok']
+    assert (await c.next('message'))['body'] == 'first'
+    for ack in (await a.call('remove_member', {
+            'room_id': room['id'], 'username': carol['username']}),
+            await a.call('add_members', {'room_id': room['id'],
+                                         'members': [dan['username']]})):
+        assert ack['ok'], ack
+    sent = await send(b, room['id'], 'not for carol')
+    assert sent['ok'], sent
+    got = await d.next('message')
+    assert (got['body'], got['seq']) == ('not for carol', 4)
+    ack = await b.call('edit_message', {'message_id': first['message']['id'],
+                                        'body': 'edited'})
+    assert ack['ok'], ack
+    assert (await d.next('message_updated'))['body'] == 'edited'
+    await c.nothing('message', timeout=0.5)
+    await c.nothing('message_updated', timeout=0.1)
+    await close(a, b, c, d)
+
+
 @pytest.fixture
 def redis_pair(tmp_path, redis, database_env):
     env = {'POSTBOX_REDIS_URL': redis.url, **FAST_REDIS_ENV,

@@ -231,16 +231,20 @@ def test_a_lost_run_redone_answers_its_own_messages_as_new():
     other = message(9, 6)
     mine_id_reused = message(9, 5)
     refused = Forbidden('no')
-    prepared = [((mine, True), None), ((older, False), None),
-                (None, refused), ((mine, False), None), ((new, True), None),
-                ((mine_id_reused, True), None)]
-    results = [('f1', (mine, False), None), ('f2', (older, False), None),
-               ('f3', None, refused), ('f4', (mine, False), None),
-               ('f5', (new, True), None), ('f6', (other, False), None)]
+    def made(message, created):
+        return message, created, None  # a dm's: no members read
+
+    prepared = [(made(mine, True), None), (made(older, False), None),
+                (None, refused), (made(mine, False), None),
+                (made(new, True), None), (made(mine_id_reused, True), None)]
+    results = [('f1', made(mine, False), None),
+               ('f2', made(older, False), None), ('f3', None, refused),
+               ('f4', made(mine, False), None), ('f5', made(new, True), None),
+               ('f6', made(other, False), None)]
     assert _redone(results, prepared) == [
-        ('f1', (mine, True), None), ('f2', (older, False), None),
-        ('f3', None, refused), ('f4', (mine, False), None),
-        ('f5', (new, True), None), ('f6', (other, False), None)]
+        ('f1', made(mine, True), None), ('f2', made(older, False), None),
+        ('f3', None, refused), ('f4', made(mine, False), None),
+        ('f5', made(new, True), None), ('f6', made(other, False), None)]
 
 
 def test_refusals_cross_the_pipe_whole():

@@ -15,6 +15,7 @@ import dataclasses
 import json
 
 from server.data import messages as data
+from server.data import rooms as rooms_data
 from server.data.rows import messages_by_id
 from server.errors import Forbidden, Invalid, NotFound, PostboxError, \
     TooLarge
@@ -113,15 +114,19 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
         room_id, new_room = await rooms_service.dm_to(ctx, sender_id, to)
     try:
         info = await rooms_service.member_room(ctx, sender_id, room_id)
-        message, created = await ctx.store.write(store_sends, SendRequest(
-            ctx, info, sender_id, body, client_msg_id, attachments,
-            reply_to))
+        message, created, members = await ctx.store.write(
+            store_sends, SendRequest(ctx, info, sender_id, body,
+                                     client_msg_id, attachments, reply_to))
     except PostboxError as exc:
         exc.opened_room = new_room
         raise
     # A message ends its sender's typing, whatever transport sent it.
     typing_stopped = created and ctx.typing.stop(info.id, sender_id)
-    return Sent(message, created, info.member_ids, new_room, typing_stopped)
+    # The members as of the message's seq, not the cached ones: a member
+    # removed meanwhile must not get it live, one added must.
+    return Sent(message, created,
+                info.member_ids if members is None else members, new_room,
+                typing_stopped)
 
 
 # -- edits, deletions, reactions --------------------------------------------
@@ -129,17 +134,21 @@ async def send_message(ctx, sender_id, body, client_msg_id, room_id=None,
 def _change(ctx, user_id, message_id, change):
     """Apply ``change(message, now)`` to a message the user can see; if it
     returns True the change takes the room's next seq. Returns the message
-    dict and whether it changed."""
+    dict, whether it changed, and the room's members as of then (read in
+    the transaction after the seq: not the cache, which a membership
+    change on another process may not have reached yet)."""
     message = data.member_message(user_id, message_id)
     if message is None:
         # Same answer for "no such message" and "not yours to see".
         raise NotFound('no such message')
     if not change(message, now_ms()):
-        return message_dict(ctx, message), False
+        return message_dict(ctx, message), False, ()
     seq = data.save_change(message)
     outbox.queue_event(ctx, message.room_id, seq, 'message_updated',
                        message.id, user_id)
-    return message_dict(ctx, message), True
+    members = rooms_data.members_of([message.room_id])
+    return message_dict(ctx, message), True, \
+        tuple(members.get(message.room_id, ()))
 
 
 def _edit(user_id, body):
@@ -198,10 +207,7 @@ def _react(ctx, user_id, emoji, on):
 
 async def _apply(ctx, user_id, message_id, change):
     check_int(message_id, 'message_id', 1)
-    message, changed = await ctx.store.write(_change, ctx, user_id,
-                                             message_id, change)
-    info = await rooms_service.room_info(ctx, message['room_id'])
-    return message, changed, info.member_ids
+    return await ctx.store.write(_change, ctx, user_id, message_id, change)
 
 
 async def edit_message(ctx, user_id, message_id, body):

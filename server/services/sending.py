@@ -7,6 +7,7 @@ in the writer process, ``server.writer_process``).
 from typing import NamedTuple
 
 from server.data import messages as data
+from server.data import rooms as rooms_data
 from server.errors import Conflict, Forbidden, Invalid
 from server.services import outbox
 from server.services.context import now_ms
@@ -64,7 +65,7 @@ def _retry(ctx, message_id, room_id, body):
             message.body != body and message.edited_at is None and
             not message.deleted):
         return _reused()
-    return message_dict(ctx, message), False
+    return message_dict(ctx, message), False, None
 
 
 def _redone(results, prepared):
@@ -83,10 +84,10 @@ def _redone(results, prepared):
     answered = []
     for future, outcome, error in results:
         if error is None:
-            message, created = outcome
+            message, created, members = outcome
             if not created and message['id'] not in seen and \
                     _identity(message) in made:
-                outcome = (message, True)
+                outcome = (message, True, members)
             seen.add(message['id'])
         answered.append((future, outcome, error))
     return answered
@@ -101,9 +102,12 @@ def _identity(message):
 def store_sends(requests):
     """Store many sends in a few statements: the writer (its process, or
     its thread) calls this with every send that queued while its last
-    commit ran. Returns, per
-    request, either ``(message dict, created)`` or the PostboxError that
-    refuses it.
+    commit ran. Returns, per request, either ``(message dict, created,
+    member ids)`` or the PostboxError that refuses it. The member ids of
+    a new message in a group are read in the transaction after its seq
+    was taken: the members as of that seq, so a member removed or added a
+    moment before (on any process) gets it live or not as ``sync`` says;
+    None for a dm (its members never change) and for a retry.
 
     The hot path of Postbox. Every check comes before any write, so a
     refused send writes nothing and needs no savepoint; then each room
@@ -153,7 +157,7 @@ def store_sends(requests):
         _store_new(ctx, requests, accepted, outcomes)
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, int):  # a retry within this batch
-            outcomes[i] = (outcomes[outcome][0], False)
+            outcomes[i] = (outcomes[outcome][0], False, None)
     return outcomes
 
 
@@ -164,6 +168,12 @@ def _store_new(ctx, requests, accepted, outcomes):
     for i in accepted:
         per_room.setdefault(requests[i].room.id, []).append(i)
     lasts = data.take_seqs({r: len(ix) for r, ix in per_room.items()}, now)
+    # Read after the rooms' rows were updated (locked until the commit, on
+    # PostgreSQL): a membership change that took a seq before these is
+    # committed and seen; one after them waits for this commit.
+    members = rooms_data.members_of(sorted({
+        requests[i].room.id for i in accepted
+        if requests[i].room.kind != 'dm'}))
     seqs = {}
     for room_id, indexes in per_room.items():
         first_seq = lasts[room_id] - len(indexes) + 1
@@ -189,4 +199,5 @@ def _store_new(ctx, requests, accepted, outcomes):
             message_ids[i], r.room.id, seqs[i], senders[r.sender_id], r.body,
             r.client_msg_id, r.reply_to, now,
             [attachment_dict(a) for a in files.get(message_ids[i], ())]),
-            True)
+            True, None if r.room.kind == 'dm' else
+            tuple(members.get(r.room.id, ())))
