@@ -285,6 +285,44 @@ async def test_webhook_gets_edits_and_group_changes(hooked, receiver):
         await client.close()
 
 
+async def test_a_bot_out_of_the_room_sees_nothing_changed_after(hooked,
+                                                                  receiver):
+    """A bot removed from a group while its deliveries wait (its endpoint
+    failing) still gets what it was owed, but not a message changed after
+    it left: that state (an edit, a reaction) is not the bot's to see."""
+    base = hooked.url
+    receiver.answers['/hook-out'] = [500] * 4
+    user, token = await register(base)
+    bot, _ = await make_bot(base, token)
+    secret = await set_hook(base, token, bot, receiver.url + '/hook-out')
+    client = await connect(base, token)
+    try:
+        ack = await client.call('create_group', {
+            'name': 'g', 'members': [bot['username']]})
+        assert ack['ok'], ack
+        room_id = ack['room']['id']
+        await send(client, room_id, 'before, unchanged')
+        changed = await send(client, room_id, 'before, changed later')
+        ack = await client.call('remove_member', {
+            'room_id': room_id, 'username': bot['username']})
+        assert ack['ok'], ack
+        for event, data in (
+                ('edit_message', {'body': 'EDITED AFTER THE BOT LEFT'}),
+                ('react', {'emoji': '🔥', 'on': True})):
+            ack = await client.call(event, {'message_id': changed['id'],
+                                            **data})
+            assert ack['ok'], ack
+        got = await receiver.wait('/hook-out', 3)
+        events = [verify(secret, h, b) for h, b in got]
+        assert [e['type'] for e in events] == ['room', 'message',
+                                               'room_left']
+        assert events[1]['data']['body'] == 'before, unchanged'
+        assert not any(b'EDITED' in r[2] or '🔥'.encode() in r[2]
+                       for r in receiver.all_to('/hook-out'))
+    finally:
+        await client.close()
+
+
 async def test_slow_receiver_holds_up_only_itself(hooked, receiver):
     base = hooked.url
     receiver.delays['/hook-slow'] = 4
@@ -610,6 +648,45 @@ async def test_no_push_while_connected_or_muted(hooked, receiver):
     finally:
         await a.close()
         await c.close()
+
+
+async def test_no_push_of_what_a_room_says_after_the_user_left(hooked,
+                                                                 receiver):
+    """A push still waiting (its endpoint failing) when its user is
+    removed from the room is not sent: the message may have changed since
+    (here, edited), and the room is not theirs to read any more."""
+    base = hooked.url
+    receiver.answers['/wp-left'] = [500] * 4
+    a, alice, bob, tb, dm_id = await offline_pair(base)
+    try:
+        browser = Browser()
+        await subscribe(base, tb, {
+            'kind': 'webpush', 'endpoint': receiver.url + '/wp-left',
+            'keys': browser.keys()})
+        ack = await a.call('create_group', {'name': 'g',
+                                            'members': [bob['username']]})
+        assert ack['ok'], ack
+        group_id = ack['room']['id']
+        message = await send(a, group_id, 'original')
+        await receiver.arrival('/wp-left')  # the push failed once
+        ack = await a.call('remove_member', {'room_id': group_id,
+                                             'username': bob['username']})
+        assert ack['ok'], ack
+        ack = await a.call('edit_message', {
+            'message_id': message['id'], 'body': 'EDITED AFTER REMOVAL'})
+        assert ack['ok'], ack
+        # A push of the dm comes through the same failing endpoint; by the
+        # time it is in, and one retry later, the group's had its turns.
+        await send(a, dm_id, 'marker')
+        await receiver.wait('/wp-left', 1)
+        await asyncio.sleep(1)
+        bodies = [browser.decrypt(body)['body']
+                  for _, _, body, _ in receiver.all_to('/wp-left')]
+        assert 'EDITED AFTER REMOVAL' not in bodies
+        assert [browser.decrypt(b)['body']
+                for _, b in receiver.delivered('/wp-left')] == ['marker']
+    finally:
+        await a.close()
 
 
 async def test_push_right_after_the_last_socket_closed(hooked, receiver):

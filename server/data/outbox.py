@@ -90,6 +90,24 @@ def save_room_state(room_id, seq, state):
     Event.insert(room=room_id, seq=seq, kind='room', data=state).execute()
 
 
+def departures(pairs) -> dict:
+    """{(bot id, room id): seq} of the (bot id, room id) ``pairs`` with a
+    ``room_left`` webhook row pending: the seq at which the bot left the
+    room, its last if it left more than once."""
+    found = {}
+    for chunk in chunks(sorted(pairs)):
+        rows = execute(
+            'SELECT "target", "room_id", MAX("seq") FROM "outbox" WHERE '
+            '"kind" = \'webhook\' AND "event" = \'room_left\' AND '
+            f'"target" IN ({placeholders({b for b, _ in chunk})}) AND '
+            f'"room_id" IN ({placeholders({r for _, r in chunk})}) '
+            'GROUP BY "target", "room_id"',
+            [*{b for b, _ in chunk}, *{r for _, r in chunk}]).fetchall()
+        found.update({(int(b), r): seq for b, r, seq in rows
+                      if (int(b), r) in pairs})
+    return found
+
+
 def claim(now, limit, claim_ms) -> list:
     """Claim up to ``limit`` due rows for ``claim_ms`` (a webhook row only
     when it is the lowest seq pending for its bot and room); their tuples

@@ -24,6 +24,8 @@ def members_of(room_ids) -> dict:
     """{room id: [member ids, longest-standing first]} of those of
     ``room_ids`` with members."""
     members = {}
+    if not room_ids:
+        return members
     for room_id, user_id in execute(
             'SELECT "room_id", "user_id" FROM "membership" WHERE '
             f'"room_id" IN ({placeholders(room_ids)}) ORDER BY "id"',

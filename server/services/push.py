@@ -261,6 +261,10 @@ class PushSender:
         async def call():
             if sub is None or message is None or message.deleted:
                 return None  # unsubscribed, or nothing left to tell
+            if (row.user_id, row.room_id) not in unread:
+                # Out of the room since (removed, or left): what it says
+                # now is no longer theirs to read.
+                return None
             payload = {'type': 'message', 'room_id': row.room_id,
                        'seq': row.seq, 'message_id': message.id,
                        'sender': senders.get(message.sender_id),

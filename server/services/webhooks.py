@@ -25,8 +25,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.resolver
 
+from server.data import outbox as outbox_data
 from server.data import users as user_data
 from server.data import webhooks as webhook_data
+from server.data.messages import memberships
 from server.data.rows import messages_by_id
 from server.errors import Forbidden, Invalid, NotFound
 from server.services.context import now_ms
@@ -146,16 +148,30 @@ async def delete_webhook(ctx, owner_id, username):
 
 def _load(ctx, rows):
     """{bot id: (url, secret)} and {(room id, seq): event data} for rows:
-    a message's current state, a room as it was after its change."""
+    a message's current state, a room as it was after its change.
+
+    A bot out of the room since the row was written (removed, or left)
+    still gets the messages it was owed, but not one changed after its
+    departure: that state is not the bot's to see (an edit, a reaction
+    made after it left), so that row is dropped."""
     hooks = webhook_data.hooks(r.target for r in rows)
+    about = [r for r in rows if r.message_id is not None]
     messages = {m['id']: m for m in message_dicts(ctx, messages_by_id(
-        {r.message_id for r in rows if r.message_id is not None}))}
+        {r.message_id for r in about}))}
+    members = memberships({(r.room_id, r.user_id) for r in about})
+    left = outbox_data.departures({
+        (r.user_id, r.room_id) for r in about
+        if (r.room_id, r.user_id) not in members})
     data = {}
     for row in rows:
         key = (row.room_id, row.seq)
         if row.message_id is not None:
-            if row.message_id in messages:
-                data[key] = messages[row.message_id]
+            message = messages.get(row.message_id)
+            if message is not None and (
+                    (row.room_id, row.user_id) in members or
+                    message['update_seq'] < left.get((row.user_id,
+                                                      row.room_id), 0)):
+                data[key] = message
         elif row.event == 'room_left':
             data[key] = {'room_id': row.room_id, 'seq': row.seq}
         elif row.event == 'room':  # a group change, or a new room (seq 0)
