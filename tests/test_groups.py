@@ -119,6 +119,32 @@ async def test_bad_additions(base):
     await close(a, b, c)
 
 
+async def test_group_names_that_hide_or_impersonate_are_refused(base):
+    """A group name is shown to every member: one that looks blank
+    (zero-width or control characters only), reorders the text around it
+    (bidi overrides) or holds a NUL or line breaks is refused when the
+    group is made, renamed or over HTTP; the name shown is the one
+    typed, spaces around it trimmed."""
+    (alice, ta, a), (bob, _, b) = await users(base, 2)
+    room = await group_of(a, '  Ops 🚀 team  ', bob)
+    assert room['name'] == 'Ops 🚀 team'
+    bad = ['\x00', '\x07bell', '\u200b', '\ufeff', '\u202e evil',
+           'x\n' * 50, 'a\u2028b', ' \t ', '']
+    for name in bad:
+        ack = await a.call('create_group', {'name': name,
+                                            'members': [bob['username']]})
+        assert ack['error']['code'] == 'invalid', (name, ack)
+        ack = await a.call('rename_group', {'room_id': room['id'],
+                                            'name': name})
+        assert ack['error']['code'] == 'invalid', (name, ack)
+        status, body = await http(base, 'PATCH', f'/api/rooms/{room["id"]}',
+                                  ta, json={'name': name})
+        assert (status, body['error']['code']) == (400, 'invalid'), name
+    ack = await a.call('rooms', {})
+    assert [r['room']['name'] for r in ack['rooms']] == ['Ops 🚀 team']
+    await close(a, b)
+
+
 async def test_removed_member_is_out_everywhere(base):
     (alice, _, a), (bob, _, b), (carol, tc, c) = await users(base, 3)
     room = await group_of(a, 'g', bob, carol)

@@ -4,7 +4,6 @@ import asyncio
 import functools
 import re
 import time
-import unicodedata
 
 import jwt
 from argon2 import PasswordHasher
@@ -14,7 +13,7 @@ from server.data import push as push_data
 from server.data import users as user_data
 from server.errors import (Conflict, Forbidden, Invalid, NotFound,
                            PostboxError, Unauthorized)
-from server.services.checks import check_text
+from server.services.checks import check_shown_name, check_text
 from server.services.context import now_ms
 from server.services.serialize import user_dict
 
@@ -51,36 +50,13 @@ async def _matches(ctx, password_hash, password) -> bool:
     return ok and len(password) <= PASSWORD_MAX
 
 
-# Characters refused in display names: they let a name impersonate
-# another or hide (bidi embeddings, overrides and isolates reorder the text
-# around them, zero-width characters make two names look the same) or
-# break storage (NUL is refused by PostgreSQL). Refused rather than
-# stripped, so the name shown is always the one the user typed.
-_HIDDEN_CHARS = frozenset(
-    [0x061C, 0x180E, 0xFEFF] + list(range(0x200B, 0x2010))
-    + list(range(0x202A, 0x202F)) + list(range(0x2060, 0x2065))
-    + list(range(0x2066, 0x206A)))
-# Control characters, lone surrogates, line and paragraph separators.
-_REFUSED_CATEGORIES = frozenset(['Cc', 'Cs', 'Zl', 'Zp'])
-
-
 def check_display_name(display_name, default) -> str:
     """The display name to store (surrounding spaces removed), or
     ``default`` when it is None. Raises Invalid for anything but 1-64
     characters, or for control, bidi-control and zero-width characters."""
     if display_name is None:
         return default
-    if not isinstance(display_name, str):
-        raise Invalid('display_name must be a string')
-    display_name = display_name.strip()
-    if not 1 <= len(display_name) <= 64:
-        raise Invalid('display_name: 1 to 64 characters')
-    for char in display_name:
-        if ord(char) in _HIDDEN_CHARS or \
-                unicodedata.category(char) in _REFUSED_CATEGORIES:
-            raise Invalid('display_name: no control, direction or '
-                          f'zero-width characters (U+{ord(char):04X})')
-    return display_name
+    return check_shown_name(display_name, 'display_name', 64)
 
 
 def issue_token(ctx, user_id: int) -> str:

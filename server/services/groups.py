@@ -14,6 +14,7 @@ from server.data import groups as data
 from server.errors import Forbidden, Invalid, NotFound, TooLarge
 from server.services import outbox
 from server.services.auth import check_username
+from server.services.checks import check_shown_name
 from server.services.context import now_ms
 from server.services.limits import check_room_quota
 from server.services.rooms import (RoomInfo, find_user_id, forget_room,
@@ -41,9 +42,7 @@ def _check_room_id(room_id):
 
 
 def _check_name(name) -> str:
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 100:
-        raise Invalid('name: 1 to 100 characters')
-    return name.strip()
+    return check_shown_name(name, 'name', 100)
 
 
 def _check_usernames(usernames, non_empty) -> list:
