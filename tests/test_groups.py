@@ -277,6 +277,19 @@ async def test_http_group_management(base):
     assert (status, body['error']['code']) == (403, 'forbidden')
     status, body = await http(base, 'PATCH', path, ta, json={'name': 'new'})
     assert status == 200 and body['room']['name'] == 'new'
+    # Any member reads the room by id; nobody else does.
+    status, body = await http(base, 'GET', path, tc)
+    assert status == 200, body
+    assert (body['room']['name'], names(body['room'])) == (
+        'new', [alice['username'], bob['username'], carol['username']])
+    assert body['room']['last_seq'] == 2
+    status, body = await http(base, 'GET', path, (await register(base))[1])
+    assert (status, body['error']['code']) == (403, 'forbidden')
+    for other, code in (('/api/rooms/999999999', 404), ('/api/rooms/x', 404),
+                        (path, 401)):
+        status, _ = await http(base, 'GET', other,
+                               None if code == 401 else ta)
+        assert status == code, other
     status, body = await http(base, 'DELETE',
                               f'{path}/members/{carol["username"]}', tb)
     assert (status, body['error']['code']) == (403, 'forbidden')

@@ -203,6 +203,16 @@ async def remove_room_member(request):
         request.match_info['username']))
 
 
+async def get_room(request):
+    """``{room}``: one room of the caller's, by id (members, name, owner,
+    ``last_seq``); 403 for a room they are not in."""
+    user = await current_user(request)
+    ctx = request.app[CTX]
+    info = await rooms.member_room(ctx, user['id'],
+                                   path_int(request, 'room_id'))
+    return json_response({'room': await rooms.room_payload(ctx, info)})
+
+
 async def update_room(request):
     """``{name}`` -> ``{room}``: rename a group (owner only)."""
     user = await current_user(request)
@@ -336,6 +346,7 @@ def add_routes(app: web.Application):
     app.router.add_post(r'/api/rooms/{room_id}/members', add_room_members)
     app.router.add_delete(r'/api/rooms/{room_id}/members/{username}',
                           remove_room_member)
+    app.router.add_get(r'/api/rooms/{room_id}', get_room)
     app.router.add_patch(r'/api/rooms/{room_id}', update_room)
     app.router.add_get('/api/blocks', list_blocks)
     app.router.add_get('/api/search', search)
