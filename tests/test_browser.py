@@ -668,7 +668,7 @@ def test_group_members_panel(people):
     # Dan's page drops the group at once and says so.
     expect(dan.locator('.inbox-item', has_text='Sci-fi club')).to_have_count(0)
     expect(dan.locator('#room')).to_be_hidden()
-    expect(dan.locator('#sidebar-error')).to_have_text(
+    expect(dan.locator('#sidebar-note')).to_have_text(
         'You are no longer in “Sci-fi club”.')
     send(alice, 'Dan moved to the poetry group')
     expect(bubbles(carol)).to_have_text(

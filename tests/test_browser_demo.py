@@ -505,3 +505,156 @@ def test_leaving_a_group_is_no_error_and_remove_asks(people, server):
     expect(inbox_item(alice, 'Walkers')).to_have_count(0)
     expect(alice.locator('#sidebar-error')).to_be_hidden()
     assert clean(alice) == [] and alice.console_errors == []
+
+
+def test_a_group_left_elsewhere_goes_quietly(people, server):
+    """A group I leave in another tab (or on another device) goes from
+    this tab's list with no error; the conversation it had open closes
+    with a neutral note, and a link to it afterwards (a reload of
+    #room=<id>) does not leave a composer to write into."""
+    bob = register(server, 'bob', 'Bob Chen')
+    alice = people()
+    sign_up(alice, unique_name('alice'), 'Alice Martin')
+    group_with_a_message(alice, 'Hikers', bob['user']['username'],
+                         'Saturday?')
+    room_id = open_room_id(alice)
+    other = second_tab(alice, server)
+    inbox_item(other, 'Hikers').click()
+    expect(bubbles(other)).to_have_text(['Saturday?'])
+
+    alice.click('#members-toggle')
+    alice.click('#leave-group')
+    expect(inbox_item(alice, 'Hikers')).to_have_count(0)
+    expect(inbox_item(other, 'Hikers')).to_have_count(0)
+    expect(other.locator('#room')).to_be_hidden()
+    expect(other.locator('#composer-input')).to_be_hidden()
+    expect(other.locator('#sidebar-error')).to_be_hidden()
+    expect(other.locator('#sidebar-note')).to_have_text(
+        'You are no longer in “Hikers”.')
+    expect(alice.locator('#sidebar-note')).to_be_hidden()
+
+    # A hash change alone is no reload.
+    other.evaluate(f"history.replaceState(null, '', '#room={room_id}')")
+    other.reload()
+    expect(other.locator('#app')).to_be_visible()
+    expect(other.locator('#sidebar-note')).to_have_text(
+        'You are not in that conversation.')
+    expect(other.locator('#composer-input')).to_be_hidden()
+    expect(other.locator('#sidebar-error')).to_be_hidden()
+    expect(other.locator('#history-status')).not_to_contain_text('member')
+    assert other.evaluate('location.hash') == ''
+    for page in (alice, other):
+        assert clean(page) == [] and page.console_errors == []
+
+
+def test_a_send_refused_in_a_group_left_elsewhere_takes_it_away(people,
+                                                                server):
+    """If the page missed the room_left (here: its listener taken away),
+    the send the server refuses (`forbidden`: not a member) takes the
+    group away as room_left would: no "Retry" that can never work."""
+    bob = register(server, 'bob', 'Bob Chen')
+    alice = people()
+    sign_up(alice, unique_name('alice'), 'Alice Martin')
+    group_with_a_message(alice, 'Runners', bob['user']['username'],
+                         'Sunday 8am')
+    room_id = open_room_id(alice)
+    alice.evaluate("""async () => {
+        const {page} = await import('/static/page.js');
+        page.conn.socket.off('room_left');
+    }""")
+    me = alice.evaluate('JSON.parse(localStorage.getItem("postbox.user"))')
+    token = alice.evaluate('localStorage.getItem("postbox.token")')
+    # Leaving, as another device of Alice's would.
+    api(server, 'DELETE', f"/api/rooms/{room_id}/members/{me['username']}",
+        token)
+    send(alice, 'Count me in')
+    expect(inbox_item(alice, 'Runners')).to_have_count(0)
+    expect(alice.locator('#composer-input')).to_be_hidden()
+    expect(alice.locator('#sidebar-note')).to_have_text(
+        'You are no longer in “Runners”.')
+    expect(alice.locator('#sidebar-error')).to_be_hidden()
+    assert clean(alice) == [] and alice.console_errors == []
+
+
+def test_search_names_rooms_the_inbox_has_not_loaded(people, server):
+    """A search result from a room beyond the loaded inbox pages says
+    which conversation it is from (the dm's other person, the group's
+    name), not "Another conversation"; the inbox stays as it was."""
+    bob = register(server, 'bob', 'Bob Chen')
+    alice = people()
+    a_name = unique_name('alice')
+    sign_up(alice, a_name, 'Alice Martin')
+    say(server, bob, 'kiwi for two', to=a_name)
+    # The oldest activity: a group, then 30 newer groups fill the first
+    # inbox page (over a socket of Bob's, from the page's global io).
+    alice.evaluate("""async ([token, name]) => {
+        const socket = io({auth: {token}, forceNew: true});
+        await new Promise((resolve) => socket.on('connect', resolve));
+        const send = (room_id, body, i) => socket.timeout(15000).emitWithAck(
+            'send_dm', {room_id, body, client_msg_id: `k${i}`});
+        const fruit = await socket.timeout(15000).emitWithAck(
+            'create_group', {name: 'Fruit club', members: [name]});
+        await send(fruit.room.id, 'kiwi for everyone', 'f');
+        for (let i = 0; i < 30; i++) {
+            const ack = await socket.timeout(15000).emitWithAck(
+                'create_group', {name: `Club ${i}`, members: [name]});
+            await send(ack.room.id, 'hi', i);
+        }
+        socket.disconnect();
+    }""", [bob['token'], a_name])
+    alice.reload()
+    expect(alice.locator('.inbox-item')).to_have_count(30)
+    expect(inbox_item(alice, 'Fruit club')).to_have_count(0)
+
+    alice.fill('#search-input', 'kiwi')
+    alice.press('#search-input', 'Enter')
+    results = alice.locator('#search-results .search-result')
+    expect(results.locator('.search-body')).to_have_text(
+        ['kiwi for everyone', 'kiwi for two'])
+    expect(results.locator('.search-room')).to_have_text(
+        ['Fruit club', 'Bob Chen'])
+    expect(alice.locator('.inbox-item')).to_have_count(30)
+    results.nth(1).click()
+    expect(alice.locator('#room-title')).to_have_text('Bob Chen')
+    expect(bubbles(alice)).to_have_text(['kiwi for two'])
+    assert alice.errors == [] and alice.console_errors == []
+
+
+def test_drafts_survive_a_reload_and_go_with_the_sign_out(people, server):
+    """A half-typed message survives a reload (this tab's
+    sessionStorage, by user and room); a send clears it; signing out
+    clears every draft, so the next account on this browser sees none."""
+    bob = register(server, 'bob', 'Bob Chen')
+    carol = register(server, 'carol', 'Carol Diaz')
+    alice = people()
+    a_name = unique_name('alice')
+    sign_up(alice, a_name, 'Alice Martin')
+    open_dm(alice, carol['user']['username'], 'Carol Diaz')
+    alice.fill('#composer-input', 'For Carol, later')
+    open_dm(alice, bob['user']['username'], 'Bob Chen')
+    composer = alice.locator('#composer-input')
+    alice.fill('#composer-input', 'Half a thought about')
+
+    alice.reload()
+    expect(alice.locator('#room-title')).to_have_text('Bob Chen')
+    expect(composer).to_have_value('Half a thought about')
+    expect(alice.locator('#send')).to_be_enabled()
+    inbox_item(alice, 'Carol Diaz').click()
+    expect(composer).to_have_value('For Carol, later')
+    alice.press('#composer-input', 'Enter')
+    expect(bubbles(alice)).to_have_text(['For Carol, later'])
+    alice.reload()
+    expect(alice.locator('#room-title')).to_have_text('Carol Diaz')
+    expect(composer).to_have_value('')
+
+    alice.click('#logout')
+    expect(alice.locator('#auth')).to_be_visible()
+    assert alice.evaluate("""Object.keys(sessionStorage)
+        .filter((k) => k.startsWith('postbox.draft.'))""") == []
+    alice.fill('#auth-username', a_name)
+    alice.fill('#auth-password', PASSWORD)
+    alice.click('#auth-submit')
+    inbox_item(alice, 'Bob Chen').click()
+    expect(alice.locator('#room-title')).to_have_text('Bob Chen')
+    expect(composer).to_have_value('')
+    assert alice.errors == [] and alice.console_errors == []

@@ -10,6 +10,7 @@ import {loadBlocked} from './actions.js';
 import {autoGrow, cancelEdit, cancelReply, clearAllTyping, hideNotice, onTyping, stopTyping,
   stopTypingIndicator, updateSendButton} from './composer.js';
 import {Connection} from './connection.js';
+import {clearDraft, clearDrafts, loadDraft, saveDraftText} from './drafts.js';
 import {api, call, page, resetUi} from './page.js';
 import {disablePush, listenToWorker, renderPushButton} from './push.js';
 import * as store from './store.js';
@@ -53,6 +54,10 @@ function endSession(message) {
   for (const p of page.ui.blobs.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
   clearAllTyping();
   hideNotice();
+  // This tab's drafts go with the session (the next account must not
+  // see them).
+  clearDrafts();
+  showError('sidebar-note', '');
   page.token = null;
   page.state = store.createState(null);
   resetUi();
@@ -224,19 +229,31 @@ async function loadLatest(roomId) {
   } catch (err) { /* the preview stays empty until the next message */ }
 }
 
-// I left the group, or was removed: it goes from this view entirely. Only
-// a removal is news (leaving was my own click here).
+// I left the group (here, in another tab, on another device) or was
+// removed (room_left does not say which; neither is an error): it goes
+// quietly from this view entirely. Also for a room the
+// server refuses as not mine (`forbidden`/`not_found` for a join or a
+// send: left while this page missed the event, or an old link). If it
+// was on screen, a neutral note says why it closed (not after my own
+// click on "Leave group" here).
 export function onRoomLeft(ev) {
+  const wasOpen = page.state.current === ev.room_id;
   const entry = store.applyRoomLeft(page.state, ev.room_id);
   if (page.conn) page.conn.forget(ev.room_id);
   page.ui.typing.delete(ev.room_id);
-  if (page.state.current === ev.room_id) closeRoom();
-  page.ui.drafts.delete(ev.room_id);
+  if (wasOpen) closeRoom({gone: true});
+  clearDraft(page.state.me, ev.room_id);
   renderInbox();
   const onPurpose = page.ui.leaving.delete(ev.room_id);
-  if (entry && !onPurpose) {
-    showError('sidebar-error', `You are no longer in “${roomTitle(entry.room)}”.`);
+  if (wasOpen && !onPurpose) {
+    showNote(entry ? `You are no longer in “${roomTitle(entry.room)}”.`
+      : 'You are not in that conversation.');
   }
+}
+
+// A neutral line under the sidebar's forms (not an error).
+function showNote(text) {
+  showError('sidebar-note', text);
 }
 
 // I muted or unmuted a room, here or on another tab or device.
@@ -327,6 +344,7 @@ export async function openRoom(roomId, rejoin) {
     cancelReply();
     saveDraft();
     hideNotice();
+    showError('sidebar-note', '');
     page.ui.picker = null;
     state.current = roomId;
     page.ui.nodes.clear();
@@ -335,7 +353,7 @@ export async function openRoom(roomId, rejoin) {
     $('app').classList.add('in-room');
     $('no-room').hidden = true;
     $('room').hidden = false;
-    $('composer-input').value = page.ui.drafts.get(roomId) || '';
+    $('composer-input').value = loadDraft(state.me, roomId);
     autoGrow();
     updateSendButton();
     renderTyping();
@@ -348,7 +366,9 @@ export async function openRoom(roomId, rejoin) {
   try {
     ack = await call('join_room', {room_id: roomId});
   } catch (err) {
-    $('history-status').textContent = err.code === 'offline' ? '' : err.message;
+    if (state.current !== roomId || page.state !== state) return;
+    if (err.code === 'forbidden' || err.code === 'not_found') onRoomLeft({room_id: roomId});
+    else $('history-status').textContent = err.code === 'offline' ? '' : err.message;
     return;
   }
   if (state.current !== roomId) return;
@@ -362,14 +382,19 @@ export async function openRoom(roomId, rejoin) {
   fillViewport();
 }
 
-// Narrow screens show one pane at a time: back to the inbox.
-export function closeRoom() {
+// Narrow screens show one pane at a time: back to the inbox. `gone`: I
+// am out of the room (nothing to tell the server, no draft to keep).
+export function closeRoom(options) {
+  const gone = !!options && options.gone === true;
   if (page.state.current) {
-    stopTyping();
+    if (!gone) stopTyping();
+    page.ui.typingSentAt = 0;
     cancelEdit();
     cancelReply();
-    saveDraft();
-    call('leave_room', {room_id: page.state.current}).catch(() => {});
+    if (!gone) {
+      saveDraft();
+      call('leave_room', {room_id: page.state.current}).catch(() => {});
+    }
   }
   page.state.current = null;
   page.ui.picker = null;
@@ -383,11 +408,11 @@ export function closeRoom() {
 }
 
 // What I was writing in the open room, kept for when I come back (after
-// cancelEdit: an edit's text is not a draft).
+// cancelEdit: an edit's text is not a draft). The composer also saves it
+// as it is typed (composer.js, typed), so a reload keeps it.
 function saveDraft() {
-  const text = $('composer-input').value;
-  if (text) page.ui.drafts.set(page.state.current, text);
-  else page.ui.drafts.delete(page.state.current);
+  if (!page.state.current) return;
+  saveDraftText(page.state.me, page.state.current, $('composer-input').value);
 }
 
 export async function loadOlder() {

@@ -2,9 +2,10 @@
 // for its ack, retried or discarded after a refusal), editing, replying,
 // deleting and reacting, attachments, the notice that says what went
 // wrong, and the typing indicator both ways.
-import {onMessage, onMessageUpdated} from './app.js';
+import {onMessage, onMessageUpdated, onRoomLeft} from './app.js';
 import {refusalText} from './actions.js';
 import {newClientMsgId} from './connection.js';
+import {saveDraftText} from './drafts.js';
 import {api, call, page} from './page.js';
 import {addPending, timeline} from './store.js';
 import {$, el, friendly, snippet, userName} from './util.js';
@@ -51,6 +52,8 @@ export function typed() {
   updateSendButton();
   autoGrow();
   if (page.ui.editing || !page.state.current) return;
+  // Kept as it is typed: a reload brings it back (drafts.js).
+  saveDraftText(page.state.me, page.state.current, text);
   if (!text.trim()) {
     stopTyping();
     return;
@@ -104,6 +107,7 @@ export async function submitComposer(event) {
   cancelReply();
   addPending(page.state, m);
   $('composer-input').value = '';
+  saveDraftText(page.state.me, roomId, '');
   page.ui.files = [];
   renderFiles();
   autoGrow();
@@ -129,6 +133,15 @@ export function sendPending(m) {
   conn.send(payload).then((stored) => {
     if (page.conn === conn) onMessage(stored, {isNew: false});
   }, (err) => {
+    if (page.conn !== conn) return;
+    // Not a member (a group left in another tab or on another device,
+    // whose room_left this page missed), or no such room: the room goes,
+    // as with room_left. In a dm, `forbidden` is a block (shown below).
+    const entry = page.state.rooms.get(m.room_id);
+    if (err.code === 'not_found' || (err.code === 'forbidden' && (!entry || entry.room.kind !== 'dm'))) {
+      onRoomLeft({room_id: m.room_id});
+      return;
+    }
     m.status = 'failed';
     m.error = err.code === 'forbidden' ? refusalText(m.room_id) : friendly(err).replace(/\.$/, '');
     // A block can be lifted, a rate limit or an outage passes; a message

@@ -21,7 +21,6 @@ export function resetUi() {
     blobs: new Map(),       // attachment url -> Promise of a blob: URL
     files: [],              // attachments being prepared in the composer
     editing: null,          // id of the message being edited
-    drafts: new Map(),      // room id -> what the composer held when I left the room
     draftBeforeEdit: '',    // the composer's text when an edit took it over
     leaving: new Set(),     // ids of groups I am leaving myself
     noticeTimer: 0,         // hides the composer's notice (see showNotice)

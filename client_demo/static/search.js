@@ -77,11 +77,35 @@ function fetchPage(query, before) {
   return api('GET', `/api/search?${params}`);
 }
 
+// Rooms of results that the inbox has not loaded (its pages come on
+// demand): asked once per session (GET /api/rooms/{id}).
+const fetched = new WeakMap();  // state -> Map(room id -> Promise of a room, or null)
+
+function fetchRoom(roomId) {
+  const state = page.state;
+  let rooms = fetched.get(state);
+  if (!rooms) fetched.set(state, rooms = new Map());
+  if (!rooms.has(roomId)) {
+    rooms.set(roomId, api('GET', `/api/rooms/${roomId}`).then((answer) => answer.room, () => {
+      rooms.delete(roomId);  // offline, say: the next search asks again
+      return null;
+    }));
+  }
+  return rooms.get(roomId);
+}
+
 // Which conversation a result is from: its inbox title (a group's name,
-// the other person of a dm), when the room is among the loaded ones.
-function conversationOf(m) {
-  const entry = page.state.rooms.get(m.room_id);
-  return entry ? roomTitle(entry.room) : 'Another conversation';
+// the other person of a dm), from the inbox or else from the server.
+function labelConversation(node, roomId) {
+  const entry = page.state.rooms.get(roomId);
+  if (entry) {
+    node.textContent = roomTitle(entry.room);
+    return;
+  }
+  node.textContent = '…';
+  fetchRoom(roomId).then((room) => {
+    node.textContent = room ? roomTitle(room) : 'Another conversation';
+  });
 }
 
 function build() {
@@ -131,7 +155,8 @@ function start() {
       li.tabIndex = 0;
       li.dataset.id = m.id;
       const head = el('div', 'search-head small');
-      const room = el('strong', 'search-room', conversationOf(m));
+      const room = el('strong', 'search-room');
+      labelConversation(room, m.room_id);
       room.dir = 'auto';
       const mine = page.state.me && m.sender.id === page.state.me.id;
       const sender = el('span', 'muted', mine ? 'You' : userName(m.sender));

@@ -124,8 +124,8 @@ export function applyMessage(state, m, isNew) {
   const mine = isMine(state, m);
   if (!entry) return {known: false, mine};
   if (!entry.last_message || m.seq >= entry.last_message.seq) entry.last_message = m;
-  if (!mine && isNew && m.seq > (entry.last_read_seq || 0) && m.seq > (entry.counted_through || 0)
-      && !(entry.counted || []).includes(m.seq)) {
+  if (!mine && isNew && !m.deleted && m.seq > (entry.last_read_seq || 0)
+      && m.seq > (entry.counted_through || 0) && !(entry.counted || []).includes(m.seq)) {
     entry.unread = (entry.unread || 0) + 1;
     (entry.counted ||= []).push(m.seq);
   }
@@ -135,7 +135,10 @@ export function applyMessage(state, m, isNew) {
 // An edit, delete or reaction. A change to a message older than the loaded
 // pages waits until that page loads (it then comes in its new version).
 // A message of someone else that I had not read, deleted, no longer
-// counts as unread (its `message` counted it; a message is deleted once).
+// counts as unread, if it was counted: live (in `counted`), or by the
+// server's count through `counted_through` taken before the delete (a
+// count taken after it, or a message never counted, has nothing to take
+// back: a `sync` may replay a delete the inbox page already left out).
 // Returns whether the inbox line changed.
 export function applyMessageUpdated(state, m) {
   const c = state.convos.get(m.room_id);
@@ -144,8 +147,13 @@ export function applyMessageUpdated(state, m) {
   if (!entry) return false;
   let changed = false;
   if (m.deleted && !isMine(state, m) && m.seq > (entry.last_read_seq || 0) && entry.unread > 0) {
-    entry.unread -= 1;
-    changed = true;
+    const through = entry.counted_through || 0;
+    const live = (entry.counted || []).indexOf(m.seq);
+    if (live !== -1) entry.counted.splice(live, 1);
+    if (live !== -1 || (m.seq <= through && (m.update_seq || m.seq) > through)) {
+      entry.unread -= 1;
+      changed = true;
+    }
   }
   if (entry.last_message && entry.last_message.id === m.id) {
     entry.last_message = m;

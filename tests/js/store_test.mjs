@@ -92,3 +92,48 @@ test('my read from another device and a new message, in either order, leave the 
     }
   }
 });
+
+test('a deleted unread message that sync replays after an inbox reload is not subtracted twice', () => {
+  // Bob's messages 1-4, none read; 4 deleted at seq 5. The inbox page,
+  // counted through seq 5, already leaves 4 out: 3 unread.
+  const state = store.createState(ME);
+  const deleted = message(5, 4, BOB, {body: '', deleted: true, update_seq: 5});
+  store.applyInboxPage(state, {rooms: [{room: room(5, 5), last_message: message(5, 3),
+    unread: 3, last_read_seq: 0}], has_more: false});
+  // A sync from seq 3 (the connection's seq was older than the page)
+  // replays the message in its current state, then its delete.
+  store.applyMessage(state, deleted, true);
+  store.applyMessageUpdated(state, deleted);
+  assert.equal(state.rooms.get(5).unread, 3);
+});
+
+test('a delete counts once whether its message was counted by the server or live', () => {
+  // Counted by the server (through seq 4), deleted after the count.
+  let state = store.createState(ME);
+  store.applyInboxPage(state, {rooms: [{room: room(5, 4), last_message: message(5, 4),
+    unread: 2, last_read_seq: 2}], has_more: false});
+  store.applyMessageUpdated(state, message(5, 4, BOB, {body: '', deleted: true, update_seq: 5}));
+  assert.equal(state.rooms.get(5).unread, 1);
+
+  // Counted live (above the count), deleted, then my read from another
+  // device that crossed it (counted through seq 3): it stays uncounted.
+  state = store.createState(ME);
+  store.applyInboxPage(state, {rooms: [{room: room(5, 3), last_message: message(5, 3),
+    unread: 1, last_read_seq: 2}], has_more: false});
+  store.applyMessage(state, message(5, 4), true);
+  assert.equal(state.rooms.get(5).unread, 2);
+  store.applyMessageUpdated(state, message(5, 4, BOB, {body: '', deleted: true, update_seq: 5}));
+  assert.equal(state.rooms.get(5).unread, 1);
+  store.applyRead(state, {room_id: 5, user_id: ME.id, seq: 3, unread: 0, last_seq: 3});
+  assert.equal(state.rooms.get(5).unread, 0);
+
+  // A message I never counted (mine, or already read) takes nothing off.
+  state = store.createState(ME);
+  store.applyInboxPage(state, {rooms: [{room: room(5, 3), last_message: message(5, 3),
+    unread: 1, last_read_seq: 2}], has_more: false});
+  store.applyMessage(state, message(5, 4, ME), true);
+  store.applyMessageUpdated(state, message(5, 4, ME, {body: '', deleted: true, update_seq: 5}));
+  store.applyMessage(state, message(5, 6), false);  // a send's ack copy: not new
+  store.applyMessageUpdated(state, message(5, 6, BOB, {body: '', deleted: true, update_seq: 7}));
+  assert.equal(state.rooms.get(5).unread, 1);
+});
