@@ -223,6 +223,24 @@ async def test_blocked_user_cannot_react_or_type_in_the_dm(base):
     assert ack['error']['code'] == 'forbidden', ack
     await a.nothing('message_updated', 0.3)
     await a.nothing('typing', 0.1)
+    # Neither side's activity crosses the block: the blocker's typing and
+    # read receipts are hidden from the one they blocked (as their
+    # presence is), and the blocked one's reads do not reach the blocker.
+    # Each still gets their own read on their other sockets.
+    later = await send(a, room, 'after the block')
+    assert (await a.call('typing', {'room_id': room['id'],
+                                    'typing': True}))['ok']
+    for reader, seq in ((a, msg['seq']), (b, later['seq'])):
+        ack = await reader.call('mark_read', {'room_id': room['id'],
+                                              'seq': seq})
+        assert ack['ok'], ack
+    got = await b.next('read')
+    assert got['user_id'] == bob['id']
+    got = await a.next('read')
+    assert got['user_id'] == alice['id']
+    await a.nothing('read', 0.3)
+    await b.nothing('read', 0.1)
+    await b.nothing('typing', 0.1)
     # The blocker's own reaction still works; the message is unchanged
     # by the refused one.
     ack = await a.call('react', {'message_id': msg['id'], 'emoji': '👍',

@@ -49,6 +49,14 @@ def is_blocked(blocker_id, blocked_id) -> bool:
                                  Block.blocked == blocked_id).exists())
 
 
+def blocks_between(a, b) -> set:
+    """The (blocker, blocked) pairs between users ``a`` and ``b``, either
+    way."""
+    return set(Block.select(Block.blocker, Block.blocked).where(
+        ((Block.blocker == a) & (Block.blocked == b)) |
+        ((Block.blocker == b) & (Block.blocked == a))).tuples())
+
+
 def dm(key):
     """(id, last_seq) of the dm room with this ``dm_key``, or None."""
     return (Room.select(Room.id, Room.last_seq).where(Room.dm_key == key)

@@ -8,14 +8,16 @@ from server.services.serialize import iso
 
 async def set_typing(ctx, user_id, room_id, typing, sid):
     """Record that ``user_id`` is (not) typing in ``room_id``. Returns the
-    room's member ids if the change should be broadcast, else None.
-    Forbidden in a dm with a user who blocks ``user_id``."""
+    member ids to tell if the change should be broadcast, else None.
+    Forbidden in a dm with a user who blocks ``user_id``; in a dm with a
+    user ``user_id`` blocks, nobody is told."""
     if not isinstance(typing, bool):
         raise Invalid('typing must be true or false')
     info = await rooms_service.member_room(ctx, user_id, room_id)
-    await rooms_service.check_not_blocked(ctx, info, user_id)
+    audience = await rooms_service.live_audience(ctx, info, user_id,
+                                                 refuse=True)
     if ctx.typing.update(room_id, user_id, sid, typing):
-        return info.member_ids
+        return audience
     return None
 
 

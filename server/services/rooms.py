@@ -115,13 +115,20 @@ def dm_blocked(ctx, room_id, user_id) -> bool:
             data.is_blocked(info.other_member(user_id), user_id))
 
 
-async def check_not_blocked(ctx, info: RoomInfo, user_id):
-    """Forbidden if ``info`` is a dm whose other member blocks
-    ``user_id``: while blocked, nothing of theirs reaches the blocker
-    there (messages, reactions, typing). Groups are unaffected."""
-    if info.kind == 'dm' and await ctx.store.read(
-            data.is_blocked, info.other_member(user_id), user_id):
+async def live_audience(ctx, info: RoomInfo, user_id, refuse=False):
+    """The members who get ``user_id``'s typing and read receipts in
+    ``info``. In a dm with a block either way, the other member is left
+    out: nothing of the blocked user's reaches the blocker there, and the
+    blocker's activity is hidden from the one they blocked, as their
+    presence is. With ``refuse``, a dm whose other member blocks
+    ``user_id`` is Forbidden instead. Groups are unaffected."""
+    if info.kind != 'dm':
+        return info.member_ids
+    other = info.other_member(user_id)
+    blocks = await ctx.store.read(data.blocks_between, user_id, other)
+    if refuse and (other, user_id) in blocks:
         raise Forbidden('this user does not accept anything from you')
+    return (user_id,) if blocks else info.member_ids
 
 
 def _find_dm(key):

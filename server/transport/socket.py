@@ -327,7 +327,8 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
             info = await rooms.room_info(ctx, room_id)
             await realtime.read(room_id, user['id'], marker,
                                 {'unread': unread, 'last_seq': last_seq},
-                                info.member_ids)
+                                await rooms.live_audience(ctx, info,
+                                                          user['id']))
         return {'unread': unread, 'seq': marker, 'last_seq': last_seq}
 
     @on_event('mute_room')
