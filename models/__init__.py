@@ -200,7 +200,9 @@ class PushSubscription(BaseModel):
 
     class Meta:
         table_name = 'push_subscription'
-        indexes = ((('user', 'endpoint'), True),)
+        # By endpoint alone too: a browser (or device) subscribing for one
+        # user takes its endpoint from any other user it served before.
+        indexes = ((('user', 'endpoint'), True), (('endpoint',), False))
 
 
 class Outbox(BaseModel):

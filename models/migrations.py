@@ -102,9 +102,19 @@ def _v8_messages_out_of_the_event_log(database, migrator):
     log.info('removed %s new-message rows from the event log', deleted)
 
 
+def _v9_push_endpoints_by_endpoint(database, migrator):
+    """An index on ``push_subscription.endpoint``: a subscription takes
+    its endpoint from any other user's (a browser signed in as someone
+    else before), so one person's pushes never reach another's device."""
+    database.execute_sql(
+        'CREATE INDEX IF NOT EXISTS "pushsubscription_endpoint" '
+        'ON "push_subscription" ("endpoint")')
+
+
 MIGRATIONS = [_v2_drop_redundant_indexes, _v3_index_attachments_by_age,
               _v4_group_life_cycle, _v5_search_index, _v6_outbox,
-              _v7_trigram_file, _v8_messages_out_of_the_event_log]
+              _v7_trigram_file, _v8_messages_out_of_the_event_log,
+              _v9_push_endpoints_by_endpoint]
 CURRENT_VERSION = 1 + len(MIGRATIONS)
 
 

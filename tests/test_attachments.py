@@ -245,6 +245,8 @@ async def test_active_and_executable_content_refused(server):
          'executables are not allowed (application/x-executable)'),
         (b'MZ\x90\x00\x03\x00\x00\x00' + bytes(2000), 'setup.txt',
          'executables are not allowed (application/x-msdownload)'),
+        (b'\xcf\xfa\xed\xfe\x07\x00\x00\x01' + bytes(2000), 'tool',
+         'executables are not allowed (Mach-O)'),
         (b'<!DOCTYPE html><html><script>alert(1)</script></html>',
          'note.txt', html),
         (b'\n  <html><body onload="alert(1)"></body></html>', 'page.jpg',
@@ -319,6 +321,11 @@ async def test_runnable_names_are_never_kept(server):
              'application/octet-stream'),
             # Windows drops trailing dots and spaces when saving.
             (b'hello\n', 'a.svg. . ', 'a.svg.txt', 'text/plain'),
+            # ... also where the cut to 255 characters leaves them.
+            (b'hello\n', 'A' * 249 + '.html.' + 'B' * 50,
+             'A' * 249 + '.h.txt', 'text/plain'),
+            (b'hello\n', 'help.chm', 'help.chm.txt', 'text/plain'),
+            (b'hello\n', 'console.msc', 'console.msc.txt', 'text/plain'),
             (b'hello\n', 'notes.txt', 'notes.txt', 'text/plain'),
             (b'hello\n', 'README', 'README', 'text/plain')):
         status, body = await upload(base, token, data, name)

@@ -100,7 +100,7 @@ async def test_version_1_database_upgrades_in_place(tmp_path):
 
 def test_fresh_database_has_the_cleanup_index(fresh_db):
     statements, version = index_statements(fresh_db)
-    assert version == CURRENT_VERSION == 8
+    assert version == CURRENT_VERSION == 9
     assert statements[V3_INDEX] == (
         f'CREATE INDEX "{V3_INDEX}" ON "attachment" '
         '("message_id", "created_at")')

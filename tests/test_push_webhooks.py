@@ -370,7 +370,10 @@ async def test_bad_requests_get_clear_errors(hooked, receiver):
                  {'kind': 'webpush', 'endpoint': receiver.url + '/k',
                   'keys': {**keys, 'auth': '!!'}},
                  {'kind': 'webpush', 'endpoint': receiver.url + '/k'},
-                 {'kind': 'gateway', 'app_id': 'a', 'pushkey': ''}):
+                 {'kind': 'gateway', 'app_id': 'a', 'pushkey': ''},
+                 # Spaces would let two subscriptions share one key.
+                 {'kind': 'gateway', 'app_id': 'a b', 'pushkey': 'c'},
+                 {'kind': 'gateway', 'app_id': 'a', 'pushkey': 'b\x00'}):
         got, data = await http(base, 'POST', '/api/push/subscriptions',
                                token, json=body)
         assert (got, data['error']['code']) == (400, 'invalid'), body
@@ -379,7 +382,7 @@ async def test_bad_requests_get_clear_errors(hooked, receiver):
                                       'pushkey': f'key{n}'})
     got, data = await http(base, 'POST', '/api/push/subscriptions', token,
                            json={'kind': 'gateway', 'app_id': 'a',
-                                 'pushkey': 'one too many'})
+                                 'pushkey': 'one-too-many'})
     assert (got, data['error']['code']) == (413, 'too_large'), data
     # Someone else's subscription is not there for you to remove.
     status, listed = await http(base, 'GET', '/api/push/subscriptions', token)
@@ -467,7 +470,14 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
         for url in ('http://127.0.0.1:9/hook', 'http://10.1.2.3/hook',
                     'http://169.254.169.254/latest', 'http://localhost/x',
                     'ftp://example.com/x', 'http://x..y/hook',
-                    'http://' + 'a' * 64 + '.example/hook'):
+                    'http://' + 'a' * 64 + '.example/hook',
+                    # IPv4 inside IPv6: NAT64 (the metadata service and a
+                    # private host), 6to4, IPv4-compatible, Teredo.
+                    'http://[64:ff9b::a9fe:a9fe]/latest',
+                    'http://[64:ff9b::a00:1]/', 'http://[2002:7f00:1::]/',
+                    'http://[::7f00:1]/', 'http://[::a9fe:a9fe]/',
+                    'http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/',
+                    'http://1.1.1.1/a\r\nX-Evil: 1', 'http://1.1.1.1/a b'):
             status, data = await http(
                 proc.url, 'PUT', f'/api/bots/{bot["username"]}/webhook',
                 token, json={'url': url})
@@ -484,6 +494,15 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
         assert status == 400 and data['error']['code'] == 'invalid', data
         assert 'https' in data['error']['message'] and \
             'webhook_allow_private' in data['error']['message']
+        # An endpoint that is not a URL at all: refused, not a 500.
+        for endpoint in ('https://[1.1.1.1]/', 'https://[bad/',
+                         'https://[::1', 'https://[64:ff9b::7f00:1]/'):
+            status, data = await http(
+                proc.url, 'POST', '/api/push/subscriptions', token, json={
+                    'kind': 'webpush', 'endpoint': endpoint,
+                    'keys': {'p256dh': 'x', 'auth': 'y'}})
+            assert (status, data['error']['code']) == (400, 'invalid'), \
+                (endpoint, data)
     finally:
         assert await proc.astop() == 0, proc.read_log()
 
@@ -770,6 +789,24 @@ async def test_outbox_connections_resolve_only_to_public_addresses():
         await resolver.resolve('localhost', 80)
     with pytest.raises(OSError):
         await resolver.resolve('127.0.0.1', 80)
+
+
+async def test_an_endpoint_serves_only_its_latest_user(hooked, receiver):
+    """One endpoint is one browser or device: subscribed by another user
+    (the first signed out without unsubscribing), it is the new user's
+    only; the first user's pushes no longer go there."""
+    base = hooked.url
+    first, t1 = await register(base)
+    second, t2 = await register(base)
+    endpoint = receiver.url + '/wp-shared'
+    for token in (t1, t2):
+        await subscribe(base, token, {'kind': 'webpush',
+                                      'endpoint': endpoint,
+                                      'keys': Browser().keys()})
+    status, listed = await http(base, 'GET', '/api/push/subscriptions', t1)
+    assert status == 200 and listed['subscriptions'] == []
+    status, listed = await http(base, 'GET', '/api/push/subscriptions', t2)
+    assert len(listed['subscriptions']) == 1
 
 
 async def test_logout_everywhere_forgets_push_subscriptions(hooked, receiver):

@@ -37,6 +37,14 @@ def save_subscription(user_id, fields, now):
         PushSubscription.endpoint == fields['endpoint'])
 
 
+def take_endpoint(user_id, endpoint) -> int:
+    """Remove other users' subscriptions of ``endpoint`` (the same browser
+    or device, now subscribing for ``user_id``); how many went."""
+    return PushSubscription.delete().where(
+        PushSubscription.endpoint == endpoint,
+        PushSubscription.user != user_id).execute()
+
+
 def subscriptions_of(user_id) -> list:
     """The user's subscription rows, oldest first."""
     return list(PushSubscription.select().where(

@@ -38,7 +38,19 @@ RUNNABLE_EXTENSIONS = frozenset({
     'html', 'htm', 'xhtml', 'xht', 'shtml', 'mht', 'mhtml', 'svg', 'svgz',
     'xml', 'xsl', 'xslt', 'js', 'mjs', 'hta', 'htc', 'swf', 'exe', 'com',
     'bat', 'cmd', 'scr', 'pif', 'msi', 'vbs', 'vbe', 'jse', 'wsf', 'wsh',
-    'ps1', 'lnk', 'reg', 'jar', 'cpl', 'url', 'desktop', 'command'})
+    'ps1', 'lnk', 'reg', 'jar', 'cpl', 'url', 'desktop', 'command',
+    # Less known, as dangerous: compiled help, management consoles, Java
+    # Web Start, ClickOnce, disk images that mount and run, shell and
+    # setting shortcuts, installers, script components.
+    'chm', 'hlp', 'msc', 'jnlp', 'application', 'appref-ms', 'xbap',
+    'iso', 'img', 'vhd', 'vhdx', 'scf', 'wsc', 'sct', 'inf', 'gadget',
+    'settingcontent-ms', 'library-ms', 'searchconnector-ms', 'msp', 'mst',
+    'psm1', 'psd1', 'ps1xml', 'vb', 'ws', 'shtm', 'appx', 'msix',
+    'appxbundle', 'msixbundle', 'app', 'pkg', 'dmg'})
+# Executables ``filetype`` does not know: Mach-O (both byte orders, 32
+# and 64 bits) and universal binaries.
+MACH_O = (b'\xcf\xfa\xed\xfe', b'\xce\xfa\xed\xfe', b'\xfe\xed\xfa\xcf',
+          b'\xfe\xed\xfa\xce', b'\xca\xfe\xba\xbe')
 # Sniffed types that are a variant of an allowed one.
 SAME_AS = {'image/apng': 'image/png'}
 # Skipped before looking at how a file starts (a byte order mark too).
@@ -57,12 +69,10 @@ def clean_filename(name) -> str:
     name = unicodedata.normalize('NFC', name)
     name = re.split(r'[/\\]', name)[-1]
     name = ''.join(c for c in name
-                   if unicodedata.category(c)[0] != 'C').strip()
-    # Windows drops trailing dots and spaces: "a.html. " opens as a.html.
-    name = name.rstrip('. ')
-    if not name:
-        name = 'file'
-    return name[:FILENAME_MAX]
+                   if unicodedata.category(c)[0] != 'C')
+    # Cut, then trimmed: Windows drops trailing dots and spaces ("a.html. "
+    # opens as a.html), and a cut may leave new ones at the end.
+    return name[:FILENAME_MAX].strip().rstrip('. ') or 'file'
 
 
 def stored_filename(name: str, mime: str) -> str:
@@ -131,7 +141,10 @@ class Sniffer:
                 self.is_text = False
 
     def _magic(self):
-        kind = filetype.guess(bytes(self.head))
+        head = bytes(self.head)
+        if head.startswith(MACH_O):
+            raise UnsupportedType('executables are not allowed (Mach-O)')
+        kind = filetype.guess(head)
         if kind is None:
             self.magic = ''
             return

@@ -95,6 +95,16 @@ def public_key(vapid) -> str:
         serialization.PublicFormat.UncompressedPoint))
 
 
+def _check_token(value, name, most) -> str:
+    """An app id or pushkey: 1 to ``most`` characters, none of them a
+    space or a control character (the two make one key, joined by a
+    space)."""
+    value = check_text(value, name, 1, most)
+    if any(c <= ' ' or c == '\x7f' for c in value):
+        raise Invalid(f'{name}: no spaces or control characters')
+    return value
+
+
 async def check_subscription(ctx, data) -> dict:
     """The PushSubscription fields of a ``POST /api/push/subscriptions``
     body; Invalid if anything is off."""
@@ -102,8 +112,11 @@ async def check_subscription(ctx, data) -> dict:
     if kind == 'webpush':
         endpoint = check_text(data.get('endpoint'), 'endpoint', 1,
                               ENDPOINT_MAX)
-        if urlsplit(endpoint).scheme != 'https' and \
-                not ctx.config.webhook_allow_private:
+        try:
+            scheme = urlsplit(endpoint).scheme
+        except ValueError:
+            raise Invalid('endpoint: not a valid URL') from None
+        if scheme != 'https' and not ctx.config.webhook_allow_private:
             raise Invalid('endpoint: an https URL (plain http only with '
                           'the server\'s webhook_allow_private set)')
         await check_url(endpoint, ctx.config.webhook_allow_private,
@@ -132,8 +145,8 @@ async def check_subscription(ctx, data) -> dict:
                 'p256dh': _b64url(p256dh), 'auth': _b64url(auth),
                 'app_id': None, 'pushkey': None}
     if kind == 'gateway':
-        app_id = check_text(data.get('app_id'), 'app_id', 1, 128)
-        pushkey = check_text(data.get('pushkey'), 'pushkey', 1, PUSHKEY_MAX)
+        app_id = _check_token(data.get('app_id'), 'app_id', 128)
+        pushkey = _check_token(data.get('pushkey'), 'pushkey', PUSHKEY_MAX)
         return {'kind': kind, 'endpoint': f'{app_id} {pushkey}',
                 'p256dh': None, 'auth': None, 'app_id': app_id,
                 'pushkey': pushkey}
@@ -149,6 +162,9 @@ def _subscribe(user_id, fields, most):
     if push_data.subscription_count(user_id) >= most and \
             not push_data.has_subscription(user_id, fields['endpoint']):
         raise TooLarge(f'at most {most} push subscriptions per user')
+    # One endpoint is one browser or device: whoever subscribed it before
+    # (signed out without unsubscribing) no longer gets pushes there.
+    push_data.take_endpoint(user_id, fields['endpoint'])
     row = push_data.save_subscription(user_id, fields, now)
     return _subscription_dict(row)
 

@@ -41,10 +41,31 @@ log = logging.getLogger(__name__)
 URL_MAX = 2000
 
 
+# IPv6 ranges that carry an IPv4 address in their last 32 bits and reach
+# it through a translator (NAT64, RFC 6052 and 8215), or the deprecated
+# IPv4-compatible form: what decides is that IPv4 address.
+_V4_INSIDE = [ipaddress.ip_network(n) for n in (
+    '64:ff9b::/96', '64:ff9b:1::/48', '::/96')]
+
+
+def _embedded_v4(ip):
+    """The IPv4 address an IPv6 address stands for (mapped, NAT64,
+    6to4, Teredo, IPv4-compatible), or None."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client; the server is Teredo's own
+    if any(ip in net for net in _V4_INSIDE):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _public(address) -> bool:
     ip = ipaddress.ip_address(address.split('%')[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        ip = _embedded_v4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
 
@@ -70,6 +91,8 @@ async def check_url(url, allow_private, what='url') -> str:
     (or ``allow_private``); else Invalid."""
     if not isinstance(url, str) or not 0 < len(url) <= URL_MAX:
         raise Invalid(f'{what}: a URL of at most {URL_MAX} characters')
+    if any(c <= ' ' or c == '\x7f' for c in url):
+        raise Invalid(f'{what}: no spaces or control characters')
     try:
         parts = urlsplit(url)
         port = parts.port
