@@ -871,3 +871,28 @@ async def test_a_room_full_of_pictures_loads_within_the_event_limit(
         await b.close()
     finally:
         assert server.stop() == 0, server.read_log()
+
+
+async def test_many_big_images_of_one_user_do_not_hold_up_anothers(server):
+    """Thumbnails are made one at a time per user: a user uploading many
+    big images at once waits for their own, and another user's picture,
+    uploaded after all of them, is done before most of them."""
+    base = server.url
+    _, heavy = await register(base)
+    _, light = await register(base)
+    big = png(4000, 4000)  # small to send, 16 megapixels to decode
+    done = []
+
+    async def put(token, data, name):
+        status, body = await upload(base, token, data, name)
+        assert status == 201, body
+        assert body['attachment']['thumbnail_url'], body
+        done.append(name)
+
+    heavy_uploads = [asyncio.create_task(put(heavy, big, f'big{n}.png'))
+                     for n in range(12)]
+    while not done:  # the pool is busy with the first big ones
+        await asyncio.sleep(0.01)
+    await put(light, png(40, 30), 'small.png')
+    await asyncio.gather(*heavy_uploads)
+    assert done.index('small.png') < 6, done

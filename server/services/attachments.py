@@ -118,10 +118,11 @@ async def upload(ctx, user_id, filename, chunks, declared=0) -> dict:
             width = height = None
             if mime in INLINE_TYPES:
                 await _storing(writer.flush())
-                width, height, thumbnail = await images.run_image(
-                    images.thumbnail, writer.local_path,
-                    config.attachment_thumbnail_px,
-                    config.attachment_thumbnail_max_pixels)
+                async with images.turns.of(user_id):
+                    width, height, thumbnail = await images.run_image(
+                        images.thumbnail, writer.local_path,
+                        config.attachment_thumbnail_px,
+                        config.attachment_thumbnail_max_pixels)
                 if thumbnail is not None:
                     thumbnail_key = await _storing(
                         ctx.storage.put_bytes(thumbnail))

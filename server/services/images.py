@@ -29,6 +29,34 @@ async def run_image(fn, *args):
         _images, fn, *args)
 
 
+class _Turns:
+    """One image at a time per user on the pool: a user uploading many
+    big images at once waits for their own, and anyone else's image takes
+    the next free thread (the pool's queue alone is first come, first
+    served: 40 images of 40 megapixels held another user's thumbnail for
+    4 s)."""
+
+    def __init__(self):
+        self._users = {}  # user id -> [asyncio.Lock, callers holding or waiting]
+
+    @contextlib.asynccontextmanager
+    async def of(self, user_id):
+        entry = self._users.get(user_id)
+        if entry is None:
+            entry = self._users[user_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._users[user_id]
+
+
+turns = _Turns()
+
+
 class _PixelBudget:
     """Pixels being decoded at once in this process: at most ``limit``,
     or one image of any allowed size. A decoded pixel takes up to 4 bytes,
