@@ -2,6 +2,8 @@
 
     python -m client_demo.bot.remind_bot --url http://127.0.0.1:8080 --token TOKEN
 
+(with the SDK installed, ``python remind_bot.py ...`` works too).
+
 Understands seconds, minutes, hours and days ("remind me in 2 seconds ping",
 "remind me in 1 hour call mum"). Reminders wait in memory: a restart
 forgets the ones not yet due.
@@ -10,7 +12,10 @@ import asyncio
 import logging
 import re
 
-from client_demo.postbox_bot import Bot, main_for
+try:  # the SDK installed (pip install ./client_demo/postbox_bot)
+    from postbox_bot import Bot, main_for
+except ImportError:  # run from a Postbox checkout: python -m client_demo...
+    from client_demo.postbox_bot import Bot, main_for
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,9 @@ def setup(bot: Bot) -> Bot:
 
     @bot.on_message
     async def on_message(message):
-        if not bot.is_dm(message['room_id']):
-            return
+        if not bot.is_dm(message['room_id']) or \
+                message['sender'].get('is_bot'):
+            return  # another bot would get HELP back, and answer it
         request = parse(message['body'])
         # Answers derive their client_msg_id from the request, so a request
         # replayed after a crash is not answered twice.

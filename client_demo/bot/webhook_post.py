@@ -1,4 +1,7 @@
-"""Post one message through the HTTP API, e.g. a CI notification:
+"""Post one message once over HTTP, e.g. a CI notification.
+
+``POST /api/messages``: despite its name this script neither receives nor
+needs a webhook; it is how a script (or a bot in webhook mode) sends.
 
     python -m client_demo.bot.webhook_post --url http://127.0.0.1:8080 \\
         --token BOT_TOKEN --room 12 --body "build 841 passed"
@@ -20,7 +23,10 @@ import uuid
 
 import aiohttp
 
-from client_demo.postbox_bot import Bot, BotError
+try:  # the SDK installed (pip install ./client_demo/postbox_bot)
+    from postbox_bot import Bot, BotError
+except ImportError:  # run from a Postbox checkout: python -m client_demo...
+    from client_demo.postbox_bot import Bot, BotError
 
 
 class PostFailed(Exception):
@@ -29,8 +35,10 @@ class PostFailed(Exception):
 
 async def post(url, token, body, room_id=None, to=None, client_msg_id=None,
                attempts=5, timeout=10.0) -> dict:
-    """Post ``body`` to ``room_id`` (or the dm with ``to``); returns the
-    stored message. Retries with the same client_msg_id."""
+    """Post ``body`` once over HTTP to ``room_id`` (or the dm with
+    ``to``); returns the stored message. Retries (5xx, 429, network
+    errors) reuse the same client_msg_id, so the message is stored once.
+    ``Bot.send`` does the same when the bot runs no socket."""
     bot = Bot(url, token, request_timeout=timeout)
     data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4()),
             **({'room_id': room_id} if room_id is not None else {'to': to})}

@@ -3,6 +3,7 @@
 import asyncio
 import json as _json
 import logging
+import random
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import socketio
 
-from .errors import RETRYABLE, BotError
+from .errors import RETRYABLE, BotError, Disconnected
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,42 @@ class ApiMixin:
 
     async def call(self, event, data=None, timeout=None):
         """Emit ``event`` and return its successful ack; raises BotError
-        for an error ack and socketio's TimeoutError without an ack."""
+        for an error ack, ``unavailable`` at once when the connection drops
+        before the ack (or when the socket is not started: see
+        :meth:`start`; :meth:`http` needs no socket) and socketio's
+        TimeoutError without an ack."""
         timeout = timeout or self.request_timeout
+        if not self._running:
+            raise BotError('unavailable', f'{event}: the socket is not '
+                           'started (bot.start() or bot.run()); without '
+                           'a socket use bot.http()')
         if not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), timeout)
             except asyncio.TimeoutError:
                 raise BotError('unavailable', 'not connected') from None
+        # The connection this request goes out on, and its end: an ack
+        # cannot come once it has dropped (python-socketio forgets the
+        # request then), so the request fails at once instead of waiting
+        # out its timeout.
+        sio, lost = self.sio, self._lost
+        request = asyncio.ensure_future(
+            sio.call(event, data or {}, timeout=timeout))
+        watch = asyncio.ensure_future(lost.wait())
         try:
-            ack = await self.sio.call(event, data or {}, timeout=timeout)
+            done, _ = await asyncio.wait({request, watch},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not request.done():
+                request.cancel()
+        if request not in done:
+            raise Disconnected('unavailable', f'{event}: disconnected '
+                               'before the answer')
+        try:
+            ack = request.result()
         except socketio.exceptions.BadNamespaceError:
-            raise BotError('unavailable', 'not connected') from None
+            raise Disconnected('unavailable', 'not connected') from None
         if not isinstance(ack, dict) or not ack.get('ok'):
             error = (ack or {}).get('error') or {}
             raise BotError(error.get('code', 'internal'),
@@ -45,11 +71,18 @@ class ApiMixin:
         return ack
 
     async def send(self, body, *, room_id=None, to=None, reply_to=None,
-                   attachments=None, client_msg_id=None, attempts=6):
+                   attachments=None, client_msg_id=None, attempts=6,
+                   rate_limit_wait=30.0):
         """Send a message to ``room_id`` or to the user ``to`` and return it
-        once the server has stored it. Retries on ``unavailable``, rate
-        limits, timeouts and disconnects with the same ``client_msg_id``,
-        so a retry never sends twice."""
+        once the server has stored it: over the socket when the bot runs
+        one, else over HTTP (``POST /api/messages``: webhook mode). Retries
+        with the same ``client_msg_id``, so a retry never sends twice:
+        at once on the next connection when the connection dropped before
+        the ack; with growing backoff on ``unavailable``, ``internal``
+        and timeouts (``attempts`` tries in all); on ``rate_limited``
+        after ``retry_after`` plus a growing random spread (so concurrent
+        sends do not retry in lockstep) for up to ``rate_limit_wait``
+        seconds. Raises BotError when it gives up or for any other code."""
         if (room_id is None) == (to is None):
             raise ValueError('give room_id or to')
         data = {'body': body, 'client_msg_id': client_msg_id or str(uuid.uuid4())}
@@ -61,22 +94,49 @@ class ApiMixin:
             data['reply_to'] = reply_to
         if attachments:
             data['attachments'] = list(attachments)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + rate_limit_wait
         delay = self.backoff
-        for attempt in range(attempts):
+        failures = limited = 0
+        while True:
             try:
+                if not self._running:
+                    _, answer = await self.http('POST', '/api/messages',
+                                                json=data)
+                    return answer['message']
                 return (await self.call('send_dm', data))['message']
+            except Disconnected as exc:
+                # call() waits for the next connection: no sleep first.
+                failure, wait = exc, 0.0
+                failures += 1
             except BotError as exc:
-                if exc.code not in RETRYABLE or attempt == attempts - 1:
+                failure = exc
+                if exc.code == 'rate_limited':
+                    limited += 1
+                    base = exc.retry_after or 0.0
+                    spread = min(self.backoff_max,
+                                 max(base, 0.05) * 2 ** limited)
+                    wait = base + random.uniform(0, spread)
+                    if loop.time() + wait > deadline:
+                        raise
+                elif exc.code in RETRYABLE or (exc.status or 0) >= 500:
+                    failures += 1
+                    wait = exc.retry_after or delay
+                else:
                     raise
-                wait = exc.retry_after or delay
-                log.info('send %s: %s, retrying in %.1fs',
-                         data['client_msg_id'], exc.code, wait)
-            except socketio.exceptions.TimeoutError:
-                if attempt == attempts - 1:
-                    raise BotError('unavailable', 'no ack') from None
+            except (socketio.exceptions.TimeoutError, aiohttp.ClientError,
+                    asyncio.TimeoutError) as exc:
+                failure = BotError('unavailable',
+                                   f'no answer ({type(exc).__name__})')
+                failures += 1
                 wait = delay
+            if failures >= attempts:
+                raise failure
+            if failure.code != 'rate_limited' and wait:
+                delay = min(self.backoff_max, delay * 2)
+            log.info('send %s: %s, retrying in %.2fs',
+                     data['client_msg_id'], failure, wait)
             await asyncio.sleep(wait)
-            delay = min(self.backoff_max, delay * 2)
 
     async def search(self, query, room_id=None, before=None, limit=None):
         """Messages of the bot's rooms (or of ``room_id``) containing every
@@ -141,7 +201,15 @@ class ApiMixin:
         BotError with the server's error code otherwise. ``data``: a body
         other than JSON (aiohttp's ``FormData`` for a multipart upload).
         ``stream``: a file's transfer, which may take longer than
-        ``request_timeout`` as long as it never stalls that long."""
+        ``request_timeout`` as long as it never stalls that long. A token
+        due for a refresh is refreshed first (see ``tokens.py``)."""
+        if authenticated:
+            await self._refresh_quietly()
+        return await self._request(method, path, json, authenticated, data,
+                                   stream)
+
+    async def _request(self, method, path, json=None, authenticated=True,
+                       data=None, stream=False):
         headers = {}
         if authenticated:
             headers['Authorization'] = f'Bearer {self.token}'

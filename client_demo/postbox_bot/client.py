@@ -11,16 +11,22 @@ with ``sync`` (paging while ``has_more``). Either way a handler sees every
 message and update exactly once and in order per room, across reconnects;
 with ``state_path`` the seq map is kept in a JSON file and a restarted bot
 resumes where it stopped. ``send`` is idempotent: it picks a
-``client_msg_id`` once and retries with it on ``unavailable``, rate limits
-and timeouts.
+``client_msg_id`` once and retries with it on ``unavailable``,
+``internal``, ``rate_limited``, timeouts and dropped connections.
 
 Handlers run one at a time, in event order, so a slow handler delays the
 next event: start a task for long work. The seq is saved after the handler
 returns: a bot killed mid-handler (not stopped) sees that one event again
 on restart, so handlers that send should derive their ``client_msg_id``
-from the event to stay idempotent.
+from the event to stay idempotent. Over the socket a handler that raises
+is logged (with its name) and the bot moves on: the event is not handled
+again. In webhook mode it answers 500 instead, so the server delivers the
+event again later (see ``webhook.py``).
+
+The token is refreshed before it expires (``tokens.py``).
 """
 import asyncio
+import functools
 import inspect
 import logging
 import random
@@ -35,6 +41,7 @@ from .events import (OFFSET_EVENT, SEQ_EVENTS, TRACKED, Catchup, EventsMixin,
                      Recovered, Wake)
 from .socketio_async_client import RecoveringClient
 from .state import StateMixin
+from .tokens import TokenMixin
 from .webhook import WebhookMixin
 
 log = logging.getLogger(__name__)
@@ -47,19 +54,24 @@ def _retrieved(task):
         task.exception()
 
 
-class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
+class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin, TokenMixin):
     """A Postbox client that never misses or repeats an event.
 
     ``url`` is the server's base URL. Give either ``token`` (a bot token) or
-    ``username`` and ``password`` (logged in with ``POST /api/login``, and
+    ``username`` and ``password`` (a regular user account run as a bot:
+    bot accounts have no password; logged in with ``POST /api/login``, and
     logged in again when the token stops working). ``state_path``: a JSON
-    file for the per-room seq map, so a restart resumes. ``skip_history``:
-    on a first start without saved state, begin at each room's current
-    ``last_seq`` instead of replaying all of its history. ``backoff`` and
-    ``backoff_max``: the first and the longest wait between reconnects, in
-    seconds (doubled per failed attempt, with jitter so a fleet of bots does
-    not reconnect in lockstep). ``recover``: use connection state recovery
-    on reconnects (off: always ``sync``).
+    file for the per-room seq map, the kinds of the bot's rooms and its
+    latest token, so a restart resumes. ``skip_history`` (default on): on
+    a first start without saved state, begin at each room's current
+    ``last_seq``: messages sent before that first start are never
+    handled; off, they are all handled (every room's whole history).
+    ``backoff`` and ``backoff_max``: the first and the longest wait
+    between reconnects, in seconds (doubled per failed attempt, with
+    jitter so a fleet of bots does not reconnect in lockstep).
+    ``recover``: use connection state recovery on reconnects (off: always
+    ``sync``). ``request_timeout``: how long a request waits for its
+    answer (one that loses its connection fails at once).
 
     Counters for monitoring: ``connects`` (successful connects),
     ``recoveries`` (reconnects the server recovered: no ``sync``),
@@ -109,6 +121,16 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self._runner = None
         self._abandoned = set()  # refused connects still closing
         self._http = None           # aiohttp session while running
+        self._running = False       # inside run(): the socket is used
+        self._lost = asyncio.Event()  # set when the current socket drops
+        self._socket_token = None   # the token the socket connected with
+        self._reconnect_now = False  # a planned reconnect: no backoff
+        self._background = set()    # tasks nobody awaits
+        self._token_received = None  # (token, local time) of a refresh
+        self._token_lock = asyncio.Lock()
+        self._kinds = {}            # room id -> 'dm' or 'group' (saved)
+        self._webhook_busy = set()  # (room id, seq) being handled
+        self._state_lock = None     # serializes state file writes
         self._load_state()
 
     # Handlers.
@@ -129,6 +151,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         ``include_own`` is set. Use bare (``@bot.on_message``) or called
         (``@bot.on_message(include_own=True)``)."""
         def decorator(fn):
+            @functools.wraps(fn)  # logs name the function, not this
             async def handler(message):
                 if message.get('deleted'):
                     return
@@ -159,8 +182,13 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         return bool(self.user) and message['sender']['id'] == self.user['id']
 
     def is_dm(self, room_id) -> bool:
-        """Whether ``room_id`` is a dm room (as far as the bot knows)."""
-        return self.rooms.get(room_id, {}).get('kind') == 'dm'
+        """Whether ``room_id`` is a dm room. Known for every room the bot
+        has had an event of: the kinds are kept in the state file, and in
+        webhook mode a message from a room not known yet has the room read
+        over HTTP before the handlers run."""
+        room = self.rooms.get(room_id)
+        kind = room.get('kind') if room else self._kinds.get(room_id)
+        return kind == 'dm'
 
     # Running.
 
@@ -200,6 +228,9 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
         failures = 0
         self._session()
+        self._running = True
+        keeper = asyncio.create_task(self._keep_token_fresh())
+        keeper.add_done_callback(_retrieved)
         try:
             while not self._stopping.is_set():
                 try:
@@ -213,6 +244,10 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                         log.warning('token refused, logging in again')
                         self.token = None
                     else:
+                        log.error('the token was refused (expired or '
+                                  'revoked): the bot stops. Its owner gets '
+                                  'a new one with POST /api/bots/{username}'
+                                  '/token')
                         raise
                 except (socketio.exceptions.ConnectionError,
                         aiohttp.ClientError, OSError,
@@ -224,6 +259,10 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                     log.info('disconnected')
                 if self._stopping.is_set():
                     break
+                if self._reconnect_now:
+                    # A reconnect of our own (a refreshed token): at once.
+                    self._reconnect_now = False
+                    continue
                 delay = min(self.backoff_max, self.backoff * 2 ** failures)
                 failures += 1
                 delay *= random.uniform(0.5, 1.0)
@@ -232,7 +271,9 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                 except asyncio.TimeoutError:
                     pass
         finally:
+            keeper.cancel()
             await self._finish_dispatcher()
+            self._running = False
             for task in list(self._abandoned):
                 task.cancel()  # nothing to wait for: it was refused
             self.connected.clear()
@@ -301,6 +342,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
                                http_session=self._session())
         refused = {}
         rejected = asyncio.Event()
+        lost = asyncio.Event()
 
         async def connect_error(data=None):
             if isinstance(data, dict):
@@ -308,6 +350,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
             rejected.set()
 
         async def disconnect(*args):
+            lost.set()  # fails the requests waiting for an ack on it
             if sio is self.sio:
                 self.connected.clear()
                 self.ready.clear()
@@ -345,8 +388,9 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin):
             sio.on(event, forward(event))
         sio.on('*', live)
         self._disconnected.clear()
-        self.sio = sio
+        self.sio, self._lost = sio, lost
         auth = self._auth()
+        self._socket_token = auth['token']
         log.debug('connecting (recovering: %s)', 'pid' in auth)
         connecting = asyncio.create_task(sio.connect(
             self.url, auth=auth, transports=self.transports,

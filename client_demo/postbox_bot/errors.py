@@ -1,6 +1,7 @@
 """The errors a bot sees: the server's error codes, as exceptions."""
 
-# Error codes worth retrying a send for, with the same client_msg_id.
+# Error codes worth retrying a send for, with the same client_msg_id
+# (rate_limited is retried for a time budget rather than a count).
 RETRYABLE = ('unavailable', 'rate_limited', 'internal')
 
 
@@ -18,3 +19,8 @@ class BotError(Exception):
 
 class LoginFailed(BotError):
     """The username and password were refused: retrying will not help."""
+
+
+class Disconnected(BotError):
+    """``unavailable``: the connection dropped before the request's answer
+    (``send`` retries it on the next connection at once)."""

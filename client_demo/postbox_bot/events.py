@@ -117,6 +117,7 @@ class EventsMixin:
     async def _left(self, room_id):
         """The bot is out of ``room_id``: forget it (a later sync then
         does not list it) and tell the handlers, once."""
+        self._kinds.pop(room_id, None)
         known = (self.rooms.pop(room_id, None) is not None) | (
             self.seqs.pop(room_id, None) is not None)
         if known:
@@ -188,13 +189,31 @@ class EventsMixin:
         self._resumable = session is not None and session == self._pid
         await self._now_ready()
 
-    async def _call_handlers(self, event, payload):
+    async def _call_handlers(self, event, payload, raise_errors=False):
+        """Run the handlers of ``event``. One that raises is logged, under
+        its own name, and the others still run; with ``raise_errors``
+        (webhook mode) the first error is raised once they all ran, so the
+        event is delivered again."""
+        failed = None
         for fn in self._handlers.get(event, ()):
             try:
                 result = fn(payload) if payload is not None else fn()
                 if inspect.isawaitable(result):
                     await result
-            except Exception:
-                # A broken handler must not stop the bot or replay the
-                # event forever; it is logged and the bot moves on.
-                log.exception('handler %r for %s failed', fn, event)
+            except Exception as exc:
+                # Over the socket a broken handler must not stop the bot
+                # or replay the event forever; it is logged and the bot
+                # moves on.
+                log.exception('handler %s for %s failed', _name(fn), event)
+                failed = failed or exc
+        if failed is not None and raise_errors:
+            raise failed
+
+
+def _name(fn) -> str:
+    """A handler's name for the logs: its module and qualified name."""
+    name = getattr(fn, '__qualname__', None) or getattr(fn, '__name__', None)
+    if name is None:
+        return repr(fn)
+    module = getattr(fn, '__module__', None)
+    return f'{module}.{name}' if module else name
