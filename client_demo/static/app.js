@@ -296,6 +296,7 @@ export async function markRead() {
   const entry = page.state.rooms.get(roomId);
   const seq = page.conn.lastSeq.get(roomId) || 0;
   if (!entry || seq <= (entry.last_read_seq || 0)) return;
+  const before = entry.last_read_seq || 0;
   entry.last_read_seq = seq;
   entry.unread = 0;
   renderInbox();
@@ -304,7 +305,10 @@ export async function markRead() {
     store.applyRead(page.state, {room_id: roomId, user_id: page.state.me.id, ...ack});
     renderInbox();
   } catch (err) {
-    entry.last_read_seq = 0;  // try again on the next chance
+    // Not stored: the marker goes back to what the server has (not 0,
+    // which would count old messages a sync replays as unread), so the
+    // next chance tries again; unless something newer moved it meanwhile.
+    if (entry.last_read_seq === seq) entry.last_read_seq = before;
   }
 }
 
