@@ -242,20 +242,28 @@ async def test_webhook_retries_in_order(hooked, receiver):
         await client.close()
 
 
+async def bot_in_group(base, receiver, path, name, failures=0):
+    """A user (connected) and their bot with a webhook to ``path``, whose
+    first ``failures`` deliveries are answered 500, in a new group
+    ``name``: (user, bot, secret, client, room id)."""
+    receiver.answers[path] = [500] * failures
+    user, token = await register(base)
+    bot, _ = await make_bot(base, token)
+    secret = await set_hook(base, token, bot, receiver.url + path)
+    client = await connect(base, token)
+    ack = await client.call('create_group', {
+        'name': name, 'members': [bot['username']]})
+    assert ack['ok'], ack
+    return user, bot, secret, client, ack['room']['id']
+
+
 async def test_webhook_gets_edits_and_group_changes(hooked, receiver):
     base = hooked.url
     # The new group's event fails once, so it is delivered after the
     # rename and the removal below: still as the group was created.
-    receiver.answers['/hook-group'] = [500]
-    user, token = await register(base)
-    bot, _ = await make_bot(base, token)
-    secret = await set_hook(base, token, bot, receiver.url + '/hook-group')
-    client = await connect(base, token)
+    user, bot, secret, client, room_id = await bot_in_group(
+        base, receiver, '/hook-group', 'ops', failures=1)
     try:
-        ack = await client.call('create_group', {
-            'name': 'ops', 'members': [bot['username']]})
-        assert ack['ok'], ack
-        room_id = ack['room']['id']
         message = await send(client, room_id, 'deploy?')
         ack = await client.call('edit_message', {'message_id': message['id'],
                                                  'body': 'deploy now?'})
@@ -291,16 +299,9 @@ async def test_a_bot_out_of_the_room_sees_nothing_changed_after(hooked,
     failing) still gets what it was owed, but not a message changed after
     it left: that state (an edit, a reaction) is not the bot's to see."""
     base = hooked.url
-    receiver.answers['/hook-out'] = [500] * 4
-    user, token = await register(base)
-    bot, _ = await make_bot(base, token)
-    secret = await set_hook(base, token, bot, receiver.url + '/hook-out')
-    client = await connect(base, token)
+    user, bot, secret, client, room_id = await bot_in_group(
+        base, receiver, '/hook-out', 'g', failures=4)
     try:
-        ack = await client.call('create_group', {
-            'name': 'g', 'members': [bot['username']]})
-        assert ack['ok'], ack
-        room_id = ack['room']['id']
         await send(client, room_id, 'before, unchanged')
         changed = await send(client, room_id, 'before, changed later')
         ack = await client.call('remove_member', {
