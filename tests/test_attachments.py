@@ -896,3 +896,23 @@ async def test_many_big_images_of_one_user_do_not_hold_up_anothers(server):
     await put(light, png(40, 30), 'small.png')
     await asyncio.gather(*heavy_uploads)
     assert done.index('small.png') < 6, done
+
+
+async def test_a_caption_can_be_edited_away_but_not_a_texts_only_body(server):
+    """As when sending: a message with attachments may have its caption
+    edited to nothing; a message of text only may not become blank."""
+    base = server.url
+    (alice, ta, a), (bob, tb, b), room = await dm_pair(base)
+    status, body = await upload(base, ta, png(20, 20), 'p.png')
+    assert status == 201, body
+    photo = await send(a, room, [body['attachment']['id']], 'a caption')
+    ack = await a.call('edit_message', {'message_id': photo['id'],
+                                        'body': ''})
+    assert ack['ok'], ack
+    assert ack['message']['body'] == '' and ack['message']['attachments']
+    text = await send(a, room, [], 'just text')
+    ack = await a.call('edit_message', {'message_id': text['id'],
+                                        'body': '  '})
+    assert ack['error']['code'] == 'invalid', ack
+    await a.close()
+    await b.close()

@@ -47,6 +47,12 @@ def create(user_id, filename, mime, size, key, width, height,
         thumbnail_key=thumbnail_key, created_at=now)
 
 
+def has_any(message_id) -> bool:
+    """Whether the message carries attachments."""
+    return Attachment.select().where(
+        Attachment.message == message_id).exists()
+
+
 def get(attachment_id):
     """The attachment's row, or None."""
     return Attachment.get_or_none(Attachment.id == attachment_id)

@@ -14,6 +14,7 @@ PostgreSQL's row lock on the room serialises writers.
 import dataclasses
 import json
 
+from server.data import attachments as attachment_data
 from server.data import messages as data
 from server.data import rooms as rooms_data
 from server.data.rows import messages_by_id
@@ -157,6 +158,9 @@ def _edit(user_id, body):
             raise Forbidden('only the sender can edit a message')
         if message.deleted:
             raise Invalid('the message was deleted')
+        # As when sending: a blank body only beside attachments.
+        if not body.strip() and not attachment_data.has_any(message.id):
+            raise Invalid('body must not be empty')
         if message.body == body:
             return False
         message.body, message.edited_at = body, now
@@ -213,7 +217,7 @@ async def _apply(ctx, user_id, message_id, change):
 async def edit_message(ctx, user_id, message_id, body):
     """Change a message's body (sender only). Returns (message, changed,
     member ids); a change takes the room's next seq."""
-    body = check_body(ctx, body)
+    body = check_body(ctx, body, allow_empty=True)
     return await _apply(ctx, user_id, message_id, _edit(user_id, body))
 
 
