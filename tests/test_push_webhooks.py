@@ -324,6 +324,50 @@ async def test_a_bot_out_of_the_room_sees_nothing_changed_after(hooked,
         await client.close()
 
 
+async def test_two_bots_deliveries_of_one_seq_stay_apart(hooked, receiver):
+    """Two bots' rows of one seq, claimed together, each get their own
+    event: the removed bot neither the other's view of a message edited
+    after it left, nor the other's room; the one still in no room_left."""
+    base = hooked.url
+    user, token = await register(base)
+    bots = []
+    for path in ('/two-stays', '/two-goes'):
+        # Slow answers: each bot's next rows are claimed together, after
+        # the removal and the edit below.
+        receiver.delays[path] = 1
+        bot, _ = await make_bot(base, token)
+        bots.append((bot, await set_hook(base, token, bot,
+                                         receiver.url + path), path))
+    client = await connect(base, token)
+    try:
+        ack = await client.call('create_group', {
+            'name': 'g', 'members': [b['username'] for b, _, _ in bots]})
+        assert ack['ok'], ack
+        room_id = ack['room']['id']
+        message = await send(client, room_id, 'hello')
+        ack = await client.call('remove_member', {
+            'room_id': room_id, 'username': bots[1][0]['username']})
+        assert ack['ok'], ack
+        ack = await client.call('edit_message', {
+            'message_id': message['id'], 'body': 'SECRET after it left'})
+        assert ack['ok'], ack
+        (stays, stays_secret, stays_path) = bots[0]
+        (goes, goes_secret, goes_path) = bots[1]
+        got = [verify(stays_secret, h, b)
+               for h, b in await receiver.wait(stays_path, 4)]
+        assert [e['type'] for e in got] == [
+            'room', 'message', 'room', 'message_updated']
+        assert got[2]['data']['members'] and \
+            goes['id'] not in {m['id'] for m in got[2]['data']['members']}
+        got = [verify(goes_secret, h, b)
+               for h, b in await receiver.wait(goes_path, 2)]
+        assert [e['type'] for e in got] == ['room', 'room_left']
+        assert got[1]['data'] == {'room_id': room_id, 'seq': 2}
+        assert not any(b'SECRET' in r[2] for r in receiver.all_to(goes_path))
+    finally:
+        await client.close()
+
+
 async def test_slow_receiver_holds_up_only_itself(hooked, receiver):
     base = hooked.url
     receiver.delays['/hook-slow'] = 4

@@ -170,8 +170,11 @@ async def delete_webhook(ctx, owner_id, username):
 
 
 def _load(ctx, rows):
-    """{bot id: (url, secret)} and {(room id, seq): event data} for rows:
-    a message's current state, a room as it was after its change.
+    """{bot id: (url, secret)} and {row id: event data} for rows: a
+    message's current state, a room as it was after its change. Per row,
+    not per (room, seq): two bots' rows of one seq may differ (one of them
+    out of the room; a ``room`` event for one, ``room_left`` for the
+    other).
 
     A bot out of the room since the row was written (removed, or left)
     still gets the messages it was owed, but not one changed after its
@@ -187,7 +190,7 @@ def _load(ctx, rows):
         if (r.room_id, r.user_id) not in members})
     data = {}
     for row in rows:
-        key = (row.room_id, row.seq)
+        key = row.id
         if row.message_id is not None:
             message = messages.get(row.message_id)
             if message is not None and (
@@ -225,7 +228,7 @@ class WebhookSender:
         async def call():
             if hook is None:
                 return None  # the webhook was removed: nothing owed
-            data = events.get((row.room_id, row.seq))
+            data = events.get(row.id)
             if data is None:
                 return None  # the message or room is gone
             return await self.post(hook[0], hook[1], {
