@@ -241,6 +241,16 @@ async def test_blocked_user_cannot_react_or_type_in_the_dm(base):
     await a.nothing('read', 0.3)
     await b.nothing('read', 0.1)
     await b.nothing('typing', 0.1)
+    # Nor does join_room show the other's read marker, nor the blocker's
+    # going away end a typing the other never saw.
+    for reader, me, other in ((a, alice, bob), (b, bob, alice)):
+        ack = await reader.call('join_room', {'room_id': room['id']})
+        assert str(me['id']) in ack['read'], ack['read']
+        assert str(other['id']) not in ack['read'], ack['read']
+    await a.close()
+    await b.nothing('typing', 0.5)
+    a = await connect(base, a.token)
+    assert (await a.call('join_room', {'room_id': group['id']}))['ok']
     # The blocker's own reaction still works; the message is unchanged
     # by the refused one.
     ack = await a.call('react', {'message_id': msg['id'], 'emoji': '👍',

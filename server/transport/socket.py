@@ -254,7 +254,9 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                                       'ip': ip, 'reason': str(reason)})
         for room_id, user_id in ctx.typing.drop_socket(sid):
             info = await rooms.room_info(ctx, room_id)
-            await realtime.typing(room_id, user, False, info.member_ids)
+            await realtime.typing(room_id, user, False,
+                                  await rooms.live_audience(ctx, info,
+                                                            user['id']))
         if present:
             await ctx.presence.disconnected(user['id'])
 
@@ -289,7 +291,12 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         await sio.enter_room(sid, room_room(info.id, user['id']))
         recent = await messages.history(ctx, user['id'], info.id)
         room = await rooms.room_payload(ctx, info)
-        read = await rooms.read_markers(ctx, info.id)
+        # Only the markers of those who may see each other's activity (a
+        # block in a dm hides them both ways).
+        audience = await rooms.live_audience(ctx, info, user['id'])
+        read = {u: seq for u, seq in
+                (await rooms.read_markers(ctx, info.id)).items()
+                if int(u) in audience}
         return {'room': room, 'messages': recent['messages'],
                 'has_more': recent['has_more'], 'read': read}
 
