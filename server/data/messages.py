@@ -73,6 +73,12 @@ def unsent_uploads(attachment_ids) -> dict:
                            attachment_ids))
 
 
+def lock_rooms(room_ids):
+    """Lock the rooms' rows (in id order) until the commit, where rows
+    have locks (PostgreSQL; SQLite's writer holds the whole database)."""
+    dialect().lock_rows('room', room_ids)
+
+
 def take_seqs(counts, now) -> dict:
     """Add ``counts[room_id]`` to each room's last_seq (rooms in id order,
     so two processes lock them in the same order); {room_id: new

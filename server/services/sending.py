@@ -124,9 +124,16 @@ def store_sends(requests):
                               for r in requests if r.room.kind == 'dm'})
     # The cached member list that let a send this far may be stale (a
     # member removed meanwhile, on any process): group senders are checked
-    # here, inside the transaction. A dm's members never change.
-    members = data.memberships({(r.room.id, r.sender_id) for r in requests
-                                if r.room.kind != 'dm'})
+    # here, inside the transaction. A dm's members never change. The
+    # batch's rooms are locked first (PostgreSQL: a removal on another
+    # process holds its room until it commits; all of them, in id order,
+    # as take_seqs locks them), so the check sees any removal that comes
+    # before these sends' seqs.
+    groups = {(r.room.id, r.sender_id) for r in requests
+              if r.room.kind != 'dm'}
+    if groups:
+        data.lock_rooms({r.room.id for r in requests})
+    members = data.memberships(groups)
     # What replies and attachments refer to, read once for the batch.
     replies = data.rooms_of({r.reply_to for r in requests
                              if r.reply_to is not None})
