@@ -521,6 +521,7 @@ async def test_private_webhook_url_refused_by_default(tmp_path):
                     'http://[64:ff9b::a9fe:a9fe]/latest',
                     'http://[64:ff9b::a00:1]/', 'http://[2002:7f00:1::]/',
                     'http://[::7f00:1]/', 'http://[::a9fe:a9fe]/',
+                    'http://[::ffff:0:a9fe:a9fe]/',
                     'http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/',
                     'http://1.1.1.1/a\r\nX-Evil: 1', 'http://1.1.1.1/a b'):
             status, data = await http(

@@ -231,20 +231,25 @@ def test_a_lost_run_redone_answers_its_own_messages_as_new():
     other = message(9, 6)
     mine_id_reused = message(9, 5)
     refused = Forbidden('no')
-    def made(message, created):
-        return message, created, None  # a dm's: no members read
+    def made(message, created, members=None):
+        return message, created, members  # None: a dm's, or a retry's
 
-    prepared = [(made(mine, True), None), (made(older, False), None),
-                (None, refused), (made(mine, False), None),
-                (made(new, True), None), (made(mine_id_reused, True), None)]
+    # The process read mine's group members with it; the thread's run
+    # found it stored (a retry: no members read).
+    members = (1, 2, 3)
+    prepared = [(made(mine, True, members), None),
+                (made(older, False), None), (None, refused),
+                (made(mine, False), None), (made(new, True), None),
+                (made(mine_id_reused, True), None)]
     results = [('f1', made(mine, False), None),
                ('f2', made(older, False), None), ('f3', None, refused),
                ('f4', made(mine, False), None), ('f5', made(new, True), None),
                ('f6', made(other, False), None)]
     assert _redone(results, prepared) == [
-        ('f1', made(mine, True), None), ('f2', made(older, False), None),
-        ('f3', None, refused), ('f4', made(mine, False), None),
-        ('f5', made(new, True), None), ('f6', made(other, False), None)]
+        ('f1', made(mine, True, members), None),
+        ('f2', made(older, False), None), ('f3', None, refused),
+        ('f4', made(mine, False), None), ('f5', made(new, True), None),
+        ('f6', made(other, False), None)]
 
 
 def test_refusals_cross_the_pipe_whole():

@@ -137,7 +137,8 @@ def _change(ctx, user_id, message_id, change):
     returns True the change takes the room's next seq. Returns the message
     dict, whether it changed, and the room's members as of then (read in
     the transaction after the seq: not the cache, which a membership
-    change on another process may not have reached yet)."""
+    change on another process may not have reached yet; but a dm's never
+    change)."""
     message = data.member_message(user_id, message_id)
     if message is None:
         # Same answer for "no such message" and "not yours to see".
@@ -147,6 +148,9 @@ def _change(ctx, user_id, message_id, change):
     seq = data.save_change(message)
     outbox.queue_event(ctx, message.room_id, seq, 'message_updated',
                        message.id, user_id)
+    cached = ctx.rooms.get(message.room_id)
+    if cached is not None and cached.kind == 'dm':
+        return message_dict(ctx, message), True, cached.member_ids
     members = rooms_data.members_of([message.room_id])
     return message_dict(ctx, message), True, \
         tuple(members.get(message.room_id, ()))

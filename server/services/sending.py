@@ -77,8 +77,9 @@ def _redone(results, prepared):
     live), and only that one. A client's retry of an older message stays
     a retry; so does a message another process stored meanwhile under an
     id the lost run had used and rolled back (SQLite reuses it), told
-    apart by its seq and time."""
-    made = {_identity(outcome[0]) for outcome, error in prepared
+    apart by its seq and time. Such a message keeps the members the
+    process read with it (the members as of its seq)."""
+    made = {_identity(outcome[0]): outcome[2] for outcome, error in prepared
             if error is None and outcome[1]}
     seen = set()
     answered = []
@@ -87,7 +88,7 @@ def _redone(results, prepared):
             message, created, members = outcome
             if not created and message['id'] not in seen and \
                     _identity(message) in made:
-                outcome = (message, True, members)
+                outcome = (message, True, made[_identity(message)])
             seen.add(message['id'])
         answered.append((future, outcome, error))
     return answered

@@ -45,18 +45,19 @@ URL_MAX = 2000
 # it through a translator (NAT64, RFC 6052 and 8215), or the deprecated
 # IPv4-compatible form: what decides is that IPv4 address.
 _V4_INSIDE = [ipaddress.ip_network(n) for n in (
-    '64:ff9b::/96', '64:ff9b:1::/48', '::/96')]
+    '64:ff9b::/96', '64:ff9b:1::/48', '::/96', '::ffff:0:0:0/96')]
+# Teredo tunnels through a relay to an address of the client's choosing:
+# never taken as public.
+_TEREDO = ipaddress.ip_network('2001::/32')
 
 
 def _embedded_v4(ip):
     """The IPv4 address an IPv6 address stands for (mapped, NAT64,
-    6to4, Teredo, IPv4-compatible), or None."""
+    SIIT, 6to4, IPv4-compatible), or None."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]  # the client; the server is Teredo's own
     if any(ip in net for net in _V4_INSIDE):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
@@ -65,6 +66,8 @@ def _embedded_v4(ip):
 def _public(address) -> bool:
     ip = ipaddress.ip_address(address.split('%')[0])
     if ip.version == 6:
+        if ip in _TEREDO:
+            return False
         ip = _embedded_v4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
