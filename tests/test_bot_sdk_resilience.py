@@ -312,3 +312,16 @@ async def test_example_bots_run_from_an_installed_sdk(base, tmp_path):
             assert ' postbox_bot.events INFO caught up' in output, output
     finally:
         await client.close()
+
+
+async def test_a_request_right_after_start_waits_for_the_socket(base):
+    """``start`` without waiting, then a socket request at once: it waits
+    for the connection instead of failing as if no socket were used."""
+    owner, owner_token = await register(base)
+    _, token = await make_bot(base, owner_token)
+    bot = Bot(base, token)
+    await bot.start()
+    try:
+        assert (await bot.call('rooms'))['ok']
+    finally:
+        await bot.stop()

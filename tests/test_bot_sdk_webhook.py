@@ -141,6 +141,42 @@ async def test_webhook_mode_retries_sends_over_http_and_knows_dms(
         await hook.bot.close()
 
 
+async def test_an_event_that_always_fails_does_not_hold_up_the_room(
+        hooked, tmp_path):
+    """The server keeps a room's webhook events in order: an event whose
+    handler always raises is delivered again a few times, then given up,
+    and the room's next events come."""
+    from client_demo.postbox_bot.webhook import WEBHOOK_HANDLER_TRIES
+    base = hooked.url
+    owner, owner_token = await register(base)
+    bot_user, token = await make_bot(base, owner_token)
+    bot = Bot(base, token, state_path=tmp_path / 'bot.json')
+    handled = []
+
+    @bot.on_message
+    async def handle(message):
+        if message['body'] == 'poison':
+            raise KeyError('a bug this message always hits')
+        handled.append(message['body'])
+
+    hook = Hook()
+    hook.bot = bot
+    await hook.start(base, owner_token, bot_user)
+    alice, alice_token = await register(base)
+    client = await connect(base, alice_token)
+    try:
+        poison = await dm(client, 'poison', to=bot_user['username'])
+        await dm(client, 'next', room_id=poison['room_id'])
+        await until(lambda: handled == ['next'], timeout=30)
+        # The room event, the poison's tries, then the next message.
+        assert hook.statuses == [204] + [500] * (WEBHOOK_HANDLER_TRIES - 1) \
+            + [204, 204]
+    finally:
+        await client.close()
+        await hook.stop()
+        await bot.close()
+
+
 async def test_concurrent_webhook_deliveries_save_the_state(hooked,
                                                             tmp_path):
     """Deliveries of many rooms at once (the server sends several in

@@ -26,6 +26,14 @@ class ApiMixin:
 
     inbox_page = ROOMS_PAGE  # rooms per page of inbox()
 
+    @property
+    def socket_used(self) -> bool:
+        """Whether the bot runs its socket (``run``, or ``start`` whose
+        task has not begun yet): requests go over it; else over HTTP or
+        not at all."""
+        runner = self._runner
+        return self._running or (runner is not None and not runner.done())
+
     async def call(self, event, data=None, timeout=None):
         """Emit ``event`` and return its successful ack; raises BotError
         for an error ack, ``unavailable`` at once when the connection drops
@@ -33,7 +41,7 @@ class ApiMixin:
         :meth:`start`; :meth:`http` needs no socket) and socketio's
         TimeoutError without an ack."""
         timeout = timeout or self.request_timeout
-        if not self._running:
+        if not self.socket_used:
             raise BotError('unavailable', f'{event}: the socket is not '
                            'started (bot.start() or bot.run()); without '
                            'a socket use bot.http()')
@@ -100,7 +108,7 @@ class ApiMixin:
         failures = limited = 0
         while True:
             try:
-                if not self._running:
+                if not self.socket_used:
                     _, answer = await self.http('POST', '/api/messages',
                                                 json=data)
                     return answer['message']

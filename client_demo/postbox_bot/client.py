@@ -130,6 +130,7 @@ class Bot(EventsMixin, ApiMixin, WebhookMixin, StateMixin, TokenMixin):
         self._token_lock = asyncio.Lock()
         self._kinds = {}            # room id -> 'dm' or 'group' (saved)
         self._webhook_busy = set()  # (room id, seq) being handled
+        self._webhook_failures = {}  # (room id, seq) -> handler failures
         self._state_lock = None     # serializes state file writes
         self._load_state()
 

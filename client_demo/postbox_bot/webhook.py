@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # How old a webhook delivery's signed time may be: a delivery replayed
 # later than this (a captured request sent again) is refused.
 WEBHOOK_TOLERANCE_SECONDS = 300
+# How many times a webhook event whose handler raises is answered 500 (and
+# delivered again) before it is given up.
+WEBHOOK_HANDLER_TRIES = 5
 
 
 def verify_signature(secret, header, body: bytes,
@@ -80,13 +83,24 @@ class WebhookMixin:
                 await self._webhook_event(kind, data, room_id, seq)
             except Exception as exc:
                 # A handler's error is logged with its traceback where it
-                # happened; the server delivers the event again.
-                log.warning('webhook event %s.%s not handled (%r): '
-                            'answered 500, to be delivered again',
-                            room_id, seq, exc)
-                return web.Response(status=500)
+                # happened; the server delivers the event again, up to
+                # WEBHOOK_HANDLER_TRIES times: the server keeps a room's
+                # events in order, so an event that always fails would
+                # hold up the room's next ones.
+                failures = self._webhook_failures.get(key, 0) + 1
+                if failures < WEBHOOK_HANDLER_TRIES:
+                    self._webhook_failures[key] = failures
+                    log.warning('webhook event %s.%s not handled (%r): '
+                                'answered 500, to be delivered again',
+                                room_id, seq, exc)
+                    return web.Response(status=500)
+                self._webhook_failures.pop(key, None)
+                log.error('webhook event %s.%s not handled in %s tries '
+                          '(%r): given up, so that the room\'s next events '
+                          'come', room_id, seq, failures, exc)
             finally:
                 self._webhook_busy.discard(key)
+            self._webhook_failures.pop(key, None)
             return web.Response(status=204)
         return handle
 
