@@ -141,12 +141,27 @@ def setup_cluster(app):
     app[CLUSTER] = manager
     app[READY_CHECKS].append(('redis', manager.ready))
 
+    checks = set()
+
+    async def missed_while_away():
+        # Registered again: Redis was away (or this process just started),
+        # and other processes' revocations and group changes may have been
+        # lost on the way. Checked against the database, apart.
+        task = asyncio.create_task(socket_transport.after_redis_returned(
+            app[SIO], app[CTX], app[SOCKETS]))
+        checks.add(task)
+        task.add_done_callback(checks.discard)
+
+    manager.cluster.on_register.append(missed_while_away)
+
     async def cluster_life(app):
         await manager.start()
         presence_ = app[CTX].presence
         presence_.start()
         yield
         await presence_.close()  # before Redis goes: its timers use it
+        for task in list(checks):
+            task.cancel()
         await manager.close()
 
     app.cleanup_ctx.append(cluster_life)
@@ -271,7 +286,7 @@ def setup_background(app):
     app.cleanup_ctx.append(_task_while_serving(search_service.maintain))
     app.cleanup_ctx.append(_outbox_life)
     app.cleanup_ctx.append(_task_while_serving(
-        lambda ctx: socket_transport.disconnect_expired(app[SIO],
+        lambda ctx: socket_transport.disconnect_expired(app[SIO], ctx,
                                                         app[SOCKETS])))
 
 

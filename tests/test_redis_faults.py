@@ -476,3 +476,58 @@ async def test_connection_limit_holds_again_after_redis_restart(
     finally:
         codes = stop_servers(servers)
     assert codes == [0, 0], [s.read_log()[-3000:] for s in servers]
+
+
+async def test_what_redis_missed_is_caught_up_when_it_returns(tmp_path,
+                                                              redis_proc):
+    """A logout everywhere and a group removal made while Redis is down
+    cannot reach the other processes then. Once it is back, each process
+    checks its sockets against the database: the revoked socket is
+    closed, and the removed member's joined socket gets room_left and no
+    more of the group's typing."""
+    p1, p2 = servers = start_servers(tmp_path / 'pb', 2, {
+        'POSTBOX_REDIS_URL': redis_proc.url, **FAULT_ENV})
+    try:
+        for server in servers:
+            await wait_ready(server)
+        owner, owner_token = await register(p1.url)
+        gone, gone_token = await register(p1.url)
+        out, out_token = await register(p1.url)
+        a = await connect(p1.url, owner_token)
+        revoked = await connect(p2.url, gone_token)
+        b = await connect(p2.url, out_token)
+        closed = asyncio.Event()
+        revoked.sio.on('disconnect', lambda *args: closed.set())
+        ack = await a.call('create_group', {
+            'name': 'g', 'members': [out['username']]})
+        assert ack['ok'], ack
+        room_id = ack['room']['id']
+        await b.next('room')
+        assert (await b.call('join_room', {'room_id': room_id}))['ok']
+        assert (await a.call('join_room', {'room_id': room_id}))['ok']
+
+        redis_proc.kill()
+        for server in servers:
+            await wait_ready(server, ready=False)
+        status, data = await http(p1.url, 'POST', '/api/logout',
+                                  token=gone_token, json={'all': True})
+        assert status == 200, data
+        ack = await a.call('remove_member', {'room_id': room_id,
+                                             'username': out['username']})
+        assert ack['ok'], ack
+        assert revoked.sio.connected  # nothing could tell p2 yet
+
+        redis_proc.restart()
+        await asyncio.gather(*(
+            wait_ready(server, timeout=READY_AFTER_RETURN_SECONDS)
+            for server in servers))
+        await asyncio.wait_for(closed.wait(), 10)
+        assert (await b.next('room_left', timeout=10))['room_id'] == room_id
+        assert (await a.call('typing', {'room_id': room_id,
+                                        'typing': True}))['ok']
+        await b.nothing('typing', timeout=1)
+        for client in (a, b):
+            await client.close()
+    finally:
+        codes = stop_servers(servers)
+    assert codes == [0, 0], [s.read_log()[-3000:] for s in servers]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import peewee
 
 from models import User
-from server.data.database import dialect, execute, placeholders
+from server.data.database import chunks, dialect, execute, placeholders
 
 
 def username_taken(username) -> bool:
@@ -49,6 +49,16 @@ class AuthRow(NamedTuple):
     display_name: str
     is_bot: bool
     tokens_valid_after: int
+
+
+def valid_after(user_ids) -> dict:
+    """{user id: tokens_valid_after} of those of ``user_ids`` that exist."""
+    found = {}
+    for chunk in chunks(sorted(user_ids)):
+        found.update(execute(
+            'SELECT "id", "tokens_valid_after" FROM "user" WHERE "id" IN '
+            f'({placeholders(chunk)})', chunk).fetchall())
+    return found
 
 
 def auth_row(user_id):

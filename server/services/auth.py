@@ -295,20 +295,34 @@ async def authenticate(ctx, token) -> dict:
         # have (only a holder of the secret could sign one).
         raise Unauthorized('invalid or expired token')
     user = await ctx.store.read(user_data.auth_row, user_id)
-    # Revocation wins a tie: a token from the very millisecond of a logout
-    # is refused (the new token of that logout is issued after its commit).
-    if user is None or issued_ms <= user.tokens_valid_after:
+    if user is None or revoked(issued_ms, user.tokens_valid_after):
         raise Unauthorized('invalid or expired token')
     data = user_dict(user)
     ctx.users.put(user.id, data)
     return data
 
 
-def token_expires(ctx, token) -> float:
-    """When ``token``, which ``authenticate`` accepted, expires (unix
-    seconds): a socket's access ends then (server/transport/socket.py).
-    Unauthorized if it no longer checks out."""
-    return _claims(ctx, token)[2]
+def token_times(ctx, token) -> tuple:
+    """When ``token``, which ``authenticate`` accepted, was issued (ms:
+    a revocation after that ends it) and expires (unix seconds): a
+    socket's access ends then (server/transport/socket.py). Unauthorized
+    if it no longer checks out."""
+    _, issued_ms, expires = _claims(ctx, token)
+    return issued_ms, expires
+
+
+async def valid_after(ctx, user_ids) -> dict:
+    """{user id: tokens_valid_after} of those of ``user_ids`` that
+    exist."""
+    return await ctx.store.read(user_data.valid_after, user_ids)
+
+
+def revoked(issued_ms, valid_after) -> bool:
+    """Whether a token issued at ``issued_ms`` is revoked by its user's
+    ``tokens_valid_after`` (None: no such user). Revocation wins a tie: a
+    token from the very millisecond of a logout is refused (the new token
+    of that logout is issued after its commit)."""
+    return valid_after is None or issued_ms <= valid_after
 
 
 def _claims(ctx, token) -> tuple:

@@ -100,6 +100,12 @@ class RoomCache(LruCache):
             self._data.pop(room_id, None)
             self.epoch += 1
 
+    def forget_all(self):
+        """Every room (changes may have been missed: Redis was away)."""
+        with self._lock:
+            self._data.clear()
+            self.epoch += 1
+
 
 class Wake:
     """A hook the outbox dispatcher sets when it starts and clears when it

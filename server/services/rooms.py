@@ -2,6 +2,7 @@
 cache (groups' life cycle is ``groups``, the inbox ``inbox``)."""
 import dataclasses
 
+from server.data import messages as message_data
 from server.data import rooms as data
 from server.errors import Forbidden, Invalid, NotFound
 from server.services import outbox
@@ -53,6 +54,17 @@ def forget_room(ctx, room_id):
     process's cache. The epoch makes a load that was already under way
     (and may have read the old members) not cache its answer."""
     ctx.rooms.forget(room_id)
+
+
+async def memberships(ctx, pairs) -> set:
+    """Those of the (room id, user id) ``pairs`` that are memberships."""
+    return await ctx.store.read(message_data.memberships, pairs)
+
+
+def forget_all(ctx):
+    """Drop every room from this process's cache (changes on other
+    processes may have been missed)."""
+    ctx.rooms.forget_all()
 
 
 async def room_info(ctx, room_id) -> RoomInfo:

@@ -31,6 +31,7 @@ class Sockets:
         self.by_user = {}  # user id -> set of sids
         self.ips = {}  # sid -> client address, for the connection limits
         self.expires = {}  # sid -> unix time its token expires
+        self.issued = {}  # sid -> when its token was issued (ms)
         # Sids counted in presence (``count_present``): only those are
         # uncounted at their disconnect. A connect undone before its
         # CONNECT reply never counted, and must not take a count that
@@ -39,10 +40,11 @@ class Sockets:
         self.in_flight = 0
         self.draining = False
 
-    def add(self, sid, user, expires=math.inf):
+    def add(self, sid, user, expires=math.inf, issued=0):
         self.users[sid] = user
         self.by_user.setdefault(user['id'], set()).add(sid)
         self.expires[sid] = expires
+        self.issued[sid] = issued
 
     def count_present(self, sid):
         """The user of ``sid``, counted in presence from now on; None if
@@ -57,8 +59,17 @@ class Sockets:
         """The sids whose token has expired by ``now``."""
         return [sid for sid, at in self.expires.items() if at <= now]
 
+    def revoked(self, valid_after) -> list:
+        """The sids whose token ``valid_after`` ({user id:
+        tokens_valid_after} of every connected user; a user missing from
+        it is gone) revokes."""
+        return [sid for sid, user in self.users.items()
+                if auth.revoked(self.issued.get(sid, 0),
+                                valid_after.get(user['id']))]
+
     def remove(self, sid):
         self.expires.pop(sid, None)
+        self.issued.pop(sid, None)
         self.present.discard(sid)
         user = self.users.pop(sid, None)
         if user is not None:
@@ -75,23 +86,83 @@ EXPIRED = 'token expired: connect again with a fresh token'
 EXPIRY_SWEEP_SECONDS = 5.0
 
 
-async def disconnect_expired(sio, sockets):
+# How often every socket's token is checked against revocations (logout
+# everywhere, a password change, a bot's new token). Those close the
+# user's sockets at once, on every process through Redis; this catches a
+# socket whose order was lost (Redis away at the time).
+REVOCATION_SWEEP_SECONDS = 60.0
+
+
+async def disconnect_expired(sio, ctx, sockets):
     """Close, every EXPIRY_SWEEP_SECONDS, the sockets whose token has
     expired: a token is checked on every use, and a socket that only
     listens would otherwise go on receiving for as long as it stays up.
-    The client's reconnect with that token is refused ``unauthorized``."""
+    The client's reconnect with that token is refused ``unauthorized``.
+    Every REVOCATION_SWEEP_SECONDS, those whose token was revoked too
+    (``revalidate``)."""
+    checked = time.monotonic()
     while not cancelled():  # not while True: see server/tasks.py
         await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
-        for sid in sockets.expired(time.time()):
-            if not sio.manager.is_connected(sid, '/'):
-                # Its connect failed after it was added: nothing to close.
-                sockets.remove(sid)
-                continue
-            log.info('disconnect: token expired', extra={'sid': sid})
+        await _close(sio, sockets, sockets.expired(time.time()),
+                     'token expired')
+        if time.monotonic() - checked >= REVOCATION_SWEEP_SECONDS:
+            checked = time.monotonic()
             try:
-                await sio.disconnect(sid)
-            except Exception:  # closing already; the next sweep retries
-                log.debug('closing %s failed', sid, exc_info=True)
+                await revalidate(sio, ctx, sockets)
+            except PostboxError as exc:  # the database is away: next time
+                log.info('revocation sweep skipped: %s', exc)
+
+
+async def _close(sio, sockets, sids, why):
+    for sid in sids:
+        if not sio.manager.is_connected(sid, '/'):
+            # Its connect failed after it was added: nothing to close.
+            sockets.remove(sid)
+            continue
+        log.info('disconnect: %s', why, extra={'sid': sid})
+        try:
+            await sio.disconnect(sid)
+        except Exception:  # closing already; the next sweep retries
+            log.debug('closing %s failed', sid, exc_info=True)
+
+
+async def after_redis_returned(sio, ctx, sockets):
+    """``revalidate`` with rooms, for the cluster's ``on_register`` (run
+    as a task of its own: the hook must not hold up the registration)."""
+    try:
+        await revalidate(sio, ctx, sockets, rooms_too=True)
+    except PostboxError as exc:
+        log.warning('after redis returned, sockets not checked: %s', exc)
+
+
+async def revalidate(sio, ctx, sockets, rooms_too=False):
+    """Close the sockets whose token was revoked after they connected.
+    With ``rooms_too`` (after Redis was away: the orders and notices of
+    other processes may be lost), also forget every cached room, and take
+    each socket out of the joined rooms of groups its user is no longer
+    in, telling it ``room_left``."""
+    if sockets.by_user:
+        valid_after = await auth.valid_after(ctx, list(sockets.by_user))
+        await _close(sio, sockets, sockets.revoked(valid_after),
+                     'token revoked')
+    if not rooms_too:
+        return
+    rooms.forget_all(ctx)
+    joined = {}  # (room id, user id) -> Socket.IO room name
+    for name in list(sio.manager.rooms.get('/', {})):
+        parts = name.split(':') if isinstance(name, str) else ()
+        if len(parts) == 3 and parts[0] == 'room' and \
+                parts[1].isdigit() and parts[2].isdigit():
+            joined[int(parts[1]), int(parts[2])] = name
+    if not joined:
+        return
+    members = await rooms.memberships(ctx, set(joined))
+    for (room_id, user_id), name in joined.items():
+        if (room_id, user_id) in members:
+            continue
+        for sid, _ in list(sio.manager.get_participants('/', name)):
+            sio.manager.basic_leave_room(sid, '/', name)
+            await sio.emit('room_left', {'room_id': room_id}, to=sid)
 
 
 def error_ack(error: PostboxError) -> dict:
@@ -177,7 +248,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
         token = auth_data.get('token') if isinstance(auth_data, dict) else None
         try:
             user = await auth.authenticate(ctx, token)
-            expires = auth.token_expires(ctx, token)
+            issued, expires = auth.token_times(ctx, token)
         except Unauthorized:
             log.info('connection refused: unauthorized',
                      extra={'sid': sid, 'ip': ip})
@@ -203,7 +274,7 @@ def register(sio: socketio.AsyncServer, ctx, realtime):
                      extra={'user_id': user['id'], 'sid': sid, 'ip': ip})
             raise refuse('rate_limited', str(exc))
         sockets.ips[sid] = ip
-        sockets.add(sid, user, expires)
+        sockets.add(sid, user, expires, issued)
         recovery = sio.recovery if sio.recovery is not None and \
             sio.recovery.opted_in(auth_data) else None
         if recovery is not None:  # holds live events until resume
