@@ -301,6 +301,43 @@ async def test_rooms_made_while_away_are_replayed_without_a_message(base):
         await b.close()
 
 
+async def test_each_replayed_change_carries_its_own_seq(base):
+    """A message edited, then reacted to, while the socket is away: the
+    recovery replays both changes, each ``message_updated`` with its own
+    change's seq in ``update_seq`` (the message as it is now), not twice
+    the latest seq with the first one missing."""
+    alice, ta = await register(base)
+    bob, tb = await register(base)
+    a = await connect(base, ta)
+    b = _Opted(base, tb)
+    try:
+        assert not await b.connect()
+        ack = await a.call('open_dm', {'username': bob['username']})
+        room_id = ack['room']['id']
+        ack = await a.call('send_dm', {'room_id': room_id, 'body': 'v1',
+                                       'client_msg_id': 'edit-me'})
+        message = ack['message']
+        await b.until('the message', lambda event, m, _: event == 'message'
+                      and m['id'] == message['id'])
+        await b.close()
+        edited = await a.call('edit_message', {'message_id': message['id'],
+                                               'body': 'v2'})
+        reacted = await a.call('react', {'message_id': message['id'],
+                                         'emoji': '👍', 'on': True})
+        seqs = [edited['message']['update_seq'],
+                reacted['message']['update_seq']]
+        assert seqs[1] == seqs[0] + 1
+        assert await b.connect(), 'same pid: recovered'
+        updates = [m for event, m, _ in b.replay
+                   if event == 'message_updated']
+        assert [m['update_seq'] for m in updates] == seqs, b.replay
+        assert all(m['body'] == 'v2' and m['reactions'] == {'👍': [alice['id']]}
+                   for m in updates), updates
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_too_many_rooms_made_while_away_fall_back_to_sync(
         recovery_server):
     """Rooms made while away count against ``recovery_max_events`` (6

@@ -298,6 +298,11 @@ class Recovery:
                                key))
             elif kind == 'room':
                 replay.append(('room', e['room'], key))
+            elif kind == 'message_updated':
+                # The message as it is now, under this change's own seq:
+                # a later change of it is replayed apart, under its own.
+                replay.append((kind, {**e['message'], 'update_seq': seq},
+                               key))
             else:
                 replay.append((kind, e['message'], key))
         quiet = [room_id for room_id, _ in current if room_id not in marks]
