@@ -227,6 +227,9 @@ async def test_blocked_user_cannot_react_or_type_in_the_dm(base):
     # read receipts are hidden from the one they blocked (as their
     # presence is), and the blocked one's reads do not reach the blocker.
     # Each still gets their own read on their other sockets.
+    assert (await a.call('typing', {'room_id': room['id'],
+                                    'typing': True}))['ok']
+    # (Nor does the blocker's message end a typing the other never saw.)
     later = await send(a, room, 'after the block')
     assert (await a.call('typing', {'room_id': room['id'],
                                     'typing': True}))['ok']

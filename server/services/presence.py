@@ -16,6 +16,10 @@ async def set_typing(ctx, user_id, room_id, typing, sid):
     info = await rooms_service.member_room(ctx, user_id, room_id)
     audience = await rooms_service.live_audience(ctx, info, user_id,
                                                  refuse=True)
+    if all(m == user_id for m in audience):
+        # Nobody to tell (a dm with someone this user blocks): not even
+        # recorded, so that the user's next message ends no typing.
+        return None
     if ctx.typing.update(room_id, user_id, sid, typing):
         return audience
     return None
