@@ -62,9 +62,16 @@ class RedisConnections(Connections):
     async def _release(self, keys):
         self._uncount(keys)
         redis_keys = [self._redis_key(*k) for k in self._shared(keys)]
+        if not self.cluster.reachable:
+            # Not waited for: every Socket.IO connect gives back its
+            # session's address place, and while Redis hung each waited
+            # out the Redis timeout here. The re-registration once Redis
+            # answers takes the count back (a count left behind would
+            # refuse the user for a day).
+            self._released_away.update(redis_keys)
+            self.cluster.skipped()
+            return
         try:
-            # Tried even while Redis is known to be unreachable: a count
-            # left behind would refuse the user for a day.
             await self._release_script(keys=redis_keys,
                                        args=[self.cluster.host_id])
         except Exception as exc:
