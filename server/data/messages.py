@@ -141,8 +141,12 @@ def get_message(message_id):
 
 
 def member_message(user_id, message_id):
-    """The message, if it exists in a room ``user_id`` is in; else None."""
+    """The message, if it exists in a room ``user_id`` is in; else None.
+    For a change to it: its room is locked first (PostgreSQL), so a
+    removal committing on another process meanwhile is seen."""
     message = Message.get_or_none(Message.id == message_id)
+    if message is not None:
+        lock_rooms([message.room_id])
     if message is None or not Membership.select().where(
             Membership.room == message.room_id,
             Membership.user == user_id).exists():
